@@ -1,0 +1,35 @@
+# One front door for developer tasks. Every target sets up its own virtualenv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench check-config clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[embedded,dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/budget-sidecar serve $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m ruff check sidecar tests bench
+	$(PY) -m mypy
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check sidecar tests bench
+	$(PY) -m ruff format --check sidecar tests bench || true
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) -m bench.run $(ARGS)
+
+check-config: $(STAMP)
+	$(VENV)/bin/budget-sidecar check-config $(FILE)
+
+clean:
+	rm -rf $(VENV) dist build .pytest_cache .mypy_cache .ruff_cache

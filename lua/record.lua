@@ -1,0 +1,40 @@
+-- record.lua: charge a cost after the fact, without a reservation (usage reporting).
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- ARGV[1] now_ms
+-- ARGV[2] cost, micro-USD
+-- ARGV[3] idempotency key ('' = none): a repeated key charges nothing the second time
+-- ARGV[4] keep_ms: how long the idempotency key is remembered
+-- ARGV[5..] two per budget: cid, gc_at_ms
+-- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
+-- charged; the counters as they are now).
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local cost = tonumber(ARGV[2])
+local idem = ARGV[3]
+local keep = tonumber(ARGV[4])
+reclaim(ctr, lease, res, gc, now, keep)
+collect(ctr, res, gc, now)
+
+local cids, gc_at = {}, {}
+for i = 5, #ARGV, 2 do
+  cids[#cids + 1] = ARGV[i]
+  gc_at[#gc_at + 1] = ARGV[i + 1]
+end
+local values, fresh = read_counters(ctr, cids)
+
+local status = 1
+if idem ~= '' then
+  if redis.call('HSETNX', res, 'k:' .. idem, 'recorded') == 0 then status = 2 end
+end
+local out = {status}
+for i, cid in ipairs(cids) do
+  local u, h = values[2 * i - 1], values[2 * i]
+  if status == 1 then
+    u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
+    if fresh[i] then redis.call('ZADD', gc, gc_at[i], 'c:' .. cid) end
+  end
+  out[#out + 1] = u
+  out[#out + 1] = h
+end
+if status == 1 and idem ~= '' then redis.call('ZADD', gc, now + keep, 'k:' .. idem) end
+return out

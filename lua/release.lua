@@ -1,0 +1,46 @@
+-- release.lua: give a reservation's hold back without charging anything, exactly once.
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- ARGV[1] now_ms
+-- ARGV[2] reservation id
+-- ARGV[3] keep_ms
+-- Returns: {status, state, cost, estimate, lease_ended, cids, u1, h1, u2, h2, ...}
+--   cids: the record's counter ids joined by ',' (u, h follow in the same order).
+--   status 1: released now; 2: already finished, the first result unchanged;
+--   0: no such reservation. A hold whose lease ended was returned then; releasing it
+--   afterwards changes no counter.
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local keep = tonumber(ARGV[3])
+reclaim(ctr, lease, res, gc, now, keep)
+collect(ctr, res, gc, now)
+
+local rec = redis.call('HGET', res, rid)
+if not rec then return {0} end
+local r = split(rec, '|')
+if r[1] == 'S' or r[1] == 'R' then
+  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}
+  for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
+  return out
+end
+
+local est, held = tonumber(r[3]), r[1] == 'H'
+local snapshot = {}
+for _, cid in ipairs(split(r[7], ',')) do
+  local h
+  if held then
+    h = redis.call('HINCRBY', ctr, 'h:' .. cid, -est)
+  else
+    h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
+  end
+  snapshot[#snapshot + 1] = int(tonumber(redis.call('HGET', ctr, 'u:' .. cid)) or 0)
+  snapshot[#snapshot + 1] = int(h)
+end
+redis.call('ZREM', lease, rid)
+r[1], r[8], r[9], r[10] = 'R', '0', held and '0' or '1', table.concat(snapshot, ',')
+redis.call('HSET', res, rid, table.concat(r, '|'))
+redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+
+local out = {1, 'R', 0, est, tonumber(r[9]), r[7]}
+for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
+return out

@@ -1,0 +1,58 @@
+-- settle.lua: charge a reservation's actual cost and drop its hold, exactly once.
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- ARGV[1] now_ms
+-- ARGV[2] reservation id
+-- ARGV[3] keep_ms
+-- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
+-- ARGV[5] tokens in   ARGV[6] tokens out   ARGV[7] cost, micro-USD (for 'c')
+-- Returns: {status, state, cost, estimate, lease_ended, cids, u1, h1, u2, h2, ...}
+--   cids: the record's counter ids joined by ',' (u, h follow in the same order).
+--   status 1: settled now; 2: already finished, the first result returned unchanged;
+--   0: no such reservation; -1: the reservation has no price and tokens were given.
+--   A reservation whose lease ended is still charged (the call did spend); its hold had
+--   already gone back, so only the cost is added, and lease_ended says so.
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local now = tonumber(ARGV[1])
+local rid = ARGV[2]
+local keep = tonumber(ARGV[3])
+reclaim(ctr, lease, res, gc, now, keep)
+collect(ctr, res, gc, now)
+
+local rec = redis.call('HGET', res, rid)
+if not rec then return {0} end
+local r = split(rec, '|')
+if r[1] == 'S' or r[1] == 'R' then
+  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}
+  for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
+  return out
+end
+
+local cost
+if ARGV[4] == 't' then
+  if r[4] == '' then return {-1} end
+  cost = cost_micro(tonumber(ARGV[5]), tonumber(r[4])) + cost_micro(tonumber(ARGV[6]), tonumber(r[5]))
+else
+  cost = tonumber(ARGV[7])
+end
+
+local est, held = tonumber(r[3]), r[1] == 'H'
+local snapshot = {}
+for _, cid in ipairs(split(r[7], ',')) do
+  local h
+  if held then
+    h = redis.call('HINCRBY', ctr, 'h:' .. cid, -est)
+  else
+    h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
+  end
+  local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
+  snapshot[#snapshot + 1] = int(u)
+  snapshot[#snapshot + 1] = int(h)
+end
+redis.call('ZREM', lease, rid)
+r[1], r[8], r[9], r[10] = 'S', int(cost), held and '0' or '1', table.concat(snapshot, ',')
+redis.call('HSET', res, rid, table.concat(r, '|'))
+redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+
+local out = {1, 'S', cost, est, tonumber(r[9]), r[7]}
+for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
+return out

@@ -1,0 +1,12 @@
+-- status.lua: read budget counters, after returning ended leases (so held is current).
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- ARGV[1] now_ms
+-- ARGV[2] keep_ms
+-- ARGV[3..] cids
+-- Returns: {u1, h1, u2, h2, ...} settled and held micro-USD of each counter.
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+reclaim(ctr, lease, res, gc, tonumber(ARGV[1]), tonumber(ARGV[2]))
+local cids = {}
+for i = 3, #ARGV do cids[#cids + 1] = ARGV[i] end
+local values = read_counters(ctr, cids)
+return values

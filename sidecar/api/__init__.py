@@ -1,0 +1,1 @@
+"""HTTP surfaces over the engine: thin handlers that decode, call the engine and encode."""

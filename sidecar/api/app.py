@@ -1,0 +1,98 @@
+"""The aiohttp application: lifecycle, error middleware, health, and route wiring."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from sidecar.api import native
+from sidecar.api.problems import ProblemError, from_decode_error, response
+from sidecar.clock import Clock, SystemClock
+from sidecar.engine import Engine, RequestError, Unavailable
+from sidecar.model import Config
+from sidecar.scripts import Scripts
+from sidecar.store import Store, StoreError
+
+log = logging.getLogger("sidecar.http")
+
+ENGINE = web.AppKey("engine", Engine)
+STORE = web.AppKey("store", Store)
+MAX_BODY = web.AppKey("max_body_bytes", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to problem+json; log the unexpected ones with a request id."""
+    try:
+        return await handler(request)
+    except ProblemError as err:
+        return response(err)
+    except msgspec.DecodeError as exc:
+        return response(from_decode_error(exc))
+    except RequestError as err:
+        return response(ProblemError(err.status, err.message, field=err.field))
+    except Unavailable as err:
+        return response(
+            ProblemError(503, f"budget store unavailable: {err}", degraded=True),
+        )
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[MAX_BODY]
+        return response(ProblemError(413, f"body: larger than {limit} bytes", field="body"))
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            return response(ProblemError(exc.status, exc.reason))
+        raise
+    except StoreError:
+        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        log.exception("store error on %s %s (request %s)", request.method, request.path, request_id)
+        return response(ProblemError(500, "internal error in the budget store"), request_id)
+    except Exception:
+        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        log.exception(
+            "unexpected error on %s %s (request %s)", request.method, request.path, request_id
+        )
+        return response(ProblemError(500, "internal error"), request_id)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "alive"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    ok = await request.app[STORE].ping()
+    status = 200 if ok else 503
+    return web.json_response({"ready": ok, "redis": "ok" if ok else "unreachable"}, status=status)
+
+
+def create_app(
+    config: Config,
+    store: Store,
+    *,
+    clock: Clock | None = None,
+    scripts: Scripts | None = None,
+) -> web.Application:
+    """The application over a store. The store is closed with the app."""
+    app = web.Application(
+        middlewares=[problems],
+        client_max_size=config.settings.max_body_bytes,
+    )
+    engine = Engine(config, store, clock or SystemClock(), scripts or Scripts.load_all())
+    app[ENGINE] = engine
+    app[STORE] = store
+    app[MAX_BODY] = config.settings.max_body_bytes
+
+    async def store_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        yield
+        await store.close()
+
+    app.cleanup_ctx.append(store_lifecycle)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    native.add_routes(app, ENGINE)
+    return app

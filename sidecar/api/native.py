@@ -1,0 +1,84 @@
+"""The native JSON API under /v1: authorize, settle, release, check, record, status.
+
+Over the limit is not an error: a denial is HTTP 200 with `allowed: false`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from sidecar.api.problems import ProblemError
+from sidecar.engine import Engine
+from sidecar.schemas import (
+    ID_PATTERN,
+    AuthorizeRequest,
+    CheckRequest,
+    RecordRequest,
+    ReleaseRequest,
+    SettleRequest,
+)
+
+DEFAULT_TENANT = "default"
+
+_encode = msgspec.json.Encoder().encode
+_authorize = msgspec.json.Decoder(AuthorizeRequest)
+_check = msgspec.json.Decoder(CheckRequest)
+_settle = msgspec.json.Decoder(SettleRequest)
+_release = msgspec.json.Decoder(ReleaseRequest)
+_record = msgspec.json.Decoder(RecordRequest)
+_VALID_ID = re.compile(ID_PATTERN)
+
+
+def _json(body: Any) -> web.Response:
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+def tenant_of(request: web.Request) -> str:
+    """The tenant that owns this request's counters. One default tenant until
+    credentials are configured (open mode)."""
+    return DEFAULT_TENANT
+
+
+def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
+    async def authorize(request: web.Request) -> web.Response:
+        req = _authorize.decode(await request.read())
+        return _json(await request.app[engine_key].authorize(tenant_of(request), req))
+
+    async def check(request: web.Request) -> web.Response:
+        req = _check.decode(await request.read())
+        return _json(await request.app[engine_key].check(tenant_of(request), req))
+
+    async def settle(request: web.Request) -> web.Response:
+        req = _settle.decode(await request.read())
+        return _json(await request.app[engine_key].settle(tenant_of(request), req))
+
+    async def release(request: web.Request) -> web.Response:
+        req = _release.decode(await request.read())
+        return _json(await request.app[engine_key].release(tenant_of(request), req.reservation_id))
+
+    async def record(request: web.Request) -> web.Response:
+        req = _record.decode(await request.read())
+        return _json(await request.app[engine_key].record(tenant_of(request), req))
+
+    async def status(request: web.Request) -> web.Response:
+        budget_id = request.match_info["budget_id"]
+        scope_id = request.query.get("scope_id")
+        if scope_id is not None and not _valid_id(scope_id):
+            raise ProblemError(400, "scope_id: not a valid identifier", field="scope_id")
+        engine = request.app[engine_key]
+        return _json(await engine.status(tenant_of(request), budget_id, scope_id))
+
+    app.router.add_post("/v1/authorize", authorize)
+    app.router.add_post("/v1/check", check)
+    app.router.add_post("/v1/settle", settle)
+    app.router.add_post("/v1/release", release)
+    app.router.add_post("/v1/record", record)
+    app.router.add_get("/v1/budgets/{budget_id}/status", status)
+
+
+def _valid_id(value: str) -> bool:
+    return len(value) <= 128 and _VALID_ID.fullmatch(value) is not None

@@ -1,0 +1,225 @@
+"""The config file: YAML with `budgets`, `pricing` and `settings` (and `rate_limits`, which
+this version refuses rather than ignores). Strict: unknown keys, wrong types and bad values
+are errors that name the file and the path of the field."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+import yaml
+from msgspec import Meta, Struct
+
+from sidecar.model import (
+    Budget,
+    Config,
+    FailMode,
+    OnExceed,
+    Period,
+    Price,
+    Scope,
+    Settings,
+    UnpricedModel,
+)
+from sidecar.money import price_to_pico, usd_to_micro
+from sidecar.schemas import Id, ModelName
+
+# Budget ids appear raw in SDK URL paths (wire contract §7.3): the URL-safe alphabet only.
+BudgetId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~\-]+$", min_length=1, max_length=64)]
+PricePer1k = Annotated[float, Meta(ge=0, le=1000)]
+
+
+class ConfigError(Exception):
+    """A config file is unusable; the message names the file and the field."""
+
+    def __init__(self, source: str, path: str, message: str) -> None:
+        super().__init__(f"{source}: {path}: {message}")
+        self.source = source
+        self.path = path
+        self.message = message
+
+
+class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    id: BudgetId
+    name: Annotated[str, Meta(min_length=1, max_length=200)]
+    scope: Scope
+    limit_usd: Annotated[float, Meta(ge=0, le=1_000_000_000)]
+    period: Period
+    on_exceed: OnExceed = OnExceed.BLOCK
+    scope_id: Id | None = None
+    downgrade_to: dict[ModelName, ModelName] = msgspec.field(default_factory=dict)
+    alert_thresholds: list[Annotated[int, Meta(ge=1, le=1000)]] = msgspec.field(
+        default_factory=lambda: [50, 80, 100]
+    )
+    enabled: bool = True
+    timezone: str = "UTC"
+    fail_mode: FailMode | None = None
+
+    def __post_init__(self) -> None:
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"timezone: unknown IANA time zone {self.timezone!r}") from None
+        if self.on_exceed is OnExceed.DOWNGRADE and not self.downgrade_to:
+            raise ValueError("downgrade_to: on_exceed downgrade needs a model map")
+
+    def to_budget(self, source: str) -> Budget:
+        return Budget(
+            id=self.id,
+            name=self.name,
+            scope=self.scope,
+            scope_id=self.scope_id,
+            limit_micro=usd_to_micro(self.limit_usd),
+            period=self.period,
+            on_exceed=self.on_exceed,
+            downgrade_to=dict(self.downgrade_to),
+            alert_thresholds=tuple(sorted(set(self.alert_thresholds))),
+            enabled=self.enabled,
+            timezone=self.timezone,
+            fail_mode=self.fail_mode,
+            source=source,
+        )
+
+
+class PriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    provider: Id
+    model: ModelName
+    input_per_1k: PricePer1k
+    output_per_1k: PricePer1k
+
+    def to_price(self) -> Price:
+        return Price(
+            provider=self.provider,
+            model=self.model,
+            input_pico=price_to_pico(self.input_per_1k),
+            output_pico=price_to_pico(self.output_per_1k),
+        )
+
+
+class FallbackPriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    input_per_1k: PricePer1k
+    output_per_1k: PricePer1k
+
+
+class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    unpriced_model: UnpricedModel = UnpricedModel.REFUSE
+    fallback_price: FallbackPriceSpec | None = None
+    default_org_id: Id = "default"
+    default_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 60_000
+    max_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 3_600_000
+    keep_finished_ms: Annotated[int, Meta(ge=60_000, le=30 * 86_400_000)] = 86_400_000
+    fail_mode: FailMode = FailMode.CLOSED
+    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50
+    max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
+
+    def __post_init__(self) -> None:
+        if self.unpriced_model is UnpricedModel.FALLBACK and self.fallback_price is None:
+            raise ValueError("fallback_price: unpriced_model fallback needs a fallback_price")
+        if self.default_lease_ms > self.max_lease_ms:
+            raise ValueError("default_lease_ms: larger than max_lease_ms")
+
+    def to_settings(self) -> Settings:
+        fallback = None
+        if self.fallback_price is not None:
+            fallback = Price(
+                provider="*",
+                model="*",
+                input_pico=price_to_pico(self.fallback_price.input_per_1k),
+                output_pico=price_to_pico(self.fallback_price.output_per_1k),
+            )
+        return Settings(
+            unpriced_model=self.unpriced_model,
+            fallback_price=fallback,
+            default_org_id=self.default_org_id,
+            default_lease_ms=self.default_lease_ms,
+            max_lease_ms=self.max_lease_ms,
+            keep_finished_ms=self.keep_finished_ms,
+            fail_mode=self.fail_mode,
+            redis_timeout_ms=self.redis_timeout_ms,
+            max_body_bytes=self.max_body_bytes,
+        )
+
+
+class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
+    budgets: list[BudgetSpec] = msgspec.field(default_factory=list)
+    pricing: list[PriceSpec] = msgspec.field(default_factory=list)
+    rate_limits: list[Any] = msgspec.field(default_factory=list)
+    settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
+
+
+def split_validation_error(text: str) -> tuple[str, str]:
+    """("$.budgets[0].limit_usd", "Expected ...") from a msgspec ValidationError text.
+
+    Errors raised in __post_init__ as "<field>: <reason>" point at the struct; the field
+    named in the message is appended to the path.
+    """
+    match = _AT.match(text)
+    assert match is not None  # the pattern matches any string
+    message, path = match.group("msg"), match.group("path") or "$"
+    field, sep, reason = message.partition(": ")
+    if sep and re.fullmatch(r"[a-z_][a-z0-9_]*", field):
+        return f"{path}.{field}", reason
+    missing = re.match(r"Object missing required field `([^`]+)`", message)
+    if missing:
+        return f"{path}.{missing.group(1)}", message
+    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+    if unknown:
+        return f"{path}.{unknown.group(1)}", message
+    return path, message
+
+
+def parse(data: Any, source: str) -> Config:
+    """Validate an already-parsed document (YAML or JSON) into a Config."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(source, "$", "the top level must be a mapping")
+    try:
+        spec = msgspec.convert(data, ConfigFile, strict=False)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(str(exc))
+        raise ConfigError(source, path, message) from None
+    if spec.rate_limits:
+        raise ConfigError(
+            source, "$.rate_limits", "rate limits are not supported by this version yet"
+        )
+    seen: set[str] = set()
+    for i, b in enumerate(spec.budgets):
+        if b.id in seen:
+            raise ConfigError(source, f"$.budgets[{i}].id", f"duplicate budget id {b.id!r}")
+        seen.add(b.id)
+    prices: set[tuple[str, str]] = set()
+    for i, p in enumerate(spec.pricing):
+        if (p.provider, p.model) in prices:
+            raise ConfigError(
+                source, f"$.pricing[{i}]", f"duplicate price for {p.provider}/{p.model}"
+            )
+        prices.add((p.provider, p.model))
+    return Config(
+        budgets=tuple(b.to_budget("config") for b in spec.budgets),
+        pricing=tuple(p.to_price() for p in spec.pricing),
+        settings=spec.settings.to_settings(),
+        source=source,
+    )
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a config file; raises ConfigError naming the file and field."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(source, "$", f"cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
+        raise ConfigError(source, "$", f"not valid YAML ({where})") from None
+    return parse(data, source)

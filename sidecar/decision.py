@@ -1,0 +1,76 @@
+"""Pure decision logic: from counter values to an action and a binding budget.
+
+The block verdict itself is taken inside the Lua script (atomically with the hold); this
+module reads the same numbers to say *why*: which budget binds, and whether the call
+proceeds with a warning or a cheaper model. `over()` is the same rule as lua/_lib.lua.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sidecar.model import Action, Budget, OnExceed
+
+
+@dataclass(frozen=True, slots=True)
+class Applied:
+    """A budget as it applies to one decision: its counter for this entity and window."""
+
+    budget: Budget
+    entity: str
+    cid: str
+    window_start_ms: int
+    window_end_ms: int
+    # 'b' block, 'w' warn, 'd' downgrade: what the script enforces. A downgrade budget
+    # with no cheaper model for the requested one is enforced as a block.
+    mode: str
+    downgrade_model: str | None
+
+
+def over(used: int, held: int, est: int, limit: int) -> bool:
+    """Would adding `est` pass the limit? A zero estimate asks whether anything is left."""
+    if est == 0:
+        return used + held >= limit
+    return used + held + est > limit
+
+
+def percentage(committed: int, limit: int) -> float:
+    if limit <= 0:
+        return 100.0 if committed > 0 else 0.0
+    return round(committed * 100 / limit, 4)
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    action: Action
+    binding: int | None  # index into the applied budgets
+    downgrade_model: str | None
+
+
+def decide(applied: Sequence[Applied], values: Sequence[int], est: int, allowed: bool) -> Outcome:
+    """The action and binding budget, given counters *before* this estimate.
+
+    Denied: the first block budget the estimate would pass. Allowed: a downgrade budget
+    passed wins over a warn budget passed; otherwise the budget closest to its limit binds.
+    """
+    downgrade = warn = None
+    closest, closest_pct = None, -1.0
+    for i, a in enumerate(applied):
+        used, held = values[2 * i], values[2 * i + 1]
+        limit = a.budget.limit_micro
+        if over(used, held, est, limit):
+            if a.mode == "b" and not allowed:
+                return Outcome(Action.BLOCK, i, None)
+            if a.mode == "d" and downgrade is None:
+                downgrade = i
+            elif a.budget.on_exceed is OnExceed.WARN and warn is None:
+                warn = i
+        pct = percentage(used + held + est, limit)
+        if pct > closest_pct:
+            closest, closest_pct = i, pct
+    if downgrade is not None:
+        return Outcome(Action.DOWNGRADE, downgrade, applied[downgrade].downgrade_model)
+    if warn is not None:
+        return Outcome(Action.WARN, warn, None)
+    return Outcome(Action.ALLOW, closest, None)

@@ -1,0 +1,472 @@
+"""The engine: one config snapshot + one store -> decisions.
+
+It resolves which budgets apply to an identity, prices estimates, builds each script's
+KEYS/ARGV, runs exactly one script per operation, and turns the reply into the response
+types. Definitions come from the in-memory snapshot only; nothing is read from Redis
+except through the one script call (invariant 5).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar import keys
+from sidecar.clock import Clock
+from sidecar.decision import Applied, decide, percentage
+from sidecar.model import (
+    Action,
+    Budget,
+    Config,
+    FailMode,
+    Identity,
+    OnExceed,
+    Price,
+    Scope,
+    UnpricedModel,
+)
+from sidecar.money import cost_micro, micro_to_usd, usd_to_micro
+from sidecar.periods import WindowCache, iso
+from sidecar.schemas import (
+    AuthorizeRequest,
+    BudgetInfo,
+    BudgetState,
+    BudgetStatus,
+    CheckRequest,
+    Decision,
+    IdentityFields,
+    RecordRequest,
+    RecordResult,
+    SettleRequest,
+    SettleResult,
+)
+from sidecar.scripts import Script, Scripts
+from sidecar.store import Store, StoreUnavailable
+
+# A counter outlives its window by this much before garbage collection may delete it; it
+# must exceed the longest lease so a late settle never recreates a collected counter.
+COUNTER_GRACE_MS = 2 * 86_400_000
+
+_MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
+
+
+class RequestError(Exception):
+    """The request is well-formed but cannot be served as asked (HTTP 400 or 404)."""
+
+    def __init__(self, field: str, message: str, status: int = 400) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+        self.status = status
+
+
+class Unavailable(Exception):
+    """Redis is unreachable and the fail mode is closed (HTTP 503)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A Config indexed for the hot path. Immutable: swapped whole on change."""
+
+    config: Config
+    by_entity: dict[tuple[Scope, str], tuple[Budget, ...]]
+    per_entity: dict[Scope, tuple[Budget, ...]]
+    by_id: dict[str, Budget]
+    prices: dict[tuple[str, str], Price]
+    price_by_model: dict[str, Price]
+
+    @classmethod
+    def of(cls, config: Config) -> Snapshot:
+        by_entity: dict[tuple[Scope, str], list[Budget]] = defaultdict(list)
+        per_entity: dict[Scope, list[Budget]] = defaultdict(list)
+        for b in config.budgets:
+            if not b.enabled:
+                continue
+            if b.scope_id is None:
+                per_entity[b.scope].append(b)
+            else:
+                by_entity[(b.scope, b.scope_id)].append(b)
+        prices = {(p.provider, p.model): p for p in config.pricing}
+        models: dict[str, list[Price]] = defaultdict(list)
+        for p in config.pricing:
+            models[p.model].append(p)
+        return cls(
+            config=config,
+            by_entity={k: tuple(v) for k, v in by_entity.items()},
+            per_entity={k: tuple(v) for k, v in per_entity.items()},
+            by_id={b.id: b for b in config.budgets},
+            prices=prices,
+            # A model name alone identifies a price only when one provider sells it.
+            price_by_model={m: ps[0] for m, ps in models.items() if len(ps) == 1},
+        )
+
+
+class Engine:
+    def __init__(self, config: Config, store: Store, clock: Clock, scripts: Scripts) -> None:
+        self._store = store
+        self._clock = clock
+        self._scripts = scripts
+        self._windows = WindowCache()
+        self._snapshot = Snapshot.of(config)
+
+    # ---- definitions ------------------------------------------------------------------
+
+    @property
+    def config(self) -> Config:
+        return self._snapshot.config
+
+    def swap(self, config: Config) -> None:
+        """Replace every definition at once; decisions in flight keep the old snapshot."""
+        self._snapshot = Snapshot.of(config)
+
+    def identity(self, fields: IdentityFields) -> Identity:
+        return Identity(
+            org_id=fields.org_id or self._snapshot.config.settings.default_org_id,
+            team_id=fields.team_id,
+            agent_id=fields.agent_id,
+            workflow_id=fields.workflow_id,
+            user_id=fields.user_id,
+        )
+
+    def applicable(self, identity: Identity, model: str | None, now_ms: int) -> list[Applied]:
+        """Every enabled budget that covers this identity, with its counter for now."""
+        snap = self._snapshot
+        out: list[Applied] = []
+        for scope in Scope:
+            entity = identity.entity(scope)
+            if entity is None:
+                continue
+            for b in snap.by_entity.get((scope, entity), ()):
+                out.append(self._applied(b, entity, model, now_ms))
+            for b in snap.per_entity.get(scope, ()):
+                out.append(self._applied(b, entity, model, now_ms))
+        return out
+
+    def _applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
+        w = self._windows.get(b.period, b.timezone, now_ms)
+        mode = _MODE[b.on_exceed]
+        target = b.downgrade_to.get(model) if model is not None else None
+        if mode == "d" and target is None:
+            mode = "b"  # nothing cheaper to fall back to: hold the line
+        return Applied(
+            budget=b,
+            entity=entity,
+            cid=keys.counter_id(b.id, entity, w.key),
+            window_start_ms=w.start_ms,
+            window_end_ms=w.end_ms,
+            mode=mode,
+            downgrade_model=target,
+        )
+
+    def price(self, provider: str | None, model: str | None) -> Price | None:
+        """The price of a model, the fallback price, or None (unpriced)."""
+        if model is None:
+            return None
+        snap = self._snapshot
+        found = snap.prices.get((provider, model)) if provider else snap.price_by_model.get(model)
+        if found is None and snap.config.settings.unpriced_model is UnpricedModel.FALLBACK:
+            return snap.config.settings.fallback_price
+        return found
+
+    def _priced(self, provider: str | None, model: str | None) -> Price | None:
+        price = self.price(provider, model)
+        if price is None and model is not None:
+            raise RequestError(
+                "model",
+                f"no price for {provider or '*'}/{model}: add it to pricing, or set "
+                "settings.unpriced_model to fallback",
+            )
+        return price
+
+    def _estimate(
+        self,
+        price: Price | None,
+        usd: float | None,
+        tokens_in: int | None,
+        tokens_out: int | None,
+    ) -> int:
+        if usd is not None:
+            return usd_to_micro(usd)
+        if price is None:
+            return 0
+        return cost_micro(tokens_in or 0, price.input_pico) + cost_micro(
+            tokens_out or 0, price.output_pico
+        )
+
+    # ---- operations -------------------------------------------------------------------
+
+    async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+        settings = self._snapshot.config.settings
+        now = self._clock.now_ms()
+        identity = self.identity(req)
+        price = self._priced(req.provider, req.model)
+        est = self._estimate(
+            price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
+        )
+        lease_ms = req.lease_ms if req.lease_ms is not None else settings.default_lease_ms
+        if lease_ms > settings.max_lease_ms:
+            raise RequestError(
+                "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
+            )
+        applied = self.applicable(identity, req.model, now)
+        rid = uuid.uuid4().hex
+        args: list[str | int] = [
+            now,
+            rid,
+            lease_ms,
+            est,
+            req.idempotency_key or "",
+            price.input_pico if price else "",
+            price.output_pico if price else "",
+            settings.keep_finished_ms,
+        ]
+        for a in applied:
+            args += (a.cid, a.budget.limit_micro, a.mode, a.window_end_ms + COUNTER_GRACE_MS)
+        try:
+            reply = await self._store.run(
+                self._scripts.authorize, keys.tenant_keys(tenant).hot, args
+            )
+        except StoreUnavailable:
+            return self._degraded(applied, est)
+        verdict, rid, values = int(reply[0]), str(reply[1]), [int(v) for v in reply[3:]]
+        allowed = verdict != 0
+        held = verdict == 1
+        outcome = decide(applied, values, est, allowed)
+        states = [
+            self._state(a, values[2 * i], values[2 * i + 1] + (est if held else 0))
+            for i, a in enumerate(applied)
+        ]
+        info = None
+        if outcome.binding is not None:
+            info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
+        return Decision(
+            allowed=allowed,
+            action=outcome.action,
+            reservation_id=rid if allowed else None,
+            budget_info=info,
+            budgets=states,
+            downgrade_model=outcome.downgrade_model,
+            message=_message(outcome.action, applied, outcome.binding),
+            estimated_usd=micro_to_usd(est),
+            lease_expires_at=iso(now + lease_ms) if held else None,
+            replayed=verdict == 2,
+        )
+
+    async def check(self, tenant: str, req: CheckRequest) -> Decision:
+        settings = self._snapshot.config.settings
+        now = self._clock.now_ms()
+        identity = self.identity(req)
+        has_tokens = req.estimated_tokens_in is not None or req.estimated_tokens_out is not None
+        price = self._priced(req.provider, req.model) if has_tokens else None
+        est = self._estimate(
+            price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
+        )
+        applied = self.applicable(identity, req.model, now)
+        args: list[str | int] = [now, est, settings.keep_finished_ms]
+        for a in applied:
+            args += (a.cid, a.budget.limit_micro, a.mode)
+        try:
+            reply = await self._store.run(self._scripts.check, keys.tenant_keys(tenant).hot, args)
+        except StoreUnavailable:
+            return self._degraded(applied, est)
+        allowed = int(reply[0]) == 1
+        values = [int(v) for v in reply[1:]]
+        outcome = decide(applied, values, est, allowed)
+        states = [self._state(a, values[2 * i], values[2 * i + 1]) for i, a in enumerate(applied)]
+        info = None
+        if outcome.binding is not None:
+            info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
+        return Decision(
+            allowed=allowed,
+            action=outcome.action,
+            budget_info=info,
+            budgets=states,
+            downgrade_model=outcome.downgrade_model,
+            message=_message(outcome.action, applied, outcome.binding),
+            estimated_usd=micro_to_usd(est),
+        )
+
+    async def settle(self, tenant: str, req: SettleRequest) -> SettleResult:
+        settings = self._snapshot.config.settings
+        if req.cost_usd is not None:
+            kind, cost = "c", usd_to_micro(req.cost_usd)
+        else:
+            kind, cost = "t", 0
+        args: list[str | int] = [
+            self._clock.now_ms(),
+            req.reservation_id,
+            settings.keep_finished_ms,
+            kind,
+            req.tokens_in or 0,
+            req.tokens_out or 0,
+            cost,
+        ]
+        reply = await self._run(self._scripts.settle, tenant, args)
+        return self._finished(req.reservation_id, reply, "tokens_in")
+
+    async def release(self, tenant: str, reservation_id: str) -> SettleResult:
+        settings = self._snapshot.config.settings
+        args: list[str | int] = [self._clock.now_ms(), reservation_id, settings.keep_finished_ms]
+        reply = await self._run(self._scripts.release, tenant, args)
+        return self._finished(reservation_id, reply, "reservation_id")
+
+    async def record(self, tenant: str, req: RecordRequest) -> RecordResult:
+        settings = self._snapshot.config.settings
+        now = self._clock.now_ms()
+        identity = self.identity(req)
+        has_tokens = req.tokens_in is not None or req.tokens_out is not None
+        price = self._priced(req.provider, req.model) if has_tokens else None
+        cost = self._estimate(price, req.cost_usd, req.tokens_in, req.tokens_out)
+        applied = self.applicable(identity, req.model, now)
+        args: list[str | int] = [now, cost, req.idempotency_key or "", settings.keep_finished_ms]
+        for a in applied:
+            args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS)
+        reply = await self._run(self._scripts.record, tenant, args)
+        values = [int(v) for v in reply[1:]]
+        return RecordResult(
+            cost_usd=micro_to_usd(cost),
+            replayed=int(reply[0]) == 2,
+            budgets=[
+                self._state(a, values[2 * i], values[2 * i + 1]) for i, a in enumerate(applied)
+            ],
+        )
+
+    async def status(self, tenant: str, budget_id: str, scope_id: str | None) -> BudgetStatus:
+        budget = self._snapshot.by_id.get(budget_id)
+        if budget is None:
+            raise RequestError("budget_id", f"no budget {budget_id!r}", status=404)
+        entity = budget.scope_id or scope_id
+        if entity is None:
+            raise RequestError(
+                "scope_id", f"budget {budget_id!r} is per {budget.scope}: name the entity"
+            )
+        if budget.scope_id is not None and scope_id not in (None, budget.scope_id):
+            raise RequestError("scope_id", f"budget {budget_id!r} covers {budget.scope_id} only")
+        now = self._clock.now_ms()
+        a = self._applied(budget, entity, None, now)
+        args: list[str | int] = [now, self._snapshot.config.settings.keep_finished_ms, a.cid]
+        reply = await self._run(self._scripts.status, tenant, args)
+        s = self._state(a, int(reply[0]), int(reply[1]))
+        return BudgetStatus(
+            budget_id=s.budget_id,
+            budget_name=s.budget_name,
+            scope=s.scope,
+            entity=s.entity,
+            period=s.period,
+            on_exceed=s.on_exceed,
+            limit_usd=s.limit_usd,
+            used_usd=s.used_usd,
+            held_usd=s.held_usd,
+            remaining_usd=s.remaining_usd,
+            percentage=s.percentage,
+            exceeded=s.exceeded,
+            period_start=iso(a.window_start_ms),
+            period_end=iso(a.window_end_ms),
+        )
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    async def _run(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
+        try:
+            reply: list[Any] = await self._store.run(script, keys.tenant_keys(tenant).hot, args)
+        except StoreUnavailable as exc:
+            raise Unavailable(str(exc)) from exc
+        return reply
+
+    def _degraded(self, applied: Sequence[Applied], est: int) -> Decision:
+        """Redis did not answer in time: apply the fail mode (invariant 8).
+
+        Open only when every applicable budget (or, with none, the settings) says open.
+        """
+        default = self._snapshot.config.settings.fail_mode
+        modes = [a.budget.fail_mode or default for a in applied] or [default]
+        if any(m is FailMode.CLOSED for m in modes):
+            raise Unavailable("redis unavailable; fail mode closed")
+        return Decision(
+            allowed=True,
+            action=Action.ALLOW,
+            message="redis unavailable; allowed by fail mode open, nothing held",
+            estimated_usd=micro_to_usd(est),
+            degraded=True,
+        )
+
+    def _finished(self, rid: str, reply: list[Any], unpriced_field: str) -> SettleResult:
+        status = int(str(reply[0]))
+        if status == 0:
+            raise RequestError("reservation_id", f"no reservation {rid!r}", status=404)
+        if status == -1:
+            raise RequestError(unpriced_field, "the reservation has no price: settle with cost_usd")
+        state = "settled" if reply[1] == "S" else "released"
+        cost, est = int(str(reply[2])), int(str(reply[3]))
+        cids = str(reply[5]).split(",") if reply[5] else []
+        values = [int(str(v)) for v in reply[6:]]
+        return SettleResult(
+            reservation_id=rid,
+            state=state,
+            cost_usd=micro_to_usd(cost),
+            estimated_usd=micro_to_usd(est),
+            overshoot_usd=micro_to_usd(max(0, cost - est)) if state == "settled" else 0.0,
+            lease_expired=str(reply[4]) == "1",
+            replayed=status == 2,
+            budgets=self._states_of(cids, values),
+        )
+
+    def _states_of(self, cids: Sequence[str], values: Sequence[int]) -> list[BudgetState]:
+        """Budget states of a reservation's counters, by the cids its record kept.
+
+        A budget deleted since the hold is left out: it has no limit to report against.
+        """
+        states = []
+        for i, cid in enumerate(cids):
+            budget_id, entity, _window = keys.parse_counter_id(cid)
+            budget = self._snapshot.by_id.get(budget_id)
+            if budget is None:
+                continue
+            a = Applied(budget, entity, cid, 0, 0, _MODE[budget.on_exceed], None)
+            states.append(self._state(a, values[2 * i], values[2 * i + 1]))
+        return states
+
+    def _state(self, a: Applied, used: int, held: int) -> BudgetState:
+        b = a.budget
+        committed = used + held
+        return BudgetState(
+            budget_id=b.id,
+            budget_name=b.name,
+            scope=b.scope,
+            entity=a.entity,
+            period=b.period,
+            on_exceed=b.on_exceed,
+            limit_usd=micro_to_usd(b.limit_micro),
+            used_usd=micro_to_usd(used),
+            held_usd=micro_to_usd(held),
+            remaining_usd=micro_to_usd(b.limit_micro - committed),
+            percentage=percentage(committed, b.limit_micro),
+            exceeded=committed >= b.limit_micro if b.limit_micro else committed > 0,
+        )
+
+
+def _info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:
+    """The binding budget; `exceeded` is true when this call would pass its limit."""
+    return BudgetInfo(
+        budget_id=state.budget_id,
+        budget_name=state.budget_name,
+        used_usd=state.used_usd,
+        limit_usd=state.limit_usd,
+        percentage=state.percentage,
+        exceeded=state.exceeded or action is not Action.ALLOW,
+        action=budget.on_exceed,
+    )
+
+
+def _message(action: Action, applied: Sequence[Applied], binding: int | None) -> str | None:
+    if binding is None or action is Action.ALLOW:
+        return None
+    b = applied[binding].budget
+    if action is Action.BLOCK:
+        return f"Budget '{b.name}' exceeded - requests blocked"
+    if action is Action.DOWNGRADE:
+        return f"Budget '{b.name}' exceeded - downgraded to {applied[binding].downgrade_model}"
+    return f"Budget '{b.name}' exceeded - warning"

@@ -1,0 +1,72 @@
+"""The one place Redis key names (and counter ids inside them) are built.
+
+Layout, for tenant T (every key carries the hash tag `{T}` so one tenant's keys share one
+Redis Cluster slot and a script may touch all of them atomically, invariant 6):
+
+    bs:{T}:ctr     hash   "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD
+    bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
+    bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id
+    bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" -> Unix ms after which it may be deleted
+
+A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`.
+Keeping all counters of a tenant in one hash is what lets settle name every key it touches
+in KEYS without a read first: the reservation record lists the cids, which are fields, not
+keys.
+
+Every component is escaped: characters outside [A-Za-z0-9._~@+-] become %XX, so no input
+can open or close a hash tag, add a separator, or make two identities share a name.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from urllib.parse import quote, unquote
+
+_SAFE = re.compile(r"[A-Za-z0-9._~@+\-]+")
+PREFIX = "bs"
+
+
+def escape(component: str) -> str:
+    """Escape one name component; identity for the common already-safe case."""
+    if _SAFE.fullmatch(component):
+        return component
+    # quote() never emits a bare "%", so "%" alone can name the empty string.
+    return quote(component, safe="", encoding="utf-8") if component else "%"
+
+
+@dataclass(frozen=True, slots=True)
+class TenantKeys:
+    tenant: str
+    counters: str
+    leases: str
+    reservations: str
+    gc: str
+
+    @property
+    def hot(self) -> tuple[str, str, str, str]:
+        """The KEYS of every reservation script, in their documented order."""
+        return (self.counters, self.leases, self.reservations, self.gc)
+
+
+@lru_cache(maxsize=4096)
+def tenant_keys(tenant: str) -> TenantKeys:
+    tag = f"{PREFIX}:{{{escape(tenant)}}}:"
+    return TenantKeys(
+        tenant=tenant,
+        counters=tag + "ctr",
+        leases=tag + "lease",
+        reservations=tag + "res",
+        gc=tag + "gc",
+    )
+
+
+def counter_id(budget_id: str, entity: str, window_key: str) -> str:
+    return f"{escape(budget_id)}/{escape(entity)}/{window_key}"
+
+
+def parse_counter_id(cid: str) -> tuple[str, str, str]:
+    """(budget id, entity, window key) of a cid, unescaped."""
+    budget_id, entity, window_key = cid.split("/")
+    return unquote(budget_id), unquote(entity), window_key

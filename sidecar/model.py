@@ -1,0 +1,137 @@
+"""The domain model: the words of the glossary as types. No I/O here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
+
+
+class Scope(enum.StrEnum):
+    ORGANIZATION = "organization"
+    TEAM = "team"
+    AGENT = "agent"
+    WORKFLOW = "workflow"
+    USER = "user"
+
+
+# The identity field each scope reads its entity from.
+SCOPE_FIELD: dict[Scope, str] = {
+    Scope.ORGANIZATION: "org_id",
+    Scope.TEAM: "team_id",
+    Scope.AGENT: "agent_id",
+    Scope.WORKFLOW: "workflow_id",
+    Scope.USER: "user_id",
+}
+
+
+class Period(enum.StrEnum):
+    DAILY = "daily"
+    WEEKLY = "weekly"
+    MONTHLY = "monthly"
+    QUARTERLY = "quarterly"
+    YEARLY = "yearly"
+
+
+class OnExceed(enum.StrEnum):
+    WARN = "warn"
+    BLOCK = "block"
+    DOWNGRADE = "downgrade"
+
+
+class Action(enum.StrEnum):
+    ALLOW = "allow"
+    WARN = "warn"
+    BLOCK = "block"
+    DOWNGRADE = "downgrade"
+
+
+class UnpricedModel(enum.StrEnum):
+    """What to do with a model that has no price: never cost it at $0."""
+
+    REFUSE = "refuse"
+    FALLBACK = "fallback"
+
+
+class FailMode(enum.StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who is spending. `org_id` defaults to the configured default organization."""
+
+    org_id: str
+    team_id: str | None = None
+    agent_id: str | None = None
+    workflow_id: str | None = None
+    user_id: str | None = None
+
+    def entity(self, scope: Scope) -> str | None:
+        value: str | None = getattr(self, SCOPE_FIELD[scope])
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class Budget:
+    """A USD cap on a scope for a calendar period.
+
+    With `scope_id` it caps one entity; without, every entity of the scope gets its own
+    counter of this size ("each user $5 a day").
+    """
+
+    id: str
+    name: str
+    scope: Scope
+    limit_micro: int
+    period: Period
+    on_exceed: OnExceed = OnExceed.BLOCK
+    scope_id: str | None = None
+    downgrade_to: dict[str, str] = field(default_factory=dict)
+    alert_thresholds: tuple[int, ...] = (50, 80, 100)
+    enabled: bool = True
+    timezone: str = "UTC"
+    fail_mode: FailMode | None = None
+    source: str = "config"
+
+    @property
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True, slots=True)
+class Price:
+    """USD per 1k tokens, held as integer pico-USD per token."""
+
+    provider: str
+    model: str
+    input_pico: int
+    output_pico: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The `settings` section of the config file."""
+
+    unpriced_model: UnpricedModel = UnpricedModel.REFUSE
+    fallback_price: Price | None = None
+    default_org_id: str = "default"
+    default_lease_ms: int = 60_000
+    max_lease_ms: int = 3_600_000
+    # How long a finished reservation (and its idempotency key) is remembered, so that a
+    # repeated settle or release returns the first result.
+    keep_finished_ms: int = 86_400_000
+    fail_mode: FailMode = FailMode.CLOSED
+    redis_timeout_ms: int = 50
+    max_body_bytes: int = 65_536
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """One immutable snapshot of every definition the hot path needs (invariant 5)."""
+
+    budgets: tuple[Budget, ...] = ()
+    pricing: tuple[Price, ...] = ()
+    settings: Settings = field(default_factory=Settings)
+    source: str = "<defaults>"

