@@ -339,6 +339,9 @@ class Engine:
         if budget is None:
             raise RequestError("budget_id", f"no budget {budget_id!r}", status=404)
         entity = budget.scope_id or scope_id
+        if entity is None and budget.scope is Scope.ORGANIZATION:
+            # As in decisions: a request that names no org is the default org's.
+            entity = self._snapshot.config.settings.default_org_id
         if entity is None:
             raise RequestError(
                 "scope_id", f"budget {budget_id!r} is per {budget.scope}: name the entity"
