@@ -1,0 +1,212 @@
+"""`make bench`: the sidecar's throughput and latency next to the raw ceilings of its
+building blocks, measured in the same run on the same machine, printed as ratios.
+
+- bare: aiohttp + uvloop + msgspec POST with no Redis (the HTTP ceiling)
+- raw EVALSHA: redis-benchmark running the same authorize script, 50 clients, pipelined
+  16 deep (the Redis ceiling), and PING at one client (the Redis round trip)
+- sidecar: POST /v1/authorize (3 stacked budgets) at 64 connections and at 1 connection,
+  and authorize followed by settle; Redis CPU microseconds per decision from INFO cpu
+
+wrk (a separate C process) is the load generator. Figures are noisy on a shared machine:
+read the ratios. Nothing here asserts; tests never time anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from sidecar import keys
+from sidecar.scripts import Scripts
+from tests.harness import REPO, RedisServer, free_port, wait_until
+
+BENCH = Path(__file__).resolve().parent
+CONFIG = """
+budgets:
+  - {id: org, name: Org, scope: organization, limit_usd: 1000000000, period: monthly}
+  - {id: team, name: Team, scope: team, limit_usd: 1000000000, period: daily}
+  - {id: user, name: Each user, scope: user, limit_usd: 1000000000, period: daily}
+pricing:
+  - {provider: openai, model: gpt-4o, input_per_1k: 0.0025, output_per_1k: 0.01}
+settings:
+  redis_timeout_ms: 1000
+"""
+
+
+@dataclass
+class WrkResult:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    extra: str = ""
+
+
+def _ms(value: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
+    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, script: Path, connections: int, seconds: int) -> WrkResult:
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True, text=True, check=True, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
+    extra = next((line for line in out.splitlines() if line.startswith("PAIR")), "")
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errors:
+        extra += f" non-2xx={errors.group(1)}"
+    return WrkResult(rps, p50, p99, extra)
+
+
+def redis_cpu_us(client) -> float:  # type: ignore[no-untyped-def]
+    info = client.info("cpu")
+    return (float(info["used_cpu_sys"]) + float(info["used_cpu_user"])) * 1e6
+
+
+def raw_evalsha(server: RedisServer, seconds: int) -> float:
+    """redis-benchmark of the authorize script itself, with the bench's 3 budgets."""
+    script = Scripts.load_all().authorize
+    client = server.client()
+    client.script_load(script.source)
+    tk = keys.tenant_keys("bench-raw")
+    now = str(int(time.time() * 1000))
+    budgets = []
+    for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
+        budgets += [cid, "1000000000000000", "b", str(int(now) + 10**9)]
+    cmd = [
+        "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
+        "-n", str(40_000 * seconds), "-r", "1000000000",
+        "evalsha", script.sha, "4", *tk.hot,
+        now, "rid-__rand_int__", "1000", "5000", "", "2500000", "10000000", "86400000",
+        *budgets,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
+    rps = re.findall(r"([\d.]+) requests per second", out)
+    return float(rps[-1])
+
+
+def ping_p50_ms(server: RedisServer) -> float:
+    out = subprocess.run(
+        ["redis-benchmark", "-p", str(server.port), "-c", "1", "-n", "20000", "-t", "ping",
+         "--csv", "--precision", "3"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    # "test","rps","avg_latency_ms","min_latency_ms","p50_latency_ms",...
+    rows = [line.split(",") for line in out.strip().splitlines()[1:]]
+    return min(float(r[4].strip('"')) for r in rows)
+
+
+def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def up() -> bool:
+        assert proc.poll() is None, f"{cmd} exited"
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    wait_until(up, timeout_s=30, what=" ".join(cmd))
+    return proc
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    for tool in ("wrk", "redis-benchmark"):
+        if not shutil.which(tool):
+            sys.exit(f"bench needs {tool} (apt-get install wrk redis-tools)")
+
+    s = args.seconds
+    server = RedisServer().start()
+    workdir = Path(tempfile.mkdtemp(prefix="bs-bench-"))
+    config = workdir / "bench.yaml"
+    config.write_text(CONFIG)
+    figures: dict[str, float] = {}
+    try:
+        figures["raw_evalsha_per_s"] = raw_evalsha(server, s)
+        figures["redis_ping_p50_ms"] = ping_p50_ms(server)
+        server.client().flushall()
+
+        port = free_port()
+        bare = start([sys.executable, "-m", "bench.bare", "--port", str(port)],
+                     f"http://127.0.0.1:{port}/v1/authorize")  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}/v1/authorize"
+            wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            b64 = wrk(url, BENCH / "wrk_authorize.lua", 64, s)
+            b1 = wrk(url, BENCH / "wrk_authorize.lua", 1, s)
+        finally:
+            stop(bare)
+
+        port = free_port()
+        sidecar = start(
+            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
+             "--redis-url", server.url, "--config", str(config), "--log-level", "warning"],
+            f"http://127.0.0.1:{port}/healthz",
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            client = server.client()
+            cpu0, calls0 = redis_cpu_us(client), int(client.info("stats")["total_commands_processed"])
+            a64 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
+            cpu1 = redis_cpu_us(client)
+            decisions = a64.requests_per_s * s
+            figures["redis_cpu_us_per_decision"] = (cpu1 - cpu0) / decisions
+            calls = int(client.info("stats")["total_commands_processed"]) - calls0
+            figures["redis_commands_per_decision"] = calls / decisions
+            a1 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 1, s)
+            pair = wrk(base + "/", BENCH / "wrk_pair.lua", 64, s)
+        finally:
+            stop(sidecar)
+    finally:
+        server.cleanup()
+
+    figures.update(
+        bare_64_per_s=b64.requests_per_s, bare_64_p99_ms=b64.p99_ms,
+        bare_1_p50_ms=b1.p50_ms,
+        authorize_64_per_s=a64.requests_per_s, authorize_64_p50_ms=a64.p50_ms,
+        authorize_64_p99_ms=a64.p99_ms, authorize_1_p50_ms=a1.p50_ms,
+        pair_64_requests_per_s=pair.requests_per_s, pair_64_p99_ms=pair.p99_ms,
+        pair_64_decisions_per_s=pair.requests_per_s / 2,
+    )  # fmt: skip
+    print(f"budget-sidecar bench ({s} s per run, wrk -t1, loopback; redis {server.url})")
+    print(f"  raw EVALSHA authorize.lua (50 clients, -P 16): {figures['raw_evalsha_per_s']:>10,.0f} /s")
+    print(f"  bare aiohttp+msgspec POST, 64 conns:          {b64.requests_per_s:>10,.0f} /s  p50 {b64.p50_ms:.2f} ms  p99 {b64.p99_ms:.2f} ms")
+    print(f"  sidecar authorize, 64 conns:                  {a64.requests_per_s:>10,.0f} /s  p50 {a64.p50_ms:.2f} ms  p99 {a64.p99_ms:.2f} ms")
+    print(f"  sidecar authorize+settle, 64 conns:           {pair.requests_per_s:>10,.0f} req/s = {pair.requests_per_s / 2:,.0f} decisions/s  p50 {pair.p50_ms:.2f} ms  p99 {pair.p99_ms:.2f} ms  [{pair.extra.strip()}]")
+    print(f"  at 1 connection, p50: authorize {a1.p50_ms:.3f} ms, bare {b1.p50_ms:.3f} ms, redis PING {figures['redis_ping_p50_ms']:.3f} ms")
+    print(f"  redis per decision: {figures['redis_commands_per_decision']:.2f} commands, {figures['redis_cpu_us_per_decision']:.1f} us CPU")
+    print("ratios:")
+    print(f"  authorize / bare POST throughput:        {a64.requests_per_s / b64.requests_per_s:.2f}")
+    print(f"  authorize / raw EVALSHA throughput:      {a64.requests_per_s / figures['raw_evalsha_per_s']:.2f}")
+    print(f"  authorize p50 @1 / (bare p50 + PING p50): {a1.p50_ms / (b1.p50_ms + figures['redis_ping_p50_ms']):.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
