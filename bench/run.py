@@ -130,6 +130,44 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=20)
 
 
+def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
+    def line(label: str, value: str) -> None:
+        print(f"  {label:<46} {value}")
+
+    def load(prefix: str) -> str:
+        return (
+            f"{f[prefix + '_per_s']:>9,.0f} /s  p50 {f.get(prefix + '_p50_ms', 0):.2f} ms"
+            f"  p99 {f[prefix + '_p99_ms']:.2f} ms"
+        )
+
+    print(f"budget-sidecar bench ({seconds} s per run, wrk -t1, loopback)")
+    line("raw EVALSHA authorize.lua (50 clients, -P 16)", f"{f['raw_evalsha_per_s']:>9,.0f} /s")
+    line("bare aiohttp+msgspec POST, 64 connections", load("bare_64"))
+    line("sidecar authorize, 64 connections", load("authorize_64"))
+    line("sidecar authorize+settle pairs, 64 connections", load("pair_64"))
+    line("  = decisions/s", f"{f['pair_64_decisions_per_s']:>9,.0f} /s  [{pair_counts}]")
+    line(
+        "p50 at 1 connection",
+        f"authorize {f['authorize_1_p50_ms']:.3f} ms, bare {f['bare_1_p50_ms']:.3f} ms, "
+        f"redis PING {f['redis_ping_p50_ms']:.3f} ms",
+    )
+    line(
+        "redis per authorize",
+        f"{f['redis_commands_per_decision']:.1f} commands (incl. inside the script), "
+        f"{f['redis_cpu_us_per_decision']:.1f} us CPU",
+    )
+    print("ratios:")
+    line("authorize / bare POST throughput", f"{f['authorize_64_per_s'] / f['bare_64_per_s']:.2f}")
+    line(
+        "authorize / raw EVALSHA throughput",
+        f"{f['authorize_64_per_s'] / f['raw_evalsha_per_s']:.2f}",
+    )
+    line(
+        "authorize p50 @1 / (bare p50 + PING p50)",
+        f"{f['authorize_1_p50_ms'] / (f['bare_1_p50_ms'] + f['redis_ping_p50_ms']):.2f}",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
@@ -171,7 +209,10 @@ def main() -> None:
             base = f"http://127.0.0.1:{port}"
             wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
             client = server.client()
-            cpu0, calls0 = redis_cpu_us(client), int(client.info("stats")["total_commands_processed"])
+            cpu0, calls0 = (
+                redis_cpu_us(client),
+                int(client.info("stats")["total_commands_processed"]),
+            )
             a64 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
             cpu1 = redis_cpu_us(client)
             decisions = a64.requests_per_s * s
@@ -186,24 +227,14 @@ def main() -> None:
         server.cleanup()
 
     figures.update(
-        bare_64_per_s=b64.requests_per_s, bare_64_p99_ms=b64.p99_ms,
+        bare_64_per_s=b64.requests_per_s, bare_64_p50_ms=b64.p50_ms, bare_64_p99_ms=b64.p99_ms,
         bare_1_p50_ms=b1.p50_ms,
         authorize_64_per_s=a64.requests_per_s, authorize_64_p50_ms=a64.p50_ms,
         authorize_64_p99_ms=a64.p99_ms, authorize_1_p50_ms=a1.p50_ms,
-        pair_64_requests_per_s=pair.requests_per_s, pair_64_p99_ms=pair.p99_ms,
+        pair_64_per_s=pair.requests_per_s, pair_64_p50_ms=pair.p50_ms, pair_64_p99_ms=pair.p99_ms,
         pair_64_decisions_per_s=pair.requests_per_s / 2,
     )  # fmt: skip
-    print(f"budget-sidecar bench ({s} s per run, wrk -t1, loopback; redis {server.url})")
-    print(f"  raw EVALSHA authorize.lua (50 clients, -P 16): {figures['raw_evalsha_per_s']:>10,.0f} /s")
-    print(f"  bare aiohttp+msgspec POST, 64 conns:          {b64.requests_per_s:>10,.0f} /s  p50 {b64.p50_ms:.2f} ms  p99 {b64.p99_ms:.2f} ms")
-    print(f"  sidecar authorize, 64 conns:                  {a64.requests_per_s:>10,.0f} /s  p50 {a64.p50_ms:.2f} ms  p99 {a64.p99_ms:.2f} ms")
-    print(f"  sidecar authorize+settle, 64 conns:           {pair.requests_per_s:>10,.0f} req/s = {pair.requests_per_s / 2:,.0f} decisions/s  p50 {pair.p50_ms:.2f} ms  p99 {pair.p99_ms:.2f} ms  [{pair.extra.strip()}]")
-    print(f"  at 1 connection, p50: authorize {a1.p50_ms:.3f} ms, bare {b1.p50_ms:.3f} ms, redis PING {figures['redis_ping_p50_ms']:.3f} ms")
-    print(f"  redis per decision: {figures['redis_commands_per_decision']:.2f} commands, {figures['redis_cpu_us_per_decision']:.1f} us CPU")
-    print("ratios:")
-    print(f"  authorize / bare POST throughput:        {a64.requests_per_s / b64.requests_per_s:.2f}")
-    print(f"  authorize / raw EVALSHA throughput:      {a64.requests_per_s / figures['raw_evalsha_per_s']:.2f}")
-    print(f"  authorize p50 @1 / (bare p50 + PING p50): {a1.p50_ms / (b1.p50_ms + figures['redis_ping_p50_ms']):.2f}")
+    report(figures, s, pair.extra.strip())
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 

@@ -98,6 +98,18 @@ class WindowCache:
         return fresh
 
 
+_last_iso: tuple[int, str] = (-1, "")
+
+
 def iso(ms: int) -> str:
-    """RFC 3339 UTC with a Z, the timestamp form every surface returns."""
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """RFC 3339 UTC with a Z (second precision), the timestamp form every surface returns.
+
+    Decisions made in the same second share the string: formatting a datetime per
+    decision showed up at 4% of the hot path's CPU.
+    """
+    global _last_iso
+    second = ms // 1000
+    if _last_iso[0] != second:
+        text = datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        _last_iso = (second, text)
+    return _last_iso[1]
