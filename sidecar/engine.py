@@ -8,7 +8,7 @@ except through the one script call (invariant 5).
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +18,7 @@ from sidecar import keys
 from sidecar.clock import Clock
 from sidecar.decision import Applied, decide, percentage
 from sidecar.model import (
+    SCOPE_FIELD,
     Action,
     Budget,
     Config,
@@ -51,6 +52,8 @@ from sidecar.store import Store, StoreUnavailable
 COUNTER_GRACE_MS = 2 * 86_400_000
 
 _MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
+_SCOPE_FIELDS = tuple((scope, SCOPE_FIELD[scope]) for scope in Scope)
+_MEMO_SIZE = 10_000
 
 
 class RequestError(Exception):
@@ -111,6 +114,7 @@ class Engine:
         self._scripts = scripts
         self._windows = WindowCache()
         self._snapshot = Snapshot.of(config)
+        self._memo: dict[tuple[Identity, str | None], tuple[Snapshot, int, list[Applied]]] = {}
 
     # ---- definitions ------------------------------------------------------------------
 
@@ -132,17 +136,30 @@ class Engine:
         )
 
     def applicable(self, identity: Identity, model: str | None, now_ms: int) -> list[Applied]:
-        """Every enabled budget that covers this identity, with its counter for now."""
+        """Every enabled budget that covers this identity, with its counter for now.
+
+        Memoized per (identity, model) until the earliest of its windows ends: agents
+        repeat the same identity, and resolving it costs more than the decision's own
+        Python work. A snapshot swap starts a fresh memo.
+        """
+        memo_key = (identity, model)
+        hit = self._memo.get(memo_key)
+        if hit is not None and hit[0] is self._snapshot and now_ms < hit[1]:
+            return hit[2]
         snap = self._snapshot
         out: list[Applied] = []
-        for scope in Scope:
-            entity = identity.entity(scope)
+        for scope, field in _SCOPE_FIELDS:
+            entity: str | None = getattr(identity, field)
             if entity is None:
                 continue
             for b in snap.by_entity.get((scope, entity), ()):
                 out.append(self._applied(b, entity, model, now_ms))
             for b in snap.per_entity.get(scope, ()):
                 out.append(self._applied(b, entity, model, now_ms))
+        valid_until = min((a.window_end_ms for a in out), default=now_ms + 60_000)
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[memo_key] = (snap, valid_until, out)
         return out
 
     def _applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
@@ -212,7 +229,7 @@ class Engine:
                 "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
             )
         applied = self.applicable(identity, req.model, now)
-        rid = uuid.uuid4().hex
+        rid = os.urandom(16).hex()
         args: list[str | int] = [
             now,
             rid,

@@ -1,0 +1,221 @@
+"""A minimal RESP2 connection with automatic pipelining, for the hot path only.
+
+Every command issued while the event loop runs one tick is written to Redis in a single
+`write()`; replies come back in order and are matched to their callers. Measured on the
+development machine (see shared perf-baseline) this costs about 6 us of CPU per call,
+against about 33 us for redis-py's pool / retry / timeout layers, and it lets concurrent
+decisions share round trips. redis-py remains the client for everything off the hot path.
+
+Supported URLs: redis://[user:password@]host[:port][/db], rediss:// (TLS), and
+unix://[user:password@]/path[?db=N].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import hiredis
+
+
+def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
+    # hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
+class ConnectionLost(Exception):
+    """The connection to Redis closed or could not be opened."""
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    host: str | None
+    port: int
+    path: str | None
+    db: int
+    username: str | None
+    password: str | None
+    tls: bool
+
+    @classmethod
+    def parse(cls, url: str) -> Address:
+        parts = urlsplit(url)
+        username = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password else None
+        if parts.scheme == "unix":
+            db = int(parse_qs(parts.query).get("db", ["0"])[0])
+            return cls(None, 0, parts.path, db, username, password, False)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"unsupported Redis URL scheme {parts.scheme!r}")
+        db = int(parts.path.lstrip("/") or 0)
+        return cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or 6379,
+            None,
+            db,
+            username,
+            password,
+            parts.scheme == "rediss",
+        )
+
+
+class ReplyTimeout(ConnectionLost):
+    """Redis did not answer the oldest waiting command in time; the connection is closed
+    (replies come in order, so everything behind it is late too)."""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self, reply_timeout_s: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._reader = hiredis.Reader(encoding="utf-8")
+        # (future, deadline) per command sent, in order: replies arrive in this order.
+        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        self._transport: asyncio.Transport | None = None
+        self._buffer: list[bytes] = []
+        self._flush_scheduled = False
+        self._timeout_s = reply_timeout_s
+        # One watchdog timer per connection instead of a timer per call: it looks at the
+        # oldest command only, a few times per timeout.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watch_every_s = min(reply_timeout_s / 5, 0.01)
+        self.closed = self._loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._reader.feed(data)
+        while (reply := self._reader.gets()) is not False:
+            future, _ = self._waiting.popleft()
+            if not future.done():  # its caller may have given up
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        self._fail_all(ConnectionLost(f"connection to Redis lost: {exc or 'closed by server'}"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    def _fail_all(self, error: Exception) -> None:
+        while self._waiting:
+            future, _ = self._waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self._waiting:
+            return
+        if self._waiting[0][1] <= self._loop.time():
+            self._fail_all(
+                ReplyTimeout(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
+            )
+            self.close()
+            return
+        self._watchdog = self._loop.call_later(self._watch_every_s, self._watch)
+
+    @property
+    def alive(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def send(self, packed: bytes) -> asyncio.Future[Any]:
+        """Queue one packed command; it goes out with the others of this loop tick."""
+        if not self.alive:
+            raise ConnectionLost("connection to Redis is closed")
+        loop = self._loop
+        future: asyncio.Future[Any] = loop.create_future()
+        self._waiting.append((future, loop.time() + self._timeout_s))
+        self._buffer.append(packed)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(self._flush)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self._watch_every_s, self._watch)
+        return future
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._transport is not None and self._buffer:
+            self._transport.write(b"".join(self._buffer))
+        self._buffer.clear()
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+class PipelinedConnection:
+    """One auto-pipelining connection, reopened on demand after it is lost."""
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        self._address = Address.parse(url)
+        self._timeout_s = timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Future[_Protocol] | None = None
+
+    async def _connect(self) -> _Protocol:
+        loop = asyncio.get_running_loop()
+        a = self._address
+
+        def factory() -> _Protocol:
+            return _Protocol(self._timeout_s)
+
+        async with asyncio.timeout(self._timeout_s):
+            if a.path is not None:
+                _, protocol = await loop.create_unix_connection(factory, a.path)
+            else:
+                context = ssl.create_default_context() if a.tls else None
+                host = a.host or "127.0.0.1"
+                _, protocol = await loop.create_connection(factory, host, a.port, ssl=context)
+            handshake = []
+            if a.password is not None:
+                auth = (a.username, a.password) if a.username else (a.password,)
+                handshake.append(protocol.send(_pack(("AUTH", *auth))))
+            if a.db:
+                handshake.append(protocol.send(_pack(("SELECT", a.db))))
+            for reply in await asyncio.gather(*handshake):
+                if isinstance(reply, hiredis.ReplyError):
+                    protocol.close()
+                    raise ConnectionLost(f"Redis refused the handshake: {reply}")
+        return protocol
+
+    async def _protocol_ready(self) -> _Protocol:
+        if self._protocol is not None and self._protocol.alive:
+            return self._protocol
+        # One connect at a time; concurrent callers wait for the same attempt.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._connect())
+        try:
+            self._protocol = await asyncio.shield(self._connecting)
+        except (OSError, TimeoutError) as exc:
+            raise ConnectionLost(f"cannot connect to Redis: {exc}") from exc
+        finally:
+            if self._connecting is not None and self._connecting.done():
+                self._connecting = None
+        return self._protocol
+
+    async def execute(self, *args: str | int | bytes) -> Any:
+        """Send one command and return its reply (a hiredis.ReplyError is returned,
+        not raised, so callers can tell NOSCRIPT from a broken script).
+
+        Raises ConnectionLost (ReplyTimeout when Redis did not answer within the timeout:
+        connecting and the reply each get the whole timeout)."""
+        protocol = self._protocol
+        if protocol is None or not protocol.alive:
+            protocol = await self._protocol_ready()
+        return await protocol.send(_pack(args))
+
+    async def close(self) -> None:
+        if self._protocol is not None:
+            self._protocol.close()
+            await self._protocol.closed
+            self._protocol = None
