@@ -181,7 +181,7 @@ def parse(data: Any, source: str) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(source, "$", "the top level must be a mapping")
     try:
-        spec = msgspec.convert(data, ConfigFile, strict=False)
+        spec = msgspec.convert(data, ConfigFile)
     except msgspec.ValidationError as exc:
         path, message = split_validation_error(str(exc))
         raise ConfigError(source, path, message) from None
@@ -209,6 +209,28 @@ def parse(data: Any, source: str) -> Config:
     )
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r}", key_node.start_mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node)
+
+
+_StrictLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,  # type: ignore[arg-type]
+)
+
+
 def load(path: str | Path) -> Config:
     """Read and validate a config file; raises ConfigError naming the file and field."""
     source = str(path)
@@ -216,10 +238,13 @@ def load(path: str | Path) -> Config:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(source, "$", f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, "$", f"not UTF-8 text (byte {exc.start})") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "?"
-        raise ConfigError(source, "$", f"not valid YAML ({where})") from None
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise ConfigError(source, "$", f"not valid YAML: {problem} ({where})") from None
     return parse(data, source)

@@ -276,8 +276,8 @@ class Engine:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
-        has_tokens = req.estimated_tokens_in is not None or req.estimated_tokens_out is not None
-        price = self._priced(req.provider, req.model) if has_tokens else None
+        # The same pricing rule as authorize: check answers what authorize would.
+        price = self._priced(req.provider, req.model)
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )

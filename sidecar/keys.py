@@ -33,7 +33,9 @@ def escape(component: str) -> str:
     if _SAFE.fullmatch(component):
         return component
     # quote() never emits a bare "%", so "%" alone can name the empty string.
-    return quote(component, safe="", encoding="utf-8") if component else "%"
+    # surrogatepass: a lone surrogate (valid in a Python str, not in UTF-8) still escapes,
+    # to bytes no other string produces.
+    return quote(component, safe="", encoding="utf-8", errors="surrogatepass") if component else "%"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,4 +71,8 @@ def counter_id(budget_id: str, entity: str, window_key: str) -> str:
 def parse_counter_id(cid: str) -> tuple[str, str, str]:
     """(budget id, entity, window key) of a cid, unescaped."""
     budget_id, entity, window_key = cid.split("/")
-    return unquote(budget_id), unquote(entity), window_key
+    return _unescape(budget_id), _unescape(entity), window_key
+
+
+def _unescape(component: str) -> str:
+    return "" if component == "%" else unquote(component, errors="surrogatepass")
