@@ -11,6 +11,8 @@
 -- ARGV[9..] four per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), gc_at_ms (when the counter's window is long past)
 -- Returns: {verdict, reservation id, state, u1, h1, u2, h2, ...}
+--   (a reservation id that already exists was cancelled before this call ran: release.lua
+--   with cancel; it returns {3, rid, 'R'} and holds nothing)
 --   verdict 0: denied by a block budget, nothing held; 1: held on every counter;
 --   2: an earlier authorize with this idempotency key, returned as it is (state H/E/S/R).
 --   u, h: settled and held micro-USD of each counter before this hold.
@@ -22,6 +24,7 @@ local est = tonumber(ARGV[4])
 local idem = ARGV[5]
 local keep = tonumber(ARGV[8])
 
+if redis.call('HEXISTS', res, rid) == 1 then return {3, rid, 'R'} end
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 

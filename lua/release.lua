@@ -3,6 +3,10 @@
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms
+-- ARGV[4] '1' to cancel: the sidecar gave up waiting for this reservation's authorize
+--         (Redis timed out), so its caller was told no hold exists. If the authorize ran,
+--         release it and forget its idempotency key; if it has not run yet, leave a
+--         released record so that it holds nothing when it does.
 -- Returns: {status, state, cost, estimate, lease_ended, cids, u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order).
 --   status 1: released now; 2: already finished, the first result unchanged;
@@ -15,9 +19,17 @@ local keep = tonumber(ARGV[3])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
+local cancel = ARGV[4] == '1'
 local rec = redis.call('HGET', res, rid)
-if not rec then return {0} end
+if string.sub(rid, 1, 2) == 'k:' then return {0} end
+if not rec then
+  if not cancel then return {0} end
+  redis.call('HSET', res, rid, 'R|0|0||||||0|')
+  redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+  return {1, 'R', 0, 0, 0, ''}
+end
 local r = split(rec, '|')
+if cancel and r[6] ~= '' then redis.call('HDEL', res, 'k:' .. r[6]) end
 if r[1] == 'S' or r[1] == 'R' then
   local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end

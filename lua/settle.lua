@@ -19,7 +19,7 @@ reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
 local rec = redis.call('HGET', res, rid)
-if not rec then return {0} end
+if not rec or string.sub(rid, 1, 2) == 'k:' then return {0} end
 local r = split(rec, '|')
 if r[1] == 'S' or r[1] == 'R' then
   local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}

@@ -57,6 +57,16 @@ class Reservation:
         self._usage = {"tokens_in": tokens_in, "tokens_out": tokens_out, "cost_usd": cost_usd}
 
 
+def _error_body(raw: bytes) -> dict[str, Any]:
+    """The problem+json of an error answer, or its text when it is not JSON (a proxy's or
+    the HTTP layer's own answer)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return {"detail": raw.decode("utf-8", "replace")}
+    return body if isinstance(body, dict) else {"detail": body}
+
+
 def _clean(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
@@ -82,10 +92,9 @@ class SidecarClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         async with self._session.request(method, self._base + path, json=body) as resp:
-            data = await resp.json(content_type=None)
             if resp.status != 200:
-                raise SidecarError(resp.status, data)
-            return data
+                raise SidecarError(resp.status, _error_body(await resp.read()))
+            return await resp.json(content_type=None)
 
     async def authorize(self, **fields: Any) -> dict[str, Any]:
         result: dict[str, Any] = await self._call("POST", "/v1/authorize", _clean(fields))
@@ -172,7 +181,7 @@ class SyncSidecarClient:
             try:
                 self._conn.request(method, self._prefix + path, body=payload, headers=headers)
                 resp = self._conn.getresponse()
-                data = json.loads(resp.read() or b"null")
+                raw = resp.read()
                 break
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                 # The server closed an idle keep-alive connection: reconnect once.
@@ -180,8 +189,8 @@ class SyncSidecarClient:
                 if attempt == 2:
                     raise
         if resp.status != 200:
-            raise SidecarError(resp.status, data)
-        return data
+            raise SidecarError(resp.status, _error_body(raw))
+        return json.loads(raw or b"null")
 
     def authorize(self, **fields: Any) -> dict[str, Any]:
         result: dict[str, Any] = self._call("POST", "/v1/authorize", _clean(fields))

@@ -28,7 +28,7 @@ from sidecar.money import price_to_pico, usd_to_micro
 from sidecar.schemas import Id, ModelName
 
 # Budget ids appear raw in SDK URL paths (wire contract §7.3): the URL-safe alphabet only.
-BudgetId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~\-]+$", min_length=1, max_length=64)]
+BudgetId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~\-]+\Z", min_length=1, max_length=64)]
 PricePer1k = Annotated[float, Meta(ge=0, le=1000)]
 
 
@@ -168,7 +168,7 @@ def split_validation_error(text: str) -> tuple[str, str]:
     missing = re.match(r"Object missing required field `([^`]+)`", message)
     if missing:
         return f"{path}.{missing.group(1)}", message
-    unknown = re.match(r"Object contains unknown field `([^`]+)`", message)
+    unknown = re.fullmatch(r"Object contains unknown field `(.*)`", message, re.S)
     if unknown:
         return f"{path}.{unknown.group(1)}", message
     return path, message

@@ -8,6 +8,7 @@ except through the one script call (invariant 5).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -54,6 +55,7 @@ COUNTER_GRACE_MS = 2 * 86_400_000
 _MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
 _SCOPE_FIELDS = tuple((scope, SCOPE_FIELD[scope]) for scope in Scope)
 _MEMO_SIZE = 10_000
+_MAX_PENDING_CANCELS = 10_000
 
 
 class RequestError(Exception):
@@ -115,6 +117,7 @@ class Engine:
         self._windows = WindowCache()
         self._snapshot = Snapshot.of(config)
         self._memo: dict[tuple[Identity, str | None], tuple[Snapshot, int, list[Applied]]] = {}
+        self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
 
@@ -247,6 +250,9 @@ class Engine:
                 self._scripts.authorize, keys.tenant_keys(tenant).hot, args
             )
         except StoreUnavailable:
+            # Redis may still run this authorize when it recovers; the caller is told no
+            # hold exists, so make that true.
+            self._cancel_later(tenant, rid, now + lease_ms)
             return self._degraded(applied, est)
         verdict, rid, values = int(reply[0]), str(reply[1]), [int(v) for v in reply[3:]]
         allowed = verdict != 0
@@ -326,7 +332,8 @@ class Engine:
 
     async def release(self, tenant: str, reservation_id: str) -> SettleResult:
         settings = self._snapshot.config.settings
-        args: list[str | int] = [self._clock.now_ms(), reservation_id, settings.keep_finished_ms]
+        now = self._clock.now_ms()
+        args: list[str | int] = [now, reservation_id, settings.keep_finished_ms, "0"]
         reply = await self._run(self._scripts.release, tenant, args)
         return self._finished(reservation_id, reply, "reservation_id")
 
@@ -387,6 +394,40 @@ class Engine:
             period_end=iso(a.window_end_ms),
         )
 
+    # ---- cancelling timed-out authorizes ---------------------------------------------
+
+    def _cancel_later(self, tenant: str, rid: str, lease_end_ms: int) -> None:
+        if len(self._cancels) >= _MAX_PENDING_CANCELS:
+            return  # past this many, the leases returning the holds will have to do
+        task = asyncio.get_running_loop().create_task(self._cancel(tenant, rid, lease_end_ms))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _cancel(self, tenant: str, rid: str, lease_end_ms: int) -> None:
+        """Release (or tombstone) a reservation whose authorize timed out, retrying until
+        it succeeds or the lease has ended (then the hold is back by itself)."""
+        delay_s = 0.05
+        tenant_keys = keys.tenant_keys(tenant).hot
+        while self._clock.now_ms() < lease_end_ms:
+            keep = self._snapshot.config.settings.keep_finished_ms
+            args: list[str | int] = [self._clock.now_ms(), rid, keep, "1"]
+            try:
+                await self._store.run(self._scripts.release, tenant_keys, args)
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+
+    @property
+    def pending_cancels(self) -> int:
+        return len(self._cancels)
+
+    async def close(self) -> None:
+        """Stop retrying cancels (the leases return those holds)."""
+        for task in self._cancels:
+            task.cancel()
+        await asyncio.gather(*self._cancels, return_exceptions=True)
+
     # ---- helpers ------------------------------------------------------------------------
 
     async def _run(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
@@ -408,7 +449,7 @@ class Engine:
         return Decision(
             allowed=True,
             action=Action.ALLOW,
-            message="redis unavailable; allowed by fail mode open, nothing held",
+            message="redis unavailable; allowed by fail mode open without a reservation",
             estimated_usd=micro_to_usd(est),
             degraded=True,
         )

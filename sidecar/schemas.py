@@ -15,12 +15,14 @@ from msgspec import Meta, Struct
 # Identifiers end up inside Redis key names: a strict alphabet (no '{', '}', ':', '|',
 # ',', '/', spaces or control characters) and a bounded length, so no input can break a
 # hash tag or a record. keys.escape() is the second line of defence.
-ID_PATTERN = r"^[A-Za-z0-9._~@+\-]+$"
+ID_PATTERN = r"^[A-Za-z0-9._~@+\-]+\Z"
 Id = Annotated[str, Meta(pattern=ID_PATTERN, min_length=1, max_length=128)]
 # Model names carry ':' and '/' (anthropic.claude-3-sonnet-20240229-v1:0, meta/llama-3).
-ModelName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:/\-]+$", min_length=1, max_length=200)]
+ModelName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:/\-]+\Z", min_length=1, max_length=200)]
 # Idempotency keys and reservation ids: opaque, but never a record separator.
-Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:=\-]+$", min_length=1, max_length=128)]
+Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:=\-]+\Z", min_length=1, max_length=128)]
+# Reservation ids are made by the sidecar: 128 random bits in hex, nothing else.
+ReservationId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}\Z")]
 Usd = Annotated[float, Meta(ge=0, le=1_000_000)]
 Tokens = Annotated[int, Meta(ge=0, le=100_000_000)]
 LeaseMs = Annotated[int, Meta(ge=100, le=86_400_000)]
@@ -71,7 +73,7 @@ class CheckRequest(IdentityFields, kw_only=True):
 
 
 class SettleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
-    reservation_id: Token
+    reservation_id: ReservationId
     tokens_in: Tokens | None = None
     tokens_out: Tokens | None = None
     cost_usd: Usd | None = None
@@ -87,7 +89,7 @@ class SettleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 class ReleaseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
-    reservation_id: Token
+    reservation_id: ReservationId
 
 
 class RecordRequest(IdentityFields, kw_only=True):

@@ -35,6 +35,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return response(err)
     except msgspec.DecodeError as exc:
         return response(from_decode_error(exc))
+    except UnicodeDecodeError:  # msgspec: a JSON string that is not UTF-8
+        return response(ProblemError(400, "body: not valid UTF-8", field="body"))
+    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip that is not
+        return response(ProblemError(400, f"body: cannot be read ({exc})", field="body"))
     except RequestError as err:
         return response(ProblemError(err.status, err.message, field=err.field))
     except Unavailable as err:
@@ -81,6 +85,8 @@ def create_app(
     app = web.Application(
         middlewares=[problems],
         client_max_size=config.settings.max_body_bytes,
+        # Long query strings reach the handlers (and their problem+json answers).
+        handler_args={"max_line_size": 65_536},
     )
     engine = Engine(config, store, clock or SystemClock(), scripts or Scripts.load_all())
     app[ENGINE] = engine
@@ -89,6 +95,7 @@ def create_app(
 
     async def store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
+        await engine.close()
         await store.close()
 
     app.cleanup_ctx.append(store_lifecycle)

@@ -67,6 +67,6 @@ def from_decode_error(exc: msgspec.DecodeError) -> ProblemError:
     """A body that is not valid JSON, or valid JSON that the schema rejects."""
     if isinstance(exc, msgspec.ValidationError):
         path, message = split_validation_error(str(exc))
-        field = path[2:] if path.startswith("$.") else path
+        field = path[2:] if path.startswith("$.") else "body"
         return ProblemError(400, f"{field}: {message}", field=field)
     return ProblemError(400, f"body: not valid JSON ({exc})", field="body")
