@@ -2,8 +2,9 @@
 -- KEYS and ARGV: none of its own; each operation documents its own, and all of them take
 --   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
---   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id
---   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "k:<key>" -> ms after which it may go
+--   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
+--                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
+--   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" -> ms after which it may go
 -- Returns: nothing; defines the functions below.
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
@@ -17,6 +18,8 @@
 --   2 lease end ms   3 estimate   4 input price   5 output price ('' = unpriced)
 --   6 idempotency key ('' = none)   7 cids joined by ','   8 final cost
 --   9 '1' if the lease had ended before settle/release   10 "u,h,..." counters at finish
+--   11 meta: what the sidecar wants back at settle (provider, model, identity), opaque here
+--   12 tokens in, 13 tokens out: what settle charged (0 when settled by cost)
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -67,7 +70,7 @@ local function reclaim(ctr, lease, res, gc, now, keep)
       if r[1] == 'H' then
         local est = tonumber(r[3])
         for _, cid in ipairs(split(r[7], ',')) do
-          redis.call('HINCRBY', ctr, 'h:' .. cid, -est)
+          redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
         end
         r[1] = 'E'
         redis.call('HSET', res, rid, table.concat(r, '|'))
@@ -86,8 +89,8 @@ local function collect(ctr, res, gc, now)
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
       redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id)
-    elseif kind == 'k' then
-      redis.call('HDEL', res, 'k:' .. id)
+    elseif kind == 'q' then
+      redis.call('HDEL', res, 'q:' .. id)
     else
       local rec = redis.call('HGET', res, id)
       if rec then

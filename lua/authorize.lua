@@ -8,7 +8,8 @@
 -- ARGV[6] input price, pico-USD per token ('' = unpriced: settle must give a cost)
 -- ARGV[7] output price, pico-USD per token
 -- ARGV[8] keep_ms: how long a finished reservation is remembered
--- ARGV[9..] four per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+-- ARGV[9] meta: kept in the record and returned by settle/release (no '|' inside)
+-- ARGV[10..] four per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), gc_at_ms (when the counter's window is long past)
 -- Returns: {verdict, reservation id, state, u1, h1, u2, h2, ...}
 --   (a reservation id that already exists was cancelled before this call ran: release.lua
@@ -29,7 +30,7 @@ reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
 local cids, limits, modes, gc_at = {}, {}, {}, {}
-for i = 9, #ARGV, 4 do
+for i = 10, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
@@ -66,7 +67,8 @@ for i, cid in ipairs(cids) do
 end
 local lease_end = now + lease_ms
 redis.call('HSET', res, rid, table.concat(
-  {'H', int(lease_end), int(est), ARGV[6], ARGV[7], idem, table.concat(cids, ','), '', '', ''},
+  {'H', int(lease_end), int(est), ARGV[6], ARGV[7], idem, table.concat(cids, ','), '', '', '',
+   ARGV[9]},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

@@ -3,6 +3,7 @@
 -- ARGV[1] now_ms
 -- ARGV[2] cost, micro-USD
 -- ARGV[3] idempotency key ('' = none): a repeated key charges nothing the second time
+--         (its own key space 'q:', apart from authorize's 'k:')
 -- ARGV[4] keep_ms: how long the idempotency key is remembered
 -- ARGV[5..] two per budget: cid, gc_at_ms
 -- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
@@ -24,7 +25,7 @@ local values, fresh = read_counters(ctr, cids)
 
 local status = 1
 if idem ~= '' then
-  if redis.call('HSETNX', res, 'k:' .. idem, 'recorded') == 0 then status = 2 end
+  if redis.call('HSETNX', res, 'q:' .. idem, 'recorded') == 0 then status = 2 end
 end
 local out = {status}
 for i, cid in ipairs(cids) do
@@ -36,5 +37,5 @@ for i, cid in ipairs(cids) do
   out[#out + 1] = u
   out[#out + 1] = h
 end
-if status == 1 and idem ~= '' then redis.call('ZADD', gc, now + keep, 'k:' .. idem) end
+if status == 1 and idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
 return out

@@ -7,8 +7,10 @@
 --         (Redis timed out), so its caller was told no hold exists. If the authorize ran,
 --         release it and forget its idempotency key; if it has not run yet, leave a
 --         released record so that it holds nothing when it does.
--- Returns: {status, state, cost, estimate, lease_ended, cids, u1, h1, u2, h2, ...}
---   cids: the record's counter ids joined by ',' (u, h follow in the same order).
+-- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
+--           u1, h1, u2, h2, ...}
+--   cids: the record's counter ids joined by ',' (u, h follow in the same order);
+--   meta: what authorize stored with the reservation.
 --   status 1: released now; 2: already finished, the first result unchanged;
 --   0: no such reservation. A hold whose lease ended was returned then; releasing it
 --   afterwards changes no counter.
@@ -26,22 +28,25 @@ if not rec then
   if not cancel then return {0} end
   redis.call('HSET', res, rid, 'R|0|0||||||0|')
   redis.call('ZADD', gc, now + keep, 'r:' .. rid)
-  return {1, 'R', 0, 0, 0, ''}
+  return {1, 'R', 0, 0, 0, '', '', 0, 0}
 end
 local r = split(rec, '|')
 if cancel and r[6] ~= '' then redis.call('HDEL', res, 'k:' .. r[6]) end
 if r[1] == 'S' or r[1] == 'R' then
-  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}
+  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
+    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
   return out
 end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
+-- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
+local ended = (not held) or tonumber(r[2]) <= now
 local snapshot = {}
 for _, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
-    h = redis.call('HINCRBY', ctr, 'h:' .. cid, -est)
+    h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
   else
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end
@@ -49,10 +54,10 @@ for _, cid in ipairs(split(r[7], ',')) do
   snapshot[#snapshot + 1] = int(h)
 end
 redis.call('ZREM', lease, rid)
-r[1], r[8], r[9], r[10] = 'R', '0', held and '0' or '1', table.concat(snapshot, ',')
+r[1], r[8], r[9], r[10] = 'R', '0', ended and '1' or '0', table.concat(snapshot, ',')
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 
-local out = {1, 'R', 0, est, tonumber(r[9]), r[7]}
+local out = {1, 'R', 0, est, tonumber(r[9]), r[7], r[11] or '', 0, 0}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
 return out

@@ -5,8 +5,10 @@
 -- ARGV[3] keep_ms
 -- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
 -- ARGV[5] tokens in   ARGV[6] tokens out   ARGV[7] cost, micro-USD (for 'c')
--- Returns: {status, state, cost, estimate, lease_ended, cids, u1, h1, u2, h2, ...}
---   cids: the record's counter ids joined by ',' (u, h follow in the same order).
+-- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
+--           u1, h1, u2, h2, ...}
+--   cids: the record's counter ids joined by ',' (u, h follow in the same order);
+--   meta: what authorize stored with the reservation.
 --   status 1: settled now; 2: already finished, the first result returned unchanged;
 --   0: no such reservation; -1: the reservation has no price and tokens were given.
 --   A reservation whose lease ended is still charged (the call did spend); its hold had
@@ -22,25 +24,29 @@ local rec = redis.call('HGET', res, rid)
 if not rec or string.sub(rid, 1, 2) == 'k:' then return {0} end
 local r = split(rec, '|')
 if r[1] == 'S' or r[1] == 'R' then
-  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7]}
+  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
+    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
   return out
 end
 
-local cost
+local cost, tokens_in, tokens_out = 0, 0, 0
 if ARGV[4] == 't' then
+  tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
   if r[4] == '' then return {-1} end
-  cost = cost_micro(tonumber(ARGV[5]), tonumber(r[4])) + cost_micro(tonumber(ARGV[6]), tonumber(r[5]))
+  cost = cost_micro(tokens_in, tonumber(r[4])) + cost_micro(tokens_out, tonumber(r[5]))
 else
   cost = tonumber(ARGV[7])
 end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
+-- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
+local ended = (not held) or tonumber(r[2]) <= now
 local snapshot = {}
 for _, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
-    h = redis.call('HINCRBY', ctr, 'h:' .. cid, -est)
+    h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
   else
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end
@@ -49,10 +55,11 @@ for _, cid in ipairs(split(r[7], ',')) do
   snapshot[#snapshot + 1] = int(h)
 end
 redis.call('ZREM', lease, rid)
-r[1], r[8], r[9], r[10] = 'S', int(cost), held and '0' or '1', table.concat(snapshot, ',')
+r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', table.concat(snapshot, ',')
+r[11], r[12], r[13] = r[11] or '', int(tokens_in), int(tokens_out)
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 
-local out = {1, 'S', cost, est, tonumber(r[9]), r[7]}
+local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
 return out

@@ -232,7 +232,7 @@ class Engine:
                 "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
             )
         applied = self.applicable(identity, req.model, now)
-        rid = os.urandom(16).hex()
+        rid = new_reservation_id()
         args: list[str | int] = [
             now,
             rid,
@@ -242,6 +242,7 @@ class Engine:
             price.input_pico if price else "",
             price.output_pico if price else "",
             settings.keep_finished_ms,
+            _meta(req.provider, req.model),
         ]
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode, a.window_end_ms + COUNTER_GRACE_MS)
@@ -463,7 +464,9 @@ class Engine:
         state = "settled" if reply[1] == "S" else "released"
         cost, est = int(str(reply[2])), int(str(reply[3]))
         cids = str(reply[5]).split(",") if reply[5] else []
-        values = [int(str(v)) for v in reply[6:]]
+        provider, model = _unmeta(str(reply[6]))
+        tokens_in, tokens_out = int(reply[7]), int(reply[8])
+        values = [int(str(v)) for v in reply[9:]]
         return SettleResult(
             reservation_id=rid,
             state=state,
@@ -472,6 +475,10 @@ class Engine:
             overshoot_usd=micro_to_usd(max(0, cost - est)) if state == "settled" else 0.0,
             lease_expired=str(reply[4]) == "1",
             replayed=status == 2,
+            provider=provider,
+            model=model,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
             budgets=self._states_of(cids, values),
         )
 
@@ -507,6 +514,25 @@ class Engine:
             percentage=percentage(committed, b.limit_micro),
             exceeded=committed >= b.limit_micro if b.limit_micro else committed > 0,
         )
+
+
+def new_reservation_id() -> str:
+    """128 random bits in hex (the ReservationId format)."""
+    return os.urandom(16).hex()
+
+
+# The record's meta field: what settle needs back from authorize. Identifiers are
+# validated, so the unit separator cannot occur in them (nor '|', the record's own).
+_SEP = "\x1f"
+
+
+def _meta(provider: str | None, model: str | None) -> str:
+    return f"{provider or ''}{_SEP}{model or ''}"
+
+
+def _unmeta(meta: str) -> tuple[str | None, str | None]:
+    provider, _, model = meta.partition(_SEP)
+    return provider or None, model or None
 
 
 def _info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:

@@ -5,8 +5,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
 
     bs:{T}:ctr     hash   "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD
     bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
-    bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id
-    bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" -> Unix ms after which it may be deleted
+    bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
+                          "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
+    bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" / "q:<key>" -> Unix ms after which it may go
 
 A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`.
 Keeping all counters of a tenant in one hash is what lets settle name every key it touches

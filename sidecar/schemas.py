@@ -168,6 +168,11 @@ class SettleResult(Struct, kw_only=True):
     overshoot_usd: float
     lease_expired: bool
     replayed: bool
+    provider: str | None
+    model: str | None
+    # The tokens this settle charged (0 for a release or a settle by cost_usd).
+    tokens_in: int
+    tokens_out: int
     budgets: list[BudgetState]
 
 
