@@ -25,6 +25,7 @@ from sidecar.model import (
     UnpricedModel,
 )
 from sidecar.money import price_to_pico, usd_to_micro
+from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import Id, ModelName
 
 # Budget ids appear raw in SDK URL paths (wire contract §7.3): the URL-safe alphabet only.
@@ -148,6 +149,7 @@ class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
     pricing: list[PriceSpec] = msgspec.field(default_factory=list)
     rate_limits: list[Any] = msgspec.field(default_factory=list)
     settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
+    proxy: ProxySpec = msgspec.field(default_factory=ProxySpec)
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -205,6 +207,7 @@ def parse(data: Any, source: str) -> Config:
         budgets=tuple(b.to_budget("config") for b in spec.budgets),
         pricing=tuple(p.to_price() for p in spec.pricing),
         settings=spec.settings.to_settings(),
+        proxy=spec.proxy,
         source=source,
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from typing import Any
 from sidecar import keys
 from sidecar.clock import Clock
 from sidecar.decision import Applied, decide, percentage
+from sidecar.events import EngineEvents, NoEvents
 from sidecar.model import (
     SCOPE_FIELD,
     Action,
@@ -110,7 +112,15 @@ class Snapshot:
 
 
 class Engine:
-    def __init__(self, config: Config, store: Store, clock: Clock, scripts: Scripts) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        clock: Clock,
+        scripts: Scripts,
+        events: EngineEvents | None = None,
+    ) -> None:
+        self.events: EngineEvents = events or NoEvents()
         self._store = store
         self._clock = clock
         self._scripts = scripts
@@ -218,7 +228,7 @@ class Engine:
 
     # ---- operations -------------------------------------------------------------------
 
-    async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+    async def _authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
@@ -254,6 +264,7 @@ class Engine:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
             self._cancel_later(tenant, rid, now + lease_ms)
+            self.events.store_unavailable("authorize")
             return self._degraded(applied, est)
         verdict, rid, values = int(reply[0]), str(reply[1]), [int(v) for v in reply[3:]]
         allowed = verdict != 0
@@ -279,7 +290,7 @@ class Engine:
             replayed=verdict == 2,
         )
 
-    async def check(self, tenant: str, req: CheckRequest) -> Decision:
+    async def _check(self, tenant: str, req: CheckRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
@@ -295,6 +306,7 @@ class Engine:
         try:
             reply = await self._store.run(self._scripts.check, keys.tenant_keys(tenant).hot, args)
         except StoreUnavailable:
+            self.events.store_unavailable("check")
             return self._degraded(applied, est)
         allowed = int(reply[0]) == 1
         values = [int(v) for v in reply[1:]]
@@ -313,7 +325,7 @@ class Engine:
             estimated_usd=micro_to_usd(est),
         )
 
-    async def settle(self, tenant: str, req: SettleRequest) -> SettleResult:
+    async def _settle(self, tenant: str, req: SettleRequest) -> SettleResult:
         settings = self._snapshot.config.settings
         if req.cost_usd is not None:
             kind, cost = "c", usd_to_micro(req.cost_usd)
@@ -331,14 +343,14 @@ class Engine:
         reply = await self._run(self._scripts.settle, tenant, args)
         return self._finished(req.reservation_id, reply, "tokens_in")
 
-    async def release(self, tenant: str, reservation_id: str) -> SettleResult:
+    async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         args: list[str | int] = [now, reservation_id, settings.keep_finished_ms, "0"]
         reply = await self._run(self._scripts.release, tenant, args)
         return self._finished(reservation_id, reply, "reservation_id")
 
-    async def record(self, tenant: str, req: RecordRequest) -> RecordResult:
+    async def _record(self, tenant: str, req: RecordRequest) -> RecordResult:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
@@ -395,6 +407,43 @@ class Engine:
             period_end=iso(a.window_end_ms),
         )
 
+    async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+        start = time.perf_counter()
+        decision = await self._authorize(tenant, req)
+        self.events.decided("authorize", decision, time.perf_counter() - start)
+        return decision
+
+    async def check(self, tenant: str, req: CheckRequest) -> Decision:
+        start = time.perf_counter()
+        decision = await self._check(tenant, req)
+        self.events.decided("check", decision, time.perf_counter() - start)
+        return decision
+
+    async def settle(self, tenant: str, req: SettleRequest) -> SettleResult:
+        start = time.perf_counter()
+        result = await self._settle(tenant, req)
+        self.events.finished("settle", result, time.perf_counter() - start)
+        return result
+
+    async def release(self, tenant: str, reservation_id: str) -> SettleResult:
+        start = time.perf_counter()
+        result = await self._release(tenant, reservation_id)
+        self.events.finished("release", result, time.perf_counter() - start)
+        return result
+
+    async def record(self, tenant: str, req: RecordRequest) -> RecordResult:
+        start = time.perf_counter()
+        result = await self._record(tenant, req)
+        self.events.recorded(
+            result,
+            req.provider,
+            req.model,
+            req.tokens_in or 0,
+            req.tokens_out or 0,
+            time.perf_counter() - start,
+        )
+        return result
+
     # ---- cancelling timed-out authorizes ---------------------------------------------
 
     def _cancel_later(self, tenant: str, rid: str, lease_end_ms: int) -> None:
@@ -435,6 +484,7 @@ class Engine:
         try:
             reply: list[Any] = await self._store.run(script, keys.tenant_keys(tenant).hot, args)
         except StoreUnavailable as exc:
+            self.events.store_unavailable(script.name)
             raise Unavailable(str(exc)) from exc
         return reply
 

@@ -6,6 +6,8 @@ import enum
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+from sidecar.proxy_config import ProxySpec
+
 
 class Scope(enum.StrEnum):
     ORGANIZATION = "organization"
@@ -134,4 +136,5 @@ class Config:
     budgets: tuple[Budget, ...] = ()
     pricing: tuple[Price, ...] = ()
     settings: Settings = field(default_factory=Settings)
+    proxy: ProxySpec = field(default_factory=ProxySpec)
     source: str = "<defaults>"

@@ -1,0 +1,56 @@
+"""What the engine tells observers (metrics, logs) after each operation.
+
+The engine calls these synchronously on the hot path: implementations must be cheap and
+must not raise. The default does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from sidecar.schemas import Decision, RecordResult, SettleResult
+
+
+class EngineEvents(Protocol):
+    def decided(self, operation: str, decision: Decision, seconds: float) -> None:
+        """authorize or check answered (allowed, denied or degraded); `seconds` is the
+        engine's wall time for it, Redis included."""
+
+    def finished(self, operation: str, result: SettleResult, seconds: float) -> None:
+        """settle or release answered (replays included: see result.replayed)."""
+
+    def recorded(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+        seconds: float,
+    ) -> None:
+        """/v1/record charged (or replayed) a cost after the fact."""
+
+    def store_unavailable(self, operation: str) -> None:
+        """Redis did not answer an operation in time (the fail mode then applies)."""
+
+
+class NoEvents:
+    def decided(self, operation: str, decision: Decision, seconds: float) -> None:
+        pass
+
+    def finished(self, operation: str, result: SettleResult, seconds: float) -> None:
+        pass
+
+    def recorded(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+        seconds: float,
+    ) -> None:
+        pass
+
+    def store_unavailable(self, operation: str) -> None:
+        pass
