@@ -89,7 +89,8 @@ def raw_evalsha(server: RedisServer, seconds: int) -> float:
         "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
         "-n", str(40_000 * seconds), "-r", "1000000000",
         "evalsha", script.sha, "4", *tk.hot,
-        now, "rid-__rand_int__", "600000", "5000", "", "2500000", "10000000", "86400000", "meta",
+        now, "rid-__rand_int__", "600000", "5000", "", "2500000", "10000000", "86400000",
+        "meta", "700", "3", "",
         *budgets,
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout

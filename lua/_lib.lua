@@ -1,10 +1,13 @@
 -- _lib.lua: helpers prepended to every operation script in this folder (not an operation).
 -- KEYS and ARGV: none of its own; each operation documents its own, and all of them take
---   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD
+--   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD;
+--                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
+--                        "n:<rf>" reservations in flight
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
 --   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
 --                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
---   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" -> ms after which it may go
+--   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" | "t:<rf>" | "n:<rf>" -> ms
+--                        after which it may go (rate fields are checked for use first)
 -- Returns: nothing; defines the functions below.
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
@@ -20,6 +23,9 @@
 --   9 '1' if the lease had ended before settle/release   10 "u,h,..." counters at finish
 --   11 meta: what the sidecar wants back at settle (provider, model, identity), opaque here
 --   12 tokens in, 13 tokens out: what settle charged (0 when settled by cost)
+--   14 concurrency fields it holds a slot of, joined by ','
+--   15 token limiters it charged, 'rf:limit:window_ms' joined by ','
+--   16 the token estimate those were charged
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -58,6 +64,75 @@ local function over(used, held, est, limit)
   return used + held + est > limit
 end
 
+-- Rate limits: GCRA kept as an integer "debt" per limiter. A limiter of `limit` units per
+-- `window` ms adds cost * window to its debt per admitted call and pays back `limit` per
+-- ms; a call is admitted while the debt is at most burst * window. Why GCRA: it is exact
+-- (integers only, no approximation of a sliding window), needs two fields per limiter
+-- whatever the traffic, and its bound is simple: at most limit + burst requests in ANY
+-- interval of `window` ms. For tokens the last admitted call may carry the debt past the
+-- bound by its own size. Debts stay below 2^53: the sidecar refuses limit * window > 1e15.
+local IDLE_MS = 4 * 86400000  -- a limiter unused this long is back at zero: collectable
+
+-- The limiters' clock: Redis TIME, the one clock every replica shares (so a limiter sees
+-- calls in the order Redis runs them), unless the sidecar passes one (tests).
+local function limiter_now(arg)
+  if arg ~= nil and arg ~= '' then return tonumber(arg) end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+
+local function decayed(debt, last, now, limit)
+  if debt <= 0 then return 0 end
+  local elapsed = now - last
+  if elapsed <= 0 then return debt end
+  if elapsed > debt / limit + 1 then return 0 end
+  local d = debt - elapsed * limit
+  if d < 0 then return 0 end
+  return d
+end
+
+-- Whether a limiter would refuse a call of `cost` now, how many units it has left
+-- (requests: calls; tokens: whether the next call passes), ms until it admits again (-1:
+-- not by waiting), and the limiter's debt now.
+local function rate_eval(metric, a, b, now, limit, window, burst, cost)
+  if metric == 't' and cost > limit + burst then
+    return true, 0, -1, 0  -- larger than the limiter ever admits: never
+  end
+  if metric == 'c' then
+    local n = tonumber(a) or 0
+    local left = limit + burst - n
+    if left <= 0 then return true, 0, -1 end
+    return false, left, 0
+  end
+  local debt = decayed(tonumber(a) or 0, tonumber(b) or now, now, limit)
+  local room = burst * window - debt
+  if room < 0 then
+    return true, 0, math.ceil(-room / limit), debt
+  end
+  return false, math.floor(room / window) + 1, 0, debt
+end
+
+local function free_slots(ctr, fields)
+  if fields == nil or fields == '' then return end
+  for _, rf in ipairs(split(fields, ',')) do redis.call('HINCRBY', ctr, 'n:' .. rf, -1) end
+end
+
+-- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate).
+local function correct_tokens(ctr, entries, diff, now)
+  if entries == nil or entries == '' or diff == 0 then return end
+  for _, entry in ipairs(split(entries, ',')) do
+    local parts = split(entry, ':')
+    local rf, limit, window = parts[1], tonumber(parts[2]), tonumber(parts[3])
+    local raw = redis.call('HMGET', ctr, 'd:' .. rf, 'l:' .. rf)
+    local last = tonumber(raw[2]) or now
+    local debt = decayed(tonumber(raw[1]) or 0, last, now, limit)
+    debt = debt + diff * window
+    if debt < 0 then debt = 0 end
+    if debt > 4e15 then debt = 4e15 end  -- an absurd actual count must not pass 2^53
+    redis.call('HSET', ctr, 'd:' .. rf, int(debt), 'l:' .. rf, int(math.max(now, last)))
+  end
+end
+
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same
 -- script as the HINCRBY). Bounded per call; what is left waits for the next call, and a
 -- hold not yet returned only makes decisions stricter, never looser.
@@ -72,6 +147,7 @@ local function reclaim(ctr, lease, res, gc, now, keep)
         for _, cid in ipairs(split(r[7], ',')) do
           redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
         end
+        free_slots(ctr, r[14])
         r[1] = 'E'
         redis.call('HSET', res, rid, table.concat(r, '|'))
         redis.call('ZADD', gc, now + keep, 'r:' .. rid)
@@ -89,6 +165,22 @@ local function collect(ctr, res, gc, now)
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
       redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id)
+    elseif kind == 't' then
+      local last = tonumber(redis.call('HGET', ctr, 'l:' .. id))
+      if last and now - last < IDLE_MS then
+        redis.call('ZADD', gc, last + IDLE_MS, member)
+      else
+        redis.call('HDEL', ctr, 'd:' .. id, 'l:' .. id)
+        redis.call('ZREM', gc, member)
+      end
+    elseif kind == 'n' then
+      local n = tonumber(redis.call('HGET', ctr, 'n:' .. id))
+      if n and n > 0 then
+        redis.call('ZADD', gc, now + IDLE_MS, member)
+      else
+        redis.call('HDEL', ctr, 'n:' .. id)
+        redis.call('ZREM', gc, member)
+      end
     elseif kind == 'q' then
       redis.call('HDEL', res, 'q:' .. id)
     else
@@ -99,7 +191,7 @@ local function collect(ctr, res, gc, now)
         redis.call('HDEL', res, id)
       end
     end
-    redis.call('ZREM', gc, member)
+    if kind ~= 't' and kind ~= 'n' then redis.call('ZREM', gc, member) end
   end
 end
 

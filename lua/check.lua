@@ -1,28 +1,65 @@
--- check.lua: the pre-flight decision of authorize.lua without holding anything.
+-- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (0 asks "is anything left")
 -- ARGV[3] keep_ms
--- ARGV[4..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
--- Returns: {verdict, u1, h1, u2, h2, ...}: verdict 1 if authorize would hold now, else 0.
+-- ARGV[4] token estimate
+-- ARGV[5] nb: the number of budgets
+-- ARGV[6] the rate limiters' clock, ms ('' = Redis TIME)
+-- ARGV[7..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
+-- then six per rate limit: rf, metric ('r' | 't' | 'c'), limit, window_ms, burst, shadow
+-- Returns: {verdict, u1, h1, ..., then per rate limit: would_deny, remaining,
+--   retry_after_ms}: verdict 1 if authorize would hold now, else 0.
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
+local nb = tonumber(ARGV[5])
 reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3]))
 
-local cids, limits, modes = {}, {}, {}
-for i = 4, #ARGV, 3 do
-  cids[#cids + 1] = ARGV[i]
+local fields, limits, modes = {}, {}, {}
+local last_budget = 6 + 3 * nb
+for i = 7, last_budget, 3 do
+  fields[#fields + 1] = 'u:' .. ARGV[i]
+  fields[#fields + 1] = 'h:' .. ARGV[i]
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
 end
-local values = read_counters(ctr, cids)
+local rates = {}
+for i = last_budget + 1, #ARGV, 6 do
+  local rf, metric = ARGV[i], ARGV[i + 1]
+  rates[#rates + 1] = {
+    metric = metric, limit = tonumber(ARGV[i + 2]), window = tonumber(ARGV[i + 3]),
+    burst = tonumber(ARGV[i + 4]), shadow = ARGV[i + 5] == '1',
+  }
+  if metric == 'c' then
+    fields[#fields + 1] = 'n:' .. rf
+    fields[#fields + 1] = 'n:' .. rf
+  else
+    fields[#fields + 1] = 'd:' .. rf
+    fields[#fields + 1] = 'l:' .. rf
+  end
+end
+local raw = {}
+if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
+
 local out = {1}
-for i = 1, #cids do
-  local u, h = values[2 * i - 1], values[2 * i]
+for i = 1, nb do
+  local u, h = tonumber(raw[2 * i - 1]) or 0, tonumber(raw[2 * i]) or 0
   if modes[i] == 'b' and over(u, h, est, limits[i]) then out[1] = 0 end
   out[#out + 1] = u
   out[#out + 1] = h
+end
+local rnow = 0
+if #rates > 0 then rnow = limiter_now(ARGV[6]) end
+local est_tokens = tonumber(ARGV[4])
+for j, r in ipairs(rates) do
+  local a, b = raw[2 * nb + 2 * j - 1], raw[2 * nb + 2 * j]
+  local cost = r.metric == 't' and est_tokens or 1
+  local deny, left, retry = rate_eval(r.metric, a, b, rnow, r.limit, r.window, r.burst, cost)
+  if deny and not r.shadow then out[1] = 0 end
+  out[#out + 1] = deny and 1 or 0
+  out[#out + 1] = left
+  out[#out + 1] = retry
 end
 return out

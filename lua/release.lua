@@ -7,6 +7,7 @@
 --         (Redis timed out), so its caller was told no hold exists. If the authorize ran,
 --         release it and forget its idempotency key; if it has not run yet, leave a
 --         released record so that it holds nothing when it does.
+-- ARGV[5] the rate limiters' clock, ms ('' = Redis TIME)
 -- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
 --           u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
@@ -40,6 +41,12 @@ if r[1] == 'S' or r[1] == 'R' then
 end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
+-- The call did not happen: free its concurrency slots (unless expiry did) and give its
+-- estimated tokens back to the token limiters. A request limiter keeps the request.
+if held then free_slots(ctr, r[14]) end
+if r[15] and r[15] ~= '' then
+  correct_tokens(ctr, r[15], -(tonumber(r[16]) or 0), limiter_now(ARGV[5]))
+end
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now
 local snapshot = {}

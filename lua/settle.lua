@@ -5,6 +5,7 @@
 -- ARGV[3] keep_ms
 -- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
 -- ARGV[5] tokens in   ARGV[6] tokens out   ARGV[7] cost, micro-USD (for 'c')
+-- ARGV[8] the rate limiters' clock, ms ('' = Redis TIME)
 -- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
 --           u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
@@ -40,6 +41,15 @@ else
 end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
+-- A held reservation frees its concurrency slots now (an expired one freed them then);
+-- token limiters are corrected to the actual count whenever tokens are known.
+if held then free_slots(ctr, r[14]) end
+if ARGV[4] == 't' then
+  local diff = tokens_in + tokens_out - (tonumber(r[16]) or 0)
+  if diff ~= 0 and r[15] and r[15] ~= '' then
+    correct_tokens(ctr, r[15], diff, limiter_now(ARGV[8]))
+  end
+end
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now
 local snapshot = {}

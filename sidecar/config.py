@@ -1,5 +1,5 @@
-"""The config file: YAML with `budgets`, `pricing` and `settings` (and `rate_limits`, which
-this version refuses rather than ignores). Strict: unknown keys, wrong types and bad values
+"""The config file: YAML with `budgets`, `pricing`, `rate_limits`, `settings` and `proxy`.
+Strict: unknown keys, wrong types and bad values
 are errors that name the file and the path of the field."""
 
 from __future__ import annotations
@@ -17,9 +17,12 @@ from sidecar.model import (
     Budget,
     Config,
     FailMode,
+    LimitMode,
+    Metric,
     OnExceed,
     Period,
     Price,
+    RateLimit,
     Scope,
     Settings,
     UnpricedModel,
@@ -81,6 +84,67 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             enabled=self.enabled,
             timezone=self.timezone,
             fail_mode=self.fail_mode,
+            source=source,
+        )
+
+
+_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)\Z")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+# Limiter debts are integers of limit x window units inside Lua's doubles (2^53).
+MAX_LIMIT_TIMES_WINDOW = 10**15
+
+
+def parse_duration_ms(text: str) -> int:
+    """'500ms', '2s', '1m', '1h', '1d' -> milliseconds; ValueError otherwise."""
+    match = _DURATION.match(text)
+    if match is None:
+        raise ValueError(f"{text!r} is not a duration such as 500ms, 2s, 1m, 1h or 1d")
+    return int(match.group(1)) * _UNIT_MS[match.group(2)]
+
+
+class RateLimitSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    id: BudgetId
+    scope: Scope
+    metric: Metric
+    limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    window: str | None = None
+    burst: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 0
+    scope_id: Id | None = None
+    model: ModelName | None = None
+    provider: Id | None = None
+    mode: LimitMode = LimitMode.ENFORCE
+
+    def __post_init__(self) -> None:
+        if self.metric is Metric.CONCURRENT:
+            if self.window is not None:
+                raise ValueError("window: a concurrent limit has no window")
+            return
+        if self.window is None:
+            raise ValueError(f"window: required for a {self.metric} limit")
+        try:
+            window_ms = parse_duration_ms(self.window)
+        except ValueError as exc:
+            raise ValueError(f"window: {exc}") from None
+        if not 100 <= window_ms <= 86_400_000:
+            raise ValueError("window: between 100ms and 1d")
+        if (self.limit + 2 * self.burst) * window_ms > MAX_LIMIT_TIMES_WINDOW:
+            raise ValueError(
+                f"limit: (limit + 2 x burst) x window must stay below "
+                f"{MAX_LIMIT_TIMES_WINDOW:.0e} unit-milliseconds; use a shorter window"
+            )
+
+    def to_rate_limit(self, source: str) -> RateLimit:
+        return RateLimit(
+            id=self.id,
+            scope=self.scope,
+            metric=self.metric,
+            limit=self.limit,
+            window_ms=parse_duration_ms(self.window) if self.window else 0,
+            burst=self.burst,
+            scope_id=self.scope_id,
+            model=self.model,
+            provider=self.provider,
+            mode=self.mode,
             source=source,
         )
 
@@ -147,7 +211,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
     budgets: list[BudgetSpec] = msgspec.field(default_factory=list)
     pricing: list[PriceSpec] = msgspec.field(default_factory=list)
-    rate_limits: list[Any] = msgspec.field(default_factory=list)
+    rate_limits: list[RateLimitSpec] = msgspec.field(default_factory=list)
     settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
     proxy: ProxySpec = msgspec.field(default_factory=ProxySpec)
 
@@ -187,10 +251,11 @@ def parse(data: Any, source: str) -> Config:
     except msgspec.ValidationError as exc:
         path, message = split_validation_error(str(exc))
         raise ConfigError(source, path, message) from None
-    if spec.rate_limits:
-        raise ConfigError(
-            source, "$.rate_limits", "rate limits are not supported by this version yet"
-        )
+    limit_ids: set[str] = set()
+    for i, r in enumerate(spec.rate_limits):
+        if r.id in limit_ids:
+            raise ConfigError(source, f"$.rate_limits[{i}].id", f"duplicate rate limit id {r.id!r}")
+        limit_ids.add(r.id)
     seen: set[str] = set()
     for i, b in enumerate(spec.budgets):
         if b.id in seen:
@@ -206,6 +271,7 @@ def parse(data: Any, source: str) -> Config:
     return Config(
         budgets=tuple(b.to_budget("config") for b in spec.budgets),
         pricing=tuple(p.to_price() for p in spec.pricing),
+        rate_limits=tuple(r.to_rate_limit("config") for r in spec.rate_limits),
         settings=spec.settings.to_settings(),
         proxy=spec.proxy,
         source=source,

@@ -12,9 +12,9 @@ import asyncio
 import os
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sidecar import keys
 from sidecar.clock import Clock
@@ -27,8 +27,11 @@ from sidecar.model import (
     Config,
     FailMode,
     Identity,
+    LimitMode,
+    Metric,
     OnExceed,
     Price,
+    RateLimit,
     Scope,
     UnpricedModel,
 )
@@ -42,6 +45,7 @@ from sidecar.schemas import (
     CheckRequest,
     Decision,
     IdentityFields,
+    RateLimitState,
     RecordRequest,
     RecordResult,
     SettleRequest,
@@ -74,6 +78,26 @@ class Unavailable(Exception):
     """Redis is unreachable and the fail mode is closed (HTTP 503)."""
 
 
+_T = TypeVar("_T", Budget, RateLimit)
+
+
+def _index(
+    items: Iterable[_T],
+) -> tuple[dict[tuple[Scope, str], tuple[_T, ...]], dict[Scope, tuple[_T, ...]]]:
+    """(one entity -> items, scope -> items that apply to every entity of it)."""
+    by_entity: dict[tuple[Scope, str], list[_T]] = defaultdict(list)
+    per_entity: dict[Scope, list[_T]] = defaultdict(list)
+    for item in items:
+        if item.scope_id is None:
+            per_entity[item.scope].append(item)
+        else:
+            by_entity[(item.scope, item.scope_id)].append(item)
+    return (
+        {k: tuple(v) for k, v in by_entity.items()},
+        {k: tuple(v) for k, v in per_entity.items()},
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """A Config indexed for the hot path. Immutable: swapped whole on change."""
@@ -81,34 +105,50 @@ class Snapshot:
     config: Config
     by_entity: dict[tuple[Scope, str], tuple[Budget, ...]]
     per_entity: dict[Scope, tuple[Budget, ...]]
+    limits_by_entity: dict[tuple[Scope, str], tuple[RateLimit, ...]]
+    limits_per_entity: dict[Scope, tuple[RateLimit, ...]]
     by_id: dict[str, Budget]
     prices: dict[tuple[str, str], Price]
     price_by_model: dict[str, Price]
 
     @classmethod
     def of(cls, config: Config) -> Snapshot:
-        by_entity: dict[tuple[Scope, str], list[Budget]] = defaultdict(list)
-        per_entity: dict[Scope, list[Budget]] = defaultdict(list)
-        for b in config.budgets:
-            if not b.enabled:
-                continue
-            if b.scope_id is None:
-                per_entity[b.scope].append(b)
-            else:
-                by_entity[(b.scope, b.scope_id)].append(b)
+        by_entity, per_entity = _index(b for b in config.budgets if b.enabled)
+        limits_by_entity, limits_per_entity = _index(config.rate_limits)
         prices = {(p.provider, p.model): p for p in config.pricing}
         models: dict[str, list[Price]] = defaultdict(list)
         for p in config.pricing:
             models[p.model].append(p)
         return cls(
             config=config,
-            by_entity={k: tuple(v) for k, v in by_entity.items()},
-            per_entity={k: tuple(v) for k, v in per_entity.items()},
+            by_entity=by_entity,
+            per_entity=per_entity,
+            limits_by_entity=limits_by_entity,
+            limits_per_entity=limits_per_entity,
             by_id={b.id: b for b in config.budgets},
             prices=prices,
             # A model name alone identifies a price only when one provider sells it.
             price_by_model={m: ps[0] for m, ps in models.items() if len(ps) == 1},
         )
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedLimit:
+    """A rate limit as it applies to one decision: its limiter for this entity."""
+
+    limit: RateLimit
+    entity: str
+    # The limiter's script arguments, built once: rf, metric, limit, window, burst, shadow.
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Everything that applies to one (identity, provider, model)."""
+
+    budgets: list[Applied]
+    limits: list[AppliedLimit]
+    valid_until_ms: int
 
 
 class Engine:
@@ -126,7 +166,7 @@ class Engine:
         self._scripts = scripts
         self._windows = WindowCache()
         self._snapshot = Snapshot.of(config)
-        self._memo: dict[tuple[Identity, str | None], tuple[Snapshot, int, list[Applied]]] = {}
+        self._memo: dict[tuple[Identity, str | None, str | None], tuple[Snapshot, Resolved]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
@@ -149,31 +189,45 @@ class Engine:
         )
 
     def applicable(self, identity: Identity, model: str | None, now_ms: int) -> list[Applied]:
-        """Every enabled budget that covers this identity, with its counter for now.
+        """Every enabled budget that covers this identity, with its counter for now."""
+        return self.resolve(identity, None, model, now_ms).budgets
 
-        Memoized per (identity, model) until the earliest of its windows ends: agents
-        repeat the same identity, and resolving it costs more than the decision's own
-        Python work. A snapshot swap starts a fresh memo.
+    def resolve(
+        self, identity: Identity, provider: str | None, model: str | None, now_ms: int
+    ) -> Resolved:
+        """Every budget and rate limit that covers this call.
+
+        Memoized per (identity, provider, model) until the earliest budget window ends:
+        agents repeat the same identity, and resolving it costs more than the decision's
+        own Python work. A snapshot swap starts a fresh memo.
         """
-        memo_key = (identity, model)
+        memo_key = (identity, provider, model)
         hit = self._memo.get(memo_key)
-        if hit is not None and hit[0] is self._snapshot and now_ms < hit[1]:
-            return hit[2]
+        if hit is not None and hit[0] is self._snapshot and now_ms < hit[1].valid_until_ms:
+            return hit[1]
         snap = self._snapshot
-        out: list[Applied] = []
+        budgets: list[Applied] = []
+        limits: list[AppliedLimit] = []
         for scope, field in _SCOPE_FIELDS:
             entity: str | None = getattr(identity, field)
             if entity is None:
                 continue
             for b in snap.by_entity.get((scope, entity), ()):
-                out.append(self._applied(b, entity, model, now_ms))
+                budgets.append(self._applied(b, entity, model, now_ms))
             for b in snap.per_entity.get(scope, ()):
-                out.append(self._applied(b, entity, model, now_ms))
-        valid_until = min((a.window_end_ms for a in out), default=now_ms + 60_000)
+                budgets.append(self._applied(b, entity, model, now_ms))
+            for r in snap.limits_by_entity.get((scope, entity), ()):
+                if _covers(r, provider, model):
+                    limits.append(_applied_limit(r, entity))
+            for r in snap.limits_per_entity.get(scope, ()):
+                if _covers(r, provider, model):
+                    limits.append(_applied_limit(r, entity))
+        valid_until = min((a.window_end_ms for a in budgets), default=now_ms + 60_000)
+        resolved = Resolved(budgets, limits, valid_until)
         if len(self._memo) >= _MEMO_SIZE:
             self._memo.clear()
-        self._memo[memo_key] = (snap, valid_until, out)
-        return out
+        self._memo[memo_key] = (snap, resolved)
+        return resolved
 
     def _applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
         w = self._windows.get(b.period, b.timezone, now_ms)
@@ -241,7 +295,8 @@ class Engine:
             raise RequestError(
                 "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
             )
-        applied = self.applicable(identity, req.model, now)
+        resolved = self.resolve(identity, req.provider, req.model, now)
+        applied = resolved.budgets
         rid = new_reservation_id()
         args: list[str | int] = [
             now,
@@ -253,9 +308,14 @@ class Engine:
             price.output_pico if price else "",
             settings.keep_finished_ms,
             _meta(req.provider, req.model),
+            (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0),
+            len(applied),
+            self._clock.limiter_ms(),
         ]
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode, a.window_end_ms + COUNTER_GRACE_MS)
+        for limit in resolved.limits:
+            args += limit.args
         try:
             reply = await self._store.run(
                 self._scripts.authorize, keys.tenant_keys(tenant).hot, args
@@ -266,29 +326,19 @@ class Engine:
             self._cancel_later(tenant, rid, now + lease_ms)
             self.events.store_unavailable("authorize")
             return self._degraded(applied, est)
-        verdict, rid, values = int(reply[0]), str(reply[1]), [int(v) for v in reply[3:]]
-        allowed = verdict != 0
+        verdict = int(reply[0])
+        if verdict == 3:  # cancelled before it ran: only possible for a reused id
+            raise Unavailable("the reservation was cancelled before Redis ran it")
         held = verdict == 1
-        outcome = decide(applied, values, est, allowed)
-        states = [
-            self._state(a, values[2 * i], values[2 * i + 1] + (est if held else 0))
-            for i, a in enumerate(applied)
-        ]
-        info = None
-        if outcome.binding is not None:
-            info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
-        return Decision(
-            allowed=allowed,
-            action=outcome.action,
-            reservation_id=rid if allowed else None,
-            budget_info=info,
-            budgets=states,
-            downgrade_model=outcome.downgrade_model,
-            message=_message(outcome.action, applied, outcome.binding),
-            estimated_usd=micro_to_usd(est),
-            lease_expires_at=iso(now + lease_ms) if held else None,
-            replayed=verdict == 2,
+        decision = self._decision(
+            resolved, reply[3:], est, verdict != 0, now, held_est=est if held else 0
         )
+        if verdict == 0:
+            return decision
+        decision.reservation_id = str(reply[1])
+        decision.lease_expires_at = iso(now + lease_ms) if held else None
+        decision.replayed = verdict == 2
+        return decision
 
     async def _check(self, tenant: str, req: CheckRequest) -> Decision:
         settings = self._snapshot.config.settings
@@ -299,30 +349,87 @@ class Engine:
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
-        applied = self.applicable(identity, req.model, now)
-        args: list[str | int] = [now, est, settings.keep_finished_ms]
+        resolved = self.resolve(identity, req.provider, req.model, now)
+        applied = resolved.budgets
+        tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
+        args: list[str | int] = [
+            now,
+            est,
+            settings.keep_finished_ms,
+            tokens,
+            len(applied),
+            self._clock.limiter_ms(),
+        ]
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode)
+        for limit in resolved.limits:
+            args += limit.args
         try:
             reply = await self._store.run(self._scripts.check, keys.tenant_keys(tenant).hot, args)
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
-        allowed = int(reply[0]) == 1
-        values = [int(v) for v in reply[1:]]
+        return self._decision(resolved, reply[1:], est, int(reply[0]) == 1, now)
+
+    def _decision(
+        self,
+        resolved: Resolved,
+        values_raw: list[Any],
+        est: int,
+        allowed: bool,
+        now: int,
+        *,
+        held_est: int = 0,
+    ) -> Decision:
+        """A decision from the script's figures: budget counters before this call, then
+        (for a fresh decision) three figures per rate limit. `held_est` is what this call
+        now holds on each budget (reported in held_usd)."""
+        applied = resolved.budgets
+        nb = len(applied)
+        values = [int(v) for v in values_raw[: 2 * nb]]
+        rate_raw = [int(v) for v in values_raw[2 * nb :]]
         outcome = decide(applied, values, est, allowed)
-        states = [self._state(a, values[2 * i], values[2 * i + 1]) for i, a in enumerate(applied)]
+        states = [
+            self._state(a, values[2 * i], values[2 * i + 1] + held_est)
+            for i, a in enumerate(applied)
+        ]
+        limits = [
+            _limit_state(limit, rate_raw[3 * j : 3 * j + 3])
+            for j, limit in enumerate(resolved.limits)
+            if len(rate_raw) >= 3 * j + 3
+        ]
+        denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
+        budget_denied = not allowed and outcome.action is Action.BLOCK
+        action = Action.BLOCK if not allowed else outcome.action
+        binding_limit = None
+        if denying:
+            binding_limit = max(denying, key=lambda r: r.retry_after_ms)
+        elif limits:
+            binding_limit = min(limits, key=lambda r: r.remaining)
         info = None
         if outcome.binding is not None:
             info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
+        retry_after_ms = None
+        message = _message(outcome.action, applied, outcome.binding)
+        if budget_denied and outcome.binding is not None:
+            retry_after_ms = applied[outcome.binding].window_end_ms - now
+        elif not allowed and denying:
+            retry_after_ms = max(
+                r.retry_after_ms if r.retry_after_ms >= 0 else _SLOT_RETRY_MS for r in denying
+            )
+            message = _limit_message(denying[0])
         return Decision(
             allowed=allowed,
-            action=outcome.action,
+            action=action,
             budget_info=info,
             budgets=states,
-            downgrade_model=outcome.downgrade_model,
-            message=_message(outcome.action, applied, outcome.binding),
+            downgrade_model=outcome.downgrade_model if allowed else None,
+            message=message,
             estimated_usd=micro_to_usd(est),
+            rate_limits=limits,
+            rate_limit=binding_limit,
+            retry_after_ms=retry_after_ms,
+            would_deny=any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
         )
 
     async def _settle(self, tenant: str, req: SettleRequest) -> SettleResult:
@@ -339,6 +446,7 @@ class Engine:
             req.tokens_in or 0,
             req.tokens_out or 0,
             cost,
+            self._clock.limiter_ms(),
         ]
         reply = await self._run(self._scripts.settle, tenant, args)
         return self._finished(req.reservation_id, reply, "tokens_in")
@@ -346,7 +454,13 @@ class Engine:
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        args: list[str | int] = [now, reservation_id, settings.keep_finished_ms, "0"]
+        args: list[str | int] = [
+            now,
+            reservation_id,
+            settings.keep_finished_ms,
+            "0",
+            self._clock.limiter_ms(),
+        ]
         reply = await self._run(self._scripts.release, tenant, args)
         return self._finished(reservation_id, reply, "reservation_id")
 
@@ -460,7 +574,7 @@ class Engine:
         tenant_keys = keys.tenant_keys(tenant).hot
         while self._clock.now_ms() < lease_end_ms:
             keep = self._snapshot.config.settings.keep_finished_ms
-            args: list[str | int] = [self._clock.now_ms(), rid, keep, "1"]
+            args: list[str | int] = [self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms()]
             try:
                 await self._store.run(self._scripts.release, tenant_keys, args)
                 return
@@ -564,6 +678,57 @@ class Engine:
             percentage=percentage(committed, b.limit_micro),
             exceeded=committed >= b.limit_micro if b.limit_micro else committed > 0,
         )
+
+
+def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
+    return (limit.model is None or limit.model == model) and (
+        limit.provider is None or limit.provider == provider
+    )
+
+
+_METRIC = {Metric.REQUESTS: "r", Metric.TOKENS: "t", Metric.CONCURRENT: "c"}
+# A concurrency limit frees a slot when some reservation ends: a hint, not a promise.
+_SLOT_RETRY_MS = 1000
+
+
+def _applied_limit(limit: RateLimit, entity: str) -> AppliedLimit:
+    return AppliedLimit(
+        limit=limit,
+        entity=entity,
+        args=(
+            keys.rate_id(limit.id, entity),
+            _METRIC[limit.metric],
+            limit.limit,
+            limit.window_ms,
+            limit.burst,
+            "1" if limit.mode is LimitMode.SHADOW else "0",
+        ),
+    )
+
+
+def _limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
+    would_deny, remaining, retry_ms = figures
+    r = applied.limit
+    return RateLimitState(
+        rate_limit_id=r.id,
+        scope=r.scope,
+        entity=applied.entity,
+        metric=r.metric,
+        limit=r.limit,
+        window_ms=r.window_ms,
+        burst=r.burst,
+        mode=r.mode,
+        remaining=max(remaining, 0),
+        would_deny=would_deny == 1,
+        retry_after_ms=retry_ms,
+    )
+
+
+def _limit_message(state: RateLimitState) -> str:
+    if state.metric == Metric.CONCURRENT:
+        return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} calls in flight"
+    per = f"{state.window_ms} ms"
+    return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} {state.metric} per {per}"
 
 
 def new_reservation_id() -> str:

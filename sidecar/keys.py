@@ -9,7 +9,8 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
     bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" / "q:<key>" -> Unix ms after which it may go
 
-A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`.
+A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`;
+a rate limiter's fields ("d:", "l:", "n:" in the same hash) end in `<limit id>/<entity>`.
 Keeping all counters of a tenant in one hash is what lets settle name every key it touches
 in KEYS without a read first: the reservation record lists the cids, which are fields, not
 keys.
@@ -67,6 +68,11 @@ def tenant_keys(tenant: str) -> TenantKeys:
 
 def counter_id(budget_id: str, entity: str, window_key: str) -> str:
     return f"{escape(budget_id)}/{escape(entity)}/{window_key}"
+
+
+def rate_id(limit_id: str, entity: str) -> str:
+    """The field suffix of one rate limiter (rolling: no window key)."""
+    return f"{escape(limit_id)}/{escape(entity)}"
 
 
 def parse_counter_id(cid: str) -> tuple[str, str, str]:

@@ -102,6 +102,38 @@ class Budget:
         return ZoneInfo(self.timezone)
 
 
+class Metric(enum.StrEnum):
+    REQUESTS = "requests"
+    TOKENS = "tokens"
+    CONCURRENT = "concurrent"
+
+
+class LimitMode(enum.StrEnum):
+    ENFORCE = "enforce"
+    SHADOW = "shadow"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """A cap on requests or tokens per rolling window, or on reservations in flight.
+
+    Like a budget, it covers one entity (`scope_id`) or every entity of its scope on its
+    own; `model`/`provider` narrow it to calls of that model or provider.
+    """
+
+    id: str
+    scope: Scope
+    metric: Metric
+    limit: int
+    window_ms: int  # 0 for concurrent
+    burst: int = 0
+    scope_id: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    mode: LimitMode = LimitMode.ENFORCE
+    source: str = "config"
+
+
 @dataclass(frozen=True, slots=True)
 class Price:
     """USD per 1k tokens, held as integer pico-USD per token."""
@@ -135,6 +167,7 @@ class Config:
 
     budgets: tuple[Budget, ...] = ()
     pricing: tuple[Price, ...] = ()
+    rate_limits: tuple[RateLimit, ...] = ()
     settings: Settings = field(default_factory=Settings)
     proxy: ProxySpec = field(default_factory=ProxySpec)
     source: str = "<defaults>"

@@ -146,6 +146,24 @@ class BudgetState(Struct, kw_only=True):
     exceeded: bool
 
 
+class RateLimitState(Struct, kw_only=True):
+    """One evaluated rate limit. `remaining`: requests (or concurrent slots) that would
+    still pass now; for a token limit, > 0 means the next call passes whatever its size.
+    `retry_after_ms`: when it would admit again (-1: when a reservation ends)."""
+
+    rate_limit_id: str
+    scope: str
+    entity: str
+    metric: str
+    limit: int
+    window_ms: int
+    burst: int
+    mode: str
+    remaining: int
+    would_deny: bool
+    retry_after_ms: int
+
+
 class Decision(Struct, kw_only=True, omit_defaults=False):
     allowed: bool
     action: str
@@ -158,6 +176,13 @@ class Decision(Struct, kw_only=True, omit_defaults=False):
     lease_expires_at: str | None = None
     replayed: bool = False
     degraded: bool = False
+    rate_limits: list[RateLimitState] = msgspec.field(default_factory=list)
+    # The rate limit that denied (or, allowed, the one with the least left).
+    rate_limit: RateLimitState | None = None
+    # Denied: when to try again (the binding budget's window end, or the rate limits').
+    retry_after_ms: int | None = None
+    # A shadow-mode rate limit would have denied this call (it was allowed).
+    would_deny: bool = False
 
 
 class SettleResult(Struct, kw_only=True):

@@ -207,8 +207,9 @@ BAD_DOCS: list[tuple[str, Any, str]] = [
     ("top-level-list", [BUDGET], "$"),
     ("top-level-string", "budgets", "$"),
     ("budgets-not-list", {"budgets": BUDGET}, "$.budgets"),
-    ("rate-limits", {"rate_limits": [{"scope": "agent", "requests_per_minute": 60}]},
-     "$.rate_limits"),
+    ("rate-limits-unknown-field",
+     {"rate_limits": [{"scope": "agent", "requests_per_minute": 60}]},
+     "$.rate_limits[0].requests_per_minute"),
     (
         "fallback-without-price",
         {"settings": {"unpriced_model": "fallback"}},
