@@ -11,12 +11,14 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
+from sidecar.api import limit_headers
 from sidecar.api.problems import ProblemError
 from sidecar.engine import Engine
 from sidecar.schemas import (
     ID_PATTERN,
     AuthorizeRequest,
     CheckRequest,
+    Decision,
     RecordRequest,
     ReleaseRequest,
     SettleRequest,
@@ -37,6 +39,14 @@ def _json(body: Any) -> web.Response:
     return web.Response(body=_encode(body), content_type="application/json")
 
 
+def _decision(decision: Decision) -> web.Response:
+    """A decision is always 200 (a denial included), with Retry-After and RateLimit fields."""
+    response = _json(decision)
+    if not decision.allowed or decision.rate_limit is not None:
+        response.headers.update(limit_headers.headers(decision))
+    return response
+
+
 def tenant_of(request: web.Request) -> str:
     """The tenant that owns this request's counters. One default tenant until
     credentials are configured (open mode)."""
@@ -46,11 +56,12 @@ def tenant_of(request: web.Request) -> str:
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def authorize(request: web.Request) -> web.Response:
         req = _authorize.decode(await request.read())
-        return _json(await request.app[engine_key].authorize(tenant_of(request), req))
+        decision = await request.app[engine_key].authorize(tenant_of(request), req)
+        return _decision(decision)
 
     async def check(request: web.Request) -> web.Response:
         req = _check.decode(await request.read())
-        return _json(await request.app[engine_key].check(tenant_of(request), req))
+        return _decision(await request.app[engine_key].check(tenant_of(request), req))
 
     async def settle(request: web.Request) -> web.Response:
         req = _settle.decode(await request.read())
