@@ -1,0 +1,196 @@
+"""The proxy hook: `/ext_authz` and every path below it, any method.
+
+Envoy's HTTP ext_authz sends the client's method and `/ext_authz` + the original path;
+nginx auth_request, Traefik and Caddy forward auth send a GET with the original path in
+`X-Original-URI` / `X-Forwarded-Uri`. Identity, model and estimate come from headers
+(config `proxy.headers`), filled in by the defaults of the route the original path
+matches (`proxy.routes`), then one authorize.
+
+Answers:
+- allow (allow, warn, downgrade): exactly 200, empty body, with `x-budget-*` headers for
+  the upstream. Envoy denies on any other status, 201 and 204 included.
+- budget denial: `proxy.deny_status` (429, or 403) with a JSON decision body,
+  `Retry-After` (seconds until the binding budget's window ends) and RateLimit headers.
+- bad identity headers: 400 problem+json naming the header (the proxy passes it on).
+- Redis away and fail mode closed: 503 problem+json with `Retry-After: 1`.
+Every non-200 also carries `x-budget-denial`: the body as one ASCII line, because nginx's
+auth_request drops the subrequest's body and can only pass headers on.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from sidecar.api import limit_headers
+from sidecar.api.native import tenant_of
+from sidecar.api.problems import ProblemError
+from sidecar.api.problems import response as problem_response
+from sidecar.config import split_validation_error
+from sidecar.engine import Engine, RequestError, Unavailable
+from sidecar.model import Action
+from sidecar.proxy_config import ProxySpec
+from sidecar.schemas import AuthorizeRequest, BudgetInfo, Decision
+
+PREFIX = "/ext_authz"
+DENIAL_HEADER = "x-budget-denial"
+
+_encode = msgspec.json.Encoder().encode
+# The identity and model fields, in AuthorizeRequest's names (= ProxyHeaders' names).
+_FIELDS = ("org_id", "team_id", "agent_id", "workflow_id", "user_id", "provider", "model")
+
+
+def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
+    async def ext_authz(request: web.Request) -> web.Response:
+        engine = request.app[engine_key]
+        spec = engine.config.proxy
+        try:
+            req = authorize_request(spec, request)
+            decision = await engine.authorize(tenant_of(request), req)
+        except ProblemError as err:
+            return _problem(err)
+        except RequestError as err:
+            name = _header_of(spec, err)
+            return _problem(ProblemError(err.status, f"{name}: {err.message}", field=name))
+        except Unavailable as err:
+            return _problem(
+                ProblemError(
+                    503,
+                    f"budget store unavailable: {err}",
+                    degraded=True,
+                    headers={"Retry-After": "1"},
+                )
+            )
+        if decision.allowed:
+            return web.Response(status=200, headers=allow_headers(decision))
+        return deny(engine, spec, decision)
+
+    app.router.add_route("*", PREFIX, ext_authz)
+    app.router.add_route("*", PREFIX + "/{tail:.*}", ext_authz)
+
+
+def original_path(spec: ProxySpec, request: web.Request) -> str:
+    """The client's path without its query: from a forward-auth header, else what follows
+    /ext_authz in Envoy's check path."""
+    for name in spec.headers.original_uri:
+        value = request.headers.get(name)
+        if value:
+            return value.split("?", 1)[0]
+    path = request.path[len(PREFIX) :]
+    return path or "/"
+
+
+def authorize_request(spec: ProxySpec, request: web.Request) -> AuthorizeRequest:
+    """The authorize this proxied request asks for; ProblemError(400) naming the header
+    whose value is unusable."""
+    h = spec.headers
+    defaults = spec.route(original_path(spec, request))
+    fields: dict[str, Any] = {}
+    for name in _FIELDS:
+        value = request.headers.get(getattr(h, name))
+        if value is None and defaults is not None:
+            value = getattr(defaults, name)
+        if value is not None:
+            fields[name] = value
+    raw = request.headers.get(h.estimate_usd)
+    if raw is not None:
+        try:
+            fields["estimated_usd"] = float(raw)
+        except ValueError:
+            raise ProblemError(
+                400, f"{h.estimate_usd}: not a number: {raw[:50]!r}", field=h.estimate_usd
+            ) from None
+    elif defaults is not None and defaults.estimated_usd is not None:
+        fields["estimated_usd"] = defaults.estimated_usd
+    else:
+        fields["estimated_usd"] = spec.default_estimate_usd
+    request_id = request.headers.get(h.request_id)
+    if request_id is not None:
+        fields["idempotency_key"] = request_id
+    if spec.lease_ms is not None:
+        fields["lease_ms"] = spec.lease_ms
+    try:
+        return msgspec.convert(fields, AuthorizeRequest)
+    except msgspec.ValidationError as exc:
+        path, message = split_validation_error(str(exc))
+        header = _HEADER_OF_FIELD.get(path.removeprefix("$."), "")
+        name = getattr(h, header, header) if header else "headers"
+        raise ProblemError(400, f"{name}: {message}", field=name) from None
+
+
+# AuthorizeRequest field -> the ProxyHeaders attribute that fills it.
+_HEADER_OF_FIELD = {
+    **{f: f for f in _FIELDS},
+    "estimated_usd": "estimate_usd",
+    "idempotency_key": "request_id",
+}
+
+
+def _header_of(spec: ProxySpec, err: RequestError) -> str:
+    """The header behind an engine error's field (e.g. an unpriced x-model)."""
+    attr = _HEADER_OF_FIELD.get(err.field)
+    return str(getattr(spec.headers, attr)) if attr else err.field
+
+
+def allow_headers(decision: Decision) -> dict[str, str]:
+    headers = {"x-budget-action": str(decision.action)}
+    if decision.reservation_id is not None:
+        headers["x-budget-reservation-id"] = decision.reservation_id
+    remaining = _remaining_usd(decision)
+    if remaining is not None:
+        headers["x-budget-remaining-usd"] = remaining
+    if decision.action == Action.DOWNGRADE and decision.downgrade_model is not None:
+        headers["x-budget-downgrade-model"] = decision.downgrade_model
+    if decision.degraded:
+        # Fail mode open: allowed without a reservation; nothing to settle.
+        headers["x-budget-degraded"] = "true"
+    return headers
+
+
+def _remaining_usd(decision: Decision) -> str | None:
+    """The least left on any budget that applies, in USD; None when no budget applies."""
+    if not decision.budgets:
+        return None
+    least = min(b.remaining_usd for b in decision.budgets)
+    return f"{max(least, 0.0):.6f}"
+
+
+def deny(engine: Engine, spec: ProxySpec, decision: Decision) -> web.Response:
+    body = _encode(decision)
+    headers = {
+        **limit_headers.headers(decision),
+        "x-budget-action": str(decision.action),
+        DENIAL_HEADER: _one_line(_encode(_Denial.of(decision))),
+    }
+    return web.Response(
+        status=spec.deny_status, body=body, content_type="application/json", headers=headers
+    )
+
+
+class _Denial(msgspec.Struct, kw_only=True):
+    """The denial as nginx passes it on: the decision without its per-budget list, so the
+    header stays well inside nginx's proxy_buffer_size whatever the number of budgets."""
+
+    allowed: bool
+    action: str
+    message: str | None
+    budget_info: BudgetInfo | None
+
+    @classmethod
+    def of(cls, d: Decision) -> _Denial:
+        return cls(allowed=d.allowed, action=d.action, message=d.message, budget_info=d.budget_info)
+
+
+def _one_line(body: bytes) -> str:
+    # ensure_ascii escapes every non-ASCII and control character: a safe header value.
+    return json.dumps(json.loads(body), ensure_ascii=True, separators=(",", ":"))
+
+
+def _problem(err: ProblemError) -> web.Response:
+    resp = problem_response(err)
+    assert isinstance(resp.body, bytes)
+    resp.headers[DENIAL_HEADER] = _one_line(resp.body)
+    return resp
