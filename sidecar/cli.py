@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from sidecar import __version__, config
+from sidecar import __version__, config, logs
 from sidecar.model import Config
 
 log = logging.getLogger("sidecar")
@@ -50,8 +50,10 @@ def _load_config(path: str | None) -> Config:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from sidecar.api.app import create_app
+    from sidecar.api.app import ENGINE, create_app
     from sidecar.embedded import EmbeddedRedis, default_data_dir
+    from sidecar.metrics import Metrics
+    from sidecar.reload import ConfigWatcher
     from sidecar.store import RedisStore
 
     try:
@@ -82,8 +84,14 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("uvloop not available; using the default event loop")
 
     async def make_app() -> web.Application:
-        store = RedisStore.from_url(redis_url, timeout_ms=cfg.settings.redis_timeout_ms)
-        app = create_app(cfg, store)
+        metrics = Metrics()
+        store = metrics.wrap(
+            RedisStore.from_url(redis_url, timeout_ms=cfg.settings.redis_timeout_ms)
+        )
+        app = create_app(cfg, store, events=metrics)
+        if args.config:
+            watcher = ConfigWatcher(args.config, app[ENGINE], on_result=metrics.config_reloaded)
+            app.cleanup_ctx.append(watcher.lifecycle)
 
         async def freeze_gc(app: web.Application) -> None:
             # Everything allocated at start-up lives for the whole run; moving it out of
@@ -123,10 +131,10 @@ def check_config(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    level = getattr(args, "log_level", "info").upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
+        logs.setup(args.log_level)
         return serve(args)
+    logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     return check_config(args)
 
 

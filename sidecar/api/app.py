@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
 
-from sidecar.api import native
+from sidecar import logs
+from sidecar.api import native, proxy
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
 from sidecar.engine import Engine, RequestError, Unavailable
+from sidecar.events import EngineEvents
+from sidecar.metrics import Metrics
 from sidecar.model import Config
 from sidecar.scripts import Scripts
 from sidecar.store import Store, StoreError
@@ -53,13 +55,23 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             return response(ProblemError(exc.status, exc.reason))
         raise
     except StoreError:
-        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
-        log.exception("store error on %s %s (request %s)", request.method, request.path, request_id)
+        request_id = logs.request_id_of(request)
+        log.exception(
+            "store error on %s %s (request %s)",
+            request.method,
+            request.path,
+            request_id,
+            extra={"request_id": request_id},
+        )
         return response(ProblemError(500, "internal error in the budget store"), request_id)
     except Exception:
-        request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+        request_id = logs.request_id_of(request)
         log.exception(
-            "unexpected error on %s %s (request %s)", request.method, request.path, request_id
+            "unexpected error on %s %s (request %s)",
+            request.method,
+            request.path,
+            request_id,
+            extra={"request_id": request_id},
         )
         return response(ProblemError(500, "internal error"), request_id)
 
@@ -80,15 +92,20 @@ def create_app(
     *,
     clock: Clock | None = None,
     scripts: Scripts | None = None,
+    events: EngineEvents | None = None,
 ) -> web.Application:
-    """The application over a store. The store is closed with the app."""
+    """The application over a store. The store is closed with the app. With `events` a
+    Metrics, /metrics and /prometheus serve it."""
     app = web.Application(
-        middlewares=[problems],
+        # Request ids bind to logs only when per-decision debug lines are on.
+        middlewares=[logs.request_ids, problems] if logs.debug_enabled() else [problems],
         client_max_size=config.settings.max_body_bytes,
         # Long query strings reach the handlers (and their problem+json answers).
         handler_args={"max_line_size": 65_536},
     )
-    engine = Engine(config, store, clock or SystemClock(), scripts or Scripts.load_all())
+    engine = Engine(
+        config, store, clock or SystemClock(), scripts or Scripts.load_all(), events=events
+    )
     app[ENGINE] = engine
     app[STORE] = store
     app[MAX_BODY] = config.settings.max_body_bytes
@@ -102,4 +119,7 @@ def create_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     native.add_routes(app, ENGINE)
+    proxy.add_routes(app, ENGINE)
+    if isinstance(events, Metrics):
+        events.add_routes(app, engine)
     return app

@@ -1,0 +1,457 @@
+"""Prometheus metrics: an EngineEvents observer, a metered Store, and the /metrics route.
+
+Every metric is created once per `Metrics`, on its own registry (so several apps in one
+test process do not collide). The hot path only looks up label children, most of them
+resolved ahead of time into plain dicts.
+
+Label cardinality is bounded by the config, never by traffic: `budget_id` comes from the
+configured budgets, `provider`/`model` from the configured prices (anything else is
+`other`), the rest are fixed enums. No label names an entity, a reservation or a request.
+
+With PROMETHEUS_MULTIPROC_DIR set (several worker processes), prometheus-client keeps each
+value in a per-process file and /metrics sums (counters, histograms) or takes the maximum
+of live processes (the used-ratio gauge) across every process writing to that directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+    multiprocess,
+)
+
+from sidecar.clock import Clock, SystemClock
+from sidecar.engine import Engine
+from sidecar.logs import decision_log, log_decision
+from sidecar.model import Action, Budget, Config
+from sidecar.periods import WindowCache
+from sidecar.schemas import BudgetState, Decision, RecordResult, SettleResult
+from sidecar.scripts import Script
+from sidecar.store import Store, StoreUnavailable
+
+log = logging.getLogger("sidecar.metrics")
+
+PREFIX = "budget_sidecar"
+OTHER = "other"
+# The classic text format, which every Prometheus since 2.0 reads; newer prometheus-client
+# versions announce 1.0.0 (UTF-8 names), which we do not need: our names are ASCII.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Decisions take well under a millisecond when Redis is local; the buckets resolve that
+# range and still reach the Redis timeout and beyond.
+LATENCY_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+OPERATIONS = ("authorize", "check", "settle", "release", "record")
+OUTCOMES = ("allowed", "denied", "degraded")
+_LABEL_CACHE_SIZE = 1024
+
+
+def multiprocess_dir() -> str | None:
+    """The directory prometheus-client shares between worker processes, if configured."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or None
+
+
+class Metrics:
+    """EngineEvents on prometheus-client. Never raises into the engine."""
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock = clock or SystemClock()
+        self._engine: Engine | None = None
+        self.registry = CollectorRegistry(auto_describe=True)
+        reg = self.registry
+        self._multiprocess = multiprocess_dir() is not None
+        if not self._multiprocess:
+            # Process figures are per process and meaningless summed; multiprocess mode
+            # leaves them out.
+            ProcessCollector(registry=reg)
+            PlatformCollector(registry=reg)
+
+        self.decisions = Counter(
+            f"{PREFIX}_decisions",
+            "authorize and check answers, by action taken and outcome "
+            "(allowed, denied, or degraded: allowed by fail mode open without Redis).",
+            ["operation", "action", "outcome"],
+            registry=reg,
+        )
+        self.duration = Histogram(
+            f"{PREFIX}_decision_duration_seconds",
+            "Engine wall time per operation, Redis included.",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.redis_duration = Histogram(
+            f"{PREFIX}_redis_duration_seconds",
+            "Wall time of one Redis script call (or ping), failures included.",
+            ["script"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.redis_errors = Counter(
+            f"{PREFIX}_redis_errors",
+            "Failed Redis calls: kind=unavailable (timeout, lost connection: the fail mode "
+            "applies) or kind=error (a script error: HTTP 500).",
+            ["script", "kind"],
+            registry=reg,
+        )
+        self.unavailable = Counter(
+            f"{PREFIX}_store_unavailable",
+            "Operations whose Redis call timed out or lost its connection; for authorize "
+            "and check the fail mode decided (see fail_open_total; the rest failed closed).",
+            ["operation"],
+            registry=reg,
+        )
+        self.fail_open = Counter(
+            f"{PREFIX}_fail_open",
+            "Decisions allowed by fail mode open while Redis was unavailable.",
+            ["operation"],
+            registry=reg,
+        )
+        self.reservations = Counter(
+            f"{PREFIX}_reservations",
+            "Reservation lifecycle events seen by this sidecar: held (authorize), settled, "
+            "released, and expired (settled or released after the lease had ended). "
+            "Holds that expire and are never settled or released are not counted.",
+            ["event"],
+            registry=reg,
+        )
+        self.used_ratio = Gauge(
+            f"{PREFIX}_budget_used_ratio",
+            "Highest (used + held) / limit of any entity of this budget in the answers this "
+            "sidecar gave during the budget's current period (1 = at the limit).",
+            ["budget_id"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.alerts = Counter(
+            f"{PREFIX}_alerts",
+            "Budget threshold alerts by result (delivered, failed).",
+            ["result"],
+            registry=reg,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_llm_tokens",
+            "Tokens charged by settle and record, by provider, model and type "
+            "(input, output). Unpriced provider/model pairs are labelled other.",
+            ["provider", "model", "type"],
+            registry=reg,
+        )
+        self.cost = Counter(
+            f"{PREFIX}_llm_cost_usd",
+            "USD charged by settle and record, by provider and model.",
+            ["provider", "model"],
+            registry=reg,
+        )
+        self.reloads = Counter(
+            f"{PREFIX}_config_reloads",
+            "Config file reloads by result (success, failure: the last good config stays).",
+            ["result"],
+            registry=reg,
+        )
+
+        # Children resolved once: the hot path does dict lookups, not labels() calls.
+        self._decision_children: dict[tuple[str, str, str], Any] = {
+            (op, str(action), outcome): self.decisions.labels(op, str(action), outcome)
+            for op in ("authorize", "check")
+            for action in Action
+            for outcome in OUTCOMES
+        }
+        self._duration_children = {op: self.duration.labels(op) for op in OPERATIONS}
+        self._unavailable_children = {op: self.unavailable.labels(op) for op in OPERATIONS}
+        self._fail_open_children = {op: self.fail_open.labels(op) for op in ("authorize", "check")}
+        self._held = self.reservations.labels("held")
+        self._settled = self.reservations.labels("settled")
+        self._released = self.reservations.labels("released")
+        self._expired = self.reservations.labels("expired")
+        self.alerts_delivered = self.alerts.labels("delivered")
+        self.alerts_failed = self.alerts.labels("failed")
+        self._reload_ok = self.reloads.labels("success")
+        self._reload_failed = self.reloads.labels("failure")
+        self._redis_children: dict[str, tuple[Any, Any, Any]] = {}
+        self._spend_children: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
+        self._spend_config: Config | None = None
+        # budget_id -> [highest ratio this period, period end (ms), gauge child]
+        self._ratios: dict[str, list[Any]] = {}
+        self._budgets: dict[str, Budget] = {}
+        self._budgets_config: Config | None = None
+        self._windows = WindowCache()
+        self._last_unavailable_log = -1e9
+
+    # ---- wiring -------------------------------------------------------------------------
+
+    def add_routes(self, app: web.Application, engine: Engine) -> None:
+        """Serve /metrics and /prometheus (the same page) and learn the engine's config."""
+        self._engine = engine
+        app.router.add_get("/metrics", self.handle)
+        app.router.add_get("/prometheus", self.handle)
+
+        async def forget_process(app: web.Application) -> None:
+            if self._multiprocess:
+                # The used-ratio gauge is a max over live processes: drop this one's.
+                multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]
+
+        app.on_cleanup.append(forget_process)
+
+    def wrap(self, store: Store) -> MeteredStore:
+        return MeteredStore(store, self)
+
+    def exposition(self) -> bytes:
+        self.refresh()
+        if self._multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = self.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    def refresh(self) -> None:
+        """At scrape time: a budget whose period ended since its last answer reads 0."""
+        now_ms = self._clock.now_ms()
+        for entry in self._ratios.values():
+            if now_ms >= entry[1]:
+                entry[0] = 0.0
+                entry[1] = self._period_end(entry[3], now_ms)
+                entry[2].set(0.0)
+
+    # ---- EngineEvents -------------------------------------------------------------------
+
+    def decided(self, operation: str, decision: Decision, seconds: float) -> None:
+        if decision.degraded:
+            outcome = "degraded"
+            child = self._fail_open_children.get(operation)
+            if child is not None:
+                child.inc()
+        else:
+            outcome = "allowed" if decision.allowed else "denied"
+        key = (operation, decision.action, outcome)
+        counter = self._decision_children.get(key)
+        if counter is None:
+            counter = self._decision_children[key] = self.decisions.labels(*key)
+        counter.inc()
+        self._observe_duration(operation, seconds)
+        if operation == "authorize" and decision.lease_expires_at is not None:
+            # lease_expires_at is set exactly when this answer took a new hold (not a
+            # replay, not a denial, not degraded).
+            self._held.inc()
+        if decision.budgets:
+            self._observe_ratios(decision.budgets)
+        # The per-decision log line lives here because this is the one place every
+        # decision passes; isEnabledFor is a cached lookup, so info level costs nothing.
+        if decision_log.isEnabledFor(logging.DEBUG):
+            log_decision(operation, decision, seconds)
+
+    def finished(self, operation: str, result: SettleResult, seconds: float) -> None:
+        self._observe_duration(operation, seconds)
+        if result.replayed:
+            return  # the first answer already counted it
+        if result.state == "settled":
+            self._settled.inc()
+            self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
+        else:
+            self._released.inc()
+        if result.lease_expired:
+            self._expired.inc()
+        if result.budgets:
+            self._observe_ratios(result.budgets)
+
+    def recorded(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+        seconds: float,
+    ) -> None:
+        self._observe_duration("record", seconds)
+        if result.replayed:
+            return
+        self._spend(provider, model, result.cost_usd, tokens_in, tokens_out)
+        if result.budgets:
+            self._observe_ratios(result.budgets)
+
+    def store_unavailable(self, operation: str) -> None:
+        now = time.monotonic()
+        if now - self._last_unavailable_log >= 1.0:
+            # An outage at thousands of calls per second is one line a second, not one
+            # per call; the counter has every one.
+            self._last_unavailable_log = now
+            log.error(
+                "redis did not answer %s in time; the fail mode applies",
+                operation,
+                extra={"operation": operation},
+            )
+        child = self._unavailable_children.get(operation)
+        if child is None:
+            child = self._unavailable_children[operation] = self.unavailable.labels(operation)
+        child.inc()
+
+    # ---- other sources ------------------------------------------------------------------
+
+    def config_reloaded(self, ok: bool) -> None:
+        (self._reload_ok if ok else self._reload_failed).inc()
+
+    def redis_call(self, script: str) -> tuple[Any, Any, Any]:
+        """(duration, unavailable, error) children for one script name."""
+        children = self._redis_children.get(script)
+        if children is None:
+            children = self._redis_children[script] = (
+                self.redis_duration.labels(script),
+                self.redis_errors.labels(script, "unavailable"),
+                self.redis_errors.labels(script, "error"),
+            )
+        return children
+
+    # ---- helpers ------------------------------------------------------------------------
+
+    def _observe_duration(self, operation: str, seconds: float) -> None:
+        child = self._duration_children.get(operation)
+        if child is None:
+            child = self._duration_children[operation] = self.duration.labels(operation)
+        child.observe(seconds)
+
+    def _spend(
+        self,
+        provider: str | None,
+        model: str | None,
+        cost_usd: float,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        engine = self._engine
+        config = engine.config if engine is not None else None
+        if config is not self._spend_config or len(self._spend_children) >= _LABEL_CACHE_SIZE:
+            # Labels follow the pricing: a reload may price (or stop pricing) a model.
+            self._spend_children = {}
+            self._spend_config = config
+        key = (provider, model)
+        children = self._spend_children.get(key)
+        if children is None:
+            label_provider, label_model = OTHER, OTHER
+            price = engine.price(provider, model) if engine is not None else None
+            if price is not None and price.model != "*":  # "*" is the fallback price
+                label_provider, label_model = price.provider, price.model
+            children = self._spend_children[key] = (
+                self.cost.labels(label_provider, label_model),
+                self.tokens.labels(label_provider, label_model, "input"),
+                self.tokens.labels(label_provider, label_model, "output"),
+            )
+        cost, tokens_input, tokens_output = children
+        if cost_usd:
+            cost.inc(cost_usd)
+        if tokens_in:
+            tokens_input.inc(tokens_in)
+        if tokens_out:
+            tokens_output.inc(tokens_out)
+
+    def _observe_ratios(self, states: Sequence[BudgetState]) -> None:
+        now_ms = self._clock.now_ms()
+        for state in states:
+            entry = self._ratios.get(state.budget_id)
+            if entry is None:
+                entry = self._new_ratio(state.budget_id, now_ms)
+                if entry is None:
+                    continue  # a budget the config no longer has
+            if now_ms >= entry[1]:  # a new period: the old high no longer says anything
+                entry[0] = 0.0
+                entry[1] = self._period_end(state.budget_id, now_ms)
+                entry[2].set(0.0)
+            ratio = state.percentage / 100
+            if ratio > entry[0]:  # only a new high writes to the gauge
+                entry[0] = ratio
+                entry[2].set(ratio)
+
+    def _new_ratio(self, budget_id: str, now_ms: int) -> list[Any] | None:
+        budget = self._budget(budget_id)
+        if budget is None:
+            return None
+        entry: list[Any] = [
+            0.0,
+            self._period_end(budget_id, now_ms),
+            self.used_ratio.labels(budget_id),
+            budget_id,
+        ]
+        self._ratios[budget_id] = entry
+        return entry
+
+    def _budget(self, budget_id: str) -> Budget | None:
+        engine = self._engine
+        if engine is None:
+            return None
+        if engine.config is not self._budgets_config:
+            self._budgets_config = engine.config
+            self._budgets = {b.id: b for b in engine.config.budgets}
+        return self._budgets.get(budget_id)
+
+    def _period_end(self, budget_id: str, now_ms: int) -> int:
+        budget = self._budget(budget_id)
+        if budget is None:
+            return now_ms  # no longer configured: reads 0 from the next scrape on
+        return self._windows.get(budget.period, budget.timezone, now_ms).end_ms
+
+
+def _tokens(result: SettleResult) -> tuple[int, int]:
+    return result.tokens_in, result.tokens_out
+
+
+class MeteredStore:
+    """A Store that times every Redis call and counts its failures, then delegates."""
+
+    def __init__(self, inner: Store, metrics: Metrics) -> None:
+        self.inner = inner
+        self._metrics = metrics
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        duration, unavailable, error = self._metrics.redis_call(script.name)
+        start = time.perf_counter()
+        try:
+            return await self.inner.run(script, keys, args)
+        except StoreUnavailable:
+            unavailable.inc()
+            raise
+        except Exception:
+            error.inc()
+            raise
+        finally:
+            duration.observe(time.perf_counter() - start)
+
+    async def ping(self) -> bool:
+        duration, unavailable, _error = self._metrics.redis_call("ping")
+        start = time.perf_counter()
+        ok = await self.inner.ping()
+        duration.observe(time.perf_counter() - start)
+        if not ok:
+            unavailable.inc()
+        return ok
+
+    async def close(self) -> None:
+        await self.inner.close()
