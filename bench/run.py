@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import proxy
 from sidecar import keys
 from sidecar.scripts import Scripts
 from tests.harness import REPO, RedisServer, free_port, wait_until
@@ -40,6 +41,15 @@ pricing:
 settings:
   redis_timeout_ms: 1000
 """
+# The same, plus two rate limits on the same identity that never deny: what checking
+# (and charging) limiters adds to a decision.
+RATE_LIMITS = """
+rate_limits:
+  - {id: rpm, scope: organization, metric: requests, limit: 1000000, window: 1s}
+  - {id: tpm, scope: team, metric: tokens, limit: 100000000, window: 1s}
+"""
+RAW_RATE_ARGS = ["rpm/org-1", "r", "1000000", "1000", "0", "0",
+                 "tpm/team-1", "t", "100000000", "1000", "0", "0"]  # fmt: skip
 
 
 @dataclass
@@ -75,8 +85,9 @@ def redis_cpu_us(client) -> float:  # type: ignore[no-untyped-def]
     return (float(info["used_cpu_sys"]) + float(info["used_cpu_user"])) * 1e6
 
 
-def raw_evalsha(server: RedisServer, seconds: int) -> float:
-    """redis-benchmark of the authorize script itself, with the bench's 3 budgets."""
+def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None = None) -> float:
+    """redis-benchmark of the authorize script itself, with the bench's 3 budgets (and
+    rate limiters, if given)."""
     script = Scripts.load_all().authorize
     client = server.client()
     client.script_load(script.source)
@@ -91,7 +102,7 @@ def raw_evalsha(server: RedisServer, seconds: int) -> float:
         "evalsha", script.sha, "4", *tk.hot,
         now, "rid-__rand_int__", "600000", "5000", "", "2500000", "10000000", "86400000",
         "meta", "700", "3", "",
-        *budgets,
+        *budgets, *(rate_args or []),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     rps = re.findall(r"([\d.]+) requests per second", out)
@@ -157,11 +168,26 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
         f"{f['redis_commands_per_decision']:.1f} commands (incl. inside the script), "
         f"{f['redis_cpu_us_per_decision']:.1f} us CPU",
     )
+    line("/ext_authz (proxy route), 64 connections", load("proxy_64"))
+    line("authorize + 2 rate limits, 64 connections", load("limited_64"))
+    line(
+        "raw EVALSHA with the 2 rate limits",
+        f"{f['raw_evalsha_rate_limited_per_s']:>9,.0f} /s",
+    )
     print("ratios:")
     line("authorize / bare POST throughput", f"{f['authorize_64_per_s'] / f['bare_64_per_s']:.2f}")
     line(
         "authorize / raw EVALSHA throughput",
         f"{f['authorize_64_per_s'] / f['raw_evalsha_per_s']:.2f}",
+    )
+    line(
+        "proxy route / JSON authorize throughput",
+        f"{f['proxy_64_per_s'] / f['authorize_64_per_s']:.2f}",
+    )
+    line(
+        "cost of 2 rate limits (budget-only / limited)",
+        f"HTTP {f['authorize_64_per_s'] / f['limited_64_per_s']:.2f}x, "
+        f"raw EVALSHA {f['raw_evalsha_per_s'] / f['raw_evalsha_rate_limited_per_s']:.2f}x",
     )
     line(
         "authorize p50 @1 / (bare p50 + PING p50)",
@@ -186,6 +212,8 @@ def main() -> None:
     figures: dict[str, float] = {}
     try:
         figures["raw_evalsha_per_s"] = raw_evalsha(server, s)
+        server.client().flushall()
+        figures["raw_evalsha_rate_limited_per_s"] = raw_evalsha(server, s, RAW_RATE_ARGS)
         figures["redis_ping_p50_ms"] = ping_p50_ms(server)
         server.client().flushall()
 
@@ -222,6 +250,23 @@ def main() -> None:
             figures["redis_commands_per_decision"] = calls / decisions
             a1 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 1, s)
             pair = wrk(base + "/", BENCH / "wrk_pair.lua", 64, s)
+            through_proxy = proxy.measure(base, s)
+        finally:
+            stop(sidecar)
+
+        limited_config = workdir / "bench-rate-limited.yaml"
+        limited_config.write_text(CONFIG + RATE_LIMITS)
+        port = free_port()
+        sidecar = start(
+            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
+             "--redis-url", server.url, "--config", str(limited_config),
+             "--log-level", "warning"],
+            f"http://127.0.0.1:{port}/healthz",
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            limited = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
         finally:
             stop(sidecar)
     finally:
@@ -234,6 +279,10 @@ def main() -> None:
         authorize_64_p99_ms=a64.p99_ms, authorize_1_p50_ms=a1.p50_ms,
         pair_64_per_s=pair.requests_per_s, pair_64_p50_ms=pair.p50_ms, pair_64_p99_ms=pair.p99_ms,
         pair_64_decisions_per_s=pair.requests_per_s / 2,
+        proxy_64_per_s=through_proxy["requests_per_s"], proxy_64_p50_ms=through_proxy["p50_ms"],
+        proxy_64_p99_ms=through_proxy["p99_ms"], proxy_64_non_2xx=through_proxy["non_2xx"],
+        limited_64_per_s=limited.requests_per_s, limited_64_p50_ms=limited.p50_ms,
+        limited_64_p99_ms=limited.p99_ms,
     )  # fmt: skip
     report(figures, s, pair.extra.strip())
     if args.json:
