@@ -13,7 +13,7 @@ import os
 import time
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from sidecar import keys
@@ -166,7 +166,13 @@ class Engine:
         self._scripts = scripts
         self._windows = WindowCache()
         self._snapshot = Snapshot.of(config)
-        self._memo: dict[tuple[Identity, str | None, str | None], tuple[Snapshot, Resolved]] = {}
+        # Definitions made through the admin API, per tenant, and the snapshots that merge
+        # them with the config file's (tenants without any use self._snapshot).
+        self._api_limits: dict[str, tuple[RateLimit, ...]] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+        self._memo: dict[
+            tuple[str, Identity, str | None, str | None], tuple[Snapshot, Resolved]
+        ] = {}
         self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
@@ -176,8 +182,29 @@ class Engine:
         return self._snapshot.config
 
     def swap(self, config: Config) -> None:
-        """Replace every definition at once; decisions in flight keep the old snapshot."""
+        """Replace the config file's definitions at once; decisions in flight keep the old
+        snapshot."""
         self._snapshot = Snapshot.of(config)
+        self._rebuild_tenants()
+
+    def set_api_limits(self, limits: dict[str, tuple[RateLimit, ...]]) -> None:
+        """Replace every tenant's API-defined rate limits (see sidecar.definitions)."""
+        self._api_limits = dict(limits)
+        self._rebuild_tenants()
+
+    def api_limits(self, tenant: str) -> tuple[RateLimit, ...]:
+        return self._api_limits.get(tenant, ())
+
+    def _rebuild_tenants(self) -> None:
+        config = self._snapshot.config
+        self._snapshots = {
+            tenant: Snapshot.of(replace(config, rate_limits=config.rate_limits + limits))
+            for tenant, limits in self._api_limits.items()
+            if limits
+        }
+
+    def snapshot(self, tenant: str) -> Snapshot:
+        return self._snapshots.get(tenant, self._snapshot)
 
     def identity(self, fields: IdentityFields) -> Identity:
         return Identity(
@@ -188,24 +215,25 @@ class Engine:
             user_id=fields.user_id,
         )
 
-    def applicable(self, identity: Identity, model: str | None, now_ms: int) -> list[Applied]:
-        """Every enabled budget that covers this identity, with its counter for now."""
-        return self.resolve(identity, None, model, now_ms).budgets
-
     def resolve(
-        self, identity: Identity, provider: str | None, model: str | None, now_ms: int
+        self,
+        tenant: str,
+        identity: Identity,
+        provider: str | None,
+        model: str | None,
+        now_ms: int,
     ) -> Resolved:
         """Every budget and rate limit that covers this call.
 
-        Memoized per (identity, provider, model) until the earliest budget window ends:
-        agents repeat the same identity, and resolving it costs more than the decision's
-        own Python work. A snapshot swap starts a fresh memo.
+        Memoized per (tenant, identity, provider, model) until the earliest budget window
+        ends: agents repeat the same identity, and resolving it costs more than the
+        decision's own Python work. A snapshot swap starts a fresh memo.
         """
-        memo_key = (identity, provider, model)
+        snap = self.snapshot(tenant)
+        memo_key = (tenant, identity, provider, model)
         hit = self._memo.get(memo_key)
-        if hit is not None and hit[0] is self._snapshot and now_ms < hit[1].valid_until_ms:
+        if hit is not None and hit[0] is snap and now_ms < hit[1].valid_until_ms:
             return hit[1]
-        snap = self._snapshot
         budgets: list[Applied] = []
         limits: list[AppliedLimit] = []
         for scope, field in _SCOPE_FIELDS:
@@ -295,7 +323,7 @@ class Engine:
             raise RequestError(
                 "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
             )
-        resolved = self.resolve(identity, req.provider, req.model, now)
+        resolved = self.resolve(tenant, identity, req.provider, req.model, now)
         applied = resolved.budgets
         rid = new_reservation_id()
         args: list[str | int] = [
@@ -349,7 +377,7 @@ class Engine:
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
-        resolved = self.resolve(identity, req.provider, req.model, now)
+        resolved = self.resolve(tenant, identity, req.provider, req.model, now)
         applied = resolved.budgets
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         args: list[str | int] = [
@@ -471,7 +499,7 @@ class Engine:
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
         price = self._priced(req.provider, req.model) if has_tokens else None
         cost = self._estimate(price, req.cost_usd, req.tokens_in, req.tokens_out)
-        applied = self.applicable(identity, req.model, now)
+        applied = self.resolve(tenant, identity, req.provider, req.model, now).budgets
         args: list[str | int] = [now, cost, req.idempotency_key or "", settings.keep_finished_ms]
         for a in applied:
             args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS)

@@ -8,6 +8,7 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
     bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" / "q:<key>" -> Unix ms after which it may go
+    bs:{T}:defs    hash   admin-API definitions, "rl:<id>" -> JSON (off the hot path)
 
 A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`;
 a rate limiter's fields ("d:", "l:", "n:" in the same hash) end in `<limit id>/<entity>`.
@@ -64,6 +65,17 @@ def tenant_keys(tenant: str) -> TenantKeys:
         reservations=tag + "res",
         gc=tag + "gc",
     )
+
+
+def definitions(tenant: str) -> str:
+    """Hash of the definitions a tenant made through the admin API ("rl:<id>" -> JSON)."""
+    return f"{PREFIX}:{{{escape(tenant)}}}:defs"
+
+
+# Off the hot path and outside any script: every replica polls DEFS_VERSION (bumped with
+# each definition write) and reloads the tenants in DEFS_TENANTS when it moves.
+DEFS_VERSION = f"{PREFIX}:defs:version"
+DEFS_TENANTS = f"{PREFIX}:defs:tenants"
 
 
 def counter_id(budget_id: str, entity: str, window_key: str) -> str:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import (
     CollectorRegistry,
@@ -455,3 +456,7 @@ class MeteredStore:
 
     async def close(self) -> None:
         await self.inner.close()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self.inner.client

@@ -18,6 +18,8 @@ from typing import Any, Protocol
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from sidecar.resp import ConnectionLost, PipelinedConnection
@@ -48,6 +50,11 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """redis-py, for the calls off the hot path (definitions, readiness)."""
+        ...
+
 
 class RedisStore:
     """A Store over one standalone Redis (unix or TCP, optionally TLS)."""
@@ -60,6 +67,9 @@ class RedisStore:
             decode_responses=True,
             socket_connect_timeout=max(self._timeout_s, 0.2),
             socket_timeout=max(self._timeout_s, 1.0),
+            # A pooled connection goes stale when Redis restarts: one immediate retry on
+            # a fresh connection, no backoff (callers bound the wait themselves).
+            retry=Retry(NoBackoff(), 1),
         )
 
     @classmethod

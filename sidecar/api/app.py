@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from sidecar import logs
-from sidecar.api import native, proxy
+from sidecar.api import admin, native, proxy
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
+from sidecar.definitions import DefinitionStore, DefinitionWatcher
 from sidecar.engine import Engine, RequestError, Unavailable
 from sidecar.events import EngineEvents
 from sidecar.metrics import Metrics
@@ -24,6 +27,7 @@ log = logging.getLogger("sidecar.http")
 ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 MAX_BODY = web.AppKey("max_body_bytes", int)
+WATCHER = web.AppKey("definitions", DefinitionWatcher)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -116,10 +120,22 @@ def create_app(
         await store.close()
 
     app.cleanup_ctx.append(store_lifecycle)
+    watcher = DefinitionWatcher(DefinitionStore(store.client), engine)
+    app[WATCHER] = watcher
+
+    async def definitions_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        # Start enforcing what the admin API stored before serving, if Redis answers.
+        with contextlib.suppress(RedisError, OSError):
+            await watcher.refresh()
+        async for _ in watcher.lifecycle():
+            yield
+
+    app.cleanup_ctx.append(definitions_lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
+    admin.add_routes(app, ENGINE, WATCHER)
     if isinstance(events, Metrics):
         events.add_routes(app, engine)
     return app
