@@ -125,7 +125,10 @@ def check_config(args: argparse.Namespace) -> int:
     except config.ConfigError as err:
         print(f"invalid: {err}", file=sys.stderr)
         return 2
-    print(f"ok: {args.file}: {len(cfg.budgets)} budgets, {len(cfg.pricing)} prices")
+    print(
+        f"ok: {args.file}: {len(cfg.budgets)} budgets, {len(cfg.rate_limits)} rate limits, "
+        f"{len(cfg.pricing)} prices"
+    )
     return 0
 
 
