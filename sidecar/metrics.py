@@ -175,8 +175,16 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.rate_limited = Counter(
+            f"{PREFIX}_rate_limit_decisions",
+            "Decisions a rate limit denied (mode enforce) or would have denied (mode shadow),"
+            " by rate limit id.",
+            ["rate_limit_id", "mode"],
+            registry=reg,
+        )
 
         # Children resolved once: the hot path does dict lookups, not labels() calls.
+        self._rate_limited_children: dict[tuple[str, str], Any] = {}
         self._decision_children: dict[tuple[str, str, str], Any] = {
             (op, str(action), outcome): self.decisions.labels(op, str(action), outcome)
             for op in ("authorize", "check")
@@ -259,6 +267,10 @@ class Metrics:
             counter = self._decision_children[key] = self.decisions.labels(*key)
         counter.inc()
         self._observe_duration(operation, seconds)
+        if decision.rate_limits and (decision.would_deny or not decision.allowed):
+            for limit in decision.rate_limits:
+                if limit.would_deny:
+                    self._count_rate_limited(limit.rate_limit_id, limit.mode)
         if operation == "authorize" and decision.lease_expires_at is not None:
             # lease_expires_at is set exactly when this answer took a new hold (not a
             # replay, not a denial, not degraded).
@@ -333,6 +345,15 @@ class Metrics:
         return children
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _count_rate_limited(self, limit_id: str, mode: str) -> None:
+        key = (limit_id, mode)
+        child = self._rate_limited_children.get(key)
+        if child is None:
+            if len(self._rate_limited_children) >= _LABEL_CACHE_SIZE:
+                return  # ids come from definitions, but stay bounded whatever is defined
+            child = self._rate_limited_children[key] = self.rate_limited.labels(*key)
+        child.inc()
 
     def _observe_duration(self, operation: str, seconds: float) -> None:
         child = self._duration_children.get(operation)

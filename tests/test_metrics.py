@@ -253,3 +253,21 @@ def test_two_processes_add_up(
     finally:
         for p in procs:
             p.cleanup()
+
+
+async def test_rate_limit_denials_and_shadow_would_denies_are_counted(metered: MakeApp) -> None:
+    doc = {
+        "rate_limits": [
+            {"id": "hard", "scope": "user", "metric": "requests", "limit": 1, "window": "10s"},
+            {"id": "trial", "scope": "team", "metric": "requests", "limit": 1, "window": "10s",
+             "mode": "shadow"},
+        ]
+    }  # fmt: skip
+    client, _ = await metered(doc)
+    for user in ("u1", "u1", "u2"):  # u1's second is denied by "hard"
+        await post(client, "/v1/authorize", {"user_id": user, "team_id": "t", "estimated_usd": 0.1})
+    found = await scrape(client)
+    total = "budget_sidecar_rate_limit_decisions_total"
+    assert value(found, total, rate_limit_id="hard", mode="enforce") == 1
+    # "trial" would have denied u1's second (not charged) and u2's call (team t used up).
+    assert value(found, total, rate_limit_id="trial", mode="shadow") == 2
