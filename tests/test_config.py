@@ -295,7 +295,7 @@ def test_check_config_good_file(write_config: WriteConfig) -> None:
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("ok")
     assert str(path) in done.stdout
-    assert "3 budgets, 2 prices" in done.stdout
+    assert "3 budgets, 0 rate limits, 2 prices" in done.stdout
     assert done.stderr == ""
 
 
