@@ -1,6 +1,6 @@
 """Definitions made through the admin API: stored in Redis, seen by every replica.
 
-A write is one MULTI (HSET the tenant's definition, SADD the tenant, INCR the version).
+A write sets the tenant's definition, adds the tenant, then bumps the version.
 Every replica polls the version every half second (one GET, off the hot path) and, when
 it moved, reloads the definitions and swaps them into the engine, so a change made
 through any replica is enforced by all within about a second, and decisions never read
@@ -33,18 +33,17 @@ class DefinitionStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
 
+    # The definition, the tenant and the version live in different slots (a Redis Cluster
+    # refuses MULTI across them), so the writes are ordered instead: the version moves
+    # last, after what it announces is in place.
     async def put_rate_limit(self, tenant: str, spec: RateLimitSpec) -> None:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hset(keys.definitions(tenant), f"rl:{spec.id}", _encode(spec))
-            pipe.sadd(keys.DEFS_TENANTS, tenant)
-            pipe.incr(keys.DEFS_VERSION)
-            await pipe.execute()
+        await self._client.hset(keys.definitions(tenant), f"rl:{spec.id}", _encode(spec))
+        await self._client.sadd(keys.DEFS_TENANTS, tenant)
+        await self._client.incr(keys.DEFS_VERSION)
 
     async def delete_rate_limit(self, tenant: str, limit_id: str) -> bool:
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.hdel(keys.definitions(tenant), f"rl:{limit_id}")
-            pipe.incr(keys.DEFS_VERSION)
-            deleted, _ = await pipe.execute()
+        deleted = await self._client.hdel(keys.definitions(tenant), f"rl:{limit_id}")
+        await self._client.incr(keys.DEFS_VERSION)
         return bool(deleted)
 
     async def version(self) -> int:

@@ -74,8 +74,8 @@ def definitions(tenant: str) -> str:
 
 # Off the hot path and outside any script: every replica polls DEFS_VERSION (bumped with
 # each definition write) and reloads the tenants in DEFS_TENANTS when it moves.
-DEFS_VERSION = f"{PREFIX}:defs:version"
-DEFS_TENANTS = f"{PREFIX}:defs:tenants"
+DEFS_VERSION = f"{PREFIX}:{{defs}}:version"
+DEFS_TENANTS = f"{PREFIX}:{{defs}}:tenants"
 
 
 def counter_id(budget_id: str, entity: str, window_key: str) -> str:

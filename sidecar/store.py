@@ -13,12 +13,16 @@ the store heals by itself.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
+from urllib.parse import quote, unquote, urlsplit
 
 import hiredis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
@@ -56,6 +60,51 @@ class Store(Protocol):
         ...
 
 
+async def run_script(
+    conn: PipelinedConnection, script: Script, keys: Sequence[str], args: Sequence[str | int]
+) -> Any:
+    """EVALSHA on one connection; NOSCRIPT loads the script there and repeats the call
+    once. Other error replies are returned for the caller to judge (MOVED, ASK...)."""
+    try:
+        reply = await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            await conn.execute("SCRIPT", "LOAD", script.source)
+            reply = await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+    except ConnectionLost as exc:
+        raise StoreUnavailable(str(exc)) from exc
+    if isinstance(reply, hiredis.ReplyError):
+        text = str(reply)
+        if text.startswith(_TRANSIENT):
+            raise StoreUnavailable(f"{script.name}.lua: {text}")
+        if not text.startswith(("MOVED", "ASK")):
+            raise StoreError(f"{script.name}.lua failed: {text}")
+    return reply
+
+
+# Error replies that mean "not now" rather than "never": a cluster mid-failover, a replica
+# still loading its data, a server refusing writes it cannot persist.
+_TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "MISCONF")
+
+
+def open_store(url: str, *, timeout_ms: int) -> Store:
+    """The Store a Redis URL names: redis://, rediss://, unix:// (one server),
+    redis+cluster://host:port[,host:port...] (Redis Cluster), or
+    redis+sentinel://host:port[,host:port...]/service[/db] (Sentinel)."""
+    if url.startswith(("redis+cluster://", "rediss+cluster://")):
+        return ClusterStore(url, timeout_ms=timeout_ms)
+    if url.startswith(("redis+sentinel://", "rediss+sentinel://")):
+        return SentinelStore(url, timeout_ms=timeout_ms)
+    return RedisStore(url, timeout_ms=timeout_ms)
+
+
+def _hosts(netloc: str, default_port: int) -> list[tuple[str, int]]:
+    out = []
+    for part in netloc.split(","):
+        host, _, port = part.rpartition(":") if ":" in part else (part, "", "")
+        out.append((host or "127.0.0.1", int(port) if port else default_port))
+    return out
+
+
 class RedisStore:
     """A Store over one standalone Redis (unix or TCP, optionally TLS)."""
 
@@ -82,16 +131,7 @@ class RedisStore:
         return self._client
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        try:
-            reply = await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-            if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-                await self._hot.execute("SCRIPT", "LOAD", script.source)
-                reply = await self._hot.execute("EVALSHA", script.sha, len(keys), *keys, *args)
-        except ConnectionLost as exc:
-            raise StoreUnavailable(str(exc)) from exc
-        if isinstance(reply, hiredis.ReplyError):
-            raise StoreError(f"{script.name}.lua failed: {reply}")
-        return reply
+        return await run_script(self._hot, script, keys, args)
 
     async def ping(self) -> bool:
         try:
@@ -102,4 +142,203 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._hot.close()
+        await self._client.aclose()
+
+
+class ClusterStore:
+    """A Store over Redis Cluster.
+
+    Every key of one call carries its tenant's hash tag (sidecar.keys), so the call goes
+    whole to the primary that owns that slot, over that primary's auto-pipelining
+    connection; tenants spread over the primaries by their tags. redis-py's cluster
+    client keeps the slot map and serves the calls off the hot path. A MOVED or ASK reply
+    (the script did not run) refreshes the map and repeats the call on the right node; a
+    lost connection (a primary died) fails the call into the fail mode and refreshes the
+    map in the background, so calls resume once a replica is promoted.
+    """
+
+    def __init__(self, url: str, *, timeout_ms: int) -> None:
+        parts = urlsplit(url)
+        self._tls = parts.scheme.startswith("rediss")
+        self._password = unquote(parts.password) if parts.password else None
+        self._username = unquote(parts.username) if parts.username else None
+        netloc = parts.netloc.rpartition("@")[2]
+        self._timeout_s = timeout_ms / 1000
+        self._client = RedisCluster(
+            startup_nodes=[ClusterNode(h, p) for h, p in _hosts(netloc, 6379)],
+            decode_responses=True,
+            username=self._username,
+            password=self._password,
+            ssl=self._tls,
+            socket_connect_timeout=max(self._timeout_s, 0.2),
+            socket_timeout=max(self._timeout_s, 1.0),
+        )
+        self._connections: dict[tuple[str, int], PipelinedConnection] = {}
+        self._initialized = False
+        self._refresh_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def client(self) -> aioredis.Redis:
+        # The cluster client offers the commands the off-hot-path callers use.
+        return cast(aioredis.Redis, self._client)
+
+    async def _refresh(self) -> None:
+        async with self._refresh_lock, asyncio.timeout(max(self._timeout_s, 1.0)):
+            if not self._initialized:
+                await self._client.initialize()
+                self._initialized = True
+            else:
+                await self._client.nodes_manager.initialize()
+
+    def _refresh_later(self) -> None:
+        task = asyncio.get_running_loop().create_task(self._refresh_quietly())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh_quietly(self) -> None:
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self._refresh()
+
+    def _connection(self, key: str) -> PipelinedConnection:
+        node = self._client.get_node_from_key(key)
+        if node is None:
+            raise StoreUnavailable(f"no cluster node serves the slot of {key!r}")
+        address = (str(node.host), int(node.port))
+        conn = self._connections.get(address)
+        if conn is None:
+            auth = ""
+            if self._password is not None:
+                auth = f"{quote(self._username or '', safe='')}:{quote(self._password, safe='')}@"
+            scheme = "rediss" if self._tls else "redis"
+            url = f"{scheme}://{auth}{node.host}:{node.port}/0"
+            conn = self._connections[address] = PipelinedConnection(url, timeout_s=self._timeout_s)
+        return conn
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        try:
+            if not self._initialized:
+                await self._refresh()
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreUnavailable(f"cannot read the cluster's slot map: {exc}") from exc
+        conn = self._connection(keys[0])
+        try:
+            reply = await run_script(conn, script, keys, args)
+        except StoreUnavailable:
+            self._refresh_later()
+            raise
+        if isinstance(reply, hiredis.ReplyError):
+            text = str(reply)  # MOVED <slot> <host:port> or ASK <slot> <host:port>
+            host, _, port = text.split()[2].rpartition(":")
+            if text.startswith("ASK"):
+                # Mid-migration: this one call goes to the importing node, after ASKING.
+                target = self._connection_to(host, int(port))
+                asking = target.execute("ASKING")
+                reply = await run_script(target, script, keys, args)
+                await asking
+            else:
+                try:
+                    await self._refresh()
+                except (RedisError, OSError, TimeoutError) as exc:
+                    raise StoreUnavailable(f"cannot refresh the slot map: {exc}") from exc
+                reply = await run_script(self._connection(keys[0]), script, keys, args)
+            if isinstance(reply, hiredis.ReplyError):
+                raise StoreUnavailable(f"{script.name}.lua: {reply} after a redirect")
+        return reply
+
+    def _connection_to(self, host: str, port: int) -> PipelinedConnection:
+        conn = self._connections.get((host, port))
+        if conn is None:
+            scheme = "rediss" if self._tls else "redis"
+            conn = PipelinedConnection(f"{scheme}://{host}:{port}/0", timeout_s=self._timeout_s)
+            self._connections[(host, port)] = conn
+        return conn
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(max(self._timeout_s, 0.2)):
+                if not self._initialized:
+                    await self._refresh()
+                return bool(await self._client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
+        for conn in self._connections.values():
+            await conn.close()
+        await self._client.aclose()
+
+
+class SentinelStore:
+    """A Store over a Sentinel-managed primary: the sentinels name the primary; after a
+    lost connection (a failover) the next calls ask them again."""
+
+    def __init__(self, url: str, *, timeout_ms: int) -> None:
+        parts = urlsplit(url)
+        netloc = parts.netloc.rpartition("@")[2]
+        path = [p for p in parts.path.split("/") if p]
+        if not path:
+            raise ValueError("redis+sentinel:// URL needs the service name: .../mymaster[/db]")
+        self._service = path[0]
+        self._db = int(path[1]) if len(path) > 1 else 0
+        self._password = unquote(parts.password) if parts.password else None
+        self._timeout_s = timeout_ms / 1000
+        self._sentinel = Sentinel(  # type: ignore[no-untyped-call]
+            _hosts(netloc, 26379),
+            socket_timeout=max(self._timeout_s, 0.2),
+            socket_connect_timeout=max(self._timeout_s, 0.2),
+        )
+        self._client: aioredis.Redis = self._sentinel.master_for(
+            self._service,
+            decode_responses=True,
+            password=self._password,
+            db=self._db,
+            socket_connect_timeout=max(self._timeout_s, 0.2),
+            socket_timeout=max(self._timeout_s, 1.0),
+        )
+        self._hot: PipelinedConnection | None = None
+        self._primary: tuple[str, int] | None = None
+
+    @property
+    def client(self) -> aioredis.Redis:
+        return self._client
+
+    async def _connection(self) -> PipelinedConnection:
+        if self._hot is None:
+            try:
+                async with asyncio.timeout(max(self._timeout_s, 0.2)):
+                    host, port = await self._sentinel.discover_master(self._service)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreUnavailable(f"no primary for {self._service!r}: {exc}") from exc
+            auth = f":{quote(self._password, safe='')}@" if self._password else ""
+            self._primary = (host, port)
+            self._hot = PipelinedConnection(
+                f"redis://{auth}{host}:{port}/{self._db}", timeout_s=self._timeout_s
+            )
+        return self._hot
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        conn = await self._connection()
+        try:
+            reply = await run_script(conn, script, keys, args)
+        except StoreUnavailable:
+            # Perhaps a failover: ask the sentinels again on the next call.
+            self._hot = None
+            await conn.close()
+            raise
+        return reply
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(max(self._timeout_s, 0.2)):
+                return bool(await self._client.ping())
+        except (RedisError, OSError, TimeoutError):
+            return False
+
+    async def close(self) -> None:
+        if self._hot is not None:
+            await self._hot.close()
         await self._client.aclose()
