@@ -342,3 +342,5 @@ class SentinelStore:
         if self._hot is not None:
             await self._hot.close()
         await self._client.aclose()
+        for sentinel in self._sentinel.sentinels:
+            await sentinel.aclose()
