@@ -153,12 +153,57 @@ class _Protocol(asyncio.Protocol):
             self._transport.close()
 
 
+class CircuitBreaker:
+    """Stops waiting on Redis while it is down.
+
+    After `threshold` failures in a row (timeouts, refused or lost connections) it opens:
+    calls fail at once, without touching Redis, for `cooldown_s`. Then one call at a time
+    probes; a success closes it, a failure opens it again. A decision during an outage so
+    costs nothing instead of the whole timeout, and the first call after Redis returns
+    finds it at most `cooldown_s` later.
+    """
+
+    def __init__(self, *, threshold: int = 3, cooldown_s: float = 0.25) -> None:
+        self.threshold = threshold
+        self.cooldown_s = cooldown_s
+        self._failures = 0
+        self._open_until = 0.0
+        self._probing = False
+        self.opened = 0  # times it opened: for metrics and tests
+
+    @property
+    def is_open(self) -> bool:
+        return self._failures >= self.threshold
+
+    def allow(self, now: float) -> bool:
+        if not self.is_open:
+            return True
+        if now < self._open_until or self._probing:
+            return False
+        self._probing = True  # half-open: this call is the probe
+        return True
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failure(self, now: float) -> None:
+        was_open = self.is_open
+        self._failures += 1
+        self._probing = False
+        if self.is_open:
+            if not was_open:
+                self.opened += 1
+            self._open_until = now + self.cooldown_s
+
+
 class PipelinedConnection:
     """One auto-pipelining connection, reopened on demand after it is lost."""
 
     def __init__(self, url: str, *, timeout_s: float) -> None:
         self._address = Address.parse(url)
         self._timeout_s = timeout_s
+        self.breaker = CircuitBreaker()
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
@@ -209,10 +254,19 @@ class PipelinedConnection:
 
         Raises ConnectionLost (ReplyTimeout when Redis did not answer within the timeout:
         connecting and the reply each get the whole timeout)."""
-        protocol = self._protocol
-        if protocol is None or not protocol.alive:
-            protocol = await self._protocol_ready()
-        return await protocol.send(_pack(args))
+        loop = asyncio.get_running_loop()
+        if not self.breaker.allow(loop.time()):
+            raise ConnectionLost("redis failed just now; not waiting on it (circuit open)")
+        try:
+            protocol = self._protocol
+            if protocol is None or not protocol.alive:
+                protocol = await self._protocol_ready()
+            reply = await protocol.send(_pack(args))
+        except ConnectionLost:
+            self.breaker.failure(loop.time())
+            raise
+        self.breaker.success()
+        return reply
 
     async def close(self) -> None:
         if self._protocol is not None:

@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -124,6 +125,18 @@ async def good_authorize(client: TestClient[Any, Any], user: str = "u1") -> dict
 
 
 AUTH = {"user_id": "u1", "estimated_usd": 0.1}
+
+
+async def decisions_resume(client: TestClient[Any, Any]) -> None:
+    """Wait (bounded) until a check answers from Redis again: after an outage the circuit
+    breaker keeps answering by the fail mode for its cool-down (0.25 s), then probes."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        status, _, body = await call(client, "POST", "/v1/check", {"user_id": "probe"})
+        if status == 200 and not body["degraded"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("decisions did not resume within 5 s of Redis returning")
 
 
 # ---- health --------------------------------------------------------------------------------
@@ -325,6 +338,7 @@ async def test_after_a_pause_each_reply_belongs_to_its_own_request(
             )
     finally:
         os.kill(pid, signal.SIGCONT)
+    await decisions_resume(client)
     decisions = []
     for _ in range(4):
         status, _, body = await call(
@@ -429,4 +443,5 @@ async def test_recovers_after_several_outages(make_app: AppFactory, server: Redi
         assert_unavailable(*await call(client, "POST", "/v1/authorize", AUTH))
         assert_unavailable(*await call(client, "POST", "/v1/check", AUTH))
         server.start()
+        await decisions_resume(client)
     await good_authorize(client, user="last")
