@@ -195,6 +195,15 @@ local function collect(ctr, res, gc, now)
   end
 end
 
+-- The reply settle.lua and release.lua give for a reservation already finished: its first
+-- result, unchanged (status 2; see their Returns).
+local function first_result(r)
+  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
+    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
+  for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
+  return out
+end
+
 -- Read the counters named by `cids`: a flat list u1, h1, u2, h2, ... (0 where absent)
 -- and whether each counter existed.
 local function read_counters(ctr, cids)

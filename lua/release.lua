@@ -33,12 +33,7 @@ if not rec then
 end
 local r = split(rec, '|')
 if cancel and r[6] ~= '' then redis.call('HDEL', res, 'k:' .. r[6]) end
-if r[1] == 'S' or r[1] == 'R' then
-  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
-    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
-  for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
-  return out
-end
+if r[1] == 'S' or r[1] == 'R' then return first_result(r) end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
 -- The call did not happen: free its concurrency slots (unless expiry did) and give its

@@ -24,12 +24,7 @@ collect(ctr, res, gc, now)
 local rec = redis.call('HGET', res, rid)
 if not rec or string.sub(rid, 1, 2) == 'k:' then return {0} end
 local r = split(rec, '|')
-if r[1] == 'S' or r[1] == 'R' then
-  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
-    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
-  for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
-  return out
-end
+if r[1] == 'S' or r[1] == 'R' then return first_result(r) end
 
 local cost, tokens_in, tokens_out = 0, 0, 0
 if ARGV[4] == 't' then

@@ -28,6 +28,26 @@ Tokens = Annotated[int, Meta(ge=0, le=100_000_000)]
 LeaseMs = Annotated[int, Meta(ge=100, le=86_400_000)]
 
 
+def _usd_or_tokens(
+    usd_field: str,
+    usd: float | None,
+    tokens_in: int | None,
+    tokens_out: int | None,
+    *,
+    required: bool,
+    model: str | None | bool = False,
+) -> None:
+    """An amount is given in USD or in tokens, never both; tokens need a model to price
+    them (pass `model=False` where the reservation already carries its price)."""
+    tokens = tokens_in is not None or tokens_out is not None
+    if usd is None and not tokens and required:
+        raise ValueError(f"{usd_field}: give {usd_field} or tokens")
+    if usd is not None and tokens:
+        raise ValueError(f"{usd_field}: give {usd_field} or tokens, not both")
+    if tokens and model is None:
+        raise ValueError("model: tokens need the model to price them")
+
+
 class IdentityFields(Struct, forbid_unknown_fields=True, kw_only=True):
     org_id: Id | None = None
     team_id: Id | None = None
@@ -48,13 +68,14 @@ class AuthorizeRequest(IdentityFields, kw_only=True):
     step_id: Id | None = None
 
     def __post_init__(self) -> None:
-        tokens = self.estimated_tokens_in is not None or self.estimated_tokens_out is not None
-        if self.estimated_usd is None and not tokens:
-            raise ValueError("estimated_usd: give estimated_usd or estimated_tokens_in/out")
-        if self.estimated_usd is not None and tokens:
-            raise ValueError("estimated_usd: give estimated_usd or tokens, not both")
-        if tokens and self.model is None:
-            raise ValueError("model: a token estimate needs the model to price it")
+        _usd_or_tokens(
+            "estimated_usd",
+            self.estimated_usd,
+            self.estimated_tokens_in,
+            self.estimated_tokens_out,
+            required=True,
+            model=self.model,
+        )
 
 
 class CheckRequest(IdentityFields, kw_only=True):
@@ -65,11 +86,14 @@ class CheckRequest(IdentityFields, kw_only=True):
     estimated_tokens_out: Tokens | None = None
 
     def __post_init__(self) -> None:
-        tokens = self.estimated_tokens_in is not None or self.estimated_tokens_out is not None
-        if self.estimated_usd is not None and tokens:
-            raise ValueError("estimated_usd: give estimated_usd or tokens, not both")
-        if tokens and self.model is None:
-            raise ValueError("model: a token estimate needs the model to price it")
+        _usd_or_tokens(
+            "estimated_usd",
+            self.estimated_usd,
+            self.estimated_tokens_in,
+            self.estimated_tokens_out,
+            required=False,
+            model=self.model,
+        )
 
 
 class SettleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -81,11 +105,7 @@ class SettleRequest(Struct, forbid_unknown_fields=True, kw_only=True):
     success: bool = True
 
     def __post_init__(self) -> None:
-        tokens = self.tokens_in is not None or self.tokens_out is not None
-        if self.cost_usd is None and not tokens:
-            raise ValueError("cost_usd: give cost_usd or tokens_in/tokens_out")
-        if self.cost_usd is not None and tokens:
-            raise ValueError("cost_usd: give cost_usd or tokens, not both")
+        _usd_or_tokens("cost_usd", self.cost_usd, self.tokens_in, self.tokens_out, required=True)
 
 
 class ReleaseRequest(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -105,13 +125,14 @@ class RecordRequest(IdentityFields, kw_only=True):
     success: bool = True
 
     def __post_init__(self) -> None:
-        tokens = self.tokens_in is not None or self.tokens_out is not None
-        if self.cost_usd is None and not tokens:
-            raise ValueError("cost_usd: give cost_usd or tokens_in/tokens_out")
-        if self.cost_usd is not None and tokens:
-            raise ValueError("cost_usd: give cost_usd or tokens, not both")
-        if tokens and self.model is None:
-            raise ValueError("model: tokens need the model to price them")
+        _usd_or_tokens(
+            "cost_usd",
+            self.cost_usd,
+            self.tokens_in,
+            self.tokens_out,
+            required=True,
+            model=self.model,
+        )
 
 
 # ---- responses --------------------------------------------------------------------------

@@ -86,6 +86,14 @@ async def run_script(
 _TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "MISCONF")
 
 
+async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:
+    try:
+        async with asyncio.timeout(max(timeout_s, 0.2)):
+            return bool(await client.ping())
+    except (RedisError, OSError, TimeoutError):
+        return False
+
+
 def open_store(url: str, *, timeout_ms: int) -> Store:
     """The Store a Redis URL names: redis://, rediss://, unix:// (one server),
     redis+cluster://host:port[,host:port...] (Redis Cluster), or
@@ -134,11 +142,7 @@ class RedisStore:
         return await run_script(self._hot, script, keys, args)
 
     async def ping(self) -> bool:
-        try:
-            async with asyncio.timeout(max(self._timeout_s, 0.2)):
-                return bool(await self._client.ping())
-        except (RedisError, OSError, TimeoutError):
-            return False
+        return await _ping(self._client, self._timeout_s)
 
     async def close(self) -> None:
         await self._hot.close()
@@ -332,11 +336,7 @@ class SentinelStore:
         return reply
 
     async def ping(self) -> bool:
-        try:
-            async with asyncio.timeout(max(self._timeout_s, 0.2)):
-                return bool(await self._client.ping())
-        except (RedisError, OSError, TimeoutError):
-            return False
+        return await _ping(self._client, self._timeout_s)
 
     async def close(self) -> None:
         if self._hot is not None:
