@@ -192,8 +192,15 @@ class ClusterStore:
             if not self._initialized:
                 await self._client.initialize()
                 self._initialized = True
-            else:
-                await self._client.nodes_manager.initialize()
+                return
+            manager = self._client.nodes_manager
+            before = dict(manager.nodes_cache)
+            await manager.initialize()
+            # redis-py replaces the node objects of a new slot map without closing the old
+            # ones' connections (a dead primary's included): close what it dropped.
+            for name, node in before.items():
+                if manager.nodes_cache.get(name) is not node:
+                    await node.disconnect()
 
     def _refresh_later(self) -> None:
         task = asyncio.get_running_loop().create_task(self._refresh_quietly())

@@ -19,6 +19,7 @@ from sidecar.schemas import AuthorizeRequest, SettleRequest
 from sidecar.scripts import Scripts
 from sidecar.store import ClusterStore, open_store
 from tests.cluster_harness import RedisCluster
+from tests.harness import collect_dead_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -39,6 +40,7 @@ def cluster() -> Iterator[RedisCluster]:
     c = RedisCluster().start()
     yield c
     c.stop()
+    collect_dead_sockets()
 
 
 def engine_on(url: str) -> tuple[Engine, ClusterStore]:

@@ -20,7 +20,7 @@ from sidecar.engine import Engine, Unavailable
 from sidecar.schemas import AuthorizeRequest, SettleRequest
 from sidecar.scripts import Scripts
 from sidecar.store import SentinelStore, open_store
-from tests.harness import RedisServer, free_port, redis_binary, wait_until
+from tests.harness import RedisServer, collect_dead_sockets, free_port, redis_binary, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -87,6 +87,7 @@ def setup() -> Iterator[Setup]:
         yield s.start()
     finally:
         s.stop()
+        collect_dead_sockets()
 
 
 async def test_decisions_follow_the_primary_through_a_failover(setup: Setup) -> None:
