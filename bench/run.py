@@ -5,7 +5,9 @@ building blocks, measured in the same run on the same machine, printed as ratios
 - raw EVALSHA: redis-benchmark running the same authorize script, 50 clients, pipelined
   16 deep (the Redis ceiling), and PING at one client (the Redis round trip)
 - sidecar: POST /v1/authorize (3 stacked budgets) at 64 connections and at 1 connection,
-  and authorize followed by settle; Redis CPU microseconds per decision from INFO cpu
+  authorize followed by settle, check, and authorize under 5 stacked budgets; Redis CPU
+  microseconds per decision from INFO cpu
+- the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
 
 wrk (a separate C process) is the load generator. Figures are noisy on a shared machine:
 read the ratios. Nothing here asserts; tests never time anything.
@@ -36,6 +38,9 @@ budgets:
   - {id: org, name: Org, scope: organization, limit_usd: 1000000000, period: monthly}
   - {id: team, name: Team, scope: team, limit_usd: 1000000000, period: daily}
   - {id: user, name: Each user, scope: user, limit_usd: 1000000000, period: daily}
+  # Only wrk_authorize5.lua names an agent and a workflow: five stacked budgets.
+  - {id: agent, name: Each agent, scope: agent, limit_usd: 1000000000, period: daily}
+  - {id: wf, name: Each workflow, scope: workflow, limit_usd: 1000000000, period: weekly}
 pricing:
   - {provider: openai, model: gpt-4o, input_per_1k: 0.0025, output_per_1k: 0.01}
 settings:
@@ -137,6 +142,19 @@ def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+def wait_for_workers(url: str, count: int) -> None:
+    """Until `count` distinct workers have answered (the last may still be starting)."""
+
+    def all_up() -> bool:
+        seen = set()
+        for _ in range(16 * count):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                seen.add(r.headers.get("X-Sidecar-Worker"))
+        return len(seen) >= count
+
+    wait_until(all_up, timeout_s=30, what=f"{count} workers")
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(timeout=20)
@@ -158,6 +176,9 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     line("sidecar authorize, 64 connections", load("authorize_64"))
     line("sidecar authorize+settle pairs, 64 connections", load("pair_64"))
     line("  = decisions/s", f"{f['pair_64_decisions_per_s']:>9,.0f} /s  [{pair_counts}]")
+    line("sidecar check, 64 connections", load("check_64"))
+    line("sidecar authorize, 5 stacked budgets, 64 conn.", load("five_64"))
+    line("sidecar authorize, --workers 2, 64 connections", load("workers2_64"))
     line(
         "p50 at 1 connection",
         f"authorize {f['authorize_1_p50_ms']:.3f} ms, bare {f['bare_1_p50_ms']:.3f} ms, "
@@ -188,6 +209,14 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
         "cost of 2 rate limits (budget-only / limited)",
         f"HTTP {f['authorize_64_per_s'] / f['limited_64_per_s']:.2f}x, "
         f"raw EVALSHA {f['raw_evalsha_per_s'] / f['raw_evalsha_rate_limited_per_s']:.2f}x",
+    )
+    line(
+        "workers 2 / workers 1 authorize throughput",
+        f"{f['workers2_64_per_s'] / f['authorize_64_per_s']:.2f}",
+    )
+    line(
+        "5 stacked budgets / 3, authorize throughput",
+        f"{f['five_64_per_s'] / f['authorize_64_per_s']:.2f}",
     )
     line(
         "authorize p50 @1 / (bare p50 + PING p50)",
@@ -250,7 +279,23 @@ def main() -> None:
             figures["redis_commands_per_decision"] = calls / decisions
             a1 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 1, s)
             pair = wrk(base + "/", BENCH / "wrk_pair.lua", 64, s)
+            check = wrk(base + "/v1/check", BENCH / "wrk_check.lua", 64, s)
+            five = wrk(base + "/v1/authorize", BENCH / "wrk_authorize5.lua", 64, s)
             through_proxy = proxy.measure(base, s)
+        finally:
+            stop(sidecar)
+
+        port = free_port()
+        sidecar = start(
+            [sys.executable, "-m", "sidecar", "serve", "--port", str(port), "--workers", "2",
+             "--redis-url", server.url, "--config", str(config), "--log-level", "warning"],
+            f"http://127.0.0.1:{port}/healthz",
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_workers(base + "/healthz", 2)
+            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            workers2 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
         finally:
             stop(sidecar)
 
@@ -283,6 +328,11 @@ def main() -> None:
         proxy_64_p99_ms=through_proxy["p99_ms"], proxy_64_non_2xx=through_proxy["non_2xx"],
         limited_64_per_s=limited.requests_per_s, limited_64_p50_ms=limited.p50_ms,
         limited_64_p99_ms=limited.p99_ms,
+        check_64_per_s=check.requests_per_s, check_64_p50_ms=check.p50_ms,
+        check_64_p99_ms=check.p99_ms,
+        five_64_per_s=five.requests_per_s, five_64_p50_ms=five.p50_ms, five_64_p99_ms=five.p99_ms,
+        workers2_64_per_s=workers2.requests_per_s, workers2_64_p50_ms=workers2.p50_ms,
+        workers2_64_p99_ms=workers2.p99_ms,
     )  # fmt: skip
     report(figures, s, pair.extra.strip())
     if args.json:

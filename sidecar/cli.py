@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
+from types import FrameType
 
 from aiohttp import web
 
@@ -39,6 +46,27 @@ def _parser() -> argparse.ArgumentParser:
         help="where the embedded redis-server keeps its data",
     )
     serve.add_argument("--log-level", default=env("SIDECAR_LOG_LEVEL", "info"))
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(env("SIDECAR_WORKERS", "1")),
+        help="worker processes sharing the port (SO_REUSEPORT); metrics add up across them",
+    )
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=float(env("SIDECAR_SHUTDOWN_TIMEOUT", "10")),
+        help="seconds requests in flight get to finish after SIGTERM (then they are cut)",
+    )
+    serve.add_argument(
+        "--drain-seconds",
+        type=float,
+        default=float(env("SIDECAR_DRAIN_SECONDS", "0")),
+        help="seconds between SIGTERM (/readyz turns 503) and closing the listener, for "
+        "load balancers to notice; requests keep being served meanwhile",
+    )
+    # Set by the supervisor for its children: bind with SO_REUSEPORT and tag responses.
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
@@ -50,21 +78,21 @@ def _load_config(path: str | None) -> Config:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from sidecar.api.app import ENGINE, create_app
-    from sidecar.embedded import EmbeddedRedis, default_data_dir
-    from sidecar.metrics import Metrics
-    from sidecar.reload import ConfigWatcher
-    from sidecar.store import RedisStore
-
     try:
         cfg = _load_config(args.config)
     except config.ConfigError as err:
         log.error("refusing to start: config %s", err)
         return 2
+    if args.workers < 1:
+        log.error("refusing to start: --workers must be at least 1")
+        return 2
+
+    from sidecar.embedded import EmbeddedRedis, default_data_dir
 
     embedded = None
     redis_url = args.redis_url
     if not redis_url:
+        # Started once, here: with several workers they all share this one server.
         embedded = EmbeddedRedis(Path(args.data_dir) if args.data_dir else default_data_dir())
         started = embedded.start()
         redis_url = embedded.url
@@ -75,48 +103,176 @@ def serve(args: argparse.Namespace) -> int:
             f" ({embedded.binary})" if embedded.binary else "",
             embedded.data_dir,
         )
+    if args.worker_index is not None:
+        log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
+    else:
+        log.info(
+            "budget-sidecar %s listening on http://%s:%d (config: %s; %d budgets, %d prices; "
+            "%d worker%s)",
+            __version__,
+            args.host,
+            args.port,
+            cfg.source,
+            len(cfg.budgets),
+            len(cfg.pricing),
+            args.workers,
+            "" if args.workers == 1 else "s",
+        )
+    try:
+        if args.workers == 1:
+            _serve_one(args, cfg, redis_url)
+            return 0
+        return _supervise(args, redis_url)
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
+
+def _serve_one(args: argparse.Namespace, cfg: Config, redis_url: str) -> None:
+    """One event loop serving the app until SIGTERM or SIGINT, then a graceful stop."""
     try:
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         log.warning("uvloop not available; using the default event loop")
+    asyncio.run(_run_app(args, cfg, redis_url))
 
-    async def make_app() -> web.Application:
-        metrics = Metrics()
-        store = metrics.wrap(
-            RedisStore.from_url(redis_url, timeout_ms=cfg.settings.redis_timeout_ms)
-        )
-        app = create_app(cfg, store, events=metrics)
-        if args.config:
-            watcher = ConfigWatcher(args.config, app[ENGINE], on_result=metrics.config_reloaded)
-            app.cleanup_ctx.append(watcher.lifecycle)
 
-        async def freeze_gc(app: web.Application) -> None:
-            # Everything allocated at start-up lives for the whole run; moving it out of
-            # the collector's generations keeps full collections (the p99) short.
-            gc.collect()
-            gc.freeze()
+async def _run_app(args: argparse.Namespace, cfg: Config, redis_url: str) -> None:
+    from sidecar.api.app import ENGINE, LIFECYCLE, create_app
+    from sidecar.metrics import Metrics
+    from sidecar.reload import ConfigWatcher
+    from sidecar.store import open_store
 
-        app.on_startup.append(freeze_gc)
-        return app
+    metrics = Metrics()
+    store = metrics.wrap(open_store(redis_url, timeout_ms=cfg.settings.redis_timeout_ms))
+    app = create_app(cfg, store, events=metrics)
+    if args.config:
+        watcher = ConfigWatcher(args.config, app[ENGINE], on_result=metrics.config_reloaded)
+        app.cleanup_ctx.append(watcher.lifecycle)
+    if args.worker_index is not None:
+        # Which worker answered: lets operators (and the tests) see the port is shared.
+        worker = str(os.getpid())
 
-    log.info(
-        "budget-sidecar %s listening on http://%s:%d (config: %s; %d budgets, %d prices)",
-        __version__,
-        args.host,
-        args.port,
-        cfg.source,
-        len(cfg.budgets),
-        len(cfg.pricing),
-    )
+        async def tag(request: web.Request, response: web.StreamResponse) -> None:
+            response.headers["X-Sidecar-Worker"] = worker
+
+        app.on_response_prepare.append(tag)
+
+    async def freeze_gc(app: web.Application) -> None:
+        # Everything allocated at start-up lives for the whole run; moving it out of
+        # the collector's generations keeps full collections (the p99) short.
+        gc.collect()
+        gc.freeze()
+
+    app.on_startup.append(freeze_gc)
+
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=args.shutdown_timeout)
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     try:
-        web.run_app(make_app(), host=args.host, port=args.port, print=None, access_log=None)
+        site = web.TCPSite(runner, args.host, args.port, reuse_port=args.worker_index is not None)
+        await site.start()
+        await stop.wait()
+        # Unready first, so that probes and load balancers stop sending new work; then
+        # stop listening and give requests in flight the shutdown timeout to finish.
+        # Redis stays open until they have: a hold they take is answered, and settles.
+        app[LIFECYCLE].draining = True
+        log.info(
+            "stopping: /readyz answers 503; requests in flight get %.1f s to finish",
+            args.drain_seconds + args.shutdown_timeout,
+        )
+        if args.drain_seconds > 0:
+            # A second signal ends the drain early (an operator who does not want to wait).
+            stop.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), args.drain_seconds)
     finally:
-        if embedded is not None:
-            embedded.stop()
-    return 0
+        await runner.cleanup()
+
+
+def _supervise(args: argparse.Namespace, redis_url: str) -> int:
+    """Run `args.workers` children on one port (SO_REUSEPORT) and stop them all together.
+
+    A child that dies is restarted; one that dies within a few seconds of starting (a bad
+    port, a Redis that refuses it) stops everything, rather than restarting in a loop.
+    """
+    env = dict(os.environ)
+    own_metrics_dir = None
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        # prometheus-client sums the workers' per-process files in this directory.
+        own_metrics_dir = tempfile.mkdtemp(prefix="budget-sidecar-metrics-")
+        env["PROMETHEUS_MULTIPROC_DIR"] = own_metrics_dir
+    metrics_dir = env["PROMETHEUS_MULTIPROC_DIR"]
+
+    def child_cmd(index: int) -> list[str]:
+        cmd = [sys.executable, "-m", "sidecar", "serve", "--workers", "1"]
+        cmd += ["--host", args.host, "--port", str(args.port), "--redis-url", redis_url]
+        cmd += ["--log-level", args.log_level, "--worker-index", str(index)]
+        cmd += ["--shutdown-timeout", str(args.shutdown_timeout)]
+        cmd += ["--drain-seconds", str(args.drain_seconds)]
+        if args.config:
+            cmd += ["--config", args.config]
+        return cmd
+
+    stopping = False
+
+    children: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if stopping:  # a second signal: pass it on (it ends the workers' drain)
+            for proc, _ in list(children.values()):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+        stopping = True
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    status = 0
+    try:
+        for index in range(args.workers):
+            children[index] = (subprocess.Popen(child_cmd(index), env=env), time.monotonic())
+        while not stopping:
+            time.sleep(0.2)
+            for index, (proc, started) in list(children.items()):
+                code = proc.poll()
+                if code is None or stopping:
+                    continue
+                _forget(metrics_dir, proc.pid)
+                if time.monotonic() - started < 5.0:
+                    log.error("worker %d exited with %d at start-up; stopping", index, code)
+                    stopping, status = True, 1
+                    break
+                log.warning("worker %d (pid %d) exited with %d; restarting", index, proc.pid, code)
+                children[index] = (subprocess.Popen(child_cmd(index), env=env), time.monotonic())
+    finally:
+        for proc, _ in children.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + args.drain_seconds + args.shutdown_timeout + 5.0
+        for proc, _ in children.values():
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                log.error("worker pid %d did not stop in time; killing it", proc.pid)
+                proc.kill()
+                proc.wait()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if own_metrics_dir is not None:
+            shutil.rmtree(own_metrics_dir, ignore_errors=True)
+    return status
+
+
+def _forget(metrics_dir: str, pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters keep counting in the sum)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, metrics_dir)  # type: ignore[no-untyped-call]
 
 
 def check_config(args: argparse.Namespace) -> int:

@@ -1,9 +1,11 @@
-"""The config file: YAML with `budgets`, `pricing`, `rate_limits`, `settings` and `proxy`.
+"""The config file: YAML with `budgets`, `pricing`, `rate_limits`, `settings`, `proxy` and
+`auth`.
 Strict: unknown keys, wrong types and bad values
 are errors that name the file and the path of the field."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -13,6 +15,7 @@ import msgspec
 import yaml
 from msgspec import Meta, Struct
 
+from sidecar.auth import Client, Role
 from sidecar.model import (
     Budget,
     Config,
@@ -208,12 +211,39 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
+class ClientSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    client_id: Id
+    tenant: Id | None = None  # default: the client id
+    role: Role = Role.AGENT
+    secret_sha256: Annotated[str, Meta(pattern=r"^[0-9a-f]{64}\Z")] | None = None
+    # A plain secret is accepted too (hashed at load, compared in constant time), but keep
+    # it in a Secret, not in a ConfigMap: prefer secret_sha256.
+    secret: Annotated[str, Meta(min_length=1, max_length=512)] | None = None
+
+    def __post_init__(self) -> None:
+        if self.secret is not None and self.secret_sha256 is not None:
+            raise ValueError("secret: give secret or secret_sha256, not both")
+
+    def to_client(self) -> Client:
+        digest = None
+        if self.secret_sha256 is not None:
+            digest = bytes.fromhex(self.secret_sha256)
+        elif self.secret is not None:
+            digest = hashlib.sha256(self.secret.encode("utf-8")).digest()
+        return Client(self.client_id, self.tenant or self.client_id, self.role, digest)
+
+
+class AuthSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    clients: list[ClientSpec] = msgspec.field(default_factory=list)
+
+
 class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
     budgets: list[BudgetSpec] = msgspec.field(default_factory=list)
     pricing: list[PriceSpec] = msgspec.field(default_factory=list)
     rate_limits: list[RateLimitSpec] = msgspec.field(default_factory=list)
     settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
     proxy: ProxySpec = msgspec.field(default_factory=ProxySpec)
+    auth: AuthSpec = msgspec.field(default_factory=AuthSpec)
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -261,6 +291,13 @@ def parse(data: Any, source: str) -> Config:
         if b.id in seen:
             raise ConfigError(source, f"$.budgets[{i}].id", f"duplicate budget id {b.id!r}")
         seen.add(b.id)
+    client_ids: set[str] = set()
+    for i, c in enumerate(spec.auth.clients):
+        if c.client_id in client_ids:
+            raise ConfigError(
+                source, f"$.auth.clients[{i}].client_id", f"duplicate client {c.client_id!r}"
+            )
+        client_ids.add(c.client_id)
     prices: set[tuple[str, str]] = set()
     for i, p in enumerate(spec.pricing):
         if (p.provider, p.model) in prices:
@@ -274,6 +311,7 @@ def parse(data: Any, source: str) -> Config:
         rate_limits=tuple(r.to_rate_limit("config") for r in spec.rate_limits),
         settings=spec.settings.to_settings(),
         proxy=spec.proxy,
+        clients=tuple(c.to_client() for c in spec.auth.clients),
         source=source,
     )
 

@@ -6,6 +6,7 @@ import enum
 from dataclasses import dataclass, field
 from zoneinfo import ZoneInfo
 
+from sidecar.auth import Client
 from sidecar.proxy_config import ProxySpec
 
 
@@ -170,4 +171,6 @@ class Config:
     rate_limits: tuple[RateLimit, ...] = ()
     settings: Settings = field(default_factory=Settings)
     proxy: ProxySpec = field(default_factory=ProxySpec)
+    # Who may call (empty: open mode, one default tenant).
+    clients: tuple[Client, ...] = ()
     source: str = "<defaults>"

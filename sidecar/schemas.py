@@ -35,7 +35,7 @@ def _usd_or_tokens(
     tokens_out: int | None,
     *,
     required: bool,
-    model: str | None | bool = False,
+    model: str | bool | None = False,
 ) -> None:
     """An amount is given in USD or in tokens, never both; tokens need a model to price
     them (pass `model=False` where the reservation already carries its price)."""

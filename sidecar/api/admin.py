@@ -4,9 +4,8 @@ Definitions from the config file are listed with `source: config` and are read-o
 (409); the file is their source of truth. API definitions are the tenant's own, stored in
 Redis and enforced by every replica within about a second (sidecar.definitions).
 
-Writes are open while no credentials are configured (the documented single-tenant open
-mode; the sidecar listens on 127.0.0.1 by default): `require_admin` is where credential
-checks plug in.
+Writes need an admin client once clients are configured (401 without credentials, 403
+for a client of another role); in open mode (no clients) any local caller may write.
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from __future__ import annotations
 import msgspec
 from aiohttp import web
 
-from sidecar.api.native import tenant_of
+from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
+from sidecar.auth import Role
 from sidecar.config import RateLimitSpec
 from sidecar.definitions import DefinitionWatcher
 from sidecar.engine import Engine
@@ -62,10 +62,6 @@ def view(limit: RateLimit) -> RateLimitView:
     )
 
 
-def require_admin(request: web.Request) -> None:
-    """Open mode: no credentials are configured, so any local caller may write."""
-
-
 def _json(body: object, status: int = 200) -> web.Response:
     return web.Response(body=_encode(body), status=status, content_type="application/json")
 
@@ -98,7 +94,7 @@ def add_routes(
         return _json({"rate_limits": [view(limit) for limit in limits]})
 
     async def create(request: web.Request) -> web.Response:
-        require_admin(request)
+        require(request, Role.ADMIN)
         spec = _decode(await request.read())
         if find(request, spec.id) is not None:
             writable(request, spec.id)  # 409 for a config-file id
@@ -116,7 +112,7 @@ def add_routes(
         return _json(view(found))
 
     async def replace(request: web.Request) -> web.Response:
-        require_admin(request)
+        require(request, Role.ADMIN)
         limit_id = request.match_info["limit_id"]
         spec = _decode(await request.read())
         if spec.id != limit_id:
@@ -129,7 +125,7 @@ def add_routes(
         return _json(view(spec.to_rate_limit("api")))
 
     async def delete(request: web.Request) -> web.Response:
-        require_admin(request)
+        require(request, Role.ADMIN)
         limit_id = request.match_info["limit_id"]
         if writable(request, limit_id) is None:
             raise ProblemError(404, f"no rate limit {limit_id!r}", field="id")

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
 from sidecar import logs
-from sidecar.api import admin, native, proxy
+from sidecar.api import admin, native, openapi, proxy
+from sidecar.api import auth as api_auth
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
 from sidecar.definitions import DefinitionStore, DefinitionWatcher
@@ -28,6 +31,18 @@ ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 WATCHER = web.AppKey("definitions", DefinitionWatcher)
+
+
+class Lifecycle:
+    """Mutable serving state (app state itself is frozen once the app starts)."""
+
+    def __init__(self) -> None:
+        # Set when shutdown begins: /readyz answers 503 so load balancers stop sending
+        # new work while requests in flight still finish.
+        self.draining = False
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -56,7 +71,9 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return response(ProblemError(413, f"body: larger than {limit} bytes", field="body"))
     except web.HTTPException as exc:
         if exc.status >= 400:
-            return response(ProblemError(exc.status, exc.reason))
+            # A 405 keeps its Allow header (RFC 9110 requires it).
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return response(ProblemError(exc.status, exc.reason, headers=allow))
         raise
     except StoreError:
         request_id = logs.request_id_of(request)
@@ -80,11 +97,43 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
         return response(ProblemError(500, "internal error"), request_id)
 
 
+# Slow clients (limits nginx also applies by default: client_header_timeout 60s,
+# keepalive_timeout 75s). 75 s of idle keep-alive outlasts the idle timeouts of common
+# clients (nginx upstream 60 s, aiohttp 15 s), so they close first and never reuse a
+# connection the sidecar is closing.
+HEADER_TIMEOUT_S = 75.0
+BODY_TIMEOUT_S = 10.0  # a body is at most settings.max_body_bytes (64 KiB by default)
+LINGER_S = 2.0
+
+
+def body_deadline(timeout_s: float) -> Middleware:
+    """Read the whole body of a JSON route before its handler, within `timeout_s`: a client
+    trickling its body gets 408 and a closed connection. (/ext_authz reads no body.)"""
+
+    @web.middleware
+    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.can_read_body and not request.path.startswith(proxy.PREFIX):
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await request.read()  # cached: the handler's read() returns it
+            except TimeoutError:
+                resp = response(
+                    ProblemError(408, f"body: not received within {timeout_s:g}s", field="body")
+                )
+                resp.force_close()
+                return resp
+        return await handler(request)
+
+    return read_body
+
+
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
 
 
 async def readyz(request: web.Request) -> web.Response:
+    if request.app[LIFECYCLE].draining:
+        return web.json_response({"ready": False, "draining": True}, status=503)
     ok = await request.app[STORE].ping()
     status = 200 if ok else 503
     return web.json_response({"ready": ok, "redis": "ok" if ok else "unreachable"}, status=status)
@@ -97,15 +146,33 @@ def create_app(
     clock: Clock | None = None,
     scripts: Scripts | None = None,
     events: EngineEvents | None = None,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    body_timeout_s: float = BODY_TIMEOUT_S,
 ) -> web.Application:
     """The application over a store. The store is closed with the app. With `events` a
-    Metrics, /metrics and /prometheus serve it."""
+    Metrics, /metrics and /prometheus serve it. A connection that has not sent a whole
+    request head within `header_timeout_s` (or stays idle that long) is closed; a body not
+    received within `body_timeout_s` is answered 408."""
+    deadline = body_deadline(body_timeout_s)
+    authenticate = api_auth.middleware(ENGINE)
     app = web.Application(
         # Request ids bind to logs only when per-decision debug lines are on.
-        middlewares=[logs.request_ids, problems] if logs.debug_enabled() else [problems],
+        middlewares=(
+            [logs.request_ids, problems, authenticate, deadline]
+            if logs.debug_enabled()
+            else [problems, authenticate, deadline]
+        ),
         client_max_size=config.settings.max_body_bytes,
-        # Long query strings reach the handlers (and their problem+json answers).
-        handler_args={"max_line_size": 65_536},
+        handler_args={
+            # Long query strings reach the handlers (and their problem+json answers).
+            "max_line_size": 65_536,
+            # aiohttp starts this timer when a connection opens and restarts it only after
+            # a response: a client trickling its request head is cut off when it fires.
+            "keepalive_timeout": header_timeout_s,
+            # After an early answer (408, 413) the rest of a body is read and dropped for
+            # at most this long, so the client sees the answer, not a reset; then close.
+            "lingering_time": LINGER_S,
+        },
     )
     engine = Engine(
         config, store, clock or SystemClock(), scripts or Scripts.load_all(), events=events
@@ -113,6 +180,7 @@ def create_app(
     app[ENGINE] = engine
     app[STORE] = store
     app[MAX_BODY] = config.settings.max_body_bytes
+    app[LIFECYCLE] = Lifecycle()
 
     async def store_lifecycle(app: web.Application) -> AsyncIterator[None]:
         yield
@@ -136,6 +204,7 @@ def create_app(
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
     admin.add_routes(app, ENGINE, WATCHER)
+    openapi.add_route(app, config)
     if isinstance(events, Metrics):
         events.add_routes(app, engine)
     return app

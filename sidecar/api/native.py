@@ -12,7 +12,9 @@ import msgspec
 from aiohttp import web
 
 from sidecar.api import limit_headers
+from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
+from sidecar.auth import Role
 from sidecar.engine import Engine
 from sidecar.schemas import (
     ID_PATTERN,
@@ -23,8 +25,6 @@ from sidecar.schemas import (
     ReleaseRequest,
     SettleRequest,
 )
-
-DEFAULT_TENANT = "default"
 
 _encode = msgspec.json.Encoder().encode
 _authorize = msgspec.json.Decoder(AuthorizeRequest)
@@ -47,31 +47,30 @@ def _decision(decision: Decision) -> web.Response:
     return response
 
 
-def tenant_of(request: web.Request) -> str:
-    """The tenant that owns this request's counters. One default tenant until
-    credentials are configured (open mode)."""
-    return DEFAULT_TENANT
-
-
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def authorize(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         req = _authorize.decode(await request.read())
         decision = await request.app[engine_key].authorize(tenant_of(request), req)
         return _decision(decision)
 
     async def check(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         req = _check.decode(await request.read())
         return _decision(await request.app[engine_key].check(tenant_of(request), req))
 
     async def settle(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         req = _settle.decode(await request.read())
         return _json(await request.app[engine_key].settle(tenant_of(request), req))
 
     async def release(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         req = _release.decode(await request.read())
         return _json(await request.app[engine_key].release(tenant_of(request), req.reservation_id))
 
     async def record(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         req = _record.decode(await request.read())
         return _json(await request.app[engine_key].record(tenant_of(request), req))
 

@@ -26,9 +26,10 @@ import msgspec
 from aiohttp import web
 
 from sidecar.api import limit_headers
-from sidecar.api.native import tenant_of
+from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.api.problems import response as problem_response
+from sidecar.auth import Role
 from sidecar.config import split_validation_error
 from sidecar.engine import Engine, RequestError, Unavailable
 from sidecar.model import Action
@@ -45,6 +46,7 @@ _FIELDS = ("org_id", "team_id", "agent_id", "workflow_id", "user_id", "provider"
 
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def ext_authz(request: web.Request) -> web.Response:
+        require(request, Role.AGENT)
         engine = request.app[engine_key]
         spec = engine.config.proxy
         try:
@@ -69,7 +71,8 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
         return deny(engine, spec, decision)
 
     app.router.add_route("*", PREFIX, ext_authz)
-    app.router.add_route("*", PREFIX + "/{tail:.*}", ext_authz)
+    # [\s\S]: a percent-encoded newline in the original path is still the hook, not a 404.
+    app.router.add_route("*", PREFIX + r"/{tail:[\s\S]*}", ext_authz)
 
 
 def original_path(spec: ProxySpec, request: web.Request) -> str:

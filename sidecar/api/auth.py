@@ -1,0 +1,95 @@
+"""Who is calling: credentials to a Client (tenant and role), checked once per request.
+
+`Authorization: Basic base64(client_id:secret)` and/or `X-Client-ID: client_id`, the way
+the AxonFlow SDK sends them. Open mode (no client configured): every caller is the
+default tenant's admin. Health, readiness, metrics and the OpenAPI document need no
+credentials: probes and scrapers carry none.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from sidecar.api.problems import ProblemError
+from sidecar.auth import OPEN, Client, Role
+from sidecar.engine import Engine
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/prometheus", "/openapi.json"})
+PRINCIPAL = "principal"
+_CHALLENGE = {"WWW-Authenticate": 'Basic realm="budget-sidecar", charset="UTF-8"'}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def tenant_of(request: web.Request) -> str:
+    """The tenant that owns this request's budgets, limits and counters."""
+    principal: Client = request.get(PRINCIPAL, OPEN)
+    return principal.tenant
+
+
+def require(request: web.Request, role: Role) -> None:
+    """403 unless the caller's role allows `role`'s operations."""
+    principal: Client = request.get(PRINCIPAL, OPEN)
+    if not principal.may(role):
+        raise ProblemError(
+            403, f"client {principal.client_id!r} ({principal.role}) may not do this"
+        )
+
+
+def _unauthorized(detail: str) -> ProblemError:
+    return ProblemError(401, detail, headers=dict(_CHALLENGE))
+
+
+def _presented(request: web.Request) -> tuple[str | None, str | None]:
+    """(client id, secret) from the request; raises 401 when they contradict or are garbled."""
+    header_id = request.headers.get("X-Client-ID")
+    auth = request.headers.get("Authorization")
+    if auth is None:
+        return header_id, None
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() != "basic":
+        raise _unauthorized("Authorization: only Basic client_id:secret is accepted")
+    try:
+        decoded = base64.b64decode(value.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError):
+        raise _unauthorized("Authorization: not base64 of client_id:secret") from None
+    client_id, sep, secret = decoded.partition(":")
+    if not sep:
+        raise _unauthorized("Authorization: not base64 of client_id:secret")
+    if header_id is not None and header_id != client_id:
+        raise _unauthorized("X-Client-ID and Authorization name different clients")
+    return client_id, secret
+
+
+def middleware(engine_key: web.AppKey[Engine]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    cache: dict[int, dict[str, Client]] = {}
+
+    def clients_of(engine: Engine) -> dict[str, Client]:
+        # Rebuilt when a reload swaps the config (keyed by the config object's identity).
+        config = engine.config
+        found = cache.get(id(config))
+        if found is None:
+            cache.clear()
+            found = cache[id(config)] = {c.client_id: c for c in config.clients}
+        return found
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        clients = clients_of(request.app[engine_key])
+        if not clients or request.path in OPEN_PATHS:
+            return await handler(request)
+        client_id, secret = _presented(request)
+        if client_id is None:
+            raise _unauthorized("credentials required: HTTP Basic client_id:secret")
+        client = clients.get(client_id)
+        # The same answer for an unknown id and a wrong secret: nothing to probe ids with.
+        if client is None or not client.accepts(secret):
+            raise _unauthorized("invalid credentials")
+        request[PRINCIPAL] = client
+        return await handler(request)
+
+    return authenticate

@@ -1,0 +1,460 @@
+"""The OpenAPI 3.1 document of every route, served at `GET /openapi.json`.
+
+Request and response bodies come from the msgspec types the handlers decode and encode
+(`msgspec.json.schema_components`), so a field added to a Struct is documented by itself;
+the path items (methods, parameters, status codes) are written here. tests/test_openapi.py
+keeps the two honest: every route the router serves is documented and nothing else is,
+and real answers validate against the documented schemas.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from sidecar import __version__
+from sidecar.api.admin import RateLimitView
+from sidecar.api.auth import OPEN_PATHS
+from sidecar.api.problems import CONTENT_TYPE as PROBLEM_TYPE
+from sidecar.api.problems import Problem
+from sidecar.config import RateLimitSpec
+from sidecar.model import Config
+from sidecar.proxy_config import ProxySpec
+from sidecar.schemas import (
+    AuthorizeRequest,
+    BudgetStatus,
+    CheckRequest,
+    Decision,
+    Id,
+    ModelName,
+    RecordRequest,
+    RecordResult,
+    ReleaseRequest,
+    SettleRequest,
+    SettleResult,
+    Token,
+)
+
+PATH = "/openapi.json"
+# aiohttp's `{name:regex}` path variable; OpenAPI's is `{name}`.
+_DYN_RE = re.compile(r"\{([_a-zA-Z][_a-zA-Z0-9]*):[^/]*?\}(?=/|$)")
+REF = "#/components/schemas/{name}"
+# Every method an OpenAPI path item can name; /ext_authz answers all of them.
+ALL_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
+class Health(msgspec.Struct):
+    status: str
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    redis: str | None = None  # ok | unreachable
+    draining: bool = False  # shutting down: in-flight requests finish, new work goes elsewhere
+
+
+class RateLimitList(msgspec.Struct):
+    rate_limits: list[RateLimitView]
+
+
+_TYPES: tuple[type, ...] = (
+    AuthorizeRequest,
+    CheckRequest,
+    SettleRequest,
+    ReleaseRequest,
+    RecordRequest,
+    Decision,
+    SettleResult,
+    RecordResult,
+    BudgetStatus,
+    RateLimitSpec,
+    RateLimitView,
+    RateLimitList,
+    Problem,
+    Health,
+    Readiness,
+)
+
+
+def _ecma_patterns(node: Any) -> Any:
+    """msgspec patterns end in Python's `\\Z`; JSON Schema patterns are ECMA-262, where `$`
+    (no multiline flag) is the same end-of-input anchor."""
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            if key == "pattern" and isinstance(value, str) and value.endswith("\\Z"):
+                value = value[:-2] + "$"
+            out[key] = _ecma_patterns(value)
+        return out
+    if isinstance(node, list):
+        return [_ecma_patterns(v) for v in node]
+    return node
+
+
+def _components() -> dict[str, Any]:
+    _, schemas = msgspec.json.schema_components(_TYPES, ref_template=REF)
+    out: dict[str, Any] = _ecma_patterns(schemas)
+    return out
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {PROBLEM_TYPE: {"schema": _ref("Problem")}}}
+
+
+BAD_INPUT = _problem("Bad input: the body or a parameter, named in `field`. Nothing written.")
+TOO_SLOW = _problem("The body did not arrive in time; the connection is closed. Nothing written.")
+TOO_LARGE = _problem("The body is larger than settings.max_body_bytes. Nothing written.")
+UNAVAILABLE = _problem("Redis is away and the fail mode is closed (`degraded: true`).")
+RETRY_AFTER = {"description": "Seconds until a retry may pass.", "schema": {"type": "string"}}
+RATE_LIMIT_HEADERS = {
+    "Retry-After": RETRY_AFTER,
+    "RateLimit-Policy": {"description": "draft-ietf-httpapi-ratelimit-headers", "schema": {}},
+    "RateLimit": {"description": "draft-ietf-httpapi-ratelimit-headers", "schema": {}},
+}
+
+
+def _body(name: str) -> dict[str, Any]:
+    return {"required": True, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _decision_op(summary: str, body: str) -> dict[str, Any]:
+    ok = _json("Decision", "The decision; a denial is 200 with `allowed: false`.")
+    ok["headers"] = RATE_LIMIT_HEADERS
+    return {
+        "summary": summary,
+        "requestBody": _body(body),
+        "responses": {
+            "200": ok,
+            "400": BAD_INPUT,
+            "408": TOO_SLOW,
+            "413": TOO_LARGE,
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+def _end_op(summary: str, body: str) -> dict[str, Any]:
+    return {
+        "summary": summary,
+        "requestBody": _body(body),
+        "responses": {
+            "200": _json("SettleResult", "The outcome; a repeat returns the first one."),
+            "400": BAD_INPUT,
+            "404": _problem("No such reservation (never made, or ended long ago)."),
+            "408": TOO_SLOW,
+            "413": TOO_LARGE,
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+def _path_param(name: str, description: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "description": description,
+        "schema": {"type": "string"},
+    }
+
+
+def _header_param(name: str, description: str, schema: Any = None) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "header",
+        "description": description,
+        "schema": schema or {"type": "string"},
+    }
+
+
+def _string_schema(annotated: Any) -> dict[str, Any]:
+    """The JSON Schema of an Annotated str type of sidecar.schemas (pattern, lengths)."""
+    out: dict[str, Any] = _ecma_patterns(msgspec.json.schema(annotated))
+    return out
+
+
+def _ext_authz_op(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
+    h = proxy.headers
+    ident, model, token = _string_schema(Id), _string_schema(ModelName), _string_schema(Token)
+    usd = {"type": "string", "pattern": r"^[0-9]{1,7}(\.[0-9]{1,9})?$"}
+    params = [
+        _header_param(h.org_id, "org_id", ident),
+        _header_param(h.team_id, "team_id", ident),
+        _header_param(h.agent_id, "agent_id", ident),
+        _header_param(h.workflow_id, "workflow_id", ident),
+        _header_param(h.user_id, "user_id", ident),
+        _header_param(h.provider, "provider", ident),
+        _header_param(h.model, "model", model),
+        _header_param(h.estimate_usd, "USD to hold (a decimal number, at most 1e6)", usd),
+        _header_param(h.request_id, "becomes the idempotency key", token),
+        *(_header_param(n, "the client's original path (forward auth)") for n in h.original_uri),
+    ]
+    if tail:
+        params.insert(0, _path_param("tail", "Envoy appends the client's path"))
+    deny = _json("Decision", "Denied by a budget or rate limit.")
+    deny["headers"] = RATE_LIMIT_HEADERS
+    return {
+        "summary": "Proxy hook (Envoy ext_authz HTTP, nginx auth_request, forward auth)",
+        "parameters": params,
+        "responses": {
+            "200": {"description": "Allowed; empty body, `x-budget-*` headers for upstream."},
+            str(proxy.deny_status): deny,
+            "400": _problem("A header's value is unusable; `field` names the header."),
+            "503": UNAVAILABLE,
+        },
+    }
+
+
+def _ext_authz_item(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
+    return {
+        method: {**_ext_authz_op(proxy, tail), "operationId": f"ext_authz_{method}{'_tail' * tail}"}
+        for method in ALL_METHODS
+    }
+
+
+def _paths(config: Config) -> dict[str, dict[str, Any]]:
+    text = {"text/plain": {"schema": {"type": "string"}}}
+    rate_limit_id = _path_param("limit_id", "the rate limit's id")
+    read_only = _problem("The rate limit comes from the config file: change it there.")
+    not_found = _problem("No rate limit with this id.")
+    return {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness",
+                "responses": {"200": _json("Health", "The process answers.")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: Redis answers",
+                "responses": {
+                    "200": _json("Readiness", "Ready."),
+                    "503": _json("Readiness", "Redis does not answer."),
+                },
+            }
+        },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus exposition",
+                "responses": {"200": {"description": "Metrics.", "content": text}},
+            }
+        },
+        "/prometheus": {
+            "get": {
+                "summary": "Prometheus exposition (same as /metrics)",
+                "responses": {"200": {"description": "Metrics.", "content": text}},
+            }
+        },
+        PATH: {
+            "get": {
+                "summary": "This document",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        "/v1/authorize": {
+            "post": _decision_op("Hold an estimate on every limit", "AuthorizeRequest")
+        },
+        "/v1/check": {"post": _decision_op("Decide without holding anything", "CheckRequest")},
+        "/v1/settle": {"post": _end_op("Charge the actual cost of a reservation", "SettleRequest")},
+        "/v1/release": {"post": _end_op("Return a reservation's hold", "ReleaseRequest")},
+        "/v1/record": {
+            "post": {
+                "summary": "Charge a call that had no reservation",
+                "requestBody": _body("RecordRequest"),
+                "responses": {
+                    "200": _json("RecordResult", "Charged (or replayed)."),
+                    "400": BAD_INPUT,
+                    "408": TOO_SLOW,
+                    "413": TOO_LARGE,
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/budgets/{budget_id}/status": {
+            "get": {
+                "summary": "Usage of one budget in its current period",
+                "parameters": [
+                    _path_param("budget_id", "the budget's id"),
+                    {
+                        "name": "scope_id",
+                        "in": "query",
+                        "description": "the entity, for a budget that is per entity",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": {
+                    "200": _json("BudgetStatus", "Usage."),
+                    "400": BAD_INPUT,
+                    "404": _problem("No such budget."),
+                    "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/v1/rate-limits": {
+            "get": {
+                "summary": "Every rate limit: the config file's and the API's",
+                "responses": {"200": _json("RateLimitList", "The rate limits.")},
+            },
+            "post": {
+                "summary": "Create a rate limit",
+                "requestBody": _body("RateLimitSpec"),
+                "responses": {
+                    "201": _json("RateLimitView", "Created; enforced within a second."),
+                    "400": BAD_INPUT,
+                    "409": _problem("The id exists (PUT replaces it), or is the config file's."),
+                    "408": TOO_SLOW,
+                    "413": TOO_LARGE,
+                    "503": UNAVAILABLE,
+                },
+            },
+        },
+        "/v1/rate-limits/{limit_id}": {
+            "parameters": [rate_limit_id],
+            "get": {
+                "summary": "One rate limit",
+                "responses": {"200": _json("RateLimitView", "The rate limit."), "404": not_found},
+            },
+            "put": {
+                "summary": "Replace a rate limit",
+                "requestBody": _body("RateLimitSpec"),
+                "responses": {
+                    "200": _json("RateLimitView", "Replaced."),
+                    "400": BAD_INPUT,
+                    "404": not_found,
+                    "409": read_only,
+                    "408": TOO_SLOW,
+                    "413": TOO_LARGE,
+                    "503": UNAVAILABLE,
+                },
+            },
+            "delete": {
+                "summary": "Delete a rate limit",
+                "responses": {
+                    "204": {"description": "Deleted."},
+                    "404": not_found,
+                    "409": read_only,
+                    "503": UNAVAILABLE,
+                },
+            },
+        },
+        "/ext_authz": _ext_authz_item(config.proxy, tail=False),
+        "/ext_authz/{tail}": _ext_authz_item(config.proxy, tail=True),
+    }
+
+
+def _with_auth(paths: dict[str, dict[str, Any]], config: Config) -> dict[str, dict[str, Any]]:
+    """Once clients are configured, every operation but the open paths needs credentials
+    (401 without valid ones, 403 when the client's role does not allow it)."""
+    if not config.clients:
+        return paths
+    for path, item in paths.items():
+        if path in OPEN_PATHS:
+            continue
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            operation["security"] = [{"basic": []}, {"clientId": []}]
+            operation["responses"].setdefault(
+                "401", _problem("No valid credentials (WWW-Authenticate: Basic).")
+            )
+            operation["responses"].setdefault(
+                "403", _problem("The client's role does not allow this operation.")
+            )
+    return paths
+
+
+def document(config: Config) -> dict[str, Any]:
+    """The whole document for this config (proxy header names, deny status and whether
+    credentials are required are its)."""
+    mode = (
+        "HTTP Basic client_id:secret (or X-Client-ID for a client without a secret) is "
+        "required on every route but health, readiness, metrics and this document."
+        if config.clients
+        else "Open mode: no credentials are configured."
+    )
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "budget-sidecar",
+            "version": __version__,
+            "description": (
+                "Atomic spend and rate limits for AI agents. Errors are RFC 9457 "
+                f"application/problem+json. {mode}"
+            ),
+        },
+        "paths": _with_auth(_paths(config), config),
+        "components": {
+            "schemas": _components(),
+            "securitySchemes": {
+                "basic": {"type": "http", "scheme": "basic"},
+                "clientId": {"type": "apiKey", "in": "header", "name": "X-Client-ID"},
+            },
+        },
+    }
+
+
+def routes_of(app: web.Application) -> set[tuple[str, str]]:
+    """(method, path template) of every route the router serves, `*` routes as every
+    method and without the HEAD that aiohttp adds to each GET."""
+    out: set[tuple[str, str]] = set()
+    gets = {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource}
+    for route in app.router.routes():
+        if route.resource is None:
+            continue
+        path = _DYN_RE.sub(r"{\1}", route.resource.canonical)
+        if route.method == "*":
+            out.update((m, path) for m in ALL_METHODS)
+        elif route.method == "HEAD" and route.resource.canonical in gets:
+            continue
+        else:
+            out.add((route.method.lower(), path))
+    return out
+
+
+def documented(doc: dict[str, Any]) -> set[tuple[str, str]]:
+    return {
+        (method, path)
+        for path, item in doc["paths"].items()
+        for method in item
+        if method in ALL_METHODS
+    }
+
+
+def served(doc: dict[str, Any], app: web.Application) -> dict[str, Any]:
+    """The document without the paths this app does not serve (e.g. /metrics without a
+    Metrics)."""
+    live = {path for _, path in routes_of(app)}
+    out = copy.deepcopy(doc)
+    out["paths"] = {p: item for p, item in doc["paths"].items() if p in live}
+    return out
+
+
+def add_route(app: web.Application, config: Config) -> None:
+    """GET /openapi.json; the body is built once, at start-up, from the routes then served."""
+    body: list[bytes] = []
+
+    async def build(app: web.Application) -> None:
+        body.append(msgspec.json.encode(served(document(config), app)))
+
+    async def handle(request: web.Request) -> web.Response:
+        return web.Response(body=body[0], content_type="application/json")
+
+    app.on_startup.append(build)
+    app.router.add_get(PATH, handle)

@@ -1,0 +1,212 @@
+"""Hostile input, from schemathesis against a live `budget-sidecar serve` (subprocess).
+
+schemathesis reads GET /openapi.json and generates requests for every operation (valid
+ones, invalid ones, edge values: empty strings, control characters, huge numbers, odd
+methods). Checks run on every answer:
+
+- not_a_server_error: no 5xx, ever;
+- status_code_conformance, content_type_conformance, response_schema_conformance,
+  response_headers_conformance: every answer is what the document says it is;
+- negative_data_rejection: a request the schema forbids gets a 4xx.
+
+Left out on purpose: positive_data_acceptance (schema-valid requests are rightly refused
+by rules a JSON Schema cannot state: an unpriced model, a config-file rate-limit id, "give
+estimated_usd or tokens"); unsupported_method (/ext_authz answers every method by design,
+QUERY included, which OpenAPI 3.1 cannot list); the stateful checks (no links yet) and
+ignored_auth (open mode: no credentials exist).
+
+The run is reproducible: SIDECAR_FUZZ_SEED (default 1) and SIDECAR_FUZZ_EXAMPLES (default
+30 per operation) change it. Every request and answer is read back from schemathesis' HAR
+report, so the counts below do not trust schemathesis' own summary.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+import subprocess
+import sys
+import urllib.request
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sidecar import keys
+from tests.harness import RedisServer, SidecarProcess, missing
+
+SEED = os.environ.get("SIDECAR_FUZZ_SEED", "1")
+EXAMPLES = os.environ.get("SIDECAR_FUZZ_EXAMPLES", "30")
+CHECKS = (
+    "not_a_server_error,status_code_conformance,content_type_conformance,"
+    "response_schema_conformance,response_headers_conformance,negative_data_rejection"
+)
+GUARD_S = 240  # only keeps a hang from hanging the suite
+
+CONFIG: dict[str, Any] = {
+    "budgets": [
+        {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 50,
+         "period": "daily", "on_exceed": "block"},
+        {"id": "each-user", "name": "Each user", "scope": "user", "limit_usd": 1,
+         "period": "daily", "on_exceed": "downgrade", "downgrade_to": {"gpt-4o": "gpt-4o-mini"}},
+        {"id": "team", "name": "Team", "scope": "team", "limit_usd": 2, "period": "monthly",
+         "on_exceed": "warn"},
+    ],
+    "pricing": [
+        {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.0025, "output_per_1k": 0.01},
+        {"provider": "openai", "model": "gpt-4o-mini", "input_per_1k": 0.00015,
+         "output_per_1k": 0.0006},
+    ],
+    "rate_limits": [
+        {"id": "org-rpm", "scope": "organization", "metric": "requests", "limit": 100000,
+         "window": "1m", "burst": 1000},
+        {"id": "agent-inflight", "scope": "agent", "metric": "concurrent", "limit": 5},
+        {"id": "trial", "scope": "user", "metric": "requests", "limit": 10, "window": "1m",
+         "mode": "shadow"},
+    ],
+    # A busy CI host can take longer than the 50 ms default: that 503 (fail mode closed)
+    # is tested in test_fail_mode; here only input handling may fail.
+    "settings": {"redis_timeout_ms": 2000},
+    "proxy": {"routes": [{"prefix": "/v1/chat", "defaults": {"provider": "openai",
+                                                             "model": "gpt-4o"}}]},
+}  # fmt: skip
+
+# What a tenant's keys may be: the hash tag is always exactly {default} (or {defs} for
+# the definitions bookkeeping), whatever identifiers the requests carried.
+TENANT = keys.tenant_keys("default")
+ALLOWED_KEYS = {*TENANT.hot, keys.definitions("default"), keys.DEFS_VERSION, keys.DEFS_TENANTS}
+KEY_RE = re.compile(r"^bs:\{default\}:(ctr|lease|res|gc|defs)$|^bs:\{defs\}:(version|tenants)$")
+# Hash fields and zset members hold escaped components only: no brace, space or control.
+MEMBER_RE = re.compile(r"^[A-Za-z0-9._~@+%\-/:=]+$")
+
+
+def schemathesis_cli() -> str:
+    cli = Path(sys.executable).parent / "schemathesis"
+    if not cli.exists():
+        missing("schemathesis (pip install -e '.[dev]')")
+    return str(cli)
+
+
+@pytest.fixture(scope="module")
+def live() -> str:
+    """The schemathesis command line."""
+    return schemathesis_cli()
+
+
+@pytest.fixture(scope="module")
+def sidecar(
+    live: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[SidecarProcess]:
+    path = tmp_path_factory.mktemp("fuzz") / "budgets.yaml"
+    path.write_text(yaml.safe_dump(CONFIG))
+    proc = SidecarProcess(redis_server.url, str(path)).start()
+    try:
+        yield proc
+    finally:
+        proc.cleanup()
+        redis_server.client().flushall()
+
+
+class Run:
+    def __init__(self, junit: ET.Element, har: dict[str, Any], output: str) -> None:
+        self.junit = junit
+        self.entries: list[dict[str, Any]] = har["log"]["entries"]
+        self.output = output
+
+    @property
+    def statuses(self) -> collections.Counter[int]:
+        return collections.Counter(int(e["response"]["status"]) for e in self.entries)
+
+    def operations(self) -> set[str]:
+        return {case.attrib["name"] for case in self.junit.iter("testcase")}
+
+    def failures(self) -> list[str]:
+        out = []
+        for case in self.junit.iter("testcase"):
+            for bad in (*case.iter("failure"), *case.iter("error")):
+                out.append(f"{case.attrib['name']}: {(bad.text or bad.attrib)!s:.2000}")
+        return out
+
+
+def run(cli: str, url: str, tmp: Path, *args: str) -> Run:
+    junit, har = tmp / "junit.xml", tmp / "run.har"
+    cmd = [
+        cli, "run", f"{url}/openapi.json",
+        "--checks", CHECKS,
+        "--max-examples", EXAMPLES,
+        "--seed", SEED,
+        "--workers", "1",
+        "--phases", "coverage,fuzzing",
+        "--request-timeout", "10",
+        "--report", "junit,har",
+        "--report-junit-path", str(junit),
+        "--report-har-path", str(har),
+        *args,
+    ]  # fmt: skip
+    env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=GUARD_S, env=env)
+    output = done.stdout + done.stderr
+    assert junit.exists() and har.exists(), output[-5000:]
+    return Run(ET.parse(junit).getroot(), json.loads(har.read_text()), output)
+
+
+def test_rejected_writes_write_nothing(
+    live: str, redis_server: RedisServer, tmp_path: Path, sidecar: SidecarProcess
+) -> None:
+    """Only schema-invalid requests to the write routes: every one is refused (4xx) and
+    Redis stays empty."""
+    client = redis_server.client()
+    client.flushall()
+    result = run(
+        live, sidecar.url, tmp_path,
+        "--mode", "negative", "--include-path-regex", "^/v1/", "--exclude-method", "GET",
+    )  # fmt: skip
+    assert result.failures() == [], result.output[-5000:]
+    statuses = result.statuses
+    refused = sum(n for s, n in statuses.items() if 400 <= s < 500)
+    # /v1/check is read-only and may pass an input schemathesis could not make invalid.
+    passed = [e["request"]["url"] for e in result.entries if int(e["response"]["status"]) < 400]
+    assert all(url.endswith("/v1/check") for url in passed), passed
+    assert refused > 500, statuses
+    assert client.keys("*") == [], "a refused request wrote to Redis"
+    print(f"\nnegative requests: {len(result.entries)}, statuses {dict(statuses)}")
+
+
+def test_fuzz_every_route(
+    live: str, redis_server: RedisServer, tmp_path: Path, sidecar: SidecarProcess
+) -> None:
+    result = run(live, sidecar.url, tmp_path)
+    assert result.failures() == [], result.output[-5000:]
+    # Every documented operation was exercised.
+    with urllib.request.urlopen(f"{sidecar.url}/openapi.json", timeout=10) as resp:
+        documented = json.loads(resp.read())
+    expected = {
+        f"{method.upper()} {path}"
+        for path, item in documented["paths"].items()
+        for method in item
+        if method != "parameters"
+    }
+    # schemathesis does not fuzz the document it was given.
+    assert result.operations() == expected - {"GET /openapi.json"}
+    statuses = result.statuses
+    assert not [s for s in statuses if s >= 500], statuses
+    assert len(result.entries) > 2000, statuses
+    # Decisions really happened: allowed (200), denied by the proxy (429), refused (400).
+    assert statuses[200] > 0 and statuses[400] > 0, statuses
+    print(f"\nfuzzed requests: {len(result.entries)}, statuses {dict(sorted(statuses.items()))}")
+
+    # No input broke a key's hash tag or slipped a raw identifier into a name.
+    client = redis_server.client()
+    found = set(client.scan_iter("*"))
+    assert found <= ALLOWED_KEYS, found - ALLOWED_KEYS
+    assert all(KEY_RE.match(k) for k in found), found
+    assert TENANT.counters in found  # the fuzz did write counters
+    for field in client.hkeys(TENANT.counters):
+        assert MEMBER_RE.match(str(field)), field
+    for member in (*client.zrange(TENANT.gc, 0, -1), *client.zrange(TENANT.leases, 0, -1)):
+        assert MEMBER_RE.match(str(member)), member

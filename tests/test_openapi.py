@@ -1,0 +1,227 @@
+"""GET /openapi.json stays true: every route the router serves is documented and nothing
+else is; the document is valid OpenAPI 3.1 with valid JSON Schemas; and real answers of
+every documented status validate against the documented schema and content type."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import jsonschema
+import pytest
+import redis
+from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.api import openapi
+from sidecar.api.app import create_app
+from sidecar.clock import FakeClock
+from sidecar.metrics import Metrics
+from sidecar.store import RedisStore
+from tests.conftest import make_config
+from tests.harness import RedisServer, free_port
+
+CONFIG: dict[str, Any] = {
+    "budgets": [
+        {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 1.0,
+         "period": "daily", "on_exceed": "block"},
+        {"id": "each-user", "name": "Each user", "scope": "user", "limit_usd": 0.5,
+         "period": "daily"},
+    ],
+    "pricing": [{"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.0025,
+                 "output_per_1k": 0.01}],
+    "rate_limits": [{"id": "from-file", "scope": "organization", "metric": "requests",
+                     "limit": 1000, "window": "1m", "burst": 999}],
+}  # fmt: skip
+
+Factory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+@pytest.fixture
+async def make_app(
+    redis_server: RedisServer, redis_client: redis.Redis, clock: FakeClock
+) -> AsyncIterator[Factory]:
+    clients: list[TestClient[Any, Any]] = []
+
+    async def make(
+        *, metrics: bool = True, redis_url: str | None = None, doc: dict[str, Any] | None = None
+    ) -> TestClient[Any, Any]:
+        cfg = make_config(doc or CONFIG)
+        store = RedisStore.from_url(redis_url or redis_server.url, timeout_ms=300)
+        app = create_app(cfg, store, clock=clock, events=Metrics(clock=clock) if metrics else None)
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        clients.append(client)
+        return client
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+async def served_doc(client: TestClient[Any, Any]) -> dict[str, Any]:
+    resp = await client.get(openapi.PATH)
+    assert resp.status == 200 and resp.content_type == "application/json"
+    doc: dict[str, Any] = await resp.json()
+    return doc
+
+
+async def test_every_route_is_documented_and_nothing_else(make_app: Factory) -> None:
+    client = await make_app()
+    routes = openapi.routes_of(client.app)
+    full = openapi.document(make_config(CONFIG))
+    assert openapi.documented(full) == routes
+    assert openapi.documented(await served_doc(client)) == routes
+    # Spot-check that the comparison sees what it must (it is not vacuous).
+    assert {("post", "/v1/settle"), ("delete", "/v1/rate-limits/{limit_id}"),
+            ("trace", "/ext_authz/{tail}"), ("get", "/metrics")} <= routes  # fmt: skip
+    # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz
+    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8
+
+
+async def test_without_metrics_the_served_document_leaves_them_out(make_app: Factory) -> None:
+    client = await make_app(metrics=False)
+    doc = await served_doc(client)
+    assert "/metrics" not in doc["paths"] and "/prometheus" not in doc["paths"]
+    assert openapi.documented(doc) == openapi.routes_of(client.app)
+
+
+def test_document_is_valid_openapi_with_valid_schemas() -> None:
+    doc = openapi.document(make_config(CONFIG))
+    assert doc["openapi"] == "3.1.0"
+    for name, schema in doc["components"]["schemas"].items():
+        assert "type" in schema or "enum" in schema, name
+        jsonschema.Draft202012Validator.check_schema(schema)
+    # Every $ref resolves and every pattern is ECMA-262 (no Python-only `\Z`).
+    text = json.dumps(doc)
+    assert "\\\\Z" not in text
+    for ref in {part.split('"')[0] for part in text.split('"$ref": "')[1:]}:
+        assert ref.removeprefix("#/components/schemas/") in doc["components"]["schemas"], ref
+    for path, item in doc["paths"].items():
+        for method, op in item.items():
+            if method in openapi.ALL_METHODS:
+                assert op["responses"], (method, path)
+    # The proxy documents the configured header names and deny status.
+    proxied = openapi.document(
+        make_config({**CONFIG, "proxy": {"deny_status": 403, "headers": {"user_id": "x-u"}}})
+    )
+    op = proxied["paths"]["/ext_authz"]["post"]
+    assert "403" in op["responses"] and "429" not in op["responses"]
+    assert "x-u" in {p["name"] for p in op["parameters"]}
+
+
+class Checker:
+    """Validates answers against the documented operation; remembers what it saw."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.seen: set[tuple[str, str, str]] = set()
+
+    async def __call__(self, resp: ClientResponse, method: str, path: str) -> Any:
+        op = self.doc["paths"][path][method]
+        status = str(resp.status)
+        assert status in op["responses"], (method, path, status, await resp.text())
+        documented = op["responses"][status]
+        self.seen.add((method, path, status))
+        body = await resp.read()
+        if "content" not in documented:
+            assert body == b"", (method, path, status)
+            return None
+        assert resp.content_type in documented["content"], (method, path, resp.content_type)
+        schema = documented["content"][resp.content_type]["schema"]
+        if resp.content_type == "text/plain":
+            return body.decode()
+        value = json.loads(body)
+        root = {**schema, "components": self.doc["components"]}
+        jsonschema.Draft202012Validator(root).validate(value)
+        return value
+
+
+async def test_real_answers_validate_against_the_document(make_app: Factory) -> None:
+    client = await make_app()
+    check = Checker(await served_doc(client))
+
+    async def call(method: str, path: str, template: str | None = None, **kw: Any) -> Any:
+        resp = await client.request(method.upper(), path, **kw)
+        return await check(resp, method, template or path)
+
+    await call("get", "/healthz")
+    await call("get", "/readyz")
+    assert "# TYPE" in await call("get", "/metrics")
+    await call("get", "/prometheus")
+    await call("get", "/openapi.json")
+
+    ok = await call("post", "/v1/authorize", json={"user_id": "u1", "estimated_usd": 0.1})
+    assert ok["allowed"] is True
+    denied = await call("post", "/v1/authorize", json={"user_id": "u1", "estimated_usd": 0.45})
+    assert denied["allowed"] is False
+    await call("post", "/v1/authorize", json={"user_id": "u 1", "estimated_usd": 0.1})
+    too_big = make_config(CONFIG).settings.max_body_bytes + 1
+    await call("post", "/v1/authorize", data=b"{" + b" " * too_big + b"}")
+    await call("post", "/v1/check", json={"user_id": "u2", "model": "gpt-4o",
+                                          "estimated_tokens_in": 10})  # fmt: skip
+    await call("post", "/v1/check", json={"estimated_usd": -1})
+    settled = await call(
+        "post", "/v1/settle", json={"reservation_id": ok["reservation_id"], "cost_usd": 0.05}
+    )
+    assert settled["state"] == "settled"
+    await call("post", "/v1/settle", json={"reservation_id": "0" * 32, "cost_usd": 0.05})
+    await call("post", "/v1/settle", json={"reservation_id": "nope", "cost_usd": 0.05})
+    held = await call("post", "/v1/authorize", json={"user_id": "u3", "estimated_usd": 0.1})
+    await call("post", "/v1/release", json={"reservation_id": held["reservation_id"]})
+    await call("post", "/v1/release", json={"reservation_id": "f" * 32})
+    await call("post", "/v1/record", json={"user_id": "u4", "cost_usd": 0.01})
+    await call("post", "/v1/record", json={"user_id": "u4"})
+
+    status = "/v1/budgets/{budget_id}/status"
+    await call("get", "/v1/budgets/org/status", status)
+    await call("get", "/v1/budgets/each-user/status?scope_id=u1", status)
+    await call("get", "/v1/budgets/each-user/status", status)
+    await call("get", "/v1/budgets/nope/status", status)
+
+    one = "/v1/rate-limits/{limit_id}"
+    spec = {"id": "per-user", "scope": "user", "metric": "requests", "limit": 5, "window": "1m"}
+    await call("get", "/v1/rate-limits")
+    await call("post", "/v1/rate-limits", json=spec)
+    await call("post", "/v1/rate-limits", json=spec)
+    await call("post", "/v1/rate-limits", json={**spec, "limit": 0})
+    await call("get", "/v1/rate-limits/per-user", one)
+    await call("get", "/v1/rate-limits/nope", one)
+    await call("put", "/v1/rate-limits/per-user", one, json={**spec, "limit": 6})
+    await call("put", "/v1/rate-limits/nope", one, json={**spec, "id": "nope"})
+    await call("put", "/v1/rate-limits/from-file", one, json={**spec, "id": "from-file"})
+    await call("put", "/v1/rate-limits/per-user", one, json={**spec, "id": "other"})
+    await call("delete", "/v1/rate-limits/from-file", one)
+    await call("delete", "/v1/rate-limits/per-user", one)
+    await call("delete", "/v1/rate-limits/per-user", one)
+
+    tail = "/ext_authz/{tail}"
+    await call("post", "/ext_authz", headers={"x-user-id": "u5", "x-budget-estimate-usd": "0.1"})
+    await call("get", "/ext_authz/v1/chat", tail, headers={"x-user-id": "u1"})
+    await call("get", "/ext_authz/v1/chat", tail,
+               headers={"x-user-id": "u6", "x-budget-estimate-usd": "0.9"})  # fmt: skip
+    await call("put", "/ext_authz", headers={"x-user-id": "{bad}"})
+
+    # Redis away, fail mode closed (the default): the documented 503s.
+    away = await make_app(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    for method, path, template, body in (
+        ("post", "/v1/authorize", None, {"user_id": "u1", "estimated_usd": 0.1}),
+        ("post", "/v1/settle", None, {"reservation_id": "0" * 32, "cost_usd": 0.1}),
+        ("post", "/v1/record", None, {"user_id": "u1", "cost_usd": 0.1}),
+        ("get", "/v1/budgets/org/status", status, None),
+        ("get", "/readyz", None, None),
+        ("delete", "/ext_authz/x", tail, None),
+    ):
+        resp = await away.request(method.upper(), path, json=body)
+        await check(resp, method, template or path)
+
+    expected = {
+        ("get", "/readyz", "503"), ("post", "/v1/authorize", "413"),
+        ("post", "/v1/authorize", "503"), ("post", "/v1/settle", "404"),
+        ("get", status, "404"), ("post", "/v1/rate-limits", "409"),
+        ("put", one, "409"), ("delete", one, "204"), ("delete", "/ext_authz/{tail}", "503"),
+        ("get", "/ext_authz/{tail}", "429"), ("put", "/ext_authz", "400"),
+        ("post", "/ext_authz", "200"), ("post", "/v1/release", "404"),
+    }  # fmt: skip
+    assert expected <= check.seen, expected - check.seen
