@@ -8,7 +8,9 @@
 --                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
 --   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" | "t:<rf>" | "n:<rf>" -> ms
 --                        after which it may go (rate fields are checked for use first)
--- Returns: nothing; defines the functions below.
+-- Returns: nothing; defines the functions below. Every operation's reply ends with one
+-- extra element, after those its header lists: how many leases this call found ended with
+-- their hold still in place (each counted exactly once, for the expiry metric).
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
 -- milliseconds. Lua numbers are doubles: every integer here stays below 2^53.
@@ -133,6 +135,14 @@ local function correct_tokens(ctr, entries, diff, now)
   end
 end
 
+local reclaimed_now = 0  -- leases this call found ended (see the header)
+
+-- Every reply goes out through done(): the expiry count is its last element.
+local function done(out)
+  out[#out + 1] = reclaimed_now
+  return out
+end
+
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same
 -- script as the HINCRBY). Bounded per call; what is left waits for the next call, and a
 -- hold not yet returned only makes decisions stricter, never looser.
@@ -148,6 +158,7 @@ local function reclaim(ctr, lease, res, gc, now, keep)
           redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
         end
         free_slots(ctr, r[14])
+        reclaimed_now = reclaimed_now + 1
         r[1] = 'E'
         redis.call('HSET', res, rid, table.concat(r, '|'))
         redis.call('ZADD', gc, now + keep, 'r:' .. rid)

@@ -35,7 +35,7 @@ local keep = tonumber(ARGV[8])
 local est_tokens = tonumber(ARGV[10])
 local nb = tonumber(ARGV[11])
 
-if redis.call('HEXISTS', res, rid) == 1 then return {3, rid, 'R'} end
+if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R'}) end
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
@@ -79,7 +79,7 @@ if idem ~= '' then
     local state = rec and string.sub(rec, 1, 1) or 'R'
     local out = {2, prior, state}
     for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
-    return out
+    return done(out)
   end
 end
 
@@ -109,7 +109,7 @@ for j, r in ipairs(rates) do
 end
 if out[1] == 0 then
   out[3] = ''
-  return out
+  return done(out)
 end
 
 for i, cid in ipairs(cids) do
@@ -144,4 +144,4 @@ redis.call('HSET', res, rid, table.concat(
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end
-return out
+return done(out)

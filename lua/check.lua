@@ -62,4 +62,4 @@ for j, r in ipairs(rates) do
   out[#out + 1] = left
   out[#out + 1] = retry
 end
-return out
+return done(out)

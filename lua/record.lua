@@ -38,4 +38,4 @@ for i, cid in ipairs(cids) do
   out[#out + 1] = h
 end
 if status == 1 and idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
-return out
+return done(out)

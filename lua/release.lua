@@ -24,16 +24,16 @@ collect(ctr, res, gc, now)
 
 local cancel = ARGV[4] == '1'
 local rec = redis.call('HGET', res, rid)
-if string.sub(rid, 1, 2) == 'k:' then return {0} end
+if string.sub(rid, 1, 2) == 'k:' then return done({0}) end
 if not rec then
-  if not cancel then return {0} end
+  if not cancel then return done({0}) end
   redis.call('HSET', res, rid, 'R|0|0||||||0|')
   redis.call('ZADD', gc, now + keep, 'r:' .. rid)
-  return {1, 'R', 0, 0, 0, '', '', 0, 0}
+  return done({1, 'R', 0, 0, 0, '', '', 0, 0})
 end
 local r = split(rec, '|')
 if cancel and r[6] ~= '' then redis.call('HDEL', res, 'k:' .. r[6]) end
-if r[1] == 'S' or r[1] == 'R' then return first_result(r) end
+if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
 -- The call did not happen: free its concurrency slots (unless expiry did) and give its
@@ -44,6 +44,8 @@ if r[15] and r[15] ~= '' then
 end
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now
+-- An ended lease reclaim has not come to yet ends here: counted once, as reclaim would.
+if held and ended then reclaimed_now = reclaimed_now + 1 end
 local snapshot = {}
 for _, cid in ipairs(split(r[7], ',')) do
   local h
@@ -62,4 +64,4 @@ redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 
 local out = {1, 'R', 0, est, tonumber(r[9]), r[7], r[11] or '', 0, 0}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
-return out
+return done(out)

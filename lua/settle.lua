@@ -22,14 +22,14 @@ reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
 local rec = redis.call('HGET', res, rid)
-if not rec or string.sub(rid, 1, 2) == 'k:' then return {0} end
+if not rec or string.sub(rid, 1, 2) == 'k:' then return done({0}) end
 local r = split(rec, '|')
-if r[1] == 'S' or r[1] == 'R' then return first_result(r) end
+if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 
 local cost, tokens_in, tokens_out = 0, 0, 0
 if ARGV[4] == 't' then
   tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
-  if r[4] == '' then return {-1} end
+  if r[4] == '' then return done({-1}) end
   cost = cost_micro(tokens_in, tonumber(r[4])) + cost_micro(tokens_out, tonumber(r[5]))
 else
   cost = tonumber(ARGV[7])
@@ -47,6 +47,8 @@ if ARGV[4] == 't' then
 end
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now
+-- An ended lease reclaim has not come to yet ends here: counted once, as reclaim would.
+if held and ended then reclaimed_now = reclaimed_now + 1 end
 local snapshot = {}
 for _, cid in ipairs(split(r[7], ',')) do
   local h
@@ -67,4 +69,4 @@ redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 
 local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
-return out
+return done(out)

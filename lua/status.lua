@@ -9,4 +9,4 @@ reclaim(ctr, lease, res, gc, tonumber(ARGV[1]), tonumber(ARGV[2]))
 local cids = {}
 for i = 3, #ARGV do cids[#cids + 1] = ARGV[i] end
 local values = read_counters(ctr, cids)
-return values
+return done(values)

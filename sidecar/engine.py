@@ -345,9 +345,7 @@ class Engine:
         for limit in resolved.limits:
             args += limit.args
         try:
-            reply = await self._store.run(
-                self._scripts.authorize, keys.tenant_keys(tenant).hot, args
-            )
+            reply = await self._call(self._scripts.authorize, tenant, args)
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
@@ -393,7 +391,7 @@ class Engine:
         for limit in resolved.limits:
             args += limit.args
         try:
-            reply = await self._store.run(self._scripts.check, keys.tenant_keys(tenant).hot, args)
+            reply = await self._call(self._scripts.check, tenant, args)
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
@@ -599,12 +597,11 @@ class Engine:
         """Release (or tombstone) a reservation whose authorize timed out, retrying until
         it succeeds or the lease has ended (then the hold is back by itself)."""
         delay_s = 0.05
-        tenant_keys = keys.tenant_keys(tenant).hot
         while self._clock.now_ms() < lease_end_ms:
             keep = self._snapshot.config.settings.keep_finished_ms
             args: list[str | int] = [self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms()]
             try:
-                await self._store.run(self._scripts.release, tenant_keys, args)
+                await self._call(self._scripts.release, tenant, args)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(delay_s)
@@ -622,9 +619,18 @@ class Engine:
 
     # ---- helpers ------------------------------------------------------------------------
 
+    async def _call(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
+        """Run one script; its reply's last element (leases it found ended) is reported to
+        the observers and removed, so callers see the reply their script header lists."""
+        reply: list[Any] = await self._store.run(script, keys.tenant_keys(tenant).hot, args)
+        expired = int(reply.pop())
+        if expired:
+            self.events.expired(expired)
+        return reply
+
     async def _run(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
         try:
-            reply: list[Any] = await self._store.run(script, keys.tenant_keys(tenant).hot, args)
+            reply = await self._call(script, tenant, args)
         except StoreUnavailable as exc:
             self.events.store_unavailable(script.name)
             raise Unavailable(str(exc)) from exc

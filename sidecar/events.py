@@ -33,6 +33,10 @@ class EngineEvents(Protocol):
     def store_unavailable(self, operation: str) -> None:
         """Redis did not answer an operation in time (the fail mode then applies)."""
 
+    def expired(self, count: int) -> None:
+        """`count` reservations' leases ended with their hold in place; each is reported
+        exactly once, by the script call that returned the hold."""
+
 
 class NoEvents:
     def decided(self, operation: str, decision: Decision, seconds: float) -> None:
@@ -53,4 +57,7 @@ class NoEvents:
         pass
 
     def store_unavailable(self, operation: str) -> None:
+        pass
+
+    def expired(self, count: int) -> None:
         pass

@@ -137,8 +137,8 @@ class Metrics:
         self.reservations = Counter(
             f"{PREFIX}_reservations",
             "Reservation lifecycle events seen by this sidecar: held (authorize), settled, "
-            "released, and expired (settled or released after the lease had ended). "
-            "Holds that expire and are never settled or released are not counted.",
+            "released, and expired (a lease that ended with its hold in place: counted once, "
+            "by whichever call's script returned the hold).",
             ["event"],
             registry=reg,
         )
@@ -291,8 +291,6 @@ class Metrics:
             self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
         else:
             self._released.inc()
-        if result.lease_expired:
-            self._expired.inc()
         if result.budgets:
             self._observe_ratios(result.budgets)
 
@@ -311,6 +309,9 @@ class Metrics:
         self._spend(provider, model, result.cost_usd, tokens_in, tokens_out)
         if result.budgets:
             self._observe_ratios(result.budgets)
+
+    def expired(self, count: int) -> None:
+        self._expired.inc(count)
 
     def store_unavailable(self, operation: str) -> None:
         now = time.monotonic()

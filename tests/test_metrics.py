@@ -271,3 +271,22 @@ async def test_rate_limit_denials_and_shadow_would_denies_are_counted(metered: M
     assert value(found, total, rate_limit_id="hard", mode="enforce") == 1
     # "trial" would have denied u1's second (not charged) and u2's call (team t used up).
     assert value(found, total, rate_limit_id="trial", mode="shadow") == 2
+
+
+async def test_every_expired_hold_is_counted_once(metered: MakeApp, clock: FakeClock) -> None:
+    client, _ = await metered(DOC)
+    call = {"user_id": "dave", "estimated_usd": 0.01, "lease_ms": 1000}
+    untouched = [await post(client, "/v1/authorize", call) for _ in range(3)]
+    settled_late = await post(client, "/v1/authorize", call)
+    assert all(d["allowed"] for d in [*untouched, settled_late])
+    clock.advance(1000)
+    # The settle finds its own lease ended (counted there); the next check's reclaim
+    # returns the three untouched holds (counted there); nothing counts twice.
+    s = await post(
+        client, "/v1/settle", {"reservation_id": settled_late["reservation_id"], "cost_usd": 0.01}
+    )
+    assert s["lease_expired"] is True
+    await post(client, "/v1/check", {"user_id": "dave"})
+    await post(client, "/v1/check", {"user_id": "dave"})
+    found = await scrape(client)
+    assert value(found, "budget_sidecar_reservations_total", event="expired") == 4
