@@ -76,8 +76,9 @@ async def test_every_route_is_documented_and_nothing_else(make_app: Factory) -> 
     # Spot-check that the comparison sees what it must (it is not vacuous).
     assert {("post", "/v1/settle"), ("delete", "/v1/rate-limits/{limit_id}"),
             ("trace", "/ext_authz/{tail}"), ("get", "/metrics")} <= routes  # fmt: skip
-    # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz
-    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8
+    # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz;
+    # the AxonFlow SDK's read routes
+    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + 5
 
 
 async def test_without_metrics_the_served_document_leaves_them_out(make_app: Factory) -> None:

@@ -13,7 +13,7 @@ from aiohttp.typedefs import Middleware
 from redis.exceptions import RedisError
 
 from sidecar import logs
-from sidecar.api import admin, native, openapi, proxy
+from sidecar.api import admin, axonflow, native, openapi, proxy
 from sidecar.api import auth as api_auth
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
@@ -204,6 +204,7 @@ def create_app(
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
     admin.add_routes(app, ENGINE, WATCHER)
+    axonflow.add_routes(app, ENGINE)
     openapi.add_route(app, config)
     if isinstance(events, Metrics):
         events.add_routes(app, engine)

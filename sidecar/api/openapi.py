@@ -19,6 +19,15 @@ from aiohttp import web
 from sidecar import __version__
 from sidecar.api.admin import RateLimitView
 from sidecar.api.auth import OPEN_PATHS
+from sidecar.api.axonflow import (
+    AxBudget,
+    AxBudgetList,
+    AxCheck,
+    AxCheckRequest,
+    AxPricingInfo,
+    AxPricingList,
+    AxStatus,
+)
 from sidecar.api.problems import CONTENT_TYPE as PROBLEM_TYPE
 from sidecar.api.problems import Problem
 from sidecar.config import RateLimitSpec
@@ -77,6 +86,13 @@ _TYPES: tuple[type, ...] = (
     Problem,
     Health,
     Readiness,
+    AxBudget,
+    AxBudgetList,
+    AxStatus,
+    AxCheck,
+    AxCheckRequest,
+    AxPricingInfo,
+    AxPricingList,
 )
 
 
@@ -359,6 +375,76 @@ def _paths(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
+def _axonflow_paths() -> dict[str, dict[str, Any]]:
+    """The AxonFlow SDK's routes (read-only part), in the SDK's shapes."""
+    budget_id = _path_param("budget_id", "the budget's id")
+    not_found = _problem("No budget with this id.")
+    scope_id = {"name": "scope_id", "in": "query", "required": False,
+                "schema": {"type": "string"}}  # fmt: skip
+    return {
+        "/api/v1/budgets": {
+            "get": {
+                "summary": "Budgets (AxonFlow SDK list_budgets)",
+                "parameters": [
+                    {"name": "scope", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
+                    {"name": "offset", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 0}},
+                ],
+                "responses": {"200": _json("AxBudgetList", "A page of budgets."),
+                              "400": BAD_INPUT},
+            }
+        },
+        "/api/v1/budgets/{budget_id}": {
+            "parameters": [budget_id],
+            "get": {
+                "summary": "One budget (AxonFlow SDK get_budget)",
+                "responses": {"200": _json("AxBudget", "The budget."), "404": not_found},
+            },
+        },
+        "/api/v1/budgets/{budget_id}/status": {
+            "parameters": [budget_id],
+            "get": {
+                "summary": "A budget's current period (AxonFlow SDK get_budget_status)",
+                "parameters": [scope_id],
+                "responses": {"200": _json("AxStatus", "Used and remaining."),
+                              "400": BAD_INPUT, "404": not_found},
+            },
+        },
+        "/api/v1/budgets/check": {
+            "post": {
+                "summary": "Pre-flight budget check (AxonFlow SDK check_budget)",
+                "requestBody": _body("AxCheckRequest"),
+                "responses": {
+                    "200": _json("AxCheck", "Allowed or not; a denial is 200."),
+                    "400": BAD_INPUT, "408": TOO_SLOW, "413": TOO_LARGE, "503": UNAVAILABLE,
+                },
+            }
+        },
+        "/api/v1/pricing": {
+            "get": {
+                "summary": "Prices (AxonFlow SDK get_pricing)",
+                "parameters": [
+                    {"name": "provider", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                    {"name": "model", "in": "query", "required": False,
+                     "schema": {"type": "string"}},
+                ],
+                "responses": {
+                    "200": {
+                        "description": "All prices, or one when provider and model are given.",
+                        "content": {"application/json": {"schema": {
+                            "oneOf": [_ref("AxPricingList"), _ref("AxPricingInfo")]}}},
+                    },
+                    "404": _problem("No price for that provider and model."),
+                },
+            }
+        },
+    }  # fmt: skip
+
+
 def _with_auth(paths: dict[str, dict[str, Any]], config: Config) -> dict[str, dict[str, Any]]:
     """Once clients are configured, every operation but the open paths needs credentials
     (401 without valid ones, 403 when the client's role does not allow it)."""
@@ -399,7 +485,7 @@ def document(config: Config) -> dict[str, Any]:
                 f"application/problem+json. {mode}"
             ),
         },
-        "paths": _with_auth(_paths(config), config),
+        "paths": _with_auth({**_paths(config), **_axonflow_paths()}, config),
         "components": {
             "schemas": _components(),
             "securitySchemes": {
