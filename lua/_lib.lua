@@ -114,6 +114,27 @@ local function rate_eval(metric, a, b, now, limit, window, burst, cost)
   return false, math.floor(room / window) + 1, 0, debt
 end
 
+-- The rate limits in ARGV from `first` on (six values each: rf, metric, limit, window_ms,
+-- burst, shadow), appending the two hash fields each one reads to `fields`.
+local function rate_args(first, fields)
+  local rates = {}
+  for i = first, #ARGV, 6 do
+    local rf, metric = ARGV[i], ARGV[i + 1]
+    rates[#rates + 1] = {
+      rf = rf, metric = metric, limit = tonumber(ARGV[i + 2]), window = tonumber(ARGV[i + 3]),
+      burst = tonumber(ARGV[i + 4]), shadow = ARGV[i + 5] == '1',
+    }
+    if metric == 'c' then
+      fields[#fields + 1] = 'n:' .. rf
+      fields[#fields + 1] = 'n:' .. rf
+    else
+      fields[#fields + 1] = 'd:' .. rf
+      fields[#fields + 1] = 'l:' .. rf
+    end
+  end
+  return rates
+end
+
 local function free_slots(ctr, fields)
   if fields == nil or fields == '' then return end
   for _, rf in ipairs(split(fields, ',')) do redis.call('HINCRBY', ctr, 'n:' .. rf, -1) end

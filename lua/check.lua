@@ -25,21 +25,7 @@ for i = 7, last_budget, 3 do
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
 end
-local rates = {}
-for i = last_budget + 1, #ARGV, 6 do
-  local rf, metric = ARGV[i], ARGV[i + 1]
-  rates[#rates + 1] = {
-    metric = metric, limit = tonumber(ARGV[i + 2]), window = tonumber(ARGV[i + 3]),
-    burst = tonumber(ARGV[i + 4]), shadow = ARGV[i + 5] == '1',
-  }
-  if metric == 'c' then
-    fields[#fields + 1] = 'n:' .. rf
-    fields[#fields + 1] = 'n:' .. rf
-  else
-    fields[#fields + 1] = 'd:' .. rf
-    fields[#fields + 1] = 'l:' .. rf
-  end
-end
+local rates = rate_args(last_budget + 1, fields)
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
