@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.clock import FakeClock
 from tests.conftest import ClientFactory
-from tests.harness import REPO, free_port, missing, wait_until
+from tests.harness import REPO, free_port, missing, stop_process, wait_until
 
 ENVOY_YAML = REPO / "deploy" / "envoy" / "envoy.yaml"
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
@@ -100,12 +100,7 @@ class ProxyProcess:
 
     def stop(self) -> None:
         if self.process is not None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+            stop_process(self.process, timeout_s=15)
             self.process = None
 
 
