@@ -100,7 +100,7 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
     now = str(int(time.time() * 1000))
     budgets = []
     for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-        budgets += [cid, "1000000000000000", "b", str(int(now) + 10**9)]
+        budgets += [cid, "1000000000000000", "b", str(int(now) + 10**9), "50.80.100"]
     cmd = [
         "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
         "-n", str(40_000 * seconds), "-r", "1000000000",

@@ -11,6 +11,11 @@
 -- Returns: nothing; defines the functions below. Every operation's reply ends with one
 -- extra element, after those its header lists: how many leases this call found ended with
 -- their hold still in place (each counted exactly once, for the expiry metric).
+-- The scripts that charge (settle, record) also take
+--   KEYS[5] usage  stream the usage ledger: one entry per charge (see ledger())
+--   KEYS[6] alerts stream threshold alerts (see check_alerts())
+--   KEYS[7] agg    hash  the current UTC day's usage totals (see ledger())
+-- ctr also holds "a:<cid>": the thresholds of that counter already alerted, '.'-joined.
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
 -- milliseconds. Lua numbers are doubles: every integer here stays below 2^53.
@@ -23,11 +28,14 @@
 --   2 lease end ms   3 estimate   4 input price   5 output price ('' = unpriced)
 --   6 idempotency key ('' = none)   7 cids joined by ','   8 final cost
 --   9 '1' if the lease had ended before settle/release   10 "u,h,..." counters at finish
---   11 meta: what the sidecar wants back at settle (provider, model, identity), opaque here
+--   11 meta: the call's ledger tuple, unit-separator (\31) joined: provider, model, org,
+--      team, agent, workflow, user, step, run (run last: aggregates leave it out)
 --   12 tokens in, 13 tokens out: what settle charged (0 when settled by cost)
 --   14 concurrency fields it holds a slot of, joined by ','
 --   15 token limiters it charged, 'rf:limit:window_ms' joined by ','
 --   16 the token estimate those were charged
+--   17 per cid (same order, ';'-joined) "limit:t1.t2...": the budget's limit and alert
+--      thresholds (percent) at authorize, for the alerts settle raises
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -196,7 +204,7 @@ local function collect(ctr, res, gc, now)
   for _, member in ipairs(due) do
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
-      redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id)
+      redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id, 'a:' .. id)
     elseif kind == 't' then
       local last = tonumber(redis.call('HGET', ctr, 'l:' .. id))
       if last and now - last < IDLE_MS then
@@ -254,4 +262,57 @@ local function read_counters(ctr, cids)
     values[2 * i] = tonumber(h) or 0
   end
   return values, fresh
+end
+
+-- Threshold alerts of one counter whose settled amount went from `before` to `after`
+-- (micro-USD). `spec` is "limit:t1.t2..." (see record field 17). A threshold t is crossed
+-- when before < t% of limit <= after; each (counter, threshold) alerts at most once, and
+-- a counter id names budget, entity and period window, so that is once per budget, entity,
+-- period and threshold however many calls cross together (they run one at a time here).
+local ALERTS_MAX = 10000
+local function check_alerts(ctr, stream, cid, spec, before, after, now)
+  if spec == nil or spec == '' or after <= before then return end
+  local sep = string.find(spec, ':', 1, true)
+  if not sep then return end
+  local limit = tonumber(string.sub(spec, 1, sep - 1))
+  local thresholds = string.sub(spec, sep + 1)
+  if not limit or limit <= 0 or thresholds == '' then return end
+  local fired
+  for _, t in ipairs(split(thresholds, '.')) do
+    local at = tonumber(t) * limit / 100
+    if before < at and at <= after then
+      fired = fired or (redis.call('HGET', ctr, 'a:' .. cid) or '')
+      if not string.find('.' .. fired .. '.', '.' .. t .. '.', 1, true) then
+        fired = (fired == '') and t or (fired .. '.' .. t)
+        redis.call('HSET', ctr, 'a:' .. cid, fired)
+        redis.call('XADD', stream, 'MAXLEN', '~', ALERTS_MAX, '*',
+          'cid', cid, 't', t, 'l', int(limit), 'u', int(after), 'at', int(now))
+      end
+    end
+  end
+end
+
+-- One usage-ledger entry and the day's aggregates for a charge. `cfg` is
+-- "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger at all; max_records 0 keeps
+-- aggregates only). Entries: k kind ('s' settle, 'r' record), m meta (see record field
+-- 11), q request id, i/o tokens, c cost (micro-USD), l latency ms ('' unknown), s success
+-- ('1'/'0'), at created (ms). The stream's own ids (Redis time) bound its age.
+local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, latency,
+                      success, now)
+  if cfg == '' then return end
+  local c = split(cfg, ':')
+  local max_records, max_age = tonumber(c[1]), tonumber(c[2])
+  if max_records > 0 then
+    redis.call('XADD', usage, 'MAXLEN', c[1], '*', 'k', kind, 'm', meta, 'q', request_id,
+      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now))
+    local t = redis.call('TIME')
+    local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    if redis_ms > max_age then redis.call('XTRIM', usage, 'MINID', int(redis_ms - max_age)) end
+  end
+  local tuple = string.match(meta, '^(.*)\31[^\31]*$') or meta
+  redis.call('HINCRBY', agg, 'c|' .. tuple, int(cost))
+  redis.call('HINCRBY', agg, 'n|' .. tuple, 1)
+  if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
+  if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
+  redis.call('EXPIRE', agg, c[3])
 end

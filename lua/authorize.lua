@@ -10,12 +10,13 @@
 -- ARGV[6] input price, pico-USD per token ('' = unpriced: settle must give a cost)
 -- ARGV[7] output price, pico-USD per token
 -- ARGV[8] keep_ms: how long a finished reservation is remembered
--- ARGV[9] meta: kept in the record and returned by settle/release (no '|' inside)
+-- ARGV[9] meta: the ledger tuple (see _lib.lua, record field 11), returned by settle/release
 -- ARGV[10] token estimate (what token limiters are charged)
 -- ARGV[11] nb: the number of budgets
 -- ARGV[12] the rate limiters' clock, ms ('' = Redis TIME; see limiter_now)
--- ARGV[13..] four per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
---           'd' downgrade), gc_at_ms (when the counter's window is long past)
+-- ARGV[13..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+--           'd' downgrade), gc_at_ms (when the counter's window is long past), alert
+--           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
 --           window_ms, burst, shadow ('1': evaluate and report, never deny)
 -- The reply: {verdict, reservation id, state, u1, h1, ..., then per rate limit:
@@ -41,15 +42,16 @@ collect(ctr, res, gc, now)
 
 -- One HMGET for every field the decision reads: budgets first, then limiters.
 local fields = {}
-local cids, limits, modes, gc_at = {}, {}, {}, {}
+local cids, limits, modes, gc_at, alert_specs = {}, {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = 12 + 4 * nb
-for i = 13, last_budget, 4 do
+local last_budget = 12 + 5 * nb
+for i = 13, last_budget, 5 do
   local cid = ARGV[i]
   cids[#cids + 1] = cid
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
   gc_at[#gc_at + 1] = ARGV[i + 3]
+  alert_specs[#alert_specs + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 4]
   fields[#fields + 1] = 'u:' .. cid
   fields[#fields + 1] = 'h:' .. cid
 end
@@ -126,7 +128,7 @@ local lease_end = now + lease_ms
 redis.call('HSET', res, rid, table.concat(
   {'H', int(lease_end), int(est), ARGV[6], ARGV[7], idem, table.concat(cids, ','), '', '', '',
    ARGV[9], '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
-   int(est_tokens)},
+   int(est_tokens), table.concat(alert_specs, ';')},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

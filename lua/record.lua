@@ -1,13 +1,20 @@
--- record.lua: charge a cost after the fact, without a reservation (usage reporting).
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- record.lua: charge a cost after the fact, without a reservation (usage reporting); the
+-- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua)
+-- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
+-- charged; the counters as they are now).
 -- ARGV[1] now_ms
 -- ARGV[2] cost, micro-USD
 -- ARGV[3] idempotency key ('' = none): a repeated key charges nothing the second time
 --         (its own key space 'q:', apart from authorize's 'k:')
 -- ARGV[4] keep_ms: how long the idempotency key is remembered
--- ARGV[5..] two per budget: cid, gc_at_ms
--- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
--- charged; the counters as they are now).
+-- ARGV[5] meta: the ledger tuple (see _lib.lua, record field 11)
+-- ARGV[6] tokens in   ARGV[7] tokens out
+-- ARGV[8] ledger config (see settle.lua)   ARGV[9] latency ms ('' = unknown)
+-- ARGV[10] success '1' | '0'
+-- ARGV[11..] four per budget: cid, gc_at_ms, limit (micro-USD), alert thresholds
+--           ('.'-joined percent, '' = none)
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
@@ -16,10 +23,11 @@ local keep = tonumber(ARGV[4])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
-local cids, gc_at = {}, {}
-for i = 5, #ARGV, 2 do
+local cids, gc_at, specs = {}, {}, {}
+for i = 11, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
   gc_at[#gc_at + 1] = ARGV[i + 1]
+  specs[#specs + 1] = ARGV[i + 2] .. ':' .. ARGV[i + 3]
 end
 local values, fresh = read_counters(ctr, cids)
 
@@ -33,9 +41,14 @@ for i, cid in ipairs(cids) do
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
     if fresh[i] then redis.call('ZADD', gc, gc_at[i], 'c:' .. cid) end
+    check_alerts(ctr, KEYS[6], cid, specs[i], u - cost, u, now)
   end
   out[#out + 1] = u
   out[#out + 1] = h
 end
-if status == 1 and idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
+if status == 1 then
+  if idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
+  ledger(KEYS[5], KEYS[7], ARGV[8], 'r', ARGV[5], idem, tonumber(ARGV[6]),
+    tonumber(ARGV[7]), cost, ARGV[9], ARGV[10], now)
+end
 return done(out)

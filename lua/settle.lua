@@ -1,19 +1,25 @@
--- settle.lua: charge a reservation's actual cost and drop its hold, exactly once.
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
--- ARGV[1] now_ms
--- ARGV[2] reservation id
--- ARGV[3] keep_ms
--- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
--- ARGV[5] tokens in   ARGV[6] tokens out   ARGV[7] cost, micro-USD (for 'c')
--- ARGV[8] the rate limiters' clock, ms ('' = Redis TIME)
+-- settle.lua: charge a reservation's actual cost and drop its hold, exactly once; the
+-- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua)
 -- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
 --           u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
---   meta: what authorize stored with the reservation.
+--   meta: the ledger tuple kept with the reservation (record field 11).
 --   status 1: settled now; 2: already finished, the first result returned unchanged;
 --   0: no such reservation; -1: the reservation has no price and tokens were given.
 --   A reservation whose lease ended is still charged (the call did spend); its hold had
 --   already gone back, so only the cost is added, and lease_ended says so.
+-- ARGV[1] now_ms
+-- ARGV[2] reservation id
+-- ARGV[3] keep_ms
+-- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
+-- ARGV[5] tokens in   ARGV[6] tokens out   ('' = unknown; always given for 't')
+-- ARGV[7] cost, micro-USD (for 'c')
+-- ARGV[8] the rate limiters' clock, ms ('' = Redis TIME)
+-- ARGV[9] ledger config "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger)
+-- ARGV[10] latency ms ('' = unknown)   ARGV[11] success '1' | '0'
+-- ARGV[12] provider and model, '\31'-joined, replacing the reservation's ('' = keep)
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -26,9 +32,9 @@ if not rec or string.sub(rid, 1, 2) == 'k:' then return done({0}) end
 local r = split(rec, '|')
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 
-local cost, tokens_in, tokens_out = 0, 0, 0
+local cost = 0
+local tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
 if ARGV[4] == 't' then
-  tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
   if r[4] == '' then return done({-1}) end
   cost = cost_micro(tokens_in, tonumber(r[4])) + cost_micro(tokens_out, tonumber(r[5]))
 else
@@ -39,18 +45,20 @@ local est, held = tonumber(r[3]), r[1] == 'H'
 -- A held reservation frees its concurrency slots now (an expired one freed them then);
 -- token limiters are corrected to the actual count whenever tokens are known.
 if held then free_slots(ctr, r[14]) end
-if ARGV[4] == 't' then
+if tokens_in and tokens_out then
   local diff = tokens_in + tokens_out - (tonumber(r[16]) or 0)
   if diff ~= 0 and r[15] and r[15] ~= '' then
     correct_tokens(ctr, r[15], diff, limiter_now(ARGV[8]))
   end
 end
+tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now
 -- An ended lease reclaim has not come to yet ends here: counted once, as reclaim would.
 if held and ended then reclaimed_now = reclaimed_now + 1 end
+local specs = split(r[17] or '', ';')
 local snapshot = {}
-for _, cid in ipairs(split(r[7], ',')) do
+for i, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
     h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
@@ -58,14 +66,21 @@ for _, cid in ipairs(split(r[7], ',')) do
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end
   local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
+  check_alerts(ctr, KEYS[6], cid, specs[i], u - cost, u, now)
   snapshot[#snapshot + 1] = int(u)
   snapshot[#snapshot + 1] = int(h)
 end
 redis.call('ZREM', lease, rid)
+local meta = r[11] or ''
+if ARGV[12] ~= '' then
+  meta = ARGV[12] .. (string.match(meta, '^[^\31]*\31[^\31]*(.*)$') or '')
+end
 r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', table.concat(snapshot, ',')
-r[11], r[12], r[13] = r[11] or '', int(tokens_in), int(tokens_out)
+r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, ARGV[10],
+  ARGV[11], now)
 
 local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end

@@ -6,7 +6,9 @@ are errors that name the file and the path of the field."""
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -29,6 +31,7 @@ from sidecar.model import (
     Scope,
     Settings,
     UnpricedModel,
+    Webhook,
 )
 from sidecar.money import price_to_pico, usd_to_micro
 from sidecar.proxy_config import ProxySpec
@@ -182,6 +185,10 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     fail_mode: FailMode = FailMode.CLOSED
     redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
+    usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
+    usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
+    usage_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 400
+    pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
 
     def __post_init__(self) -> None:
         if self.unpriced_model is UnpricedModel.FALLBACK and self.fallback_price is None:
@@ -208,6 +215,10 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             fail_mode=self.fail_mode,
             redis_timeout_ms=self.redis_timeout_ms,
             max_body_bytes=self.max_body_bytes,
+            usage_max_records=self.usage_max_records,
+            usage_max_age_days=self.usage_max_age_days,
+            usage_aggregate_days=self.usage_aggregate_days,
+            pre_check_estimate_usd=self.pre_check_estimate_usd,
         )
 
 
@@ -233,6 +244,31 @@ class ClientSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         return Client(self.client_id, self.tenant or self.client_id, self.role, digest)
 
 
+class WebhookSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A webhook for threshold alerts. The signing secret comes from the file (`secret`)
+    or, better, from an environment variable (`secret_env`), e.g. a mounted Secret."""
+
+    name: Id
+    url: Annotated[str, Meta(pattern=r"^https?://[^\s]+\Z", max_length=2048)]
+    secret: Annotated[str, Meta(min_length=16, max_length=512)] | None = None
+    secret_env: Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*\Z")] | None = None
+    tenant: Id | None = None
+    timeout_ms: Annotated[int, Meta(ge=100, le=60_000)] = 5000
+
+    def __post_init__(self) -> None:
+        if (self.secret is None) == (self.secret_env is None):
+            raise ValueError("secret: give secret or secret_env (one of them)")
+
+    def to_webhook(self, env: Mapping[str, str]) -> Webhook:
+        secret = self.secret
+        if self.secret_env is not None:
+            secret = env.get(self.secret_env)
+            if not secret:
+                raise ValueError(f"secret_env: environment variable {self.secret_env} is unset")
+        assert secret is not None  # __post_init__
+        return Webhook(self.name, self.url, secret.encode("utf-8"), self.tenant, self.timeout_ms)
+
+
 class AuthSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     clients: list[ClientSpec] = msgspec.field(default_factory=list)
 
@@ -244,6 +280,7 @@ class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
     settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
     proxy: ProxySpec = msgspec.field(default_factory=ProxySpec)
     auth: AuthSpec = msgspec.field(default_factory=AuthSpec)
+    webhooks: list[WebhookSpec] = msgspec.field(default_factory=list)
 
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
@@ -305,7 +342,19 @@ def parse(data: Any, source: str) -> Config:
                 source, f"$.pricing[{i}]", f"duplicate price for {p.provider}/{p.model}"
             )
         prices.add((p.provider, p.model))
+    webhooks = []
+    names: set[str] = set()
+    for i, w in enumerate(spec.webhooks):
+        if w.name in names:
+            raise ConfigError(source, f"$.webhooks[{i}].name", f"duplicate webhook {w.name!r}")
+        names.add(w.name)
+        try:
+            webhooks.append(w.to_webhook(os.environ))
+        except ValueError as exc:
+            field, _, reason = str(exc).partition(": ")
+            raise ConfigError(source, f"$.webhooks[{i}].{field}", reason) from None
     return Config(
+        webhooks=tuple(webhooks),
         budgets=tuple(b.to_budget("config") for b in spec.budgets),
         pricing=tuple(p.to_price() for p in spec.pricing),
         rate_limits=tuple(r.to_rate_limit("config") for r in spec.rate_limits),

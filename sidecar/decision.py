@@ -26,6 +26,8 @@ class Applied:
     # with no cheaper model for the requested one is enforced as a block.
     mode: str
     downgrade_model: str | None
+    # The budget's alert thresholds as the scripts take them ("50.80.100").
+    thresholds: str = ""
 
 
 def over(used: int, held: int, est: int, limit: int) -> bool:

@@ -1,4 +1,5 @@
-"""Definitions made through the admin API: stored in Redis, seen by every replica.
+"""Definitions made through the API (rate limits, budgets, prices): stored in Redis, seen
+by every replica.
 
 A write sets the tenant's definition, adds the tenant, then bumps the version.
 Every replica polls the version every half second (one GET, off the hot path) and, when
@@ -18,15 +19,63 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sidecar import keys
-from sidecar.config import RateLimitSpec
+from sidecar.config import PriceSpec, RateLimitSpec
 from sidecar.engine import Engine
-from sidecar.model import RateLimit
+from sidecar.model import Budget, OnExceed, Period, Price, RateLimit, Scope, TenantDefinitions
+from sidecar.money import usd_to_micro
 
 log = logging.getLogger("sidecar.definitions")
 
 POLL_S = 0.5
 _encode = msgspec.json.Encoder().encode
+
+
+class StoredBudget(msgspec.Struct, kw_only=True):
+    """A budget made through the API, as stored (validated by the route that wrote it)."""
+
+    id: str
+    name: str
+    scope: Scope
+    limit_usd: float
+    period: Period
+    on_exceed: OnExceed
+    alert_thresholds: list[int]
+    scope_id: str | None = None
+    created_at: str
+    updated_at: str
+
+    def to_budget(self) -> Budget:
+        return Budget(
+            id=self.id,
+            name=self.name,
+            scope=self.scope,
+            scope_id=self.scope_id,
+            limit_micro=usd_to_micro(self.limit_usd),
+            period=self.period,
+            on_exceed=self.on_exceed,
+            alert_thresholds=tuple(sorted(set(self.alert_thresholds))),
+            source="api",
+            created_at=self.created_at,
+            updated_at=self.updated_at,
+        )
+
+
 _decode_limit = msgspec.json.Decoder(RateLimitSpec).decode
+_decode_budget = msgspec.json.Decoder(StoredBudget).decode
+_decode_price = msgspec.json.Decoder(PriceSpec).decode
+
+
+# KEYS[1] the tenant's definitions hash; ARGV[1] field, ARGV[2] value.
+# Returns 1 if the field existed and now holds the value, 0 (nothing written) otherwise.
+_REPLACE_IF_PRESENT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+
+def _price_field(provider: str, model: str) -> str:
+    return f"p:{keys.escape(provider)}/{keys.escape(model)}"
 
 
 class DefinitionStore:
@@ -42,30 +91,76 @@ class DefinitionStore:
         await self._client.incr(keys.DEFS_VERSION)
 
     async def delete_rate_limit(self, tenant: str, limit_id: str) -> bool:
-        deleted = await self._client.hdel(keys.definitions(tenant), f"rl:{limit_id}")
+        return await self._delete(tenant, f"rl:{limit_id}")
+
+    async def update_budget(self, tenant: str, budget: StoredBudget) -> bool:
+        """Replace a stored budget; False (nothing written) if it is gone: a replica that
+        has not yet seen a delete made elsewhere must not bring the budget back."""
+        # One key, so one script is atomic in a Redis Cluster too.
+        replaced = await self._client.eval(
+            _REPLACE_IF_PRESENT, 1, keys.definitions(tenant), f"b:{budget.id}", _encode(budget)
+        )
+        if replaced:
+            await self._client.incr(keys.DEFS_VERSION)
+        return bool(replaced)
+
+    async def create_budget(self, tenant: str, budget: StoredBudget) -> bool:
+        """Store a new budget; False (nothing written) if the tenant has one of that id:
+        two replicas creating the same id at once cannot both succeed."""
+        created = await self._client.hsetnx(
+            keys.definitions(tenant), f"b:{budget.id}", _encode(budget)
+        )
+        if created:
+            await self._client.sadd(keys.DEFS_TENANTS, tenant)
+            await self._client.incr(keys.DEFS_VERSION)
+        return bool(created)
+
+    async def delete_budget(self, tenant: str, budget_id: str) -> bool:
+        return await self._delete(tenant, f"b:{budget_id}")
+
+    async def put_price(self, tenant: str, spec: PriceSpec) -> None:
+        await self._put(tenant, _price_field(spec.provider, spec.model), _encode(spec))
+
+    async def delete_price(self, tenant: str, provider: str, model: str) -> bool:
+        return await self._delete(tenant, _price_field(provider, model))
+
+    async def _put(self, tenant: str, field: str, value: bytes) -> None:
+        await self._client.hset(keys.definitions(tenant), field, value)
+        await self._client.sadd(keys.DEFS_TENANTS, tenant)
         await self._client.incr(keys.DEFS_VERSION)
+
+    async def _delete(self, tenant: str, field: str) -> bool:
+        """Delete one definition; False (nothing written, not even the version) if absent."""
+        deleted = await self._client.hdel(keys.definitions(tenant), field)
+        if deleted:
+            await self._client.incr(keys.DEFS_VERSION)
         return bool(deleted)
 
     async def version(self) -> int:
         return int(await self._client.get(keys.DEFS_VERSION) or 0)
 
-    async def load(self) -> dict[str, tuple[RateLimit, ...]]:
-        """Every tenant's API-defined rate limits. A stored definition that no longer
-        validates (written by another version) is skipped and logged, not fatal."""
-        out: dict[str, tuple[RateLimit, ...]] = {}
+    async def load(self) -> dict[str, TenantDefinitions]:
+        """Every tenant's API definitions. A stored definition that no longer validates
+        (written by another version) is skipped and logged, not fatal."""
+        out: dict[str, TenantDefinitions] = {}
         # The client decodes responses (decode_responses=True): names are str.
         tenants = [str(t) for t in await self._client.smembers(keys.DEFS_TENANTS)]
         for tenant in sorted(tenants):
             fields = await self._client.hgetall(keys.definitions(tenant))
-            limits = []
+            limits: list[RateLimit] = []
+            budgets: list[Budget] = []
+            prices: list[Price] = []
             for field, raw in sorted((str(f), str(v)) for f, v in fields.items()):
-                if not field.startswith("rl:"):
-                    continue
                 try:
-                    limits.append(_decode_limit(raw).to_rate_limit("api"))
-                except msgspec.ValidationError as exc:
-                    log.error("skipping stored rate limit %s of tenant %s: %s", field, tenant, exc)
-            out[tenant] = tuple(limits)
+                    if field.startswith("rl:"):
+                        limits.append(_decode_limit(raw).to_rate_limit("api"))
+                    elif field.startswith("b:"):
+                        budgets.append(_decode_budget(raw).to_budget())
+                    elif field.startswith("p:"):
+                        prices.append(_decode_price(raw).to_price())
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    log.error("skipping stored definition %s of tenant %s: %s", field, tenant, exc)
+            out[tenant] = TenantDefinitions(tuple(limits), tuple(budgets), tuple(prices))
         return out
 
 
@@ -80,7 +175,7 @@ class DefinitionWatcher:
     async def refresh(self) -> None:
         """Reload now (after a local write, or when the version moved)."""
         version = await self.store.version()
-        self._engine.set_api_limits(await self.store.load())
+        self._engine.set_definitions(await self.store.load())
         self._seen = version
 
     async def poll_once(self) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from sidecar import keys
+from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied, decide, percentage
 from sidecar.events import EngineEvents, NoEvents
@@ -33,6 +34,7 @@ from sidecar.model import (
     Price,
     RateLimit,
     Scope,
+    TenantDefinitions,
     UnpricedModel,
 )
 from sidecar.money import cost_micro, micro_to_usd, usd_to_micro
@@ -166,10 +168,12 @@ class Engine:
         self._scripts = scripts
         self._windows = WindowCache()
         self._snapshot = Snapshot.of(config)
-        # Definitions made through the admin API, per tenant, and the snapshots that merge
-        # them with the config file's (tenants without any use self._snapshot).
-        self._api_limits: dict[str, tuple[RateLimit, ...]] = {}
+        # Definitions made through the API, per tenant, and the snapshots that merge them
+        # with the config file's (tenants without any use self._snapshot).
+        self._api: dict[str, TenantDefinitions] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._ledger = _ledger_config(config)
+        self._days: dict[int, str] = {}
         self._memo: dict[
             tuple[str, Identity, str | None, str | None], tuple[Snapshot, Resolved]
         ] = {}
@@ -185,26 +189,64 @@ class Engine:
         """Replace the config file's definitions at once; decisions in flight keep the old
         snapshot."""
         self._snapshot = Snapshot.of(config)
+        self._ledger = _ledger_config(config)
         self._rebuild_tenants()
 
-    def set_api_limits(self, limits: dict[str, tuple[RateLimit, ...]]) -> None:
-        """Replace every tenant's API-defined rate limits (see sidecar.definitions)."""
-        self._api_limits = dict(limits)
+    def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
+        """Replace every tenant's API definitions (see sidecar.definitions)."""
+        self._api = dict(definitions)
         self._rebuild_tenants()
+
+    def definitions(self, tenant: str) -> TenantDefinitions:
+        return self._api.get(tenant, _NONE_DEFINED)
 
     def api_limits(self, tenant: str) -> tuple[RateLimit, ...]:
-        return self._api_limits.get(tenant, ())
+        return self.definitions(tenant).rate_limits
 
     def _rebuild_tenants(self) -> None:
         config = self._snapshot.config
-        self._snapshots = {
-            tenant: Snapshot.of(replace(config, rate_limits=config.rate_limits + limits))
-            for tenant, limits in self._api_limits.items()
-            if limits
-        }
+        self._snapshots = {}
+        for tenant, d in self._api.items():
+            if not (d.rate_limits or d.budgets or d.pricing):
+                continue
+            # A price set through the API replaces the file's for the same model.
+            prices = {(p.provider, p.model): p for p in (*config.pricing, *d.pricing)}
+            self._snapshots[tenant] = Snapshot.of(
+                replace(
+                    config,
+                    rate_limits=config.rate_limits + d.rate_limits,
+                    budgets=config.budgets + d.budgets,
+                    pricing=tuple(prices.values()),
+                )
+            )
 
     def snapshot(self, tenant: str) -> Snapshot:
         return self._snapshots.get(tenant, self._snapshot)
+
+    def budget(self, tenant: str, budget_id: str) -> Budget | None:
+        """A budget as `tenant` sees it: the config file's, or one of its own API budgets."""
+        return self.snapshot(tenant).by_id.get(budget_id)
+
+    def budget_name(self, tenant: str, budget_id: str) -> str | None:
+        found = self.budget(tenant, budget_id)
+        return found.name if found is not None else None
+
+    def budgets(self, tenant: str) -> tuple[Budget, ...]:
+        """The config file's budgets, then the tenant's own, in creation order."""
+        return self.snapshot(tenant).config.budgets
+
+    @property
+    def store_client(self) -> Any:
+        """The store's redis-py client, for reads off the hot path (ledger, alerts)."""
+        return self._store.client
+
+    def now_ms(self) -> int:
+        return self._clock.now_ms()
+
+    def tenants(self) -> set[str]:
+        """Every tenant a client can act for (open mode: the one default tenant)."""
+        clients = self._snapshot.config.clients
+        return {c.tenant for c in clients} if clients else {OPEN.tenant}
 
     def identity(self, fields: IdentityFields) -> Identity:
         return Identity(
@@ -271,20 +313,24 @@ class Engine:
             window_end_ms=w.end_ms,
             mode=mode,
             downgrade_model=target,
+            thresholds=".".join(map(str, b.alert_thresholds)),
         )
 
-    def price(self, provider: str | None, model: str | None) -> Price | None:
-        """The price of a model, the fallback price, or None (unpriced)."""
+    def price(
+        self, provider: str | None, model: str | None, tenant: str | None = None
+    ) -> Price | None:
+        """The price of a model (as `tenant` sees it; None: the config file's), the fallback
+        price, or None (unpriced)."""
         if model is None:
             return None
-        snap = self._snapshot
+        snap = self._snapshot if tenant is None else self.snapshot(tenant)
         found = snap.prices.get((provider, model)) if provider else snap.price_by_model.get(model)
         if found is None and snap.config.settings.unpriced_model is UnpricedModel.FALLBACK:
             return snap.config.settings.fallback_price
         return found
 
-    def _priced(self, provider: str | None, model: str | None) -> Price | None:
-        price = self.price(provider, model)
+    def _priced(self, tenant: str, provider: str | None, model: str | None) -> Price | None:
+        price = self.price(provider, model, tenant)
         if price is None and model is not None:
             raise RequestError(
                 "model",
@@ -314,7 +360,7 @@ class Engine:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
-        price = self._priced(req.provider, req.model)
+        price = self._priced(tenant, req.provider, req.model)
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
@@ -335,13 +381,19 @@ class Engine:
             price.input_pico if price else "",
             price.output_pico if price else "",
             settings.keep_finished_ms,
-            _meta(req.provider, req.model),
+            _meta(req.provider, req.model, identity, req.step_id, req.run_id),
             (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0),
             len(applied),
             self._clock.limiter_ms(),
         ]
         for a in applied:
-            args += (a.cid, a.budget.limit_micro, a.mode, a.window_end_ms + COUNTER_GRACE_MS)
+            args += (
+                a.cid,
+                a.budget.limit_micro,
+                a.mode,
+                a.window_end_ms + COUNTER_GRACE_MS,
+                a.thresholds,
+            )
         for limit in resolved.limits:
             args += limit.args
         try:
@@ -371,7 +423,7 @@ class Engine:
         now = self._clock.now_ms()
         identity = self.identity(req)
         # The same pricing rule as authorize: check answers what authorize would.
-        price = self._priced(req.provider, req.model)
+        price = self._priced(tenant, req.provider, req.model)
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
@@ -458,24 +510,40 @@ class Engine:
             would_deny=any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
         )
 
-    async def _settle(self, tenant: str, req: SettleRequest) -> SettleResult:
+    async def _settle(
+        self,
+        tenant: str,
+        rid: str,
+        cost_micro: int | None,
+        tokens: tuple[int, int] | None,
+        latency_ms: int | None,
+        success: bool,
+        provider_model: tuple[str, str] | None = None,
+    ) -> SettleResult:
+        """Settle at `cost_micro`, or (None) at `tokens` priced as the reservation was.
+        Tokens given with a cost are recorded and correct the token limiters;
+        `provider_model` replaces the reservation's in its usage record (the gateway's
+        audit names the model only after the call)."""
         settings = self._snapshot.config.settings
-        if req.cost_usd is not None:
-            kind, cost = "c", usd_to_micro(req.cost_usd)
-        else:
-            kind, cost = "t", 0
+        now = self._clock.now_ms()
         args: list[str | int] = [
-            self._clock.now_ms(),
-            req.reservation_id,
+            now,
+            rid,
             settings.keep_finished_ms,
-            kind,
-            req.tokens_in or 0,
-            req.tokens_out or 0,
-            cost,
+            "t" if cost_micro is None else "c",
+            "" if tokens is None else tokens[0],
+            "" if tokens is None else tokens[1],
+            cost_micro or 0,
             self._clock.limiter_ms(),
+            self._ledger,
+            "" if latency_ms is None else latency_ms,
+            "1" if success else "0",
+            "" if provider_model is None else _SEP.join(provider_model),
         ]
-        reply = await self._run(self._scripts.settle, tenant, args)
-        return self._finished(req.reservation_id, reply, "tokens_in")
+        reply = await self._run(
+            self._scripts.settle, tenant, args, keys.tenant_keys(tenant).charging(self._day(now))
+        )
+        return self._finished(tenant, rid, reply, "tokens_in")
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         settings = self._snapshot.config.settings
@@ -488,20 +556,33 @@ class Engine:
             self._clock.limiter_ms(),
         ]
         reply = await self._run(self._scripts.release, tenant, args)
-        return self._finished(reservation_id, reply, "reservation_id")
+        return self._finished(tenant, reservation_id, reply, "reservation_id")
 
     async def _record(self, tenant: str, req: RecordRequest) -> RecordResult:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         identity = self.identity(req)
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
-        price = self._priced(req.provider, req.model) if has_tokens else None
+        price = self._priced(tenant, req.provider, req.model) if has_tokens else None
         cost = self._estimate(price, req.cost_usd, req.tokens_in, req.tokens_out)
         applied = self.resolve(tenant, identity, req.provider, req.model, now).budgets
-        args: list[str | int] = [now, cost, req.idempotency_key or "", settings.keep_finished_ms]
+        args: list[str | int] = [
+            now,
+            cost,
+            req.idempotency_key or "",
+            settings.keep_finished_ms,
+            _meta(req.provider, req.model, identity, req.step_id, req.run_id),
+            req.tokens_in or 0,
+            req.tokens_out or 0,
+            self._ledger,
+            "" if req.latency_ms is None else req.latency_ms,
+            "1" if req.success else "0",
+        ]
         for a in applied:
-            args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS)
-        reply = await self._run(self._scripts.record, tenant, args)
+            args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS, a.budget.limit_micro, a.thresholds)
+        reply = await self._run(
+            self._scripts.record, tenant, args, keys.tenant_keys(tenant).charging(self._day(now))
+        )
         values = [int(v) for v in reply[1:]]
         return RecordResult(
             cost_usd=micro_to_usd(cost),
@@ -512,7 +593,7 @@ class Engine:
         )
 
     async def status(self, tenant: str, budget_id: str, scope_id: str | None) -> BudgetStatus:
-        budget = self._snapshot.by_id.get(budget_id)
+        budget = self.snapshot(tenant).by_id.get(budget_id)
         if budget is None:
             raise RequestError("budget_id", f"no budget {budget_id!r}", status=404)
         entity = budget.scope_id or scope_id
@@ -561,7 +642,54 @@ class Engine:
 
     async def settle(self, tenant: str, req: SettleRequest) -> SettleResult:
         start = time.perf_counter()
-        result = await self._settle(tenant, req)
+        has_tokens = req.tokens_in is not None or req.tokens_out is not None
+        result = await self._settle(
+            tenant,
+            req.reservation_id,
+            None if req.cost_usd is None else usd_to_micro(req.cost_usd),
+            ((req.tokens_in or 0), (req.tokens_out or 0)) if has_tokens else None,
+            req.latency_ms,
+            req.success,
+        )
+        self.events.finished("settle", result, time.perf_counter() - start)
+        return result
+
+    async def settle_call(
+        self,
+        tenant: str,
+        reservation_id: str,
+        *,
+        provider: str,
+        model: str,
+        tokens_in: int,
+        tokens_out: int,
+        latency_ms: int | None,
+        fallback_cost_usd: float | None = None,
+    ) -> SettleResult:
+        """Settle a reservation with a finished call's tokens, priced by `provider`/`model`
+        from the tenant's pricing (else at `fallback_cost_usd`); the call's provider and
+        model go to the usage ledger. The gateway's audit uses this."""
+        start = time.perf_counter()
+        price = self.price(provider, model, tenant)
+        if price is not None:
+            cost = cost_micro(tokens_in, price.input_pico) + cost_micro(
+                tokens_out, price.output_pico
+            )
+        elif fallback_cost_usd is not None:
+            cost = usd_to_micro(fallback_cost_usd)
+        else:
+            raise RequestError(
+                "model", f"no price for {provider}/{model}: add it to pricing, or send a cost"
+            )
+        result = await self._settle(
+            tenant,
+            reservation_id,
+            cost,
+            (tokens_in, tokens_out),
+            latency_ms,
+            True,
+            (provider, model),
+        )
         self.events.finished("settle", result, time.perf_counter() - start)
         return result
 
@@ -619,18 +747,33 @@ class Engine:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    async def _call(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
-        """Run one script; its reply's last element (leases it found ended) is reported to
-        the observers and removed, so callers see the reply their script header lists."""
-        reply: list[Any] = await self._store.run(script, keys.tenant_keys(tenant).hot, args)
+    async def _call(
+        self,
+        script: Script,
+        tenant: str,
+        args: Sequence[str | int],
+        script_keys: Sequence[str] | None = None,
+    ) -> list[Any]:
+        """Run one script (on the tenant's reservation keys unless `script_keys` are given);
+        its reply's last element (leases it found ended) is reported to the observers and
+        removed, so callers see the reply their script header lists."""
+        if script_keys is None:
+            script_keys = keys.tenant_keys(tenant).hot
+        reply: list[Any] = await self._store.run(script, script_keys, args)
         expired = int(reply.pop())
         if expired:
             self.events.expired(expired)
         return reply
 
-    async def _run(self, script: Script, tenant: str, args: Sequence[str | int]) -> list[Any]:
+    async def _run(
+        self,
+        script: Script,
+        tenant: str,
+        args: Sequence[str | int],
+        script_keys: Sequence[str] | None = None,
+    ) -> list[Any]:
         try:
-            reply = await self._call(script, tenant, args)
+            reply = await self._call(script, tenant, args, script_keys)
         except StoreUnavailable as exc:
             self.events.store_unavailable(script.name)
             raise Unavailable(str(exc)) from exc
@@ -653,7 +796,18 @@ class Engine:
             degraded=True,
         )
 
-    def _finished(self, rid: str, reply: list[Any], unpriced_field: str) -> SettleResult:
+    def _day(self, now_ms: int) -> str:
+        """The UTC day of `now_ms` as yyyymmdd (the usage aggregates' key)."""
+        day = now_ms // 86_400_000
+        found = self._days.get(day)
+        if found is None:
+            found = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
+            self._days = {day: found}
+        return found
+
+    def _finished(
+        self, tenant: str, rid: str, reply: list[Any], unpriced_field: str
+    ) -> SettleResult:
         status = int(str(reply[0]))
         if status == 0:
             raise RequestError("reservation_id", f"no reservation {rid!r}", status=404)
@@ -677,10 +831,12 @@ class Engine:
             model=model,
             tokens_in=tokens_in,
             tokens_out=tokens_out,
-            budgets=self._states_of(cids, values),
+            budgets=self._states_of(tenant, cids, values),
         )
 
-    def _states_of(self, cids: Sequence[str], values: Sequence[int]) -> list[BudgetState]:
+    def _states_of(
+        self, tenant: str, cids: Sequence[str], values: Sequence[int]
+    ) -> list[BudgetState]:
         """Budget states of a reservation's counters, by the cids its record kept.
 
         A budget deleted since the hold is left out: it has no limit to report against.
@@ -688,7 +844,7 @@ class Engine:
         states = []
         for i, cid in enumerate(cids):
             budget_id, entity, _window = keys.parse_counter_id(cid)
-            budget = self._snapshot.by_id.get(budget_id)
+            budget = self.snapshot(tenant).by_id.get(budget_id)
             if budget is None:
                 continue
             a = Applied(budget, entity, cid, 0, 0, _MODE[budget.on_exceed], None)
@@ -792,18 +948,47 @@ def new_reservation_id() -> str:
     return _random[at : at + 16].hex()
 
 
-# The record's meta field: what settle needs back from authorize. Identifiers are
-# validated, so the unit separator cannot occur in them (nor '|', the record's own).
+# The record's meta field: the call's ledger tuple (lua/_lib.lua, record field 11), which
+# settle returns and writes to the usage ledger. Identifiers are validated, so the unit
+# separator cannot occur in them (nor '|', the record's own).
 _SEP = "\x1f"
+_NONE_DEFINED = TenantDefinitions()
 
 
-def _meta(provider: str | None, model: str | None) -> str:
-    return f"{provider or ''}{_SEP}{model or ''}"
+def _meta(
+    provider: str | None,
+    model: str | None,
+    identity: Identity,
+    step_id: str | None,
+    run_id: str | None,
+) -> str:
+    return _SEP.join(
+        (
+            provider or "",
+            model or "",
+            identity.org_id,
+            identity.team_id or "",
+            identity.agent_id or "",
+            identity.workflow_id or "",
+            identity.user_id or "",
+            step_id or "",
+            run_id or "",  # last: the daily aggregates leave the run out
+        )
+    )
 
 
 def _unmeta(meta: str) -> tuple[str | None, str | None]:
-    provider, _, model = meta.partition(_SEP)
+    provider, model, *_ = (*meta.split(_SEP), "")
     return provider or None, model or None
+
+
+def _ledger_config(config: Config) -> str:
+    """settle.lua's and record.lua's ledger argument (see lua/_lib.lua, ledger())."""
+    s = config.settings
+    return (
+        f"{s.usage_max_records}:{s.usage_max_age_days * 86_400_000}:"
+        f"{s.usage_aggregate_days * 86_400}"
+    )
 
 
 def _info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:

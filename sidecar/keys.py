@@ -8,7 +8,15 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
     bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" / "q:<key>" -> Unix ms after which it may go
-    bs:{T}:defs    hash   admin-API definitions, "rl:<id>" -> JSON (off the hot path)
+    bs:{T}:usage   stream the usage ledger: one entry per settle and record (bounded by
+                          count and age)
+    bs:{T}:agg:<yyyymmdd>  hash  that UTC day's usage totals per (provider, model, org,
+                          team, agent, workflow, user, step): "c|" cost, "n|" requests,
+                          "i|" tokens in, "o|" tokens out (expires after the retention)
+    bs:{T}:alerts  stream threshold alerts, written by the script that charged; read by
+                          the alerts route and by the webhook deliverers' consumer groups
+    bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
+                          -> JSON (off the hot path)
 
 A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`;
 a rate limiter's fields ("d:", "l:", "n:" in the same hash) end in `<limit id>/<entity>`.
@@ -48,11 +56,21 @@ class TenantKeys:
     leases: str
     reservations: str
     gc: str
+    usage: str
+    alerts: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
         """The KEYS of every reservation script, in their documented order."""
         return (self.counters, self.leases, self.reservations, self.gc)
+
+    def charging(self, day: str) -> tuple[str, str, str, str, str, str, str]:
+        """The KEYS of the scripts that charge (settle, record): the reservation keys, then
+        the usage ledger, the alerts, and the aggregate hash of UTC day `day` (yyyymmdd)."""
+        return (*self.hot, self.usage, self.alerts, self.usage_day(day))
+
+    def usage_day(self, day: str) -> str:
+        return f"{self.counters[: -len('ctr')]}agg:{day}"
 
 
 @lru_cache(maxsize=4096)
@@ -64,6 +82,8 @@ def tenant_keys(tenant: str) -> TenantKeys:
         leases=tag + "lease",
         reservations=tag + "res",
         gc=tag + "gc",
+        usage=tag + "usage",
+        alerts=tag + "alerts",
     )
 
 

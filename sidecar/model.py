@@ -97,6 +97,9 @@ class Budget:
     timezone: str = "UTC"
     fail_mode: FailMode | None = None
     source: str = "config"
+    # Budgets made through the API carry when (RFC 3339); the config file's do not.
+    created_at: str | None = None
+    updated_at: str | None = None
 
     @property
     def zone(self) -> ZoneInfo:
@@ -160,6 +163,33 @@ class Settings:
     fail_mode: FailMode = FailMode.CLOSED
     redis_timeout_ms: int = 50
     max_body_bytes: int = 65_536
+    # The usage ledger: at most this many records, none older than the age; per-day
+    # aggregates kept this many days (a yearly summary reads up to 366 of them).
+    usage_max_records: int = 100_000
+    usage_max_age_days: int = 30
+    usage_aggregate_days: int = 400
+    # What a gateway-mode pre-check holds (the SDK's pre-check carries no estimate).
+    pre_check_estimate_usd: float = 0.01
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """Where threshold alerts are POSTed, signed with HMAC-SHA256 of the body."""
+
+    name: str
+    url: str
+    secret: bytes
+    tenant: str | None = None  # None: every tenant's alerts
+    timeout_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class TenantDefinitions:
+    """What one tenant defined through the API (stored in Redis, see sidecar.definitions)."""
+
+    rate_limits: tuple[RateLimit, ...] = ()
+    budgets: tuple[Budget, ...] = ()
+    pricing: tuple[Price, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,4 +203,5 @@ class Config:
     proxy: ProxySpec = field(default_factory=ProxySpec)
     # Who may call (empty: open mode, one default tenant).
     clients: tuple[Client, ...] = ()
+    webhooks: tuple[Webhook, ...] = ()
     source: str = "<defaults>"

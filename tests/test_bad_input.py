@@ -9,6 +9,7 @@ of Redis (every key, its type and every member) is the same after the request as
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -21,7 +22,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import ClientFactory
+from tests.conftest import T0_MS, ClientFactory
 
 MAX_BODY = 16_384
 
@@ -127,12 +128,15 @@ async def app(make_client: ClientFactory, redis_client: redis.Redis) -> AsyncIte
     await _ok(client, "/v1/record", {"user_id": "u3", "cost_usd": 0.05, "idempotency_key": "rec-1"})
     assert held["allowed"] and priced["allowed"]
     before = snapshot(redis_client)
-    # The seed touched every kind of key: counters, leases, reservations, collection.
+    # The seed touched every kind of key: counters, leases, reservations, collection, the
+    # usage ledger and the day's usage aggregates.
     assert sorted(k for k in before if not k.startswith("#")) == [
+        f"bs:{{default}}:agg:{time.strftime('%Y%m%d', time.gmtime(T0_MS / 1000))}",
         "bs:{default}:ctr",
         "bs:{default}:gc",
         "bs:{default}:lease",
         "bs:{default}:res",
+        "bs:{default}:usage",
     ]
     assert len(before["bs:{default}:lease"][1]) == 2
     yield Seeded(client, redis_client, held["reservation_id"], priced["reservation_id"], before)

@@ -12,8 +12,12 @@ methods). Checks run on every answer:
 Left out on purpose: positive_data_acceptance (schema-valid requests are rightly refused
 by rules a JSON Schema cannot state: an unpriced model, a config-file rate-limit id, "give
 estimated_usd or tokens"); unsupported_method (/ext_authz answers every method by design,
-QUERY included, which OpenAPI 3.1 cannot list); the stateful checks (no links yet) and
-ignored_auth (open mode: no credentials exist).
+QUERY included, which OpenAPI 3.1 cannot list); the stateful checks (no links yet, so an
+audit never names a real pre-check and a budget update rarely names a real budget: those
+answer 404) and ignored_auth (open mode: no credentials exist).
+
+The fuzz writes definitions too (budgets, prices, rate limits: made, changed, deleted), and
+pre-checks may then be denied (402) by a budget it made; what it leaves in Redis is checked.
 
 The run is reproducible: SIDECAR_FUZZ_SEED (default 1) and SIDECAR_FUZZ_EXAMPLES (default
 30 per operation) change it. Every request and answer is read back from schemathesis' HAR
@@ -34,10 +38,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
+import redis
 import yaml
 
 from sidecar import keys
+from sidecar.config import PriceSpec, RateLimitSpec
+from sidecar.definitions import StoredBudget
 from tests.harness import RedisServer, SidecarProcess, missing
 
 SEED = os.environ.get("SIDECAR_FUZZ_SEED", "1")
@@ -79,10 +87,32 @@ CONFIG: dict[str, Any] = {
 # What a tenant's keys may be: the hash tag is always exactly {default} (or {defs} for
 # the definitions bookkeeping), whatever identifiers the requests carried.
 TENANT = keys.tenant_keys("default")
-ALLOWED_KEYS = {*TENANT.hot, keys.definitions("default"), keys.DEFS_VERSION, keys.DEFS_TENANTS}
-KEY_RE = re.compile(r"^bs:\{default\}:(ctr|lease|res|gc|defs)$|^bs:\{defs\}:(version|tenants)$")
+ALLOWED_KEYS = {
+    *TENANT.hot,
+    TENANT.usage,
+    TENANT.alerts,
+    keys.definitions("default"),
+    keys.DEFS_VERSION,
+    keys.DEFS_TENANTS,
+}
+KEY_RE = re.compile(
+    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|agg:\d{8})$"
+    r"|^bs:\{defs\}:(version|tenants)$"
+)
+AGG_RE = re.compile(r"^bs:\{default\}:agg:\d{8}$")  # one per UTC day with usage
 # Hash fields and zset members hold escaped components only: no brace, space or control.
 MEMBER_RE = re.compile(r"^[A-Za-z0-9._~@+%\-/:=]+$")
+# Definitions made through the API (rate limits, budgets, prices), by their validated ids
+# or escaped provider/model, and what each field holds.
+DEF_FIELD_RE = re.compile(
+    r"^(rl|b):[A-Za-z0-9._~\-]{1,64}$|^p:[A-Za-z0-9._~@+%\-]+/[A-Za-z0-9._~@+%\-]+$"
+)
+DEF_TYPES: dict[str, type] = {"rl": RateLimitSpec, "b": StoredBudget, "p": PriceSpec}
+# The usage ledger's tuple (provider, model, org, team, agent, workflow, user, step, run),
+# validated identifiers joined by the unit separator; the daily aggregates leave out run.
+PART = r"[A-Za-z0-9._~@+:/\-]*"
+META_RE = re.compile(rf"^{PART}(\x1f{PART}){{8}}$")
+AGG_FIELD_RE = re.compile(rf"^[cnio]\|{PART}(\x1f{PART}){{7}}$")
 
 
 def schemathesis_cli() -> str:
@@ -133,7 +163,23 @@ class Run:
         return out
 
 
-def run(cli: str, url: str, tmp: Path, *args: str) -> Run:
+# A schemathesis hooks file: leave out the requests whose only fault is a declared
+# Content-Type other than JSON (schemathesis' media-type probes send a schema-valid body as
+# text/plain or multipart/form-data). The sidecar reads every body as JSON whatever its
+# declared type, so such a request is served, not refused; schemathesis only requires it
+# not to be a 5xx, which test_fuzz_every_route checks (it keeps them).
+JSON_ONLY_HOOKS = """
+import schemathesis
+
+
+@schemathesis.hook
+def filter_case(ctx, case):
+    declared = {k.lower(): v for k, v in (case.headers or {}).items()}.get("content-type")
+    return declared is None or declared.startswith("application/json")
+"""
+
+
+def run(cli: str, url: str, tmp: Path, *args: str, hooks: str | None = None) -> Run:
     junit, har = tmp / "junit.xml", tmp / "run.har"
     cmd = [
         cli, "run", f"{url}/openapi.json",
@@ -149,6 +195,9 @@ def run(cli: str, url: str, tmp: Path, *args: str) -> Run:
         *args,
     ]  # fmt: skip
     env = {**os.environ, "NO_COLOR": "1", "SCHEMATHESIS_TELEMETRY": "false"}
+    if hooks is not None:
+        (tmp / "hooks.py").write_text(hooks)
+        env["SCHEMATHESIS_HOOKS"] = str(tmp / "hooks.py")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=GUARD_S, env=env)
     output = done.stdout + done.stderr
     assert junit.exists() and har.exists(), output[-5000:]
@@ -158,20 +207,24 @@ def run(cli: str, url: str, tmp: Path, *args: str) -> Run:
 def test_rejected_writes_write_nothing(
     live: str, redis_server: RedisServer, tmp_path: Path, sidecar: SidecarProcess
 ) -> None:
-    """Only schema-invalid requests to the write routes: every one is refused (4xx) and
-    Redis stays empty."""
+    """Only schema-invalid requests to the write routes (native, admin, and the AxonFlow
+    SDK's: budgets, pricing, pre-check, audit): every one is refused (4xx) and Redis stays
+    empty. (Without the media-type probes: see JSON_ONLY_HOOKS.)"""
     client = redis_server.client()
     client.flushall()
     result = run(
         live, sidecar.url, tmp_path,
-        "--mode", "negative", "--include-path-regex", "^/v1/", "--exclude-method", "GET",
+        "--mode", "negative", "--include-path-regex", "^/(v1|api)/", "--exclude-method", "GET",
+        hooks=JSON_ONLY_HOOKS,
     )  # fmt: skip
     assert result.failures() == [], result.output[-5000:]
     statuses = result.statuses
     refused = sum(n for s, n in statuses.items() if 400 <= s < 500)
-    # /v1/check is read-only and may pass an input schemathesis could not make invalid.
+    # The checks are read-only and may pass an input schemathesis could not make invalid.
     passed = [e["request"]["url"] for e in result.entries if int(e["response"]["status"]) < 400]
-    assert all(url.endswith("/v1/check") for url in passed), passed
+    assert all(url.endswith(("/v1/check", "/v1/budgets/check")) for url in passed), passed
+    hit = {e["request"]["url"].partition("?")[0].split("/", 3)[3] for e in result.entries}
+    assert {"api/v1/budgets", "api/v1/pricing", "api/policy/pre-check"} <= hit, hit
     assert refused > 500, statuses
     assert client.keys("*") == [], "a refused request wrote to Redis"
     print(f"\nnegative requests: {len(result.entries)}, statuses {dict(statuses)}")
@@ -203,10 +256,45 @@ def test_fuzz_every_route(
     # No input broke a key's hash tag or slipped a raw identifier into a name.
     client = redis_server.client()
     found = set(client.scan_iter("*"))
-    assert found <= ALLOWED_KEYS, found - ALLOWED_KEYS
+    daily = {k for k in found if AGG_RE.match(k)}
+    assert found - daily <= ALLOWED_KEYS, found - daily - ALLOWED_KEYS
     assert all(KEY_RE.match(k) for k in found), found
     assert TENANT.counters in found  # the fuzz did write counters
     for field in client.hkeys(TENANT.counters):
         assert MEMBER_RE.match(str(field)), field
     for member in (*client.zrange(TENANT.gc, 0, -1), *client.zrange(TENANT.leases, 0, -1)):
         assert MEMBER_RE.match(str(member)), member
+
+    # The fuzz made budgets and prices through the API (and rate limits): whatever is left
+    # of them is well-formed and reads back as what every replica's watcher loads.
+    def answered(method: str, path: str, status: int) -> int:
+        return sum(
+            1
+            for e in result.entries
+            if e["request"]["method"] == method
+            and e["request"]["url"].partition("?")[0].endswith(path)
+            and int(e["response"]["status"]) == status
+        )
+
+    assert answered("POST", "/api/v1/budgets", 201) > 0, statuses
+    assert answered("PUT", "/api/v1/pricing", 200) > 0, statuses
+    assert answered("POST", "/api/policy/pre-check", 200) > 0, statuses
+    for field, value in client.hgetall(keys.definitions("default")).items():
+        assert DEF_FIELD_RE.match(str(field)), field
+        msgspec.json.decode(str(value), type=DEF_TYPES[str(field).partition(":")[0]])
+    # The usage ledger and the alerts hold validated or escaped identifiers only.
+    entries = stream(client, TENANT.usage)
+    assert entries, "the fuzz charged nothing"
+    for fields in entries:
+        assert META_RE.match(fields["m"]), fields
+    for day in daily:
+        for field in client.hkeys(day):
+            assert AGG_FIELD_RE.match(str(field)), field
+    for fields in stream(client, TENANT.alerts):
+        assert MEMBER_RE.match(fields["cid"]), fields
+
+
+def stream(client: redis.Redis, key: str) -> list[dict[str, str]]:
+    """The fields of every entry of a stream."""
+    entries = client.xrange(key) or []
+    return [{str(k): str(v) for k, v in (fields or {}).items()} for _, fields in entries]

@@ -334,7 +334,10 @@ async def test_stacked_authorize_keeps_every_key_in_the_tenant_slot(
     assert s.status == 200
     found = all_keys(redis_client)
     tk = tenant_keys("default")
-    assert found == sorted([tk.counters, tk.reservations, tk.gc])
+    # ... and the settle's usage record and the day's usage totals, in the tenant's slot.
+    assert found == sorted(
+        [tk.counters, tk.reservations, tk.gc, tk.usage, tk.usage_day("20260310")]
+    )
     assert {slot(k) for k in found} == {slot("default")}
     fields = redis_client.hgetall("bs:{default}:ctr")
     assert {k: v for k, v in fields.items() if k.startswith("u:")} == {
@@ -372,11 +375,17 @@ async def test_hostile_tenant_stays_in_its_own_slot(
     found = all_keys(redis_client)
     # Mine was settled, so its lease set is empty and gone; theirs is still held.
     mine_keys = tenant_keys(tenant)
-    expected_mine = {mine_keys.counters, mine_keys.reservations, mine_keys.gc}
+    expected_mine = {
+        mine_keys.counters,
+        mine_keys.reservations,
+        mine_keys.gc,
+        mine_keys.usage,
+        mine_keys.usage_day("20260310"),
+    }
     expected_theirs = set(tenant_keys("default").hot)
     assert set(found) == expected_mine | expected_theirs
     tag = escape(tenant)
-    for key in set(mine_keys.hot):
+    for key in expected_mine:
         assert hash_tag(key) == tag
     assert {slot(k) for k in mine_keys.hot} == {slot(tag)}
     assert {slot(k) for k in expected_theirs} == {slot("default")}

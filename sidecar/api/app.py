@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import msgspec
 from aiohttp import web
 from aiohttp.typedefs import Middleware
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sidecar import logs
-from sidecar.api import admin, axonflow, native, openapi, proxy
+from sidecar import __version__, logs
+from sidecar.api import admin, axonflow, gateway, native, openapi, proxy, usage
 from sidecar.api import auth as api_auth
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
@@ -24,6 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.model import Config
 from sidecar.scripts import Scripts
 from sidecar.store import Store, StoreError
+from sidecar.webhooks import WebhookDeliverer
 
 log = logging.getLogger("sidecar.http")
 
@@ -75,6 +78,10 @@ async def problems(request: web.Request, handler: Handler) -> web.StreamResponse
             allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
             return response(ProblemError(exc.status, exc.reason, headers=allow))
         raise
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        # Reads and writes off the decision path (definitions, usage, alerts) use redis-py
+        # directly: Redis away is a 503 there too, not an internal error.
+        return response(ProblemError(503, f"budget store unavailable: {exc}", degraded=True))
     except StoreError:
         request_id = logs.request_id_of(request)
         log.exception(
@@ -129,6 +136,11 @@ def body_deadline(timeout_s: float) -> Middleware:
 
 async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "alive"})
+
+
+async def health(request: web.Request) -> web.Response:
+    """The AxonFlow SDK's health_check() (and its heartbeat) expect this shape."""
+    return web.json_response({"status": "healthy", "version": __version__})
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -199,12 +211,24 @@ def create_app(
             yield
 
     app.cleanup_ctx.append(definitions_lifecycle)
+    deliverer = WebhookDeliverer(
+        store.client, lambda: engine.config.webhooks, engine.tenants, engine.budget_name
+    )
+
+    async def webhooks_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async for _ in deliverer.lifecycle():
+            yield
+
+    app.cleanup_ctx.append(webhooks_lifecycle)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/health", health)
     app.router.add_get("/readyz", readyz)
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
     admin.add_routes(app, ENGINE, WATCHER)
-    axonflow.add_routes(app, ENGINE)
+    axonflow.add_routes(app, ENGINE, WATCHER)
+    usage.add_routes(app, ENGINE)
+    gateway.add_routes(app, ENGINE)
     openapi.add_route(app, config)
     if isinstance(events, Metrics):
         events.add_routes(app, engine)

@@ -18,8 +18,10 @@ from sidecar.api.problems import ProblemError
 from sidecar.auth import OPEN, Client, Role
 from sidecar.engine import Engine
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/prometheus", "/openapi.json"})
-PRINCIPAL = "principal"
+OPEN_PATHS = frozenset(
+    {"/healthz", "/health", "/readyz", "/metrics", "/prometheus", "/openapi.json"}
+)
+PRINCIPAL = web.RequestKey("principal", Client)
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="budget-sidecar", charset="UTF-8"'}
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

@@ -1,28 +1,47 @@
-"""The AxonFlow SDK's cost-control routes (wire contract observed from axonflow 9.5.0,
-../shared/reference/axonflow-sdk-wire-contract.md), read-only part: pricing, budget
-list/get/status, and the pre-flight budget check.
+"""The AxonFlow SDK's budget and pricing routes (wire contract observed from axonflow 9.5.0,
+../shared/reference/axonflow-sdk-wire-contract.md): budgets (create, list, get, update,
+delete, status, alerts), the pre-flight budget check, and pricing (read and write).
 
 Shapes follow the contract field by field: bare Budget objects, lists inside an object,
 RFC 3339 strings for timestamps, never null where the SDK types a list or a number, and a
-denial from /budgets/check as 200 with `allowed: false`. Budgets are the config file's
-(read-only through this API). Errors are problem+json (the SDK surfaces any non-2xx as
-`AxonFlowError("HTTP <code>: <body>")` whatever the body).
+denial from /budgets/check as 200 with `allowed: false`. Errors are problem+json (the SDK
+surfaces any non-2xx as `AxonFlowError("HTTP <code>: <body>")` whatever the body).
+
+Budgets made here belong to the caller's tenant, live in Redis and are enforced by every
+replica within a second (sidecar.definitions). The config file's budgets are listed to
+every tenant and are read-only here (409): the file is their source of truth.
 """
 
 from __future__ import annotations
 
+from typing import Annotated
+from urllib.parse import unquote
+
 import msgspec
 from aiohttp import web
+from msgspec import Meta
 
+from sidecar.alerts import Alert, read_alerts
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
+from sidecar.config import BudgetId, PricePer1k, PriceSpec
+from sidecar.definitions import DefinitionWatcher, StoredBudget
 from sidecar.engine import Engine
-from sidecar.model import Budget, Scope
+from sidecar.model import Budget, OnExceed, Period, Scope
 from sidecar.money import micro_to_usd, pico_to_price
-from sidecar.schemas import CheckRequest, IdentityFields
+from sidecar.periods import iso
+from sidecar.schemas import CheckRequest, Id, IdentityFields, ModelName
 
 _encode = msgspec.json.Encoder().encode
+
+# What the real platform fills in when a create sends no thresholds (wire contract §2.1).
+DEFAULT_THRESHOLDS = [50, 80, 100]
+Threshold = Annotated[int, Meta(ge=1, le=1000)]
+Thresholds = Annotated[list[Threshold], Meta(max_length=20)]
+BudgetName = Annotated[str, Meta(min_length=1, max_length=200)]
+# At least one micro-USD: a smaller limit would be stored as $0 and deny everything.
+LimitUsd = Annotated[float, Meta(ge=0.000001, le=1_000_000_000)]
 
 
 class AxBudget(msgspec.Struct, kw_only=True):
@@ -36,6 +55,9 @@ class AxBudget(msgspec.Struct, kw_only=True):
     enabled: bool
     scope_id: str | None
     tenant_id: str
+    source: str  # config | api
+    created_at: str | None
+    updated_at: str | None
 
 
 class AxBudgetList(msgspec.Struct, kw_only=True):
@@ -61,14 +83,21 @@ class AxCheck(msgspec.Struct, kw_only=True):
     budgets: list[AxBudget]
 
 
-class AxPrice(msgspec.Struct, kw_only=True):
-    input_per_1k: float
-    output_per_1k: float
+class AxAlertList(msgspec.Struct, kw_only=True):
+    alerts: list[Alert]
+    count: int
 
 
-class AxPricingInfo(msgspec.Struct, kw_only=True):
-    provider: str
-    model: str
+class AxPrice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    input_per_1k: PricePer1k
+    output_per_1k: PricePer1k
+
+
+class AxPricingInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One model's price; also the body of PUT /api/v1/pricing."""
+
+    provider: Id
+    model: ModelName
     pricing: AxPrice
 
 
@@ -80,7 +109,33 @@ class AxCheckRequest(IdentityFields, kw_only=True):
     """The SDK's BudgetCheckRequest: identity only, no estimate."""
 
 
+class AxCreateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The SDK's CreateBudgetRequest."""
+
+    id: BudgetId
+    name: BudgetName
+    scope: Scope
+    limit_usd: LimitUsd
+    period: Period
+    on_exceed: OnExceed = OnExceed.BLOCK
+    alert_thresholds: Thresholds = msgspec.field(default_factory=list)
+    scope_id: Id | None = None
+
+
+class AxUpdateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The SDK's UpdateBudgetRequest: only the fields given change. An empty
+    `alert_thresholds` means unchanged, as on the real platform (wire contract §2.4)."""
+
+    name: BudgetName | None = None
+    limit_usd: LimitUsd | None = None
+    on_exceed: OnExceed | None = None
+    alert_thresholds: Thresholds | None = None
+
+
 _check_body = msgspec.json.Decoder(AxCheckRequest).decode
+_create_body = msgspec.json.Decoder(AxCreateBudget).decode
+_update_body = msgspec.json.Decoder(AxUpdateBudget).decode
+_price_body = msgspec.json.Decoder(AxPricingInfo).decode
 
 
 def ax_budget(budget: Budget, tenant: str) -> AxBudget:
@@ -95,60 +150,160 @@ def ax_budget(budget: Budget, tenant: str) -> AxBudget:
         enabled=budget.enabled,
         scope_id=budget.scope_id,
         tenant_id=tenant,
+        source=budget.source,
+        created_at=budget.created_at,
+        updated_at=budget.updated_at,
     )
 
 
-def _json(body: object) -> web.Response:
-    return web.Response(body=_encode(body), content_type="application/json")
+def json_response(body: object, status: int = 200) -> web.Response:
+    return web.Response(body=_encode(body), status=status, content_type="application/json")
 
 
-def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query.get(name)
+def int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = raw_query(request).get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ProblemError(400, f"{name}: not an integer", field=name) from None
+    # ASCII digits only: int() would also take "1_0" and other scripts' digits.
+    if not (raw.isascii() and raw.isdigit()):
+        raise ProblemError(400, f"{name}: not an integer", field=name)
+    value = int(raw)
     if not low <= value <= high:
         raise ProblemError(400, f"{name}: between {low} and {high}", field=name)
     return value
 
 
-def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
+def raw_query(request: web.Request) -> dict[str, str]:
+    """The query, percent-decoded but with '+' kept: the SDK does not encode query values,
+    and model names carry '+' (wire contract §7.4). The first of a repeated name wins."""
+    out: dict[str, str] = {}
+    for part in request.rel_url.raw_query_string.split("&"):
+        if not part:
+            continue
+        raw_name, _, raw_value = part.partition("=")
+        try:
+            name = unquote(raw_name, errors="strict")
+            value = unquote(raw_value, errors="strict")
+        except UnicodeDecodeError:
+            field = unquote(raw_name, errors="replace")
+            raise ProblemError(400, f"{field}: not valid UTF-8", field=field) from None
+        out.setdefault(name, value)
+    return out
+
+
+def add_routes(
+    app: web.Application,
+    engine_key: web.AppKey[Engine],
+    watcher_key: web.AppKey[DefinitionWatcher],
+) -> None:
     def find(request: web.Request) -> Budget:
         budget_id = request.match_info["budget_id"]
-        for budget in request.app[engine_key].config.budgets:
-            if budget.id == budget_id:
-                return budget
-        raise ProblemError(404, "Budget not found", field="id")
+        found = request.app[engine_key].budget(tenant_of(request), budget_id)
+        if found is None:
+            raise ProblemError(404, f"Budget not found: {budget_id!r}", field="id")
+        return found
+
+    def writable(request: web.Request) -> Budget:
+        budget = find(request)
+        if budget.source != "api":
+            raise ProblemError(
+                409,
+                f"budget {budget.id!r} is defined in the config file ({budget.source}); "
+                "change it there",
+                field="id",
+            )
+        return budget
 
     async def list_budgets(request: web.Request) -> web.Response:
         require(request, Role.READ)
-        scope = request.query.get("scope")
+        scope = raw_query(request).get("scope")
         if scope is not None and scope not in {s.value for s in Scope}:
             raise ProblemError(400, f"scope: one of {', '.join(Scope)}", field="scope")
-        limit = _int_query(request, "limit", 50, 1, 100)
-        offset = _int_query(request, "offset", 0, 0, 1_000_000)
+        limit = int_query(request, "limit", 50, 1, 100)
+        offset = int_query(request, "offset", 0, 0, 1_000_000)
         tenant = tenant_of(request)
         budgets = [
             ax_budget(b, tenant)
-            for b in request.app[engine_key].config.budgets
+            for b in request.app[engine_key].budgets(tenant)
             if scope is None or b.scope == scope
         ]
-        return _json(AxBudgetList(budgets=budgets[offset : offset + limit], total=len(budgets)))
+        return json_response(
+            AxBudgetList(budgets=budgets[offset : offset + limit], total=len(budgets))
+        )
+
+    async def create_budget(request: web.Request) -> web.Response:
+        require(request, Role.ADMIN)
+        body = _create_body(await request.read())
+        engine = request.app[engine_key]
+        tenant = tenant_of(request)
+        existing = engine.budget(tenant, body.id)
+        if existing is not None:
+            where = "in the config file" if existing.source != "api" else "already"
+            raise ProblemError(409, f"budget {body.id!r} exists {where}", field="id")
+        now = iso(engine.now_ms())
+        stored = StoredBudget(
+            id=body.id,
+            name=body.name,
+            scope=body.scope,
+            scope_id=body.scope_id,
+            limit_usd=body.limit_usd,
+            period=body.period,
+            on_exceed=body.on_exceed,
+            alert_thresholds=sorted(set(body.alert_thresholds or DEFAULT_THRESHOLDS)),
+            created_at=now,
+            updated_at=now,
+        )
+        watcher = request.app[watcher_key]
+        if not await watcher.store.create_budget(tenant, stored):
+            raise ProblemError(409, f"budget {body.id!r} exists already", field="id")
+        await watcher.refresh()
+        return json_response(ax_budget(stored.to_budget(), tenant), status=201)
 
     async def get_budget(request: web.Request) -> web.Response:
         require(request, Role.READ)
-        return _json(ax_budget(find(request), tenant_of(request)))
+        return json_response(ax_budget(find(request), tenant_of(request)))
+
+    async def update_budget(request: web.Request) -> web.Response:
+        require(request, Role.ADMIN)
+        budget = writable(request)
+        body = _update_body(await request.read())
+        engine = request.app[engine_key]
+        tenant = tenant_of(request)
+        stored = StoredBudget(
+            id=budget.id,
+            name=body.name if body.name is not None else budget.name,
+            scope=budget.scope,
+            scope_id=budget.scope_id,
+            limit_usd=(
+                body.limit_usd if body.limit_usd is not None else micro_to_usd(budget.limit_micro)
+            ),
+            period=budget.period,
+            on_exceed=body.on_exceed if body.on_exceed is not None else budget.on_exceed,
+            alert_thresholds=sorted(set(body.alert_thresholds or budget.alert_thresholds)),
+            created_at=budget.created_at or iso(engine.now_ms()),
+            updated_at=iso(engine.now_ms()),
+        )
+        watcher = request.app[watcher_key]
+        if not await watcher.store.update_budget(tenant, stored):
+            raise ProblemError(404, f"Budget not found: {budget.id!r}", field="id")
+        await watcher.refresh()
+        return json_response(ax_budget(stored.to_budget(), tenant))
+
+    async def delete_budget(request: web.Request) -> web.Response:
+        require(request, Role.ADMIN)
+        budget = writable(request)
+        watcher = request.app[watcher_key]
+        await watcher.store.delete_budget(tenant_of(request), budget.id)
+        await watcher.refresh()
+        return web.Response(status=204)
 
     async def budget_status(request: web.Request) -> web.Response:
         require(request, Role.READ)
         budget = find(request)
         engine = request.app[engine_key]
         tenant = tenant_of(request)
-        status = await engine.status(tenant, budget.id, request.query.get("scope_id"))
-        return _json(
+        status = await engine.status(tenant, budget.id, raw_query(request).get("scope_id"))
+        return json_response(
             AxStatus(
                 budget=ax_budget(budget, tenant),
                 used_usd=status.used_usd,
@@ -160,6 +315,16 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                 period_end=status.period_end,
             )
         )
+
+    async def budget_alerts(request: web.Request) -> web.Response:
+        require(request, Role.READ)
+        budget = find(request)
+        engine = request.app[engine_key]
+        tenant = tenant_of(request)
+        alerts = await read_alerts(
+            engine.store_client, tenant, budget.id, lambda b: engine.budget_name(tenant, b)
+        )
+        return json_response(AxAlertList(alerts=alerts, count=len(alerts)))
 
     async def check(request: web.Request) -> web.Response:
         require(request, Role.AGENT)
@@ -176,9 +341,12 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                 user_id=body.user_id,
             ),
         )
-        by_id = {b.id: b for b in engine.config.budgets}
-        evaluated = [ax_budget(by_id[s.budget_id], tenant) for s in decision.budgets]
-        return _json(
+        evaluated = []
+        for state in decision.budgets:
+            budget = engine.budget(tenant, state.budget_id)
+            if budget is not None:
+                evaluated.append(ax_budget(budget, tenant))
+        return json_response(
             AxCheck(
                 allowed=decision.allowed,
                 action=decision.action,
@@ -189,8 +357,9 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
 
     async def pricing(request: web.Request) -> web.Response:
         require(request, Role.READ)
-        provider = request.query.get("provider")
-        model = request.query.get("model")
+        query = raw_query(request)
+        provider = query.get("provider") or None
+        model = query.get("model") or None
         prices = [
             AxPricingInfo(
                 provider=p.provider,
@@ -200,18 +369,59 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                     output_per_1k=pico_to_price(p.output_pico),
                 ),
             )
-            for p in request.app[engine_key].config.pricing
+            for p in request.app[engine_key].snapshot(tenant_of(request)).config.pricing
             if (provider is None or p.provider == provider) and (model is None or p.model == model)
         ]
         if provider is not None and model is not None:
             # One model asked for: the SDK reads a single PricingInfo object.
             if not prices:
                 raise ProblemError(404, f"no price for {provider}/{model}", field="model")
-            return _json(prices[0])
-        return _json(AxPricingList(pricing=prices))
+            return json_response(prices[0])
+        return json_response(AxPricingList(pricing=prices))
+
+    async def put_price(request: web.Request) -> web.Response:
+        """Set a model's price for the caller's tenant (replacing the config file's)."""
+        require(request, Role.ADMIN)
+        body = _price_body(await request.read())
+        spec = PriceSpec(
+            provider=body.provider,
+            model=body.model,
+            input_per_1k=body.pricing.input_per_1k,
+            output_per_1k=body.pricing.output_per_1k,
+        )
+        watcher = request.app[watcher_key]
+        await watcher.store.put_price(tenant_of(request), spec)
+        await watcher.refresh()
+        return json_response(body)
+
+    async def delete_price(request: web.Request) -> web.Response:
+        """Drop a price set through the API (the config file's, if any, applies again)."""
+        require(request, Role.ADMIN)
+        query = raw_query(request)
+        for name in ("provider", "model"):
+            if not query.get(name):
+                raise ProblemError(400, f"{name}: required", field=name)
+        watcher = request.app[watcher_key]
+        deleted = await watcher.store.delete_price(
+            tenant_of(request), query["provider"], query["model"]
+        )
+        if not deleted:
+            raise ProblemError(
+                404,
+                f"no price for {query['provider']}/{query['model']} set through the API",
+                field="model",
+            )
+        await watcher.refresh()
+        return web.Response(status=204)
 
     app.router.add_post("/api/v1/budgets/check", check)
     app.router.add_get("/api/v1/budgets", list_budgets)
+    app.router.add_post("/api/v1/budgets", create_budget)
     app.router.add_get("/api/v1/budgets/{budget_id}", get_budget)
+    app.router.add_put("/api/v1/budgets/{budget_id}", update_budget)
+    app.router.add_delete("/api/v1/budgets/{budget_id}", delete_budget)
     app.router.add_get("/api/v1/budgets/{budget_id}/status", budget_status)
+    app.router.add_get("/api/v1/budgets/{budget_id}/alerts", budget_alerts)
     app.router.add_get("/api/v1/pricing", pricing)
+    app.router.add_put("/api/v1/pricing", put_price)
+    app.router.add_delete("/api/v1/pricing", delete_price)

@@ -20,21 +20,34 @@ from sidecar import __version__
 from sidecar.api.admin import RateLimitView
 from sidecar.api.auth import OPEN_PATHS
 from sidecar.api.axonflow import (
+    AxAlertList,
     AxBudget,
     AxBudgetList,
     AxCheck,
     AxCheckRequest,
+    AxCreateBudget,
     AxPricingInfo,
     AxPricingList,
     AxStatus,
+    AxUpdateBudget,
+)
+from sidecar.api.gateway import (
+    _CONTEXT_IDS,
+    AuditRequest,
+    AuditResult,
+    PreCheckRequest,
+    PreCheckResult,
 )
 from sidecar.api.problems import CONTENT_TYPE as PROBLEM_TYPE
 from sidecar.api.problems import Problem
+from sidecar.api.usage import UsageBreakdown, UsageRecords, UsageSummary
 from sidecar.config import RateLimitSpec
-from sidecar.model import Config
+from sidecar.ledger import GROUP_BY
+from sidecar.model import Config, Period, Scope
 from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import (
     AuthorizeRequest,
+    BudgetInfo,
     BudgetStatus,
     CheckRequest,
     Decision,
@@ -58,6 +71,22 @@ ALL_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trac
 
 class Health(msgspec.Struct):
     status: str
+
+
+class ServiceHealth(msgspec.Struct):
+    """GET /health, what the AxonFlow SDK's health_check() reads."""
+
+    status: str  # healthy
+    version: str
+
+
+class BudgetExceeded(msgspec.Struct):
+    """The 402 body of POST /api/policy/pre-check: the AxonFlow SDK raises
+    BudgetExceededError from it (wire contract §5.3)."""
+
+    error: str  # budget_exceeded
+    message: str
+    budget_info: BudgetInfo
 
 
 class Readiness(msgspec.Struct):
@@ -93,6 +122,18 @@ _TYPES: tuple[type, ...] = (
     AxCheckRequest,
     AxPricingInfo,
     AxPricingList,
+    AxCreateBudget,
+    AxUpdateBudget,
+    AxAlertList,
+    UsageSummary,
+    UsageBreakdown,
+    UsageRecords,
+    PreCheckRequest,
+    PreCheckResult,
+    AuditRequest,
+    AuditResult,
+    BudgetExceeded,
+    ServiceHealth,
 )
 
 
@@ -114,7 +155,36 @@ def _ecma_patterns(node: Any) -> Any:
 def _components() -> dict[str, Any]:
     _, schemas = msgspec.json.schema_components(_TYPES, ref_template=REF)
     out: dict[str, Any] = _ecma_patterns(schemas)
+    # Free-form objects in the types whose known keys the handlers check themselves.
+    out["PreCheckRequest"]["properties"]["context"] = _pre_check_context()
+    out["AuditRequest"]["properties"]["metadata"] = {
+        "type": "object",
+        "description": "Free-form; `cost_usd` is the cost of a call to an unpriced model.",
+        "properties": {
+            "cost_usd": {"anyOf": [{"type": "number", "minimum": 0, "maximum": 1_000_000},
+                                   {"type": "null"}]},
+        },
+    }  # fmt: skip
     return out
+
+
+def _pre_check_context() -> dict[str, Any]:
+    """The pre-check `context`: the identity and estimate of the call (an empty string or
+    null is the same as absent; other keys are ignored)."""
+    unset: list[dict[str, Any]] = [{"const": ""}, {"type": "null"}]
+    usd = {"type": "number", "minimum": 0, "maximum": 1_000_000}
+    props: dict[str, Any] = {key: {"anyOf": [_string_schema(Id), *unset]} for key in _CONTEXT_IDS}
+    props["model"] = {"anyOf": [_string_schema(ModelName), *unset]}
+    props["estimated_usd"] = {
+        "anyOf": [usd, *unset],
+        "description": "USD to hold (default: settings.pre_check_estimate_usd)",
+    }
+    return {
+        "type": "object",
+        "description": "The call's identity and estimate; other keys are ignored.",
+        "properties": props,
+        "default": {},
+    }
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -133,6 +203,7 @@ BAD_INPUT = _problem("Bad input: the body or a parameter, named in `field`. Noth
 TOO_SLOW = _problem("The body did not arrive in time; the connection is closed. Nothing written.")
 TOO_LARGE = _problem("The body is larger than settings.max_body_bytes. Nothing written.")
 UNAVAILABLE = _problem("Redis is away and the fail mode is closed (`degraded: true`).")
+REDIS_AWAY = _problem("Redis does not answer (`degraded: true`). Nothing written.")
 RETRY_AFTER = {"description": "Seconds until a retry may pass.", "schema": {"type": "string"}}
 RATE_LIMIT_HEADERS = {
     "Retry-After": RETRY_AFTER,
@@ -375,33 +446,79 @@ def _paths(config: Config) -> dict[str, dict[str, Any]]:
     }
 
 
+def _query(
+    name: str, schema: dict[str, Any], description: str = "", required: bool = False
+) -> dict[str, Any]:
+    out = {"name": name, "in": "query", "required": required, "schema": schema}
+    if description:
+        out["description"] = description
+    return out
+
+
 def _axonflow_paths() -> dict[str, dict[str, Any]]:
-    """The AxonFlow SDK's routes (read-only part), in the SDK's shapes."""
+    """The AxonFlow SDK's routes (budgets, usage, pricing, gateway mode), in its shapes."""
     budget_id = _path_param("budget_id", "the budget's id")
-    not_found = _problem("No budget with this id.")
-    scope_id = {"name": "scope_id", "in": "query", "required": False,
-                "schema": {"type": "string"}}  # fmt: skip
+    not_found = _problem("No budget with this id (in the caller's tenant or the config file).")
+    from_file = _problem("The budget comes from the config file: change it there.")
+    string = {"type": "string"}
+    scope_id = _query("scope_id", string, "the entity, for a budget that is per entity")
+    # Empty is the same as absent (the SDK leaves out a falsy period).
+    period = _query(
+        "period", {"enum": [*(p.value for p in Period), ""]}, "UTC calendar window; default monthly"
+    )
+    limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "default 50")
+
+    def offset(most: int) -> dict[str, Any]:
+        return _query("offset", {"type": "integer", "minimum": 0, "maximum": most})
+
+    deleted = {"description": "Deleted."}
+    decides = {"400": BAD_INPUT, "408": TOO_SLOW, "413": TOO_LARGE, "503": UNAVAILABLE}
+    writes = {**decides, "503": REDIS_AWAY}
     return {
+        "/health": {
+            "get": {
+                "summary": "Health (AxonFlow SDK health_check and heartbeat)",
+                "responses": {"200": _json("ServiceHealth", "The process answers.")},
+            }
+        },
         "/api/v1/budgets": {
             "get": {
                 "summary": "Budgets (AxonFlow SDK list_budgets)",
-                "parameters": [
-                    {"name": "scope", "in": "query", "required": False,
-                     "schema": {"type": "string"}},
-                    {"name": "limit", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 1, "maximum": 100}},
-                    {"name": "offset", "in": "query", "required": False,
-                     "schema": {"type": "integer", "minimum": 0}},
-                ],
+                "parameters": [_query("scope", {"enum": [s.value for s in Scope]}), limit,
+                               offset(1_000_000)],
                 "responses": {"200": _json("AxBudgetList", "A page of budgets."),
                               "400": BAD_INPUT},
-            }
+            },
+            "post": {
+                "summary": "Create a budget (AxonFlow SDK create_budget)",
+                "requestBody": _body("AxCreateBudget"),
+                "responses": {
+                    "201": _json("AxBudget", "Created; enforced within a second."),
+                    "409": _problem("The id exists (in this tenant or the config file)."),
+                    **writes,
+                },
+            },
         },
         "/api/v1/budgets/{budget_id}": {
             "parameters": [budget_id],
             "get": {
                 "summary": "One budget (AxonFlow SDK get_budget)",
                 "responses": {"200": _json("AxBudget", "The budget."), "404": not_found},
+            },
+            "put": {
+                "summary": "Change a budget; only the fields given (AxonFlow SDK update_budget)",
+                "requestBody": _body("AxUpdateBudget"),
+                "responses": {
+                    "200": _json("AxBudget", "Changed."),
+                    "404": not_found,
+                    "409": from_file,
+                    **writes,
+                },
+            },
+            "delete": {
+                "summary": "Delete a budget (AxonFlow SDK delete_budget)",
+                "responses": {"204": deleted, "404": not_found, "409": from_file,
+                              "503": REDIS_AWAY},
             },
         },
         "/api/v1/budgets/{budget_id}/status": {
@@ -410,7 +527,15 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                 "summary": "A budget's current period (AxonFlow SDK get_budget_status)",
                 "parameters": [scope_id],
                 "responses": {"200": _json("AxStatus", "Used and remaining."),
-                              "400": BAD_INPUT, "404": not_found},
+                              "400": BAD_INPUT, "404": not_found, "503": UNAVAILABLE},
+            },
+        },
+        "/api/v1/budgets/{budget_id}/alerts": {
+            "parameters": [budget_id],
+            "get": {
+                "summary": "Thresholds crossed, newest first (AxonFlow SDK get_budget_alerts)",
+                "responses": {"200": _json("AxAlertList", "The budget's alerts."),
+                              "404": not_found, "503": REDIS_AWAY},
             },
         },
         "/api/v1/budgets/check": {
@@ -419,19 +544,43 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                 "requestBody": _body("AxCheckRequest"),
                 "responses": {
                     "200": _json("AxCheck", "Allowed or not; a denial is 200."),
-                    "400": BAD_INPUT, "408": TOO_SLOW, "413": TOO_LARGE, "503": UNAVAILABLE,
+                    **decides,
                 },
+            }
+        },
+        "/api/v1/usage": {
+            "get": {
+                "summary": "Usage totals of a period (AxonFlow SDK get_usage_summary)",
+                "parameters": [period],
+                "responses": {"200": _json("UsageSummary", "The tenant's totals."),
+                              "400": BAD_INPUT, "503": REDIS_AWAY},
+            }
+        },
+        "/api/v1/usage/breakdown": {
+            "get": {
+                "summary": "Usage of a period by one dimension (AxonFlow SDK "
+                           "get_usage_breakdown)",
+                "parameters": [
+                    _query("group_by", {"enum": list(GROUP_BY)}, required=True),
+                    period,
+                ],
+                "responses": {"200": _json("UsageBreakdown", "Cost per group, largest first."),
+                              "400": BAD_INPUT, "503": REDIS_AWAY},
+            }
+        },
+        "/api/v1/usage/records": {
+            "get": {
+                "summary": "Charges, newest first (AxonFlow SDK list_usage_records)",
+                "parameters": [limit, offset(100_000_000), _query("provider", string),
+                               _query("model", string)],
+                "responses": {"200": _json("UsageRecords", "A page of records."),
+                              "400": BAD_INPUT, "503": REDIS_AWAY},
             }
         },
         "/api/v1/pricing": {
             "get": {
                 "summary": "Prices (AxonFlow SDK get_pricing)",
-                "parameters": [
-                    {"name": "provider", "in": "query", "required": False,
-                     "schema": {"type": "string"}},
-                    {"name": "model", "in": "query", "required": False,
-                     "schema": {"type": "string"}},
-                ],
+                "parameters": [_query("provider", string), _query("model", string)],
                 "responses": {
                     "200": {
                         "description": "All prices, or one when provider and model are given.",
@@ -439,6 +588,50 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                             "oneOf": [_ref("AxPricingList"), _ref("AxPricingInfo")]}}},
                     },
                     "404": _problem("No price for that provider and model."),
+                },
+            },
+            "put": {
+                "summary": "Set a model's price for the tenant (over the config file's)",
+                "requestBody": _body("AxPricingInfo"),
+                "responses": {"200": _json("AxPricingInfo", "Set; applies within a second."),
+                              **writes},
+            },
+            "delete": {
+                "summary": "Drop a price set through the API (the config file's applies again)",
+                "parameters": [
+                    _query("provider", {"type": "string", "minLength": 1}, required=True),
+                    _query("model", {"type": "string", "minLength": 1}, required=True),
+                ],
+                "responses": {
+                    "204": deleted,
+                    "400": BAD_INPUT,
+                    "404": _problem("No price for that provider and model set through the API."),
+                    "503": REDIS_AWAY,
+                },
+            },
+        },
+        "/api/policy/pre-check": {
+            "post": {
+                "summary": "Hold an estimate before an LLM call (AxonFlow SDK pre_check)",
+                "requestBody": _body("PreCheckRequest"),
+                "responses": {
+                    "200": _json("PreCheckResult", "Approved; `context_id` is the hold."),
+                    "402": _json("BudgetExceeded",
+                                 "A block budget denies (the SDK raises BudgetExceededError)."),
+                    "429": {**_problem("A rate limit denies."), "headers": RATE_LIMIT_HEADERS},
+                    **decides,
+                },
+            }
+        },
+        "/api/audit/llm-call": {
+            "post": {
+                "summary": "Charge a pre-checked call's tokens (AxonFlow SDK audit_llm_call); "
+                           "a repeat returns the first result",
+                "requestBody": _body("AuditRequest"),
+                "responses": {
+                    "200": _json("AuditResult", "Charged (or replayed)."),
+                    "404": _problem("No pre-check with this `context_id` (or ended long ago)."),
+                    **decides,
                 },
             }
         },

@@ -1,0 +1,92 @@
+"""Threshold alerts: what the charging scripts wrote, as the API and the webhooks show it.
+
+settle.lua and record.lua append one entry to the tenant's alerts stream (keys
+`bs:{T}:alerts`) the first time a counter's settled spend crosses one of its budget's
+thresholds: fields `cid`, `t` (threshold, percent), `l` (limit, micro-USD), `u` (spend
+after the charge, micro-USD), `at` (Unix ms). Detection happens in the script, so a
+threshold alerts once per budget, entity, period window and threshold however many
+concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
+
+An alert's id is stable (`<counter id>/<threshold>`): a webhook receiver can deduplicate
+on it across retries and replicas.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import msgspec
+import redis.asyncio as aioredis
+
+from sidecar import keys
+from sidecar.ledger import newest_first
+from sidecar.money import micro_to_usd
+from sidecar.periods import iso
+
+ALERT_TYPE = "threshold_reached"
+
+
+class Alert(msgspec.Struct, kw_only=True):
+    """One alert, in the AxonFlow SDK's BudgetAlert shape plus the entity and tenant."""
+
+    id: str
+    budget_id: str
+    alert_type: str
+    threshold: int
+    percentage_reached: float
+    amount_usd: float
+    limit_usd: float
+    message: str
+    created_at: str
+    acknowledged: bool
+    entity: str
+    tenant_id: str
+
+
+def parse_entry(
+    tenant: str,
+    fields: Mapping[str, str],
+    name_of: Callable[[str], str | None],
+) -> Alert | None:
+    """The Alert of one stream entry (None for an entry this version cannot read).
+    `name_of` gives a budget's display name (None: the budget is gone)."""
+    try:
+        cid = fields["cid"]
+        threshold = int(fields["t"])
+        limit = int(fields["l"])
+        spent = int(fields["u"])
+        at = int(fields["at"])
+        budget_id, entity, _window = keys.parse_counter_id(cid)
+    except (KeyError, ValueError):
+        return None
+    name = name_of(budget_id) or budget_id
+    percentage = round(spent * 100 / limit, 2) if limit > 0 else 0.0
+    return Alert(
+        id=f"{cid}/{threshold}",
+        budget_id=budget_id,
+        alert_type=ALERT_TYPE,
+        threshold=threshold,
+        percentage_reached=percentage,
+        amount_usd=micro_to_usd(spent),
+        limit_usd=micro_to_usd(limit),
+        message=f"Budget '{name}' {threshold}% reached ({entity})",
+        created_at=iso(at),
+        acknowledged=False,
+        entity=entity,
+        tenant_id=tenant,
+    )
+
+
+async def read_alerts(
+    client: aioredis.Redis,
+    tenant: str,
+    budget_id: str,
+    name_of: Callable[[str], str | None],
+) -> list[Alert]:
+    """A budget's alerts still in the stream, newest first."""
+    out: list[Alert] = []
+    for _entry_id, fields in await newest_first(client, keys.tenant_keys(tenant).alerts):
+        alert = parse_entry(tenant, fields, name_of)
+        if alert is not None and alert.budget_id == budget_id:
+            out.append(alert)
+    return out

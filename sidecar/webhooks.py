@@ -1,0 +1,443 @@
+"""Delivery of threshold alerts (sidecar.alerts) to the configured webhooks.
+
+How an alert travels: the charging script appends it to the tenant's alerts stream
+(`bs:{T}:alerts`) in the same atomic call that crossed the threshold; nothing on the
+decision path waits for a webhook. Every sidecar replica runs one WebhookDeliverer, which
+polls that stream through one Redis consumer group per webhook (`webhook:<name>`, one
+consumer per process, `<hostname>-<pid>`), so each alert goes to one replica per webhook.
+
+What a receiver gets: a JSON POST whose body is the alert (the AxonFlow BudgetAlert shape
+plus `entity` and `tenant_id`), with the headers
+    Content-Type: application/json
+    X-Budget-Alert-Id: <alert id, the body's `id`, stable across retries and replicas>
+    X-Budget-Signature-256: sha256=<hex HMAC-SHA256 of the raw body with the secret>
+    X-Budget-Delivery: <attempt number at the replica delivering it, 1 first>
+A 2xx answer acknowledges the alert (XACK); anything else (another status, a redirect, a
+connection error, the webhook's timeout) is retried with exponential backoff (0.5 s
+doubling to 60 s, with jitter) until a 2xx, for as long as the webhook stays configured.
+
+Guarantees: at least once, not exactly once. A replica that dies leaves its alerts
+pending in the group; after CLAIM_IDLE_MS another replica claims them (XAUTOCLAIM) and
+delivers them again, and a 2xx whose XACK was lost is delivered again too. Receivers
+deduplicate on X-Budget-Alert-Id (equivalently the body's `id`). A newly configured
+webhook receives the alerts still in the stream (it is capped, see lua/_lib.lua), not
+only the ones raised after it was added. Alerts trimmed from the stream before anyone
+delivered them are dropped.
+
+Redis access is cluster-safe and never blocks a shared connection: one key per command,
+no blocking reads (XREADGROUP is polled every POLL_INTERVAL_S), and a Redis error only
+logs a warning; the loop keeps going and catches up when Redis answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import os
+import random
+import socket
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+from redis.typing import StreamIdT
+
+from sidecar import alerts, keys
+from sidecar.model import Webhook
+
+log = logging.getLogger("sidecar.webhooks")
+
+GROUP_PREFIX = "webhook:"
+
+
+@dataclass(frozen=True, slots=True)
+class _Group:
+    """One webhook's consumer group on one tenant's alerts stream."""
+
+    tenant: str
+    webhook: str  # the webhook's name (its current definition is looked up per attempt)
+
+    @property
+    def stream(self) -> str:
+        return keys.tenant_keys(self.tenant).alerts
+
+    @property
+    def name(self) -> str:
+        return GROUP_PREFIX + self.webhook
+
+
+_Key = tuple[_Group, str]  # (group, stream entry id)
+
+
+def signature(secret: bytes, body: bytes) -> str:
+    """The X-Budget-Signature-256 value of a body: what a receiver recomputes to verify."""
+    return "sha256=" + hmac.new(secret, body, hashlib.sha256).hexdigest()
+
+
+def _entries(reply: Any) -> list[tuple[str | None, Mapping[str, str] | None]]:
+    """The (id, fields) entries of an XREADGROUP reply for one stream, whatever shape the
+    client's protocol gives it: [[stream, entries]] (RESP2) or {stream: entries} (RESP3,
+    sometimes wrapped in one more list)."""
+    if not reply:
+        return []
+    if isinstance(reply, Mapping):
+        values = list(reply.values())
+        found = values[0] if values else []
+        if found and isinstance(found[0], list):
+            found = found[0]
+        return list(found or [])
+    return list(reply[0][1] or [])
+
+
+class WebhookDeliverer:
+    """Delivers every tenant's alerts (sidecar.alerts) to the configured webhooks, at least
+    once, off the hot path."""
+
+    # Tunables (class attributes so a test can shorten them on one instance).
+    POLL_INTERVAL_S = 0.2
+    # Entries pending this long at a consumer are taken over: its process is presumed dead.
+    # Live deliveries renew their claim every REFRESH_INTERVAL_S, well inside this.
+    CLAIM_IDLE_MS = 30_000
+    CLAIM_INTERVAL_S = 5.0
+    REFRESH_INTERVAL_S = 10.0
+    BATCH = 100
+    BACKOFF_INITIAL_S = 0.5
+    BACKOFF_MAX_S = 60.0
+    # Entries held in memory at once (deliveries and retries); beyond it, reading pauses.
+    MAX_IN_FLIGHT = 1000
+    # Concurrent POSTs per webhook: a slow or dead receiver cannot starve the others.
+    MAX_CONCURRENT_PER_WEBHOOK = 16
+    # At most one warning per this long while Redis keeps failing.
+    WARN_EVERY_S = 60.0
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        webhooks: Callable[[], tuple[Webhook, ...]],
+        tenants: Callable[[], Iterable[str]],
+        name_of: Callable[[str, str], str | None],
+    ) -> None:
+        self._client = client
+        self._webhooks = webhooks
+        self._tenants = tenants
+        self._name_of = name_of
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}"
+        self._session: aiohttp.ClientSession | None = None
+        # Groups known to exist (XGROUP CREATE done); forgotten on NOGROUP.
+        self._created: set[_Group] = set()
+        # Groups this process has read from (their consumer is removed at shutdown).
+        self._used: set[_Group] = set()
+        self._tasks: dict[_Key, asyncio.Task[None]] = {}
+        self._slots: dict[str, asyncio.Semaphore] = {}
+        self._failing_since: float | None = None
+        self._last_warning = 0.0
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def lifecycle(self) -> AsyncIterator[None]:
+        """Runs the delivery loop between startup (before the yield) and shutdown."""
+        self._session = aiohttp.ClientSession(
+            headers={"User-Agent": "budget-sidecar-webhooks"},
+            # Receivers are reached directly, not through proxies from the environment.
+            trust_env=False,
+        )
+        loop_task = asyncio.create_task(self._run(), name="webhook-deliverer")
+        try:
+            yield
+        finally:
+            loop_task.cancel()
+            deliveries = list(self._tasks.values())
+            for task in deliveries:
+                task.cancel()
+            # Cancelled deliveries stay pending in Redis: another replica (or this one,
+            # restarted) claims them after CLAIM_IDLE_MS.
+            await asyncio.gather(loop_task, *deliveries, return_exceptions=True)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._forget_consumer(), timeout=2.0)
+            await self._session.close()
+            self._session = None
+
+    async def _forget_consumer(self) -> None:
+        """Remove this process's consumer from the groups it used, where it holds nothing
+        pending (DELCONSUMER drops a consumer's pending entries, so those keep it), so that
+        restarts do not pile up dead consumers."""
+        for group in self._used:
+            try:
+                pending = await self._client.xpending_range(
+                    group.stream, group.name, min="-", max="+", count=1, consumername=self.consumer
+                )
+                if not pending:
+                    await self._client.xgroup_delconsumer(group.stream, group.name, self.consumer)
+            except (RedisError, OSError):
+                return  # best effort: Redis is unwell, leave it
+
+    # -- the loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_claim = 0.0
+        next_refresh = loop.time() + self.REFRESH_INTERVAL_S
+        while True:
+            now = loop.time()
+            try:
+                groups = self._groups()
+                if now >= next_refresh:
+                    await self._refresh()
+                    next_refresh = now + self.REFRESH_INTERVAL_S
+                claim = now >= next_claim
+                for group in groups:
+                    await self._poll(group, claim)
+                if claim:
+                    next_claim = now + self.CLAIM_INTERVAL_S
+                self._redis_ok()
+            except (RedisError, OSError) as exc:
+                # Connection trouble aborts the pass (every group would wait on the same
+                # dead server); the next pass retries from where the stream left off.
+                self._redis_failed(exc)
+            except Exception:
+                # A bug must not end alert delivery for the life of the process.
+                log.exception("webhook delivery loop failed; continuing")
+            await asyncio.sleep(self.POLL_INTERVAL_S)
+
+    def _groups(self) -> list[_Group]:
+        webhooks = self._webhooks()
+        if not webhooks:
+            return []
+        return [
+            _Group(tenant, w.name)
+            for tenant in sorted(self._tenants())
+            for w in webhooks
+            if w.tenant is None or w.tenant == tenant
+        ]
+
+    def _webhook(self, group: _Group) -> Webhook | None:
+        """The group's webhook as configured now (None: removed, or no longer this
+        tenant's). Looked up per attempt so that a hot reload's new URL or secret applies
+        to retries too."""
+        for w in self._webhooks():
+            if w.name == group.webhook and (w.tenant is None or w.tenant == group.tenant):
+                return w
+        return None
+
+    async def _poll(self, group: _Group, claim: bool) -> None:
+        try:
+            if group not in self._created:
+                await self._create(group)
+            room = self.MAX_IN_FLIGHT - len(self._tasks)
+            if room <= 0:
+                return  # the stream keeps them; read once deliveries drain
+            self._used.add(group)
+            reply = await self._client.xreadgroup(
+                group.name, self.consumer, {group.stream: ">"}, count=min(self.BATCH, room)
+            )
+            for entry_id, fields in _entries(reply):
+                if entry_id is not None and fields is not None:
+                    await self._start(group, entry_id, fields)
+            if claim:
+                await self._claim(group)
+        except ResponseError as exc:
+            # One group's trouble (e.g. its stream was deleted with the group) must not
+            # stop the others.
+            if "NOGROUP" in str(exc):
+                self._created.discard(group)
+            else:
+                log.warning(
+                    "webhook group %s on %s: %s", group.name, group.stream, exc,
+                    extra={"webhook": group.webhook, "tenant": group.tenant},
+                )  # fmt: skip
+
+    async def _create(self, group: _Group) -> None:
+        try:
+            # From the stream's start: alerts raised before this webhook's group existed
+            # (or while no replica ran) are still delivered.
+            await self._client.xgroup_create(group.stream, group.name, id="0", mkstream=True)
+        except ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+        self._created.add(group)
+
+    async def _claim(self, group: _Group) -> None:
+        """Take over entries left pending by a consumer presumed dead."""
+        cursor = "0-0"
+        for _ in range(10):  # bounded per pass; the next pass goes on from the start
+            room = self.MAX_IN_FLIGHT - len(self._tasks)
+            if room <= 0:
+                return
+            reply = await self._client.xautoclaim(
+                group.stream,
+                group.name,
+                self.consumer,
+                min_idle_time=self.CLAIM_IDLE_MS,
+                start_id=cursor,
+                count=min(self.BATCH, room),
+            )
+            cursor, claimed = reply[0], reply[1]
+            # Redis 7 drops trimmed entries from the group itself and lists them in
+            # reply[2]; Redis 6.2 returns them with no fields: acknowledge those.
+            for entry_id, fields in claimed:
+                if entry_id is None:
+                    continue
+                if fields is None:
+                    await self._client.xack(group.stream, group.name, entry_id)
+                    continue
+                await self._start(group, entry_id, fields)
+            if cursor in ("0-0", "0"):
+                return
+
+    async def _refresh(self) -> None:
+        """Renew this process's claim on the entries it is still delivering (their idle
+        time would otherwise reach CLAIM_IDLE_MS during a long retry), and stop
+        delivering those it no longer holds: acknowledged by another replica after a
+        takeover, claimed by one, or trimmed."""
+        by_group: dict[_Group, list[str]] = {}
+        for group, entry_id in self._tasks:
+            by_group.setdefault(group, []).append(entry_id)
+        for group, ids in by_group.items():
+            ordered = sorted(ids, key=_id_order)
+            try:
+                pending = await self._client.xpending_range(
+                    group.stream,
+                    group.name,
+                    min=ordered[0],
+                    max=ordered[-1],
+                    count=self.MAX_IN_FLIGHT * 2,
+                    consumername=self.consumer,
+                )
+            except ResponseError as exc:
+                if "NOGROUP" not in str(exc):
+                    raise
+                self._created.discard(group)
+                pending = []
+            held = {str(p["message_id"]) for p in pending}
+            for entry_id in ids:
+                if entry_id not in held:
+                    task = self._tasks.get((group, entry_id))
+                    if task is not None:
+                        task.cancel()
+            keep: list[StreamIdT] = [i for i in ordered if i in held]
+            if keep:
+                # JUSTID: resets the idle time without counting as another delivery.
+                await self._client.xclaim(
+                    group.stream, group.name, self.consumer, 0, keep, justid=True
+                )
+
+    async def _start(self, group: _Group, entry_id: str, fields: Mapping[str, str]) -> None:
+        key = (group, entry_id)
+        if key in self._tasks:
+            return  # already being delivered here (e.g. claimed back from ourselves)
+        alert = alerts.parse_entry(
+            group.tenant, fields, lambda budget_id: self._name_of(group.tenant, budget_id)
+        )
+        if alert is None:
+            log.warning(
+                "unreadable alert %s in %s acknowledged without delivery",
+                entry_id, group.stream, extra={"webhook": group.webhook},
+            )  # fmt: skip
+            await self._client.xack(group.stream, group.name, entry_id)
+            return
+        body = msgspec.json.encode(alert)
+        task = asyncio.create_task(
+            self._deliver(group, entry_id, alert.id, body), name=f"webhook {alert.id}"
+        )
+        self._tasks[key] = task
+        task.add_done_callback(lambda t: self._finished(key, t))
+
+    def _finished(self, key: _Key, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(key) is task:
+            del self._tasks[key]
+        if not task.cancelled() and task.exception() is not None:
+            log.error("webhook delivery failed", exc_info=task.exception())
+
+    # -- one delivery ---------------------------------------------------------------------
+
+    async def _deliver(self, group: _Group, entry_id: str, alert_id: str, body: bytes) -> None:
+        delay = self.BACKOFF_INITIAL_S
+        attempt = 0
+        while True:
+            webhook = self._webhook(group)
+            if webhook is None:
+                # Removed from the config: stop, and leave the entry pending in the group
+                # (delivered by a later takeover if the webhook comes back).
+                return
+            attempt += 1
+            async with self._slot(webhook.name):
+                ok = await self._post(webhook, body, alert_id, attempt)
+            if ok:
+                break
+            # Jitter spreads the retries of many alerts (and replicas) to one receiver.
+            await asyncio.sleep(delay * random.uniform(0.8, 1.2))
+            delay = min(delay * 2, self.BACKOFF_MAX_S)
+        await self._ack(group, entry_id)
+
+    def _slot(self, webhook: str) -> asyncio.Semaphore:
+        slot = self._slots.get(webhook)
+        if slot is None:
+            slot = self._slots[webhook] = asyncio.Semaphore(self.MAX_CONCURRENT_PER_WEBHOOK)
+        return slot
+
+    async def _post(self, webhook: Webhook, body: bytes, alert_id: str, attempt: int) -> bool:
+        """One attempt; True when the receiver answered 2xx."""
+        assert self._session is not None  # lifecycle() runs the deliveries
+        headers = {
+            "Content-Type": "application/json",
+            "X-Budget-Alert-Id": alert_id,
+            "X-Budget-Signature-256": signature(webhook.secret, body),
+            "X-Budget-Delivery": str(attempt),
+        }
+        extra = {"webhook": webhook.name, "alert_id": alert_id, "attempt": attempt}
+        try:
+            async with self._session.post(
+                webhook.url,
+                data=body,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=webhook.timeout_ms / 1000),
+                # A redirect is an answer, not a success: POSTs are not re-sent elsewhere.
+                allow_redirects=False,
+            ) as resp:
+                if 200 <= resp.status < 300:
+                    log.info("alert delivered", extra={**extra, "status": resp.status})
+                    return True
+                log.warning("webhook answered %d", resp.status, extra=extra)
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            log.warning("webhook unreachable: %s", str(exc) or type(exc).__name__, extra=extra)
+        return False
+
+    async def _ack(self, group: _Group, entry_id: str) -> None:
+        """XACK, retried a few times: a lost ack only means one more delivery later."""
+        delay = self.BACKOFF_INITIAL_S
+        for _ in range(5):
+            try:
+                await self._client.xack(group.stream, group.name, entry_id)
+                return
+            except (RedisError, OSError) as exc:
+                log.warning("alert %s delivered but not acknowledged: %s", entry_id, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, self.BACKOFF_MAX_S)
+
+    # -- Redis health, logged without flooding ----------------------------------------------
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        now = asyncio.get_running_loop().time()
+        if self._failing_since is None:
+            self._failing_since = now
+        if now - self._last_warning >= self.WARN_EVERY_S:
+            self._last_warning = now
+            log.warning("webhook delivery cannot reach Redis, retrying: %s", exc)
+
+    def _redis_ok(self) -> None:
+        if self._failing_since is not None:
+            self._failing_since = None
+            self._last_warning = 0.0
+            log.info("webhook delivery reaches Redis again")
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
