@@ -214,6 +214,10 @@ class Metrics:
 
     # ---- wiring -------------------------------------------------------------------------
 
+    def alert_attempt(self, ok: bool) -> None:
+        """One webhook POST of an alert: delivered (2xx) or failed (retried later)."""
+        (self.alerts_delivered if ok else self.alerts_failed).inc()
+
     def add_routes(self, app: web.Application, engine: Engine) -> None:
         """Serve /metrics and /prometheus (the same page) and learn the engine's config."""
         self._engine = engine

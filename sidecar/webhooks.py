@@ -123,7 +123,10 @@ class WebhookDeliverer:
         webhooks: Callable[[], tuple[Webhook, ...]],
         tenants: Callable[[], Iterable[str]],
         name_of: Callable[[str, str], str | None],
+        on_attempt: Callable[[bool], None] | None = None,
     ) -> None:
+        """`on_attempt(ok)` is told of every POST: answered 2xx or not (for metrics)."""
+        self._on_attempt = on_attempt
         self._client = client
         self._webhooks = webhooks
         self._tenants = tenants
@@ -369,6 +372,8 @@ class WebhookDeliverer:
             attempt += 1
             async with self._slot(webhook.name):
                 ok = await self._post(webhook, body, alert_id, attempt)
+            if self._on_attempt is not None:
+                self._on_attempt(ok)
             if ok:
                 break
             # Jitter spreads the retries of many alerts (and replicas) to one receiver.

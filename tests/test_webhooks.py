@@ -214,12 +214,21 @@ async def test_every_alert_once_per_period_from_two_replicas_after_a_500(
                 assert a["message"].startswith("Budget 'Team cap' ")
             assert pending(redis_client, tenant) == 0  # every alert acknowledged
 
-            # The alerts the API lists are the ones delivered (when the route is there).
+            # The alerts the API lists are the ones delivered.
             async with http.get(processes[0].url + "/api/v1/budgets/team-cap/alerts") as resp:
-                if resp.status not in (404, 405):
-                    assert resp.status == 200, await resp.text()
-                    listed = (await resp.json())["alerts"]
-                    assert {a["id"] for a in listed} == set(by_id)
+                assert resp.status == 200, await resp.text()
+                listed = (await resp.json())["alerts"]
+                assert {a["id"] for a in listed} == set(by_id)
+
+            # Each replica counted its own attempts; together: 3 failed, 3 delivered.
+            counted = {"delivered": 0.0, "failed": 0.0}
+            for proc in processes:
+                async with http.get(proc.url + "/metrics") as resp:
+                    for line in (await resp.text()).splitlines():
+                        for result in counted:
+                            if line.startswith(f'budget_sidecar_alerts_total{{result="{result}"}}'):
+                                counted[result] += float(line.split()[-1])
+            assert counted == {"delivered": 3.0, "failed": 3.0}
     finally:
         await receiver.stop()
 

@@ -212,7 +212,11 @@ def create_app(
 
     app.cleanup_ctx.append(definitions_lifecycle)
     deliverer = WebhookDeliverer(
-        store.client, lambda: engine.config.webhooks, engine.tenants, engine.budget_name
+        store.client,
+        lambda: engine.config.webhooks,
+        engine.tenants,
+        engine.budget_name,
+        on_attempt=events.alert_attempt if isinstance(events, Metrics) else None,
     )
 
     async def webhooks_lifecycle(app: web.Application) -> AsyncIterator[None]:
