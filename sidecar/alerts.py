@@ -7,8 +7,8 @@ after the charge, micro-USD), `at` (Unix ms). Detection happens in the script, s
 threshold alerts once per budget, entity, period window and threshold however many
 concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
 
-An alert's id is stable (`<counter id>/<threshold>`): a webhook receiver can deduplicate
-on it across retries and replicas.
+An alert's id is stable (`<tenant>/<counter id>/<threshold>`, escaped): a webhook receiver
+can deduplicate on it across retries, replicas and tenants.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def parse_entry(
     name = name_of(budget_id) or budget_id
     percentage = round(spent * 100 / limit, 2) if limit > 0 else 0.0
     return Alert(
-        id=f"{cid}/{threshold}",
+        id=f"{keys.escape(tenant)}/{cid}/{threshold}",
         budget_id=budget_id,
         alert_type=ALERT_TYPE,
         threshold=threshold,

@@ -140,6 +140,7 @@ class WebhookDeliverer:
         self._tasks: dict[_Key, asyncio.Task[None]] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._failing_since: float | None = None
+        self._stopping = False
         self._last_warning = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -151,17 +152,17 @@ class WebhookDeliverer:
             # Receivers are reached directly, not through proxies from the environment.
             trust_env=False,
         )
+        self._stopping = False
         loop_task = asyncio.create_task(self._run(), name="webhook-deliverer")
         try:
             yield
         finally:
-            loop_task.cancel()
-            deliveries = list(self._tasks.values())
-            for task in deliveries:
-                task.cancel()
+            self._stopping = True
+            # The loop first, so that it starts no delivery after the others are stopped.
             # Cancelled deliveries stay pending in Redis: another replica (or this one,
             # restarted) claims them after CLAIM_IDLE_MS.
-            await asyncio.gather(loop_task, *deliveries, return_exceptions=True)
+            await _stop([loop_task])
+            await _stop(list(self._tasks.values()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._forget_consumer(), timeout=2.0)
             await self._session.close()
@@ -187,7 +188,7 @@ class WebhookDeliverer:
         loop = asyncio.get_running_loop()
         next_claim = 0.0
         next_refresh = loop.time() + self.REFRESH_INTERVAL_S
-        while True:
+        while not self._stopping:
             now = loop.time()
             try:
                 groups = self._groups()
@@ -363,7 +364,7 @@ class WebhookDeliverer:
     async def _deliver(self, group: _Group, entry_id: str, alert_id: str, body: bytes) -> None:
         delay = self.BACKOFF_INITIAL_S
         attempt = 0
-        while True:
+        while not self._stopping:
             webhook = self._webhook(group)
             if webhook is None:
                 # Removed from the config: stop, and leave the entry pending in the group
@@ -375,11 +376,11 @@ class WebhookDeliverer:
             if self._on_attempt is not None:
                 self._on_attempt(ok)
             if ok:
-                break
+                await self._ack(group, entry_id)
+                return
             # Jitter spreads the retries of many alerts (and replicas) to one receiver.
             await asyncio.sleep(delay * random.uniform(0.8, 1.2))
             delay = min(delay * 2, self.BACKOFF_MAX_S)
-        await self._ack(group, entry_id)
 
     def _slot(self, webhook: str) -> asyncio.Semaphore:
         slot = self._slots.get(webhook)
@@ -441,6 +442,25 @@ class WebhookDeliverer:
             self._failing_since = None
             self._last_warning = 0.0
             log.info("webhook delivery reaches Redis again")
+
+
+async def _stop(tasks: list[asyncio.Task[None]], bound_s: float = 5.0) -> None:
+    """Cancel tasks and wait until they end, cancelling again while they run: on Python
+    3.11 asyncio.wait_for (which redis-py uses to send a command when a socket timeout is
+    set) can swallow a cancellation, and a single cancel() would then leave shutdown
+    waiting forever. Gives up (with an error log) after `bound_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + bound_s
+    running = {t for t in tasks if not t.done()}
+    while running and loop.time() < deadline:
+        for task in running:
+            task.cancel()
+        _done, running = await asyncio.wait(running, timeout=0.1)
+    if running:
+        log.error("%d webhook tasks did not stop within %.0f s", len(running), bound_s)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved (deliveries log theirs in _finished)
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:

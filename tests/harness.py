@@ -116,7 +116,8 @@ class RedisServer:
 
         def answers() -> bool:
             try:
-                return bool(self.client().ping())
+                with self.client() as client:  # closed: no socket left to a later test
+                    return bool(client.ping())
             except redis.RedisError:
                 return False
 

@@ -604,7 +604,7 @@ async def alerts_of(client: TestClient[Any, Any], budget_id: str) -> list[dict[s
 
 def check_alert(alert: dict[str, Any], budget_id: str, cid: str, threshold: int,
                 spent_micro: int, limit_micro: int) -> None:  # fmt: skip
-    assert alert["id"] == f"{cid}/{threshold}"
+    assert alert["id"] == f"default/{cid}/{threshold}"
     assert alert["budget_id"] == budget_id
     assert alert["alert_type"] == "threshold_reached"
     assert isinstance(alert["threshold"], int) and alert["threshold"] == threshold
@@ -644,8 +644,8 @@ async def test_alerts_once_each_under_concurrent_records_on_two_replicas(
             assert redis_client.xlen(ALERTS) == 3
             first = await alerts(0)
             assert [a["threshold"] for a in first] == [100, 80, 50]  # newest first
-            cid = first[0]["id"].rsplit("/", 1)[0]
-            assert cid.startswith("cap/default/m")
+            tenant, _, cid = first[0]["id"].rsplit("/", 1)[0].partition("/")
+            assert tenant == "default" and cid.startswith("cap/default/m")
             for alert, t in zip(first, (100, 80, 50), strict=True):
                 # Each $0.01 runs alone in Redis: the one that crosses lands on it exactly.
                 check_alert(alert, "cap", cid, t, t * 10_000, 1_000_000)

@@ -35,7 +35,7 @@ from sidecar.config import ConfigError
 from sidecar.model import Webhook
 from sidecar.periods import iso
 from sidecar.webhooks import WebhookDeliverer, signature
-from tests.harness import RedisServer, SidecarProcess, free_port
+from tests.harness import RedisServer, SidecarProcess, collect_dead_sockets, free_port
 
 SECRET = "whsec-0123456789abcdef0123456789"  # 32 characters
 BUDGET: dict[str, Any] = {
@@ -116,6 +116,15 @@ class Receiver:
     def acked(self, path: str = "/hook") -> set[tuple[str, str]]:
         """(tenant, alert id) of the deliveries answered 2xx."""
         return {(d.alert["tenant_id"], d.alert_id) for d in self.on(path) if d.status == 200}
+
+
+@pytest.fixture(autouse=True)
+def no_stray_sockets() -> Iterator[None]:
+    """RedisServer.start() polls with clients it never closes; their sockets would raise
+    ResourceWarning in whichever later test a garbage collection happens to run."""
+    collect_dead_sockets()
+    yield
+    collect_dead_sockets()
 
 
 @pytest.fixture
@@ -372,7 +381,7 @@ async def test_headers_signature_and_body_of_one_delivery(
     assert d.headers["X-Budget-Signature-256"] == signature(SECRET.encode(), d.body)
     assert d.headers["X-Budget-Delivery"] == "1"
     assert d.alert == {
-        "id": keys.counter_id("team-cap", "t1", "m202603") + "/50",
+        "id": "default/" + keys.counter_id("team-cap", "t1", "m202603") + "/50",
         "budget_id": "team-cap",
         "alert_type": "threshold_reached",
         "threshold": 50,
@@ -468,6 +477,7 @@ async def test_the_loop_survives_redis_being_away_and_catches_up(
         await anext(run)
         await eventually(lambda: "webhook delivery cannot reach Redis" in caplog.text, "warning")
         server.start()
+        collect_dead_sockets()
         with server.client() as sync_client:
             sync_client.xadd(keys.tenant_keys("default").alerts, entry())
         await eventually(lambda: len(receiver.acked()) == 1, "delivered once Redis is back")
@@ -477,6 +487,33 @@ async def test_the_loop_survives_redis_being_away_and_catches_up(
         await client.aclose()
         server.cleanup()
     assert caplog.text.count("cannot reach Redis") == 1
+
+
+async def test_shutdown_ends_wherever_it_interrupts_the_loop(
+    redis_server: RedisServer, redis_client: redis.Redis, receiver: Receiver
+) -> None:
+    """With a socket timeout (as the sidecar's store sets one) redis-py sends through
+    asyncio.wait_for, which on Python 3.11 can swallow a cancellation: shutdown must end
+    anyway, wherever it lands."""
+    await receiver.start()
+    redis_client.xadd(keys.tenant_keys("default").alerts, entry())  # type: ignore[arg-type]
+    client = aioredis.Redis(
+        host="127.0.0.1", port=redis_server.port, decode_responses=True, socket_timeout=5
+    )
+    try:
+        for i in range(30):
+            d = deliverer(client, (Webhook("ops", receiver.url(), SECRET.encode()),))
+            d.POLL_INTERVAL_S = 0  # back to back Redis calls: the cancel lands in one
+            d.CLAIM_INTERVAL_S = 0
+            d.CLAIM_IDLE_MS = 0
+            run = d.lifecycle()
+            await anext(run)
+            await asyncio.sleep(0.002 * (i % 10))
+            ended = asyncio.ensure_future(anext(run, None))
+            done, _ = await asyncio.wait({ended}, timeout=DEADLINE_S)
+            assert done, f"shutdown {i} did not end"
+    finally:
+        await client.aclose()
 
 
 # -- configuration --------------------------------------------------------------------------
