@@ -173,7 +173,8 @@ class Engine:
         self._api: dict[str, TenantDefinitions] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._ledger = _ledger_config(config)
-        self._days: dict[int, str] = {}
+        self._charging_day = -1
+        self._charging: dict[str, tuple[str, ...]] = {}
         self._memo: dict[
             tuple[str, Identity, str | None, str | None], tuple[Snapshot, Resolved]
         ] = {}
@@ -541,7 +542,7 @@ class Engine:
             "" if provider_model is None else _SEP.join(provider_model),
         ]
         reply = await self._run(
-            self._scripts.settle, tenant, args, keys.tenant_keys(tenant).charging(self._day(now))
+            self._scripts.settle, tenant, args, self._charging_keys(tenant, now)
         )
         return self._finished(tenant, rid, reply, "tokens_in")
 
@@ -581,7 +582,7 @@ class Engine:
         for a in applied:
             args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS, a.budget.limit_micro, a.thresholds)
         reply = await self._run(
-            self._scripts.record, tenant, args, keys.tenant_keys(tenant).charging(self._day(now))
+            self._scripts.record, tenant, args, self._charging_keys(tenant, now)
         )
         values = [int(v) for v in reply[1:]]
         return RecordResult(
@@ -672,9 +673,7 @@ class Engine:
         start = time.perf_counter()
         price = self.price(provider, model, tenant)
         if price is not None:
-            cost = cost_micro(tokens_in, price.input_pico) + cost_micro(
-                tokens_out, price.output_pico
-            )
+            cost = self._estimate(price, None, tokens_in, tokens_out)
         elif fallback_cost_usd is not None:
             cost = usd_to_micro(fallback_cost_usd)
         else:
@@ -796,13 +795,17 @@ class Engine:
             degraded=True,
         )
 
-    def _day(self, now_ms: int) -> str:
-        """The UTC day of `now_ms` as yyyymmdd (the usage aggregates' key)."""
+    def _charging_keys(self, tenant: str, now_ms: int) -> tuple[str, ...]:
+        """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
+        are built once per tenant and day, not per call (settle is on the hot path)."""
         day = now_ms // 86_400_000
-        found = self._days.get(day)
+        if day != self._charging_day:
+            self._charging_day = day
+            self._charging = {}
+        found = self._charging.get(tenant)
         if found is None:
-            found = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
-            self._days = {day: found}
+            yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
+            found = self._charging[tenant] = keys.tenant_keys(tenant).charging(yyyymmdd)
         return found
 
     def _finished(

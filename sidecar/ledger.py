@@ -54,6 +54,12 @@ class Totals:
     tokens_in: int = 0
     tokens_out: int = 0
 
+    def merge(self, other: Totals) -> None:
+        self.cost_micro += other.cost_micro
+        self.requests += other.requests
+        self.tokens_in += other.tokens_in
+        self.tokens_out += other.tokens_out
+
     def add(self, kind: str, value: int) -> None:
         if kind == "c":
             self.cost_micro += value
@@ -75,20 +81,13 @@ class PeriodUsage:
     def total(self) -> Totals:
         out = Totals()
         for t in self.by_tuple.values():
-            out.cost_micro += t.cost_micro
-            out.requests += t.requests
-            out.tokens_in += t.tokens_in
-            out.tokens_out += t.tokens_out
+            out.merge(t)
         return out
 
     def grouped(self, position: int) -> dict[str, Totals]:
         out: dict[str, Totals] = defaultdict(Totals)
         for tup, t in self.by_tuple.items():
-            g = out[tup[position] if position < len(tup) else ""]
-            g.cost_micro += t.cost_micro
-            g.requests += t.requests
-            g.tokens_in += t.tokens_in
-            g.tokens_out += t.tokens_out
+            out[tup[position] if position < len(tup) else ""].merge(t)
         return dict(out)
 
 

@@ -26,6 +26,7 @@ from sidecar.api.auth import require, tenant_of
 from sidecar.api.axonflow import json_response
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
+from sidecar.config import split_validation_error
 from sidecar.engine import Engine, RequestError, new_reservation_id
 from sidecar.model import Action
 from sidecar.periods import iso
@@ -105,10 +106,9 @@ def _context(context: dict[str, Any], default_estimate: float) -> AuthorizeReque
     try:
         return msgspec.convert(fields, AuthorizeRequest)
     except msgspec.ValidationError as exc:
-        text = str(exc)
-        field = text.rsplit("`$.", 1)[-1].rstrip("`") if "`$." in text else "context"
-        message = text.split(" - at ", 1)[0]
-        raise ProblemError(400, f"context.{field}: {message}", field=f"context.{field}") from None
+        path, message = split_validation_error(str(exc))
+        field = "context" + path.removeprefix("$")
+        raise ProblemError(400, f"{field}: {message}", field=field) from None
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
