@@ -50,58 +50,48 @@ LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@web.middleware
-async def problems(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every failure to problem+json; log the unexpected ones with a request id."""
-    try:
-        return await handler(request)
-    except ProblemError as err:
-        return response(err)
-    except msgspec.DecodeError as exc:
+def problem_of(request: web.Request, exc: Exception) -> web.Response | None:
+    """The problem+json answer to an exception a handler raised (None: not ours to map).
+    The unexpected ones are logged with a request id."""
+    if isinstance(exc, ProblemError):
+        return response(exc)
+    if isinstance(exc, msgspec.DecodeError):
         return response(from_decode_error(exc))
-    except UnicodeDecodeError:  # msgspec: a JSON string that is not UTF-8
+    if isinstance(exc, UnicodeDecodeError):  # msgspec: a JSON string that is not UTF-8
         return response(ProblemError(400, "body: not valid UTF-8", field="body"))
-    except web.RequestPayloadError as exc:  # e.g. Content-Encoding: gzip that is not
+    if isinstance(exc, web.RequestPayloadError):  # e.g. Content-Encoding: gzip that is not
         return response(ProblemError(400, f"body: cannot be read ({exc})", field="body"))
-    except RequestError as err:
-        return response(ProblemError(err.status, err.message, field=err.field))
-    except Unavailable as err:
-        return response(
-            ProblemError(503, f"budget store unavailable: {err}", degraded=True),
-        )
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, RequestError):
+        return response(ProblemError(exc.status, exc.message, field=exc.field))
+    if isinstance(exc, Unavailable):
+        return response(ProblemError(503, f"budget store unavailable: {exc}", degraded=True))
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         limit = request.app[MAX_BODY]
         return response(ProblemError(413, f"body: larger than {limit} bytes", field="body"))
-    except web.HTTPException as exc:
-        if exc.status >= 400:
-            # A 405 keeps its Allow header (RFC 9110 requires it).
-            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-            return response(ProblemError(exc.status, exc.reason, headers=allow))
-        raise
-    except (RedisConnectionError, RedisTimeoutError) as exc:
+    if isinstance(exc, web.HTTPException):
+        if exc.status < 400:
+            return None  # a redirect: aiohttp sends it as it is
+        # A 405 keeps its Allow header (RFC 9110 requires it).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return response(ProblemError(exc.status, exc.reason, headers=allow))
+    if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         # Reads and writes off the decision path (definitions, usage, alerts) use redis-py
         # directly: Redis away is a 503 there too, not an internal error.
         return response(ProblemError(503, f"budget store unavailable: {exc}", degraded=True))
-    except StoreError:
-        request_id = logs.request_id_of(request)
-        log.exception(
-            "store error on %s %s (request %s)",
-            request.method,
-            request.path,
-            request_id,
-            extra={"request_id": request_id},
-        )
-        return response(ProblemError(500, "internal error in the budget store"), request_id)
-    except Exception:
-        request_id = logs.request_id_of(request)
-        log.exception(
-            "unexpected error on %s %s (request %s)",
-            request.method,
-            request.path,
-            request_id,
-            extra={"request_id": request_id},
-        )
-        return response(ProblemError(500, "internal error"), request_id)
+    request_id = logs.request_id_of(request)
+    store = isinstance(exc, StoreError)
+    what = "store error" if store else "unexpected error"
+    log.error(
+        "%s on %s %s (request %s)",
+        what,
+        request.method,
+        request.path,
+        request_id,
+        exc_info=exc,
+        extra={"request_id": request_id},
+    )
+    detail = "internal error in the budget store" if store else "internal error"
+    return response(ProblemError(500, detail), request_id)
 
 
 # Slow clients (limits nginx also applies by default: client_header_timeout 60s,
@@ -113,25 +103,45 @@ BODY_TIMEOUT_S = 10.0  # a body is at most settings.max_body_bytes (64 KiB by de
 LINGER_S = 2.0
 
 
-def body_deadline(timeout_s: float) -> Middleware:
-    """Read the whole body of a JSON route before its handler, within `timeout_s`: a client
-    trickling its body gets 408 and a closed connection. (/ext_authz reads no body.)"""
+def guard(authenticate: Callable[[web.Request], None], body_timeout_s: float) -> Middleware:
+    """The one middleware every request passes (one layer, not three: each layer is a
+    coroutine frame on every request and every resumption of it):
+
+    - credentials (api.auth), before anything is read;
+    - the whole body of a JSON route read before its handler, within `body_timeout_s`: a
+      client trickling its body gets 408 and a closed connection (/ext_authz reads no
+      body). A body already received whole, the usual case, costs no timer;
+    - every failure mapped to problem+json (problem_of).
+    """
 
     @web.middleware
-    async def read_body(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.can_read_body and not request.path.startswith(proxy.PREFIX):
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await request.read()  # cached: the handler's read() returns it
-            except TimeoutError:
-                resp = response(
-                    ProblemError(408, f"body: not received within {timeout_s:g}s", field="body")
-                )
-                resp.force_close()
-                return resp
-        return await handler(request)
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            authenticate(request)
+            if (
+                request.can_read_body
+                and not request.content.is_eof()
+                and not request.path.startswith(proxy.PREFIX)
+            ):
+                try:
+                    async with asyncio.timeout(body_timeout_s):
+                        await request.read()  # cached: the handler's read() returns it
+                except TimeoutError:
+                    resp = response(
+                        ProblemError(
+                            408, f"body: not received within {body_timeout_s:g}s", field="body"
+                        )
+                    )
+                    resp.force_close()
+                    return resp
+            return await handler(request)
+        except Exception as exc:
+            answer = problem_of(request, exc)
+            if answer is None:
+                raise
+            return answer
 
-    return read_body
+    return guard
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -165,15 +175,10 @@ def create_app(
     Metrics, /metrics and /prometheus serve it. A connection that has not sent a whole
     request head within `header_timeout_s` (or stays idle that long) is closed; a body not
     received within `body_timeout_s` is answered 408."""
-    deadline = body_deadline(body_timeout_s)
-    authenticate = api_auth.middleware(ENGINE)
+    checks = guard(api_auth.authenticator(ENGINE), body_timeout_s)
     app = web.Application(
         # Request ids bind to logs only when per-decision debug lines are on.
-        middlewares=(
-            [logs.request_ids, problems, authenticate, deadline]
-            if logs.debug_enabled()
-            else [problems, authenticate, deadline]
-        ),
+        middlewares=[logs.request_ids, checks] if logs.debug_enabled() else [checks],
         client_max_size=config.settings.max_body_bytes,
         handler_args={
             # Long query strings reach the handlers (and their problem+json answers).

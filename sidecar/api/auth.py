@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -23,8 +23,6 @@ OPEN_PATHS = frozenset(
 )
 PRINCIPAL = web.RequestKey("principal", Client)
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="budget-sidecar", charset="UTF-8"'}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def tenant_of(request: web.Request) -> str:
@@ -67,7 +65,10 @@ def _presented(request: web.Request) -> tuple[str | None, str | None]:
     return client_id, secret
 
 
-def middleware(engine_key: web.AppKey[Engine]) -> Callable[..., Awaitable[web.StreamResponse]]:
+def authenticator(engine_key: web.AppKey[Engine]) -> Callable[[web.Request], None]:
+    """The check every request passes before its handler: sets the request's PRINCIPAL,
+    or raises 401. A plain function, called by the app's one middleware (api.app.guard):
+    a middleware layer of its own costs more than the check itself."""
     cache: dict[int, dict[str, Client]] = {}
 
     def clients_of(engine: Engine) -> dict[str, Client]:
@@ -79,11 +80,10 @@ def middleware(engine_key: web.AppKey[Engine]) -> Callable[..., Awaitable[web.St
             found = cache[id(config)] = {c.client_id: c for c in config.clients}
         return found
 
-    @web.middleware
-    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+    def authenticate(request: web.Request) -> None:
         clients = clients_of(request.app[engine_key])
         if not clients or request.path in OPEN_PATHS:
-            return await handler(request)
+            return
         client_id, secret = _presented(request)
         if client_id is None:
             raise _unauthorized("credentials required: HTTP Basic client_id:secret")
@@ -92,6 +92,5 @@ def middleware(engine_key: web.AppKey[Engine]) -> Callable[..., Awaitable[web.St
         if client is None or not client.accepts(secret):
             raise _unauthorized("invalid credentials")
         request[PRINCIPAL] = client
-        return await handler(request)
 
     return authenticate
