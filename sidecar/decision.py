@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from sidecar.model import Action, Budget, OnExceed
 
@@ -43,8 +44,9 @@ def percentage(committed: int, limit: int) -> float:
     return round(committed * 100 / limit, 4)
 
 
-@dataclass(frozen=True, slots=True)
-class Outcome:
+class Outcome(NamedTuple):
+    # A tuple, not a frozen dataclass: one is made per decision, and a frozen
+    # dataclass's __init__ sets each field through object.__setattr__.
     action: Action
     binding: int | None  # index into the applied budgets
     downgrade_model: str | None
@@ -57,20 +59,21 @@ def decide(applied: Sequence[Applied], values: Sequence[int], est: int, allowed:
     passed wins over a warn budget passed; otherwise the budget closest to its limit binds.
     """
     downgrade = warn = None
-    closest, closest_pct = None, -1.0
+    closest, closest_ratio = None, -1.0
     for i, a in enumerate(applied):
-        used, held = values[2 * i], values[2 * i + 1]
+        committed = values[2 * i] + values[2 * i + 1]
         limit = a.budget.limit_micro
-        if over(used, held, est, limit):
+        if (committed >= limit) if est == 0 else (committed + est > limit):  # over()
             if a.mode == "b" and not allowed:
                 return Outcome(Action.BLOCK, i, None)
             if a.mode == "d" and downgrade is None:
                 downgrade = i
             elif a.budget.on_exceed is OnExceed.WARN and warn is None:
                 warn = i
-        pct = percentage(used + held + est, limit)
-        if pct > closest_pct:
-            closest, closest_pct = i, pct
+        # The ratio, not the rounded percentage: the same order, without round().
+        ratio = (committed + est) / limit if limit > 0 else float(committed + est > 0)
+        if ratio > closest_ratio:
+            closest, closest_ratio = i, ratio
     if downgrade is not None:
         return Outcome(Action.DOWNGRADE, downgrade, applied[downgrade].downgrade_model)
     if warn is not None:

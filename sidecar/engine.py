@@ -37,7 +37,7 @@ from sidecar.model import (
     TenantDefinitions,
     UnpricedModel,
 )
-from sidecar.money import cost_micro, micro_to_usd, usd_to_micro
+from sidecar.money import MICRO, cost_micro, micro_to_usd, usd_to_micro
 from sidecar.periods import WindowCache, iso
 from sidecar.schemas import (
     AuthorizeRequest,
@@ -146,11 +146,17 @@ class AppliedLimit:
 
 @dataclass(frozen=True, slots=True)
 class Resolved:
-    """Everything that applies to one (identity, provider, model)."""
+    """Everything that applies to one (identity, provider, model), and what the decisions
+    on it send and answer that does not change from one decision to the next."""
 
+    identity: Identity
     budgets: list[Applied]
     limits: list[AppliedLimit]
     valid_until_ms: int
+    # authorize.lua's five arguments per budget, then its six per rate limit.
+    script_args: tuple[str | int, ...]
+    # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
+    meta_head: str
 
 
 class Engine:
@@ -175,9 +181,9 @@ class Engine:
         self._ledger = _ledger_config(config)
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
-        self._memo: dict[
-            tuple[str, Identity, str | None, str | None], tuple[Snapshot, Resolved]
-        ] = {}
+        # (tenant, org, team, agent, workflow, user, provider, model) as the request named
+        # them -> (the snapshot resolved against, what applies).
+        self._memo: dict[tuple[str | None, ...], tuple[Snapshot, Resolved]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
@@ -261,22 +267,46 @@ class Engine:
     def resolve(
         self,
         tenant: str,
-        identity: Identity,
+        fields: IdentityFields,
         provider: str | None,
         model: str | None,
         now_ms: int,
     ) -> Resolved:
         """Every budget and rate limit that covers this call.
 
-        Memoized per (tenant, identity, provider, model) until the earliest budget window
-        ends: agents repeat the same identity, and resolving it costs more than the
-        decision's own Python work. A snapshot swap starts a fresh memo.
+        Memoized per (tenant, identity fields, provider, model) until the earliest budget
+        window ends: agents repeat the same identity, and resolving it costs more than the
+        decision's own Python work. The key is the request's own fields, so a hit builds
+        nothing. A snapshot swap starts a fresh memo.
         """
         snap = self.snapshot(tenant)
-        memo_key = (tenant, identity, provider, model)
+        memo_key = (
+            tenant,
+            fields.org_id,
+            fields.team_id,
+            fields.agent_id,
+            fields.workflow_id,
+            fields.user_id,
+            provider,
+            model,
+        )
         hit = self._memo.get(memo_key)
         if hit is not None and hit[0] is snap and now_ms < hit[1].valid_until_ms:
             return hit[1]
+        resolved = self._resolve(snap, self.identity(fields), provider, model, now_ms)
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[memo_key] = (snap, resolved)
+        return resolved
+
+    def _resolve(
+        self,
+        snap: Snapshot,
+        identity: Identity,
+        provider: str | None,
+        model: str | None,
+        now_ms: int,
+    ) -> Resolved:
         budgets: list[Applied] = []
         limits: list[AppliedLimit] = []
         for scope, field in _SCOPE_FIELDS:
@@ -293,12 +323,25 @@ class Engine:
             for r in snap.limits_per_entity.get(scope, ()):
                 if _covers(r, provider, model):
                     limits.append(_applied_limit(r, entity))
-        valid_until = min((a.window_end_ms for a in budgets), default=now_ms + 60_000)
-        resolved = Resolved(budgets, limits, valid_until)
-        if len(self._memo) >= _MEMO_SIZE:
-            self._memo.clear()
-        self._memo[memo_key] = (snap, resolved)
-        return resolved
+        script_args: list[str | int] = []
+        for a in budgets:
+            script_args += (
+                a.cid,
+                a.budget.limit_micro,
+                a.mode,
+                a.window_end_ms + COUNTER_GRACE_MS,
+                a.thresholds,
+            )
+        for limit in limits:
+            script_args += limit.args
+        return Resolved(
+            identity=identity,
+            budgets=budgets,
+            limits=limits,
+            valid_until_ms=min((a.window_end_ms for a in budgets), default=now_ms + 60_000),
+            script_args=tuple(script_args),
+            meta_head=_meta_head(provider, model, identity),
+        )
 
     def _applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
         w = self._windows.get(b.period, b.timezone, now_ms)
@@ -360,7 +403,6 @@ class Engine:
     async def _authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        identity = self.identity(req)
         price = self._priced(tenant, req.provider, req.model)
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
@@ -370,10 +412,10 @@ class Engine:
             raise RequestError(
                 "lease_ms", f"at most {settings.max_lease_ms} (settings.max_lease_ms)"
             )
-        resolved = self.resolve(tenant, identity, req.provider, req.model, now)
+        resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         rid = new_reservation_id()
-        args: list[str | int] = [
+        args = (
             now,
             rid,
             lease_ms,
@@ -382,21 +424,12 @@ class Engine:
             price.input_pico if price else "",
             price.output_pico if price else "",
             settings.keep_finished_ms,
-            _meta(req.provider, req.model, identity, req.step_id, req.run_id),
+            _meta(resolved.meta_head, req.step_id, req.run_id),
             (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0),
             len(applied),
             self._clock.limiter_ms(),
-        ]
-        for a in applied:
-            args += (
-                a.cid,
-                a.budget.limit_micro,
-                a.mode,
-                a.window_end_ms + COUNTER_GRACE_MS,
-                a.thresholds,
-            )
-        for limit in resolved.limits:
-            args += limit.args
+            *resolved.script_args,
+        )
         try:
             reply = await self._call(self._scripts.authorize, tenant, args)
         except StoreUnavailable:
@@ -422,13 +455,12 @@ class Engine:
     async def _check(self, tenant: str, req: CheckRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        identity = self.identity(req)
         # The same pricing rule as authorize: check answers what authorize would.
         price = self._priced(tenant, req.provider, req.model)
         est = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
-        resolved = self.resolve(tenant, identity, req.provider, req.model, now)
+        resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         args: list[str | int] = [
@@ -465,26 +497,30 @@ class Engine:
         now holds on each budget (reported in held_usd)."""
         applied = resolved.budgets
         nb = len(applied)
-        values = [int(v) for v in values_raw[: 2 * nb]]
-        rate_raw = [int(v) for v in values_raw[2 * nb :]]
+        # hiredis gives Lua's integer replies as ints already.
+        values: list[int] = values_raw[: 2 * nb]
         outcome = decide(applied, values, est, allowed)
         states = [
             self._state(a, values[2 * i], values[2 * i + 1] + held_est)
             for i, a in enumerate(applied)
         ]
-        limits = [
-            _limit_state(limit, rate_raw[3 * j : 3 * j + 3])
-            for j, limit in enumerate(resolved.limits)
-            if len(rate_raw) >= 3 * j + 3
-        ]
-        denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
+        limits: list[RateLimitState] = []
+        denying: list[RateLimitState] = []
+        binding_limit = None
+        if resolved.limits:
+            rate_raw: list[int] = values_raw[2 * nb :]
+            limits = [
+                _limit_state(limit, rate_raw[3 * j : 3 * j + 3])
+                for j, limit in enumerate(resolved.limits)
+                if len(rate_raw) >= 3 * j + 3
+            ]
+            denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
+            if denying:
+                binding_limit = max(denying, key=lambda r: r.retry_after_ms)
+            elif limits:
+                binding_limit = min(limits, key=lambda r: r.remaining)
         budget_denied = not allowed and outcome.action is Action.BLOCK
         action = Action.BLOCK if not allowed else outcome.action
-        binding_limit = None
-        if denying:
-            binding_limit = max(denying, key=lambda r: r.retry_after_ms)
-        elif limits:
-            binding_limit = min(limits, key=lambda r: r.remaining)
         info = None
         if outcome.binding is not None:
             info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
@@ -508,7 +544,8 @@ class Engine:
             rate_limits=limits,
             rate_limit=binding_limit,
             retry_after_ms=retry_after_ms,
-            would_deny=any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
+            would_deny=bool(limits)
+            and any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
         )
 
     async def _settle(
@@ -562,17 +599,17 @@ class Engine:
     async def _record(self, tenant: str, req: RecordRequest) -> RecordResult:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        identity = self.identity(req)
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
         price = self._priced(tenant, req.provider, req.model) if has_tokens else None
         cost = self._estimate(price, req.cost_usd, req.tokens_in, req.tokens_out)
-        applied = self.resolve(tenant, identity, req.provider, req.model, now).budgets
+        resolved = self.resolve(tenant, req, req.provider, req.model, now)
+        applied = resolved.budgets
         args: list[str | int] = [
             now,
             cost,
             req.idempotency_key or "",
             settings.keep_finished_ms,
-            _meta(req.provider, req.model, identity, req.step_id, req.run_id),
+            _meta(resolved.meta_head, req.step_id, req.run_id),
             req.tokens_in or 0,
             req.tokens_out or 0,
             self._ledger,
@@ -856,7 +893,9 @@ class Engine:
 
     def _state(self, a: Applied, used: int, held: int) -> BudgetState:
         b = a.budget
+        limit = b.limit_micro
         committed = used + held
+        # Divisions by MICRO inline (money.micro_to_usd): three per budget per decision.
         return BudgetState(
             budget_id=b.id,
             budget_name=b.name,
@@ -864,12 +903,12 @@ class Engine:
             entity=a.entity,
             period=b.period,
             on_exceed=b.on_exceed,
-            limit_usd=micro_to_usd(b.limit_micro),
-            used_usd=micro_to_usd(used),
-            held_usd=micro_to_usd(held),
-            remaining_usd=micro_to_usd(b.limit_micro - committed),
-            percentage=percentage(committed, b.limit_micro),
-            exceeded=committed >= b.limit_micro if b.limit_micro else committed > 0,
+            limit_usd=limit / MICRO,
+            used_usd=used / MICRO,
+            held_usd=held / MICRO,
+            remaining_usd=(limit - committed) / MICRO,
+            percentage=percentage(committed, limit),
+            exceeded=committed >= limit if limit else committed > 0,
         )
 
 
@@ -958,13 +997,8 @@ _SEP = "\x1f"
 _NONE_DEFINED = TenantDefinitions()
 
 
-def _meta(
-    provider: str | None,
-    model: str | None,
-    identity: Identity,
-    step_id: str | None,
-    run_id: str | None,
-) -> str:
+def _meta_head(provider: str | None, model: str | None, identity: Identity) -> str:
+    """The ledger tuple's fields that stay the same for one resolved identity."""
     return _SEP.join(
         (
             provider or "",
@@ -974,10 +1008,13 @@ def _meta(
             identity.agent_id or "",
             identity.workflow_id or "",
             identity.user_id or "",
-            step_id or "",
-            run_id or "",  # last: the daily aggregates leave the run out
         )
     )
+
+
+def _meta(head: str, step_id: str | None, run_id: str | None) -> str:
+    # The run last: the daily aggregates leave it out.
+    return f"{head}{_SEP}{step_id or ''}{_SEP}{run_id or ''}"
 
 
 def _unmeta(meta: str) -> tuple[str | None, str | None]:
