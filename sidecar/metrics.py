@@ -42,6 +42,7 @@ from sidecar.periods import WindowCache
 from sidecar.schemas import BudgetState, Decision, RecordResult, SettleResult
 from sidecar.scripts import Script
 from sidecar.store import Store, StoreUnavailable
+from sidecar.tally import Incrementable, Observable, Tallies
 
 log = logging.getLogger("sidecar.metrics")
 
@@ -183,27 +184,34 @@ class Metrics:
             registry=reg,
         )
 
-        # Children resolved once: the hot path does dict lookups, not labels() calls.
-        self._rate_limited_children: dict[tuple[str, str], Any] = {}
-        self._decision_children: dict[tuple[str, str, str], Any] = {
-            (op, str(action), outcome): self.decisions.labels(op, str(action), outcome)
+        # Children resolved once: the hot path does dict lookups, not labels() calls. What
+        # every decision writes goes through tallies (sidecar.tally), flushed by scrapes.
+        self._tallies = Tallies(direct=self._multiprocess)
+        count, observations = self._tallies.count, self._tallies.observations
+        self._rate_limited_children: dict[tuple[str, str], Incrementable] = {}
+        self._decision_children: dict[tuple[str, str, str], Incrementable] = {
+            (op, str(action), outcome): count(self.decisions.labels(op, str(action), outcome))
             for op in ("authorize", "check")
             for action in Action
             for outcome in OUTCOMES
         }
-        self._duration_children = {op: self.duration.labels(op) for op in OPERATIONS}
+        self._duration_children: dict[str, Observable] = {
+            op: observations(self.duration.labels(op)) for op in OPERATIONS
+        }
         self._unavailable_children = {op: self.unavailable.labels(op) for op in OPERATIONS}
         self._fail_open_children = {op: self.fail_open.labels(op) for op in ("authorize", "check")}
-        self._held = self.reservations.labels("held")
-        self._settled = self.reservations.labels("settled")
-        self._released = self.reservations.labels("released")
-        self._expired = self.reservations.labels("expired")
+        self._held = count(self.reservations.labels("held"))
+        self._settled = count(self.reservations.labels("settled"))
+        self._released = count(self.reservations.labels("released"))
+        self._expired = count(self.reservations.labels("expired"))
         self.alerts_delivered = self.alerts.labels("delivered")
         self.alerts_failed = self.alerts.labels("failed")
         self._reload_ok = self.reloads.labels("success")
         self._reload_failed = self.reloads.labels("failure")
-        self._redis_children: dict[str, tuple[Any, Any, Any]] = {}
-        self._spend_children: dict[tuple[str | None, str | None], tuple[Any, Any, Any]] = {}
+        self._redis_children: dict[str, tuple[Observable, Any, Any]] = {}
+        self._spend_children: dict[
+            tuple[str | None, str | None], tuple[Incrementable, Incrementable, Incrementable]
+        ] = {}
         self._spend_config: Config | None = None
         # budget_id -> [highest ratio this period, period end (ms), gauge child]
         self._ratios: dict[str, list[Any]] = {}
@@ -235,6 +243,7 @@ class Metrics:
         return MeteredStore(store, self)
 
     def exposition(self) -> bytes:
+        self._tallies.flush()
         self.refresh()
         if self._multiprocess:
             registry = CollectorRegistry()
@@ -268,7 +277,9 @@ class Metrics:
         key = (operation, decision.action, outcome)
         counter = self._decision_children.get(key)
         if counter is None:
-            counter = self._decision_children[key] = self.decisions.labels(*key)
+            counter = self._decision_children[key] = self._tallies.count(
+                self.decisions.labels(*key)
+            )
         counter.inc()
         self._observe_duration(operation, seconds)
         if decision.rate_limits and (decision.would_deny or not decision.allowed):
@@ -338,12 +349,12 @@ class Metrics:
     def config_reloaded(self, ok: bool) -> None:
         (self._reload_ok if ok else self._reload_failed).inc()
 
-    def redis_call(self, script: str) -> tuple[Any, Any, Any]:
+    def redis_call(self, script: str) -> tuple[Observable, Any, Any]:
         """(duration, unavailable, error) children for one script name."""
         children = self._redis_children.get(script)
         if children is None:
             children = self._redis_children[script] = (
-                self.redis_duration.labels(script),
+                self._tallies.observations(self.redis_duration.labels(script)),
                 self.redis_errors.labels(script, "unavailable"),
                 self.redis_errors.labels(script, "error"),
             )
@@ -357,13 +368,17 @@ class Metrics:
         if child is None:
             if len(self._rate_limited_children) >= _LABEL_CACHE_SIZE:
                 return  # ids come from definitions, but stay bounded whatever is defined
-            child = self._rate_limited_children[key] = self.rate_limited.labels(*key)
+            child = self._rate_limited_children[key] = self._tallies.count(
+                self.rate_limited.labels(*key)
+            )
         child.inc()
 
     def _observe_duration(self, operation: str, seconds: float) -> None:
         child = self._duration_children.get(operation)
         if child is None:
-            child = self._duration_children[operation] = self.duration.labels(operation)
+            child = self._duration_children[operation] = self._tallies.observations(
+                self.duration.labels(operation)
+            )
         child.observe(seconds)
 
     def _spend(
@@ -378,6 +393,7 @@ class Metrics:
         config = engine.config if engine is not None else None
         if config is not self._spend_config or len(self._spend_children) >= _LABEL_CACHE_SIZE:
             # Labels follow the pricing: a reload may price (or stop pricing) a model.
+            # (Tallies already made keep adding to their children until the next scrape.)
             self._spend_children = {}
             self._spend_config = config
         key = (provider, model)
@@ -387,10 +403,11 @@ class Metrics:
             price = engine.price(provider, model) if engine is not None else None
             if price is not None and price.model != "*":  # "*" is the fallback price
                 label_provider, label_model = price.provider, price.model
+            count = self._tallies.count
             children = self._spend_children[key] = (
-                self.cost.labels(label_provider, label_model),
-                self.tokens.labels(label_provider, label_model, "input"),
-                self.tokens.labels(label_provider, label_model, "output"),
+                count(self.cost.labels(label_provider, label_model)),
+                count(self.tokens.labels(label_provider, label_model, "input")),
+                count(self.tokens.labels(label_provider, label_model, "output")),
             )
         cost, tokens_input, tokens_output = children
         if cost_usd:

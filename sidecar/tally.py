@@ -1,0 +1,112 @@
+"""Hot-path metric writes kept in plain Python numbers, handed to prometheus-client when
+a scrape reads them.
+
+prometheus-client takes a lock for every increment, and a Histogram walks its buckets in
+Python: each decision made four such writes and two histogram observations, about a
+third of the engine's own Python time (in-process, store answering at once). In one
+process nothing reads those values between scrapes, so the hot path adds to local numbers
+and `Tallies.flush()` (called by the scrape) adds them to the client's children first: the
+scrape shows exactly what it would have shown.
+
+With several worker processes (prometheus-client's multiprocess mode) a scrape reads the
+files of every process, including processes that are not being scraped and so would not
+flush: there every write goes straight to the child (`direct=True`).
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from typing import Any, Protocol
+
+
+class Incrementable(Protocol):
+    def inc(self, amount: float = 1) -> None: ...
+
+
+class Observable(Protocol):
+    def observe(self, amount: float) -> None: ...
+
+
+class _Count:
+    """A counter child's increments since the last flush."""
+
+    __slots__ = ("_child", "_pending")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        self._pending: float = 0
+
+    def inc(self, amount: float = 1) -> None:
+        self._pending += amount
+
+    def flush(self) -> None:
+        if self._pending:
+            self._child.inc(self._pending)
+            self._pending = 0
+
+
+class _Observations:
+    """A histogram child's observations since the last flush: a count per bucket and the
+    sum, exactly what the child itself keeps."""
+
+    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._child = child
+        # The child's upper bounds, +Inf last: bisect_left finds the first bound >= the
+        # amount, the bucket prometheus-client's own observe() picks.
+        self._bounds: list[float] = list(child._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        self._counts[bisect_left(self._bounds, amount)] += 1
+        self._sum += amount
+
+    def flush(self) -> None:
+        counts = self._counts
+        if not any(counts):
+            return
+        # prometheus-client has no "observe n times": add to the child's bucket and sum
+        # values, the ones its observe() adds to (tests/test_metrics.py pins the result).
+        for i, n in enumerate(counts):
+            if n:
+                self._child._buckets[i].inc(n)
+                counts[i] = 0
+        self._child._sum.inc(self._sum)
+        self._sum = 0.0
+
+
+class Tallies:
+    """Makes the hot path's metric writers and flushes them. One writer per child, however
+    often it is asked for (label caches that are rebuilt ask again), so their number stays
+    bounded by the metrics' label sets."""
+
+    def __init__(self, *, direct: bool) -> None:
+        self.direct = direct
+        # id(child) -> its writer; the writer holds the child, so the id stays its own.
+        self._all: dict[int, _Count | _Observations] = {}
+
+    def count(self, child: Any) -> Incrementable:
+        """A writer with the counter child's inc()."""
+        if self.direct:
+            return child  # type: ignore[no-any-return]
+        tally = self._all.get(id(child))
+        if tally is None:
+            tally = self._all[id(child)] = _Count(child)
+        assert isinstance(tally, _Count)
+        return tally
+
+    def observations(self, child: Any) -> Observable:
+        """A writer with the histogram child's observe()."""
+        if self.direct:
+            return child  # type: ignore[no-any-return]
+        tally = self._all.get(id(child))
+        if tally is None:
+            tally = self._all[id(child)] = _Observations(child)
+        assert isinstance(tally, _Observations)
+        return tally
+
+    def flush(self) -> None:
+        for tally in self._all.values():
+            tally.flush()
