@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections import deque
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -70,8 +71,11 @@ class ReplyTimeout(ConnectionLost):
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, reply_timeout_s: float) -> None:
+    def __init__(self, reply_timeout_s: float, breaker: CircuitBreaker) -> None:
         self._loop = asyncio.get_running_loop()
+        # Told of every reply and every failed command here, where they are seen, so a
+        # caller awaits the reply's future itself, with no coroutine around it.
+        self._breaker = breaker
         self._reader = hiredis.Reader(encoding="utf-8")
         # (future, deadline) per command sent, in order: replies arrive in this order.
         self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
@@ -91,10 +95,14 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self._reader.feed(data)
+        replied = False
         while (reply := self._reader.gets()) is not False:
+            replied = True
             future, _ = self._waiting.popleft()
             if not future.done():  # its caller may have given up
                 future.set_result(reply)
+        if replied:
+            self._breaker.success()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._transport = None
@@ -106,10 +114,12 @@ class _Protocol(asyncio.Protocol):
             self.closed.set_result(None)
 
     def _fail_all(self, error: Exception) -> None:
+        now = self._loop.time()
         while self._waiting:
             future, _ = self._waiting.popleft()
-            if not future.done():
+            if not future.done():  # a caller still waiting: one failure for the breaker
                 future.set_exception(error)
+                self._breaker.failure(now)
 
     def _watch(self) -> None:
         self._watchdog = None
@@ -212,7 +222,7 @@ class PipelinedConnection:
         a = self._address
 
         def factory() -> _Protocol:
-            return _Protocol(self._timeout_s)
+            return _Protocol(self._timeout_s, self.breaker)
 
         async with asyncio.timeout(self._timeout_s):
             if a.path is not None:
@@ -248,12 +258,27 @@ class PipelinedConnection:
                 self._connecting = None
         return self._protocol
 
-    async def execute(self, *args: str | int | bytes) -> Any:
-        """Send one command and return its reply (a hiredis.ReplyError is returned,
-        not raised, so callers can tell NOSCRIPT from a broken script).
+    def execute(self, *args: str | int | bytes) -> Awaitable[Any]:
+        """Send one command; await the result for its reply (a hiredis.ReplyError is
+        returned, not raised, so callers can tell NOSCRIPT from a broken script).
 
-        Raises ConnectionLost (ReplyTimeout when Redis did not answer within the timeout:
-        connecting and the reply each get the whole timeout)."""
+        Awaiting raises ConnectionLost (ReplyTimeout when Redis did not answer within the
+        timeout: connecting and the reply each get the whole timeout).
+
+        On an open connection with the breaker closed (every call but the first and those
+        during an outage) the result is the reply's future itself: a decision awaits it
+        directly, without a coroutine frame of this method in between."""
+        protocol = self._protocol
+        if protocol is not None and protocol.alive and not self.breaker.is_open:
+            return protocol.send(_pack(args))
+        return self._connect_and_execute(args)
+
+    async def open(self) -> None:
+        """Connect now if not connected (raises ConnectionLost): the next execute() calls
+        then go out in the order they are made, in one write."""
+        await self._protocol_ready()
+
+    async def _connect_and_execute(self, args: tuple[str | int | bytes, ...]) -> Any:
         loop = asyncio.get_running_loop()
         if not self.breaker.allow(loop.time()):
             raise ConnectionLost("redis failed just now; not waiting on it (circuit open)")
@@ -261,12 +286,11 @@ class PipelinedConnection:
             protocol = self._protocol
             if protocol is None or not protocol.alive:
                 protocol = await self._protocol_ready()
-            reply = await protocol.send(_pack(args))
+            future = protocol.send(_pack(args))
         except ConnectionLost:
             self.breaker.failure(loop.time())
             raise
-        self.breaker.success()
-        return reply
+        return await future  # the protocol tells the breaker how the reply went
 
     async def close(self) -> None:
         if self._protocol is not None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any, Protocol, cast
 from urllib.parse import quote, unquote, urlsplit
 
@@ -61,15 +61,22 @@ class Store(Protocol):
 
 
 async def run_script(
-    conn: PipelinedConnection, script: Script, keys: Sequence[str], args: Sequence[str | int]
+    conn: PipelinedConnection,
+    script: Script,
+    keys: Sequence[str],
+    args: Sequence[str | int],
+    *,
+    asking: bool = False,
 ) -> Any:
     """EVALSHA on one connection; NOSCRIPT loads the script there and repeats the call
-    once. Other error replies are returned for the caller to judge (MOVED, ASK...)."""
+    once. Other error replies are returned for the caller to judge (MOVED, ASK...).
+    `asking`: each EVALSHA goes right after an ASKING (Redis Cluster, a slot importing)."""
+    call = ("EVALSHA", script.sha, len(keys), *keys, *args)
     try:
-        reply = await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        reply = await (_after_asking(conn, call) if asking else conn.execute(*call))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await conn.execute("SCRIPT", "LOAD", script.source)
-            reply = await conn.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+            reply = await (_after_asking(conn, call) if asking else conn.execute(*call))
     except ConnectionLost as exc:
         raise StoreUnavailable(str(exc)) from exc
     if isinstance(reply, hiredis.ReplyError):
@@ -78,6 +85,13 @@ async def run_script(
             raise StoreUnavailable(f"{script.name}.lua: {text}")
         if not text.startswith(("MOVED", "ASK")):
             raise StoreError(f"{script.name}.lua failed: {text}")
+    return reply
+
+
+async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) -> Any:
+    # ASKING holds for the connection's next command only: both are queued in this tick,
+    # so they are written back to back, in this order (the caller connected first).
+    _, reply = await asyncio.gather(conn.execute("ASKING"), conn.execute(*call))
     return reply
 
 
@@ -138,8 +152,11 @@ class RedisStore:
         """redis-py, for calls off the hot path."""
         return self._client
 
-    async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        return await run_script(self._hot, script, keys, args)
+    def run(
+        self, script: Script, keys: Sequence[str], args: Sequence[str | int]
+    ) -> Coroutine[Any, Any, Any]:
+        # run_script's coroutine itself: one frame fewer on every decision.
+        return run_script(self._hot, script, keys, args)
 
     async def ping(self) -> bool:
         return await _ping(self._client, self._timeout_s)
@@ -242,11 +259,14 @@ class ClusterStore:
             text = str(reply)  # MOVED <slot> <host:port> or ASK <slot> <host:port>
             host, _, port = text.split()[2].rpartition(":")
             if text.startswith("ASK"):
-                # Mid-migration: this one call goes to the importing node, after ASKING.
+                # Mid-migration: this one call goes to the importing node, after ASKING
+                # (connected first, so that the two are written back to back).
                 target = self._connection_to(host, int(port))
-                asking = target.execute("ASKING")
-                reply = await run_script(target, script, keys, args)
-                await asking
+                try:
+                    await target.open()
+                except ConnectionLost as exc:
+                    raise StoreUnavailable(str(exc)) from exc
+                reply = await run_script(target, script, keys, args, asking=True)
             else:
                 try:
                     await self._refresh()
