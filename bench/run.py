@@ -8,6 +8,8 @@ building blocks, measured in the same run on the same machine, printed as ratios
   authorize followed by settle, check, and authorize under 5 stacked budgets; Redis CPU
   microseconds per decision from INFO cpu
 - the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
+- with --instructions: CPU instructions per request of the bare endpoint and of authorize,
+  counted by valgrind (bench.instructions), a ratio that does not move with the load
 
 wrk (a separate C process) is the load generator. Figures are noisy on a shared machine:
 read the ratios. Nothing here asserts; tests never time anything.
@@ -27,7 +29,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import proxy
+from bench import instructions, proxy
 from sidecar import keys
 from sidecar.scripts import Scripts
 from tests.harness import REPO, RedisServer, free_port, wait_until
@@ -228,10 +230,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count CPU instructions per request under valgrind (about a minute)",
+    )
     args = parser.parse_args()
-    for tool in ("wrk", "redis-benchmark"):
+    tools = ("wrk", "redis-benchmark") + (("valgrind",) if args.instructions else ())
+    for tool in tools:
         if not shutil.which(tool):
-            sys.exit(f"bench needs {tool} (apt-get install wrk redis-tools)")
+            sys.exit(f"bench needs {tool} (apt-get install wrk redis-tools valgrind)")
 
     s = args.seconds
     server = RedisServer().start()
@@ -335,6 +343,16 @@ def main() -> None:
         workers2_64_p99_ms=workers2.p99_ms,
     )  # fmt: skip
     report(figures, s, pair.extra.strip())
+    if args.instructions:
+        counted = instructions.measure(config)
+        shutil.rmtree(workdir, ignore_errors=True)
+        figures.update(counted)
+        bare_i = counted["bare_instructions_per_request"]
+        auth_i = counted["authorize_instructions_per_request"]
+        print("instructions per request (valgrind callgrind, 2000 requests, 64 connections):")
+        print(f"  {'bare aiohttp+msgspec POST':<46} {bare_i:>9,.0f}")
+        print(f"  {'sidecar authorize':<46} {auth_i:>9,.0f}")
+        print(f"  {'bare / authorize (CPU-bound throughput ratio)':<46} {bare_i / auth_i:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
