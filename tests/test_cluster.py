@@ -80,6 +80,56 @@ async def test_tenants_spread_and_each_stays_atomic(cluster: RedisCluster) -> No
         assert held == granted[tenant], (tenant, held, granted[tenant])
 
 
+# Before the failover test: it runs on a cluster where no node has died.
+async def test_a_call_to_a_slot_in_migration_follows_ask(cluster: RedisCluster) -> None:
+    """A slot moving between primaries: the source answers ASK for keys it no longer has,
+    and the call runs on the importing node after ASKING, written back to back with it
+    (ASKING holds for the connection's next command only)."""
+    tenant = "tenant-migrating"
+    counters = keys.tenant_keys(tenant).counters
+    source = cluster.primary_of(counters)
+    target = next(p for p in cluster.alive() if p != source and _is_primary(cluster, p))
+    slot = int(cluster.client(source).cluster("KEYSLOT", counters))
+    source_id = cluster.client(source).cluster("MYID")
+    target_id = cluster.client(target).cluster("MYID")
+    cluster.client(target).cluster("SETSLOT", slot, "IMPORTING", source_id)
+    cluster.client(source).cluster("SETSLOT", slot, "MIGRATING", target_id)
+    # The tenant's keys already moved: a multi-key call runs on the importing node only
+    # when all its keys are there (else Redis answers TRYAGAIN: the fail mode applies).
+    hot = keys.tenant_keys(tenant)
+    pipe = cluster.client(target).pipeline(transaction=False)
+    for command in (
+        ("HSET", hot.counters, "seed", 1),
+        ("ZADD", hot.hot[1], 4_000_000_000_000, "moved"),
+        ("HSET", hot.hot[2], "seed", 1),
+        ("ZADD", hot.hot[3], 4_000_000_000_000, "c:moved"),
+    ):
+        pipe.execute_command("ASKING")
+        pipe.execute_command(*command)
+    pipe.execute()
+    engine, store = engine_on(cluster.url)
+    try:
+        decision = await engine.authorize(tenant, AuthorizeRequest(estimated_usd=0.25))
+        assert decision.allowed and decision.reservation_id
+        with pytest.raises(redis.exceptions.AskError):  # the source has none of them
+            cluster.client(source).exists(counters)
+        pipe = cluster.client(target).pipeline(transaction=False)
+        pipe.execute_command("ASKING")
+        pipe.hgetall(counters)
+        _, raw = pipe.execute()
+        held = {k: int(v) for k, v in raw.items() if k.startswith("h:")}
+        assert list(held.values()) == [250_000], raw
+    finally:
+        await store.close()
+        for key in keys.tenant_keys(tenant).hot:  # leave the slot as the other tests expect
+            pipe = cluster.client(target).pipeline(transaction=False)
+            pipe.execute_command("ASKING")
+            pipe.delete(key)
+            pipe.execute()
+        cluster.client(source).cluster("SETSLOT", slot, "STABLE")
+        cluster.client(target).cluster("SETSLOT", slot, "STABLE")
+
+
 async def test_a_primary_failover_under_load(cluster: RedisCluster) -> None:
     engine, store = engine_on(cluster.url)
     tenant = "failover"
@@ -146,55 +196,6 @@ async def test_a_primary_failover_under_load(cluster: RedisCluster) -> None:
         f"failover: {settled} settles acknowledged, {lost} lost, {failures} failed calls, "
         f"decisions again {resumed_at - killed_at:.2f} s after the kill"
     )
-
-
-async def test_a_call_to_a_slot_in_migration_follows_ask(cluster: RedisCluster) -> None:
-    """A slot moving between primaries: the source answers ASK for keys it no longer has,
-    and the call runs on the importing node after ASKING, written back to back with it
-    (ASKING holds for the connection's next command only)."""
-    tenant = "tenant-migrating"
-    counters = keys.tenant_keys(tenant).counters
-    source = cluster.primary_of(counters)
-    target = next(p for p in cluster.alive() if p != source and _is_primary(cluster, p))
-    slot = int(cluster.client(source).cluster("KEYSLOT", counters))
-    source_id = cluster.client(source).cluster("MYID")
-    target_id = cluster.client(target).cluster("MYID")
-    cluster.client(target).cluster("SETSLOT", slot, "IMPORTING", source_id)
-    cluster.client(source).cluster("SETSLOT", slot, "MIGRATING", target_id)
-    # The tenant's keys already moved: a multi-key call runs on the importing node only
-    # when all its keys are there (else Redis answers TRYAGAIN: the fail mode applies).
-    hot = keys.tenant_keys(tenant)
-    pipe = cluster.client(target).pipeline(transaction=False)
-    for command in (
-        ("HSET", hot.counters, "seed", 1),
-        ("ZADD", hot.hot[1], 4_000_000_000_000, "moved"),
-        ("HSET", hot.hot[2], "seed", 1),
-        ("ZADD", hot.hot[3], 4_000_000_000_000, "c:moved"),
-    ):
-        pipe.execute_command("ASKING")
-        pipe.execute_command(*command)
-    pipe.execute()
-    engine, store = engine_on(cluster.url)
-    try:
-        decision = await engine.authorize(tenant, AuthorizeRequest(estimated_usd=0.25))
-        assert decision.allowed and decision.reservation_id
-        with pytest.raises(redis.exceptions.AskError):  # the source has none of them
-            cluster.client(source).exists(counters)
-        pipe = cluster.client(target).pipeline(transaction=False)
-        pipe.execute_command("ASKING")
-        pipe.hgetall(counters)
-        _, raw = pipe.execute()
-        held = {k: int(v) for k, v in raw.items() if k.startswith("h:")}
-        assert list(held.values()) == [250_000], raw
-    finally:
-        await store.close()
-        for key in keys.tenant_keys(tenant).hot:  # leave the slot as the other tests expect
-            pipe = cluster.client(target).pipeline(transaction=False)
-            pipe.execute_command("ASKING")
-            pipe.delete(key)
-            pipe.execute()
-        cluster.client(source).cluster("SETSLOT", slot, "STABLE")
-        cluster.client(target).cluster("SETSLOT", slot, "STABLE")
 
 
 def _is_primary(cluster: RedisCluster, port: int) -> bool:
