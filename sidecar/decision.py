@@ -63,7 +63,7 @@ def decide(applied: Sequence[Applied], values: Sequence[int], est: int, allowed:
     for i, a in enumerate(applied):
         committed = values[2 * i] + values[2 * i + 1]
         limit = a.budget.limit_micro
-        if (committed >= limit) if est == 0 else (committed + est > limit):  # over()
+        if over(committed, 0, est, limit):
             if a.mode == "b" and not allowed:
                 return Outcome(Action.BLOCK, i, None)
             if a.mode == "d" and downgrade is None:

@@ -259,6 +259,10 @@ class PipelinedConnection:
         return self._protocol
 
     def execute(self, *args: str | int | bytes) -> Awaitable[Any]:
+        """call() with the command's words as arguments."""
+        return self.call(args)
+
+    def call(self, args: tuple[str | int | bytes, ...]) -> Awaitable[Any]:
         """Send one command; await the result for its reply (a hiredis.ReplyError is
         returned, not raised, so callers can tell NOSCRIPT from a broken script).
 

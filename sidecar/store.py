@@ -73,10 +73,10 @@ async def run_script(
     `asking`: each EVALSHA goes right after an ASKING (Redis Cluster, a slot importing)."""
     call = ("EVALSHA", script.sha, len(keys), *keys, *args)
     try:
-        reply = await (_after_asking(conn, call) if asking else conn.execute(*call))
+        reply = await (_after_asking(conn, call) if asking else conn.call(call))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             await conn.execute("SCRIPT", "LOAD", script.source)
-            reply = await (_after_asking(conn, call) if asking else conn.execute(*call))
+            reply = await (_after_asking(conn, call) if asking else conn.call(call))
     except ConnectionLost as exc:
         raise StoreUnavailable(str(exc)) from exc
     if isinstance(reply, hiredis.ReplyError):
@@ -91,7 +91,7 @@ async def run_script(
 async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) -> Any:
     # ASKING holds for the connection's next command only: both are queued in this tick,
     # so they are written back to back, in this order (the caller connected first).
-    _, reply = await asyncio.gather(conn.execute("ASKING"), conn.execute(*call))
+    _, reply = await asyncio.gather(conn.execute("ASKING"), conn.call(call))
     return reply
 
 
