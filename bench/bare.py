@@ -1,5 +1,8 @@
-"""The bare baseline: aiohttp on uvloop decoding the same authorize body with msgspec and
-encoding a decision, with no Redis. The sidecar's ceiling on this machine."""
+"""The bare baselines: aiohttp on uvloop decoding the same authorize body with msgspec and
+encoding a decision, with no Redis (the sidecar's ceiling on this machine); with
+--redis-url, the same plus one EVALSHA of a script that returns at once, sent over the
+sidecar's own pipelined connection (the floor a decision through Redis costs before any
+budget logic)."""
 
 from __future__ import annotations
 
@@ -11,10 +14,14 @@ import msgspec
 import uvloop
 from aiohttp import web
 
+from sidecar.resp import PipelinedConnection
 from sidecar.schemas import AuthorizeRequest, Decision
 
 _decode = msgspec.json.Decoder(AuthorizeRequest).decode
 _encode = msgspec.json.Encoder().encode
+_RETURN_AT_ONCE = "return 1"
+CONNECTION = web.AppKey("redis", PipelinedConnection)
+EVALSHA = web.AppKey("evalsha", tuple)
 
 
 async def authorize(request: web.Request) -> web.Response:
@@ -23,19 +30,32 @@ async def authorize(request: web.Request) -> web.Response:
     return web.Response(body=_encode(decision), content_type="application/json")
 
 
+async def authorize_through_redis(request: web.Request) -> web.Response:
+    req = _decode(await request.read())
+    allowed = await request.app[CONNECTION].call(request.app[EVALSHA]) == 1
+    decision = Decision(allowed=allowed, action="allow", reservation_id=req.idempotency_key or "r")
+    return web.Response(body=_encode(decision), content_type="application/json")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--redis-url", help="also make one EVALSHA per request")
     args = parser.parse_args()
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     app = web.Application()
-    app.router.add_post("/v1/authorize", authorize)
+    app.router.add_post("/v1/authorize", authorize_through_redis if args.redis_url else authorize)
 
-    async def freeze(app: web.Application) -> None:
+    async def start(app: web.Application) -> None:
+        if args.redis_url:
+            conn = PipelinedConnection(args.redis_url, timeout_s=1.0)
+            sha = await conn.execute("SCRIPT", "LOAD", _RETURN_AT_ONCE)
+            app[CONNECTION] = conn
+            app[EVALSHA] = ("EVALSHA", sha, 0)
         gc.collect()
         gc.freeze()
 
-    app.on_startup.append(freeze)
+    app.on_startup.append(start)
     web.run_app(app, host="127.0.0.1", port=args.port, print=None, access_log=None)
 
 

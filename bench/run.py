@@ -2,6 +2,8 @@
 building blocks, measured in the same run on the same machine, printed as ratios.
 
 - bare: aiohttp + uvloop + msgspec POST with no Redis (the HTTP ceiling)
+- bare + EVALSHA: the same, plus one EVALSHA of a script that returns at once over the
+  sidecar's pipelined connection (the round trip through Redis, before any budget logic)
 - raw EVALSHA: redis-benchmark running the same authorize script, 50 clients, pipelined
   16 deep (the Redis ceiling), and PING at one client (the Redis round trip)
 - sidecar: POST /v1/authorize (3 stacked budgets) at 64 connections and at 1 connection,
@@ -175,6 +177,8 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     print(f"budget-sidecar bench ({seconds} s per run, wrk -t1, loopback)")
     line("raw EVALSHA authorize.lua (50 clients, -P 16)", f"{f['raw_evalsha_per_s']:>9,.0f} /s")
     line("bare aiohttp+msgspec POST, 64 connections", load("bare_64"))
+    line("bare POST + 1 pipelined EVALSHA (return 1)", load("bare_redis_64"))
+    line("  = redis commands per request", f"{f['bare_redis_commands_per_request']:.2f}")
     line("sidecar authorize, 64 connections", load("authorize_64"))
     line("sidecar authorize+settle pairs, 64 connections", load("pair_64"))
     line("  = decisions/s", f"{f['pair_64_decisions_per_s']:>9,.0f} /s  [{pair_counts}]")
@@ -184,7 +188,8 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     line(
         "p50 at 1 connection",
         f"authorize {f['authorize_1_p50_ms']:.3f} ms, bare {f['bare_1_p50_ms']:.3f} ms, "
-        f"redis PING {f['redis_ping_p50_ms']:.3f} ms",
+        f"redis PING {f['redis_ping_p50_ms']:.3f} ms, "
+        f"bare + EVALSHA {f['bare_redis_1_p50_ms']:.3f} ms",
     )
     line(
         "redis per authorize",
@@ -199,6 +204,14 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     )
     print("ratios:")
     line("authorize / bare POST throughput", f"{f['authorize_64_per_s'] / f['bare_64_per_s']:.2f}")
+    line(
+        "bare + EVALSHA / bare POST throughput",
+        f"{f['bare_redis_64_per_s'] / f['bare_64_per_s']:.2f}",
+    )
+    line(
+        "authorize / (bare + EVALSHA) throughput",
+        f"{f['authorize_64_per_s'] / f['bare_redis_64_per_s']:.2f}",
+    )
     line(
         "authorize / raw EVALSHA throughput",
         f"{f['authorize_64_per_s'] / f['raw_evalsha_per_s']:.2f}",
@@ -265,6 +278,25 @@ def main() -> None:
         finally:
             stop(bare)
 
+        # The same bare endpoint plus one pipelined EVALSHA of a script that returns at
+        # once: what the round trip through Redis costs before any budget logic.
+        port = free_port()
+        bare = start([sys.executable, "-m", "bench.bare", "--port", str(port),
+                      "--redis-url", server.url],
+                     f"http://127.0.0.1:{port}/v1/authorize")  # fmt: skip
+        try:
+            url = f"http://127.0.0.1:{port}/v1/authorize"
+            wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            calls0 = int(server.client().info("stats")["total_commands_processed"])
+            r64 = wrk(url, BENCH / "wrk_authorize.lua", 64, s)
+            calls = int(server.client().info("stats")["total_commands_processed"]) - calls0
+            # Shows the baseline really went through Redis: one EVALSHA per request.
+            figures["bare_redis_commands_per_request"] = calls / (r64.requests_per_s * s)
+            r1 = wrk(url, BENCH / "wrk_authorize.lua", 1, s)
+        finally:
+            stop(bare)
+        server.client().flushall()
+
         port = free_port()
         sidecar = start(
             [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
@@ -328,6 +360,8 @@ def main() -> None:
     figures.update(
         bare_64_per_s=b64.requests_per_s, bare_64_p50_ms=b64.p50_ms, bare_64_p99_ms=b64.p99_ms,
         bare_1_p50_ms=b1.p50_ms,
+        bare_redis_64_per_s=r64.requests_per_s, bare_redis_64_p50_ms=r64.p50_ms,
+        bare_redis_64_p99_ms=r64.p99_ms, bare_redis_1_p50_ms=r1.p50_ms,
         authorize_64_per_s=a64.requests_per_s, authorize_64_p50_ms=a64.p50_ms,
         authorize_64_p99_ms=a64.p99_ms, authorize_1_p50_ms=a1.p50_ms,
         pair_64_per_s=pair.requests_per_s, pair_64_p50_ms=pair.p50_ms, pair_64_p99_ms=pair.p99_ms,
