@@ -159,6 +159,29 @@ def wait_for_workers(url: str, count: int) -> None:
     wait_until(all_up, timeout_s=30, what=f"{count} workers")
 
 
+def measure_bare(
+    server: RedisServer, seconds: int, *, through_redis: bool = False
+) -> tuple[WrkResult, WrkResult, int]:
+    """bench.bare at 64 connections and at 1; and the Redis commands the 64-connection
+    run made. A request that failed (non-2xx) ends the bench: its figures would lie."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1/authorize"
+    cmd = [sys.executable, "-m", "bench.bare", "--port", str(port)]
+    bare = start(cmd + (["--redis-url", server.url] if through_redis else []), url)
+    try:
+        wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+        calls0 = int(server.client().info("stats")["total_commands_processed"])
+        at64 = wrk(url, BENCH / "wrk_authorize.lua", 64, seconds)
+        calls = int(server.client().info("stats")["total_commands_processed"]) - calls0
+        at1 = wrk(url, BENCH / "wrk_authorize.lua", 1, seconds)
+    finally:
+        stop(bare)
+    for result in (at64, at1):
+        if "non-2xx" in result.extra:
+            sys.exit(f"bench.bare answered errors ({result.extra.strip()})")
+    return at64, at1, calls
+
+
 def stop(proc: subprocess.Popen[bytes]) -> None:
     proc.terminate()
     proc.wait(timeout=20)
@@ -267,34 +290,12 @@ def main() -> None:
         figures["redis_ping_p50_ms"] = ping_p50_ms(server)
         server.client().flushall()
 
-        port = free_port()
-        bare = start([sys.executable, "-m", "bench.bare", "--port", str(port)],
-                     f"http://127.0.0.1:{port}/v1/authorize")  # fmt: skip
-        try:
-            url = f"http://127.0.0.1:{port}/v1/authorize"
-            wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            b64 = wrk(url, BENCH / "wrk_authorize.lua", 64, s)
-            b1 = wrk(url, BENCH / "wrk_authorize.lua", 1, s)
-        finally:
-            stop(bare)
-
-        # The same bare endpoint plus one pipelined EVALSHA of a script that returns at
-        # once: what the round trip through Redis costs before any budget logic.
-        port = free_port()
-        bare = start([sys.executable, "-m", "bench.bare", "--port", str(port),
-                      "--redis-url", server.url],
-                     f"http://127.0.0.1:{port}/v1/authorize")  # fmt: skip
-        try:
-            url = f"http://127.0.0.1:{port}/v1/authorize"
-            wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            calls0 = int(server.client().info("stats")["total_commands_processed"])
-            r64 = wrk(url, BENCH / "wrk_authorize.lua", 64, s)
-            calls = int(server.client().info("stats")["total_commands_processed"]) - calls0
-            # Shows the baseline really went through Redis: one EVALSHA per request.
-            figures["bare_redis_commands_per_request"] = calls / (r64.requests_per_s * s)
-            r1 = wrk(url, BENCH / "wrk_authorize.lua", 1, s)
-        finally:
-            stop(bare)
+        b64, b1, _ = measure_bare(server, s)
+        # The same endpoint plus one pipelined EVALSHA of a script that returns at once:
+        # what the round trip through Redis costs before any budget logic.
+        r64, r1, calls = measure_bare(server, s, through_redis=True)
+        # Shows the baseline really went through Redis: one EVALSHA per request.
+        figures["bare_redis_commands_per_request"] = calls / (r64.requests_per_s * s)
         server.client().flushall()
 
         port = free_port()
