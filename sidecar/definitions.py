@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar import keys
+from sidecar import keys, tasks
 from sidecar.config import PriceSpec, RateLimitSpec
 from sidecar.engine import Engine
 from sidecar.model import Budget, OnExceed, Period, Price, RateLimit, Scope, TenantDefinitions
@@ -194,5 +194,4 @@ class DefinitionWatcher:
     async def lifecycle(self) -> AsyncIterator[None]:
         task = asyncio.get_running_loop().create_task(self.run())
         yield
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await tasks.stop([task], what="definitions watcher")

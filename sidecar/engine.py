@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
-from sidecar import keys
+from sidecar import keys, tasks
 from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied, decide, percentage
@@ -775,9 +775,7 @@ class Engine:
 
     async def close(self) -> None:
         """Stop retrying cancels (the leases return those holds)."""
-        for task in self._cancels:
-            task.cancel()
-        await asyncio.gather(*self._cancels, return_exceptions=True)
+        await tasks.stop(self._cancels, what="cancels of timed-out authorizes")
 
     # ---- helpers ------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ counted.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -24,6 +23,7 @@ from pathlib import Path
 from aiohttp import web
 
 from sidecar import config as config_mod
+from sidecar import tasks
 from sidecar.engine import Engine
 
 log = logging.getLogger("sidecar.reload")
@@ -103,6 +103,4 @@ class ConfigWatcher:
         """For app.cleanup_ctx: watch while the app runs."""
         task = asyncio.get_running_loop().create_task(self.run())
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await tasks.stop([task], what="config watcher")

@@ -26,6 +26,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from sidecar import tasks
 from sidecar.resp import ConnectionLost, PipelinedConnection
 from sidecar.scripts import Script
 
@@ -295,9 +296,7 @@ class ClusterStore:
             return False
 
     async def close(self) -> None:
-        for task in self._background:
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await tasks.stop(self._background, what="cluster map refreshes")
         for conn in self._connections.values():
             await conn.close()
         await self._client.aclose()

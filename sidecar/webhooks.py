@@ -49,7 +49,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import StreamIdT
 
-from sidecar import alerts, keys
+from sidecar import alerts, keys, tasks
 from sidecar.model import Webhook
 
 log = logging.getLogger("sidecar.webhooks")
@@ -161,8 +161,8 @@ class WebhookDeliverer:
             # The loop first, so that it starts no delivery after the others are stopped.
             # Cancelled deliveries stay pending in Redis: another replica (or this one,
             # restarted) claims them after CLAIM_IDLE_MS.
-            await _stop([loop_task])
-            await _stop(list(self._tasks.values()))
+            await tasks.stop([loop_task], what="webhook delivery loop")
+            await tasks.stop(self._tasks.values(), what="webhook deliveries")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._forget_consumer(), timeout=2.0)
             await self._session.close()
@@ -442,25 +442,6 @@ class WebhookDeliverer:
             self._failing_since = None
             self._last_warning = 0.0
             log.info("webhook delivery reaches Redis again")
-
-
-async def _stop(tasks: list[asyncio.Task[None]], bound_s: float = 5.0) -> None:
-    """Cancel tasks and wait until they end, cancelling again while they run: on Python
-    3.11 asyncio.wait_for (which redis-py uses to send a command when a socket timeout is
-    set) can swallow a cancellation, and a single cancel() would then leave shutdown
-    waiting forever. Gives up (with an error log) after `bound_s`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + bound_s
-    running = {t for t in tasks if not t.done()}
-    while running and loop.time() < deadline:
-        for task in running:
-            task.cancel()
-        _done, running = await asyncio.wait(running, timeout=0.1)
-    if running:
-        log.error("%d webhook tasks did not stop within %.0f s", len(running), bound_s)
-    for task in tasks:
-        if task.done() and not task.cancelled():
-            task.exception()  # retrieved (deliveries log theirs in _finished)
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:
