@@ -21,10 +21,9 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-from tests.harness import REPO, RedisServer, free_port, stop_process, wait_until
+from tests.harness import REPO, RedisServer, free_port, stop_process, wait_answering
 
 BODY = (
     b'{"org_id":"org-1","team_id":"team-1","user_id":"user-1","provider":"openai",'
@@ -88,18 +87,7 @@ def count(cmd: list[str], port: int, ready: str, requests: int, idle_s: float = 
         stderr=subprocess.DEVNULL,
     )
     try:
-
-        def up() -> bool:
-            assert proc.poll() is None, f"{cmd} exited"
-            try:
-                with urllib.request.urlopen(ready, timeout=5):
-                    return True
-            except urllib.error.HTTPError:
-                return True
-            except OSError:
-                return False
-
-        wait_until(up, timeout_s=300, what="server under valgrind")
+        wait_answering(proc, ready, timeout_s=300, what="server under valgrind")
         asyncio.run(_send(port, "/v1/authorize", 500, 64))  # warm-up
         _control("-z", proc.pid)
         time.sleep(idle_s)

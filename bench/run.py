@@ -34,7 +34,7 @@ from pathlib import Path
 from bench import instructions, proxy
 from sidecar import keys
 from sidecar.scripts import Scripts
-from tests.harness import REPO, RedisServer, free_port, wait_until
+from tests.harness import REPO, RedisServer, free_port, wait_answering, wait_until
 
 BENCH = Path(__file__).resolve().parent
 CONFIG = """
@@ -131,18 +131,7 @@ def ping_p50_ms(server: RedisServer) -> float:
 
 def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def up() -> bool:
-        assert proc.poll() is None, f"{cmd} exited"
-        try:
-            with urllib.request.urlopen(url, timeout=1):
-                return True
-        except urllib.error.HTTPError:
-            return True
-        except OSError:
-            return False
-
-    wait_until(up, timeout_s=30, what=" ".join(cmd))
+    wait_answering(proc, url, timeout_s=30, what=" ".join(cmd))
     return proc
 
 

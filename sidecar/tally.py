@@ -16,7 +16,7 @@ flush: there every write goes straight to the child (`direct=True`).
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, cast
 
 
 class Incrementable(Protocol):
@@ -77,6 +77,10 @@ class _Observations:
         self._sum = 0.0
 
 
+_Tally = _Count | _Observations
+_T = TypeVar("_T", _Count, _Observations)
+
+
 class Tallies:
     """Makes the hot path's metric writers and flushes them. One writer per child, however
     often it is asked for (label caches that are rebuilt ask again), so their number stays
@@ -85,26 +89,23 @@ class Tallies:
     def __init__(self, *, direct: bool) -> None:
         self.direct = direct
         # id(child) -> its writer; the writer holds the child, so the id stays its own.
-        self._all: dict[int, _Count | _Observations] = {}
+        self._all: dict[int, _Tally] = {}
 
     def count(self, child: Any) -> Incrementable:
         """A writer with the counter child's inc()."""
-        if self.direct:
-            return child  # type: ignore[no-any-return]
-        tally = self._all.get(id(child))
-        if tally is None:
-            tally = self._all[id(child)] = _Count(child)
-        assert isinstance(tally, _Count)
-        return tally
+        return self._writer(child, _Count)
 
     def observations(self, child: Any) -> Observable:
         """A writer with the histogram child's observe()."""
+        return self._writer(child, _Observations)
+
+    def _writer(self, child: Any, kind: type[_T]) -> _T:
         if self.direct:
-            return child  # type: ignore[no-any-return]
+            return cast(_T, child)  # the child has the writer's method itself
         tally = self._all.get(id(child))
         if tally is None:
-            tally = self._all[id(child)] = _Observations(child)
-        assert isinstance(tally, _Observations)
+            tally = self._all[id(child)] = kind(child)
+        assert isinstance(tally, kind)
         return tally
 
     def flush(self) -> None:

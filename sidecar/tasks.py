@@ -4,9 +4,9 @@ A single `task.cancel()` does not always end a task on Python 3.11: asyncio.wait
 (which redis-py wraps around every command when a socket timeout is set) returns the
 command's result instead of raising CancelledError when the command completes in the
 same loop tick as the cancellation. A loop like `while True: await poll(); await
-sleep()` then carries on, and a shutdown that awaits it waits forever. That happened:
-CI hung for its whole 90 minutes in a test's app cleanup, waiting on the definitions
-watcher (tests/test_tasks.py reproduces it in a few iterations).
+sleep()` then carries on, and a shutdown that awaits it waits forever. CI hung for its
+whole 90 minutes in a test's app cleanup, where the definitions watcher was stopped that
+way; tests/test_tasks.py reproduces that hang within a few stops.
 
 So every background task the sidecar starts is stopped through `stop()`, which cancels
 again until the task ends, and gives up after a bound rather than hang a shutdown.

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +82,25 @@ def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> N
             return
         time.sleep(0.02)
     raise TimeoutError(f"{what} not reached within {timeout_s}s")
+
+
+def wait_answering(
+    process: subprocess.Popen[bytes], url: str, *, timeout_s: float, what: str
+) -> None:
+    """Until an HTTP GET of `url` gets any answer (an error status counts: the server is
+    up); fails at once if `process` exits meanwhile."""
+
+    def answers() -> bool:
+        assert process.poll() is None, f"{what} exited"
+        try:
+            with urllib.request.urlopen(url, timeout=5):
+                return True
+        except urllib.error.HTTPError:
+            return True
+        except OSError:
+            return False
+
+    wait_until(answers, timeout_s=timeout_s, what=what)
 
 
 class RedisServer:

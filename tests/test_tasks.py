@@ -1,9 +1,10 @@
 """Background tasks stop for certain (sidecar.tasks).
 
-CI once hung for its whole 90 minutes in an app's cleanup: the definitions watcher was
-cancelled once, the redis-py command it was in returned normally instead of raising
-CancelledError (Python 3.11's asyncio.wait_for, which redis-py wraps around commands),
-its loop went on polling, and the cleanup awaited it forever."""
+CI once hung for its whole 90 minutes in an app's cleanup, which cancelled the
+definitions watcher once and awaited it. Reproduced here: the redis-py command the
+watcher is in returns normally instead of raising CancelledError (Python 3.11's
+asyncio.wait_for, which redis-py wraps around commands), its loop polls on, and the
+cleanup awaits it forever."""
 
 from __future__ import annotations
 
