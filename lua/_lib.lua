@@ -34,8 +34,13 @@
 --   14 concurrency fields it holds a slot of, joined by ','
 --   15 token limiters it charged, 'rf:limit:window_ms' joined by ','
 --   16 the token estimate those were charged
---   17 per cid (same order, ';'-joined) "limit:t1.t2...": the budget's limit and alert
---      thresholds (percent) at authorize, for the alerts settle raises
+--   17 per cid (same order, ';'-joined) "limit:t1.t2...:mode": the budget's limit, alert
+--      thresholds (percent) and mode ('b' | 'w' | 'd') at authorize, for the alerts and
+--      the overshoot settle reports
+--   18 the request's fingerprint: what an idempotency key is bound to ('' = no key)
+--   19 '1' once a retry was handed this reservation (a cancel then leaves it alone)
+--   20 overshoot: micro-USD of this settle's spend past the cap of its block budgets
+--   21 what priced the charge: 't' tokens, 'c' a given cost, 'e' the held estimate
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -173,11 +178,17 @@ local function done(out)
 end
 
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same
--- script as the HINCRBY). Bounded per call; what is left waits for the next call, and a
--- hold not yet returned only makes decisions stricter, never looser.
-local function reclaim(ctr, lease, res, gc, now, keep)
-  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 32)
-  for _, rid in ipairs(due) do
+-- script as the HINCRBY). Bounded per call (RECLAIM_BATCH) so that no decision pays for a
+-- backlog; returns true when ended leases are left over. Scripts that decide or report
+-- counters then answer BACKLOG instead, and the sidecar drains the rest with reclaim.lua
+-- before asking again: no decision counts a hold whose lease has ended.
+local RECLAIM_BATCH = 32
+local BACKLOG = -9
+local function reclaim(ctr, lease, res, gc, now, keep, batch)
+  batch = batch or RECLAIM_BATCH
+  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, batch + 1)
+  for n, rid in ipairs(due) do
+    if n > batch then return true end
     local rec = redis.call('HGET', res, rid)
     if rec then
       local r = split(rec, '|')
@@ -195,6 +206,7 @@ local function reclaim(ctr, lease, res, gc, now, keep)
     end
     redis.call('ZREM', lease, rid)
   end
+  return false
 end
 
 -- Delete what has outlived its use: counters of long-past windows, finished reservations
@@ -239,9 +251,15 @@ end
 -- result, unchanged (status 2; see their Returns).
 local function first_result(r)
   local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
-    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
+    tonumber(r[12]) or 0, tonumber(r[13]) or 0, tonumber(r[20]) or 0, r[21] or ''}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
   return out
+end
+
+-- A budget's spec in record field 17: limit, alert thresholds, mode.
+local function parse_spec(spec)
+  local parts = split(spec or '', ':')
+  return tonumber(parts[1]), parts[2] or '', parts[3] or 'b'
 end
 
 -- Read the counters named by `cids`: a flat list u1, h1, u2, h2, ... (0 where absent)
@@ -265,18 +283,14 @@ local function read_counters(ctr, cids)
 end
 
 -- Threshold alerts of one counter whose settled amount went from `before` to `after`
--- (micro-USD). `spec` is "limit:t1.t2..." (see record field 17). A threshold t is crossed
--- when before < t% of limit <= after; each (counter, threshold) alerts at most once, and
--- a counter id names budget, entity and period window, so that is once per budget, entity,
--- period and threshold however many calls cross together (they run one at a time here).
+-- (micro-USD), for a budget of `limit` with `thresholds` ("t1.t2...", percent). A threshold
+-- t is crossed when before < t% of limit <= after; each (counter, threshold) alerts at most
+-- once, and a counter id names budget, entity and period window, so that is once per
+-- budget, entity, period and threshold however many calls cross together (they run one at
+-- a time here).
 local ALERTS_MAX = 10000
-local function check_alerts(ctr, stream, cid, spec, before, after, now)
-  if spec == nil or spec == '' or after <= before then return end
-  local sep = string.find(spec, ':', 1, true)
-  if not sep then return end
-  local limit = tonumber(string.sub(spec, 1, sep - 1))
-  local thresholds = string.sub(spec, sep + 1)
-  if not limit or limit <= 0 or thresholds == '' then return end
+local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, now)
+  if after <= before or not limit or limit <= 0 or thresholds == '' then return end
   local fired
   for _, t in ipairs(split(thresholds, '.')) do
     local at = tonumber(t) * limit / 100
@@ -296,15 +310,17 @@ end
 -- "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger at all; max_records 0 keeps
 -- aggregates only). Entries: k kind ('s' settle, 'r' record), m meta (see record field
 -- 11), q request id, i/o tokens, c cost (micro-USD), l latency ms ('' unknown), s success
--- ('1'/'0'), at created (ms). The stream's own ids (Redis time) bound its age.
+-- ('1'/'0'), at created (ms), p what priced it ('t' tokens, 'c' a given cost, 'e' the held
+-- estimate: the model had no price). The stream's own ids (Redis time) bound its age.
 local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, latency,
-                      success, now)
+                      success, now, priced_by)
   if cfg == '' then return end
   local c = split(cfg, ':')
   local max_records, max_age = tonumber(c[1]), tonumber(c[2])
   if max_records > 0 then
     redis.call('XADD', usage, 'MAXLEN', c[1], '*', 'k', kind, 'm', meta, 'q', request_id,
-      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now))
+      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now),
+      'p', priced_by or 'c')
     local t = redis.call('TIME')
     local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     if redis_ms > max_age then redis.call('XTRIM', usage, 'MINID', int(redis_ms - max_age)) end

@@ -176,6 +176,19 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.overshoot = Counter(
+            f"{PREFIX}_overshoot_usd",
+            "Settled spend past the cap of a block or downgrade budget: what settles charged "
+            "beyond the estimates held for them (the estimate error of calls in flight, and "
+            "settles that came after their lease ended). Summed, it equals the settled spend "
+            "past the caps.",
+            registry=reg,
+        )
+        self.estimate_charges = Counter(
+            f"{PREFIX}_estimate_charges",
+            "Settles that charged the held estimate because the model has no price.",
+            registry=reg,
+        )
         self.rate_limited = Counter(
             f"{PREFIX}_rate_limit_decisions",
             "Decisions a rate limit denied (mode enforce) or would have denied (mode shadow),"
@@ -304,6 +317,10 @@ class Metrics:
         if result.state == "settled":
             self._settled.inc()
             self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
+            if result.overshoot_usd:
+                self.overshoot.inc(result.overshoot_usd)
+            if result.priced_by == "estimate":
+                self.estimate_charges.inc()
         else:
             self._released.inc()
         if result.budgets:

@@ -211,7 +211,14 @@ class SettleResult(Struct, kw_only=True):
     state: str  # settled | released
     cost_usd: float
     estimated_usd: float
+    # This charge's spend past the cap of a block or downgrade budget (the largest over the
+    # reservation's budgets); summed over settles, the settled spend past the cap.
     overshoot_usd: float
+    # How far the cost passed the estimate held for it (0 when it did not).
+    estimate_error_usd: float
+    # What priced the charge: "tokens" (at the reservation's price), "cost" (given), or
+    # "estimate" (the model has no price: the held estimate was charged).
+    priced_by: str
     lease_expired: bool
     replayed: bool
     provider: str | None

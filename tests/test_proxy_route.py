@@ -17,7 +17,10 @@ from tests.harness import free_port
 
 PRICING = [
     {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.0025, "output_per_1k": 0.01},
-]
+    # What the downgrade budgets fall back to: a downgrade re-prices the call for it.
+    {"provider": "openai", "model": "gpt-4o-mini", "input_per_1k": 0.00015,
+     "output_per_1k": 0.0006},
+]  # fmt: skip
 USER_DAILY: dict[str, Any] = {
     "id": "user-daily",
     "name": "Each user daily",

@@ -20,6 +20,7 @@ auth_request drops the subrequest's body and can only pass headers on.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import msgspec
@@ -31,12 +32,13 @@ from sidecar.api.problems import ProblemError
 from sidecar.api.problems import response as problem_response
 from sidecar.auth import Role
 from sidecar.config import split_validation_error
-from sidecar.engine import Engine, RequestError, Unavailable
+from sidecar.engine import Engine, IdempotencyConflict, RequestError, Unavailable
 from sidecar.model import Action
 from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import AuthorizeRequest, BudgetInfo, Decision
 
 PREFIX = "/ext_authz"
+_DECIMAL = re.compile(r"[0-9]{1,7}(\.[0-9]{1,12})?")
 DENIAL_HEADER = "x-budget-denial"
 
 _encode = msgspec.json.Encoder().encode
@@ -54,6 +56,11 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             decision = await engine.authorize(tenant_of(request), req)
         except ProblemError as err:
             return _problem(err)
+        except IdempotencyConflict as err:
+            # A request id whose hold is gone, or that another request made: the proxy
+            # must not pass this call upstream.
+            denied = Decision(allowed=False, action=Action.BLOCK, message=err.message)
+            return deny(engine, spec, denied)
         except RequestError as err:
             name = _header_of(spec, err)
             return _problem(ProblemError(err.status, f"{name}: {err.message}", field=name))
@@ -100,12 +107,14 @@ def authorize_request(spec: ProxySpec, request: web.Request) -> AuthorizeRequest
             fields[name] = value
     raw = request.headers.get(h.estimate_usd)
     if raw is not None:
-        try:
-            fields["estimated_usd"] = float(raw)
-        except ValueError:
+        # A strict decimal: float() would also take "0_5" (5), "-0", "1e3", "inf", " 1".
+        if not _DECIMAL.fullmatch(raw):
             raise ProblemError(
-                400, f"{h.estimate_usd}: not a number: {raw[:50]!r}", field=h.estimate_usd
-            ) from None
+                400,
+                f"{h.estimate_usd}: not a decimal number of USD such as 0.05: {raw[:50]!r}",
+                field=h.estimate_usd,
+            )
+        fields["estimated_usd"] = float(raw)
     elif defaults is not None and defaults.estimated_usd is not None:
         fields["estimated_usd"] = defaults.estimated_usd
     else:
