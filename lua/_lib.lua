@@ -8,9 +8,10 @@
 --                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
 --   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" | "t:<rf>" | "n:<rf>" -> ms
 --                        after which it may go (rate fields are checked for use first)
--- Returns: nothing; defines the functions below. Every operation's reply ends with one
--- extra element, after those its header lists: how many leases this call found ended with
--- their hold still in place (each counted exactly once, for the expiry metric).
+-- Returns: nothing; defines the functions below. Every operation's reply ends with two
+-- extra elements, after those its header lists: how many leases this call found ended with
+-- their hold still in place, and how many of those it charged (record field 22), each
+-- counted exactly once, for the expiry metrics.
 -- The scripts that charge (settle, record) also take
 --   KEYS[5] usage  stream the usage ledger: one entry per charge (see ledger())
 --   KEYS[6] alerts stream threshold alerts (see check_alerts())
@@ -41,6 +42,9 @@
 --   19 '1' once a retry was handed this reservation (a cancel then leaves it alone)
 --   20 overshoot: micro-USD of this settle's spend past the cap of its block budgets
 --   21 what priced the charge: 't' tokens, 'c' a given cost, 'e' the held estimate
+--   22 at the lease's end unsettled: 'c' charge the estimate (a proxied call nobody
+--      settles did spend) | '' return the hold
+--   23 the ledger config at authorize (see ledger()), for a charge at the lease's end
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -170,10 +174,12 @@ local function correct_tokens(ctr, entries, diff, now)
 end
 
 local reclaimed_now = 0  -- leases this call found ended (see the header)
+local charged_now = 0  -- of those, the ones charged their estimate
 
--- Every reply goes out through done(): the expiry count is its last element.
+-- Every reply goes out through done(): the expiry counts are its last two elements.
 local function done(out)
   out[#out + 1] = reclaimed_now
+  out[#out + 1] = charged_now
   return out
 end
 
@@ -184,6 +190,7 @@ end
 -- before asking again: no decision counts a hold whose lease has ended.
 local RECLAIM_BATCH = 32
 local BACKLOG = -9
+local charge_at_end  -- defined after ledger(), which it uses
 local function reclaim(ctr, lease, res, gc, now, keep, batch)
   batch = batch or RECLAIM_BATCH
   local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, batch + 1)
@@ -193,13 +200,17 @@ local function reclaim(ctr, lease, res, gc, now, keep, batch)
     if rec then
       local r = split(rec, '|')
       if r[1] == 'H' then
-        local est = tonumber(r[3])
-        for _, cid in ipairs(split(r[7], ',')) do
-          redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
-        end
         free_slots(ctr, r[14])
         reclaimed_now = reclaimed_now + 1
-        r[1] = 'E'
+        if r[22] == 'c' and KEYS[7] then
+          charge_at_end(ctr, rid, r, now)
+        else
+          local est = tonumber(r[3])
+          for _, cid in ipairs(split(r[7], ',')) do
+            redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
+          end
+          r[1] = 'E'
+        end
         redis.call('HSET', res, rid, table.concat(r, '|'))
         redis.call('ZADD', gc, now + keep, 'r:' .. rid)
       end
@@ -331,4 +342,30 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
   if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
   redis.call('EXPIRE', agg, c[3])
+end
+
+-- A hold whose lease ended unsettled, on a reservation that asked for it (record field 22):
+-- the estimate is charged as spend (the call went through a proxy that cannot settle), with
+-- its alerts and a ledger entry of kind 'x', and the reservation ends settled, exactly
+-- once. The charging scripts' KEYS[5..7] (usage, alerts, agg) must be given.
+charge_at_end = function(ctr, rid, r, now)
+  local est = tonumber(r[3])
+  local specs = split(r[17] or '', ';')
+  local snapshot, overshoot = {}, 0
+  for i, cid in ipairs(split(r[7], ',')) do
+    local h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
+    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(est))
+    local limit, thresholds, mode = parse_spec(specs[i])
+    check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - est, u, now)
+    if limit and mode ~= 'w' then
+      local past = math.max(0, u - limit) - math.max(0, u - est - limit)
+      if past > overshoot then overshoot = past end
+    end
+    snapshot[#snapshot + 1] = int(u)
+    snapshot[#snapshot + 1] = int(h)
+  end
+  r[1], r[8], r[9], r[10] = 'S', int(est), '1', table.concat(snapshot, ',')
+  r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
+  ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
+  charged_now = charged_now + 1
 end

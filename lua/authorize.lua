@@ -1,6 +1,8 @@
 -- authorize.lua: hold an estimate on every budget, and charge every rate limit, that
 -- applies to a call, or do nothing at all (invariant 2).
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+--   lease's end by reclaim)
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -19,7 +21,9 @@
 -- ARGV[14] the estimate re-priced for the downgrade model, micro-USD ('' = none: a
 --          downgrade budget that the estimate would pass then blocks)
 -- ARGV[15] ARGV[16] that model's input and output price   ARGV[17] its meta
--- ARGV[18..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+-- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
+-- ARGV[19] the ledger config (see settle.lua), kept for that charge
+-- ARGV[20..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), gc_at_ms (when the counter's window is long past), alert
 --           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
@@ -55,8 +59,8 @@ collect(ctr, res, gc, now)
 local fields = {}
 local cids, limits, modes, gc_at, alert_specs = {}, {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = 17 + 5 * nb
-for i = 18, last_budget, 5 do
+local last_budget = 19 + 5 * nb
+for i = 20, last_budget, 5 do
   local cid = ARGV[i]
   cids[#cids + 1] = cid
   limits[#limits + 1] = tonumber(ARGV[i + 1])
@@ -169,7 +173,7 @@ redis.call('HSET', res, rid, table.concat(
   {'H', int(lease_end), int(est), price_in, price_out, idem, table.concat(cids, ','), '', '',
    '', meta, '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
    int(est_tokens), table.concat(alert_specs, ';'), idem ~= '' and fingerprint or '', '',
-   '', ''},
+   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or ''},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

@@ -1,5 +1,8 @@
 -- release.lua: give a reservation's hold back without charging anything, exactly once.
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+--   lease's end by reclaim)
+-- Returns: the settle.lua result shape, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms

@@ -1,5 +1,7 @@
 -- status.lua: read budget counters, after returning ended leases (so held is current).
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+--   lease's end by reclaim)
 -- ARGV[1] now_ms
 -- ARGV[2] keep_ms
 -- ARGV[3..] cids

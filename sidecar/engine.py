@@ -476,6 +476,8 @@ class Engine:
             down_price.input_pico if down_price else "",
             down_price.output_pico if down_price else "",
             _meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
+            "c" if req.on_expiry == "charge" else "",
+            self._ledger,
             *resolved.script_args,
         )
         try:
@@ -896,12 +898,10 @@ class Engine:
         BACKLOG: the holds are returned in batches (reclaim.lua) and the script runs again,
         so no answer counts a hold whose lease has ended."""
         if script_keys is None:
-            script_keys = keys.tenant_keys(tenant).hot
+            script_keys = self._charging_keys(tenant, self._clock.now_ms())
         for _ in range(_BACKLOG_ROUNDS):
             reply: list[Any] = await self._store.run(script, script_keys, args)
-            expired = int(reply.pop())
-            if expired:
-                self.events.expired(expired)
+            self._expired(reply)
             if reply[0] != BACKLOG:
                 return reply
             await self._drain(tenant)
@@ -909,16 +909,25 @@ class Engine:
 
     async def _drain(self, tenant: str) -> None:
         """Return every hold whose lease has ended, RECLAIM_BATCH leases per script call."""
-        hot = keys.tenant_keys(tenant).hot
         keep = self._snapshot.config.settings.keep_finished_ms
         while True:
-            args = (self._clock.now_ms(), keep, RECLAIM_BATCH)
-            reply: list[Any] = await self._store.run(self._scripts.reclaim, hot, args)
-            expired = int(reply.pop())
-            if expired:
-                self.events.expired(expired)
+            now = self._clock.now_ms()
+            script_keys = self._charging_keys(tenant, now)
+            args = (now, keep, RECLAIM_BATCH)
+            reply: list[Any] = await self._store.run(self._scripts.reclaim, script_keys, args)
+            self._expired(reply)
             if int(reply[0]) == 0:
                 return
+
+    def _expired(self, reply: list[Any]) -> None:
+        """Pop the two counts every script reply ends with (lua/_lib.lua done()) and tell
+        the observers: leases found ended with their hold in place, and how many of those
+        were charged their estimate."""
+        charged, expired = int(reply.pop()), int(reply.pop())
+        if expired:
+            self.events.expired(expired - charged)
+        if charged:
+            self.events.charged_at_lease_end(charged)
 
     async def _run(
         self,

@@ -138,8 +138,9 @@ class Metrics:
         self.reservations = Counter(
             f"{PREFIX}_reservations",
             "Reservation lifecycle events seen by this sidecar: held (authorize), settled, "
-            "released, and expired (a lease that ended with its hold in place: counted once, "
-            "by whichever call's script returned the hold).",
+            "released, expired (a lease that ended with its hold in place: counted once, "
+            "by whichever call's script returned the hold), and charged_at_lease_end (one "
+            "that ended unsettled and was charged its estimate, as proxy routes ask).",
             ["event"],
             registry=reg,
         )
@@ -217,6 +218,7 @@ class Metrics:
         self._settled = count(self.reservations.labels("settled"))
         self._released = count(self.reservations.labels("released"))
         self._expired = count(self.reservations.labels("expired"))
+        self._charged_at_end = count(self.reservations.labels("charged_at_lease_end"))
         self.alerts_delivered = self.alerts.labels("delivered")
         self.alerts_failed = self.alerts.labels("failed")
         self._reload_ok = self.reloads.labels("success")
@@ -344,6 +346,9 @@ class Metrics:
 
     def expired(self, count: int) -> None:
         self._expired.inc(count)
+
+    def charged_at_lease_end(self, count: int) -> None:
+        self._charged_at_end.inc(count)
 
     def store_unavailable(self, operation: str) -> None:
         now = time.monotonic()
