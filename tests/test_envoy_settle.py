@@ -12,6 +12,7 @@ the priced usage of the responses the mock sent, to the micro-USD.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import re
@@ -280,7 +281,12 @@ class Provider:
             for part in (raw[: len(raw) // 2], raw[len(raw) // 2 :]):
                 await resp.write(part)
                 await asyncio.sleep(0.001)
-        await resp.write_eof()
+        # The response's own end comes late: a client that closes once it has read the
+        # last event (the OpenAI SDK does, at `[DONE]`) is gone before it, and Envoy resets
+        # the stream. The filter must have settled by then.
+        await asyncio.sleep(0.3)
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
         return resp
 
 
@@ -406,10 +412,24 @@ async def test_n_sdk_calls_charge_their_priced_usage_to_the_micro_usd(
     assert state["held_usd"] == 0.0
     assert await stack.counter("budget_sidecar_reservations_total", event="settled") == 6
     assert await stack.counter("budget_sidecar_reservations_total", event="released") == 0
-    # Every call reached the provider with the sidecar's reservation id and no estimate.
-    rids = {c.headers["x-budget-reservation-id"] for c in calls}
-    assert len(rids) == 6
-    assert all("x-budget-estimate-usd" not in c.headers for c in calls)
+    # Every call reached the provider with a reservation id of its own.
+    assert len({c.headers["x-budget-reservation-id"] for c in calls}) == 6
+
+
+async def test_an_x_model_header_picks_the_price_the_tokens_are_charged_at(
+    make_stack: StackFactory,
+) -> None:
+    """The settle carries tokens only: the sidecar prices them by the reservation's model,
+    here the client's x-model over the route's default (gpt-4o)."""
+    stack = await make_stack(doc())
+    client = stack.sdk(max_retries=0)
+    claude = {"x-provider": "anthropic", "x-model": "claude-haiku"}
+    await client.chat.completions.create(**ask(), extra_headers=claude)
+    await client.close()
+    [call] = stack.provider.calls
+    state = await stack.settled()
+    assert cost(CLAUDE, *_tokens(call)) != cost(GPT, *_tokens(call))
+    assert state["used_usd"] == cost(CLAUDE, *_tokens(call)) / 1_000_000
 
 
 async def test_a_streamed_call_is_charged_from_its_final_usage_chunk(
@@ -518,6 +538,8 @@ async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
         "x-budget-degraded": "true",
         "x-budget-downgrade-model": "gpt-4o-mini",
         "x-request-id": "client-chosen",
+        # Read by the check (it is the client's to set), then kept from the upstream.
+        "x-budget-estimate-usd": "0.02",
     }
     await client.chat.completions.create(**ask(), extra_headers=spoof)
     await client.chat.completions.create(**ask(), extra_headers=spoof)
@@ -528,6 +550,7 @@ async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
         assert call.headers["x-budget-reservation-id"] != victim
         assert "x-budget-degraded" not in call.headers
         assert "x-budget-downgrade-model" not in call.headers
+        assert "x-budget-estimate-usd" not in call.headers
         # Envoy's own request id: the client's cannot pin or replay a decision.
         assert call.headers["x-request-id"] != "client-chosen"
     assert (
