@@ -298,6 +298,7 @@ class Stack:
     proxy: ProxyProcess
     sidecar: TestClient[Any, Any]
     provider: Provider
+    mock: TestServer
 
     def sdk(self, max_retries: int) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(
@@ -369,7 +370,7 @@ async def make_stack(
         assert sidecar.server.port is not None and server.port is not None
         proc = envoy(workdir, sidecar.server.port, server.port, fail_open=False)
         procs.append(proc)
-        return Stack(proc, sidecar, provider)
+        return Stack(proc, sidecar, provider, server)
 
     yield make
     for p in procs:
@@ -518,6 +519,21 @@ async def test_an_upstream_500_releases_every_hold(make_stack: StackFactory) -> 
     assert await stack.counter("budget_sidecar_reservations_total", event="held") == 3
     assert await stack.counter("budget_sidecar_reservations_total", event="released") == 3
     assert await stack.counter("budget_sidecar_reservations_total", event="settled") == 0
+
+
+async def test_envoy_s_own_503_for_an_unreachable_provider_releases_the_hold(
+    make_stack: StackFactory,
+) -> None:
+    stack = await make_stack(doc())
+    await stack.mock.close()  # the provider is gone: Envoy answers 503 itself
+    client = stack.sdk(max_retries=0)
+    with pytest.raises(openai.InternalServerError) as err:
+        await client.chat.completions.create(**ask())
+    await client.close()
+    assert err.value.status_code == 503
+    state = await stack.settled()
+    assert (state["used_usd"], state["held_usd"]) == (0.0, 0.0)
+    assert await stack.counter("budget_sidecar_reservations_total", event="released") == 1
 
 
 async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
