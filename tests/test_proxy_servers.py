@@ -379,6 +379,8 @@ async def test_an_unsettled_hold_expires_with_its_lease(
     assert (state["held_usd"], state["used_usd"]) == (0.6, 0.0)
 
 
+# nginx passes the client's X-Request-ID on; Envoy replaces it (see the Envoy test below).
+@pytest.mark.parametrize("proxy_kind", ["nginx"])
 async def test_a_repeated_check_with_one_request_id_holds_once(
     make_stack: StackFactory, proxy_kind: str
 ) -> None:
@@ -443,6 +445,21 @@ async def test_envoy_fails_open_when_configured(make_stack: StackFactory) -> Non
     [seen] = stack.seen
     assert seen.headers["x-envoy-auth-failure-mode-allowed"] == "true"
     assert "x-budget-reservation-id" not in seen.headers
+
+
+async def test_envoy_replaces_a_client_request_id(make_stack: StackFactory) -> None:
+    """The hold's idempotency key is Envoy's own x-request-id: a client that sends one
+    twice gets two holds (the second does not fit), not a replay of the first decision."""
+    envoy_binary()
+    stack = await make_stack(doc(), "envoy")
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.6", "x-request-id": "retry-me-1"}
+    first = await stack.send(headers=headers)
+    second = await stack.send(headers=headers)
+    assert (first[0], second[0]) == (200, 429)
+    [seen] = stack.seen
+    assert seen.headers["x-request-id"] != "retry-me-1"
+    state = await stack.budget()
+    assert state["held_usd"] == 0.6
 
 
 def _json(body: bytes) -> dict[str, Any]:
