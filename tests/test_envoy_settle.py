@@ -590,7 +590,7 @@ async def test_a_runaway_sdk_loop_stops_at_the_cap(
     the micro-USD, and never more than the cap.
 
     What a denial costs the SDK: a 429 whose Retry-After is over 120 s (a daily budget's
-    is the rest of the day) is not retried by openai (2.54, as 3.x): one check. Near the window's end
+    is the rest of the day) is not retried by openai (2.54, as 3.x): one check. Near the end
     (Retry-After <= 120 s) it sleeps Retry-After and tries again up to max_retries times:
     1 + max_retries checks, none of which reaches the provider."""
     limit = 0.02
