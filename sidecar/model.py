@@ -170,6 +170,8 @@ class Settings:
     usage_aggregate_days: int = 400
     # What a gateway-mode pre-check holds (the SDK's pre-check carries no estimate).
     pre_check_estimate_usd: float = 0.01
+    # Also export spend under the AxonFlow platform's metric names (sidecar.metrics).
+    axonflow_metrics: bool = False
 
 
 @dataclass(frozen=True, slots=True)
