@@ -8,6 +8,10 @@ Label cardinality is bounded by the config, never by traffic: `budget_id` comes 
 configured budgets, `provider`/`model` from the configured prices (anything else is
 `other`), the rest are fixed enums. No label names an entity, a reservation or a request.
 
+With `settings.axonflow_metrics: true` the spend is also exported under the AxonFlow
+platform's names, so dashboards and alerts written for AxonFlow keep working: the same
+facts, counted at the same place, with AxonFlow's labels (`AxonFlowSpend`).
+
 With PROMETHEUS_MULTIPROC_DIR set (several worker processes), prometheus-client keeps each
 value in a per-process file and /metrics sums (counters, histograms) or takes the maximum
 of live processes (the used-ratio gauge) across every process writing to that directory.
@@ -171,6 +175,8 @@ class Metrics:
             ["provider", "model"],
             registry=reg,
         )
+        # Made on first use, only with settings.axonflow_metrics (see AxonFlowSpend).
+        self._axonflow: AxonFlowSpend | None = None
         self.reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Config file reloads by result (success, failure: the last good config stays).",
@@ -224,9 +230,7 @@ class Metrics:
         self._reload_ok = self.reloads.labels("success")
         self._reload_failed = self.reloads.labels("failure")
         self._redis_children: dict[str, tuple[Observable, Any, Any]] = {}
-        self._spend_children: dict[
-            tuple[str | None, str | None], tuple[Incrementable, Incrementable, Incrementable]
-        ] = {}
+        self._spend_children: dict[tuple[str | None, str | None], _SpendChildren] = {}
         self._spend_config: Config | None = None
         # budget_id -> [highest ratio this period, period end (ms), gauge child]
         self._ratios: dict[str, list[Any]] = {}
@@ -426,18 +430,36 @@ class Metrics:
             if price is not None and price.model != "*":  # "*" is the fallback price
                 label_provider, label_model = price.provider, price.model
             count = self._tallies.count
+            axonflow = None
+            if config is not None and config.settings.axonflow_metrics:
+                axonflow = self._axonflow_spend().children(count, label_provider, label_model)
             children = self._spend_children[key] = (
                 count(self.cost.labels(label_provider, label_model)),
                 count(self.tokens.labels(label_provider, label_model, "input")),
                 count(self.tokens.labels(label_provider, label_model, "output")),
+                axonflow,
             )
-        cost, tokens_input, tokens_output = children
+        cost, tokens_input, tokens_output, axonflow = children
         if cost_usd:
             cost.inc(cost_usd)
         if tokens_in:
             tokens_input.inc(tokens_in)
         if tokens_out:
             tokens_output.inc(tokens_out)
+        if axonflow is not None:
+            ax_cost, ax_prompt, ax_completion, ax_calls = axonflow
+            if cost_usd:
+                ax_cost.inc(cost_usd)
+            if tokens_in:
+                ax_prompt.inc(tokens_in)
+            if tokens_out:
+                ax_completion.inc(tokens_out)
+            ax_calls.inc()
+
+    def _axonflow_spend(self) -> AxonFlowSpend:
+        if self._axonflow is None:
+            self._axonflow = AxonFlowSpend(self.registry)
+        return self._axonflow
 
     def _observe_ratios(self, states: Sequence[BudgetState]) -> None:
         now_ms = self._clock.now_ms()
@@ -483,6 +505,61 @@ class Metrics:
         if budget is None:
             return now_ms  # no longer configured: reads 0 from the next scrape on
         return self._windows.get(budget.period, budget.timezone, now_ms).end_ms
+
+
+_AxonFlowChildren = tuple[Incrementable, Incrementable, Incrementable, Incrementable]
+# cost, tokens in, tokens out, and the AxonFlow names' children (None: not exported).
+_SpendChildren = tuple[Incrementable, Incrementable, Incrementable, _AxonFlowChildren | None]
+
+
+class AxonFlowSpend:
+    """The AxonFlow platform's LLM metrics, on the sidecar's registry (opt-in:
+    settings.axonflow_metrics). Names and labels are the platform's own (its gateway audit
+    handler and orchestrator), so its PromQL runs unchanged:
+
+    - axonflow_gateway_llm_tokens_total{provider, model, type}: type `prompt` or
+      `completion` (the platform's values; the sidecar's own metric says input/output);
+    - axonflow_gateway_llm_cost_usd_total{provider, model};
+    - axonflow_orchestrator_llm_calls_total{provider, model, status}: one per settled
+      call (settle, audit, record), status `success`. The platform labels provider and
+      status; `model` is added so "average tokens per request" also works per model (a
+      query that sums by provider is unchanged by it).
+
+    Counted exactly where budget_sidecar_llm_* are, with the same label values: a priced
+    provider/model pair or `other`, so the series stay bounded by the pricing.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.tokens = Counter(
+            "axonflow_gateway_llm_tokens",
+            "LLM tokens charged (settle, audit, record), by provider, model and type "
+            "(prompt, completion); the AxonFlow platform's name for budget_sidecar_llm_tokens.",
+            ["provider", "model", "type"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "axonflow_gateway_llm_cost_usd",
+            "USD charged, by provider and model; the AxonFlow platform's name for "
+            "budget_sidecar_llm_cost_usd.",
+            ["provider", "model"],
+            registry=registry,
+        )
+        self.calls = Counter(
+            "axonflow_orchestrator_llm_calls",
+            "LLM calls charged (one per settle, audit or record), by provider, model and "
+            "status (success).",
+            ["provider", "model", "status"],
+            registry=registry,
+        )
+
+    def children(self, count: Any, provider: str, model: str) -> _AxonFlowChildren:
+        """(cost, prompt tokens, completion tokens, calls) writers of one label pair."""
+        return (
+            count(self.cost.labels(provider, model)),
+            count(self.tokens.labels(provider, model, "prompt")),
+            count(self.tokens.labels(provider, model, "completion")),
+            count(self.calls.labels(provider, model, "success")),
+        )
 
 
 def _tokens(result: SettleResult) -> tuple[int, int]:

@@ -173,6 +173,8 @@ class Settings:
     # The least a hold may be (micro-USD): an estimate of $0 would hold nothing, and any
     # number of concurrent calls would pass a block budget before the first one settles.
     min_estimate_micro: int = 10_000
+    # Also export spend under the AxonFlow platform's metric names (sidecar.metrics).
+    axonflow_metrics: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -695,15 +695,167 @@ async def test_wrong_method_or_path_is_a_problem(
     assert snapshot(app.redis) == app.before
 
 
-async def test_content_type_does_not_matter_but_content_does(app: Seeded) -> None:
-    """A form-encoded body is not JSON: 400 naming the body, whatever the Content-Type."""
+# ---- stricter bodies (sidecar.api.bodies): types, declared lengths, duplicate keys ---------
+
+# Every route that decodes a JSON body, with a body it would accept.
+JSON_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/authorize": {"user_id": "u9", "estimated_usd": 0.01},
+    "/v1/check": {"user_id": "u9", "estimated_usd": 0.01},
+    "/v1/settle": {"reservation_id": HELD, "cost_usd": 0.01},
+    "/v1/release": {"reservation_id": HELD},
+    "/v1/record": {"user_id": "u9", "cost_usd": 0.01},
+    "/api/policy/pre-check": {"client_id": "c", "query": "q", "context": {"user_id": "u9"}},
+    "/api/v1/budgets/check": {"user_id": "u9"},
+    "/api/v1/budgets": {"id": "new-b", "name": "N", "scope": "user", "limit_usd": 1.0,
+                        "period": "daily"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("media", ["text/plain", "application/x-www-form-urlencoded",
+                                   "application/octet-stream", "multipart/form-data; boundary=x",
+                                   "application/xml", "text/json"])  # fmt: skip
+@pytest.mark.parametrize("path", list(JSON_BODIES))
+async def test_a_body_that_is_not_declared_json_is_415(app: Seeded, path: str, media: str) -> None:
+    """Even a body that would be accepted as JSON: the declared type is what is refused."""
+    body = _resolve(JSON_BODIES[path], app)
+    resp = await app.client.post(path, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": media})  # fmt: skip
+    problem = await assert_problem(resp, 415, "Content-Type")
+    assert "application/json" in problem["detail"]
+    assert snapshot(app.redis) == app.before
+
+
+async def test_a_form_body_is_415_not_read(app: Seeded) -> None:
     resp = await app.client.post(
         "/v1/authorize",
         data=b"estimated_usd=0.1",
         headers={"Content-Type": "application/x-www-form-urlencoded"},
     )
-    await assert_problem(resp, 400, "body")
+    await assert_problem(resp, 415, "Content-Type")
     assert snapshot(app.redis) == app.before
+
+
+@pytest.mark.parametrize("media", [None, "application/json", "application/json; charset=utf-8",
+                                   "Application/JSON", "application/problem+json"])  # fmt: skip
+async def test_json_or_no_content_type_is_read_as_json(app: Seeded, media: str | None) -> None:
+    """No Content-Type at all is read as JSON (minimal clients send none)."""
+    headers = {} if media is None else {"Content-Type": media}
+    resp = await app.client.post(
+        "/v1/check", data=b'{"user_id":"u9","estimated_usd":0.01}', headers=headers,
+        skip_auto_headers=["Content-Type"],
+    )  # fmt: skip
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["allowed"] is True
+
+
+async def _raw_exchange(app: Seeded, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` on a fresh connection and read one answer (the connection is closed
+    after it, or the read stops at Content-Length)."""
+    import asyncio
+
+    server = app.client.server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(head)
+        await writer.drain()
+        async with asyncio.timeout(60):  # only keeps a hang from hanging the suite
+            status_line = await reader.readline()
+            headers: dict[str, str] = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode().partition(":")
+                headers[name.strip().lower()] = value.strip()
+            body = await reader.readexactly(int(headers.get("content-length", "0")))
+    finally:
+        writer.close()
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("path", [*POST_ROUTES, "/api/policy/pre-check", "/api/v1/budgets"])
+async def test_declared_length_over_the_limit_is_413_at_once(app: Seeded, path: str) -> None:
+    """Content-Length 99999999999 and no body: answered 413 without waiting for the body
+    (before, the 10 s body timer ran out first and answered 408)."""
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: 99999999999\r\n\r\n"
+    ).encode()
+    status, headers, body = await _raw_exchange(app, head)
+    assert status == 413, body
+    assert headers["content-type"] == "application/problem+json"
+    assert headers["connection"] == "close"  # the unread body is not drained
+    assert json.loads(body)["field"] == "body"
+    assert snapshot(app.redis) == app.before
+
+
+async def test_declared_length_at_the_limit_is_read(app: Seeded) -> None:
+    """The early 413 is for a length over the limit only: exactly the limit is read."""
+    prefix = b'{"estimated_usd": -1'
+    body = prefix + b" " * (MAX_BODY - len(prefix) - 1) + b"}"
+    head = (
+        f"POST /v1/check HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, _headers, answer = await _raw_exchange(app, head + body)
+    assert status == 400 and json.loads(answer)["field"] == "estimated_usd", answer
+
+
+DUPLICATES: dict[str, tuple[str, bytes, str]] = {
+    # The issue's own case: judged at 999,999 before.
+    "authorize-estimate": ("/v1/authorize",
+                           b'{"estimated_usd":0.1,"estimated_usd":999999}', "estimated_usd"),
+    "authorize-identity": ("/v1/authorize",
+                           b'{"user_id":"u1","estimated_usd":0.1,"user_id":"u2"}', "user_id"),
+    "check": ("/v1/check", b'{"org_id":"a","org_id":"b"}', "org_id"),
+    "settle": ("/v1/settle",
+               b'{"reservation_id":"<held>","cost_usd":0.01,"cost_usd":0.02}', "cost_usd"),
+    "release": ("/v1/release", b'{"reservation_id":"<held>","reservation_id":"<held>"}',
+                "reservation_id"),
+    "record": ("/v1/record", b'{"cost_usd":0.01,"user_id":"u","cost_usd":5}', "cost_usd"),
+    # Nested, in the free-form context a pre-check is judged by.
+    "pre-check-context": ("/api/policy/pre-check",
+                          b'{"query":"q","context":{"estimated_usd":0.01,"estimated_usd":50}}',
+                          "estimated_usd"),
+    "budgets-check": ("/api/v1/budgets/check", b'{"user_id":"a","user_id":"b"}', "user_id"),
+    "create-budget": ("/api/v1/budgets",
+                      b'{"id":"x","name":"N","scope":"user","limit_usd":1,"limit_usd":1e9,'
+                      b'"period":"daily"}', "limit_usd"),
+    # The same key written two ways (an escape) is the same key.
+    "escaped": ("/v1/authorize", b'{"estimated_usd":0.1,"estimated_\\u0075sd":9}',
+                "estimated_usd"),
+    # Whitespace between key and colon.
+    "spaced": ("/v1/check", b'{"team_id" :"a", "team_id"\n:"b"}', "team_id"),
+    "empty-key": ("/v1/check", b'{"":1,"":2}', ""),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(DUPLICATES))
+async def test_a_key_given_twice_is_400_naming_it(app: Seeded, case: str) -> None:
+    path, body, key = DUPLICATES[case]
+    body = body.replace(b"<held>", app.held_rid.encode())
+    resp = await app.client.post(path, data=body, headers={"Content-Type": "application/json"})
+    problem = await assert_problem(resp, 400, key)
+    assert "twice" in problem["detail"]
+    assert snapshot(app.redis) == app.before
+
+
+async def test_the_same_key_in_two_objects_is_not_a_duplicate(app: Seeded) -> None:
+    """`query` at the top and in the context: two objects, each with its own keys (the
+    scan sees the same key string twice and the exact pass clears it)."""
+    resp = await app.client.post(
+        "/api/policy/pre-check",
+        data=b'{"query":"q","client_id":"c","context":{"query":"x","client_id":"c",'
+        b'"user_id":"u9"}}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert resp.status == 200, await resp.text()
+    assert (await resp.json())["approved"] is True
+
+
+async def test_a_duplicate_inside_a_string_value_is_not_a_key(app: Seeded) -> None:
+    """Key-like text inside a string is a value: `"a\\":1,\\"a\\":` holds no key."""
+    body = b'{"query":"q\\"client_id\\":","client_id":"c","context":{"user_id":"u9"}}'
+    resp = await app.client.post("/api/policy/pre-check", data=body,
+                                 headers={"Content-Type": "application/json"})  # fmt: skip
+    assert resp.status == 200, await resp.text()
 
 
 async def test_corrupt_gzip_body_is_400(app: Seeded) -> None:

@@ -71,7 +71,9 @@ def test_one_debug_line_per_decision(
             _post(sidecar.url + "/v1/authorize", {"estimated_usd": 5.0}, "agent-42-step-2")
         else:
             request = urllib.request.Request(
-                sidecar.url + "/v1/check", data=b"{}", headers={"X-Request-ID": "r"}
+                sidecar.url + "/v1/check",
+                data=b"{}",
+                headers={"X-Request-ID": "r", "Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=5) as r:
                 assert "X-Request-ID" not in r.headers  # no request-id middleware at info

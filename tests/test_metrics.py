@@ -290,3 +290,115 @@ async def test_every_expired_hold_is_counted_once(metered: MakeApp, clock: FakeC
     await post(client, "/v1/check", {"user_id": "dave"})
     found = await scrape(client)
     assert value(found, "budget_sidecar_reservations_total", event="expired") == 4
+
+
+# ---- the AxonFlow platform's names (settings.axonflow_metrics) -----------------------------
+
+AXONFLOW_DOC: dict[str, Any] = {
+    **DOC,
+    "pricing": [
+        *DOC["pricing"],
+        {"provider": "anthropic", "model": "claude-3-haiku", "input_per_1k": 0.00025,
+         "output_per_1k": 0.00125},
+    ],
+    "settings": {"axonflow_metrics": True},
+}  # fmt: skip
+
+
+def axonflow_samples(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("axonflow_") and not s.name.endswith("_created"):
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+async def test_axonflow_names_are_off_by_default(metered: MakeApp) -> None:
+    client, _ = await metered(DOC)
+    a = await post(client, "/v1/authorize", {"provider": "openai", "model": "gpt-4o",
+                                             "estimated_usd": 0.25})  # fmt: skip
+    await post(client, "/v1/settle", {"reservation_id": a["reservation_id"], "tokens_in": 10})
+    text = await (await client.get("/metrics")).text()
+    assert "axonflow_" not in text
+    assert value(samples(text), "budget_sidecar_llm_tokens_total", provider="openai",
+                 model="gpt-4o", type="input") == 10  # fmt: skip
+
+
+async def test_axonflow_names_count_what_the_native_ones_count(metered: MakeApp) -> None:
+    client, _ = await metered(AXONFLOW_DOC)
+    # Two settles of gpt-4o (one by tokens, one by a cost), an AxonFlow-SDK audit of
+    # claude-3-haiku, a record of an unpriced model (labelled other) and a replayed settle.
+    a = await post(client, "/v1/authorize", {"user_id": "u1", "provider": "openai",
+                                             "model": "gpt-4o", "estimated_usd": 0.25})  # fmt: skip
+    await post(client, "/v1/settle", {"reservation_id": a["reservation_id"], "tokens_in": 1000,
+                                      "tokens_out": 500})  # fmt: skip
+    await post(client, "/v1/settle", {"reservation_id": a["reservation_id"], "tokens_in": 1000,
+                                      "tokens_out": 500})  # fmt: skip
+    b = await post(client, "/v1/authorize", {"user_id": "u2", "provider": "openai",
+                                             "model": "gpt-4o", "estimated_usd": 0.25})  # fmt: skip
+    await post(client, "/v1/settle", {"reservation_id": b["reservation_id"], "cost_usd": 0.125})
+    pre = await post(
+        client,
+        "/api/policy/pre-check",
+        {
+            "user_token": "",
+            "client_id": "c",
+            "query": "q",
+            "data_sources": [],
+            "context": {"user_id": "u3", "provider": "anthropic", "model": "claude-3-haiku"},
+        },
+    )
+    await post(client, "/api/audit/llm-call", {
+        "context_id": pre["context_id"], "client_id": "c", "response_summary": "",
+        "provider": "anthropic", "model": "claude-3-haiku",
+        "token_usage": {"prompt_tokens": 2000, "completion_tokens": 400, "total_tokens": 2400},
+        "latency_ms": 5, "metadata": {}})  # fmt: skip
+    await post(
+        client,
+        "/v1/record",
+        {
+            "user_id": "u4",
+            "provider": "acme",
+            "model": "secret",
+            "cost_usd": 0.5,
+        },
+    )
+    # A released hold charges nothing and is no call.
+    c = await post(client, "/v1/authorize", {"user_id": "u5", "estimated_usd": 0.1})
+    await post(client, "/v1/release", {"reservation_id": c["reservation_id"]})
+
+    text = await (await client.get("/metrics")).text()
+    assert "secret" not in text and "acme" not in text  # labels stay bounded by the pricing
+    ax = axonflow_samples(text)
+    native = samples(text)
+    tokens, cost = "axonflow_gateway_llm_tokens_total", "axonflow_gateway_llm_cost_usd_total"
+    calls = "axonflow_orchestrator_llm_calls_total"
+    assert ax == {
+        (tokens, (("model", "gpt-4o"), ("provider", "openai"), ("type", "prompt"))): 1000,
+        (tokens, (("model", "gpt-4o"), ("provider", "openai"), ("type", "completion"))): 500,
+        (tokens, (("model", "claude-3-haiku"), ("provider", "anthropic"),
+                  ("type", "prompt"))): 2000,
+        (tokens, (("model", "claude-3-haiku"), ("provider", "anthropic"),
+                  ("type", "completion"))): 400,
+        (tokens, (("model", "other"), ("provider", "other"), ("type", "prompt"))): 0,
+        (tokens, (("model", "other"), ("provider", "other"), ("type", "completion"))): 0,
+        (cost, (("model", "gpt-4o"), ("provider", "openai"))): pytest.approx(0.1325),
+        (cost, (("model", "claude-3-haiku"), ("provider", "anthropic"))): pytest.approx(0.001),
+        (cost, (("model", "other"), ("provider", "other"))): 0.5,
+        (calls, (("model", "gpt-4o"), ("provider", "openai"), ("status", "success"))): 2,
+        (calls, (("model", "claude-3-haiku"), ("provider", "anthropic"),
+                 ("status", "success"))): 1,
+        (calls, (("model", "other"), ("provider", "other"), ("status", "success"))): 1,
+    }  # fmt: skip
+    # The same facts as the native names, which are unchanged.
+    for provider, model in (("openai", "gpt-4o"), ("anthropic", "claude-3-haiku"),
+                            ("other", "other")):  # fmt: skip
+        key = (("model", model), ("provider", provider))
+        assert native[("budget_sidecar_llm_cost_usd_total", key)] == ax[(cost, key)]
+        for ours, theirs in (("input", "prompt"), ("output", "completion")):
+            assert (
+                native[("budget_sidecar_llm_tokens_total", (*key, ("type", ours)))]
+                == ax[(tokens, (*key, ("type", theirs)))]
+            )
+    assert value(native, "budget_sidecar_reservations_total", event="settled") == 3

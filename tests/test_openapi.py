@@ -79,9 +79,10 @@ async def test_every_route_is_documented_and_nothing_else(make_app: Factory) -> 
     assert {("get", "/health"), ("put", "/api/v1/pricing"), ("post", "/api/audit/llm-call"),
             ("get", "/api/v1/budgets/{budget_id}/alerts")} <= routes  # fmt: skip
     # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz;
-    # the AxonFlow SDK's: health, budgets (list, create, get, update, delete, status, alerts,
-    # check), usage (summary, breakdown, records), pricing (get, put, delete), pre-check, audit
-    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 8 + 3 + 3 + 2)
+    # the AxonFlow SDK's: health, budgets (list, create, get, update, delete, status, an
+    # entity's status, alerts, check), usage (summary, breakdown, records), pricing (get, put,
+    # delete), pre-check, audit
+    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 9 + 3 + 3 + 2)
 
 
 async def test_without_metrics_the_served_document_leaves_them_out(make_app: Factory) -> None:
@@ -252,6 +253,7 @@ async def test_real_answers_validate_against_the_document(make_app: Factory) -> 
 BUDGETS = "/api/v1/budgets"
 ONE_BUDGET = "/api/v1/budgets/{budget_id}"
 AX_STATUS = "/api/v1/budgets/{budget_id}/status"
+AX_ENTITY_STATUS = "/api/v1/budgets/{budget_id}/{entity}/status"
 ALERTS = "/api/v1/budgets/{budget_id}/alerts"
 PRICING = "/api/v1/pricing"
 PRE_CHECK = "/api/policy/pre-check"
@@ -290,6 +292,11 @@ async def axonflow_answers(call: Call) -> None:
     await call("get", "/api/v1/budgets/api-team/status", AX_STATUS)
     await call("get", "/api/v1/budgets/each-user/status?scope_id=u1", AX_STATUS)
     await call("get", "/api/v1/budgets/nope/status", AX_STATUS)
+    await call("get", "/api/v1/budgets/each-user/status", AX_STATUS)  # no entity: 400
+    entity = await call("get", "/api/v1/budgets/each-user/u1/status", AX_ENTITY_STATUS)
+    assert entity["used_usd"] > 0, entity
+    await call("get", "/api/v1/budgets/each-user/u%201/status", AX_ENTITY_STATUS)
+    await call("get", "/api/v1/budgets/nope/u1/status", AX_ENTITY_STATUS)
     checked = await call("post", "/api/v1/budgets/check", json={"team_id": "t1"})
     assert "api-team" in {b["id"] for b in checked["budgets"]}, checked
     await call("post", "/api/v1/budgets/check", json={"user_id": "{u}"})

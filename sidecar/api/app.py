@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import __version__, logs
-from sidecar.api import admin, axonflow, gateway, native, openapi, proxy, usage
+from sidecar.api import admin, axonflow, bodies, gateway, native, openapi, proxy, usage
 from sidecar.api import auth as api_auth
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
@@ -103,45 +103,90 @@ BODY_TIMEOUT_S = 10.0  # a body is at most settings.max_body_bytes (64 KiB by de
 LINGER_S = 2.0
 
 
-def guard(authenticate: Callable[[web.Request], None], body_timeout_s: float) -> Middleware:
+def guard(
+    authenticate: Callable[[web.Request], None], body_timeout_s: float, max_body: int
+) -> Middleware:
     """The one middleware every request passes (one layer, not three: each layer is a
     coroutine frame on every request and every resumption of it):
 
     - credentials (api.auth), before anything is read;
+    - the body rules of sidecar.api.bodies: a declared length over `max_body` is 413 at
+      once; on a route's POST/PUT/PATCH a Content-Type other than JSON is 415 and an object
+      with a key given twice is 400;
     - the whole body of a JSON route read before its handler, within `body_timeout_s`: a
       client trickling its body gets 408 and a closed connection (/ext_authz reads no
       body). A body already received whole, the usual case, costs no timer;
-    - every failure mapped to problem+json (problem_of).
+    - every failure mapped to problem+json (problem_of);
+    - `Connection: close` on every answer to the AxonFlow Python SDK (see
+      `closes_connection`).
     """
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resp: web.StreamResponse
         try:
             authenticate(request)
-            if (
-                request.can_read_body
-                and not request.content.is_eof()
-                and not request.path.startswith(proxy.PREFIX)
-            ):
-                try:
-                    async with asyncio.timeout(body_timeout_s):
-                        await request.read()  # cached: the handler's read() returns it
-                except TimeoutError:
-                    resp = response(
-                        ProblemError(
-                            408, f"body: not received within {body_timeout_s:g}s", field="body"
-                        )
-                    )
+            if request.can_read_body and not request.path.startswith(proxy.PREFIX):
+                too_large = bodies.declared_too_large(request, max_body)
+                if too_large is not None:
+                    # Nothing of the body is read: close rather than drain it.
+                    resp = response(too_large)
                     resp.force_close()
                     return resp
-            return await handler(request)
+                json_route = (
+                    request.method in bodies.JSON_METHODS
+                    and request.match_info.http_exception is None  # 404/405 answer as such
+                )
+                if json_route:
+                    unsupported = bodies.unsupported_type(request)
+                    if unsupported is not None:
+                        return _sdk_close(request, response(unsupported))
+                if not request.content.is_eof():
+                    try:
+                        async with asyncio.timeout(body_timeout_s):
+                            await request.read()  # cached: the handler's read() returns it
+                    except TimeoutError:
+                        resp = response(
+                            ProblemError(
+                                408, f"body: not received within {body_timeout_s:g}s", field="body"
+                            )
+                        )
+                        resp.force_close()
+                        return resp
+                if json_route:
+                    bodies.check_duplicate_keys(await request.read())
+            resp = await handler(request)
         except Exception as exc:
             answer = problem_of(request, exc)
             if answer is None:
                 raise
-            return answer
+            resp = answer
+        return _sdk_close(request, resp)
 
     return guard
+
+
+def closes_connection(request: web.Request) -> bool:
+    """Whether the answer closes the connection: it does for the AxonFlow Python SDK.
+    Its `AxonFlow.sync()` client, used inside a running event loop, runs each call in a
+    fresh loop; a kept-alive connection belongs to the loop that made it, so the second call
+    fails with "Event loop is closed" unless the server closed the connection
+    (../shared/reference/gotchas.md). The SDK names itself in `X-Axonflow-Client`
+    (`sdk-python/<version>`, sent on every request); other clients, and the native /v1
+    routes (not looked at: no header lookup on the hot path), keep their connections."""
+    if request.path.startswith("/v1/"):
+        return False
+    client = request.headers.get(AXONFLOW_CLIENT)
+    return client is not None and client.startswith("sdk-python/")
+
+
+AXONFLOW_CLIENT = "X-Axonflow-Client"
+
+
+def _sdk_close(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    if closes_connection(request):
+        resp.force_close()
+    return resp
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -175,7 +220,7 @@ def create_app(
     Metrics, /metrics and /prometheus serve it. A connection that has not sent a whole
     request head within `header_timeout_s` (or stays idle that long) is closed; a body not
     received within `body_timeout_s` is answered 408."""
-    checks = guard(api_auth.authenticator(ENGINE), body_timeout_s)
+    checks = guard(api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes)
     app = web.Application(
         # Request ids bind to logs only when per-decision debug lines are on.
         middlewares=[logs.request_ids, checks] if logs.debug_enabled() else [checks],

@@ -14,6 +14,7 @@ every tenant and are read-only here (409): the file is their source of truth.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 from urllib.parse import unquote
 
@@ -27,13 +28,14 @@ from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
 from sidecar.config import BudgetId, PricePer1k, PriceSpec
 from sidecar.definitions import DefinitionWatcher, StoredBudget
-from sidecar.engine import Engine
+from sidecar.engine import Engine, RequestError
 from sidecar.model import Budget, OnExceed, Period, Scope
 from sidecar.money import micro_to_usd, pico_to_price
 from sidecar.periods import iso
-from sidecar.schemas import CheckRequest, Id, IdentityFields, ModelName
+from sidecar.schemas import ID_PATTERN, CheckRequest, Id, IdentityFields, ModelName
 
 _encode = msgspec.json.Encoder().encode
+_ID = re.compile(ID_PATTERN)
 
 # What the real platform fills in when a create sends no thresholds (wire contract §2.1).
 DEFAULT_THRESHOLDS = [50, 80, 100]
@@ -297,12 +299,25 @@ def add_routes(
         await watcher.refresh()
         return web.Response(status=204)
 
-    async def budget_status(request: web.Request) -> web.Response:
+    async def status_of(request: web.Request, entity: str | None, field: str) -> web.Response:
         require(request, Role.READ)
         budget = find(request)
+        if entity is not None and (len(entity) > 128 or not _ID.match(entity)):
+            raise ProblemError(400, f"{field}: not a valid identifier", field=field)
         engine = request.app[engine_key]
         tenant = tenant_of(request)
-        status = await engine.status(tenant, budget.id, raw_query(request).get("scope_id"))
+        try:
+            status = await engine.status(tenant, budget.id, entity)
+        except RequestError as err:
+            if err.field != "scope_id" or entity is not None:
+                raise
+            # A per-entity budget and no entity: say how the SDK can name one.
+            raise ProblemError(
+                400,
+                f"budget {budget.id!r} is per {budget.scope}: name the entity, as "
+                f"get_budget_status('{budget.id}/<{budget.scope} id>') or ?scope_id=",
+                field="scope_id",
+            ) from None
         return json_response(
             AxStatus(
                 budget=ax_budget(budget, tenant),
@@ -315,6 +330,16 @@ def add_routes(
                 period_end=status.period_end,
             )
         )
+
+    async def budget_status(request: web.Request) -> web.Response:
+        return await status_of(request, raw_query(request).get("scope_id"), "scope_id")
+
+    async def entity_status(request: web.Request) -> web.Response:
+        """One entity of a per-entity budget, named in the path: the SDK inserts the id it
+        is given into the path unencoded, so get_budget_status("each-user/alice") asks for
+        /api/v1/budgets/each-user/alice/status. Budget ids hold no "/" (BudgetId), so the
+        split is unambiguous."""
+        return await status_of(request, request.match_info["entity"], "entity")
 
     async def budget_alerts(request: web.Request) -> web.Response:
         require(request, Role.READ)
@@ -424,6 +449,7 @@ def add_routes(
     app.router.add_put("/api/v1/budgets/{budget_id}", update_budget)
     app.router.add_delete("/api/v1/budgets/{budget_id}", delete_budget)
     app.router.add_get("/api/v1/budgets/{budget_id}/status", budget_status)
+    app.router.add_get("/api/v1/budgets/{budget_id}/{entity}/status", entity_status)
     app.router.add_get("/api/v1/budgets/{budget_id}/alerts", budget_alerts)
     app.router.add_get("/api/v1/pricing", pricing)
     app.router.add_put("/api/v1/pricing", put_price)

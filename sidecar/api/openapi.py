@@ -202,6 +202,7 @@ def _problem(description: str) -> dict[str, Any]:
 BAD_INPUT = _problem("Bad input: the body or a parameter, named in `field`. Nothing written.")
 TOO_SLOW = _problem("The body did not arrive in time; the connection is closed. Nothing written.")
 TOO_LARGE = _problem("The body is larger than settings.max_body_bytes. Nothing written.")
+NOT_JSON = _problem("A Content-Type other than JSON (none is read as JSON). Nothing written.")
 UNAVAILABLE = _problem("Redis is away and the fail mode is closed (`degraded: true`).")
 REDIS_AWAY = _problem("Redis does not answer (`degraded: true`). Nothing written.")
 RETRY_AFTER = {"description": "Seconds until a retry may pass.", "schema": {"type": "string"}}
@@ -530,6 +531,16 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                               "400": BAD_INPUT, "404": not_found, "503": UNAVAILABLE},
             },
         },
+        "/api/v1/budgets/{budget_id}/{entity}/status": {
+            "parameters": [budget_id,
+                           _path_param("entity", "The entity of a per-entity budget (the SDK: "
+                                       "get_budget_status('<budget id>/<entity>')).")],
+            "get": {
+                "summary": "One entity's current period of a per-entity budget",
+                "responses": {"200": _json("AxStatus", "Used and remaining."),
+                              "400": BAD_INPUT, "404": not_found, "503": UNAVAILABLE},
+            },
+        },
         "/api/v1/budgets/{budget_id}/alerts": {
             "parameters": [budget_id],
             "get": {
@@ -662,6 +673,16 @@ def _with_auth(paths: dict[str, dict[str, Any]], config: Config) -> dict[str, di
     return paths
 
 
+def _with_media_type(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every operation that takes a JSON body answers 415 to another declared type
+    (sidecar.api.bodies)."""
+    for item in paths.values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "requestBody" in operation:
+                operation["responses"].setdefault("415", NOT_JSON)
+    return paths
+
+
 def document(config: Config) -> dict[str, Any]:
     """The whole document for this config (proxy header names, deny status and whether
     credentials are required are its)."""
@@ -681,7 +702,7 @@ def document(config: Config) -> dict[str, Any]:
                 f"application/problem+json. {mode}"
             ),
         },
-        "paths": _with_auth({**_paths(config), **_axonflow_paths()}, config),
+        "paths": _with_auth(_with_media_type({**_paths(config), **_axonflow_paths()}), config),
         "components": {
             "schemas": _components(),
             "securitySchemes": {
