@@ -166,9 +166,13 @@ def test_headers_given_in_any_case_are_refused_not_lowered() -> None:
 
 def test_the_readme_example_parses() -> None:
     readme = (REPO / "README.md").read_text()
-    section = readme.split("## Envoy and nginx", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n## Proxies", 1)[1].split("\n## ", 1)[0]
     [block] = re.findall(r"```yaml\n(.*?)```", section, re.S)
     spec = config_mod.parse(yaml.safe_load(block), "README").proxy
-    assert (spec.deny_status, spec.lease_ms, len(spec.routes)) == (429, 120000, 2)
+    assert (spec.deny_status, spec.lease_ms, len(spec.routes)) == (429, 120000, 4)
+    assert spec.trusted.uri_header == "x-forwarded-uri"
     chat = spec.route("/v1/chat/completions")
     assert chat is not None and chat.model == "gpt-4o"
+    get = spec.route("/v1/chat/completions", "GET")
+    assert get is not None and get.estimated_usd == 0.001
+    assert spec.passes("/v1/models", "POST") and spec.passes("/v1/chat", "OPTIONS")
