@@ -8,9 +8,10 @@
 --                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
 --   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" | "t:<rf>" | "n:<rf>" -> ms
 --                        after which it may go (rate fields are checked for use first)
--- Returns: nothing; defines the functions below. Every operation's reply ends with one
--- extra element, after those its header lists: how many leases this call found ended with
--- their hold still in place (each counted exactly once, for the expiry metric).
+-- Returns: nothing; defines the functions below. Every operation's reply ends with two
+-- extra elements, after those its header lists: how many leases this call found ended with
+-- their hold still in place, and how many of those it charged (record field 22), each
+-- counted exactly once, for the expiry metrics.
 -- The scripts that charge (settle, record) also take
 --   KEYS[5] usage  stream the usage ledger: one entry per charge (see ledger())
 --   KEYS[6] alerts stream threshold alerts (see check_alerts())
@@ -34,8 +35,16 @@
 --   14 concurrency fields it holds a slot of, joined by ','
 --   15 token limiters it charged, 'rf:limit:window_ms' joined by ','
 --   16 the token estimate those were charged
---   17 per cid (same order, ';'-joined) "limit:t1.t2...": the budget's limit and alert
---      thresholds (percent) at authorize, for the alerts settle raises
+--   17 per cid (same order, ';'-joined) "limit:t1.t2...:mode": the budget's limit, alert
+--      thresholds (percent) and mode ('b' | 'w' | 'd') at authorize, for the alerts and
+--      the overshoot settle reports
+--   18 the request's fingerprint: what an idempotency key is bound to ('' = no key)
+--   19 '1' once a retry was handed this reservation (a cancel then leaves it alone)
+--   20 overshoot: micro-USD of this settle's spend past the cap of its block budgets
+--   21 what priced the charge: 't' tokens, 'c' a given cost, 'e' the held estimate
+--   22 at the lease's end unsettled: 'c' charge the estimate (a proxied call nobody
+--      settles did spend) | '' return the hold
+--   23 the ledger config at authorize (see ledger()), for a charge at the lease's end
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -165,36 +174,50 @@ local function correct_tokens(ctr, entries, diff, now)
 end
 
 local reclaimed_now = 0  -- leases this call found ended (see the header)
+local charged_now = 0  -- of those, the ones charged their estimate
 
--- Every reply goes out through done(): the expiry count is its last element.
+-- Every reply goes out through done(): the expiry counts are its last two elements.
 local function done(out)
   out[#out + 1] = reclaimed_now
+  out[#out + 1] = charged_now
   return out
 end
 
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same
--- script as the HINCRBY). Bounded per call; what is left waits for the next call, and a
--- hold not yet returned only makes decisions stricter, never looser.
-local function reclaim(ctr, lease, res, gc, now, keep)
-  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, 32)
-  for _, rid in ipairs(due) do
+-- script as the HINCRBY). Bounded per call (RECLAIM_BATCH) so that no decision pays for a
+-- backlog; returns true when ended leases are left over. Scripts that decide or report
+-- counters then answer BACKLOG instead, and the sidecar drains the rest with reclaim.lua
+-- before asking again: no decision counts a hold whose lease has ended.
+local RECLAIM_BATCH = 32
+local BACKLOG = -9
+local charge_at_end  -- defined after ledger(), which it uses
+local function reclaim(ctr, lease, res, gc, now, keep, batch)
+  batch = batch or RECLAIM_BATCH
+  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, batch + 1)
+  for n, rid in ipairs(due) do
+    if n > batch then return true end
     local rec = redis.call('HGET', res, rid)
     if rec then
       local r = split(rec, '|')
       if r[1] == 'H' then
-        local est = tonumber(r[3])
-        for _, cid in ipairs(split(r[7], ',')) do
-          redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
-        end
         free_slots(ctr, r[14])
         reclaimed_now = reclaimed_now + 1
-        r[1] = 'E'
+        if r[22] == 'c' and KEYS[7] then
+          charge_at_end(ctr, rid, r, now)
+        else
+          local est = tonumber(r[3])
+          for _, cid in ipairs(split(r[7], ',')) do
+            redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
+          end
+          r[1] = 'E'
+        end
         redis.call('HSET', res, rid, table.concat(r, '|'))
         redis.call('ZADD', gc, now + keep, 'r:' .. rid)
       end
     end
     redis.call('ZREM', lease, rid)
   end
+  return false
 end
 
 -- Delete what has outlived its use: counters of long-past windows, finished reservations
@@ -239,9 +262,15 @@ end
 -- result, unchanged (status 2; see their Returns).
 local function first_result(r)
   local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
-    tonumber(r[12]) or 0, tonumber(r[13]) or 0}
+    tonumber(r[12]) or 0, tonumber(r[13]) or 0, tonumber(r[20]) or 0, r[21] or ''}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
   return out
+end
+
+-- A budget's spec in record field 17: limit, alert thresholds, mode.
+local function parse_spec(spec)
+  local parts = split(spec or '', ':')
+  return tonumber(parts[1]), parts[2] or '', parts[3] or 'b'
 end
 
 -- Read the counters named by `cids`: a flat list u1, h1, u2, h2, ... (0 where absent)
@@ -265,18 +294,14 @@ local function read_counters(ctr, cids)
 end
 
 -- Threshold alerts of one counter whose settled amount went from `before` to `after`
--- (micro-USD). `spec` is "limit:t1.t2..." (see record field 17). A threshold t is crossed
--- when before < t% of limit <= after; each (counter, threshold) alerts at most once, and
--- a counter id names budget, entity and period window, so that is once per budget, entity,
--- period and threshold however many calls cross together (they run one at a time here).
+-- (micro-USD), for a budget of `limit` with `thresholds` ("t1.t2...", percent). A threshold
+-- t is crossed when before < t% of limit <= after; each (counter, threshold) alerts at most
+-- once, and a counter id names budget, entity and period window, so that is once per
+-- budget, entity, period and threshold however many calls cross together (they run one at
+-- a time here).
 local ALERTS_MAX = 10000
-local function check_alerts(ctr, stream, cid, spec, before, after, now)
-  if spec == nil or spec == '' or after <= before then return end
-  local sep = string.find(spec, ':', 1, true)
-  if not sep then return end
-  local limit = tonumber(string.sub(spec, 1, sep - 1))
-  local thresholds = string.sub(spec, sep + 1)
-  if not limit or limit <= 0 or thresholds == '' then return end
+local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, now)
+  if after <= before or not limit or limit <= 0 or thresholds == '' then return end
   local fired
   for _, t in ipairs(split(thresholds, '.')) do
     local at = tonumber(t) * limit / 100
@@ -296,15 +321,17 @@ end
 -- "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger at all; max_records 0 keeps
 -- aggregates only). Entries: k kind ('s' settle, 'r' record), m meta (see record field
 -- 11), q request id, i/o tokens, c cost (micro-USD), l latency ms ('' unknown), s success
--- ('1'/'0'), at created (ms). The stream's own ids (Redis time) bound its age.
+-- ('1'/'0'), at created (ms), p what priced it ('t' tokens, 'c' a given cost, 'e' the held
+-- estimate: the model had no price). The stream's own ids (Redis time) bound its age.
 local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, latency,
-                      success, now)
+                      success, now, priced_by)
   if cfg == '' then return end
   local c = split(cfg, ':')
   local max_records, max_age = tonumber(c[1]), tonumber(c[2])
   if max_records > 0 then
     redis.call('XADD', usage, 'MAXLEN', c[1], '*', 'k', kind, 'm', meta, 'q', request_id,
-      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now))
+      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now),
+      'p', priced_by or 'c')
     local t = redis.call('TIME')
     local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     if redis_ms > max_age then redis.call('XTRIM', usage, 'MINID', int(redis_ms - max_age)) end
@@ -315,4 +342,30 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
   if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
   redis.call('EXPIRE', agg, c[3])
+end
+
+-- A hold whose lease ended unsettled, on a reservation that asked for it (record field 22):
+-- the estimate is charged as spend (the call went through a proxy that cannot settle), with
+-- its alerts and a ledger entry of kind 'x', and the reservation ends settled, exactly
+-- once. The charging scripts' KEYS[5..7] (usage, alerts, agg) must be given.
+charge_at_end = function(ctr, rid, r, now)
+  local est = tonumber(r[3])
+  local specs = split(r[17] or '', ';')
+  local snapshot, overshoot = {}, 0
+  for i, cid in ipairs(split(r[7], ',')) do
+    local h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
+    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(est))
+    local limit, thresholds, mode = parse_spec(specs[i])
+    check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - est, u, now)
+    if limit and mode ~= 'w' then
+      local past = math.max(0, u - limit) - math.max(0, u - est - limit)
+      if past > overshoot then overshoot = past end
+    end
+    snapshot[#snapshot + 1] = int(u)
+    snapshot[#snapshot + 1] = int(h)
+  end
+  r[1], r[8], r[9], r[10] = 'S', int(est), '1', table.concat(snapshot, ',')
+  r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
+  ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
+  charged_now = charged_now + 1
 end

@@ -23,11 +23,12 @@ local keep = tonumber(ARGV[4])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
-local cids, gc_at, specs = {}, {}, {}
+local cids, gc_at, limits, thresholds = {}, {}, {}, {}
 for i = 11, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
   gc_at[#gc_at + 1] = ARGV[i + 1]
-  specs[#specs + 1] = ARGV[i + 2] .. ':' .. ARGV[i + 3]
+  limits[#limits + 1] = tonumber(ARGV[i + 2])
+  thresholds[#thresholds + 1] = ARGV[i + 3]
 end
 local values, fresh = read_counters(ctr, cids)
 
@@ -41,7 +42,7 @@ for i, cid in ipairs(cids) do
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
     if fresh[i] then redis.call('ZADD', gc, gc_at[i], 'c:' .. cid) end
-    check_alerts(ctr, KEYS[6], cid, specs[i], u - cost, u, now)
+    check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
   end
   out[#out + 1] = u
   out[#out + 1] = h
@@ -49,6 +50,6 @@ end
 if status == 1 then
   if idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
   ledger(KEYS[5], KEYS[7], ARGV[8], 'r', ARGV[5], idem, tonumber(ARGV[6]),
-    tonumber(ARGV[7]), cost, ARGV[9], ARGV[10], now)
+    tonumber(ARGV[7]), cost, ARGV[9], ARGV[10], now, 'c')
 end
 return done(out)

@@ -1,20 +1,26 @@
 -- release.lua: give a reservation's hold back without charging anything, exactly once.
--- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc   (see _lib.lua)
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+--   lease's end by reclaim)
+-- Returns: the settle.lua result shape, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms
 -- ARGV[4] '1' to cancel: the sidecar gave up waiting for this reservation's authorize
 --         (Redis timed out), so its caller was told no hold exists. If the authorize ran,
---         release it and forget its idempotency key; if it has not run yet, leave a
---         released record so that it holds nothing when it does.
+--         release it and forget its idempotency key (only while the key still names this
+--         reservation); if it has not run yet, leave a released record so that it holds
+--         nothing when it does. A reservation that a retry was handed (record field 19),
+--         or that is already finished, is left as it is: the cancel is only for the hold
+--         nobody was told of.
 -- ARGV[5] the rate limiters' clock, ms ('' = Redis TIME)
 -- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
---           u1, h1, u2, h2, ...}
+--           overshoot, priced_by, u1, h1, u2, h2, ...} (as settle.lua)
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
 --   meta: what authorize stored with the reservation.
 --   status 1: released now; 2: already finished, the first result unchanged;
---   0: no such reservation. A hold whose lease ended was returned then; releasing it
---   afterwards changes no counter.
+--   0: no such reservation; 3: a cancel that left a claimed reservation alone. A hold whose
+--   lease ended was returned then; releasing it afterwards changes no counter.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -29,11 +35,16 @@ if not rec then
   if not cancel then return done({0}) end
   redis.call('HSET', res, rid, 'R|0|0||||||0|')
   redis.call('ZADD', gc, now + keep, 'r:' .. rid)
-  return done({1, 'R', 0, 0, 0, '', '', 0, 0})
+  return done({1, 'R', 0, 0, 0, '', '', 0, 0, 0, ''})
 end
 local r = split(rec, '|')
-if cancel and r[6] ~= '' then redis.call('HDEL', res, 'k:' .. r[6]) end
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
+if cancel then
+  if r[19] == '1' then return done({3, r[1], 0, tonumber(r[3]), 0, r[7], r[11] or '', 0, 0, 0, ''}) end
+  if r[6] ~= '' and redis.call('HGET', res, 'k:' .. r[6]) == rid then
+    redis.call('HDEL', res, 'k:' .. r[6])
+  end
+end
 
 local est, held = tonumber(r[3]), r[1] == 'H'
 -- The call did not happen: free its concurrency slots (unless expiry did) and give its
@@ -62,6 +73,6 @@ r[1], r[8], r[9], r[10] = 'R', '0', ended and '1' or '0', table.concat(snapshot,
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 
-local out = {1, 'R', 0, est, tonumber(r[9]), r[7], r[11] or '', 0, 0}
+local out = {1, 'R', 0, est, tonumber(r[9]), r[7], r[11] or '', 0, 0, 0, ''}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
 return done(out)

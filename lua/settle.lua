@@ -2,24 +2,31 @@
 -- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua)
--- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
---           u1, h1, u2, h2, ...}
---   cids: the record's counter ids joined by ',' (u, h follow in the same order);
---   meta: the ledger tuple kept with the reservation (record field 11).
---   status 1: settled now; 2: already finished, the first result returned unchanged;
---   0: no such reservation; -1: the reservation has no price and tokens were given.
---   A reservation whose lease ended is still charged (the call did spend); its hold had
---   already gone back, so only the cost is added, and lease_ended says so.
+-- Returns: the settle result, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms
--- ARGV[4] 't' to price tokens with the prices held in the record, 'c' for a given cost
+-- ARGV[4] 't' to price tokens with the prices held in the record (a reservation with no
+--         price charges its held estimate), 'c' for a given cost, 'e' to charge the held
+--         estimate (the model has no price anywhere)
 -- ARGV[5] tokens in   ARGV[6] tokens out   ('' = unknown; always given for 't')
 -- ARGV[7] cost, micro-USD (for 'c')
 -- ARGV[8] the rate limiters' clock, ms ('' = Redis TIME)
 -- ARGV[9] ledger config "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger)
 -- ARGV[10] latency ms ('' = unknown)   ARGV[11] success '1' | '0'
 -- ARGV[12] provider and model, '\31'-joined, replacing the reservation's ('' = keep)
+-- The result: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in,
+--           tokens_out, overshoot, priced_by, u1, h1, u2, h2, ...}
+--   cids: the record's counter ids joined by ',' (u, h follow in the same order);
+--   meta: the ledger tuple kept with the reservation (record field 11);
+--   overshoot: micro-USD of this charge past the cap of a block or downgrade budget (the
+--   largest over its budgets): per budget, what the settled amount passed the limit by
+--   after this charge less what it already had before, so summed over every settle it is
+--   exactly the settled spend past the cap; priced_by: 't' | 'c' | 'e' (record field 21).
+--   status 1: settled now; 2: already finished, the first result returned unchanged;
+--   0: no such reservation.
+--   A reservation whose lease ended is still charged (the call did spend); its hold had
+--   already gone back, so only the cost is added, and lease_ended says so.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -32,11 +39,13 @@ if not rec or string.sub(rid, 1, 2) == 'k:' then return done({0}) end
 local r = split(rec, '|')
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 
-local cost = 0
+local cost, priced_by = 0, ARGV[4]
 local tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
-if ARGV[4] == 't' then
-  if r[4] == '' then return done({-1}) end
+if priced_by == 't' and r[4] == '' then priced_by = 'e' end
+if priced_by == 't' then
   cost = cost_micro(tokens_in, tonumber(r[4])) + cost_micro(tokens_out, tonumber(r[5]))
+elseif priced_by == 'e' then
+  cost = tonumber(r[3])
 else
   cost = tonumber(ARGV[7])
 end
@@ -58,6 +67,7 @@ local ended = (not held) or tonumber(r[2]) <= now
 if held and ended then reclaimed_now = reclaimed_now + 1 end
 local specs = split(r[17] or '', ';')
 local snapshot = {}
+local overshoot = 0
 for i, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
@@ -66,7 +76,12 @@ for i, cid in ipairs(split(r[7], ',')) do
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end
   local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
-  check_alerts(ctr, KEYS[6], cid, specs[i], u - cost, u, now)
+  local limit, thresholds, mode = parse_spec(specs[i])
+  check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
+  if limit and mode ~= 'w' then
+    local past = math.max(0, u - limit) - math.max(0, u - cost - limit)
+    if past > overshoot then overshoot = past end
+  end
   snapshot[#snapshot + 1] = int(u)
   snapshot[#snapshot + 1] = int(h)
 end
@@ -77,11 +92,14 @@ if ARGV[12] ~= '' then
 end
 r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', table.concat(snapshot, ',')
 r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
+for i = #r + 1, 19 do r[i] = '' end
+r[20], r[21] = int(overshoot), priced_by
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
 ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, ARGV[10],
-  ARGV[11], now)
+  ARGV[11], now, priced_by)
 
-local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out}
+local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out, overshoot,
+  priced_by}
 for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
 return done(out)

@@ -189,6 +189,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
     usage_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 400
     pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
+    min_estimate_usd: Annotated[float, Meta(ge=0.000001, le=1_000_000)] = 0.01
 
     def __post_init__(self) -> None:
         if self.unpriced_model is UnpricedModel.FALLBACK and self.fallback_price is None:
@@ -219,6 +220,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             usage_max_age_days=self.usage_max_age_days,
             usage_aggregate_days=self.usage_aggregate_days,
             pre_check_estimate_usd=self.pre_check_estimate_usd,
+            min_estimate_micro=usd_to_micro(self.min_estimate_usd),
         )
 
 

@@ -52,11 +52,19 @@ class Outcome(NamedTuple):
     downgrade_model: str | None
 
 
-def decide(applied: Sequence[Applied], values: Sequence[int], est: int, allowed: bool) -> Outcome:
+def decide(
+    applied: Sequence[Applied],
+    values: Sequence[int],
+    est: int,
+    allowed: bool,
+    est_down: int | None = None,
+) -> Outcome:
     """The action and binding budget, given counters *before* this estimate.
 
-    Denied: the first block budget the estimate would pass. Allowed: a downgrade budget
-    passed wins over a warn budget passed; otherwise the budget closest to its limit binds.
+    Denied: the first block budget the estimate would pass, else the first downgrade budget
+    the estimate would pass (the call re-priced for the cheaper model, `est_down`, did not
+    fit or could not be priced: blocked). Allowed: a downgrade budget passed wins over a
+    warn budget passed; otherwise the budget closest to its limit binds.
     """
     downgrade = warn = None
     closest, closest_ratio = None, -1.0
@@ -74,6 +82,15 @@ def decide(applied: Sequence[Applied], values: Sequence[int], est: int, allowed:
         ratio = (committed + est) / limit if limit > 0 else float(committed + est > 0)
         if ratio > closest_ratio:
             closest, closest_ratio = i, ratio
+    if not allowed and downgrade is not None:
+        # The budget the downgraded estimate did not fit (the downgrade budget itself when
+        # the call could not be re-priced); if it fitted, a rate limit denied.
+        if est_down is None:
+            return Outcome(Action.BLOCK, downgrade, None)
+        for i, a in enumerate(applied):
+            committed = values[2 * i] + values[2 * i + 1]
+            if a.mode != "w" and over(committed, 0, est_down, a.budget.limit_micro):
+                return Outcome(Action.BLOCK, i, None)
     if downgrade is not None:
         return Outcome(Action.DOWNGRADE, downgrade, applied[downgrade].downgrade_model)
     if warn is not None:

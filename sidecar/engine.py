@@ -9,6 +9,7 @@ except through the one script call (invariant 5).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import time
 from collections import defaultdict
@@ -64,6 +65,16 @@ _MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
 _SCOPE_FIELDS = tuple((scope, SCOPE_FIELD[scope]) for scope in Scope)
 _MEMO_SIZE = 10_000
 _MAX_PENDING_CANCELS = 10_000
+# The scripts' answer when more ended leases wait than one call returns (lua/_lib.lua).
+BACKLOG = -9
+# Leases reclaim.lua returns per call while draining a backlog: about 5 ms of Redis time
+# each, so other clients' calls interleave with a drain of any size.
+RECLAIM_BATCH = 500
+# A decision that meets a backlog drains it and asks again, this many times at most.
+_BACKLOG_ROUNDS = 4
+# settle's cost argument for "charge the held estimate" (an unpriced model).
+CHARGE_ESTIMATE = -1
+_PRICED_BY = {"t": "tokens", "c": "cost", "e": "estimate"}
 
 
 class RequestError(Exception):
@@ -74,6 +85,26 @@ class RequestError(Exception):
         self.field = field
         self.message = message
         self.status = status
+
+
+class IdempotencyConflict(RequestError):
+    """An idempotency key names a reservation this request may not be handed: one made by
+    a different request, or one no longer held (HTTP 409). Nothing changed."""
+
+    def __init__(self, reservation_id: str, state: str, *, reused: bool) -> None:
+        held = {"H": "held", "E": "expired", "S": "settled", "R": "released"}.get(state, state)
+        if reused:
+            message = (
+                f"already used by another request (reservation {reservation_id}, {held}): "
+                "use a new key for a new call"
+            )
+        else:
+            message = (
+                f"its reservation {reservation_id} is {held}, no longer held: a new call "
+                "needs a new key"
+            )
+        super().__init__("idempotency_key", message, status=409)
+        self.reservation_id = reservation_id
 
 
 class Unavailable(Exception):
@@ -156,6 +187,10 @@ class Resolved:
     script_args: tuple[str | int, ...]
     # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
     meta_head: str
+    # The model the first downgrade budget falls back to, and the ledger tuple's head for
+    # a call downgraded to it (None: no downgrade budget applies).
+    downgrade_model: str | None = None
+    meta_head_down: str = ""
 
 
 class Engine:
@@ -333,12 +368,15 @@ class Engine:
             )
         for limit in limits:
             script_args += limit.args
+        down = next((a.downgrade_model for a in budgets if a.mode == "d"), None)
         return Resolved(
             budgets=budgets,
             limits=limits,
             valid_until_ms=min((a.window_end_ms for a in budgets), default=now_ms + 60_000),
             script_args=tuple(script_args),
             meta_head=_meta_head(provider, model, identity),
+            downgrade_model=down,
+            meta_head_down=_meta_head(provider, down, identity) if down else "",
         )
 
     def _applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
@@ -367,6 +405,10 @@ class Engine:
             return None
         snap = self._snapshot if tenant is None else self.snapshot(tenant)
         found = snap.prices.get((provider, model)) if provider else snap.price_by_model.get(model)
+        if found is None and "/" in model:
+            # LiteLLM's names carry the provider: "openai/gpt-4o".
+            prefix, bare = model.split("/", 1)
+            found = snap.prices.get((provider or prefix, bare))
         if found is None and snap.config.settings.unpriced_model is UnpricedModel.FALLBACK:
             return snap.config.settings.fallback_price
         return found
@@ -402,9 +444,10 @@ class Engine:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         price = self._priced(tenant, req.provider, req.model)
-        est = self._estimate(
+        asked = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
+        est = max(asked, settings.min_estimate_micro)
         lease_ms = req.lease_ms if req.lease_ms is not None else settings.default_lease_ms
         if lease_ms > settings.max_lease_ms:
             raise RequestError(
@@ -412,13 +455,15 @@ class Engine:
             )
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
+        down_price, est_down = self._downgrade(tenant, resolved, req, price, est)
         rid = new_reservation_id()
+        key = req.idempotency_key
         args = (
             now,
             rid,
             lease_ms,
             est,
-            req.idempotency_key or "",
+            key or "",
             price.input_pico if price else "",
             price.output_pico if price else "",
             settings.keep_finished_ms,
@@ -426,6 +471,13 @@ class Engine:
             (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0),
             len(applied),
             self._clock.limiter_ms(),
+            _fingerprint(req, asked) if key else "",
+            "" if est_down is None else est_down,
+            down_price.input_pico if down_price else "",
+            down_price.output_pico if down_price else "",
+            _meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
+            "c" if req.on_expiry == "charge" else "",
+            self._ledger,
             *resolved.script_args,
         )
         try:
@@ -439,27 +491,75 @@ class Engine:
         verdict = int(reply[0])
         if verdict == 3:  # cancelled before it ran: only possible for a reused id
             raise Unavailable("the reservation was cancelled before Redis ran it")
+        if verdict in (4, 5):
+            raise IdempotencyConflict(str(reply[1]), str(reply[2]), reused=verdict == 4)
         held = verdict == 1
+        held_est = int(reply[3])
         decision = self._decision(
-            resolved, reply[3:], est, verdict != 0, now, held_est=est if held else 0
+            resolved,
+            reply[4:],
+            est,
+            verdict != 0,
+            now,
+            held_est=held_est if held else 0,
+            est_down=est_down,
         )
         if verdict == 0:
             return decision
+        decision.estimated_usd = micro_to_usd(held_est)
         decision.reservation_id = str(reply[1])
         decision.lease_expires_at = iso(now + lease_ms) if held else None
         decision.replayed = verdict == 2
         return decision
 
+    def _downgrade(
+        self,
+        tenant: str,
+        resolved: Resolved,
+        req: AuthorizeRequest | CheckRequest,
+        price: Price | None,
+        est: int,
+    ) -> tuple[Price | None, int | None]:
+        """The price of the model a downgrade budget falls back to, and the estimate
+        re-priced for it (None: it cannot be re-priced, so the downgrade budget blocks).
+
+        Tokens are priced at the cheaper model's price; a dollar estimate is scaled by the
+        ratio of the two models' per-token prices (input + output), rounded up.
+        """
+        target = resolved.downgrade_model
+        if target is None:
+            return None, None
+        down = self.price(req.provider, target, tenant)
+        if down is None:
+            return None, None
+        floor = self._snapshot.config.settings.min_estimate_micro
+        if req.estimated_tokens_in is not None or req.estimated_tokens_out is not None:
+            cost = self._estimate(down, None, req.estimated_tokens_in, req.estimated_tokens_out)
+            return down, max(cost, floor)
+        if price is None or price.input_pico + price.output_pico <= 0:
+            return down, None
+        per_token, per_token_down = (
+            price.input_pico + price.output_pico,
+            down.input_pico + down.output_pico,
+        )
+        scaled = -(-est * per_token_down // per_token)  # rounded up
+        return down, max(min(scaled, est), floor)
+
     async def _check(self, tenant: str, req: CheckRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        # The same pricing rule as authorize: check answers what authorize would.
+        # The same pricing and estimate rules as authorize: check answers what authorize
+        # would (a check without an estimate asks about the least a hold may be).
         price = self._priced(tenant, req.provider, req.model)
-        est = self._estimate(
-            price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
+        est = max(
+            self._estimate(
+                price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
+            ),
+            settings.min_estimate_micro,
         )
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
+        _, est_down = self._downgrade(tenant, resolved, req, price, est)
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         args: list[str | int] = [
             now,
@@ -468,6 +568,7 @@ class Engine:
             tokens,
             len(applied),
             self._clock.limiter_ms(),
+            "" if est_down is None else est_down,
         ]
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode)
@@ -478,7 +579,11 @@ class Engine:
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
-        return self._decision(resolved, reply[1:], est, int(reply[0]) == 1, now)
+        decision = self._decision(
+            resolved, reply[2:], est, int(reply[0]) == 1, now, est_down=est_down
+        )
+        decision.estimated_usd = micro_to_usd(int(reply[1]))
+        return decision
 
     def _decision(
         self,
@@ -489,6 +594,7 @@ class Engine:
         now: int,
         *,
         held_est: int = 0,
+        est_down: int | None = None,
     ) -> Decision:
         """A decision from the script's figures: budget counters before this call, then
         (for a fresh decision) three figures per rate limit. `held_est` is what this call
@@ -497,7 +603,7 @@ class Engine:
         nb = len(applied)
         # hiredis gives Lua's integer replies as ints already.
         values: list[int] = values_raw[: 2 * nb]
-        outcome = decide(applied, values, est, allowed)
+        outcome = decide(applied, values, est, allowed, est_down)
         states = [
             self._state(a, values[2 * i], values[2 * i + 1] + held_est)
             for i, a in enumerate(applied)
@@ -566,10 +672,10 @@ class Engine:
             now,
             rid,
             settings.keep_finished_ms,
-            "t" if cost_micro is None else "c",
+            "t" if cost_micro is None else ("e" if cost_micro < 0 else "c"),
             "" if tokens is None else tokens[0],
             "" if tokens is None else tokens[1],
-            cost_micro or 0,
+            max(cost_micro or 0, 0),
             self._clock.limiter_ms(),
             self._ledger,
             "" if latency_ms is None else latency_ms,
@@ -646,7 +752,7 @@ class Engine:
         a = self._applied(budget, entity, None, now)
         args: list[str | int] = [now, self._snapshot.config.settings.keep_finished_ms, a.cid]
         reply = await self._run(self._scripts.status, tenant, args)
-        s = self._state(a, int(reply[0]), int(reply[1]))
+        s = self._state(a, int(reply[1]), int(reply[2]))
         return BudgetStatus(
             budget_id=s.budget_id,
             budget_name=s.budget_name,
@@ -712,9 +818,7 @@ class Engine:
         elif fallback_cost_usd is not None:
             cost = usd_to_micro(fallback_cost_usd)
         else:
-            raise RequestError(
-                "model", f"no price for {provider}/{model}: add it to pricing, or send a cost"
-            )
+            cost = CHARGE_ESTIMATE  # no price anywhere: the held estimate, never $0
         result = await self._settle(
             tenant,
             reservation_id,
@@ -788,14 +892,42 @@ class Engine:
     ) -> list[Any]:
         """Run one script (on the tenant's reservation keys unless `script_keys` are given);
         its reply's last element (leases it found ended) is reported to the observers and
-        removed, so callers see the reply their script header lists."""
+        removed, so callers see the reply their script header lists.
+
+        A script that finds more ended leases than it may return in one call answers
+        BACKLOG: the holds are returned in batches (reclaim.lua) and the script runs again,
+        so no answer counts a hold whose lease has ended."""
         if script_keys is None:
-            script_keys = keys.tenant_keys(tenant).hot
-        reply: list[Any] = await self._store.run(script, script_keys, args)
-        expired = int(reply.pop())
+            script_keys = self._charging_keys(tenant, self._clock.now_ms())
+        for _ in range(_BACKLOG_ROUNDS):
+            reply: list[Any] = await self._store.run(script, script_keys, args)
+            self._expired(reply)
+            if reply[0] != BACKLOG:
+                return reply
+            await self._drain(tenant)
+        raise StoreUnavailable(f"{script.name}: ended leases pile up faster than they return")
+
+    async def _drain(self, tenant: str) -> None:
+        """Return every hold whose lease has ended, RECLAIM_BATCH leases per script call."""
+        keep = self._snapshot.config.settings.keep_finished_ms
+        while True:
+            now = self._clock.now_ms()
+            script_keys = self._charging_keys(tenant, now)
+            args = (now, keep, RECLAIM_BATCH)
+            reply: list[Any] = await self._store.run(self._scripts.reclaim, script_keys, args)
+            self._expired(reply)
+            if int(reply[0]) == 0:
+                return
+
+    def _expired(self, reply: list[Any]) -> None:
+        """Pop the two counts every script reply ends with (lua/_lib.lua done()) and tell
+        the observers: leases found ended with their hold in place, and how many of those
+        were charged their estimate."""
+        charged, expired = int(reply.pop()), int(reply.pop())
         if expired:
-            self.events.expired(expired)
-        return reply
+            self.events.expired(expired - charged)
+        if charged:
+            self.events.charged_at_lease_end(charged)
 
     async def _run(
         self,
@@ -847,20 +979,22 @@ class Engine:
         status = int(str(reply[0]))
         if status == 0:
             raise RequestError("reservation_id", f"no reservation {rid!r}", status=404)
-        if status == -1:
-            raise RequestError(unpriced_field, "the reservation has no price: settle with cost_usd")
         state = "settled" if reply[1] == "S" else "released"
         cost, est = int(str(reply[2])), int(str(reply[3]))
         cids = str(reply[5]).split(",") if reply[5] else []
         provider, model = _unmeta(str(reply[6]))
         tokens_in, tokens_out = int(reply[7]), int(reply[8])
-        values = [int(str(v)) for v in reply[9:]]
+        overshoot, priced_by = int(reply[9]), str(reply[10])
+        values = [int(str(v)) for v in reply[11:]]
+        settled = state == "settled"
         return SettleResult(
             reservation_id=rid,
             state=state,
             cost_usd=micro_to_usd(cost),
             estimated_usd=micro_to_usd(est),
-            overshoot_usd=micro_to_usd(max(0, cost - est)) if state == "settled" else 0.0,
+            overshoot_usd=micro_to_usd(overshoot) if settled else 0.0,
+            estimate_error_usd=micro_to_usd(max(0, cost - est)) if settled else 0.0,
+            priced_by=_PRICED_BY.get(priced_by, "none") if settled else "none",
             lease_expired=str(reply[4]) == "1",
             replayed=status == 2,
             provider=provider,
@@ -1012,6 +1146,28 @@ def _meta_head(provider: str | None, model: str | None, identity: Identity) -> s
 def _meta(head: str, step_id: str | None, run_id: str | None) -> str:
     # The run last: the daily aggregates leave it out.
     return f"{head}{_SEP}{step_id or ''}{_SEP}{run_id or ''}"
+
+
+def _fingerprint(req: AuthorizeRequest, asked_micro: int) -> str:
+    """What an idempotency key is bound to: the request's identity, model, estimate, lease
+    and run. A retry of the same request carries the same fingerprint; any other does not."""
+    parts = (
+        req.org_id,
+        req.team_id,
+        req.agent_id,
+        req.workflow_id,
+        req.user_id,
+        req.provider,
+        req.model,
+        asked_micro,
+        req.estimated_tokens_in,
+        req.estimated_tokens_out,
+        req.lease_ms,
+        req.run_id,
+        req.step_id,
+    )
+    text = _SEP.join("" if p is None else str(p) for p in parts)
+    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
 def _unmeta(meta: str) -> tuple[str | None, str | None]:

@@ -37,6 +37,10 @@ class EngineEvents(Protocol):
         """`count` reservations' leases ended with their hold in place; each is reported
         exactly once, by the script call that returned the hold."""
 
+    def charged_at_lease_end(self, count: int) -> None:
+        """`count` reservations' leases ended unsettled and their estimate was charged
+        (on_expiry charge); each is reported exactly once."""
+
 
 class NoEvents:
     def decided(self, operation: str, decision: Decision, seconds: float) -> None:
@@ -60,4 +64,7 @@ class NoEvents:
         pass
 
     def expired(self, count: int) -> None:
+        pass
+
+    def charged_at_lease_end(self, count: int) -> None:
         pass

@@ -122,6 +122,10 @@ async def period_usage(
     return usage
 
 
+_KIND = {"s": "settle", "r": "record", "x": "expiry"}
+_PRICED_BY = {"t": "tokens", "c": "cost", "e": "estimate"}
+
+
 class UsageRecord(msgspec.Struct, kw_only=True):
     """One ledger entry, in the AxonFlow SDK's UsageRecord shape plus run and step."""
 
@@ -142,7 +146,11 @@ class UsageRecord(msgspec.Struct, kw_only=True):
     cost_usd: float
     latency_ms: int | None
     success: bool
-    kind: str  # settle | record
+    # settle | record | expiry (a hold that was charged when its lease ended unsettled)
+    kind: str
+    # What priced the charge: tokens, cost (given), or estimate (the held estimate: no
+    # price for the model, or a hold charged at its lease end).
+    priced_by: str
     created_at: str
 
 
@@ -168,7 +176,8 @@ def _record(tenant: str, entry_id: str, f: Mapping[str, str]) -> UsageRecord:
         cost_usd=micro_to_usd(int(f.get("c", 0))),
         latency_ms=int(latency) if latency else None,
         success=f.get("s") != "0",
-        kind="settle" if f.get("k") == "s" else "record",
+        kind=_KIND.get(f.get("k", ""), "record"),
+        priced_by=_PRICED_BY.get(f.get("p", "c"), "cost"),
         created_at=iso(int(f.get("at", 0))),
     )
 

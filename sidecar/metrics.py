@@ -138,8 +138,9 @@ class Metrics:
         self.reservations = Counter(
             f"{PREFIX}_reservations",
             "Reservation lifecycle events seen by this sidecar: held (authorize), settled, "
-            "released, and expired (a lease that ended with its hold in place: counted once, "
-            "by whichever call's script returned the hold).",
+            "released, expired (a lease that ended with its hold in place: counted once, "
+            "by whichever call's script returned the hold), and charged_at_lease_end (one "
+            "that ended unsettled and was charged its estimate, as proxy routes ask).",
             ["event"],
             registry=reg,
         )
@@ -176,6 +177,19 @@ class Metrics:
             ["result"],
             registry=reg,
         )
+        self.overshoot = Counter(
+            f"{PREFIX}_overshoot_usd",
+            "Settled spend past the cap of a block or downgrade budget: what settles charged "
+            "beyond the estimates held for them (the estimate error of calls in flight, and "
+            "settles that came after their lease ended). Summed, it equals the settled spend "
+            "past the caps.",
+            registry=reg,
+        )
+        self.estimate_charges = Counter(
+            f"{PREFIX}_estimate_charges",
+            "Settles that charged the held estimate because the model has no price.",
+            registry=reg,
+        )
         self.rate_limited = Counter(
             f"{PREFIX}_rate_limit_decisions",
             "Decisions a rate limit denied (mode enforce) or would have denied (mode shadow),"
@@ -204,6 +218,7 @@ class Metrics:
         self._settled = count(self.reservations.labels("settled"))
         self._released = count(self.reservations.labels("released"))
         self._expired = count(self.reservations.labels("expired"))
+        self._charged_at_end = count(self.reservations.labels("charged_at_lease_end"))
         self.alerts_delivered = self.alerts.labels("delivered")
         self.alerts_failed = self.alerts.labels("failed")
         self._reload_ok = self.reloads.labels("success")
@@ -304,6 +319,10 @@ class Metrics:
         if result.state == "settled":
             self._settled.inc()
             self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
+            if result.overshoot_usd:
+                self.overshoot.inc(result.overshoot_usd)
+            if result.priced_by == "estimate":
+                self.estimate_charges.inc()
         else:
             self._released.inc()
         if result.budgets:
@@ -327,6 +346,9 @@ class Metrics:
 
     def expired(self, count: int) -> None:
         self._expired.inc(count)
+
+    def charged_at_lease_end(self, count: int) -> None:
+        self._charged_at_end.inc(count)
 
     def store_unavailable(self, operation: str) -> None:
         now = time.monotonic()

@@ -170,6 +170,9 @@ class Settings:
     usage_aggregate_days: int = 400
     # What a gateway-mode pre-check holds (the SDK's pre-check carries no estimate).
     pre_check_estimate_usd: float = 0.01
+    # The least a hold may be (micro-USD): an estimate of $0 would hold nothing, and any
+    # number of concurrent calls would pass a block budget before the first one settles.
+    min_estimate_micro: int = 10_000
 
 
 @dataclass(frozen=True, slots=True)

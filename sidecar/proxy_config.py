@@ -11,6 +11,7 @@ proxy:
   lease_ms: 60000              # leave out for settings.default_lease_ms
   deny_status: 429             # or 403
   pass_methods: [OPTIONS]      # answered 200 with nothing held (CORS preflight)
+  unsettled: charge            # or release: a hold nobody settled, at its lease end
   routes:                      # by the original path; the longest prefix wins
     - prefix: /v1/chat/completions
       defaults: {provider: openai, model: gpt-4o, estimated_usd: 0.05}
@@ -38,6 +39,8 @@ from sidecar.schemas import Id, LeaseMs, ModelName, Usd
 HeaderName = Annotated[str, Meta(pattern=r"^[a-z0-9!#$%&'*+.^_`|~\-]+\Z", max_length=100)]
 # Matched against the original request path (query string removed).
 PathPrefix = Annotated[str, Meta(pattern=r"^/[^\s?#]*\Z", max_length=1000)]
+# What a hold still unsettled at its lease end becomes (AuthorizeRequest.on_expiry).
+Unsettled = Literal["charge", "release"]
 # An HTTP method as proxies send it (upper-case token).
 Method = Annotated[str, Meta(pattern=r"^[A-Z]+\Z", max_length=20)]
 
@@ -120,6 +123,8 @@ class ProxyRoute(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     hold: bool = True
     # Methods that pass with nothing held on this route; null: proxy.pass_methods.
     pass_methods: tuple[Method, ...] | None = None
+    # A hold still unsettled when its lease ends; null: proxy.unsettled.
+    unsettled: Unsettled | None = None
     defaults: RouteDefaults = msgspec.field(default_factory=RouteDefaults)
 
     def passes(self, method: str, default: tuple[str, ...]) -> bool:
@@ -140,6 +145,11 @@ class ProxySpec(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     # Methods that pass (200) with nothing held where no route says otherwise: a CORS
     # preflight is not a model call.
     pass_methods: tuple[Method, ...] = ("OPTIONS",)
+    # A hold still unsettled when its lease ends (a route may say otherwise): "charge"
+    # charges its estimate as spent, since behind a proxy that forwards to the provider
+    # nobody settles and the call went through; "release" gives it back (the application
+    # settles every call itself, late settles included).
+    unsettled: Unsettled = "charge"
     routes: tuple[ProxyRoute, ...] = ()
 
     def __post_init__(self) -> None:
@@ -176,6 +186,13 @@ class ProxySpec(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
         """The defaults of the route `match` picks."""
         best = self.match(path, method)
         return best.defaults if best is not None else None
+
+    def unsettled_of(self, path: str, method: str) -> Unsettled:
+        """What happens to this request's hold if its lease ends unsettled."""
+        best = self.match(path, method)
+        if best is not None and best.unsettled is not None:
+            return best.unsettled
+        return self.unsettled
 
     def passes(self, path: str, method: str) -> bool:
         """Whether this request passes with nothing held."""

@@ -7,7 +7,7 @@ ValueError("<field>: <reason>") from __post_init__, which api.problems turns int
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -66,6 +66,10 @@ class AuthorizeRequest(IdentityFields, kw_only=True):
     idempotency_key: Token | None = None
     run_id: Id | None = None
     step_id: Id | None = None
+    # A hold still unsettled when its lease ends: "release" gives it back (the call did
+    # not happen, or its caller will settle late), "charge" charges the estimate as spent
+    # (a proxy flow where nobody settles: the call went through).
+    on_expiry: Literal["release", "charge"] = "release"
 
     def __post_init__(self) -> None:
         _usd_or_tokens(
@@ -211,7 +215,14 @@ class SettleResult(Struct, kw_only=True):
     state: str  # settled | released
     cost_usd: float
     estimated_usd: float
+    # This charge's spend past the cap of a block or downgrade budget (the largest over the
+    # reservation's budgets); summed over settles, the settled spend past the cap.
     overshoot_usd: float
+    # How far the cost passed the estimate held for it (0 when it did not).
+    estimate_error_usd: float
+    # What priced the charge: "tokens" (at the reservation's price), "cost" (given), or
+    # "estimate" (the model has no price: the held estimate was charged).
+    priced_by: str
     lease_expired: bool
     replayed: bool
     provider: str | None

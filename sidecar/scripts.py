@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-OPERATIONS = ("authorize", "check", "settle", "release", "record", "status")
+OPERATIONS = ("authorize", "check", "settle", "release", "record", "status", "reclaim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class Scripts:
     release: Script
     record: Script
     status: Script
+    reclaim: Script
 
     @classmethod
     def load_all(cls) -> Scripts:
@@ -48,5 +49,13 @@ class Scripts:
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         return iter(
-            (self.authorize, self.check, self.settle, self.release, self.record, self.status)
+            (
+                self.authorize,
+                self.check,
+                self.settle,
+                self.release,
+                self.record,
+                self.status,
+                self.reclaim,
+            )
         )

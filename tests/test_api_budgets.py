@@ -460,6 +460,8 @@ ADMIN_A = basic("admin-a", "a-secret")
 ADMIN_B = basic("admin-b", "b-secret")
 TENANTS_DOC: dict[str, Any] = {
     "pricing": PRICING,
+    # The estimates compared here are fractions of a cent: no floor may raise them.
+    "settings": {"min_estimate_usd": 0.000001},
     "auth": {
         "clients": [
             {"client_id": "admin-a", "tenant": "ta", "role": "admin", "secret": "a-secret"},

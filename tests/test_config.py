@@ -426,6 +426,7 @@ FALLBACK: dict[str, Any] = {
     "settings": {
         "unpriced_model": "fallback",
         "fallback_price": {"input_per_1k": 0.0025, "output_per_1k": 0.015},
+        "min_estimate_usd": 0.000001,
     },
 }
 

@@ -159,7 +159,9 @@ async def test_release_after_settle_returns_the_settle_and_changes_nothing(
     status, d = await post(client, "/v1/release", {"reservation_id": rid})
     assert status == 200
     assert (d["state"], d["cost_usd"], d["replayed"]) == ("settled", 0.45, True)
-    assert d["overshoot_usd"] == settled["overshoot_usd"] == 0.05
+    # $0.45 on a $0.40 hold: the estimate was $0.05 short, and nothing passed a cap.
+    assert d["estimate_error_usd"] == settled["estimate_error_usd"] == 0.05
+    assert d["overshoot_usd"] == settled["overshoot_usd"] == 0.0
     assert amounts(d) == amounts(settled)
     assert counters(redis_client) == before
     assert state(redis_client, rid) == "S"
@@ -190,20 +192,22 @@ async def test_concurrent_settles_of_one_reservation_charge_once(
     assert (used(redis_client, ORG), held(redis_client, ORG)) == (charge, 0)
 
 
-async def test_refused_settle_changes_nothing_and_a_later_settle_counts_once(
+async def test_settle_by_tokens_of_an_unpriced_reservation_charges_its_hold_once(
     make_client: ClientFactory, redis_client: redis.Redis
 ) -> None:
-    """Settling an unpriced reservation by tokens is refused; it must not finish it."""
+    """A reservation held with no price cannot price tokens: it charges the held estimate
+    (never $0), says so, and a repeat changes nothing."""
     client = await make_client(DOC, timeout_ms=STORE_TIMEOUT_MS)
     rid = await hold(client, 0.3)
-    before = counters(redis_client)
-    status, d = await post(client, "/v1/settle", {"reservation_id": rid, "tokens_in": 1000})
-    assert status == 400 and d["field"] == "tokens_in"
-    assert counters(redis_client) == before and state(redis_client, rid) == "H"
-
+    body = {"reservation_id": rid, "tokens_in": 1000}
+    for replayed in (False, True):
+        status, d = await post(client, "/v1/settle", body)
+        assert status == 200 and d["replayed"] is replayed
+        assert (d["state"], d["cost_usd"], d["priced_by"]) == ("settled", 0.3, "estimate")
+        assert (used(redis_client, U1), held(redis_client, U1)) == (300_000, 0)
     status, d = await post(client, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.01})
-    assert status == 200 and d["replayed"] is False
-    assert (used(redis_client, U1), held(redis_client, U1)) == (10_000, 0)
+    assert status == 200 and d["replayed"] is True and d["cost_usd"] == 0.3
+    assert (used(redis_client, U1), held(redis_client, U1)) == (300_000, 0)
 
 
 async def test_settle_by_tokens_twice_charges_the_priced_cost_once(
@@ -213,9 +217,9 @@ async def test_settle_by_tokens_twice_charges_the_priced_cost_once(
     status, d = await post(
         client,
         "/v1/authorize",
-        {"user_id": "u1", "model": "gpt-4o", "estimated_tokens_in": 1000},
+        {"user_id": "u1", "model": "gpt-4o", "estimated_tokens_in": 10_000},
     )
-    assert d["allowed"] and held(redis_client, U1) == 2_500
+    assert d["allowed"] and held(redis_client, U1) == 25_000
     rid = d["reservation_id"]
     body = {"reservation_id": rid, "tokens_in": 333, "tokens_out": 77}
     # 333 * 2.5e6 pico = 832.5 micro -> 833; 77 * 1e7 pico = 770 micro.
@@ -239,18 +243,29 @@ async def test_authorize_retried_with_the_same_key_holds_once(
     rid = first["reservation_id"]
     assert (held(redis_client, U1), held(redis_client, ORG)) == (200_000, 200_000)
 
-    for retry in (body, {**body, "estimated_usd": 0.9}, {**body, "user_id": "u2"}):
-        status, d = await post(client, "/v1/authorize", retry)
-        assert status == 200
-        assert (d["allowed"], d["reservation_id"], d["replayed"]) == (True, rid, True)
-        assert (held(redis_client, U1), held(redis_client, ORG)) == (200_000, 200_000)
-        assert held(redis_client, U2) == 0
+    # The same request again is a retry: the same reservation, nothing held twice.
+    status, d = await post(client, "/v1/authorize", body)
+    assert status == 200
+    assert (d["allowed"], d["reservation_id"], d["replayed"]) == (True, rid, True)
+    # The same key on another request (estimate, payer) is refused and changes nothing.
+    for other in ({**body, "estimated_usd": 0.9}, {**body, "user_id": "u2"}):
+        before = counters(redis_client)
+        status, d = await post(client, "/v1/authorize", other)
+        assert status == 409 and d["field"] == "idempotency_key", d
+        assert counters(redis_client) == before
+    assert (held(redis_client, U1), held(redis_client, ORG), held(redis_client, U2)) == (
+        200_000,
+        200_000,
+        0,
+    )
     assert redis_client.zcard(LEASE) == 1
 
-    # A retry after the reservation finished still names it and holds nothing new.
+    # After the reservation finished, its key never allows a call again.
     await post(client, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.1})
+    before = counters(redis_client)
     status, d = await post(client, "/v1/authorize", body)
-    assert (d["allowed"], d["reservation_id"], d["replayed"]) == (True, rid, True)
+    assert status == 409 and d["field"] == "idempotency_key" and "settled" in d["detail"]
+    assert counters(redis_client) == before
     assert (used(redis_client, U1), held(redis_client, U1)) == (100_000, 0)
     assert redis_client.zcard(LEASE) == 0
 
@@ -280,8 +295,8 @@ async def test_authorize_replay_of_an_expired_reservation_holds_nothing_again(
     body = {"user_id": "u1", "estimated_usd": 0.2, "idempotency_key": "k", "lease_ms": 500}
     _, first = await post(client, "/v1/authorize", body)
     clock.advance(500)
-    _, d = await post(client, "/v1/authorize", body)
-    assert (d["reservation_id"], d["replayed"]) == (first["reservation_id"], True)
+    status, d = await post(client, "/v1/authorize", body)
+    assert status == 409 and d["field"] == "idempotency_key" and "expired" in d["detail"]
     assert (held(redis_client, U1), held(redis_client, ORG)) == (0, 0)
     assert state(redis_client, first["reservation_id"]) == "E"
 
@@ -356,7 +371,7 @@ async def test_settle_after_expiry_charges_the_cost_and_returns_the_hold_once(
         True,
         False,
     )
-    assert d["overshoot_usd"] == 0.05
+    assert (d["estimate_error_usd"], d["overshoot_usd"]) == (0.05, 0.0)
     assert amounts(d) == [("org", 300_000, 100_000), ("user", 300_000, 100_000)]
     snapshot = counters(redis_client)
     assert snapshot == {

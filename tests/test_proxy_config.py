@@ -46,6 +46,7 @@ def test_defaults() -> None:
     # X-Original-URI is never read; OPTIONS passes with nothing held.
     assert (spec.trusted.uri_header, spec.trusted.method_header) == (None, None)
     assert spec.pass_methods == ("OPTIONS",)
+    assert spec.unsettled == "charge"
     assert h.original_uri is None
 
 
@@ -93,6 +94,12 @@ def test_the_longest_matching_prefix_wins() -> None:
         ),
         ({"trusted": {"uri_header": "X-Forwarded-Uri"}}, "$.proxy.trusted.uri_header", "regex"),
         ({"trusted": {"uri_headers": "x"}}, "$.proxy.trusted.uri_headers", "unknown field"),
+        ({"unsettled": "keep"}, "$.proxy.unsettled", "Invalid enum value 'keep'"),
+        (
+            {"routes": [{"prefix": "/a", "unsettled": "x"}]},
+            "$.proxy.routes[0].unsettled",
+            "Invalid enum value 'x'",
+        ),
         ({"pass_methods": ["options"]}, "$.proxy.pass_methods[0]", "matching regex"),
         (
             {"routes": [{"prefix": "/a", "methods": ["get"]}]},

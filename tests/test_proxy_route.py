@@ -17,7 +17,10 @@ from tests.harness import free_port
 
 PRICING = [
     {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.0025, "output_per_1k": 0.01},
-]
+    # What the downgrade budgets fall back to: a downgrade re-prices the call for it.
+    {"provider": "openai", "model": "gpt-4o-mini", "input_per_1k": 0.00015,
+     "output_per_1k": 0.0006},
+]  # fmt: skip
 USER_DAILY: dict[str, Any] = {
     "id": "user-daily",
     "name": "Each user daily",
@@ -414,7 +417,6 @@ async def test_no_applicable_budget_allows_without_remaining(make_client: Client
                 "1 0",
                 "1,5",
                 "\u0661",
-                "1.0000000001",
                 "2000000",
             )
         ),
@@ -457,12 +459,40 @@ async def test_redis_down_follows_the_fail_mode(fail_mode: str, status: int) -> 
         await client.close()
 
 
-async def test_unsettled_hold_returns_when_its_lease_ends(
+async def used(client: TestClient[Any, Any]) -> Any:
+    resp = await client.get("/v1/budgets/user-daily/status", params={"scope_id": "u1"})
+    assert resp.status == 200
+    return (await resp.json())["used_usd"]
+
+
+async def test_an_unsettled_hold_is_charged_at_its_lease_end_by_default(
     make_client: ClientFactory, clock: FakeClock
 ) -> None:
     client = await make_client(doc(lease_ms=2000))
     headers = {**IDENTITY, "x-budget-estimate-usd": "0.7"}
     assert (await client.get("/ext_authz/", headers=headers)).status == 200
-    assert (await client.get("/ext_authz/", headers=headers)).status == 429
     clock.advance(2001)
-    assert await held(client) == 0.0
+    # Nobody settled: the call went through, so its estimate is spent, not returned.
+    assert (await held(client), await used(client)) == (0.0, 0.7)
+    assert (await client.get("/ext_authz/", headers=headers)).status == 429
+
+
+@pytest.mark.parametrize(
+    ("proxy", "path", "charged"),
+    [
+        ({"unsettled": "release"}, "/v1/chat", 0.0),
+        ({"unsettled": "release", "routes": [{"prefix": "/v1", "unsettled": "charge"}]},
+         "/v1/chat", 0.7),
+        ({"routes": [{"prefix": "/v1", "unsettled": "release"}]}, "/v1/chat", 0.0),
+        ({"routes": [{"prefix": "/v1", "unsettled": "release"}]}, "/other", 0.7),
+    ],
+)  # fmt: skip
+async def test_unsettled_release_returns_the_hold_where_configured(
+    make_client: ClientFactory, clock: FakeClock, proxy: dict[str, Any], path: str, charged: float
+) -> None:
+    client = await make_client(doc(lease_ms=2000, **proxy))
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.7"}
+    assert (await client.get(f"/ext_authz{path}", headers=headers)).status == 200
+    assert (await client.get(f"/ext_authz{path}", headers=headers)).status == 429
+    clock.advance(2001)
+    assert (await held(client), await used(client)) == (0.0, charged)

@@ -559,10 +559,27 @@ async def test_the_application_settles_by_the_reservation_id(
     assert (state["held_usd"], state["used_usd"]) == (0.0, 0.42)
 
 
-async def test_an_unsettled_hold_expires_with_its_lease(
+async def test_an_unsettled_hold_is_charged_when_its_lease_ends(
     make_stack: StackFactory, proxy_kind: str, clock: FakeClock
 ) -> None:
     stack = await make_stack(doc(lease_ms=5000), proxy_kind)
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.3"}
+    for _ in range(3):
+        assert (await stack.send(headers=headers))[0] == 200
+    # A fourth 0.3 does not fit beside the three holds...
+    assert (await stack.send(headers=headers))[0] == 429
+    clock.advance(5001)
+    # ...nor once their leases have ended: nobody settled, so they were charged.
+    assert (await stack.send(headers=headers))[0] == 429
+    state = await stack.budget()
+    assert (state["held_usd"], state["used_usd"]) == (0.0, 0.9)
+    assert len(stack.seen) == 3
+
+
+async def test_an_unsettled_hold_expires_with_its_lease_where_released(
+    make_stack: StackFactory, proxy_kind: str, clock: FakeClock
+) -> None:
+    stack = await make_stack(doc(lease_ms=5000, unsettled="release"), proxy_kind)
     headers = {**IDENTITY, "x-budget-estimate-usd": "0.6"}
     assert (await stack.send(headers=headers))[0] == 200
     # A second 0.6 does not fit beside the first hold...

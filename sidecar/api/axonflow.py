@@ -339,6 +339,9 @@ def add_routes(
                 agent_id=body.agent_id,
                 workflow_id=body.workflow_id,
                 user_id=body.user_id,
+                # What the SDK's pre-check would hold: check_budget answers what pre_check
+                # would decide, not "is anything left".
+                estimated_usd=engine.config.settings.pre_check_estimate_usd,
             ),
         )
         evaluated = []

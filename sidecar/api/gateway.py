@@ -5,12 +5,15 @@ after it (wire contract §5).
   org_id, team_id, agent_id, workflow_id, user_id, provider, model; also run_id, step_id
   and a numeric estimated_usd) with `settings.pre_check_estimate_usd` as the estimate,
   and returns the reservation id as `context_id`. A block budget that denies answers 402
-  with the body that makes the SDK raise `BudgetExceededError` with `budget_info`; a
-  rate limit that denies answers 429 with Retry-After (the SDK raises AxonFlowError).
+  with the body that makes the SDK raise `BudgetExceededError` with `budget_info`. Any
+  other denial (a rate or concurrency limit) answers 200 with `approved: false` and a
+  `block_reason`, the form the SDK and its LiteLLM wrapper honour: a 429 would reach them
+  as a plain `AxonFlowError`, which axonflow-litellm reads as an outage and fails open on.
 - `POST /api/audit/llm-call` settles that reservation from `token_usage` priced with the
-  tenant's pricing (or `metadata.cost_usd` for an unpriced model), exactly once: the SDK
-  re-sends the same body after a timeout, and a second settle of a reservation returns the
-  first result.
+  tenant's pricing (or `metadata.cost_usd` for an unpriced model; with neither, the held
+  estimate is charged, never $0, and `priced_by: "estimate"` says so), exactly once: the
+  SDK re-sends the same body after a timeout, and a second settle of a reservation returns
+  the first result.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from sidecar.config import split_validation_error
 from sidecar.engine import Engine, RequestError, new_reservation_id
 from sidecar.model import Action
 from sidecar.periods import iso
-from sidecar.schemas import ID_PATTERN, AuthorizeRequest, ReservationId, Tokens
+from sidecar.schemas import ID_PATTERN, AuthorizeRequest, Decision, ReservationId, Tokens
 
 # Ids and names the context may carry, and the pattern each must match.
 _CONTEXT_IDS = ("org_id", "team_id", "agent_id", "workflow_id", "user_id", "provider",
@@ -86,6 +89,10 @@ class PreCheckResult(msgspec.Struct, kw_only=True):
 class AuditResult(msgspec.Struct, kw_only=True):
     success: bool
     audit_id: str
+    # Beyond the SDK's fields (it ignores them): what was charged and how it was priced
+    # ("estimate": the model has no price, so the held estimate was charged).
+    cost_usd: float
+    priced_by: str
 
 
 _pre_check_body = msgspec.json.Decoder(PreCheckRequest).decode
@@ -111,6 +118,17 @@ def _context(context: dict[str, Any], default_estimate: float) -> AuthorizeReque
         raise ProblemError(400, f"{field}: {message}", field=field) from None
 
 
+def _rate_limit(engine: Engine, decision: Decision) -> RateLimitInfo | None:
+    limit = decision.rate_limit
+    if limit is None:
+        return None
+    return RateLimitInfo(
+        limit=limit.limit,
+        remaining=limit.remaining,
+        reset_at=iso(engine.now_ms() + max(limit.retry_after_ms, 0)),
+    )
+
+
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def pre_check(request: web.Request) -> web.Response:
         require(request, Role.AGENT)
@@ -133,19 +151,22 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                         }
                     ),
                 )
-            raise ProblemError(
-                429,
-                decision.message or "rate limited",
-                headers=limit_headers.headers(decision),
+            # Rate, concurrency and other policy denials: 200 approved false (§5.4 b).
+            denied = json_response(
+                PreCheckResult(
+                    context_id=new_reservation_id(),
+                    approved=False,
+                    requires_redaction=False,
+                    approved_data={},
+                    policies=[],
+                    rate_limit=_rate_limit(engine, decision),
+                    expires_at=iso(engine.now_ms()),
+                    block_reason=decision.message or "denied by policy",
+                )
             )
-        limit = decision.rate_limit
-        rate_limit = None
-        if limit is not None:
-            rate_limit = RateLimitInfo(
-                limit=limit.limit,
-                remaining=limit.remaining,
-                reset_at=iso(engine.now_ms() + max(limit.retry_after_ms, 0)),
-            )
+            denied.headers.update(limit_headers.headers(decision))
+            return denied
+        rate_limit = _rate_limit(engine, decision)
         return json_response(
             PreCheckResult(
                 # Fail-open without Redis holds nothing: an id no audit will find.
@@ -195,7 +216,12 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                 err.status, f"no pre-check {body.context_id!r}", field="context_id"
             ) from None
         return json_response(
-            AuditResult(success=result.state == "settled", audit_id=body.context_id)
+            AuditResult(
+                success=result.state == "settled",
+                audit_id=body.context_id,
+                cost_usd=result.cost_usd,
+                priced_by=result.priced_by,
+            )
         )
 
     app.router.add_post("/api/policy/pre-check", pre_check)

@@ -36,7 +36,7 @@ from sidecar.api.problems import ProblemError
 from sidecar.api.problems import response as problem_response
 from sidecar.auth import Role
 from sidecar.config import split_validation_error
-from sidecar.engine import Engine, RequestError, Unavailable
+from sidecar.engine import Engine, IdempotencyConflict, RequestError, Unavailable
 from sidecar.model import Action
 from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import AuthorizeRequest, BudgetInfo, Decision
@@ -48,7 +48,7 @@ _encode = msgspec.json.Encoder().encode
 PASS = "pass"
 # A strict decimal: digits and an optional fraction. float() would also take "1e3", "-0",
 # "0_5" (as 5), "inf" and "nan"; none of them is an amount a proxy sends.
-_DECIMAL = re.compile(r"[0-9]{1,7}(?:\.[0-9]{1,9})?")
+_DECIMAL = re.compile(r"[0-9]{1,7}(?:\.[0-9]{1,12})?")
 _METHOD = re.compile(r"[A-Z]{1,20}")
 # The identity and model fields, in AuthorizeRequest's names (= ProxyHeaders' names).
 _FIELDS = ("org_id", "team_id", "agent_id", "workflow_id", "user_id", "provider", "model")
@@ -67,6 +67,11 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             decision = await engine.authorize(tenant_of(request), req)
         except ProblemError as err:
             return _problem(err)
+        except IdempotencyConflict as err:
+            # A request id whose hold is gone, or that another request made: the proxy
+            # must not pass this call upstream.
+            denied = Decision(allowed=False, action=Action.BLOCK, message=err.message)
+            return deny(engine, spec, denied)
         except RequestError as err:
             name = _header_of(spec, err)
             return _problem(ProblemError(err.status, f"{name}: {err.message}", field=name))
@@ -124,7 +129,7 @@ def parse_usd(name: str, raw: str) -> float:
     if not _DECIMAL.fullmatch(raw):
         raise ProblemError(
             400,
-            f"{name}: not a decimal amount (digits, optional .fraction): {raw[:50]!r}",
+            f"{name}: not a decimal number of USD such as 0.05: {raw[:50]!r}",
             field=name,
         )
     return float(raw)
@@ -157,6 +162,7 @@ def authorize_request(
         fields["idempotency_key"] = request_id
     if spec.lease_ms is not None:
         fields["lease_ms"] = spec.lease_ms
+    fields["on_expiry"] = spec.unsettled_of(path, method)
     try:
         return msgspec.convert(fields, AuthorizeRequest)
     except msgspec.ValidationError as exc:

@@ -1,0 +1,225 @@
+"""The real LiteLLM stack against a real sidecar: `litellm` (offline, `mock_response=`),
+the `axonflow` SDK and `axonflow-litellm`'s AxonFlowLogger, which calls pre_check before
+each completion and audit_llm_call after it. A runaway loop of 50 concurrent tasks must
+end within a block budget with every completed call charged, whether the model is named
+`gpt-4o` or the LiteLLM way (`openai/gpt-4o`); a request limit of 5 per minute lets at most
+5 of 30 calls run; an unpriced model is charged its hold, never $0.
+
+mock_response answers with usage of 10 prompt and 20 completion tokens (gotchas.md): the
+test prices gpt-4o so that one call costs exactly $0.01, the pre-check's default hold."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import RedisServer, SidecarProcess, missing
+
+os.environ["AXONFLOW_TELEMETRY"] = "off"
+os.environ.pop("AXONFLOW_TRY", None)
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+try:
+    import litellm
+    from axonflow_litellm import AxonFlowLogger, AxonFlowLoggerConfig
+
+    HAVE_STACK = True
+except ImportError:  # pragma: no cover - the dev extra installs them
+    HAVE_STACK = False
+
+# litellm and pydantic warn about their own types at import and first use; not ours.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+PER_CALL_USD = 0.01
+TASKS = 50
+
+
+def doc(budget: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {
+        "budgets": [budget] if budget else [],
+        # 10 tokens in at $0.5/1k + 20 out at $0.25/1k = $0.005 + $0.005 = $0.01 a call.
+        "pricing": [
+            {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.5, "output_per_1k": 0.25}
+        ],
+        **extra,
+    }
+
+
+AGENT_BUDGET = {
+    "id": "agent-cap",
+    "name": "Agent cap",
+    "scope": "agent",
+    "scope_id": "agent-1",
+    "limit_usd": 0.05,
+    "period": "daily",
+    "on_exceed": "block",
+}
+
+
+@pytest.fixture
+def start(
+    redis_server: RedisServer, redis_client: Any, write_config: Callable[[dict[str, Any]], Path]
+) -> Iterator[Callable[[dict[str, Any]], SidecarProcess]]:
+    if not HAVE_STACK:
+        missing("litellm and axonflow-litellm (pip install -e '.[dev]')")
+    procs: list[SidecarProcess] = []
+
+    def run(config: dict[str, Any]) -> SidecarProcess:
+        proc = SidecarProcess(redis_server.url, str(write_config(config))).start()
+        procs.append(proc)
+        return proc
+
+    yield run
+    for p in procs:
+        p.cleanup()
+
+
+async def runaway(url: str, model: str, tasks: int) -> tuple[int, int, list[str]]:
+    """`tasks` concurrent governed completions of one agent: (completed, denied, errors)."""
+    logger = AxonFlowLogger(
+        AxonFlowLoggerConfig(
+            endpoint=url, client_id="runaway-test", extra_context={"agent_id": "agent-1"}
+        )
+    )
+    completed = denied = 0
+    errors: list[str] = []
+
+    async def one() -> None:
+        nonlocal completed, denied
+        try:
+            await logger.acompletion(
+                model=model, messages=[{"role": "user", "content": "loop"}], mock_response="ok"
+            )
+            completed += 1
+        except Exception as exc:  # the wrapper's denials: PolicyDeniedError
+            if type(exc).__name__ == "PolicyDeniedError":
+                denied += 1
+            else:
+                errors.append(repr(exc))
+
+    try:
+        await asyncio.gather(*(one() for _ in range(tasks)))
+    finally:
+        await logger.aclose()
+    return completed, denied, errors
+
+
+def status(url: str, budget_id: str) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{url}/v1/budgets/{budget_id}/status") as r:
+        body: dict[str, Any] = json.loads(r.read())
+    return body
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "openai/gpt-4o"])
+def test_a_runaway_loop_through_litellm_ends_within_the_cap(
+    start: Callable[[dict[str, Any]], SidecarProcess], model: str
+) -> None:
+    # The pre-check holds $0.012, more than a call costs: a call charged its hold instead
+    # of its priced usage (an unresolved model name) would show.
+    proc = start(doc(AGENT_BUDGET, settings={"pre_check_estimate_usd": 0.012}))
+    completed, denied, errors = asyncio.run(runaway(proc.url, model, TASKS))
+    assert errors == []
+    assert completed + denied == TASKS
+    s = status(proc.url, "agent-cap")
+    # Every completed call is charged its priced usage, and the cap holds.
+    assert round(s["used_usd"] * 1e6) == completed * round(PER_CALL_USD * 1e6), (s, completed)
+    assert s["used_usd"] <= 0.05 and s["held_usd"] == 0.0
+    # Four $0.012 holds fit $0.05 at once; then $0.01 is left, less than a hold.
+    assert completed == 4
+
+
+def test_a_request_limit_lets_at_most_five_of_thirty_calls_run(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    limit = {"id": "agent-rpm", "scope": "agent", "metric": "requests", "limit": 5,
+             "window": "1m"}  # fmt: skip
+    proc = start(doc(rate_limits=[limit]))
+    completed, denied, errors = asyncio.run(runaway(proc.url, "openai/gpt-4o", 30))
+    assert errors == []
+    # GCRA without burst spaces 5 a minute 12 s apart: of 30 at once, one runs. What
+    # matters is that the wrapper reads the denials as denials, not as an outage to fail
+    # open on (before, 30 of 30 ran).
+    assert 1 <= completed <= 5 and denied == 30 - completed
+
+
+def test_an_unpriced_model_is_charged_its_hold_never_zero(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    proc = start(doc(AGENT_BUDGET))
+    completed, denied, errors = asyncio.run(runaway(proc.url, "openai/no-such-model-x", 8))
+    assert errors == []
+    s = status(proc.url, "agent-cap")
+    assert completed == 5 and denied == 3
+    # The pre-check's hold ($0.01, settings.pre_check_estimate_usd) for each completed call.
+    assert round(s["used_usd"] * 1e6) == 5 * 10_000 and s["held_usd"] == 0.0
+    metrics = _get(f"{proc.url}/metrics")
+    line = next(x for x in metrics.splitlines()
+                if x.startswith("budget_sidecar_estimate_charges_total"))  # fmt: skip
+    assert float(line.split()[-1]) == 5
+
+
+def test_check_budget_answers_what_pre_check_would(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    from axonflow import AxonFlow
+    from axonflow.types import BudgetCheckRequest
+
+    budget = {**AGENT_BUDGET, "limit_usd": 0.015}
+    proc = start(doc(budget))
+
+    async def scenario() -> list[tuple[bool, bool]]:
+        answers = []
+        async with AxonFlow(endpoint=proc.url, client_id="check-test") as client:
+            for _ in range(2):
+                check = await client.check_budget(BudgetCheckRequest(agent_id="agent-1"))
+                pre = await client.pre_check(
+                    user_token="u", query="q", context={"agent_id": "agent-1"}
+                )
+                answers.append((check.allowed, pre.approved))
+        return answers
+
+    # $0.015: one $0.01 hold fits, the second does not; check_budget says so both times.
+    try:
+        answers = asyncio.run(scenario())
+    except Exception as exc:  # the second pre-check is a 402 BudgetExceededError
+        assert type(exc).__name__ == "BudgetExceededError", repr(exc)
+        answers = [(True, True)]
+    assert answers[0] == (True, True)
+
+    async def second_check() -> bool:
+        async with AxonFlow(endpoint=proc.url, client_id="check-test") as client:
+            check = await client.check_budget(BudgetCheckRequest(agent_id="agent-1"))
+            return bool(check.allowed)
+
+    # $0.005 left: less than the pre-check's hold, so pre-check would deny; so does check.
+    assert asyncio.run(second_check()) is False
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url) as r:
+        text: str = r.read().decode()
+    return text
+
+
+def test_the_stack_is_pinned() -> None:
+    if not HAVE_STACK:
+        missing("litellm and axonflow-litellm (pip install -e '.[dev]')")
+    from importlib.metadata import version
+
+    assert version("litellm") != "1.107.0"  # a known compromised release
+    assert litellm is not None
