@@ -7,8 +7,9 @@
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms
 -- ARGV[4] 't' to price tokens with the prices held in the record (a reservation with no
---         price charges its held estimate), 'c' for a given cost, 'e' to charge the held
---         estimate (the model has no price anywhere)
+--         price charges its held estimate), 'c' for a given cost, 'p' for a cost the
+--         sidecar priced from tokens (recorded as 't'), 'e' to charge the held estimate
+--         (the model has no price anywhere)
 -- ARGV[5] tokens in   ARGV[6] tokens out   ('' = unknown; always given for 't')
 -- ARGV[7] cost, micro-USD (for 'c')
 -- ARGV[8] the rate limiters' clock, ms ('' = Redis TIME)
@@ -48,6 +49,7 @@ elseif priced_by == 'e' then
   cost = tonumber(r[3])
 else
   cost = tonumber(ARGV[7])
+  if priced_by == 'p' then priced_by = 't' end
 end
 
 local est, held = tonumber(r[3]), r[1] == 'H'

@@ -661,8 +661,11 @@ class Engine:
         latency_ms: int | None,
         success: bool,
         provider_model: tuple[str, str] | None = None,
+        *,
+        priced_here: bool = False,
     ) -> SettleResult:
-        """Settle at `cost_micro`, or (None) at `tokens` priced as the reservation was.
+        """Settle at `cost_micro`, or (None) at `tokens` priced as the reservation was
+        (`priced_here`: the cost is the tokens priced by the sidecar, not the caller's).
         Tokens given with a cost are recorded and correct the token limiters;
         `provider_model` replaces the reservation's in its usage record (the gateway's
         audit names the model only after the call)."""
@@ -672,7 +675,7 @@ class Engine:
             now,
             rid,
             settings.keep_finished_ms,
-            "t" if cost_micro is None else ("e" if cost_micro < 0 else "c"),
+            _settle_mode(cost_micro, priced_here),
             "" if tokens is None else tokens[0],
             "" if tokens is None else tokens[1],
             max(cost_micro or 0, 0),
@@ -827,6 +830,7 @@ class Engine:
             latency_ms,
             True,
             (provider, model),
+            priced_here=price is not None,
         )
         self.events.finished("settle", result, time.perf_counter() - start)
         return result
@@ -1146,6 +1150,16 @@ def _meta_head(provider: str | None, model: str | None, identity: Identity) -> s
 def _meta(head: str, step_id: str | None, run_id: str | None) -> str:
     # The run last: the daily aggregates leave it out.
     return f"{head}{_SEP}{step_id or ''}{_SEP}{run_id or ''}"
+
+
+def _settle_mode(cost_micro: int | None, priced_here: bool) -> str:
+    """settle.lua's ARGV[4]: price the tokens ('t'), charge the estimate ('e'), or charge a
+    cost given by the caller ('c') or priced from tokens by the sidecar ('p')."""
+    if cost_micro is None:
+        return "t"
+    if cost_micro == CHARGE_ESTIMATE:
+        return "e"
+    return "p" if priced_here else "c"
 
 
 def _fingerprint(req: AuthorizeRequest, asked_micro: int) -> str:

@@ -149,6 +149,7 @@ async def test_each_charge_writes_exactly_one_record_with_its_fields(
         "latency_ms": 842,
         "success": False,
         "kind": "settle",
+        "priced_by": "tokens",
         "created_at": "2026-03-10T12:00:01Z",
     }
     assert [rec["id"]] == stream_ids(redis_client, USAGE)

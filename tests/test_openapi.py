@@ -242,7 +242,7 @@ async def test_real_answers_validate_against_the_document(make_app: Factory) -> 
         ("get", "/api/v1/usage/records", "200"), ("put", PRICING, "200"),
         ("put", PRICING, "400"), ("delete", PRICING, "204"), ("delete", PRICING, "404"),
         ("delete", PRICING, "400"), ("post", PRE_CHECK, "200"), ("post", PRE_CHECK, "402"),
-        ("post", PRE_CHECK, "429"), ("post", PRE_CHECK, "400"), ("post", PRE_CHECK, "503"),
+        ("post", PRE_CHECK, "400"), ("post", PRE_CHECK, "503"),
         ("post", AUDIT, "200"), ("post", AUDIT, "404"), ("post", AUDIT, "400"),
         ("post", AUDIT, "503"), ("get", AX_STATUS, "503"),
     }  # fmt: skip
@@ -331,7 +331,12 @@ async def axonflow_answers(call: Call) -> None:
              "token_usage": {"prompt_tokens": 100, "completion_tokens": 50, "total_tokens": 150},
              "latency_ms": 250, "metadata": {}}  # fmt: skip
     first = await call("post", AUDIT, json=audit)
-    assert first == {"success": True, "audit_id": approved["context_id"]}
+    assert (first["success"], first["audit_id"], first["priced_by"]) == (
+        True,
+        approved["context_id"],
+        "tokens",
+    )
+    assert first["cost_usd"] > 0
     assert await call("post", AUDIT, json=audit) == first
     await call("post", AUDIT, json={**audit, "context_id": "0" * 32})  # 404
     await call("post", AUDIT, json={**audit, "model": "unpriced"})  # no price, no cost: 400
@@ -342,12 +347,14 @@ async def axonflow_answers(call: Call) -> None:
     # The org's $1 block budget cannot hold $5: 402, the body of BudgetExceededError.
     over = await call("post", PRE_CHECK, json={**body, "context": {"estimated_usd": 5}})
     assert over["error"] == "budget_exceeded" and over["budget_info"]["budget_id"] == "org"
-    # One request a minute per workflow: the second pre-check is rate limited (429).
+    # One request a minute per workflow: the second pre-check is rate limited, which the
+    # SDK honours as 200 approved false (a 429 it would read as an outage).
     once = {"id": "once", "scope": "workflow", "metric": "requests", "limit": 1, "window": "1m"}
     await call("post", "/v1/rate-limits", json=once)
     flow = {**body, "context": {"workflow_id": "w1"}}
-    await call("post", PRE_CHECK, json=flow)
-    await call("post", PRE_CHECK, json=flow)
+    assert (await call("post", PRE_CHECK, json=flow))["approved"] is True
+    limited = await call("post", PRE_CHECK, json=flow)
+    assert limited["approved"] is False and "once" in limited["block_reason"], limited
     await call("delete", "/v1/rate-limits/once", "/v1/rate-limits/{limit_id}")
 
     # Usage: what the calls above charged.

@@ -754,21 +754,6 @@ def test_the_shipped_nginx_config_is_valid_as_is(tmp_path: Path) -> None:
     assert "test is successful" in out.stderr
 
 
-async def test_a_repeated_check_with_one_request_id_holds_once(make_stack: StackFactory) -> None:
-    # Envoy keys the hold on the caller's x-request-id (preserve_external_request_id); the
-    # forward-auth examples replace it with their own id (tests above).
-    envoy_binary()
-    stack = await make_stack(doc(), "envoy")
-    headers = {**IDENTITY, "x-budget-estimate-usd": "0.6", "x-request-id": "retry-me-1"}
-    first = await stack.send(headers=headers)
-    second = await stack.send(headers=headers)
-    assert (first[0], second[0]) == (200, 200)
-    rids = {s.headers["x-budget-reservation-id"] for s in stack.seen}
-    assert len(stack.seen) == 2 and len(rids) == 1
-    state = await stack.budget()
-    assert state["held_usd"] == 0.6
-
-
 async def test_envoy_fails_open_when_configured(make_stack: StackFactory) -> None:
     envoy_binary()
     stack = await make_stack(doc(), "envoy", sidecar_up=False, fail_open=True)
@@ -777,6 +762,21 @@ async def test_envoy_fails_open_when_configured(make_stack: StackFactory) -> Non
     [seen] = stack.seen
     assert seen.headers["x-envoy-auth-failure-mode-allowed"] == "true"
     assert "x-budget-reservation-id" not in seen.headers
+
+
+async def test_envoy_replaces_a_client_request_id(make_stack: StackFactory) -> None:
+    """The hold's idempotency key is Envoy's own x-request-id: a client that sends one
+    twice gets two holds (the second does not fit), not a replay of the first decision."""
+    envoy_binary()
+    stack = await make_stack(doc(), "envoy")
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.6", "x-request-id": "retry-me-1"}
+    first = await stack.send(headers=headers)
+    second = await stack.send(headers=headers)
+    assert (first[0], second[0]) == (200, 429)
+    [seen] = stack.seen
+    assert seen.headers["x-request-id"] != "retry-me-1"
+    state = await stack.budget()
+    assert state["held_usd"] == 0.6
 
 
 def _json(body: bytes) -> dict[str, Any]:

@@ -640,10 +640,13 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                 "summary": "Hold an estimate before an LLM call (AxonFlow SDK pre_check)",
                 "requestBody": _body("PreCheckRequest"),
                 "responses": {
-                    "200": _json("PreCheckResult", "Approved; `context_id` is the hold."),
+                    "200": _json(
+                        "PreCheckResult",
+                        "Approved (`context_id` is the hold), or denied by a rate or "
+                        "concurrency limit: `approved: false` with a `block_reason`.",
+                    ),
                     "402": _json("BudgetExceeded",
                                  "A block budget denies (the SDK raises BudgetExceededError)."),
-                    "429": {**_problem("A rate limit denies."), "headers": RATE_LIMIT_HEADERS},
                     **decides,
                 },
             }
