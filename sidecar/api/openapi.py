@@ -286,9 +286,14 @@ def _ext_authz_op(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
         _header_param(h.provider, "provider", ident),
         _header_param(h.model, "model", model),
         _header_param(h.estimate_usd, "USD to hold (a decimal number, at most 1e6)", usd),
-        _header_param(h.request_id, "becomes the idempotency key", token),
-        *(_header_param(n, "the client's original path (forward auth)") for n in h.original_uri),
     ]
+    if h.request_id is not None:
+        params.append(_header_param(h.request_id, "becomes the idempotency key", token))
+    t = proxy.trusted
+    if t.uri_header is not None:
+        params.append(_header_param(t.uri_header, "the client's original URI (set by the proxy)"))
+    if t.method_header is not None:
+        params.append(_header_param(t.method_header, "the client's method (set by the proxy)"))
     if tail:
         params.insert(0, _path_param("tail", "Envoy appends the client's path"))
     deny = _json("Decision", "Denied by a budget or rate limit.")
@@ -305,9 +310,29 @@ def _ext_authz_op(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
     }
 
 
-def _ext_authz_item(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
+def _pass_op(tail: bool) -> dict[str, Any]:
+    """A method that passes with nothing held (proxy.pass_methods): no header is read."""
     return {
-        method: {**_ext_authz_op(proxy, tail), "operationId": f"ext_authz_{method}{'_tail' * tail}"}
+        "summary": "Proxy hook: passes with nothing held (proxy.pass_methods)",
+        "parameters": [_path_param("tail", "Envoy appends the client's path")] if tail else [],
+        "responses": {"200": {"description": "Passes; `x-budget-action: pass`, nothing held."}},
+    }
+
+
+def _ext_authz_item(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
+    # With forward auth every check is a GET that says its method in a header; only Envoy's
+    # check method is the client's, and only when no route overrides pass_methods.
+    overridden = proxy.trusted.method_header is not None or any(
+        r.pass_methods is not None or r.methods is not None for r in proxy.routes
+    )
+
+    def op(method: str) -> dict[str, Any]:
+        if method.upper() in proxy.pass_methods and not overridden:
+            return _pass_op(tail)
+        return _ext_authz_op(proxy, tail)
+
+    return {
+        method: {**op(method), "operationId": f"ext_authz_{method}{'_tail' * tail}"}
         for method in ALL_METHODS
     }
 

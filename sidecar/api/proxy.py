@@ -1,12 +1,16 @@
 """The proxy hook: `/ext_authz` and every path below it, any method.
 
 Envoy's HTTP ext_authz sends the client's method and `/ext_authz` + the original path;
-nginx auth_request, Traefik and Caddy forward auth send a GET with the original path in
-`X-Original-URI` / `X-Forwarded-Uri`. Identity, model and estimate come from headers
-(config `proxy.headers`), filled in by the defaults of the route the original path
-matches (`proxy.routes`), then one authorize.
+nginx auth_request, Traefik and Caddy forward auth (and the HAProxy example's Lua action)
+send a GET with the original URI and method in headers the proxy sets itself. Which
+headers those are is the deployment's `proxy.trusted` setting: no other header is read
+for them, so a client's own `X-Original-URI` cannot pick the route. Identity, model and
+estimate come from headers (config `proxy.headers`), filled in by the defaults of the
+route the original path and method match (`proxy.routes`), then one authorize.
 
 Answers:
+- pass (OPTIONS by default, `proxy.pass_methods`, a route's `pass_methods` or
+  `hold: false`): exactly 200, empty body, `x-budget-action: pass`, nothing held.
 - allow (allow, warn, downgrade): exactly 200, empty body, with `x-budget-*` headers for
   the upstream. Envoy denies on any other status, 201 and 204 included.
 - budget denial: `proxy.deny_status` (429, or 403) with a JSON decision body,
@@ -38,10 +42,14 @@ from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import AuthorizeRequest, BudgetInfo, Decision
 
 PREFIX = "/ext_authz"
-_DECIMAL = re.compile(r"[0-9]{1,7}(\.[0-9]{1,12})?")
 DENIAL_HEADER = "x-budget-denial"
 
 _encode = msgspec.json.Encoder().encode
+PASS = "pass"
+# A strict decimal: digits and an optional fraction. float() would also take "1e3", "-0",
+# "0_5" (as 5), "inf" and "nan"; none of them is an amount a proxy sends.
+_DECIMAL = re.compile(r"[0-9]{1,7}(?:\.[0-9]{1,12})?")
+_METHOD = re.compile(r"[A-Z]{1,20}")
 # The identity and model fields, in AuthorizeRequest's names (= ProxyHeaders' names).
 _FIELDS = ("org_id", "team_id", "agent_id", "workflow_id", "user_id", "provider", "model")
 
@@ -52,7 +60,10 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
         engine = request.app[engine_key]
         spec = engine.config.proxy
         try:
-            req = authorize_request(spec, request)
+            path, method = original_path(spec, request), original_method(spec, request)
+            if spec.passes(path, method):
+                return web.Response(status=200, headers={"x-budget-action": PASS})
+            req = authorize_request(spec, request, path, method)
             decision = await engine.authorize(tenant_of(request), req)
         except ProblemError as err:
             return _problem(err)
@@ -82,22 +93,55 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     app.router.add_route("*", PREFIX + r"/{tail:[\s\S]*}", ext_authz)
 
 
+def _trusted(request: web.Request, name: str) -> str:
+    """The value of a header the proxy must set; 400 naming it when it did not."""
+    value = request.headers.get(name)
+    if not value:
+        raise ProblemError(
+            400, f"{name}: missing: proxy.trusted says the proxy sets it", field=name
+        )
+    return value
+
+
 def original_path(spec: ProxySpec, request: web.Request) -> str:
-    """The client's path without its query: from a forward-auth header, else what follows
-    /ext_authz in Envoy's check path."""
-    for name in spec.headers.original_uri:
-        value = request.headers.get(name)
-        if value:
-            return value.split("?", 1)[0]
+    """The client's path without its query: from the header the proxy owns
+    (`proxy.trusted.uri_header`), else what follows /ext_authz in Envoy's check path."""
+    name = spec.trusted.uri_header
+    if name is not None:
+        return _trusted(request, name).split("?", 1)[0]
     path = request.path[len(PREFIX) :]
     return path or "/"
 
 
-def authorize_request(spec: ProxySpec, request: web.Request) -> AuthorizeRequest:
+def original_method(spec: ProxySpec, request: web.Request) -> str:
+    """The client's method: from `proxy.trusted.method_header`, else the check's own."""
+    name = spec.trusted.method_header
+    if name is None:
+        return request.method
+    value = _trusted(request, name)
+    if not _METHOD.fullmatch(value):
+        raise ProblemError(400, f"{name}: not an HTTP method: {value[:20]!r}", field=name)
+    return value
+
+
+def parse_usd(name: str, raw: str) -> float:
+    """A strict decimal USD amount from header `name`; 400 naming it otherwise."""
+    if not _DECIMAL.fullmatch(raw):
+        raise ProblemError(
+            400,
+            f"{name}: not a decimal number of USD such as 0.05: {raw[:50]!r}",
+            field=name,
+        )
+    return float(raw)
+
+
+def authorize_request(
+    spec: ProxySpec, request: web.Request, path: str, method: str
+) -> AuthorizeRequest:
     """The authorize this proxied request asks for; ProblemError(400) naming the header
     whose value is unusable."""
     h = spec.headers
-    defaults = spec.route(original_path(spec, request))
+    defaults = spec.route(path, method)
     fields: dict[str, Any] = {}
     for name in _FIELDS:
         value = request.headers.get(getattr(h, name))
@@ -107,23 +151,18 @@ def authorize_request(spec: ProxySpec, request: web.Request) -> AuthorizeRequest
             fields[name] = value
     raw = request.headers.get(h.estimate_usd)
     if raw is not None:
-        # A strict decimal: float() would also take "0_5" (5), "-0", "1e3", "inf", " 1".
-        if not _DECIMAL.fullmatch(raw):
-            raise ProblemError(
-                400,
-                f"{h.estimate_usd}: not a decimal number of USD such as 0.05: {raw[:50]!r}",
-                field=h.estimate_usd,
-            )
-        fields["estimated_usd"] = float(raw)
+        fields["estimated_usd"] = parse_usd(h.estimate_usd, raw)
     elif defaults is not None and defaults.estimated_usd is not None:
         fields["estimated_usd"] = defaults.estimated_usd
     else:
         fields["estimated_usd"] = spec.default_estimate_usd
-    request_id = request.headers.get(h.request_id)
+    # No request-id header configured: a client's copy is not read at all.
+    request_id = request.headers.get(h.request_id) if h.request_id is not None else None
     if request_id is not None:
         fields["idempotency_key"] = request_id
     if spec.lease_ms is not None:
         fields["lease_ms"] = spec.lease_ms
+    fields["on_expiry"] = spec.unsettled_of(path, method)
     try:
         return msgspec.convert(fields, AuthorizeRequest)
     except msgspec.ValidationError as exc:
