@@ -554,6 +554,7 @@ async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
         "x-budget-degraded": "true",
         "x-budget-downgrade-model": "gpt-4o-mini",
         "x-request-id": "client-chosen",
+        "x-org-id": "acme",  # who pays is not the client's to say
         # Read by the check (it is the client's to set), then kept from the upstream.
         "x-budget-estimate-usd": "0.02",
     }
@@ -567,6 +568,7 @@ async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
         assert "x-budget-degraded" not in call.headers
         assert "x-budget-downgrade-model" not in call.headers
         assert "x-budget-estimate-usd" not in call.headers
+        assert "x-org-id" not in call.headers
         # Envoy's own request id: the client's cannot pin or replay a decision.
         assert call.headers["x-request-id"] != "client-chosen"
     assert (
@@ -580,6 +582,9 @@ async def test_client_sent_budget_headers_do_not_reach_the_upstream_or_settle(
     # The victim's hold stands untouched; only the two calls were charged.
     expected = sum(cost(GPT, c.tokens_in, c.tokens_out) for c in calls)
     assert (state["held_usd"], state["used_usd"]) == (0.2, expected / 1_000_000)
+    # The client's x-org-id never reached the sidecar either: the default org paid.
+    records = await (await stack.sidecar.get("/api/v1/usage/records")).json()
+    assert {r["org_id"] for r in records["records"]} == {"default"}, records
 
 
 async def test_a_runaway_sdk_loop_stops_at_the_cap(
