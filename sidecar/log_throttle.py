@@ -1,10 +1,11 @@
 """Repeated warnings, logged without flooding.
 
 A Redis that stays unreachable makes the background loops (definitions poll, webhook
-delivery) warn every half second for as long as it lasts. A warning or error with the same
-logger and the same message template as one logged less than `every_s` ago is dropped and
-counted; the next one let through says how many were dropped. Records with a traceback
-(unexpected errors, each with its request id) always pass.
+delivery) warn every half second for as long as it lasts. A warning with the same logger
+and the same message template as one logged less than `every_s` ago is dropped and
+counted; the next one let through says how many were dropped. Errors always pass (each is
+an event of its own: a restart, an unexpected error with its request id), and so does a
+warning with a traceback.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Throttle(logging.Filter):
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING or record.exc_info:
+        if record.levelno != logging.WARNING or record.exc_info:
             return True
         key = (record.name, str(record.msg))
         now = self._clock()
