@@ -1,11 +1,11 @@
-"""Repeated warnings, logged without flooding.
+"""Repeated Redis warnings, logged without flooding.
 
-A Redis that stays unreachable makes the background loops (definitions poll, webhook
-delivery) warn every half second for as long as it lasts. A warning with the same logger
-and the same message template as one logged less than `every_s` ago is dropped and
-counted; the next one let through says how many were dropped. Errors always pass (each is
-an event of its own: a restart, an unexpected error with its request id), and so does a
-warning with a traceback.
+A Redis that stays unreachable makes the definitions poll warn every half second for as
+long as it lasts (webhook delivery throttles its own). A warning of a throttled logger with
+the same message template as one logged less than `every_s` ago is dropped and counted;
+the next one let through says how many were dropped. Other loggers are left alone (a
+webhook's failed attempts are events of their own, one per alert), and so are errors and
+warnings with a traceback.
 """
 
 from __future__ import annotations
@@ -15,20 +15,28 @@ import time
 from collections.abc import Callable
 
 EVERY_S = 10.0
+# The loggers of loops that retry Redis on a fixed period.
+LOGGERS = frozenset({"sidecar.definitions"})
 
 
 class Throttle(logging.Filter):
     def __init__(
-        self, every_s: float = EVERY_S, clock: Callable[[], float] = time.monotonic
+        self,
+        every_s: float = EVERY_S,
+        clock: Callable[[], float] = time.monotonic,
+        loggers: frozenset[str] = LOGGERS,
     ) -> None:
         super().__init__()
         self.every_s = every_s
+        self.loggers = loggers
         self._clock = clock
         # (logger, template) -> (when last let through, dropped since)
         self._seen: dict[tuple[str, str], tuple[float, int]] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING or record.exc_info:
+        if record.name not in self.loggers or record.levelno != logging.WARNING:
+            return True
+        if record.exc_info:
             return True
         key = (record.name, str(record.msg))
         now = self._clock()

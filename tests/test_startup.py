@@ -95,10 +95,10 @@ def test_an_unreachable_redis_is_named_at_start_up_and_does_not_flood_the_log() 
 
 def test_the_throttle_lets_one_repeated_warning_through_per_window() -> None:
     now = [0.0]
-    throttle = Throttle(10.0, clock=lambda: now[0])
+    throttle = Throttle(10.0, clock=lambda: now[0], loggers=frozenset({"sidecar.x"}))
 
-    def record(level: int, msg: str, *args: object) -> logging.LogRecord:
-        return logging.LogRecord("sidecar.x", level, __file__, 1, msg, args, None)
+    def record(level: int, msg: str, *args: object, name: str = "sidecar.x") -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, msg, args, None)
 
     passed = []
     for second in range(25):
@@ -106,9 +106,10 @@ def test_the_throttle_lets_one_repeated_warning_through_per_window() -> None:
         r = record(logging.WARNING, "cannot reach %s", "redis")
         if throttle.filter(r):
             passed.append((second, r.getMessage()))
-        # Another template and errors are never held back by it.
+        # Another template has its own window; errors and other loggers are let through.
         assert throttle.filter(record(logging.WARNING, "other %d", second)) is (second % 10 == 0)
         assert throttle.filter(record(logging.ERROR, "restarted %d", second))
+        assert throttle.filter(record(logging.WARNING, "cannot reach %s", "x", name="other"))
     assert passed == [
         (0, "cannot reach redis"),
         (10, "cannot reach redis (9 similar suppressed in the last 10 s)"),
