@@ -170,6 +170,8 @@ def test_a_reply_waiting_in_the_socket_counts_however_late_the_loop_runs(
                 else:
                     in_time += 1
             assert conn.breaker.opened == 0 and not conn.breaker.is_open
+            # ...and the loop's own lateness was seen for what it is, once per stall.
+            assert conn._protocol is not None and conn._protocol.late_ticks >= 20
         finally:
             loop.remove_reader(stall_in.fileno())
             stall_in.close()
