@@ -10,16 +10,20 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from aiohttp import web
+from redis.exceptions import RedisError
 
-from sidecar import __version__, config, logs
+from sidecar import __version__, config, log_throttle, logs
 from sidecar.model import Config
 
 log = logging.getLogger("sidecar")
@@ -77,6 +81,48 @@ def _load_config(path: str | None) -> Config:
     return config.load(path) if path else Config()
 
 
+class Fatal:
+    """A failure found off the event loop (the embedded Redis cannot be restarted): the
+    sidecar reports itself broken on /healthz and exits non-zero."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._wake: Callable[[], object] | None = None
+
+    def set(self, reason: str) -> None:
+        self.reason = reason
+        if self._wake is not None:
+            self._wake()
+
+    def on_set(self, wake: Callable[[], object]) -> None:
+        """`wake` is called (from any thread) when set, at once if it already is."""
+        self._wake = wake
+        if self.reason is not None:
+            wake()
+
+
+def _address_in_use(host: str, port: int) -> str | None:
+    """Why (host, port) cannot be bound, or None: checked before anything starts, so that
+    a port in use is one line and nothing else (aiohttp binds with SO_REUSEADDR too)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return str(exc)
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                return exc.strerror or str(exc)
+    return None
+
+
+def _listen_error(args: argparse.Namespace, reason: str) -> int:
+    log.error("cannot listen on http://%s:%d: %s", args.host, args.port, reason)
+    return 1
+
+
 def serve(args: argparse.Namespace) -> int:
     try:
         cfg = _load_config(args.config)
@@ -86,49 +132,54 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         log.error("refusing to start: --workers must be at least 1")
         return 2
+    # A worker binds with SO_REUSEPORT beside its siblings: only the parent checks.
+    if args.worker_index is None and (busy := _address_in_use(args.host, args.port)):
+        return _listen_error(args, busy)
 
-    from sidecar.embedded import EmbeddedRedis, default_data_dir
+    from sidecar.embedded import EmbeddedError, EmbeddedRedis, default_data_dir
+    from sidecar.store import masked_url
 
+    fatal = Fatal()
     embedded = None
     redis_url = args.redis_url
     if not redis_url:
         # Started once, here: with several workers they all share this one server.
-        embedded = EmbeddedRedis(Path(args.data_dir) if args.data_dir else default_data_dir())
-        started = embedded.start()
+        embedded = EmbeddedRedis(
+            Path(args.data_dir) if args.data_dir else default_data_dir(), on_failure=fatal.set
+        )
+        try:
+            embedded.start()
+        except EmbeddedError as exc:
+            log.error("refusing to start: %s", exc)
+            return 1
         redis_url = embedded.url
         log.info(
-            "%s embedded redis-server%s; data in %s. This is a single-node setup: set "
-            "REDIS_URL to a shared Redis so that replicas share budgets.",
-            "started" if started else "reusing",
-            f" ({embedded.binary})" if embedded.binary else "",
+            "started embedded redis-server %s (Redis %s, pid %s); data in %s, supervised "
+            "(restarted if it dies). This is a single-node setup: set REDIS_URL to a shared "
+            "Redis so that replicas share budgets.",
+            embedded.binary,
+            ".".join(map(str, embedded.version or ())),
+            embedded.pid,
             embedded.data_dir,
         )
-    if args.worker_index is not None:
-        log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
-    else:
-        log.info(
-            "budget-sidecar %s listening on http://%s:%d (config: %s; %d budgets, %d prices; "
-            "%d worker%s)",
-            __version__,
-            args.host,
-            args.port,
-            cfg.source,
-            len(cfg.budgets),
-            len(cfg.pricing),
-            args.workers,
-            "" if args.workers == 1 else "s",
-        )
+    startup = (
+        f"budget-sidecar {__version__} listening on http://{args.host}:{args.port} "
+        f"(redis: {masked_url(redis_url)}; config: {cfg.source}; {len(cfg.budgets)} budgets, "
+        f"{len(cfg.pricing)} prices; {args.workers} worker{'' if args.workers == 1 else 's'})"
+    )
     try:
         if args.workers == 1:
-            _serve_one(args, cfg, redis_url)
-            return 0
-        return _supervise(args, redis_url)
+            return _serve_one(args, cfg, redis_url, startup, fatal)
+        log.info("%s", startup)
+        return _supervise(args, redis_url, fatal)
     finally:
         if embedded is not None:
             embedded.stop()
 
 
-def _serve_one(args: argparse.Namespace, cfg: Config, redis_url: str) -> None:
+def _serve_one(
+    args: argparse.Namespace, cfg: Config, redis_url: str, startup: str, fatal: Fatal
+) -> int:
     """One event loop serving the app until SIGTERM or SIGINT, then a graceful stop."""
     try:
         import uvloop
@@ -136,14 +187,16 @@ def _serve_one(args: argparse.Namespace, cfg: Config, redis_url: str) -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         log.warning("uvloop not available; using the default event loop")
-    asyncio.run(_run_app(args, cfg, redis_url))
+    return asyncio.run(_run_app(args, cfg, redis_url, startup, fatal))
 
 
-async def _run_app(args: argparse.Namespace, cfg: Config, redis_url: str) -> None:
+async def _run_app(
+    args: argparse.Namespace, cfg: Config, redis_url: str, startup: str, fatal: Fatal
+) -> int:
     from sidecar.api.app import ENGINE, LIFECYCLE, create_app
     from sidecar.metrics import Metrics
     from sidecar.reload import ConfigWatcher
-    from sidecar.store import open_store
+    from sidecar.store import masked_url, open_store
 
     metrics = Metrics()
     store = metrics.wrap(open_store(redis_url, timeout_ms=cfg.settings.redis_timeout_ms))
@@ -174,14 +227,36 @@ async def _run_app(args: argparse.Namespace, cfg: Config, redis_url: str) -> Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def broken() -> None:
+        app[LIFECYCLE].broken = fatal.reason
+        stop.set()
+
+    fatal.on_set(lambda: loop.call_soon_threadsafe(broken))
     try:
         site = web.TCPSite(runner, args.host, args.port, reuse_port=args.worker_index is not None)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            return _listen_error(args, exc.strerror or str(exc))
+        if args.worker_index is not None:
+            log.info("worker %d (pid %d) serving", args.worker_index, os.getpid())
+        else:
+            log.info("%s", startup)
+        if (unreachable := await _unreachable(store.client)) is not None:
+            log.warning(
+                "redis at %s is unreachable (%s): decisions answer by the fail mode until "
+                "it answers, /readyz answers 503",
+                masked_url(redis_url),
+                unreachable,
+            )
         await stop.wait()
         # Unready first, so that probes and load balancers stop sending new work; then
         # stop listening and give requests in flight the shutdown timeout to finish.
         # Redis stays open until they have: a hold they take is answered, and settles.
         app[LIFECYCLE].draining = True
+        if fatal.reason is not None:
+            log.error("stopping: %s", fatal.reason)
         log.info(
             "stopping: /readyz answers 503; requests in flight get %.1f s to finish",
             args.drain_seconds + args.shutdown_timeout,
@@ -193,9 +268,20 @@ async def _run_app(args: argparse.Namespace, cfg: Config, redis_url: str) -> Non
                 await asyncio.wait_for(stop.wait(), args.drain_seconds)
     finally:
         await runner.cleanup()
+    return 1 if fatal.reason is not None else 0
 
 
-def _supervise(args: argparse.Namespace, redis_url: str) -> int:
+async def _unreachable(client: Any) -> str | None:
+    """Why Redis does not answer a PING at start-up, or None when it does."""
+    try:
+        async with asyncio.timeout(2.0):
+            await client.ping()
+    except (RedisError, OSError, TimeoutError) as exc:
+        return str(exc) or type(exc).__name__
+    return None
+
+
+def _supervise(args: argparse.Namespace, redis_url: str, fatal: Fatal) -> int:
     """Run `args.workers` children on one port (SO_REUSEPORT) and stop them all together.
 
     A child that dies is restarted; one that dies within a few seconds of starting (a bad
@@ -238,6 +324,10 @@ def _supervise(args: argparse.Namespace, redis_url: str) -> int:
             children[index] = (subprocess.Popen(child_cmd(index), env=env), time.monotonic())
         while not stopping:
             time.sleep(0.2)
+            if fatal.reason is not None:
+                log.error("stopping: %s", fatal.reason)
+                stopping, status = True, 1
+                break
             for index, (proc, started) in list(children.items()):
                 code = proc.poll()
                 if code is None or stopping:
@@ -292,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         logs.setup(args.log_level)
+        log_throttle.install()
         return serve(args)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     return check_config(args)

@@ -183,7 +183,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     max_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 3_600_000
     keep_finished_ms: Annotated[int, Meta(ge=60_000, le=30 * 86_400_000)] = 86_400_000
     fail_mode: FailMode = FailMode.CLOSED
-    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 50
+    redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30

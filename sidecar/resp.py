@@ -70,23 +70,50 @@ class ReplyTimeout(ConnectionLost):
     (replies come in order, so everything behind it is late too)."""
 
 
+# How often the watchdog of a connection with commands waiting looks at the oldest one.
+# Redis's time to answer is counted in these ticks, not in wall-clock time (see _Protocol).
+TICK_S = 0.01
+
+
 class _Protocol(asyncio.Protocol):
+    """One Redis connection: commands out in one write per loop tick, replies matched in
+    order, and a watchdog that tells a Redis that did not answer from a sidecar that was
+    not running (invariant 10, slow is not down).
+
+    Redis's time to answer a command is counted in watchdog ticks: a tick fired 60 ms late
+    (the process was stopped at its CPU quota, or starved by neighbours) still counts as
+    one tick, so the sidecar's own lag is never charged to Redis. A command is late once
+    more than `reply_timeout_s` worth of ticks passed since it was sent, or once twice
+    `reply_timeout_s` of wall-clock time did (the bound on how long a decision waits, even
+    on a loop that is always late). Even then it is only suspected: the next tick (always
+    after the loop has polled the socket once more: timers run before I/O in an iteration)
+    confirms it. A reply that was already in the socket when the timer fired is so read
+    before anything is declared late, however late the loop ran.
+    """
+
     def __init__(self, reply_timeout_s: float, breaker: CircuitBreaker) -> None:
         self._loop = asyncio.get_running_loop()
         # Told of every reply and every failed command here, where they are seen, so a
         # caller awaits the reply's future itself, with no coroutine around it.
         self._breaker = breaker
         self._reader = hiredis.Reader(encoding="utf-8")
-        # (future, deadline) per command sent, in order: replies arrive in this order.
-        self._waiting: deque[tuple[asyncio.Future[Any], float]] = deque()
+        # (future, tick when sent, loop time when sent) per command sent, in order:
+        # replies arrive in this order.
+        self._waiting: deque[tuple[asyncio.Future[Any], int, float]] = deque()
         self._transport: asyncio.Transport | None = None
         self._buffer: list[bytes] = []
         self._flush_scheduled = False
         self._timeout_s = reply_timeout_s
         # One watchdog timer per connection instead of a timer per call: it looks at the
-        # oldest command only, a few times per timeout.
+        # oldest command only, at least five times per timeout.
         self._watchdog: asyncio.TimerHandle | None = None
-        self._watch_every_s = min(reply_timeout_s / 5, 0.01)
+        self._tick_s = min(reply_timeout_s / 5, TICK_S)
+        self._ticks = 0
+        self._ticks_allowed = max(round(reply_timeout_s / self._tick_s), 1)
+        self._wall_cap_s = 2 * reply_timeout_s
+        self._suspect: asyncio.Future[Any] | None = None  # late at the last tick
+        self.late_ticks = 0  # ticks that fired over a tick late: the loop's own lag
+        self._due = 0.0
         self.closed = self._loop.create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -98,7 +125,7 @@ class _Protocol(asyncio.Protocol):
         replied = False
         while (reply := self._reader.gets()) is not False:
             replied = True
-            future, _ = self._waiting.popleft()
+            future, _, _ = self._waiting.popleft()
             if not future.done():  # its caller may have given up
                 future.set_result(reply)
         if replied:
@@ -116,22 +143,36 @@ class _Protocol(asyncio.Protocol):
     def _fail_all(self, error: Exception) -> None:
         now = self._loop.time()
         while self._waiting:
-            future, _ = self._waiting.popleft()
+            future, _, _ = self._waiting.popleft()
             if not future.done():  # a caller still waiting: one failure for the breaker
                 future.set_exception(error)
                 self._breaker.failure(now)
 
+    def _schedule_watch(self) -> None:
+        self._due = self._loop.time() + self._tick_s
+        self._watchdog = self._loop.call_later(self._tick_s, self._watch)
+
     def _watch(self) -> None:
         self._watchdog = None
+        self._ticks += 1
+        now = self._loop.time()
+        if now - self._due > self._tick_s:
+            self.late_ticks += 1
         if not self._waiting:
+            self._suspect = None
             return
-        if self._waiting[0][1] <= self._loop.time():
-            self._fail_all(
-                ReplyTimeout(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
-            )
-            self.close()
-            return
-        self._watchdog = self._loop.call_later(self._watch_every_s, self._watch)
+        future, sent_tick, sent_at = self._waiting[0]
+        if self._ticks - sent_tick > self._ticks_allowed or now - sent_at >= self._wall_cap_s:
+            if self._suspect is future:  # still unanswered after one more read: late
+                self._fail_all(
+                    ReplyTimeout(f"redis did not answer within {self._timeout_s * 1000:.0f} ms")
+                )
+                self.close()
+                return
+            self._suspect = future
+        else:
+            self._suspect = None
+        self._schedule_watch()
 
     @property
     def alive(self) -> bool:
@@ -143,13 +184,13 @@ class _Protocol(asyncio.Protocol):
             raise ConnectionLost("connection to Redis is closed")
         loop = self._loop
         future: asyncio.Future[Any] = loop.create_future()
-        self._waiting.append((future, loop.time() + self._timeout_s))
+        self._waiting.append((future, self._ticks, loop.time()))
         self._buffer.append(packed)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             loop.call_soon(self._flush)
         if self._watchdog is None:
-            self._watchdog = loop.call_later(self._watch_every_s, self._watch)
+            self._schedule_watch()
         return future
 
     def _flush(self) -> None:
@@ -224,7 +265,9 @@ class PipelinedConnection:
         def factory() -> _Protocol:
             return _Protocol(self._timeout_s, self.breaker)
 
-        async with asyncio.timeout(self._timeout_s):
+        # Wall-clock, as the reply's own bound (twice the timeout): connects are rare (a
+        # start, the probe after an outage), so a generous bound costs little.
+        async with asyncio.timeout(2 * self._timeout_s):
             if a.path is not None:
                 _, protocol = await loop.create_unix_connection(factory, a.path)
             else:
@@ -267,7 +310,8 @@ class PipelinedConnection:
         returned, not raised, so callers can tell NOSCRIPT from a broken script).
 
         Awaiting raises ConnectionLost (ReplyTimeout when Redis did not answer within the
-        timeout: connecting and the reply each get the whole timeout).
+        timeout, counted while the sidecar runs, and at most twice it of wall-clock time:
+        see _Protocol; connecting gets twice the timeout too).
 
         On an open connection with the breaker closed (every call but the first and those
         during an outage) the result is the reply's future itself: a decision awaits it

@@ -109,6 +109,16 @@ async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool
         return False
 
 
+def masked_url(url: str) -> str:
+    """The URL with its password (if any) shown as ***, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user, _, hosts = parts.netloc.rpartition("@")
+    name = user.split(":", 1)[0]
+    return parts._replace(netloc=f"{name}:***@{hosts}").geturl()
+
+
 def open_store(url: str, *, timeout_ms: int) -> Store:
     """The Store a Redis URL names: redis://, rediss://, unix:// (one server),
     redis+cluster://host:port[,host:port...] (Redis Cluster), or

@@ -43,6 +43,9 @@ class Lifecycle:
         # Set when shutdown begins: /readyz answers 503 so load balancers stop sending
         # new work while requests in flight still finish.
         self.draining = False
+        # Set when the sidecar cannot go on (its embedded Redis cannot be restarted):
+        # /healthz answers 503 so a liveness probe restarts it; the process exits too.
+        self.broken: str | None = None
 
 
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
@@ -190,6 +193,9 @@ def _sdk_close(request: web.Request, resp: web.StreamResponse) -> web.StreamResp
 
 
 async def healthz(request: web.Request) -> web.Response:
+    broken = request.app[LIFECYCLE].broken
+    if broken is not None:
+        return web.json_response({"status": "broken", "reason": broken}, status=503)
     return web.json_response({"status": "alive"})
 
 
