@@ -77,7 +77,7 @@ CONFIG: dict[str, Any] = {
         {"id": "trial", "scope": "user", "metric": "requests", "limit": 10, "window": "1m",
          "mode": "shadow"},
     ],
-    # A busy CI host can take longer than the 50 ms default: that 503 (fail mode closed)
+    # A busy CI host can take longer than the Redis timeout: that 503 (fail mode closed)
     # is tested in test_fail_mode; here only input handling may fail.
     "settings": {"redis_timeout_ms": 2000},
     "proxy": {"routes": [{"prefix": "/v1/chat", "defaults": {"provider": "openai",
