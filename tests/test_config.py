@@ -402,7 +402,7 @@ PRICED: dict[str, Any] = {
         {"model": "mystery-1", "estimated_tokens_in": 1000, "estimated_tokens_out": 10},
         {"provider": "openai", "model": "gpt-5-unknown", "estimated_tokens_in": 1},
         # Priced under another provider only: still unpriced for this one.
-        {"provider": "azure", "model": "gpt-4o", "estimated_tokens_out": 1},
+        {"provider": "acme", "model": "gpt-4o", "estimated_tokens_out": 1},
     ],
 )
 async def test_unpriced_model_is_refused_by_default(

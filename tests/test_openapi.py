@@ -308,10 +308,12 @@ async def axonflow_answers(call: Call) -> None:
     price = {"provider": "acme", "model": "m-1",
              "pricing": {"input_per_1k": 0.001, "output_per_1k": 0.002}}  # fmt: skip
     assert await call("put", PRICING, json=price) == price
-    assert await call("get", f"{PRICING}?provider=acme&model=m-1") == price
-    listed_prices = await call("get", PRICING)
-    pairs = {(p["provider"], p["model"]) for p in listed_prices["pricing"]}
-    assert pairs == {("openai", "gpt-4o"), ("acme", "m-1")}, pairs
+    from_api = {"source": "api", "source_version": None, "source_date": None}
+    assert await call("get", f"{PRICING}?provider=acme&model=m-1") == {**price, **from_api}
+    listed_prices = await call("get", PRICING)  # the bundled catalogue's too
+    pairs = {(p["provider"], p["model"], p["source"]) for p in listed_prices["pricing"]}
+    assert {("openai", "gpt-4o", "config"), ("acme", "m-1", "api")} < pairs, pairs
+    assert ("openai", "gpt-4o-mini", "genai-prices") in pairs
     await call("get", f"{PRICING}?provider=acme&model=nope")
     await call("put", PRICING, json={**price, "pricing": {"input_per_1k": -1,
                                                           "output_per_1k": 0}})  # fmt: skip

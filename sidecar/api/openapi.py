@@ -26,6 +26,7 @@ from sidecar.api.axonflow import (
     AxCheck,
     AxCheckRequest,
     AxCreateBudget,
+    AxPricingEntry,
     AxPricingInfo,
     AxPricingList,
     AxStatus,
@@ -121,6 +122,7 @@ _TYPES: tuple[type, ...] = (
     AxCheck,
     AxCheckRequest,
     AxPricingInfo,
+    AxPricingEntry,
     AxPricingList,
     AxCreateBudget,
     AxUpdateBudget,
@@ -580,12 +582,14 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
         "/api/v1/pricing": {
             "get": {
                 "summary": "Prices (AxonFlow SDK get_pricing)",
-                "parameters": [_query("provider", string), _query("model", string)],
+                "parameters": [_query("provider", string), _query("model", string),
+                               _query("source", string)],
                 "responses": {
                     "200": {
-                        "description": "All prices, or one when provider and model are given.",
+                        "description": "All prices in effect (each with its source), or the "
+                        "one a provider and model resolve to.",
                         "content": {"application/json": {"schema": {
-                            "oneOf": [_ref("AxPricingList"), _ref("AxPricingInfo")]}}},
+                            "oneOf": [_ref("AxPricingList"), _ref("AxPricingEntry")]}}},
                     },
                     "404": _problem("No price for that provider and model."),
                 },
