@@ -523,7 +523,7 @@ class Engine:
         if outcome.binding is not None:
             info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
         retry_after_ms = None
-        message = _message(outcome.action, applied, outcome.binding)
+        message = _message(outcome.action, applied, outcome.binding, values, est)
         if budget_denied and outcome.binding is not None:
             retry_after_ms = applied[outcome.binding].window_end_ms - now
         elif not allowed and denying:
@@ -1041,12 +1041,31 @@ def _info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:
     )
 
 
-def _message(action: Action, applied: Sequence[Applied], binding: int | None) -> str | None:
+def _message(
+    action: Action,
+    applied: Sequence[Applied],
+    binding: int | None,
+    values: Sequence[int],
+    est: int,
+) -> str | None:
+    """What binds, in words: "exceeded" only when the budget is truly spent; otherwise the
+    estimate against what is left."""
     if binding is None or action is Action.ALLOW:
         return None
     b = applied[binding].budget
     if action is Action.BLOCK:
-        return f"Budget '{b.name}' exceeded - requests blocked"
-    if action is Action.DOWNGRADE:
-        return f"Budget '{b.name}' exceeded - downgraded to {applied[binding].downgrade_model}"
-    return f"Budget '{b.name}' exceeded - warning"
+        outcome = "requests blocked"
+    elif action is Action.DOWNGRADE:
+        outcome = f"downgraded to {applied[binding].downgrade_model}"
+    else:
+        outcome = "warning"
+    left = b.limit_micro - values[2 * binding] - values[2 * binding + 1]
+    if left <= 0:
+        return f"Budget '{b.name}' exceeded - {outcome}"
+    return f"Estimate {_usd(est)} exceeds the {_usd(left)} left on '{b.name}' - {outcome}"
+
+
+def _usd(micro: int) -> str:
+    """$9.00, $0.0042: cents always, then as many micro-dollar digits as there are."""
+    whole = f"{micro / MICRO:.6f}".rstrip("0")
+    return f"${whole}{'0' * max(0, 2 - len(whole.partition('.')[2]))}"

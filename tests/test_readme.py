@@ -55,7 +55,8 @@ def test_the_sdk_example_runs_as_written(sidecar: SidecarProcess) -> None:
     # $0.01 held per pre-check, $0.0075 charged per audit (1000 + 500 tokens of gpt-4o):
     # two calls fit in $0.02, the third would pass it.
     assert run_example(code).splitlines() == [
-        "stopped: Budget 'Team A' exceeded - requests blocked 0.015 of 0.02",
+        "stopped: Estimate $0.01 exceeds the $0.005 left on 'Team A' - requests blocked "
+        "0.015 of 0.02",
         "used: 0.015",
         "alerts: [50]",
         "today: 0.015",
@@ -64,6 +65,7 @@ def test_the_sdk_example_runs_as_written(sidecar: SidecarProcess) -> None:
     # Run again (the budget is deleted and re-created; its period's spend stays): the
     # loop is stopped at once and nothing more is charged.
     assert run_example(code).splitlines()[:2] == [
-        "stopped: Budget 'Team A' exceeded - requests blocked 0.015 of 0.02",
+        "stopped: Estimate $0.01 exceeds the $0.005 left on 'Team A' - requests blocked "
+        "0.015 of 0.02",
         "used: 0.015",
     ]
