@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.api import ui
 from sidecar.api.admin import RateLimitView
 from sidecar.api.auth import OPEN_PATHS
 from sidecar.api.axonflow import (
@@ -315,10 +316,20 @@ def _ext_authz_item(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
 
 def _paths(config: Config) -> dict[str, dict[str, Any]]:
     text = {"text/plain": {"schema": {"type": "string"}}}
+    html = {"text/html": {"schema": {"type": "string"}}}
     rate_limit_id = _path_param("limit_id", "the rate limit's id")
     read_only = _problem("The rate limit comes from the config file: change it there.")
     not_found = _problem("No rate limit with this id.")
     return {
+        **{
+            path: {
+                "get": {
+                    "summary": "The status page (static HTML; its data needs credentials)",
+                    "responses": {"200": {"description": "The page.", "content": html}},
+                }
+            }
+            for path in ui.PATHS
+        },
         "/healthz": {
             "get": {
                 "summary": "Liveness",
