@@ -48,6 +48,10 @@ class _Help(argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's layout (the URL table); flags' help says default and env var."""
 
 
+# flag -> the environment variable that sets its default (filled as the parser is built)
+SERVE_ENV: dict[str, str] = {}
+
+
 def _option(
     parser: argparse.ArgumentParser,
     flag: str,
@@ -57,6 +61,7 @@ def _option(
     kind: type = str,
 ) -> None:
     """A flag whose default comes from an environment variable, both named in --help."""
+    SERVE_ENV[flag] = env_name
     raw = os.environ.get(env_name, default)
     shown = "none" if default is None else default
     parser.add_argument(
