@@ -1,4 +1,7 @@
-"""`budget-sidecar serve` and `budget-sidecar check-config FILE`."""
+"""budget-sidecar: atomic spend and rate limits for AI agents.
+
+`serve` runs the sidecar, `check-config FILE` validates a config file, `hash-secret`
+prints the secret_sha256 a client entry needs."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import shutil
@@ -29,51 +33,131 @@ from sidecar.model import Config
 log = logging.getLogger("sidecar")
 
 
+REDIS_URL_FORMS = """\
+Redis URL forms (--redis-url / REDIS_URL):
+  redis://[:PASSWORD@]HOST[:PORT][/DB]          one server
+  rediss://[:PASSWORD@]HOST[:PORT][/DB]         one server over TLS
+  unix:///PATH/redis.sock[?db=DB]               one server on a Unix socket
+  redis+cluster://[:PASSWORD@]HOST:PORT[,HOST:PORT...]
+                                                Redis Cluster (rediss+cluster:// for TLS);
+                                                the nodes given are the seeds
+  redis+sentinel://[:PASSWORD@]HOST:PORT[,HOST:PORT...]/SERVICE[/DB]
+                                                the primary Sentinel names SERVICE
+                                                (rediss+sentinel:// for TLS)
+Without one, serve starts an embedded redis-server that keeps its data in --data-dir:
+a single-node setup; replicas share budgets only through a shared Redis."""
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout (the URL table); flags' help says default and env var."""
+
+
+# flag -> the environment variable that sets its default (filled as the parser is built)
+SERVE_ENV: dict[str, str] = {}
+
+
+def _option(
+    parser: argparse.ArgumentParser,
+    flag: str,
+    env_name: str,
+    default: str | None,
+    help_text: str,
+    kind: type = str,
+) -> None:
+    """A flag whose default comes from an environment variable, both named in --help."""
+    SERVE_ENV[flag] = env_name
+    raw = os.environ.get(env_name, default)
+    shown = "none" if default is None else default
+    parser.add_argument(
+        flag,
+        type=kind,
+        default=None if raw is None else kind(raw),
+        metavar=flag.lstrip("-").upper().replace("-", "_"),
+        help=f"{help_text} (env {env_name}; default: {shown})",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ.get
     parser = argparse.ArgumentParser(prog="budget-sidecar", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    serve = sub.add_parser("serve", help="run the sidecar")
-    serve.add_argument("--host", default=env("SIDECAR_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(env("SIDECAR_PORT", "8787")))
-    serve.add_argument("--config", default=env("SIDECAR_CONFIG"), help="YAML budgets file")
-    serve.add_argument(
+    serve = sub.add_parser(
+        "serve",
+        help="run the sidecar",
+        description="Serve the budget API on HOST:PORT. Every flag can also be set by the "
+        "environment variable named in its help; the flag wins.",
+        epilog=REDIS_URL_FORMS,
+        formatter_class=_Help,
+    )
+    _option(serve, "--host", "SIDECAR_HOST", "127.0.0.1", "address to listen on")
+    _option(serve, "--port", "SIDECAR_PORT", "8787", "TCP port to listen on", int)
+    _option(serve, "--config", "SIDECAR_CONFIG", None, "YAML config file (hot-reloaded)")
+    _option(
+        serve,
         "--redis-url",
-        default=env("REDIS_URL"),
-        help="redis://, rediss:// or unix:// (default: an embedded, persistent redis-server)",
+        "REDIS_URL",
+        None,
+        "Redis to keep counters in, in any form listed below (none: an embedded, "
+        "persistent redis-server)",
     )
-    serve.add_argument(
+    _option(
+        serve,
         "--data-dir",
-        default=env("SIDECAR_DATA_DIR"),
-        help="where the embedded redis-server keeps its data",
+        "SIDECAR_DATA_DIR",
+        None,
+        "where the embedded redis-server keeps its data (none: a per-user data directory)",
     )
-    serve.add_argument("--log-level", default=env("SIDECAR_LOG_LEVEL", "info"))
-    serve.add_argument(
+    _option(
+        serve,
+        "--log-level",
+        "SIDECAR_LOG_LEVEL",
+        "info",
+        "debug, info, warning or error (JSON lines on stderr)",
+    )
+    _option(
+        serve,
         "--workers",
-        type=int,
-        default=int(env("SIDECAR_WORKERS", "1")),
-        help="worker processes sharing the port (SO_REUSEPORT); metrics add up across them",
+        "SIDECAR_WORKERS",
+        "1",
+        "worker processes sharing the port (SO_REUSEPORT); metrics add up across them",
+        int,
     )
-    serve.add_argument(
+    _option(
+        serve,
         "--shutdown-timeout",
-        type=float,
-        default=float(env("SIDECAR_SHUTDOWN_TIMEOUT", "10")),
-        help="seconds requests in flight get to finish after SIGTERM (then they are cut)",
+        "SIDECAR_SHUTDOWN_TIMEOUT",
+        "10",
+        "seconds requests in flight get to finish after SIGTERM (then they are cut)",
+        float,
     )
-    serve.add_argument(
+    _option(
+        serve,
         "--drain-seconds",
-        type=float,
-        default=float(env("SIDECAR_DRAIN_SECONDS", "0")),
-        help="seconds between SIGTERM (/readyz turns 503) and closing the listener, for "
-        "load balancers to notice; requests keep being served meanwhile",
+        "SIDECAR_DRAIN_SECONDS",
+        "0",
+        "seconds between SIGTERM (/readyz turns 503) and closing the listener, for load "
+        "balancers to notice; requests keep being served meanwhile",
+        float,
     )
     # Set by the supervisor for its children: bind with SO_REUSEPORT and tag responses.
     serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
-    check.add_argument("file")
+    check = sub.add_parser(
+        "check-config",
+        help="validate a config file and exit",
+        description="Validate a config file offline. Prints one verdict on stdout: "
+        "'ok: ...' and exit 0, or 'invalid: FILE: FIELD: why' and exit 1.",
+    )
+    check.add_argument("file", metavar="FILE")
+
+    sub.add_parser(
+        "hash-secret",
+        help="print the secret_sha256 of a client secret",
+        description="Read a client secret from stdin (or prompt for it on a terminal) and "
+        "print its SHA-256 in hex: the value auth.clients[].secret_sha256 takes. The "
+        "client then sends the secret itself (HTTP Basic client_id:secret).",
+    )
     return parser
 
 
@@ -366,15 +450,38 @@ def _forget(metrics_dir: str, pid: int) -> None:
 
 
 def check_config(args: argparse.Namespace) -> int:
+    """One verdict, on stdout, whatever it is; the exit code says which (0 ok, 1 invalid;
+    2 is argparse's, for a command line it cannot read)."""
     try:
         cfg = config.load(args.file)
     except config.ConfigError as err:
-        print(f"invalid: {err}", file=sys.stderr)
-        return 2
+        print(f"invalid: {err}")
+        return 1
     print(
         f"ok: {args.file}: {len(cfg.budgets)} budgets, {len(cfg.rate_limits)} rate limits, "
         f"{len(cfg.pricing)} prices"
     )
+    return 0
+
+
+def hash_secret() -> int:
+    """Print SHA-256(secret) in hex. The secret is read whole from stdin, less one trailing
+    newline (what `echo` and a here-string add); on a terminal it is asked for twice."""
+    if sys.stdin.isatty():
+        import getpass
+
+        secret = getpass.getpass("client secret: ")
+        if getpass.getpass("again: ") != secret:
+            print("invalid: the two secrets differ", file=sys.stderr)
+            return 1
+    else:
+        secret = sys.stdin.read()
+        secret = secret[:-1] if secret.endswith("\n") else secret
+        secret = secret[:-1] if secret.endswith("\r") else secret
+    if not secret:
+        print("invalid: the secret is empty", file=sys.stderr)
+        return 1
+    print(hashlib.sha256(secret.encode("utf-8")).hexdigest())
     return 0
 
 
@@ -385,6 +492,8 @@ def main(argv: list[str] | None = None) -> int:
         log_throttle.install()
         return serve(args)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "hash-secret":
+        return hash_secret()
     return check_config(args)
 
 

@@ -75,6 +75,12 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"timezone: unknown IANA time zone {self.timezone!r}") from None
         if self.on_exceed is OnExceed.DOWNGRADE and not self.downgrade_to:
             raise ValueError("downgrade_to: on_exceed downgrade needs a model map")
+        if self.downgrade_to and self.on_exceed is not OnExceed.DOWNGRADE:
+            # A map that would never be used is a mistake, not a preference.
+            raise ValueError(
+                f"downgrade_to: applies only with on_exceed: downgrade (this budget's "
+                f"on_exceed is {self.on_exceed.value}): set on_exceed: downgrade, or remove it"
+            )
 
     def to_budget(self, source: str) -> Budget:
         return Budget(
@@ -290,12 +296,63 @@ class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `(?P<path>[^`]*)`)?$", re.S)
 
 
+# What each pattern a field is checked against means, in words: a message quotes these
+# instead of the regex.
+_PATTERN_WORDS = {
+    r"^[0-9a-f]{32}\Z": "a reservation id: the 32 lowercase hex characters authorize returned",
+    r"^[0-9a-f]{64}\Z": "a SHA-256 in hex: 64 lowercase hex characters "
+    "(`budget-sidecar hash-secret` prints it)",
+    r"^[A-Za-z0-9._~@+\-]+\Z": "letters, digits and . _ ~ @ + - only",
+    r"^[A-Za-z0-9._~@+:/\-]+\Z": "letters, digits and . _ ~ @ + : / - only",
+    r"^[A-Za-z0-9._~@+:=\-]+\Z": "letters, digits and . _ ~ @ + : = - only",
+    r"^[A-Za-z0-9._~\-]+\Z": "letters, digits and . _ ~ - only",
+    r"^https?://[^\s]+\Z": "an http:// or https:// URL without spaces",
+    r"^[A-Za-z_][A-Za-z0-9_]*\Z": "an environment variable name (letters, digits, _)",
+}
+_REGEX = re.compile(r"Expected `str` matching regex '(?P<regex>.*)'\Z", re.S)
+# The enum each field name carries, so a bad value lists the allowed ones.
+_ENUMS: dict[str, tuple[str, ...]] = {
+    name: tuple(e.value for e in enum_type)
+    for name, enum_type in (
+        ("scope", Scope),
+        ("period", Period),
+        ("on_exceed", OnExceed),
+        ("unpriced_model", UnpricedModel),
+        ("fail_mode", FailMode),
+        ("metric", Metric),
+        ("mode", LimitMode),
+        ("role", Role),
+    )
+}
+_BAD_ENUM = re.compile(r"Invalid enum value (?P<value>.*)\Z", re.S)
+
+
+def _in_words(path: str, message: str) -> str:
+    """A msgspec message a person can act on: patterns described, enums listed."""
+    regex = _REGEX.match(message)
+    if regex is not None:
+        words = _PATTERN_WORDS.get(regex.group("regex").replace("\\\\", "\\"))
+        if words is not None:
+            return f"expected {words}"
+    bad = _BAD_ENUM.match(message)
+    if bad is not None:
+        allowed = _ENUMS.get(path.rpartition(".")[2])
+        if allowed is not None:
+            return f"{bad.group('value')} is not one of: {', '.join(allowed)}"
+    return message
+
+
 def split_validation_error(text: str) -> tuple[str, str]:
     """("$.budgets[0].limit_usd", "Expected ...") from a msgspec ValidationError text.
 
     Errors raised in __post_init__ as "<field>: <reason>" point at the struct; the field
-    named in the message is appended to the path.
+    named in the message is appended to the path. Regexes and enums are put in words.
     """
+    path, message = _split(text)
+    return path, _in_words(path, message)
+
+
+def _split(text: str) -> tuple[str, str]:
     match = _AT.match(text)
     assert match is not None  # the pattern matches any string
     message, path = match.group("msg"), match.group("path") or "$"

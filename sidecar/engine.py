@@ -40,6 +40,7 @@ from sidecar.model import (
 )
 from sidecar.money import MICRO, cost_micro, micro_to_usd, usd_to_micro
 from sidecar.periods import WindowCache, iso
+from sidecar.pricing import Prices, catalogue
 from sidecar.schemas import (
     AuthorizeRequest,
     BudgetInfo,
@@ -141,17 +142,12 @@ class Snapshot:
     limits_by_entity: dict[tuple[Scope, str], tuple[RateLimit, ...]]
     limits_per_entity: dict[Scope, tuple[RateLimit, ...]]
     by_id: dict[str, Budget]
-    prices: dict[tuple[str, str], Price]
-    price_by_model: dict[str, Price]
+    prices: Prices
 
     @classmethod
-    def of(cls, config: Config) -> Snapshot:
+    def of(cls, config: Config, api_pricing: Iterable[Price] = ()) -> Snapshot:
         by_entity, per_entity = _index(b for b in config.budgets if b.enabled)
         limits_by_entity, limits_per_entity = _index(config.rate_limits)
-        prices = {(p.provider, p.model): p for p in config.pricing}
-        models: dict[str, list[Price]] = defaultdict(list)
-        for p in config.pricing:
-            models[p.model].append(p)
         return cls(
             config=config,
             by_entity=by_entity,
@@ -159,9 +155,8 @@ class Snapshot:
             limits_by_entity=limits_by_entity,
             limits_per_entity=limits_per_entity,
             by_id={b.id: b for b in config.budgets},
-            prices=prices,
-            # A model name alone identifies a price only when one provider sells it.
-            price_by_model={m: ps[0] for m, ps in models.items() if len(ps) == 1},
+            # Config and API prices over the bundled catalogue (sidecar/pricing.py).
+            prices=Prices.of(config.pricing, api_pricing, catalogue()),
         )
 
 
@@ -258,7 +253,8 @@ class Engine:
                     rate_limits=config.rate_limits + d.rate_limits,
                     budgets=config.budgets + d.budgets,
                     pricing=tuple(prices.values()),
-                )
+                ),
+                api_pricing=d.pricing,
             )
 
     def snapshot(self, tenant: str) -> Snapshot:
@@ -404,18 +400,18 @@ class Engine:
         if model is None:
             return None
         snap = self._snapshot if tenant is None else self.snapshot(tenant)
-        found = snap.prices.get((provider, model)) if provider else snap.price_by_model.get(model)
-        if found is None and "/" in model:
-            # LiteLLM's names carry the provider: "openai/gpt-4o".
-            prefix, bare = model.split("/", 1)
-            found = snap.prices.get((provider or prefix, bare))
+        found = snap.prices.find(provider, model)
         if found is None and snap.config.settings.unpriced_model is UnpricedModel.FALLBACK:
             return snap.config.settings.fallback_price
-        return found
+        return None if found is None else found[0]
 
-    def _priced(self, tenant: str, provider: str | None, model: str | None) -> Price | None:
+    def _priced(
+        self, tenant: str, provider: str | None, model: str | None, usd: float | None = None
+    ) -> Price | None:
+        """The model's price; a model with none is refused unless the call names its dollar
+        amount (`usd`: then no price is needed, and a settle by tokens alone is refused)."""
         price = self.price(provider, model, tenant)
-        if price is None and model is not None:
+        if price is None and model is not None and usd is None:
             raise RequestError(
                 "model",
                 f"no price for {provider or '*'}/{model}: add it to pricing, or set "
@@ -443,7 +439,7 @@ class Engine:
     async def _authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
-        price = self._priced(tenant, req.provider, req.model)
+        price = self._priced(tenant, req.provider, req.model, req.estimated_usd)
         asked = self._estimate(
             price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
@@ -550,7 +546,7 @@ class Engine:
         now = self._clock.now_ms()
         # The same pricing and estimate rules as authorize: check answers what authorize
         # would (a check without an estimate asks about the least a hold may be).
-        price = self._priced(tenant, req.provider, req.model)
+        price = self._priced(tenant, req.provider, req.model, req.estimated_usd)
         est = max(
             self._estimate(
                 price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
@@ -629,7 +625,7 @@ class Engine:
         if outcome.binding is not None:
             info = _info(states[outcome.binding], applied[outcome.binding].budget, outcome.action)
         retry_after_ms = None
-        message = _message(outcome.action, applied, outcome.binding)
+        message = _message(outcome.action, applied, outcome.binding, values, est)
         if budget_denied and outcome.binding is not None:
             retry_after_ms = applied[outcome.binding].window_end_ms - now
         elif not allowed and denying:
@@ -707,7 +703,7 @@ class Engine:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
-        price = self._priced(tenant, req.provider, req.model) if has_tokens else None
+        price = self._priced(tenant, req.provider, req.model, req.cost_usd) if has_tokens else None
         cost = self._estimate(price, req.cost_usd, req.tokens_in, req.tokens_out)
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
@@ -1211,12 +1207,31 @@ def _info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:
     )
 
 
-def _message(action: Action, applied: Sequence[Applied], binding: int | None) -> str | None:
+def _message(
+    action: Action,
+    applied: Sequence[Applied],
+    binding: int | None,
+    values: Sequence[int],
+    est: int,
+) -> str | None:
+    """What binds, in words: "exceeded" only when the budget is truly spent; otherwise the
+    estimate against what is left."""
     if binding is None or action is Action.ALLOW:
         return None
     b = applied[binding].budget
     if action is Action.BLOCK:
-        return f"Budget '{b.name}' exceeded - requests blocked"
-    if action is Action.DOWNGRADE:
-        return f"Budget '{b.name}' exceeded - downgraded to {applied[binding].downgrade_model}"
-    return f"Budget '{b.name}' exceeded - warning"
+        outcome = "requests blocked"
+    elif action is Action.DOWNGRADE:
+        outcome = f"downgraded to {applied[binding].downgrade_model}"
+    else:
+        outcome = "warning"
+    left = b.limit_micro - values[2 * binding] - values[2 * binding + 1]
+    if left <= 0:
+        return f"Budget '{b.name}' exceeded - {outcome}"
+    return f"Estimate {_usd(est)} exceeds the {_usd(left)} left on '{b.name}' - {outcome}"
+
+
+def _usd(micro: int) -> str:
+    """$9.00, $0.0042: cents always, then as many micro-dollar digits as there are."""
+    whole = f"{micro / MICRO:.6f}".rstrip("0")
+    return f"${whole}{'0' * max(0, 2 - len(whole.partition('.')[2]))}"

@@ -505,7 +505,8 @@ async def test_prices_set_through_the_api_price_decisions_of_their_tenant_only(
     assert api_cost != config_cost
     held_after = await estimate(ADMIN_A)
     assert held_after["estimated_usd"] == api_cost / 1e6
-    assert await price_of(ADMIN_A, "provider=openai&model=gpt-4o") == new_price
+    from_api = {"source": "api", "source_version": None, "source_date": None}
+    assert await price_of(ADMIN_A, "provider=openai&model=gpt-4o") == {**new_price, **from_api}
     # Tenant B still has the config file's price.
     assert (await estimate(ADMIN_B))["estimated_usd"] == config_cost / 1e6
     assert (await price_of(ADMIN_B, "provider=openai&model=gpt-4o"))["pricing"] == {
@@ -547,16 +548,21 @@ async def test_prices_set_through_the_api_price_decisions_of_their_tenant_only(
         400,
         "model",
     )
-    listed_a = await price_of(ADMIN_A, "")
-    listed_b = await price_of(ADMIN_B, "")
-    assert sorted((p["provider"], p["model"]) for p in listed_a["pricing"]) == [
-        ("bedrock", "meta/llama-3:1"),
-        ("openai", "gpt-4o"),
+    # Each tenant's own prices (the bundled catalogue's follow them in the full list).
+    CAT = "genai-prices"
+    listed_a = [p for p in (await price_of(ADMIN_A, ""))["pricing"] if p["source"] != CAT]
+    listed_b = [p for p in (await price_of(ADMIN_B, ""))["pricing"] if p["source"] != CAT]
+    assert sorted((p["provider"], p["model"], p["source"]) for p in listed_a) == [
+        ("bedrock", "meta/llama-3:1", "api"),
+        ("openai", "gpt-4o", "api"),
     ]
-    assert listed_b == {"pricing": [{"provider": "openai", "model": "gpt-4o",
-                                     "pricing": {"input_per_1k": 0.0025,
-                                                 "output_per_1k": 0.01}}]}  # fmt: skip
-    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == model
+    assert listed_b == [{"provider": "openai", "model": "gpt-4o",
+                         "pricing": {"input_per_1k": 0.0025, "output_per_1k": 0.01},
+                         "source": "config", "source_version": None,
+                         "source_date": None}]  # fmt: skip
+    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == {
+        **model, **from_api
+    }
     await problem(
         await client.get("/api/v1/pricing?provider=bedrock&model=meta/llama-3:1", headers=ADMIN_B),
         404,
@@ -582,7 +588,7 @@ async def test_prices_set_through_the_api_price_decisions_of_their_tenant_only(
         404,
         "model",
     )
-    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == model
+    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == {**model, **from_api}
     assert set(redis_client.hkeys(keys.definitions("ta"))) == {"p:bedrock/meta%2Fllama-3%3A1"}
     assert not redis_client.exists(keys.definitions("tb"))
 

@@ -192,9 +192,11 @@ async def test_async_client_reads_budgets_status_check_and_pricing(
         assert {b.id for b in denied.budgets or []} == {"org-monthly", "team-a"}
 
         everything = await client.get_pricing()
-        assert {(p.provider, p.model) for p in everything.pricing} == {
+        # The config file's two, then the bundled catalogue's (parsed by the SDK's models).
+        assert {(p.provider, p.model) for p in everything.pricing[:2]} == {
             ("openai", "gpt-4o"), ("anthropic", CLAUDE),
         }  # fmt: skip
+        assert len(everything.pricing) > 1000
         one = await client.get_pricing(provider="openai", model="gpt-4o")
         assert [(p.pricing.input_per_1k, p.pricing.output_per_1k) for p in one.pricing] == [
             (0.0025, 0.01)
@@ -202,7 +204,9 @@ async def test_async_client_reads_budgets_status_check_and_pricing(
         colon = await client.get_pricing(provider="anthropic", model=CLAUDE)
         assert colon.pricing[0].pricing.output_per_1k == 0.015
         by_provider = await client.get_pricing(provider="openai")
-        assert [p.model for p in by_provider.pricing] == ["gpt-4o"]
+        assert by_provider.pricing[0].model == "gpt-4o"
+        assert "gpt-4o-mini" in {p.model for p in by_provider.pricing}
+        assert {p.provider for p in by_provider.pricing} == {"openai"}
 
 
 # ---- budgets: create, list, get, update, delete ---------------------------------------------
@@ -521,7 +525,7 @@ async def test_async_pricing_written_over_http_is_read_and_charged(
 ) -> None:
     async with AxonFlow(endpoint=sidecar.url) as client:
         with pytest.raises(AxonFlowError) as err:
-            await client.get_pricing(provider="openai", model="gpt-4o-mini")
+            await client.get_pricing(provider="openai", model="gpt-9-unknown")
         assert str(err.value).startswith("HTTP 404: ")
 
         _put_price(sidecar, "openai", "gpt-4o-mini", 0.00015, 0.0006)
@@ -529,13 +533,16 @@ async def test_async_pricing_written_over_http_is_read_and_charged(
 
         everything = await client.get_pricing()
         assert {(p.provider, p.model, p.pricing.input_per_1k, p.pricing.output_per_1k)
-                for p in everything.pricing} == {
+                for p in everything.pricing[:3]} == {
             ("openai", "gpt-4o", 0.005, 0.02),
             ("openai", "gpt-4o-mini", 0.00015, 0.0006),
             ("anthropic", CLAUDE, 0.003, 0.015),
         }  # fmt: skip
+        # Each price once: the API's override the catalogue's for the same model.
+        pairs = [(p.provider, p.model) for p in everything.pricing]
+        assert len(pairs) == len(set(pairs))
         openai = await client.get_pricing(provider="openai")
-        assert sorted(p.model for p in openai.pricing) == ["gpt-4o", "gpt-4o-mini"]
+        assert [p.model for p in openai.pricing[:2]] == ["gpt-4o", "gpt-4o-mini"]
         mini = await client.get_pricing(provider="openai", model="gpt-4o-mini")
         assert [(p.pricing.input_per_1k, p.pricing.output_per_1k) for p in mini.pricing] == [
             (0.00015, 0.0006)
@@ -685,7 +692,7 @@ def test_sync_client_every_call(sidecar: SidecarProcess) -> None:
         assert [(r.model, r.cost_usd) for r in records.records or []] == [("gpt-4o", 0.015)]
         assert client.list_usage_records(ListUsageRecordsOptions(limit=1)).total == 2
 
-        assert len(client.get_pricing().pricing) == 2
+        assert len(client.get_pricing().pricing) > 1000  # the file's two and the catalogue
         colon = client.get_pricing(provider="anthropic", model=CLAUDE)
         assert [p.pricing.input_per_1k for p in colon.pricing] == [0.003]
 

@@ -81,8 +81,8 @@ async def test_every_route_is_documented_and_nothing_else(make_app: Factory) -> 
     # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz;
     # the AxonFlow SDK's: health, budgets (list, create, get, update, delete, status, an
     # entity's status, alerts, check), usage (summary, breakdown, records), pricing (get, put,
-    # delete), pre-check, audit
-    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 9 + 3 + 3 + 2)
+    # delete), pre-check, audit; the status page at / and /ui
+    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 9 + 3 + 3 + 2) + 2
 
 
 async def test_without_metrics_the_served_document_leaves_them_out(make_app: Factory) -> None:
@@ -315,10 +315,12 @@ async def axonflow_answers(call: Call) -> None:
     price = {"provider": "acme", "model": "m-1",
              "pricing": {"input_per_1k": 0.001, "output_per_1k": 0.002}}  # fmt: skip
     assert await call("put", PRICING, json=price) == price
-    assert await call("get", f"{PRICING}?provider=acme&model=m-1") == price
-    listed_prices = await call("get", PRICING)
-    pairs = {(p["provider"], p["model"]) for p in listed_prices["pricing"]}
-    assert pairs == {("openai", "gpt-4o"), ("acme", "m-1")}, pairs
+    from_api = {"source": "api", "source_version": None, "source_date": None}
+    assert await call("get", f"{PRICING}?provider=acme&model=m-1") == {**price, **from_api}
+    listed_prices = await call("get", PRICING)  # the bundled catalogue's too
+    pairs = {(p["provider"], p["model"], p["source"]) for p in listed_prices["pricing"]}
+    assert {("openai", "gpt-4o", "config"), ("acme", "m-1", "api")} < pairs, pairs
+    assert ("openai", "gpt-4o-mini", "genai-prices") in pairs
     await call("get", f"{PRICING}?provider=acme&model=nope")
     await call("put", PRICING, json={**price, "pricing": {"input_per_1k": -1,
                                                           "output_per_1k": 0}})  # fmt: skip

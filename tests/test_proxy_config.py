@@ -122,7 +122,7 @@ def test_the_longest_matching_prefix_wins() -> None:
         (
             {"routes": [{"prefix": "/a", "defaults": {"org_id": "a:b"}}]},
             "$.proxy.routes[0].defaults.org_id",
-            "matching regex",
+            "expected letters, digits and . _ ~ @ + - only",  # the pattern in words
         ),
         (
             {"routes": [{"prefix": "/a", "defaults": {"estimated_usd": -1}}]},

@@ -337,7 +337,7 @@ async def test_the_denial_header_is_ascii_whatever_the_budget_name(
     value = next(v for k, v in raw if k.lower() == b"x-budget-denial")
     assert value.isascii()
     assert json.loads(value)["message"] == (
-        "Budget 'Équipe \"ops\"\u2014daily' exceeded - requests blocked"
+        "Estimate $2.00 exceeds the $1.00 left on 'Équipe \"ops\"\u2014daily' - requests blocked"
     )
 
 
@@ -396,7 +396,8 @@ async def test_no_applicable_budget_allows_without_remaining(make_client: Client
         ({"x-user-id": "a{b}"}, "x-user-id"),
         ({"x-org-id": "x" * 129}, "x-org-id"),
         ({"x-model": "gpt 4"}, "x-model"),
-        ({"x-model": "unpriced-model"}, "x-model"),
+        # (An unpriced x-model is no longer one: the proxy's dollar estimate needs no
+        # price; tests/test_pricing.py holds it.)
         ({"x-budget-estimate-usd": "lots"}, "x-budget-estimate-usd"),
         ({"x-budget-estimate-usd": "-1"}, "x-budget-estimate-usd"),
         ({"x-budget-estimate-usd": "nan"}, "x-budget-estimate-usd"),

@@ -515,7 +515,10 @@ async def test_denied_request_gets_429_retry_after_and_json(
     decision = _json(body)
     assert (decision["allowed"], decision["action"]) == (False, "block")
     assert decision["budget_info"]["budget_id"] == "user-daily"
-    assert decision["message"] == "Budget 'Each user daily' exceeded - requests blocked"
+    # Nothing is spent: the estimate is simply larger than what is left.
+    assert decision["message"] == (
+        "Estimate $1.50 exceeds the $1.00 left on 'Each user daily' - requests blocked"
+    )
     assert stack.seen == []
     state = await stack.budget()
     assert (state["held_usd"], state["used_usd"]) == (0.0, 0.0)

@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import __version__, logs
-from sidecar.api import admin, axonflow, bodies, gateway, native, openapi, proxy, usage
+from sidecar.api import admin, axonflow, bodies, gateway, native, openapi, proxy, ui, usage
 from sidecar.api import auth as api_auth
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
@@ -290,6 +290,7 @@ def create_app(
     usage.add_routes(app, ENGINE)
     gateway.add_routes(app, ENGINE)
     openapi.add_route(app, config)
+    ui.add_routes(app)
     if isinstance(events, Metrics):
         events.add_routes(app, engine)
     return app

@@ -14,12 +14,13 @@ from collections.abc import Callable
 
 from aiohttp import web
 
+from sidecar.api import ui
 from sidecar.api.problems import ProblemError
 from sidecar.auth import OPEN, Client, Role
 from sidecar.engine import Engine
 
 OPEN_PATHS = frozenset(
-    {"/healthz", "/health", "/readyz", "/metrics", "/prometheus", "/openapi.json"}
+    {"/healthz", "/health", "/readyz", "/metrics", "/prometheus", "/openapi.json", *ui.PATHS}
 )
 PRINCIPAL = web.RequestKey("principal", Client)
 _CHALLENGE = {"WWW-Authenticate": 'Basic realm="budget-sidecar", charset="UTF-8"'}

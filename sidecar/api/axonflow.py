@@ -29,9 +29,10 @@ from sidecar.auth import Role
 from sidecar.config import BudgetId, PricePer1k, PriceSpec
 from sidecar.definitions import DefinitionWatcher, StoredBudget
 from sidecar.engine import Engine, RequestError
-from sidecar.model import Budget, OnExceed, Period, Scope
+from sidecar.model import Budget, OnExceed, Period, Price, Scope
 from sidecar.money import micro_to_usd, pico_to_price
 from sidecar.periods import iso
+from sidecar.pricing import Source
 from sidecar.schemas import ID_PATTERN, CheckRequest, Id, IdentityFields, ModelName
 
 _encode = msgspec.json.Encoder().encode
@@ -103,8 +104,18 @@ class AxPricingInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     pricing: AxPrice
 
 
+class AxPricingEntry(AxPricingInfo, kw_only=True):
+    """A price as read: the SDK's PricingInfo plus where it came from (the SDK's pydantic
+    model ignores fields it does not know): `config`, `api`, or `genai-prices` with that
+    package's version and the newest date its data says a price was checked."""
+
+    source: str
+    source_version: str | None = None
+    source_date: str | None = None
+
+
 class AxPricingList(msgspec.Struct, kw_only=True):
-    pricing: list[AxPricingInfo]
+    pricing: list[AxPricingEntry]
 
 
 class AxCheckRequest(IdentityFields, kw_only=True):
@@ -155,6 +166,19 @@ def ax_budget(budget: Budget, tenant: str) -> AxBudget:
         source=budget.source,
         created_at=budget.created_at,
         updated_at=budget.updated_at,
+    )
+
+
+def _price_entry(p: Price, source: Source) -> AxPricingEntry:
+    return AxPricingEntry(
+        provider=p.provider,
+        model=p.model,
+        pricing=AxPrice(
+            input_per_1k=pico_to_price(p.input_pico), output_per_1k=pico_to_price(p.output_pico)
+        ),
+        source=source.name,
+        source_version=source.version,
+        source_date=source.date,
     )
 
 
@@ -384,28 +408,30 @@ def add_routes(
         )
 
     async def pricing(request: web.Request) -> web.Response:
+        """Every price in effect (config file and API prices, then the bundled catalogue's
+        that they do not override), or the one a provider/model pair resolves to."""
         require(request, Role.READ)
         query = raw_query(request)
         provider = query.get("provider") or None
         model = query.get("model") or None
-        prices = [
-            AxPricingInfo(
-                provider=p.provider,
-                model=p.model,
-                pricing=AxPrice(
-                    input_per_1k=pico_to_price(p.input_pico),
-                    output_per_1k=pico_to_price(p.output_pico),
-                ),
-            )
-            for p in request.app[engine_key].snapshot(tenant_of(request)).config.pricing
-            if (provider is None or p.provider == provider) and (model is None or p.model == model)
-        ]
+        source = query.get("source") or None
+        prices = request.app[engine_key].snapshot(tenant_of(request)).prices
         if provider is not None and model is not None:
-            # One model asked for: the SDK reads a single PricingInfo object.
-            if not prices:
+            # One model asked for, resolved as a decision would (prefixes, dated names,
+            # case): the SDK reads a single PricingInfo object.
+            found = prices.find(provider, model)
+            if found is None:
                 raise ProblemError(404, f"no price for {provider}/{model}", field="model")
-            return json_response(prices[0])
-        return json_response(AxPricingList(pricing=prices))
+            return json_response(_price_entry(*found))
+        wanted = None if provider is None else prices.catalogue.provider(provider.lower())
+        listed = [
+            _price_entry(p, s)
+            for p, s in prices.entries()
+            if (provider is None or p.provider in (provider, wanted))
+            and (model is None or p.model == model)
+            and (source is None or s.name == source)
+        ]
+        return json_response(AxPricingList(pricing=listed))
 
     async def put_price(request: web.Request) -> web.Response:
         """Set a model's price for the caller's tenant (replacing the config file's)."""

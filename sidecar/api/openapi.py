@@ -17,6 +17,7 @@ import msgspec
 from aiohttp import web
 
 from sidecar import __version__
+from sidecar.api import ui
 from sidecar.api.admin import RateLimitView
 from sidecar.api.auth import OPEN_PATHS
 from sidecar.api.axonflow import (
@@ -26,6 +27,7 @@ from sidecar.api.axonflow import (
     AxCheck,
     AxCheckRequest,
     AxCreateBudget,
+    AxPricingEntry,
     AxPricingInfo,
     AxPricingList,
     AxStatus,
@@ -121,6 +123,7 @@ _TYPES: tuple[type, ...] = (
     AxCheck,
     AxCheckRequest,
     AxPricingInfo,
+    AxPricingEntry,
     AxPricingList,
     AxCreateBudget,
     AxUpdateBudget,
@@ -339,10 +342,20 @@ def _ext_authz_item(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
 
 def _paths(config: Config) -> dict[str, dict[str, Any]]:
     text = {"text/plain": {"schema": {"type": "string"}}}
+    html = {"text/html": {"schema": {"type": "string"}}}
     rate_limit_id = _path_param("limit_id", "the rate limit's id")
     read_only = _problem("The rate limit comes from the config file: change it there.")
     not_found = _problem("No rate limit with this id.")
     return {
+        **{
+            path: {
+                "get": {
+                    "summary": "The status page (static HTML; its data needs credentials)",
+                    "responses": {"200": {"description": "The page.", "content": html}},
+                }
+            }
+            for path in ui.PATHS
+        },
         "/healthz": {
             "get": {
                 "summary": "Liveness",
@@ -616,12 +629,14 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
         "/api/v1/pricing": {
             "get": {
                 "summary": "Prices (AxonFlow SDK get_pricing)",
-                "parameters": [_query("provider", string), _query("model", string)],
+                "parameters": [_query("provider", string), _query("model", string),
+                               _query("source", string)],
                 "responses": {
                     "200": {
-                        "description": "All prices, or one when provider and model are given.",
+                        "description": "All prices in effect (each with its source), or the "
+                        "one a provider and model resolve to.",
                         "content": {"application/json": {"schema": {
-                            "oneOf": [_ref("AxPricingList"), _ref("AxPricingInfo")]}}},
+                            "oneOf": [_ref("AxPricingList"), _ref("AxPricingEntry")]}}},
                     },
                     "404": _problem("No price for that provider and model."),
                 },
