@@ -26,7 +26,9 @@ os.environ["AXONFLOW_TELEMETRY"] = "off"
 
 BUDGET = {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 10.0,
           "period": "monthly"}  # fmt: skip
-NO_PRICING: dict[str, Any] = {"budgets": [BUDGET]}
+# No pricing section; a floor of one micro-USD so that the estimates compared here are the
+# catalogue's own, not raised to the default $0.01.
+NO_PRICING: dict[str, Any] = {"budgets": [BUDGET], "settings": {"min_estimate_usd": 0.000001}}
 
 # One current model per major provider, as a client names it.
 MAJOR = [
@@ -220,9 +222,13 @@ async def test_a_dollar_estimate_needs_no_price(
     rid = (await r.json())["reservation_id"]
     status = await (await client.get("/v1/budgets/org/status")).json()
     assert status["held_usd"] == 0.25
-    # With no price, tokens alone cannot settle it (400, nothing changes); a cost can.
+    # With no price, tokens cannot be priced: the hold is charged (never $0), and says so.
     r = await client.post("/v1/settle", json={"reservation_id": rid, "tokens_in": 10})
-    assert r.status == 400 and (await r.json())["field"] == "tokens_in"
+    settled = await r.json()
+    assert r.status == 200 and (settled["cost_usd"], settled["priced_by"]) == (0.25, "estimate")
+    # A cost on another hold of it is charged as given.
+    r = await client.post("/v1/authorize", json=body)
+    rid = (await r.json())["reservation_id"]
     r = await client.post("/v1/settle", json={"reservation_id": rid, "cost_usd": 0.2})
     assert r.status == 200 and (await r.json())["cost_usd"] == 0.2
     # Without any estimate in dollars the unpriced model is still refused.
