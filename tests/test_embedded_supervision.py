@@ -136,6 +136,12 @@ def test_a_killed_embedded_redis_is_restarted_on_the_same_data(config: str, tmp_
             assert request(sidecar.url + "/healthz") == (200, {"status": "alive"})
             spend(sidecar, 0.25)
             print(f"kill -9 #{round_ + 1}: decisions again after {back_s * 1000:.0f} ms")
+        # Both restarts were logged (the log reaches the file when the process flushes it).
+        wait_until(
+            lambda: sidecar.output().count("restarting it on") == 2,
+            timeout_s=GUARD_S,
+            what="two restart lines",
+        )
         assert sidecar.output().count("restarting it on") == 2
     finally:
         sidecar.cleanup()
