@@ -89,6 +89,7 @@ CONFIG: dict[str, Any] = {
 TENANT = keys.tenant_keys("default")
 ALLOWED_KEYS = {
     *TENANT.hot,
+    TENANT.sweep,
     TENANT.usage,
     TENANT.alerts,
     keys.definitions("default"),
@@ -96,10 +97,10 @@ ALLOWED_KEYS = {
     keys.DEFS_TENANTS,
 }
 KEY_RE = re.compile(
-    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|agg:\d{8})$"
+    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|sweep|u?agg:\d{8})$"
     r"|^bs:\{defs\}:(version|tenants)$"
 )
-AGG_RE = re.compile(r"^bs:\{default\}:agg:\d{8}$")  # one per UTC day with usage
+AGG_RE = re.compile(r"^bs:\{default\}:u?agg:\d{8}$")  # one per UTC day with usage
 # Hash fields and zset members hold escaped components only: no brace, space or control.
 MEMBER_RE = re.compile(r"^[A-Za-z0-9._~@+%\-/:=]+$")
 # Definitions made through the API (rate limits, budgets, prices), by their validated ids
