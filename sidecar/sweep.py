@@ -91,6 +91,7 @@ class Sweeper:
         # For tests and logs: sweep.lua calls made, and whether the last one found its
         # tenant with nothing left to do.
         self.calls = 0
+        self.last_error: Exception | None = None
         self.idle = False
 
     def grace_ms(self, tenant: str) -> int:
@@ -146,7 +147,7 @@ class Sweeper:
             try:
                 await self.sweep_once(tenant)
             except (StoreError, RedisError, OSError) as exc:
-                self.last_error: Exception | None = exc
+                self.last_error = exc
                 if not self._failing:  # once per outage, not once a second
                     log.warning("sweep paused, redis unavailable: %s", exc)
                 self._failing = True
@@ -157,13 +158,15 @@ class Sweeper:
         # For tests and logs: sweep.lua calls made, and whether the last one found its
         # tenant with nothing left to do.
         self.calls = 0
+        self.last_error: Exception | None = None
         self.idle = False
 
     async def run(self) -> None:
         while True:
             try:
                 await self.sweep_round()
-            except Exception:  # a bug must not end collection for the process's life
+            except Exception as exc:  # a bug must not end collection for the process's life
+                self.last_error = exc
                 log.exception("sweep round failed")
             await asyncio.sleep(self.interval_s)
 
