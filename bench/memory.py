@@ -174,8 +174,6 @@ async def measure(
             await engine.close()
             await store.close()
         after = used_memory(client)
-        stats = client.info("commandstats")
-        print({k: v for k, v in stats.items() if "evalsha" in k}, file=sys.stderr)
         by_kind, elements = key_sizes(client)
         return Measured(entities, days, after - before, by_kind, elements, swept_s)
     finally:

@@ -155,11 +155,6 @@ class Sweeper:
         if self._failing:
             log.info("sweep resumed")
         self._failing = False
-        # For tests and logs: sweep.lua calls made, and whether the last one found its
-        # tenant with nothing left to do.
-        self.calls = 0
-        self.last_error: Exception | None = None
-        self.idle = False
 
     async def run(self) -> None:
         while True:
