@@ -337,7 +337,14 @@ async def test_stacked_authorize_keeps_every_key_in_the_tenant_slot(
     tk = tenant_keys("default")
     # ... and the settle's usage record and the day's usage totals, in the tenant's slot.
     assert found == sorted(
-        [tk.counters, tk.reservations, tk.gc, tk.usage, tk.usage_day("20260310")]
+        [
+            tk.counters,
+            tk.reservations,
+            tk.gc,
+            tk.usage,
+            tk.usage_day("20260310"),
+            tk.user_day("20260310"),
+        ]
     )
     assert {slot(k) for k in found} == {slot("default")}
     fields = redis_client.hgetall("bs:{default}:ctr")
