@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench check-config clean
+.PHONY: run test lint bench bench-memory check-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# Bytes of Redis per entity, per reservation, per ledger record (bench/memory.py).
+bench-memory: $(STAMP)
+	$(PY) -m bench.memory $(ARGS)
 
 check-config: $(STAMP)
 	$(VENV)/bin/budget-sidecar check-config $(FILE)

@@ -6,8 +6,10 @@
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
 --   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
 --                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
---   KEYS[4] gc     zset  "c:<cid>" | "r:<rid>" | "q:<key>" | "t:<rf>" | "n:<rf>" -> ms
---                        after which it may go (rate fields are checked for use first)
+--   KEYS[4] gc     zset  "r:<rid>" | "q:<key>" -> ms after which it may go. Counters and
+--                        rate limiter fields have no index: sweep.lua walks ctr (HSCAN)
+--                        and deletes what is past its window or idle. ("c:", "t:", "n:"
+--                        members written before that are still collected.)
 -- Returns: nothing; defines the functions below. Every operation's reply ends with two
 -- extra elements, after those its header lists: how many leases this call found ended with
 -- their hold still in place, and how many of those it charged (record field 22), each
@@ -16,6 +18,7 @@
 --   KEYS[5] usage  stream the usage ledger: one entry per charge (see ledger())
 --   KEYS[6] alerts stream threshold alerts (see check_alerts())
 --   KEYS[7] agg    hash  the current UTC day's usage totals (see ledger())
+--   KEYS[8] uagg   hash  the current UTC day's per-user totals (see ledger())
 -- ctr also holds "a:<cid>": the thresholds of that counter already alerted, '.'-joined.
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
@@ -152,9 +155,20 @@ local function rate_args(first, fields)
   return rates
 end
 
+-- A slot count back at zero is deleted at once (absent reads as 0): no index needed.
 local function free_slots(ctr, fields)
   if fields == nil or fields == '' then return end
-  for _, rf in ipairs(split(fields, ',')) do redis.call('HINCRBY', ctr, 'n:' .. rf, -1) end
+  for _, rf in ipairs(split(fields, ',')) do
+    if redis.call('HINCRBY', ctr, 'n:' .. rf, -1) <= 0 then redis.call('HDEL', ctr, 'n:' .. rf) end
+  end
+end
+
+-- Take `est` off a counter's hold; a hold back at zero is deleted (absent reads as 0), so
+-- a settled counter is one field, not two. Returns the hold left.
+local function unhold(ctr, cid, est)
+  local h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- int: -0 prints "-0"
+  if h == 0 then redis.call('HDEL', ctr, 'h:' .. cid) end
+  return h
 end
 
 -- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate).
@@ -206,9 +220,7 @@ local function reclaim(ctr, lease, res, gc, now, keep, batch)
           charge_at_end(ctr, rid, r, now)
         else
           local est = tonumber(r[3])
-          for _, cid in ipairs(split(r[7], ',')) do
-            redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- -0 would print as "-0"
-          end
+          for _, cid in ipairs(split(r[7], ',')) do unhold(ctr, cid, est) end
           r[1] = 'E'
         end
         redis.call('HSET', res, rid, table.concat(r, '|'))
@@ -222,8 +234,8 @@ end
 
 -- Delete what has outlived its use: counters of long-past windows, finished reservations
 -- and their idempotency keys. Bounded per call, so no call pays for a backlog.
-local function collect(ctr, res, gc, now)
-  local due = redis.call('ZRANGEBYSCORE', gc, '-inf', now, 'LIMIT', 0, 8)
+local function collect(ctr, res, gc, now, batch)
+  local due = redis.call('ZRANGEBYSCORE', gc, '-inf', now, 'LIMIT', 0, batch or 8)
   for _, member in ipairs(due) do
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
@@ -318,11 +330,21 @@ local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, 
 end
 
 -- One usage-ledger entry and the day's aggregates for a charge. `cfg` is
--- "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger at all; max_records 0 keeps
--- aggregates only). Entries: k kind ('s' settle, 'r' record), m meta (see record field
--- 11), q request id, i/o tokens, c cost (micro-USD), l latency ms ('' unknown), s success
+-- "max_records:max_age_ms:aggregate_ttl_s:user_aggregate_ttl_s" ('' = no ledger at all;
+-- max_records 0 keeps aggregates only; a config of three parts, kept by a reservation made
+-- before the fourth existed, keeps the user totals as long as the others). Entries: k kind
+-- ('s' settle, 'r' record, 'x' charged at the lease's end), m meta (see record field 11),
+-- q request id, i/o tokens, c cost (micro-USD), l latency ms ('' unknown), s success
 -- ('1'/'0'), at created (ms), p what priced it ('t' tokens, 'c' a given cost, 'e' the held
 -- estimate: the model had no price). The stream's own ids (Redis time) bound its age.
+-- The aggregates come in two hashes per UTC day, because users and steps are many and
+-- the rest are few (issue 16):
+--   KEYS[7] agg   "c|" cost, "n|" requests, "i|" / "o|" tokens per (provider, model, org,
+--                 team, agent, workflow): kept aggregate_ttl_s
+--   KEYS[8] uagg  per (user, step), '\31'-joined, one field "cost:requests:in:out" (one
+--                 field, not four: a quarter of the entries), only for calls that name a
+--                 user or a step: kept user_aggregate_ttl_s counted from the day's start,
+--                 shorter by default
 local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, latency,
                       success, now, priced_by)
   if cfg == '' then return end
@@ -336,12 +358,25 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
     local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
     if redis_ms > max_age then redis.call('XTRIM', usage, 'MINID', int(redis_ms - max_age)) end
   end
-  local tuple = string.match(meta, '^(.*)\31[^\31]*$') or meta
+  local parts = split(meta, '\31')
+  local tuple = table.concat(parts, '\31', 1, math.min(#parts, 6))
   redis.call('HINCRBY', agg, 'c|' .. tuple, int(cost))
   redis.call('HINCRBY', agg, 'n|' .. tuple, 1)
   if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
   if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
   redis.call('EXPIRE', agg, c[3])
+  local user, step = parts[7] or '', parts[8] or ''
+  local uagg = KEYS[8]
+  if uagg and (user ~= '' or step ~= '') then
+    local who = user .. '\31' .. step
+    local was = split(redis.call('HGET', uagg, who) or '0:0:0:0', ':')
+    redis.call('HSET', uagg, who, int(tonumber(was[1]) + cost) .. ':' .. int(tonumber(was[2]) + 1)
+      .. ':' .. int(tonumber(was[3]) + tin) .. ':' .. int(tonumber(was[4]) + tout))
+    -- Kept user_aggregate_ttl_s counted from the end of its day (the day's key lives the
+    -- rest of today plus that): a retention of 2 days is today and yesterday.
+    local ttl = tonumber(c[4] or c[3]) - 86400 + math.ceil((86400000 - now % 86400000) / 1000)
+    redis.call('EXPIRE', uagg, int(math.max(ttl, 1)))
+  end
 end
 
 -- A hold whose lease ended unsettled, on a reservation that asked for it (record field 22):
@@ -353,7 +388,7 @@ charge_at_end = function(ctr, rid, r, now)
   local specs = split(r[17] or '', ';')
   local snapshot, overshoot = {}, 0
   for i, cid in ipairs(split(r[7], ',')) do
-    local h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
+    local h = unhold(ctr, cid, est)
     local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(est))
     local limit, thresholds, mode = parse_spec(specs[i])
     check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - est, u, now)

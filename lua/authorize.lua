@@ -1,7 +1,7 @@
 -- authorize.lua: hold an estimate on every budget, and charge every rate limit, that
 -- applies to a call, or do nothing at all (invariant 2).
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
@@ -24,7 +24,8 @@
 -- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
 -- ARGV[19] the ledger config (see settle.lua), kept for that charge
 -- ARGV[20..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
---           'd' downgrade), gc_at_ms (when the counter's window is long past), alert
+--           'd' downgrade), gc_at_ms (unused since sweep.lua collects counters by their
+--           window key; kept so the layout stays), alert
 --           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
 --           window_ms, burst, shadow ('1': evaluate and report, never deny)
@@ -57,7 +58,7 @@ collect(ctr, res, gc, now)
 
 -- One HMGET for every field the decision reads: budgets first, then limiters.
 local fields = {}
-local cids, limits, modes, gc_at, alert_specs = {}, {}, {}, {}, {}
+local cids, limits, modes, alert_specs = {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
 local last_budget = 19 + 5 * nb
 for i = 20, last_budget, 5 do
@@ -65,7 +66,6 @@ for i = 20, last_budget, 5 do
   cids[#cids + 1] = cid
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
-  gc_at[#gc_at + 1] = ARGV[i + 3]
   alert_specs[#alert_specs + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
   fields[#fields + 1] = 'u:' .. cid
   fields[#fields + 1] = 'h:' .. cid
@@ -130,7 +130,7 @@ for j, r in ipairs(rates) do
   local cost = r.metric == 't' and est_tokens or 1
   local deny_rate, left, retry, debt =
     rate_eval(r.metric, a, b, rnow, r.limit, r.window, r.burst, cost)
-  r.debt, r.fresh, r.last = debt, not a, tonumber(b)
+  r.debt, r.last = debt, tonumber(b)
   if deny_rate and not r.shadow then out[1] = 0 end
   -- A shadow limiter that would deny is not charged: it keeps counting what enforcing
   -- it would have let through.
@@ -144,17 +144,14 @@ if out[1] == 0 then
   return done(out)
 end
 
-for i, cid in ipairs(cids) do
-  redis.call('HINCRBY', ctr, 'h:' .. cid, est)
-  if not raw[2 * i - 1] and not raw[2 * i] then redis.call('ZADD', gc, gc_at[i], 'c:' .. cid) end
-end
+-- Counters and limiter fields are not indexed: sweep.lua finds them by walking ctr.
+for _, cid in ipairs(cids) do redis.call('HINCRBY', ctr, 'h:' .. cid, est) end
 local slots, token_limiters = {}, {}
 for j, r in ipairs(rates) do
   if charge[j] then
     if r.metric == 'c' then
       redis.call('HINCRBY', ctr, 'n:' .. r.rf, 1)
       slots[#slots + 1] = r.rf
-      if r.fresh then redis.call('ZADD', gc, now + IDLE_MS, 'n:' .. r.rf) end
     else
       local cost = 1
       if r.metric == 't' then
@@ -164,7 +161,6 @@ for j, r in ipairs(rates) do
       -- 'l' never moves back, so a late clock reading cannot earn credit twice.
       local last = math.max(rnow, r.last or rnow)
       redis.call('HSET', ctr, 'd:' .. r.rf, int(r.debt + cost * r.window), 'l:' .. r.rf, int(last))
-      if r.fresh then redis.call('ZADD', gc, now + IDLE_MS, 't:' .. r.rf) end
     end
   end
 end

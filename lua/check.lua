@@ -1,6 +1,6 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (> 0; the sidecar applies its floor)

@@ -1,7 +1,7 @@
 -- reclaim.lua: return the holds of ended leases in one larger batch, for a backlog that
 -- the decision scripts refused to answer over (they answered BACKLOG; see _lib.lua).
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
 -- ARGV[1] now_ms
 -- ARGV[2] keep_ms

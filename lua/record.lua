@@ -1,7 +1,7 @@
 -- record.lua: charge a cost after the fact, without a reservation (usage reporting); the
 -- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua)
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua)
 -- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
 -- charged; the counters as they are now).
 -- ARGV[1] now_ms
@@ -13,7 +13,8 @@
 -- ARGV[6] tokens in   ARGV[7] tokens out
 -- ARGV[8] ledger config (see settle.lua)   ARGV[9] latency ms ('' = unknown)
 -- ARGV[10] success '1' | '0'
--- ARGV[11..] four per budget: cid, gc_at_ms, limit (micro-USD), alert thresholds
+-- ARGV[11..] four per budget: cid, gc_at_ms (unused: sweep.lua collects counters by their
+--           window key), limit (micro-USD), alert thresholds
 --           ('.'-joined percent, '' = none)
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
@@ -23,14 +24,13 @@ local keep = tonumber(ARGV[4])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
-local cids, gc_at, limits, thresholds = {}, {}, {}, {}
+local cids, limits, thresholds = {}, {}, {}
 for i = 11, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
-  gc_at[#gc_at + 1] = ARGV[i + 1]
   limits[#limits + 1] = tonumber(ARGV[i + 2])
   thresholds[#thresholds + 1] = ARGV[i + 3]
 end
-local values, fresh = read_counters(ctr, cids)
+local values = read_counters(ctr, cids)
 
 local status = 1
 if idem ~= '' then
@@ -41,7 +41,6 @@ for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
-    if fresh[i] then redis.call('ZADD', gc, gc_at[i], 'c:' .. cid) end
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
   end
   out[#out + 1] = u

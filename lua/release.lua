@@ -1,6 +1,6 @@
 -- release.lua: give a reservation's hold back without charging anything, exactly once.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua; for holds charged at their
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
 -- Returns: the settle.lua result shape, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
@@ -61,7 +61,7 @@ local snapshot = {}
 for _, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
-    h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
+    h = unhold(ctr, cid, est)
   else
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end

@@ -1,7 +1,7 @@
 -- settle.lua: charge a reservation's actual cost and drop its hold, exactly once; the
 -- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
--- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg   (see _lib.lua)
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua)
 -- Returns: the settle result, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
@@ -73,7 +73,7 @@ local overshoot = 0
 for i, cid in ipairs(split(r[7], ',')) do
   local h
   if held then
-    h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))
+    h = unhold(ctr, cid, est)
   else
     h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
   end

@@ -187,13 +187,14 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     default_org_id: Id = "default"
     default_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 60_000
     max_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 3_600_000
-    keep_finished_ms: Annotated[int, Meta(ge=60_000, le=30 * 86_400_000)] = 86_400_000
+    keep_finished_ms: Annotated[int, Meta(ge=60_000, le=30 * 86_400_000)] = 3_600_000
     fail_mode: FailMode = FailMode.CLOSED
     redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
     usage_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 400
+    usage_user_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 2
     pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
     min_estimate_usd: Annotated[float, Meta(ge=0.000001, le=1_000_000)] = 0.01
     axonflow_metrics: bool = False
@@ -226,6 +227,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             usage_max_records=self.usage_max_records,
             usage_max_age_days=self.usage_max_age_days,
             usage_aggregate_days=self.usage_aggregate_days,
+            usage_user_aggregate_days=self.usage_user_aggregate_days,
             pre_check_estimate_usd=self.pre_check_estimate_usd,
             min_estimate_micro=usd_to_micro(self.min_estimate_usd),
             axonflow_metrics=self.axonflow_metrics,

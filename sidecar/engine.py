@@ -280,6 +280,17 @@ class Engine:
     def now_ms(self) -> int:
         return self._clock.now_ms()
 
+    def limiter_ms(self) -> str:
+        return self._clock.limiter_ms()
+
+    @property
+    def scripts(self) -> Scripts:
+        return self._scripts
+
+    def report_expired(self, reply: list[Any]) -> None:
+        """Pop and report the expiry counts a script reply ends with (the sweep's too)."""
+        self._expired(reply)
+
     def tenants(self) -> set[str]:
         """Every tenant a client can act for (open mode: the one default tenant)."""
         clients = self._snapshot.config.clients
@@ -1190,7 +1201,7 @@ def _ledger_config(config: Config) -> str:
     s = config.settings
     return (
         f"{s.usage_max_records}:{s.usage_max_age_days * 86_400_000}:"
-        f"{s.usage_aggregate_days * 86_400}"
+        f"{s.usage_aggregate_days * 86_400}:{s.usage_user_aggregate_days * 86_400}"
     )
 
 

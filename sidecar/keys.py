@@ -7,12 +7,18 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
-    bs:{T}:gc      zset   "c:<cid>" / "r:<rid>" / "q:<key>" -> Unix ms after which it may go
+    bs:{T}:gc      zset   "r:<rid>" / "q:<key>" -> Unix ms after which it may go (counters
+                          and limiters have no index: the sweep walks ctr, sweep.lua)
     bs:{T}:usage   stream the usage ledger: one entry per settle and record (bounded by
                           count and age)
     bs:{T}:agg:<yyyymmdd>  hash  that UTC day's usage totals per (provider, model, org,
-                          team, agent, workflow, user, step): "c|" cost, "n|" requests,
-                          "i|" tokens in, "o|" tokens out (expires after the retention)
+                          team, agent, workflow): "c|" cost, "n|" requests, "i|" tokens
+                          in, "o|" tokens out (expires after usage_aggregate_days). Days
+                          written before issue 16 also carry user and step in the tuple.
+    bs:{T}:uagg:<yyyymmdd> hash  that UTC day's totals per (user, step) of the calls that
+                          name one: "cost:requests:in:out" (expires after the shorter
+                          usage_user_aggregate_days: users are many)
+    bs:{T}:sweep   string where the background sweep's walk over ctr is (an HSCAN cursor)
     bs:{T}:alerts  stream threshold alerts, written by the script that charged; read by
                           the alerts route and by the webhook deliverers' consumer groups
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
@@ -58,19 +64,28 @@ class TenantKeys:
     gc: str
     usage: str
     alerts: str
+    sweep: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
         """The KEYS of every reservation script, in their documented order."""
         return (self.counters, self.leases, self.reservations, self.gc)
 
-    def charging(self, day: str) -> tuple[str, str, str, str, str, str, str]:
+    def charging(self, day: str) -> tuple[str, str, str, str, str, str, str, str]:
         """The KEYS of the scripts that charge (settle, record): the reservation keys, then
-        the usage ledger, the alerts, and the aggregate hash of UTC day `day` (yyyymmdd)."""
-        return (*self.hot, self.usage, self.alerts, self.usage_day(day))
+        the usage ledger, the alerts, and the aggregate hashes of UTC day `day`
+        (yyyymmdd): the totals, then the per-user totals."""
+        return (*self.hot, self.usage, self.alerts, self.usage_day(day), self.user_day(day))
+
+    def sweeping(self, day: str) -> tuple[str, ...]:
+        """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
+        return (*self.charging(day), self.sweep)
 
     def usage_day(self, day: str) -> str:
         return f"{self.counters[: -len('ctr')]}agg:{day}"
+
+    def user_day(self, day: str) -> str:
+        return f"{self.counters[: -len('ctr')]}uagg:{day}"
 
 
 @lru_cache(maxsize=4096)
@@ -84,6 +99,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         gc=tag + "gc",
         usage=tag + "usage",
         alerts=tag + "alerts",
+        sweep=tag + "sweep",
     )
 
 

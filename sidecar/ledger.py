@@ -3,11 +3,14 @@ record.lua, see lua/_lib.lua `ledger()`).
 
 - The ledger is one Redis stream per tenant: an entry per charge, newest last, capped by
   `settings.usage_max_records` and `settings.usage_max_age_days`.
-- The aggregates are one hash per tenant and UTC day: cost, requests and tokens per
-  (provider, model, org, team, agent, workflow, user, step). A period's summary or
-  breakdown reads its days (31 hashes for a month, 366 for a year) instead of the
-  records, so it stays cheap however many calls there were, and it is exact even after
-  the ledger's records were trimmed.
+- The aggregates are two hashes per tenant and UTC day: cost, requests and tokens per
+  (provider, model, org, team, agent, workflow), kept `usage_aggregate_days`; and per
+  (user, step) of the calls that name one, kept the shorter `usage_user_aggregate_days`
+  (users and steps are many: issue 16). A period's summary or breakdown reads its days
+  (31 of each for a month, 366 for a year) instead of the records, so it stays cheap
+  however many calls there were, and it is exact even after the ledger's records were
+  trimmed. A breakdown by user or step counts a day whose per-user hash has expired
+  under "" (totals stay exact; only the attribution is gone).
 
 Usage periods are UTC calendar windows (a budget's own time zone does not apply).
 """
@@ -71,11 +74,16 @@ class Totals:
             self.tokens_out += value
 
 
+_USER, _STEP = GROUP_BY["user"], GROUP_BY["step"]
+
+
 @dataclass(slots=True)
 class PeriodUsage:
     window: Window
-    # ledger tuple (without the run) -> totals
+    # ledger tuple (provider .. workflow; before issue 16 also user and step) -> totals
     by_tuple: dict[tuple[str, ...], Totals] = field(default_factory=dict)
+    # (user, step) -> totals, of the days whose per-user hash is still kept
+    by_user: dict[tuple[str, str], Totals] = field(default_factory=dict)
 
     @property
     def total(self) -> Totals:
@@ -88,7 +96,21 @@ class PeriodUsage:
         out: dict[str, Totals] = defaultdict(Totals)
         for tup, t in self.by_tuple.items():
             out[tup[position] if position < len(tup) else ""].merge(t)
+        if position in (_USER, _STEP):
+            # The per-user totals are also in the "" of the totals' tuples (which leave
+            # user and step out): move them from "" to their user or step.
+            which = 0 if position == _USER else 1
+            for pair, t in self.by_user.items():
+                if pair[which]:
+                    out[pair[which]].merge(t)
+                    out[""].merge(_negative(t))
+            if "" in out and out[""] == Totals():
+                del out[""]
         return dict(out)
+
+
+def _negative(t: Totals) -> Totals:
+    return Totals(-t.cost_micro, -t.requests, -t.tokens_in, -t.tokens_out)
 
 
 def _days(w: Window, now_ms: int) -> list[str]:
@@ -111,14 +133,25 @@ async def period_usage(
     pipe = client.pipeline(transaction=False)
     for day in _days(w, now_ms):
         pipe.hgetall(tk.usage_day(day))
+        pipe.hgetall(tk.user_day(day))
     usage = PeriodUsage(w)
-    for fields in await pipe.execute():
+    replies = await pipe.execute()
+    for fields in replies[0::2]:
         for name, raw in fields.items():
             kind, tup = name[0], tuple(name[2:].split(_SEP))
             totals = usage.by_tuple.get(tup)
             if totals is None:
                 totals = usage.by_tuple[tup] = Totals()
             totals.add(kind, int(raw))
+    for fields in replies[1::2]:
+        for name, raw in fields.items():
+            user, _, step = name.partition(_SEP)
+            cost, requests, tokens_in, tokens_out = (int(v) for v in raw.split(":"))
+            pair = (user, step)
+            totals = usage.by_user.get(pair)
+            if totals is None:
+                totals = usage.by_user[pair] = Totals()
+            totals.merge(Totals(cost, requests, tokens_in, tokens_out))
     return usage
 
 

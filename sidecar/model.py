@@ -158,8 +158,11 @@ class Settings:
     default_lease_ms: int = 60_000
     max_lease_ms: int = 3_600_000
     # How long a finished reservation (and its idempotency key) is remembered, so that a
-    # repeated settle or release returns the first result.
-    keep_finished_ms: int = 86_400_000
+    # repeated settle or release returns the first result, a retried authorize gets its
+    # reservation back, and a settle after the lease ended is still charged. An hour:
+    # clients retry within seconds to minutes (SDK backoffs, proxy retries), and a
+    # reservation kept a day cost more Redis than every counter of its entity (issue 16).
+    keep_finished_ms: int = 3_600_000
     fail_mode: FailMode = FailMode.CLOSED
     # Redis's time to answer, counted while the sidecar runs (its own scheduling lag is
     # not Redis's); a decision waits at most twice this of wall-clock time (sidecar.resp).
@@ -170,6 +173,9 @@ class Settings:
     usage_max_records: int = 100_000
     usage_max_age_days: int = 30
     usage_aggregate_days: int = 400
+    # The per-(user, step) daily totals: users and steps are many, so kept shorter. Older
+    # days still count in every total; a breakdown by user or step shows them under "".
+    usage_user_aggregate_days: int = 2
     # What a gateway-mode pre-check holds (the SDK's pre-check carries no estimate).
     pre_check_estimate_usd: float = 0.01
     # The least a hold may be (micro-USD): an estimate of $0 would hold nothing, and any

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-OPERATIONS = ("authorize", "check", "settle", "release", "record", "status", "reclaim")
+OPERATIONS = (
+    "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep"
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +44,7 @@ class Scripts:
     record: Script
     status: Script
     reclaim: Script
+    sweep: Script
 
     @classmethod
     def load_all(cls) -> Scripts:
@@ -57,5 +60,6 @@ class Scripts:
                 self.record,
                 self.status,
                 self.reclaim,
+                self.sweep,
             )
         )

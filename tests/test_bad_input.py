@@ -137,6 +137,7 @@ async def app(make_client: ClientFactory, redis_client: redis.Redis) -> AsyncIte
         "bs:{default}:gc",
         "bs:{default}:lease",
         "bs:{default}:res",
+        f"bs:{{default}}:uagg:{time.strftime('%Y%m%d', time.gmtime(T0_MS / 1000))}",
         "bs:{default}:usage",
     ]
     assert len(before["bs:{default}:lease"][1]) == 2

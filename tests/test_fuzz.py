@@ -89,6 +89,7 @@ CONFIG: dict[str, Any] = {
 TENANT = keys.tenant_keys("default")
 ALLOWED_KEYS = {
     *TENANT.hot,
+    TENANT.sweep,
     TENANT.usage,
     TENANT.alerts,
     keys.definitions("default"),
@@ -96,10 +97,10 @@ ALLOWED_KEYS = {
     keys.DEFS_TENANTS,
 }
 KEY_RE = re.compile(
-    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|agg:\d{8})$"
+    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|sweep|u?agg:\d{8})$"
     r"|^bs:\{defs\}:(version|tenants)$"
 )
-AGG_RE = re.compile(r"^bs:\{default\}:agg:\d{8}$")  # one per UTC day with usage
+AGG_RE = re.compile(r"^bs:\{default\}:u?agg:\d{8}$")  # one per UTC day with usage
 # Hash fields and zset members hold escaped components only: no brace, space or control.
 MEMBER_RE = re.compile(r"^[A-Za-z0-9._~@+%\-/:=]+$")
 # Definitions made through the API (rate limits, budgets, prices), by their validated ids
@@ -112,7 +113,11 @@ DEF_TYPES: dict[str, type] = {"rl": RateLimitSpec, "b": StoredBudget, "p": Price
 # validated identifiers joined by the unit separator; the daily aggregates leave out run.
 PART = r"[A-Za-z0-9._~@+:/\-]*"
 META_RE = re.compile(rf"^{PART}(\x1f{PART}){{8}}$")
-AGG_FIELD_RE = re.compile(rf"^[cnio]\|{PART}(\x1f{PART}){{7}}$")
+# Since issue 16 the totals leave out user and step too (six parts); those two have their
+# own hash ("uagg"), one field "user\x1fstep" -> "cost:requests:in:out".
+AGG_FIELD_RE = re.compile(rf"^[cnio]\|{PART}(\x1f{PART}){{5}}$")
+UAGG_FIELD_RE = re.compile(rf"^{PART}\x1f{PART}$")
+UAGG_VALUE_RE = re.compile(r"^\d+:\d+:\d+:\d+$")
 
 
 def schemathesis_cli() -> str:
@@ -288,8 +293,12 @@ def test_fuzz_every_route(
     for fields in entries:
         assert META_RE.match(fields["m"]), fields
     for day in daily:
-        for field in client.hkeys(day):
-            assert AGG_FIELD_RE.match(str(field)), field
+        per_user = ":uagg:" in day
+        for field, value in client.hgetall(day).items():
+            if per_user:
+                assert UAGG_FIELD_RE.match(str(field)) and UAGG_VALUE_RE.match(value), field
+            else:
+                assert AGG_FIELD_RE.match(str(field)), field
     for fields in stream(client, TENANT.alerts):
         assert MEMBER_RE.match(fields["cid"]), fields
 

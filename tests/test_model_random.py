@@ -76,7 +76,9 @@ DOC: dict[str, Any] = {
     ],
     # The least a hold may be: one micro-USD here, so that the model's small estimates stay
     # as drawn (the floor itself is tested in tests/test_cap_attacks.py).
-    "settings": {"min_estimate_usd": 0.000001},
+    # The model remembers finished reservations for a day (the default is an hour since
+    # issue 16; the clock here moves past an hour).
+    "settings": {"min_estimate_usd": 0.000001, "keep_finished_ms": 86_400_000},
 }
 FLOOR = 1
 LIMITS = {bid: (limit, mode) for bid, _s, _i, limit, mode, _p in BUDGETS}

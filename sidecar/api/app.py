@@ -26,6 +26,7 @@ from sidecar.metrics import Metrics
 from sidecar.model import Config
 from sidecar.scripts import Scripts
 from sidecar.store import Store, StoreError
+from sidecar.sweep import Sweeper
 from sidecar.webhooks import WebhookDeliverer
 
 log = logging.getLogger("sidecar.http")
@@ -34,6 +35,7 @@ ENGINE = web.AppKey("engine", Engine)
 STORE = web.AppKey("store", Store)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 WATCHER = web.AppKey("definitions", DefinitionWatcher)
+SWEEPER = web.AppKey("sweeper", Sweeper)
 
 
 class Lifecycle:
@@ -280,6 +282,15 @@ def create_app(
             yield
 
     app.cleanup_ctx.append(webhooks_lifecycle)
+    # Collects what tenants wrote after its retention, idle tenants too (issue 16).
+    sweeper = Sweeper(engine, store)
+    app[SWEEPER] = sweeper
+
+    async def sweep_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async for _ in sweeper.lifecycle():
+            yield
+
+    app.cleanup_ctx.append(sweep_lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/health", health)
     app.router.add_get("/readyz", readyz)

@@ -1,0 +1,70 @@
+-- sweep.lua: the background collection of one tenant (sidecar/sweep.py calls it once per
+-- tenant per interval), so that what a tenant wrote goes after its retention even when the
+-- tenant sends nothing more. Bounded per call: at most ARGV[5] ended leases, ARGV[6] due
+-- gc members, and one HSCAN step of ARGV[4] counter fields.
+-- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
+-- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
+--   their lease's end by reclaim)
+-- KEYS[9] sweep  string  where the walk over ctr is: the HSCAN cursor ('0' or absent: start)
+-- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' clock ('' = Redis TIME)
+-- ARGV[4] fields per HSCAN step   ARGV[5] leases per call   ARGV[6] gc members per call
+-- ARGV[7..11] per period letter d, w, m, q, y: the start date (yyyymmdd) of the oldest
+--   window whose counters are kept; counters of windows that start earlier go. The sidecar
+--   computes it so that a window goes only once its end, in any time zone, lies further
+--   back than the longest a late settle can still charge it (see sidecar/sweep.py).
+-- Returns: {walked, leases_left, deleted, due_left}: walked 1 when this call finished a
+--   walk over the whole of ctr; leases_left 1 when ended leases still wait; deleted:
+--   counter and limiter fields deleted by this call; due_left: gc members (finished
+--   reservations, idempotency keys) past their time still waiting.
+--
+-- What goes, found by walking ctr (counters and limiters have no index, which would cost
+-- more than what it indexes):
+--   u:/h:/a:<cid>  when the cid's window key starts before its letter's cutoff
+--   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
+--                  back `limit` units per ms (limit >= 1), so a debt of D is zero at the
+--                  latest D ms after its last update (and after IDLE_MS in any case)
+--   n:<rf>         a concurrency count at zero or below (release deletes it at zero too)
+local ctr, lease, res, gc, sweep = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
+local now, keep = tonumber(ARGV[1]), tonumber(ARGV[2])
+local left = reclaim(ctr, lease, res, gc, now, keep, tonumber(ARGV[5]))
+collect(ctr, res, gc, now, tonumber(ARGV[6]))
+
+local cutoff = {d = ARGV[7], w = ARGV[8], m = ARGV[9], q = ARGV[10], y = ARGV[11]}
+local rnow = limiter_now(ARGV[3])
+local cursor = redis.call('GET', sweep) or '0'
+local step = redis.call('HSCAN', ctr, cursor, 'COUNT', ARGV[4])
+local deleted = 0
+local fields = step[2]
+for i = 1, #fields, 2 do
+  local name, value = fields[i], fields[i + 1]
+  local kind, id = string.sub(name, 1, 1), string.sub(name, 3)
+  if kind == 'u' or kind == 'h' or kind == 'a' then
+    local window = string.match(id, '/([^/]*)$') or ''
+    local letter, start = string.sub(window, 1, 1), string.sub(window, 2)
+    local keep_from = cutoff[letter]
+    if keep_from and #start == 8 and start < keep_from then
+      deleted = deleted + redis.call('HDEL', ctr, name)
+    end
+  elseif kind == 'd' then
+    local debt = tonumber(value) or 0
+    local last = tonumber(redis.call('HGET', ctr, 'l:' .. id)) or 0
+    if rnow - last >= math.min(debt, IDLE_MS) then
+      deleted = deleted + redis.call('HDEL', ctr, name, 'l:' .. id)
+    end
+  elseif kind == 'l' then
+    -- A last-update stamp without its debt (the debt went first in an earlier step).
+    if redis.call('HEXISTS', ctr, 'd:' .. id) == 0 then
+      deleted = deleted + redis.call('HDEL', ctr, name)
+    end
+  elseif kind == 'n' then
+    if (tonumber(value) or 0) <= 0 then deleted = deleted + redis.call('HDEL', ctr, name) end
+  end
+end
+local next_cursor = step[1]
+if next_cursor == '0' then
+  redis.call('DEL', sweep)
+else
+  redis.call('SET', sweep, next_cursor)
+end
+local due_left = redis.call('ZCOUNT', gc, '-inf', now)
+return done({next_cursor == '0' and 1 or 0, left and 1 or 0, deleted, due_left})

@@ -1,0 +1,171 @@
+"""The background sweep: what a tenant wrote goes after its retention even when the tenant
+goes idle (issue 16).
+
+The scripts on the hot path collect as they go (ended leases, a few due finished
+reservations per call), but only while the tenant sends traffic, and counters and rate
+limiter fields have no index any more (an index per counter cost more than the counters
+themselves). So every replica runs this loop: one sweep.lua call per tenant per interval,
+each bounded (ended leases, due finished reservations, one HSCAN step over the counters
+hash; see lua/sweep.lua). Replicas share the walk's cursor in Redis, so two replicas
+sweeping the same tenant only finish the walk sooner. A walk over a tenant with F counter
+fields takes F / FIELDS_PER_CALL intervals (600,000 fields: 10 minutes at the defaults).
+
+When a counter may go: its window has ended in every time zone its budget could use, and
+no settle can still charge it: a reservation made in the window holds at most
+max_lease_ms, is reclaimed within a sweep interval of its lease end, and is remembered
+keep_finished_ms after that, during which a late settle is still charged. A counter that a
+settle recreates after all (Redis was away longer than that) is found again by the next
+walk: nothing leaks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from redis.exceptions import RedisError
+
+from sidecar import keys, tasks
+from sidecar.engine import Engine
+from sidecar.model import Period
+from sidecar.periods import window
+from sidecar.store import Store, StoreError
+
+log = logging.getLogger("budget_sidecar.sweep")
+
+INTERVAL_S = 1.0
+FIELDS_PER_CALL = 1000  # one HSCAN step: about a millisecond of Redis time
+LEASES_PER_CALL = 100
+MEMBERS_PER_CALL = 200
+# Slack past the longest a late settle can charge a counter (a reclaim delayed by a busy
+# Redis, clocks of replicas a little apart).
+SLACK_MS = 3_600_000
+# A window key names the local start date; in the zone furthest west (UTC-12) that day
+# ends 12 h after it ends in UTC. Budgets in UTC only need no such margin.
+ZONE_MARGIN_MS = 14 * 3_600_000
+_LETTERS = (Period.DAILY, Period.WEEKLY, Period.MONTHLY, Period.QUARTERLY, Period.YEARLY)
+_UTC = ZoneInfo("UTC")
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """What one sweep.lua call reported."""
+
+    walked: bool  # this call finished a walk over the whole counters hash
+    leases_left: bool  # ended leases still wait (the next call returns more)
+    deleted: int  # counter and limiter fields deleted
+    due_left: int  # finished reservations past their retention still waiting
+
+
+def cutoffs(now_ms: int, grace_ms: int) -> list[str]:
+    """Per period letter (d, w, m, q, y): the start date (yyyymmdd) of the oldest window
+    whose counters stay. Counters of a window that starts earlier ended (in UTC) before
+    the window containing now - grace began."""
+    at = now_ms - grace_ms
+    return [window(p, at, _UTC).key[1:] for p in _LETTERS]
+
+
+class Sweeper:
+    def __init__(
+        self,
+        engine: Engine,
+        store: Store,
+        *,
+        interval_s: float = INTERVAL_S,
+        fields_per_call: int = FIELDS_PER_CALL,
+        leases_per_call: int = LEASES_PER_CALL,
+        members_per_call: int = MEMBERS_PER_CALL,
+    ) -> None:
+        self._engine = engine
+        self._store = store
+        self.interval_s = interval_s
+        self._fields = fields_per_call
+        self._leases = leases_per_call
+        self._members = members_per_call
+        self._failing = False
+        # For tests and logs: sweep.lua calls made, and whether the last one found its
+        # tenant with nothing left to do.
+        self.calls = 0
+        self.last_error: Exception | None = None
+        self.idle = False
+
+    def grace_ms(self, tenant: str) -> int:
+        """How long after its window's end (in UTC) a counter of `tenant` stays."""
+        s = self._engine.config.settings
+        grace = s.max_lease_ms + int(self.interval_s * 1000) + s.keep_finished_ms + SLACK_MS
+        if any(b.timezone != "UTC" for b in self._engine.budgets(tenant)):
+            grace += ZONE_MARGIN_MS
+        return grace
+
+    async def sweep_once(self, tenant: str) -> Step:
+        """One bounded sweep.lua call for `tenant`."""
+        engine = self._engine
+        now = engine.now_ms()
+        day = time.strftime("%Y%m%d", time.gmtime(now // 1000))
+        args: Sequence[str | int] = (
+            now,
+            engine.config.settings.keep_finished_ms,
+            engine.limiter_ms(),
+            self._fields,
+            self._leases,
+            self._members,
+            *cutoffs(now, self.grace_ms(tenant)),
+        )
+        reply: list[Any] = await self._store.run(
+            engine.scripts.sweep, keys.tenant_keys(tenant).sweeping(day), args
+        )
+        engine.report_expired(reply)
+        self.calls += 1
+        step = Step(
+            walked=int(reply[0]) == 1,
+            leases_left=int(reply[1]) == 1,
+            deleted=int(reply[2]),
+            due_left=int(reply[3]),
+        )
+        self.idle = step.walked and not step.leases_left and step.due_left == 0
+        return step
+
+    async def sweep_until_done(self, tenant: str, max_calls: int = 1_000_000) -> int:
+        """Sweep `tenant` until a whole walk is done and nothing due is left: what the loop
+        does over time, at once (tests, bench.memory). Returns the calls it took."""
+        walked = False
+        for calls in range(1, max_calls + 1):
+            step = await self.sweep_once(tenant)
+            walked = walked or step.walked
+            if walked and not step.leases_left and step.due_left == 0:
+                return calls
+        raise RuntimeError(f"sweep of {tenant!r} not done after {max_calls} calls")
+
+    async def sweep_round(self) -> None:
+        """One call per tenant. Redis away: this round is skipped, the next one tries."""
+        for tenant in sorted(self._engine.tenants()):
+            try:
+                await self.sweep_once(tenant)
+            except (StoreError, RedisError, OSError) as exc:
+                self.last_error = exc
+                if not self._failing:  # once per outage, not once a second
+                    log.warning("sweep paused, redis unavailable: %s", exc)
+                self._failing = True
+                return
+        if self._failing:
+            log.info("sweep resumed")
+        self._failing = False
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep_round()
+            except Exception as exc:  # a bug must not end collection for the process's life
+                self.last_error = exc
+                log.exception("sweep round failed")
+            await asyncio.sleep(self.interval_s)
+
+    async def lifecycle(self) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(self.run())
+        yield
+        await tasks.stop([task], what="sweep")
