@@ -97,7 +97,7 @@ async def test_a_call_to_a_slot_in_migration_follows_ask(cluster: RedisCluster) 
     # The tenant's keys already moved: a multi-key call runs on the importing node only
     # when all its keys are there (else Redis answers TRYAGAIN: the fail mode applies).
     hot = keys.tenant_keys(tenant)
-    # Every script also names the usage ledger, the alerts and the day's aggregate (a
+    # Every script also names the usage ledger, the alerts and the day's aggregates (a
     # reclaim may charge a hold at its lease end): all of the tenant's keys moved.
     charging = hot.charging(time.strftime("%Y%m%d", time.gmtime()))
     pipe = cluster.client(target).pipeline(transaction=False)
@@ -109,6 +109,7 @@ async def test_a_call_to_a_slot_in_migration_follows_ask(cluster: RedisCluster) 
         ("XADD", charging[4], "*", "seed", 1),
         ("XADD", charging[5], "*", "seed", 1),
         ("HSET", charging[6], "seed", 1),
+        ("HSET", charging[7], "seed", 1),
     ):
         pipe.execute_command("ASKING")
         pipe.execute_command(*command)
