@@ -111,6 +111,8 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
         "evalsha", script.sha, "4", *tk.hot,
         now, "rid-__rand_int__", "600000", "5000", "", "2500000", "10000000", "86400000",
         "meta", "700", "3", "",
+        # no idempotency fingerprint, no downgrade, returned (not charged) at the lease end
+        "", "", "", "", "", "", "",
         *budgets, *(rate_args or []),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
