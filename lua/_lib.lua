@@ -379,27 +379,41 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   end
 end
 
+-- Charge `cost` to every counter of reservation record `r` (dropping its hold of the
+-- estimate first when `held`), raising the threshold alerts it crosses. Returns the
+-- counters after it ("u,h,..." for record field 10) and the overshoot: the largest, over
+-- the block and downgrade budgets, of what this charge added past the cap (record field 20).
+local function charge(ctr, r, cost, held, now)
+  local est, specs = tonumber(r[3]), split(r[17] or '', ';')
+  local snapshot, overshoot = {}, 0
+  for i, cid in ipairs(split(r[7], ',')) do
+    local h
+    if held then
+      h = unhold(ctr, cid, est)
+    else
+      h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
+    end
+    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(cost))
+    local limit, thresholds, mode = parse_spec(specs[i])
+    check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
+    if limit and mode ~= 'w' then
+      local past = math.max(0, u - limit) - math.max(0, u - cost - limit)
+      if past > overshoot then overshoot = past end
+    end
+    snapshot[#snapshot + 1] = int(u)
+    snapshot[#snapshot + 1] = int(h)
+  end
+  return table.concat(snapshot, ','), overshoot
+end
+
 -- A hold whose lease ended unsettled, on a reservation that asked for it (record field 22):
 -- the estimate is charged as spend (the call went through a proxy that cannot settle), with
 -- its alerts and a ledger entry of kind 'x', and the reservation ends settled, exactly
 -- once. The charging scripts' KEYS[5..7] (usage, alerts, agg) must be given.
 charge_at_end = function(ctr, rid, r, now)
   local est = tonumber(r[3])
-  local specs = split(r[17] or '', ';')
-  local snapshot, overshoot = {}, 0
-  for i, cid in ipairs(split(r[7], ',')) do
-    local h = unhold(ctr, cid, est)
-    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(est))
-    local limit, thresholds, mode = parse_spec(specs[i])
-    check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - est, u, now)
-    if limit and mode ~= 'w' then
-      local past = math.max(0, u - limit) - math.max(0, u - est - limit)
-      if past > overshoot then overshoot = past end
-    end
-    snapshot[#snapshot + 1] = int(u)
-    snapshot[#snapshot + 1] = int(h)
-  end
-  r[1], r[8], r[9], r[10] = 'S', int(est), '1', table.concat(snapshot, ',')
+  local snapshot, overshoot = charge(ctr, r, est, true, now)
+  r[1], r[8], r[9], r[10] = 'S', int(est), '1', snapshot
   r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
   ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
   charged_now = charged_now + 1

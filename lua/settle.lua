@@ -67,32 +67,13 @@ tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
 local ended = (not held) or tonumber(r[2]) <= now
 -- An ended lease reclaim has not come to yet ends here: counted once, as reclaim would.
 if held and ended then reclaimed_now = reclaimed_now + 1 end
-local specs = split(r[17] or '', ';')
-local snapshot = {}
-local overshoot = 0
-for i, cid in ipairs(split(r[7], ',')) do
-  local h
-  if held then
-    h = unhold(ctr, cid, est)
-  else
-    h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
-  end
-  local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
-  local limit, thresholds, mode = parse_spec(specs[i])
-  check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
-  if limit and mode ~= 'w' then
-    local past = math.max(0, u - limit) - math.max(0, u - cost - limit)
-    if past > overshoot then overshoot = past end
-  end
-  snapshot[#snapshot + 1] = int(u)
-  snapshot[#snapshot + 1] = int(h)
-end
+local snapshot, overshoot = charge(ctr, r, cost, held, now)
 redis.call('ZREM', lease, rid)
 local meta = r[11] or ''
 if ARGV[12] ~= '' then
   meta = ARGV[12] .. (string.match(meta, '^[^\31]*\31[^\31]*(.*)$') or '')
 end
-r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', table.concat(snapshot, ',')
+r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', snapshot
 r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
 for i = #r + 1, 19 do r[i] = '' end
 r[20], r[21] = int(overshoot), priced_by
@@ -103,5 +84,5 @@ ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, A
 
 local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out, overshoot,
   priced_by}
-for _, v in ipairs(snapshot) do out[#out + 1] = tonumber(v) end
+for _, v in ipairs(split(snapshot, ',')) do out[#out + 1] = tonumber(v) end
 return done(out)
