@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import json
 import os
 import shutil
 import socket
@@ -18,6 +19,7 @@ import urllib.request
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -234,3 +236,19 @@ def sidecars(redis_url: str, config_path: str, count: int) -> Iterator[list[Side
     finally:
         for p in procs:
             p.cleanup()
+
+
+def request_json(
+    url: str, body: dict[str, Any] | None = None, *, timeout_s: float = 10.0
+) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a GET, or of a POST of `body`; `timeout_s` only turns a hang
+    into a failure."""
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout_s) as r:
+            answer: dict[str, Any] = json.load(r)
+            return r.status, answer
+    except urllib.error.HTTPError as err:
+        failed: dict[str, Any] = json.load(err)
+        return err.code, failed

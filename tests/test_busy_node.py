@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -22,17 +21,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import uvloop
 
 from sidecar.resp import PipelinedConnection, ReplyTimeout
-from tests.harness import REPO, RedisServer, SidecarProcess, missing, stop_process
+from tests.harness import REPO, RedisServer, SidecarProcess, missing, request_json, stop_process
 
 SECONDS = 20
 CONNECTIONS = 64
@@ -216,15 +214,8 @@ async def test_a_redis_that_never_answers_is_still_late() -> None:
 # ---- a real outage, real processes, default settings -----------------------------------------
 
 
-def request(url: str, body: dict[str, object] | None = None) -> tuple[int, dict[str, object]]:
-    """(status, JSON body); the client timeout only guards against a hang."""
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=GUARD_S) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+def request(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    return request_json(url, body, timeout_s=GUARD_S)
 
 
 GUARD_S = 5.0  # far above the documented 1 s bound: only turns a hang into a failure

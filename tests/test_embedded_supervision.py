@@ -13,15 +13,12 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +27,7 @@ import redis
 import yaml
 
 from sidecar.embedded import binary_version, check_data
-from tests.harness import REPO, SidecarProcess, missing, wait_until
+from tests.harness import REPO, SidecarProcess, missing, request_json, wait_until
 
 CONFIG = {
     "budgets": [
@@ -41,13 +38,7 @@ GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the sui
 
 
 def request(url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=GUARD_S) as r:
-            return r.status, json.load(r)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+    return request_json(url, body, timeout_s=GUARD_S)
 
 
 def spend(sidecar: SidecarProcess, usd: float) -> None:
