@@ -1,0 +1,251 @@
+"""Rendering: scripts' replies -> the response types (decisions, budget states, settle
+results, statuses). Pure functions of the resolved call and the reply's figures."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from sidecar import keys
+from sidecar.decision import Applied, decide, percentage
+from sidecar.errors import RequestError
+from sidecar.model import Action, Budget, LimitMode, Metric
+from sidecar.money import MICRO, micro_to_usd
+from sidecar.periods import iso
+from sidecar.reservations import unmeta
+from sidecar.resolution import MODE, AppliedLimit, Resolved, Snapshot
+from sidecar.schemas import (
+    BudgetInfo,
+    BudgetState,
+    BudgetStatus,
+    Decision,
+    RateLimitState,
+    SettleResult,
+)
+
+# A concurrency limit frees a slot when some reservation ends: a hint, not a promise.
+_SLOT_RETRY_MS = 1000
+_PRICED_BY = {"t": "tokens", "c": "cost", "e": "estimate"}
+
+
+def decision(
+    resolved: Resolved,
+    values_raw: list[Any],
+    est: int,
+    allowed: bool,
+    now: int,
+    *,
+    held_est: int = 0,
+    est_down: int | None = None,
+) -> Decision:
+    """A decision from the script's figures: budget counters before this call, then
+    (for a fresh decision) three figures per rate limit. `held_est` is what this call
+    now holds on each budget (reported in held_usd)."""
+    applied = resolved.budgets
+    nb = len(applied)
+    # hiredis gives Lua's integer replies as ints already.
+    values: list[int] = values_raw[: 2 * nb]
+    outcome = decide(applied, values, est, allowed, est_down)
+    states = [
+        budget_state(a, values[2 * i], values[2 * i + 1] + held_est) for i, a in enumerate(applied)
+    ]
+    limits: list[RateLimitState] = []
+    denying: list[RateLimitState] = []
+    binding_limit = None
+    if resolved.limits:
+        rate_raw: list[int] = values_raw[2 * nb :]
+        limits = [
+            limit_state(limit, rate_raw[3 * j : 3 * j + 3])
+            for j, limit in enumerate(resolved.limits)
+            if len(rate_raw) >= 3 * j + 3
+        ]
+        denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
+        if denying:
+            binding_limit = max(denying, key=lambda r: r.retry_after_ms)
+        elif limits:
+            binding_limit = min(limits, key=lambda r: r.remaining)
+    budget_denied = not allowed and outcome.action is Action.BLOCK
+    action = Action.BLOCK if not allowed else outcome.action
+    info = None
+    if outcome.binding is not None:
+        bound = outcome.binding
+        info = binding_info(states[bound], applied[bound].budget, outcome.action)
+    retry_after_ms = None
+    message = binding_message(outcome.action, applied, outcome.binding, values, est)
+    if budget_denied and outcome.binding is not None:
+        retry_after_ms = applied[outcome.binding].window_end_ms - now
+    elif not allowed and denying:
+        retry_after_ms = max(
+            r.retry_after_ms if r.retry_after_ms >= 0 else _SLOT_RETRY_MS for r in denying
+        )
+        message = limit_message(denying[0])
+    return Decision(
+        allowed=allowed,
+        action=action,
+        budget_info=info,
+        budgets=states,
+        downgrade_model=outcome.downgrade_model if allowed else None,
+        message=message,
+        estimated_usd=micro_to_usd(est),
+        rate_limits=limits,
+        rate_limit=binding_limit,
+        retry_after_ms=retry_after_ms,
+        would_deny=bool(limits)
+        and any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
+    )
+
+
+def budget_state(a: Applied, used: int, held: int) -> BudgetState:
+    b = a.budget
+    limit = b.limit_micro
+    committed = used + held
+    # micro_to_usd inline (micro / MICRO): four calls per budget per decision cost
+    # 0.6 us of a 15.5 us in-process authorize.
+    return BudgetState(
+        budget_id=b.id,
+        budget_name=b.name,
+        scope=b.scope,
+        entity=a.entity,
+        period=b.period,
+        on_exceed=b.on_exceed,
+        limit_usd=limit / MICRO,
+        used_usd=used / MICRO,
+        held_usd=held / MICRO,
+        remaining_usd=(limit - committed) / MICRO,
+        percentage=percentage(committed, limit),
+        exceeded=committed >= limit if limit else committed > 0,
+    )
+
+
+def budget_status(a: Applied, used: int, held: int) -> BudgetStatus:
+    s = budget_state(a, used, held)
+    return BudgetStatus(
+        budget_id=s.budget_id,
+        budget_name=s.budget_name,
+        scope=s.scope,
+        entity=s.entity,
+        period=s.period,
+        on_exceed=s.on_exceed,
+        limit_usd=s.limit_usd,
+        used_usd=s.used_usd,
+        held_usd=s.held_usd,
+        remaining_usd=s.remaining_usd,
+        percentage=s.percentage,
+        exceeded=s.exceeded,
+        period_start=iso(a.window_start_ms),
+        period_end=iso(a.window_end_ms),
+    )
+
+
+def settle_result(snap: Snapshot, rid: str, reply: list[Any], unpriced_field: str) -> SettleResult:
+    status = int(str(reply[0]))
+    if status == 0:
+        raise RequestError("reservation_id", f"no reservation {rid!r}", status=404)
+    state = "settled" if reply[1] == "S" else "released"
+    cost, est = int(str(reply[2])), int(str(reply[3]))
+    cids = str(reply[5]).split(",") if reply[5] else []
+    provider, model = unmeta(str(reply[6]))
+    tokens_in, tokens_out = int(reply[7]), int(reply[8])
+    overshoot, priced_by = int(reply[9]), str(reply[10])
+    values = [int(str(v)) for v in reply[11:]]
+    settled = state == "settled"
+    return SettleResult(
+        reservation_id=rid,
+        state=state,
+        cost_usd=micro_to_usd(cost),
+        estimated_usd=micro_to_usd(est),
+        overshoot_usd=micro_to_usd(overshoot) if settled else 0.0,
+        estimate_error_usd=micro_to_usd(max(0, cost - est)) if settled else 0.0,
+        priced_by=_PRICED_BY.get(priced_by, "none") if settled else "none",
+        lease_expired=str(reply[4]) == "1",
+        replayed=status == 2,
+        provider=provider,
+        model=model,
+        tokens_in=tokens_in,
+        tokens_out=tokens_out,
+        budgets=states_of(snap, cids, values),
+    )
+
+
+def states_of(snap: Snapshot, cids: Sequence[str], values: Sequence[int]) -> list[BudgetState]:
+    """Budget states of a reservation's counters, by the cids its record kept.
+
+    A budget deleted since the hold is left out: it has no limit to report against.
+    """
+    states = []
+    for i, cid in enumerate(cids):
+        budget_id, entity, _window = keys.parse_counter_id(cid)
+        budget = snap.by_id.get(budget_id)
+        if budget is None:
+            continue
+        a = Applied(budget, entity, cid, 0, 0, MODE[budget.on_exceed], None)
+        states.append(budget_state(a, values[2 * i], values[2 * i + 1]))
+    return states
+
+
+def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
+    would_deny, remaining, retry_ms = figures
+    r = applied.limit
+    return RateLimitState(
+        rate_limit_id=r.id,
+        scope=r.scope,
+        entity=applied.entity,
+        metric=r.metric,
+        limit=r.limit,
+        window_ms=r.window_ms,
+        burst=r.burst,
+        mode=r.mode,
+        remaining=max(remaining, 0),
+        would_deny=would_deny == 1,
+        retry_after_ms=retry_ms,
+    )
+
+
+def limit_message(state: RateLimitState) -> str:
+    if state.metric == Metric.CONCURRENT:
+        return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} calls in flight"
+    per = f"{state.window_ms} ms"
+    return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} {state.metric} per {per}"
+
+
+def binding_info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:
+    """The binding budget; `exceeded` is true when this call would pass its limit."""
+    return BudgetInfo(
+        budget_id=state.budget_id,
+        budget_name=state.budget_name,
+        used_usd=state.used_usd,
+        limit_usd=state.limit_usd,
+        percentage=state.percentage,
+        exceeded=state.exceeded or action is not Action.ALLOW,
+        action=budget.on_exceed,
+    )
+
+
+def binding_message(
+    action: Action,
+    applied: Sequence[Applied],
+    binding: int | None,
+    values: Sequence[int],
+    est: int,
+) -> str | None:
+    """What binds, in words: "exceeded" only when the budget is truly spent; otherwise the
+    estimate against what is left."""
+    if binding is None or action is Action.ALLOW:
+        return None
+    b = applied[binding].budget
+    if action is Action.BLOCK:
+        outcome = "requests blocked"
+    elif action is Action.DOWNGRADE:
+        outcome = f"downgraded to {applied[binding].downgrade_model}"
+    else:
+        outcome = "warning"
+    left = b.limit_micro - values[2 * binding] - values[2 * binding + 1]
+    if left <= 0:
+        return f"Budget '{b.name}' exceeded - {outcome}"
+    return f"Estimate {usd(est)} exceeds the {usd(left)} left on '{b.name}' - {outcome}"
+
+
+def usd(micro: int) -> str:
+    """$9.00, $0.0042: cents always, then as many micro-dollar digits as there are."""
+    whole = f"{micro / MICRO:.6f}".rstrip("0")
+    return f"${whole}{'0' * max(0, 2 - len(whole.partition('.')[2]))}"

@@ -1,0 +1,259 @@
+"""Resolution: which budgets and rate limits apply to an identity, provider and model.
+
+A Snapshot is a Config indexed for the hot path; a Resolver turns (snapshot, identity
+fields, provider, model) into a Resolved: the applied budgets and limiters and the script
+arguments that do not change from one decision to the next, memoized until the earliest
+budget window ends.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from sidecar import keys
+from sidecar.decision import Applied
+from sidecar.model import (
+    SCOPE_FIELD,
+    Budget,
+    Config,
+    Identity,
+    LimitMode,
+    Metric,
+    OnExceed,
+    Price,
+    RateLimit,
+    Scope,
+)
+from sidecar.periods import WindowCache
+from sidecar.pricing import Prices, catalogue
+from sidecar.reservations import meta_head
+from sidecar.schemas import IdentityFields
+
+# A counter outlives its window by this much before garbage collection may delete it; it
+# must exceed the longest lease so a late settle never recreates a collected counter.
+COUNTER_GRACE_MS = 2 * 86_400_000
+
+MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
+_SCOPE_FIELDS = tuple((scope, SCOPE_FIELD[scope]) for scope in Scope)
+_MEMO_SIZE = 10_000
+_METRIC = {Metric.REQUESTS: "r", Metric.TOKENS: "t", Metric.CONCURRENT: "c"}
+
+_T = TypeVar("_T", Budget, RateLimit)
+
+
+def _index(
+    items: Iterable[_T],
+) -> tuple[dict[tuple[Scope, str], tuple[_T, ...]], dict[Scope, tuple[_T, ...]]]:
+    """(one entity -> items, scope -> items that apply to every entity of it)."""
+    by_entity: dict[tuple[Scope, str], list[_T]] = defaultdict(list)
+    per_entity: dict[Scope, list[_T]] = defaultdict(list)
+    for item in items:
+        if item.scope_id is None:
+            per_entity[item.scope].append(item)
+        else:
+            by_entity[(item.scope, item.scope_id)].append(item)
+    return (
+        {k: tuple(v) for k, v in by_entity.items()},
+        {k: tuple(v) for k, v in per_entity.items()},
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A Config indexed for the hot path. Immutable: swapped whole on change."""
+
+    config: Config
+    by_entity: dict[tuple[Scope, str], tuple[Budget, ...]]
+    per_entity: dict[Scope, tuple[Budget, ...]]
+    limits_by_entity: dict[tuple[Scope, str], tuple[RateLimit, ...]]
+    limits_per_entity: dict[Scope, tuple[RateLimit, ...]]
+    by_id: dict[str, Budget]
+    prices: Prices
+
+    @classmethod
+    def of(cls, config: Config, api_pricing: Iterable[Price] = ()) -> Snapshot:
+        by_entity, per_entity = _index(b for b in config.budgets if b.enabled)
+        limits_by_entity, limits_per_entity = _index(config.rate_limits)
+        return cls(
+            config=config,
+            by_entity=by_entity,
+            per_entity=per_entity,
+            limits_by_entity=limits_by_entity,
+            limits_per_entity=limits_per_entity,
+            by_id={b.id: b for b in config.budgets},
+            # Config and API prices over the bundled catalogue (sidecar/pricing.py).
+            prices=Prices.of(config.pricing, api_pricing, catalogue()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AppliedLimit:
+    """A rate limit as it applies to one decision: its limiter for this entity."""
+
+    limit: RateLimit
+    entity: str
+    # The limiter's script arguments, built once: rf, metric, limit, window, burst, shadow.
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """Everything that applies to one (identity, provider, model), and what the decisions
+    on it send and answer that does not change from one decision to the next."""
+
+    budgets: list[Applied]
+    limits: list[AppliedLimit]
+    valid_until_ms: int
+    # authorize.lua's five arguments per budget, then its six per rate limit.
+    script_args: tuple[str | int, ...]
+    # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
+    meta_head: str
+    # The model the first downgrade budget falls back to, and the ledger tuple's head for
+    # a call downgraded to it (None: no downgrade budget applies).
+    downgrade_model: str | None = None
+    meta_head_down: str = ""
+
+
+def identity_of(fields: IdentityFields, default_org_id: str) -> Identity:
+    """The identity a request names; one that names no org is the default org's."""
+    return Identity(
+        org_id=fields.org_id or default_org_id,
+        team_id=fields.team_id,
+        agent_id=fields.agent_id,
+        workflow_id=fields.workflow_id,
+        user_id=fields.user_id,
+    )
+
+
+class Resolver:
+    """Resolves identities against snapshots, with a memo and the period windows' cache."""
+
+    def __init__(self) -> None:
+        self._windows = WindowCache()
+        # (tenant, org, team, agent, workflow, user, provider, model) as the request named
+        # them -> (the snapshot resolved against, what applies).
+        self._memo: dict[tuple[str | None, ...], tuple[Snapshot, Resolved]] = {}
+
+    def resolve(
+        self,
+        snap: Snapshot,
+        tenant: str,
+        fields: IdentityFields,
+        provider: str | None,
+        model: str | None,
+        now_ms: int,
+        default_org_id: str,
+    ) -> Resolved:
+        """Every budget and rate limit that covers this call.
+
+        Memoized per (tenant, identity fields, provider, model) until the earliest budget
+        window ends: agents repeat the same identity, and resolving it costs more than the
+        decision's own Python work. The key is the request's own fields, so a hit builds
+        nothing. A snapshot swap starts a fresh memo.
+        """
+        memo_key = (
+            tenant,
+            fields.org_id,
+            fields.team_id,
+            fields.agent_id,
+            fields.workflow_id,
+            fields.user_id,
+            provider,
+            model,
+        )
+        hit = self._memo.get(memo_key)
+        if hit is not None and hit[0] is snap and now_ms < hit[1].valid_until_ms:
+            return hit[1]
+        identity = identity_of(fields, default_org_id)
+        resolved = self._resolve(snap, identity, provider, model, now_ms)
+        if len(self._memo) >= _MEMO_SIZE:
+            self._memo.clear()
+        self._memo[memo_key] = (snap, resolved)
+        return resolved
+
+    def _resolve(
+        self,
+        snap: Snapshot,
+        identity: Identity,
+        provider: str | None,
+        model: str | None,
+        now_ms: int,
+    ) -> Resolved:
+        budgets: list[Applied] = []
+        limits: list[AppliedLimit] = []
+        for scope, field in _SCOPE_FIELDS:
+            entity: str | None = getattr(identity, field)
+            if entity is None:
+                continue
+            for b in snap.by_entity.get((scope, entity), ()):
+                budgets.append(self.applied(b, entity, model, now_ms))
+            for b in snap.per_entity.get(scope, ()):
+                budgets.append(self.applied(b, entity, model, now_ms))
+            for r in snap.limits_by_entity.get((scope, entity), ()):
+                if _covers(r, provider, model):
+                    limits.append(applied_limit(r, entity))
+            for r in snap.limits_per_entity.get(scope, ()):
+                if _covers(r, provider, model):
+                    limits.append(applied_limit(r, entity))
+        script_args: list[str | int] = []
+        for a in budgets:
+            script_args += (
+                a.cid,
+                a.budget.limit_micro,
+                a.mode,
+                a.window_end_ms + COUNTER_GRACE_MS,
+                a.thresholds,
+            )
+        for limit in limits:
+            script_args += limit.args
+        down = next((a.downgrade_model for a in budgets if a.mode == "d"), None)
+        return Resolved(
+            budgets=budgets,
+            limits=limits,
+            valid_until_ms=min((a.window_end_ms for a in budgets), default=now_ms + 60_000),
+            script_args=tuple(script_args),
+            meta_head=meta_head(provider, model, identity),
+            downgrade_model=down,
+            meta_head_down=meta_head(provider, down, identity) if down else "",
+        )
+
+    def applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
+        w = self._windows.get(b.period, b.timezone, now_ms)
+        mode = MODE[b.on_exceed]
+        target = b.downgrade_to.get(model) if model is not None else None
+        if mode == "d" and target is None:
+            mode = "b"  # nothing cheaper to fall back to: hold the line
+        return Applied(
+            budget=b,
+            entity=entity,
+            cid=keys.counter_id(b.id, entity, w.key),
+            window_start_ms=w.start_ms,
+            window_end_ms=w.end_ms,
+            mode=mode,
+            downgrade_model=target,
+            thresholds=".".join(map(str, b.alert_thresholds)),
+        )
+
+
+def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
+    return (limit.model is None or limit.model == model) and (
+        limit.provider is None or limit.provider == provider
+    )
+
+
+def applied_limit(limit: RateLimit, entity: str) -> AppliedLimit:
+    return AppliedLimit(
+        limit=limit,
+        entity=entity,
+        args=(
+            keys.rate_id(limit.id, entity),
+            _METRIC[limit.metric],
+            limit.limit,
+            limit.window_ms,
+            limit.burst,
+            "1" if limit.mode is LimitMode.SHADOW else "0",
+        ),
+    )
