@@ -1,19 +1,23 @@
 -- _lib.lua: helpers prepended to every operation script in this folder (not an operation).
--- KEYS and ARGV: none of its own; each operation documents its own, and all of them take
---   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD;
---                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
---                        "n:<rf>" reservations in flight
---   KEYS[2] lease  zset  reservation id -> lease end (ms)
---   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
---                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
---   KEYS[4] gc     zset  "r:<rid>" | "q:<key>" -> ms after which it may go. Counters and
---                        rate limiter fields have no index: sweep.lua walks ctr (HSCAN)
---                        and deletes what is past its window or idle. ("c:", "t:", "n:"
---                        members written before that are still collected.)
+-- KEYS and ARGV: none of its own; each operation documents its own (below: what all take).
 -- Returns: nothing; defines the functions below. Every operation's reply ends with two
 -- extra elements, after those its header lists: how many leases this call found ended with
 -- their hold still in place, and how many of those it charged (record field 22), each
 -- counted exactly once, for the expiry metrics.
+--   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD,
+--                        "c:<cid>" calls (budgets with a call cap);
+--                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
+--                        "n:<rf>" reservations in flight, "x:<rf>" (usd limiters) ms
+--                        until which a trip is not alerted again
+--   KEYS[2] lease  zset  reservation id -> lease end (ms)
+--   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
+--                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
+--   KEYS[4] gc     zset  "r:<rid>" | "q:<key>" -> ms after which it may go; "c:<cid>"
+--                        a period-total counter, due its idle time after its last call.
+--                        Calendar counters and
+--                        rate limiter fields have no index: sweep.lua walks ctr (HSCAN)
+--                        and deletes what is past its window or idle. ("c:", "t:", "n:"
+--                        members written before that are still collected.)
 -- The scripts that charge (settle, record) also take
 --   KEYS[5] usage  stream the usage ledger: one entry per charge (see ledger())
 --   KEYS[6] alerts stream threshold alerts (see check_alerts())
@@ -48,6 +52,9 @@
 --   22 at the lease's end unsettled: 'c' charge the estimate (a proxied call nobody
 --      settles did spend) | '' return the hold
 --   23 the ledger config at authorize (see ledger()), for a charge at the lease's end
+--   24 the cids whose call count this call raised, ',' joined (release lowers them)
+--   25 usd rate limiters it charged, 'rf:limit:window_ms' joined by ',' (settle corrects
+--      them to the cost, release gives the estimate back), in USD_UNIT micro-USD units
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -120,6 +127,17 @@ local function rate_eval(metric, a, b, now, limit, window, burst, cost)
   if metric == 't' and cost > limit + burst then
     return true, 0, -1, 0  -- larger than the limiter ever admits: never
   end
+  if metric == 'u' then
+    -- Dollars are strict: a call is admitted only if it fits whole, debt + cost * window
+    -- <= burst * window, so the dollars admitted in ANY interval of `window` ms stay
+    -- below limit + burst (no call's own size on top, as for tokens). A call above burst
+    -- is never admitted. `left`: units that still fit now.
+    if cost > burst then return true, 0, -1, 0 end
+    local debt = decayed(tonumber(a) or 0, tonumber(b) or now, now, limit)
+    local need = debt + cost * window - burst * window
+    if need > 0 then return true, 0, math.ceil(need / limit), debt end
+    return false, math.floor(-need / window), 0, debt
+  end
   if metric == 'c' then
     local n = tonumber(a) or 0
     local left = limit + burst - n
@@ -135,10 +153,12 @@ local function rate_eval(metric, a, b, now, limit, window, burst, cost)
 end
 
 -- The rate limits in ARGV from `first` on (six values each: rf, metric, limit, window_ms,
--- burst, shadow), appending the two hash fields each one reads to `fields`.
-local function rate_args(first, fields)
+-- burst, shadow), `count` of them (nil: to the end of ARGV), appending the two hash fields
+-- each one reads to `fields`.
+local function rate_args(first, fields, count)
   local rates = {}
-  for i = first, #ARGV, 6 do
+  local last = count and (first + 6 * count - 1) or #ARGV
+  for i = first, last, 6 do
     local rf, metric = ARGV[i], ARGV[i + 1]
     rates[#rates + 1] = {
       rf = rf, metric = metric, limit = tonumber(ARGV[i + 2]), window = tonumber(ARGV[i + 3]),
@@ -171,7 +191,8 @@ local function unhold(ctr, cid, est)
   return h
 end
 
--- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate).
+-- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate);
+-- the usd limiters the same way, by `diff` USD units.
 local function correct_tokens(ctr, entries, diff, now)
   if entries == nil or entries == '' or diff == 0 then return end
   for _, entry in ipairs(split(entries, ',')) do
@@ -239,7 +260,13 @@ local function collect(ctr, res, gc, now, batch)
   for _, member in ipairs(due) do
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
-      redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id, 'a:' .. id)
+      if redis.call('HEXISTS', ctr, 'h:' .. id) == 1 then
+        -- A period-total counter still holding a call: not idle yet.
+        redis.call('ZADD', gc, now + 60000, member)
+        member = nil
+      else
+        redis.call('HDEL', ctr, 'u:' .. id, 'h:' .. id, 'a:' .. id, 'c:' .. id)
+      end
     elseif kind == 't' then
       local last = tonumber(redis.call('HGET', ctr, 'l:' .. id))
       if last and now - last < IDLE_MS then
@@ -266,7 +293,7 @@ local function collect(ctr, res, gc, now, batch)
         redis.call('HDEL', res, id)
       end
     end
-    if kind ~= 't' and kind ~= 'n' then redis.call('ZREM', gc, member) end
+    if member and kind ~= 't' and kind ~= 'n' then redis.call('ZREM', gc, member) end
   end
 end
 
@@ -417,4 +444,72 @@ charge_at_end = function(ctr, rid, r, now)
   r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
   ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
   charged_now = charged_now + 1
+end
+
+
+-- ---- runaway guards: read and charged inside authorize.lua (check.lua reads them) ----
+
+-- A usd rate limiter counts dollars in units of USD_UNIT micro-USD (sidecar.model), a
+-- call's units rounded up so a limiter never admits more dollars than it says.
+local USD_UNIT = 1000
+local function usd_units(micro)
+  return math.ceil(micro / USD_UNIT)
+end
+
+-- The stop switch: the first stop in force among `fields` (','-joined "<scope>:<entity>",
+-- the call's entities) of the stops hash. Returns its field and value, or '' and ''.
+-- A value is "<stop id>|<expires ms, 0 never>|<created ms>|<reason>".
+local function active_stop(stops, fields, now)
+  if fields == '' then return '', '' end
+  local names = split(fields, ',')
+  local raw = redis.call('HMGET', stops, unpack(names))
+  for i, name in ipairs(names) do
+    local value = raw[i]
+    if value then
+      local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
+      if expires == 0 or expires > now then return name, value end
+    end
+  end
+  return '', ''
+end
+
+-- A loop guard's recent calls of one fingerprint: the key holds "<alerted>|<ms>,<ms>,..."
+-- (oldest first). Returns the times inside the window ending now and the alerted flag
+-- ('1' once this trip was alerted).
+local function loop_recent(key, now, window)
+  local value = redis.call('GET', key)
+  local recent, alerted = {}, '0'
+  if value then
+    alerted = string.sub(value, 1, 1)
+    for _, t in ipairs(split(string.sub(value, 3), ',')) do
+      if tonumber(t) > now - window then recent[#recent + 1] = t end
+    end
+  end
+  return recent, alerted
+end
+
+-- Keep the newest `repeats` times (enough to decide the next call) and let the key go a
+-- window after its newest call.
+local function loop_write(key, recent, alerted, now, window, repeats)
+  local from = math.max(1, #recent - repeats + 1)
+  local kept = {}
+  for i = from, #recent do kept[#kept + 1] = recent[i] end
+  redis.call('SET', key, alerted .. '|' .. table.concat(kept, ','), 'PX', int(window))
+end
+
+-- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |
+-- 'calls' | 'cap' | 'velocity', the guard's id, the scope and entity it tripped for, and
+-- a detail. Each kind alerts once per entity and trip (the callers keep that).
+local function guard_alert(kind, guard, scope, entity, detail, now)
+  redis.call('XADD', KEYS[6], 'MAXLEN', '~', ALERTS_MAX, '*', 'k', kind, 'g', guard,
+    's', scope, 'e', entity, 'r', detail, 'at', int(now))
+end
+
+-- Once per counter (budget, entity, window): a trip of its call cap ('c') or, for a
+-- period-total budget, of its dollar cap ('x'), marked in "a:<cid>" beside the thresholds.
+local function alert_once(ctr, cid, mark)
+  local fired = redis.call('HGET', ctr, 'a:' .. cid) or ''
+  if string.find('.' .. fired .. '.', '.' .. mark .. '.', 1, true) then return false end
+  redis.call('HSET', ctr, 'a:' .. cid, fired == '' and mark or (fired .. '.' .. mark))
+  return true
 end

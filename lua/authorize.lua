@@ -2,7 +2,9 @@
 -- applies to a call, or do nothing at all (invariant 2).
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
---   lease's end by reclaim)
+--   lease's end by reclaim, and the alerts for guard trips)
+-- KEYS[9] stops  (see _lib.lua, active_stop)   KEYS[10..] one per loop guard: its key for
+--   this call's entity and fingerprint (see _lib.lua, loop_recent)
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -23,24 +25,31 @@
 -- ARGV[15] ARGV[16] that model's input and output price   ARGV[17] its meta
 -- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
 -- ARGV[19] the ledger config (see settle.lua), kept for that charge
--- ARGV[20..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
---           'd' downgrade), gc_at_ms (unused since sweep.lua collects counters by their
---           window key; kept so the layout stays), alert
---           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
--- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
---           window_ms, burst, shadow ('1': evaluate and report, never deny)
+-- ARGV[20] nl: the number of rate limits   ARGV[21] the call's entities as stop fields,
+--          "<scope>:<entity>" ','-joined   ARGV[22] ng: the number of loop guards
+-- ARGV[23..] six per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+--           'd' downgrade), call cap ('' = none), alert thresholds in percent, '.'-joined
+--           ('' = none; kept for settle's alerts), idle ms of a period-total counter ('' =
+--           a calendar window)
+-- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent, 'u'
+--           USD_UNIT micro-USD), limit, window_ms, burst, shadow ('1': evaluate and
+--           report, never deny)
+-- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
 -- The reply: {verdict, reservation id, state, held, u1, h1, ..., then per rate limit:
---           would_deny (0/1), remaining, retry_after_ms (-1: unknown)}
---   verdict 0: denied (by a block budget, a downgrade that does not fit, or an enforced
---   rate limit), nothing changed; 1: held and charged everywhere (held = ARGV[4], or
+--           would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
+--           its calls before this one; then the stop in force ('' '' = none: its field
+--           and value); then per loop guard: would_deny (0/1), its calls in the window}
+--   verdict 0: denied (by a stop, a block budget's dollars or calls, a downgrade that does
+--   not fit, an enforced rate limit or loop guard), nothing changed but the alerts of a
+--   guard's trip; 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
 --   the same request and still held, returned as it is (counters as they are now, no rate
---   figures) and marked claimed so that no cancel releases it; 3: this reservation id was
+--   figures, nor anything after them) and marked claimed so that no cancel releases it; 3: this reservation id was
 --   cancelled before this call ran (see release.lua); 4: the key was made by a different
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
 --   u, h: settled and held micro-USD of each budget counter before this call.
-local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ctr, lease, res, gc, stops = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local lease_ms = tonumber(ARGV[3])
@@ -51,26 +60,33 @@ local est_tokens = tonumber(ARGV[10])
 local nb = tonumber(ARGV[11])
 local fingerprint = ARGV[13]
 local est_down = tonumber(ARGV[14])
+local nl, ng = tonumber(ARGV[20]), tonumber(ARGV[22])
 
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
 if reclaim(ctr, lease, res, gc, now, keep) then return done({BACKLOG}) end
 collect(ctr, res, gc, now)
 
--- One HMGET for every field the decision reads: budgets first, then limiters.
+-- One HMGET for every field the decision reads: budgets first, then limiters, then the
+-- call counts of budgets with a call cap.
 local fields = {}
-local cids, limits, modes, alert_specs = {}, {}, {}, {}
+local cids, limits, modes, caps, idles, alert_specs = {}, {}, {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = 19 + 5 * nb
-for i = 20, last_budget, 5 do
+local last_budget = 22 + 6 * nb
+for b = 1, nb do
+  local i = 17 + 6 * b
   local cid = ARGV[i]
-  cids[#cids + 1] = cid
-  limits[#limits + 1] = tonumber(ARGV[i + 1])
-  modes[#modes + 1] = ARGV[i + 2]
-  alert_specs[#alert_specs + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
+  -- caps[b] and idles[b] are nil for none: indexed by b, never appended.
+  cids[b], limits[b], modes[b] = cid, tonumber(ARGV[i + 1]), ARGV[i + 2]
+  caps[b], idles[b] = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 5])
+  alert_specs[b] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
   fields[#fields + 1] = 'u:' .. cid
   fields[#fields + 1] = 'h:' .. cid
 end
-local rates = rate_args(last_budget + 1, fields)
+local rates = rate_args(last_budget + 1, fields, nl)
+local first_calls = #fields
+for b = 1, nb do
+  if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
+end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
@@ -98,10 +114,16 @@ end
 -- blocks or downgrades, or the call is denied.
 local out = {1, rid, 'H', est}
 local deny, downgrade = false, false
+local usd_tripped = {}
 for i = 1, nb do
   local u, h = tonumber(raw[2 * i - 1]) or 0, tonumber(raw[2 * i]) or 0
   if over(u, h, est, limits[i]) then
-    if modes[i] == 'b' then deny = true elseif modes[i] == 'd' then downgrade = true end
+    if modes[i] == 'b' then
+      deny = true
+      usd_tripped[i] = true
+    elseif modes[i] == 'd' then
+      downgrade = true
+    end
   end
   out[#out + 1] = u
   out[#out + 1] = h
@@ -117,7 +139,6 @@ if downgrade and not deny then
     end
   end
 end
-if deny then out[1] = 0 end
 local price_in, price_out, meta = ARGV[6], ARGV[7], ARGV[9]
 if downgrade and not deny then
   est, price_in, price_out, meta = est_down, ARGV[15], ARGV[16], ARGV[17]
@@ -125,13 +146,18 @@ if downgrade and not deny then
 end
 
 local charge = {}
+local units = usd_units(est)
 for j, r in ipairs(rates) do
   local a, b = raw[2 * nb + 2 * j - 1], raw[2 * nb + 2 * j]
-  local cost = r.metric == 't' and est_tokens or 1
+  local cost = 1
+  if r.metric == 't' then cost = est_tokens elseif r.metric == 'u' then cost = units end
   local deny_rate, left, retry, debt =
     rate_eval(r.metric, a, b, rnow, r.limit, r.window, r.burst, cost)
-  r.debt, r.last = debt, tonumber(b)
-  if deny_rate and not r.shadow then out[1] = 0 end
+  r.debt, r.last, r.cost = debt, tonumber(b), cost
+  if deny_rate and not r.shadow then
+    deny = true
+    r.tripped = true
+  end
   -- A shadow limiter that would deny is not charged: it keeps counting what enforcing
   -- it would have let through.
   charge[j] = not deny_rate
@@ -139,37 +165,111 @@ for j, r in ipairs(rates) do
   out[#out + 1] = left
   out[#out + 1] = retry
 end
-if out[1] == 0 then
-  out[3], out[4] = '', 0
+
+-- Call caps: a block budget whose entity made its calls denies (a warn budget reports).
+local calls, calls_tripped, at = {}, {}, first_calls
+for i = 1, nb do
+  calls[i] = 0
+  if caps[i] then
+    at = at + 1
+    calls[i] = tonumber(raw[at]) or 0
+    if calls[i] >= caps[i] and modes[i] == 'b' then
+      deny = true
+      calls_tripped[i] = true
+    end
+  end
+  out[#out + 1] = calls[i]
+end
+
+-- The stop switch, then the loop guards.
+local stop_field, stop_value = active_stop(stops, ARGV[21], now)
+if stop_field ~= '' then deny = true end
+out[#out + 1] = stop_field
+out[#out + 1] = stop_value
+local loops, first_loop = {}, last_budget + 6 * nl + 1
+for g = 1, ng do
+  local i = first_loop + 6 * (g - 1)
+  local repeats, window = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
+  local recent, alerted = loop_recent(KEYS[9 + g], now, window)
+  local would = #recent >= repeats
+  local shadow = ARGV[i + 3] == '1'
+  if would and not shadow then deny = true end
+  loops[g] = {key = KEYS[9 + g], recent = recent, alerted = alerted, repeats = repeats,
+    window = window, would = would, shadow = shadow, at = i}
+  out[#out + 1] = would and 1 or 0
+  out[#out + 1] = #recent
+end
+
+if deny then
+  -- Nothing is held or counted. Each guard that tripped says so once per trip.
+  out[1], out[3], out[4] = 0, '', 0
+  for i = 1, nb do
+    if calls_tripped[i] and alert_once(ctr, cids[i], 'c') then
+      guard_alert('calls', cids[i], '', '', int(caps[i]), now)
+    elseif usd_tripped[i] and idles[i] and alert_once(ctr, cids[i], 'x') then
+      guard_alert('cap', cids[i], '', '', int(limits[i]), now)
+    end
+  end
+  for _, r in ipairs(rates) do
+    if r.tripped and r.metric == 'u' then
+      local quiet = tonumber(redis.call('HGET', ctr, 'x:' .. r.rf)) or 0
+      if quiet <= now then
+        redis.call('HSET', ctr, 'x:' .. r.rf, int(now + r.window))
+        guard_alert('velocity', r.rf, '', '', int(r.limit), now)
+      end
+    end
+  end
+  for _, l in ipairs(loops) do
+    if l.would and not l.shadow and l.alerted ~= '1' then
+      loop_write(l.key, l.recent, '1', now, l.window, l.repeats)
+      guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5], int(#l.recent), now)
+    end
+  end
   return done(out)
 end
 
 -- Counters and limiter fields are not indexed: sweep.lua finds them by walking ctr.
-for _, cid in ipairs(cids) do redis.call('HINCRBY', ctr, 'h:' .. cid, est) end
-local slots, token_limiters = {}, {}
+local counted = {}
+for i, cid in ipairs(cids) do
+  redis.call('HINCRBY', ctr, 'h:' .. cid, est)
+  if caps[i] then
+    redis.call('HINCRBY', ctr, 'c:' .. cid, 1)
+    counted[#counted + 1] = cid
+  end
+  if idles[i] then redis.call('ZADD', gc, now + idles[i], 'c:' .. cid) end
+end
+local slots, token_limiters, usd_limiters = {}, {}, {}
 for j, r in ipairs(rates) do
   if charge[j] then
     if r.metric == 'c' then
       redis.call('HINCRBY', ctr, 'n:' .. r.rf, 1)
       slots[#slots + 1] = r.rf
     else
-      local cost = 1
+      local entry = r.rf .. ':' .. int(r.limit) .. ':' .. int(r.window)
       if r.metric == 't' then
-        cost = est_tokens
-        token_limiters[#token_limiters + 1] = r.rf .. ':' .. int(r.limit) .. ':' .. int(r.window)
+        token_limiters[#token_limiters + 1] = entry
+      elseif r.metric == 'u' then
+        usd_limiters[#usd_limiters + 1] = entry
       end
       -- 'l' never moves back, so a late clock reading cannot earn credit twice.
       local last = math.max(rnow, r.last or rnow)
-      redis.call('HSET', ctr, 'd:' .. r.rf, int(r.debt + cost * r.window), 'l:' .. r.rf, int(last))
+      redis.call('HSET', ctr, 'd:' .. r.rf, int(r.debt + r.cost * r.window), 'l:' .. r.rf,
+        int(last))
     end
   end
+end
+-- A loop guard counts the calls it let through; a shadow one counts them all.
+for _, l in ipairs(loops) do
+  l.recent[#l.recent + 1] = int(now)
+  loop_write(l.key, l.recent, l.would and l.alerted or '0', now, l.window, l.repeats)
 end
 local lease_end = now + lease_ms
 redis.call('HSET', res, rid, table.concat(
   {'H', int(lease_end), int(est), price_in, price_out, idem, table.concat(cids, ','), '', '',
    '', meta, '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
    int(est_tokens), table.concat(alert_specs, ';'), idem ~= '' and fingerprint or '', '',
-   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or ''},
+   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', table.concat(counted, ','),
+   table.concat(usd_limiters, ',')},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

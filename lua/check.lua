@@ -1,7 +1,13 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
+-- Returns: {verdict, held, u1, h1, ..., then per rate limit: would_deny, remaining,
+--   retry_after_ms; then per budget its calls; then the stop in force (field, value; ''
+--   '' = none); then per loop guard: would_deny, its calls in the window}: verdict 1 if
+--   authorize would hold now (held: what it would hold, ARGV[2] or, downgraded, ARGV[7]),
+--   else 0; or BACKLOG (-9, alone) as authorize. Writes nothing but expiries.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
+-- KEYS[9] stops   KEYS[10..] one per loop guard (as authorize.lua)
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (> 0; the sidecar applies its floor)
 -- ARGV[3] keep_ms
@@ -9,27 +15,34 @@
 -- ARGV[5] nb: the number of budgets
 -- ARGV[6] the rate limiters' clock, ms ('' = Redis TIME)
 -- ARGV[7] the estimate re-priced for the downgrade model ('' = none; see authorize.lua)
--- ARGV[8..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
--- then six per rate limit: rf, metric ('r' | 't' | 'c'), limit, window_ms, burst, shadow
--- Returns: {verdict, held, u1, h1, ..., then per rate limit: would_deny, remaining,
---   retry_after_ms}: verdict 1 if authorize would hold now (held: what it would hold,
---   ARGV[2] or, downgraded, ARGV[7]), else 0; or BACKLOG (-9, alone) as authorize.
+-- ARGV[8] nl: the number of rate limits   ARGV[9] the call's stop fields (as authorize.lua)
+-- ARGV[10] ng: the number of loop guards
+-- ARGV[11..] four per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
+--   ('' = none)
+-- then six per rate limit: rf, metric ('r' | 't' | 'c' | 'u'), limit, window_ms, burst,
+--   shadow; then six per loop guard (as authorize.lua)
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
-local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local ctr, lease, res, gc, stops = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
 local now = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
+local nl, ng = tonumber(ARGV[8]), tonumber(ARGV[10])
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
-local fields, limits, modes = {}, {}, {}
-local last_budget = 7 + 3 * nb
-for i = 8, last_budget, 3 do
+local fields, limits, modes, caps, cids = {}, {}, {}, {}, {}
+local last_budget = 10 + 4 * nb
+for b = 1, nb do
+  local i = 7 + 4 * b
+  cids[b], limits[b], modes[b], caps[b] = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
+    tonumber(ARGV[i + 3])
   fields[#fields + 1] = 'u:' .. ARGV[i]
   fields[#fields + 1] = 'h:' .. ARGV[i]
-  limits[#limits + 1] = tonumber(ARGV[i + 1])
-  modes[#modes + 1] = ARGV[i + 2]
 end
-local rates = rate_args(last_budget + 1, fields)
+local rates = rate_args(last_budget + 1, fields, nl)
+local first_calls = #fields
+for b = 1, nb do
+  if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
+end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
@@ -56,13 +69,38 @@ end
 local rnow = 0
 if #rates > 0 then rnow = limiter_now(ARGV[6]) end
 local est_tokens = tonumber(ARGV[4])
+local units = usd_units(out[2])
 for j, r in ipairs(rates) do
   local a, b = raw[2 * nb + 2 * j - 1], raw[2 * nb + 2 * j]
-  local cost = r.metric == 't' and est_tokens or 1
+  local cost = 1
+  if r.metric == 't' then cost = est_tokens elseif r.metric == 'u' then cost = units end
   local deny, left, retry = rate_eval(r.metric, a, b, rnow, r.limit, r.window, r.burst, cost)
   if deny and not r.shadow then out[1] = 0 end
   out[#out + 1] = deny and 1 or 0
   out[#out + 1] = left
   out[#out + 1] = retry
+end
+local at = first_calls
+for i = 1, nb do
+  local n = 0
+  if caps[i] then
+    at = at + 1
+    n = tonumber(raw[at]) or 0
+    if n >= caps[i] and modes[i] == 'b' then out[1] = 0 end
+  end
+  out[#out + 1] = n
+end
+local stop_field, stop_value = active_stop(stops, ARGV[9], now)
+if stop_field ~= '' then out[1] = 0 end
+out[#out + 1] = stop_field
+out[#out + 1] = stop_value
+local first_loop = last_budget + 6 * nl + 1
+for g = 1, ng do
+  local i = first_loop + 6 * (g - 1)
+  local recent = loop_recent(KEYS[9 + g], now, tonumber(ARGV[i + 2]))
+  local would = #recent >= tonumber(ARGV[i + 1])
+  if would and ARGV[i + 3] ~= '1' then out[1] = 0 end
+  out[#out + 1] = would and 1 or 0
+  out[#out + 1] = #recent
 end
 return done(out)

@@ -62,6 +62,11 @@ if tokens_in and tokens_out then
     correct_tokens(ctr, r[15], diff, limiter_now(ARGV[8]))
   end
 end
+-- usd limiters were charged the estimate: corrected to the cost (record field 25).
+if r[25] and r[25] ~= '' then
+  local diff = usd_units(cost) - usd_units(tonumber(r[3]))
+  if diff ~= 0 then correct_tokens(ctr, r[25], diff, limiter_now(ARGV[8])) end
+end
 tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
 local ended = (not held) or tonumber(r[2]) <= now

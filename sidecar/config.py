@@ -19,10 +19,13 @@ from msgspec import Meta, Struct
 
 from sidecar.auth import Client, Role
 from sidecar.model import (
+    UNCAPPED_MICRO,
+    USD_UNIT_MICRO,
     Budget,
     Config,
     FailMode,
     LimitMode,
+    LoopGuard,
     Metric,
     OnExceed,
     Period,
@@ -33,7 +36,7 @@ from sidecar.model import (
     UnpricedModel,
     Webhook,
 )
-from sidecar.money import price_to_pico, usd_to_micro
+from sidecar.money import MICRO, price_to_pico, usd_to_micro
 from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import Id, ModelName
 
@@ -56,8 +59,12 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     id: BudgetId
     name: Annotated[str, Meta(min_length=1, max_length=200)]
     scope: Scope
-    limit_usd: Annotated[float, Meta(ge=0, le=1_000_000_000)]
+    # One of limit_usd and limit_calls, or both ("each run at most 50 calls and $2").
+    limit_usd: Annotated[float, Meta(ge=0, le=1_000_000_000)] | None = None
+    limit_calls: Annotated[int, Meta(ge=0, le=1_000_000_000)] | None = None
     period: Period
+    # period total: the counter goes this long after its entity's last call.
+    idle: str | None = None
     on_exceed: OnExceed = OnExceed.BLOCK
     scope_id: Id | None = None
     downgrade_to: dict[ModelName, ModelName] = msgspec.field(default_factory=dict)
@@ -73,6 +80,20 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
             raise ValueError(f"timezone: unknown IANA time zone {self.timezone!r}") from None
+        if self.limit_usd is None and self.limit_calls is None:
+            raise ValueError("limit_usd: give limit_usd, limit_calls, or both")
+        if self.idle is not None:
+            if self.period is not Period.TOTAL:
+                raise ValueError("idle: applies only with period: total")
+            try:
+                idle_ms = parse_duration_ms(self.idle)
+            except ValueError as exc:
+                raise ValueError(f"idle: {exc}") from None
+            if not 60_000 <= idle_ms <= 366 * 86_400_000:
+                raise ValueError("idle: between 1m and 366d")
+        if self.limit_calls is not None and self.on_exceed is OnExceed.DOWNGRADE:
+            # A cheaper model is still a call: a call cap can only block (or warn).
+            raise ValueError("limit_calls: a call cap cannot downgrade; use block or warn")
         if self.on_exceed is OnExceed.DOWNGRADE and not self.downgrade_to:
             raise ValueError("downgrade_to: on_exceed downgrade needs a model map")
         if self.downgrade_to and self.on_exceed is not OnExceed.DOWNGRADE:
@@ -88,7 +109,9 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             name=self.name,
             scope=self.scope,
             scope_id=self.scope_id,
-            limit_micro=usd_to_micro(self.limit_usd),
+            limit_micro=UNCAPPED_MICRO if self.limit_usd is None else usd_to_micro(self.limit_usd),
+            limit_calls=self.limit_calls,
+            idle_ms=parse_duration_ms(self.idle) if self.idle else 86_400_000,
             period=self.period,
             on_exceed=self.on_exceed,
             downgrade_to=dict(self.downgrade_to),
@@ -118,15 +141,35 @@ class RateLimitSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     id: BudgetId
     scope: Scope
     metric: Metric
-    limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    # Requests, tokens or slots (a whole number); for metric usd, dollars.
+    limit: (
+        Annotated[int, Meta(ge=1, le=1_000_000_000)]
+        | Annotated[float, Meta(gt=0, le=1_000_000_000)]
+    )
     window: str | None = None
-    burst: Annotated[int, Meta(ge=0, le=1_000_000_000)] = 0
+    # Requests or tokens past the steady rate; for usd, the most admitted at once (default:
+    # the limit): at most limit + burst dollars in any window.
+    burst: (
+        Annotated[int, Meta(ge=0, le=1_000_000_000)]
+        | Annotated[float, Meta(ge=0, le=1_000_000_000)]
+        | None
+    ) = None
     scope_id: Id | None = None
     model: ModelName | None = None
     provider: Id | None = None
     mode: LimitMode = LimitMode.ENFORCE
 
     def __post_init__(self) -> None:
+        if self.metric is not Metric.USD:
+            for name, value in (("limit", self.limit), ("burst", self.burst or 0)):
+                if not float(value).is_integer():
+                    raise ValueError(f"{name}: a whole number for a {self.metric} limit")
+            if self.limit < 1:
+                raise ValueError("limit: at least 1")
+        elif round(self.limit * MICRO) < USD_UNIT_MICRO:
+            raise ValueError("limit: at least $0.001 for a usd limit")
+        elif self.burst is not None and round(self.burst * MICRO) < USD_UNIT_MICRO:
+            raise ValueError("burst: the most a usd limit admits at once: at least $0.001")
         if self.metric is Metric.CONCURRENT:
             if self.window is not None:
                 raise ValueError("window: a concurrent limit has no window")
@@ -139,25 +182,67 @@ class RateLimitSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"window: {exc}") from None
         if not 100 <= window_ms <= 86_400_000:
             raise ValueError("window: between 100ms and 1d")
-        if (self.limit + 2 * self.burst) * window_ms > MAX_LIMIT_TIMES_WINDOW:
+        if (self._units(self.limit) + 2 * self._units(self._burst)) * window_ms > (
+            MAX_LIMIT_TIMES_WINDOW
+        ):
             raise ValueError(
                 f"limit: (limit + 2 x burst) x window must stay below "
                 f"{MAX_LIMIT_TIMES_WINDOW:.0e} unit-milliseconds; use a shorter window"
             )
+
+    @property
+    def _burst(self) -> float:
+        if self.burst is not None:
+            return self.burst
+        return self.limit if self.metric is Metric.USD else 0
+
+    def _units(self, amount: float) -> int:
+        """What the limiter counts: dollars in USD_UNIT_MICRO units for metric usd."""
+        if self.metric is Metric.USD:
+            return round(amount * MICRO) // USD_UNIT_MICRO
+        return int(amount)
 
     def to_rate_limit(self, source: str) -> RateLimit:
         return RateLimit(
             id=self.id,
             scope=self.scope,
             metric=self.metric,
-            limit=self.limit,
+            limit=self._units(self.limit),
             window_ms=parse_duration_ms(self.window) if self.window else 0,
-            burst=self.burst,
+            burst=self._units(self._burst),
             scope_id=self.scope_id,
             model=self.model,
             provider=self.provider,
             mode=self.mode,
             source=source,
+        )
+
+
+class LoopGuardSpec(Struct, forbid_unknown_fields=True, kw_only=True):
+    """`{id, scope, repeats, window, mode}`: the same fingerprint from one entity more than
+    `repeats` times within `window` is a loop."""
+
+    id: BudgetId
+    scope: Scope
+    repeats: Annotated[int, Meta(ge=1, le=100)]
+    window: str
+    mode: LimitMode = LimitMode.ENFORCE
+
+    def __post_init__(self) -> None:
+        try:
+            window_ms = parse_duration_ms(self.window)
+        except ValueError as exc:
+            raise ValueError(f"window: {exc}") from None
+        if not 1000 <= window_ms <= 86_400_000:
+            raise ValueError("window: between 1s and 1d")
+
+    def to_loop_guard(self) -> LoopGuard:
+        return LoopGuard(
+            id=self.id,
+            scope=self.scope,
+            repeats=self.repeats,
+            window_ms=parse_duration_ms(self.window),
+            mode=self.mode,
         )
 
 
@@ -289,6 +374,7 @@ class ConfigFile(Struct, forbid_unknown_fields=True, kw_only=True):
     budgets: list[BudgetSpec] = msgspec.field(default_factory=list)
     pricing: list[PriceSpec] = msgspec.field(default_factory=list)
     rate_limits: list[RateLimitSpec] = msgspec.field(default_factory=list)
+    loop_guards: list[LoopGuardSpec] = msgspec.field(default_factory=list)
     settings: SettingsSpec = msgspec.field(default_factory=SettingsSpec)
     proxy: ProxySpec = msgspec.field(default_factory=ProxySpec)
     auth: AuthSpec = msgspec.field(default_factory=AuthSpec)
@@ -386,6 +472,11 @@ def parse(data: Any, source: str) -> Config:
         if r.id in limit_ids:
             raise ConfigError(source, f"$.rate_limits[{i}].id", f"duplicate rate limit id {r.id!r}")
         limit_ids.add(r.id)
+    guard_ids: set[str] = set()
+    for i, g in enumerate(spec.loop_guards):
+        if g.id in guard_ids:
+            raise ConfigError(source, f"$.loop_guards[{i}].id", f"duplicate loop guard id {g.id!r}")
+        guard_ids.add(g.id)
     seen: set[str] = set()
     for i, b in enumerate(spec.budgets):
         if b.id in seen:
@@ -421,6 +512,7 @@ def parse(data: Any, source: str) -> Config:
         budgets=tuple(b.to_budget("config") for b in spec.budgets),
         pricing=tuple(p.to_price() for p in spec.pricing),
         rate_limits=tuple(r.to_rate_limit("config") for r in spec.rate_limits),
+        loop_guards=tuple(g.to_loop_guard() for g in spec.loop_guards),
         settings=spec.settings.to_settings(),
         proxy=spec.proxy,
         clients=tuple(c.to_client() for c in spec.auth.clients),

@@ -34,7 +34,7 @@ from sidecar.model import (
 )
 from sidecar.money import micro_to_usd, usd_to_micro
 from sidecar.periods import iso
-from sidecar.reservations import SEP, fingerprint, meta, new_reservation_id
+from sidecar.reservations import SEP, fingerprint, loop_fingerprint, meta, new_reservation_id
 from sidecar.resolution import COUNTER_GRACE_MS, Resolved, Resolver, Snapshot, identity_of
 from sidecar.schemas import (
     AuthorizeRequest,
@@ -97,6 +97,7 @@ class Engine:
         self._ledger = _ledger_config(config)
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
+        self._deciding: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
@@ -226,6 +227,7 @@ class Engine:
         down_price, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
         rid = new_reservation_id()
         key = req.idempotency_key
+        loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
         args = (
             now,
             rid,
@@ -246,10 +248,16 @@ class Engine:
             meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
             "c" if req.on_expiry == "charge" else "",
             self._ledger,
+            len(resolved.limits),
+            resolved.stop_fields,
+            len(loop_keys),
             *resolved.script_args,
+            *(resolved.loop_args if loop_keys else ()),
         )
         try:
-            reply = await self._call(self._scripts.authorize, tenant, args)
+            reply = await self._call(
+                self._scripts.authorize, tenant, args, self._deciding_keys(tenant, now, loop_keys)
+            )
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
@@ -296,7 +304,8 @@ class Engine:
         applied = resolved.budgets
         _, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
-        args: list[str | int] = [
+        loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
+        args = (
             now,
             est,
             settings.keep_finished_ms,
@@ -304,13 +313,16 @@ class Engine:
             len(applied),
             self._clock.limiter_ms(),
             "" if est_down is None else est_down,
-        ]
-        for a in applied:
-            args += (a.cid, a.budget.limit_micro, a.mode)
-        for limit in resolved.limits:
-            args += limit.args
+            len(resolved.limits),
+            resolved.stop_fields,
+            len(loop_keys),
+            *resolved.check_args,
+            *(resolved.loop_args if loop_keys else ()),
+        )
         try:
-            reply = await self._call(self._scripts.check, tenant, args)
+            reply = await self._call(
+                self._scripts.check, tenant, args, self._deciding_keys(tenant, now, loop_keys)
+            )
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
@@ -430,7 +442,7 @@ class Engine:
         a = self._resolver.applied(budget, entity, None, now)
         args: list[str | int] = [now, self._snapshot.config.settings.keep_finished_ms, a.cid]
         reply = await self._run(self._scripts.status, tenant, args)
-        return rendering.budget_status(a, int(reply[1]), int(reply[2]))
+        return rendering.budget_status(a, int(reply[1]), int(reply[2]), int(reply[3]))
 
     async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
         start = time.perf_counter()
@@ -623,6 +635,25 @@ class Engine:
             degraded=True,
         )
 
+    def _deciding_keys(
+        self, tenant: str, now_ms: int, loop_keys: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        """authorize's and check's KEYS: the charging keys, the stops, the loop keys."""
+        charging = self._charging_keys(tenant, now_ms)  # resets _deciding on a new day
+        found = self._deciding.get(tenant)
+        if found is None:
+            found = self._deciding[tenant] = (*charging, keys.tenant_keys(tenant).stops)
+        return (*found, *loop_keys) if loop_keys else found
+
+    @staticmethod
+    def _loop_keys(tenant: str, resolved: Resolved, text: str | None) -> tuple[str, ...]:
+        """The loop guards' keys for this call's fingerprint (none without one)."""
+        if text is None or not resolved.loops:
+            return ()
+        fp = loop_fingerprint(text)
+        tk = keys.tenant_keys(tenant)
+        return tuple(tk.loop(a.guard.id, a.entity, fp) for a in resolved.loops)
+
     def _charging_keys(self, tenant: str, now_ms: int) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
         are built once per tenant and day, not per call (settle is on the hot path)."""
@@ -630,6 +661,7 @@ class Engine:
         if day != self._charging_day:
             self._charging_day = day
             self._charging = {}
+            self._deciding = {}
         found = self._charging.get(tenant)
         if found is None:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))

@@ -19,8 +19,14 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           name one: "cost:requests:in:out" (expires after the shorter
                           usage_user_aggregate_days: users are many)
     bs:{T}:sweep   string where the background sweep's walk over ctr is (an HSCAN cursor)
-    bs:{T}:alerts  stream threshold alerts, written by the script that charged; read by
-                          the alerts route and by the webhook deliverers' consumer groups
+    bs:{T}:alerts  stream threshold alerts, written by the script that charged, and guard
+                          trips (stops, loops, call caps, velocity); read by the alerts
+                          route and by the webhook deliverers' consumer groups
+    bs:{T}:stops   hash   the stop switch: "<scope>:<entity>" -> "<stop id>|<expires ms,
+                          0 never>|<created ms>|<reason>"; "#<stop id>" -> "<scope>:<entity>"
+    bs:{T}:loop:<guard>/<entity>/<fingerprint>  string  a loop guard's recent calls of one
+                          fingerprint: "<alerted 0|1>|<ms>,<ms>,..."; expires with the
+                          guard's window
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -65,6 +71,7 @@ class TenantKeys:
     usage: str
     alerts: str
     sweep: str
+    stops: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
@@ -80,6 +87,17 @@ class TenantKeys:
     def sweeping(self, day: str) -> tuple[str, ...]:
         """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
         return (*self.charging(day), self.sweep)
+
+    def deciding(self, day: str) -> tuple[str, ...]:
+        """authorize's and check's KEYS before their loop keys: the charging keys (reclaim
+        may charge), then the stops."""
+        return (*self.charging(day), self.stops)
+
+    def loop(self, guard_id: str, entity: str, fingerprint: str) -> str:
+        """One loop guard's recent calls of one fingerprint from one entity (a string that
+        expires with the guard's window)."""
+        tag = self.counters[: -len("ctr")]
+        return f"{tag}loop:{escape(guard_id)}/{escape(entity)}/{escape(fingerprint)}"
 
     def usage_day(self, day: str) -> str:
         return f"{self.counters[: -len('ctr')]}agg:{day}"
@@ -100,6 +118,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         usage=tag + "usage",
         alerts=tag + "alerts",
         sweep=tag + "sweep",
+        stops=tag + "stops",
     )
 
 
@@ -127,6 +146,11 @@ def parse_counter_id(cid: str) -> tuple[str, str, str]:
     """(budget id, entity, window key) of a cid, unescaped."""
     budget_id, entity, window_key = cid.split("/")
     return _unescape(budget_id), _unescape(entity), window_key
+
+
+def unescape(component: str) -> str:
+    """The name component `escape` made (its inverse)."""
+    return _unescape(component)
 
 
 def _unescape(component: str) -> str:

@@ -40,6 +40,7 @@ from prometheus_client import (
 
 from sidecar.clock import Clock, SystemClock
 from sidecar.engine import Engine
+from sidecar.guards import GUARD_REASONS, guards_of, log_trip
 from sidecar.logs import decision_log, log_decision
 from sidecar.model import Action, Budget, Config
 from sidecar.periods import WindowCache
@@ -204,11 +205,21 @@ class Metrics:
             registry=reg,
         )
 
+        self.guarded = Counter(
+            f"{PREFIX}_guard_decisions",
+            "Decisions a runaway guard denied (or, mode shadow, would have denied): kind "
+            "stop, loop, calls or velocity, by guard id (stop id, loop guard, budget, rate "
+            "limit).",
+            ["kind", "guard_id", "mode"],
+            registry=reg,
+        )
+
         # Children resolved once: the hot path does dict lookups, not labels() calls. What
         # every decision writes goes through tallies (sidecar.tally), flushed by scrapes.
         self._tallies = Tallies(direct=self._multiprocess)
         count, observations = self._tallies.count, self._tallies.observations
         self._rate_limited_children: dict[tuple[str, str], Incrementable] = {}
+        self._guard_children: dict[tuple[str, str, str], Incrementable] = {}
         self._decision_children: dict[tuple[str, str, str], Incrementable] = {
             (op, str(action), outcome): count(self.decisions.labels(op, str(action), outcome))
             for op in ("authorize", "check")
@@ -305,6 +316,11 @@ class Metrics:
             for limit in decision.rate_limits:
                 if limit.would_deny:
                     self._count_rate_limited(limit.rate_limit_id, limit.mode)
+        if decision.reason in GUARD_REASONS or decision.would_deny:
+            for kind, guard_id, entity, mode in guards_of(decision):
+                self._count_guard(kind, guard_id, mode)
+                if mode == "enforce" and operation == "authorize":
+                    log_trip(kind, guard_id, entity)
         if operation == "authorize" and decision.lease_expires_at is not None:
             # lease_expires_at is set exactly when this answer took a new hold (not a
             # replay, not a denial, not degraded).
@@ -387,6 +403,15 @@ class Metrics:
         return children
 
     # ---- helpers ------------------------------------------------------------------------
+
+    def _count_guard(self, kind: str, guard_id: str, mode: str) -> None:
+        key = (kind, guard_id, mode)
+        child = self._guard_children.get(key)
+        if child is None:
+            if len(self._guard_children) >= _LABEL_CACHE_SIZE:
+                return  # stop ids are made at run time: bounded whatever is made
+            child = self._guard_children[key] = self._tallies.count(self.guarded.labels(*key))
+        child.inc()
 
     def _count_rate_limited(self, limit_id: str, mode: str) -> None:
         key = (limit_id, mode)

@@ -16,6 +16,8 @@ class Scope(enum.StrEnum):
     AGENT = "agent"
     WORKFLOW = "workflow"
     USER = "user"
+    # One run of an agent: the entity is the call's run_id (per-run caps, loop guards).
+    RUN = "run"
 
 
 # The identity field each scope reads its entity from.
@@ -25,6 +27,7 @@ SCOPE_FIELD: dict[Scope, str] = {
     Scope.AGENT: "agent_id",
     Scope.WORKFLOW: "workflow_id",
     Scope.USER: "user_id",
+    Scope.RUN: "run_id",
 }
 
 
@@ -34,6 +37,9 @@ class Period(enum.StrEnum):
     MONTHLY = "monthly"
     QUARTERLY = "quarterly"
     YEARLY = "yearly"
+    # No calendar window: one counter from the entity's first call on, collected an idle
+    # time after its last (a run's cap).
+    TOTAL = "total"
 
 
 class OnExceed(enum.StrEnum):
@@ -70,10 +76,15 @@ class Identity:
     agent_id: str | None = None
     workflow_id: str | None = None
     user_id: str | None = None
+    run_id: str | None = None
 
     def entity(self, scope: Scope) -> str | None:
         value: str | None = getattr(self, SCOPE_FIELD[scope])
         return value
+
+
+# The dollar limit of a budget that caps calls only: more than any config may set ($1e9).
+UNCAPPED_MICRO = 10**15 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +111,15 @@ class Budget:
     # Budgets made through the API carry when (RFC 3339); the config file's do not.
     created_at: str | None = None
     updated_at: str | None = None
+    # At most this many calls in the period (None: no call cap). A budget may cap calls
+    # only: its dollar limit is then UNCAPPED_MICRO.
+    limit_calls: int | None = None
+    # period total: the counter goes this long after its last call.
+    idle_ms: int = 86_400_000
+
+    @property
+    def capped_usd(self) -> bool:
+        return self.limit_micro < UNCAPPED_MICRO
 
     @property
     def zone(self) -> ZoneInfo:
@@ -110,6 +130,14 @@ class Metric(enum.StrEnum):
     REQUESTS = "requests"
     TOKENS = "tokens"
     CONCURRENT = "concurrent"
+    # Dollars per rolling window (spend velocity), counted in USD_UNIT_MICRO units.
+    USD = "usd"
+
+
+# A usd rate limit counts in units of $0.001 (estimates are at least $0.01): its debt
+# (limit x window) stays below 2^53 for up to about $3,800 a day, where micro-USD would stop
+# at $3.
+USD_UNIT_MICRO = 1000
 
 
 class LimitMode(enum.StrEnum):
@@ -136,6 +164,18 @@ class RateLimit:
     provider: str | None = None
     mode: LimitMode = LimitMode.ENFORCE
     source: str = "config"
+
+
+@dataclass(frozen=True, slots=True)
+class LoopGuard:
+    """Denies a call when one entity of `scope` has sent the same fingerprint `repeats`
+    times within the last `window_ms` (a loop: the same prompt again and again)."""
+
+    id: str
+    scope: Scope
+    repeats: int
+    window_ms: int
+    mode: LimitMode = LimitMode.ENFORCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +252,7 @@ class Config:
     budgets: tuple[Budget, ...] = ()
     pricing: tuple[Price, ...] = ()
     rate_limits: tuple[RateLimit, ...] = ()
+    loop_guards: tuple[LoopGuard, ...] = ()
     settings: Settings = field(default_factory=Settings)
     proxy: ProxySpec = field(default_factory=ProxySpec)
     # Who may call (empty: open mode, one default tenant).

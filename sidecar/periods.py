@@ -20,6 +20,10 @@ _LETTER = {
     Period.QUARTERLY: "q",
     Period.YEARLY: "y",
 }
+# A period-total counter's window: from the epoch to the last second of year 9999. Its
+# key carries no date, so the sweep's date cutoffs never collect it: its idle time does.
+TOTAL_END_MS = 253_402_300_799_000
+TOTAL_KEY = "t"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +73,8 @@ def _local_midnight_ms(day: date, zone: ZoneInfo) -> int:
 
 def window(period: Period, now_ms: int, zone: ZoneInfo) -> Window:
     """The window of `period` in `zone` that contains `now_ms` (Unix ms)."""
+    if period is Period.TOTAL:
+        return Window(start_ms=0, end_ms=TOTAL_END_MS, key=TOTAL_KEY)
     local_day = datetime.fromtimestamp(now_ms / 1000, zone).date()
     first = _first_day(period, local_day)
     following = _next_first_day(period, first)

@@ -56,6 +56,10 @@ class ProxyHeaders(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True
     user_id: HeaderName = "x-user-id"
     model: HeaderName = "x-model"
     provider: HeaderName = "x-provider"
+    # The agent's run (per-run caps and loop guards of scope run).
+    run_id: HeaderName = "x-run-id"
+    # What the call asks, as a token or hash (loop guards): the same one again is a repeat.
+    fingerprint: HeaderName = "x-budget-fingerprint"
     # USD to hold for this request; optional (route default, then default_estimate_usd).
     estimate_usd: HeaderName = "x-budget-estimate-usd"
     # Becomes the authorize idempotency_key: a retried check holds once. It must be an id

@@ -9,18 +9,20 @@ from typing import Any
 from sidecar import keys
 from sidecar.decision import Applied, decide, percentage
 from sidecar.errors import RequestError
-from sidecar.model import Action, Budget, LimitMode, Metric
+from sidecar.model import USD_UNIT_MICRO, Action, Budget, LimitMode, Metric, Period
 from sidecar.money import MICRO, micro_to_usd
 from sidecar.periods import iso
 from sidecar.reservations import unmeta
-from sidecar.resolution import MODE, AppliedLimit, Resolved, Snapshot
+from sidecar.resolution import MODE, AppliedLimit, AppliedLoop, Resolved, Snapshot
 from sidecar.schemas import (
     BudgetInfo,
     BudgetState,
     BudgetStatus,
     Decision,
+    LoopGuardState,
     RateLimitState,
     SettleResult,
+    StopState,
 )
 
 # A concurrency limit frees a slot when some reservation ends: a hint, not a promise.
@@ -38,32 +40,48 @@ def decision(
     held_est: int = 0,
     est_down: int | None = None,
 ) -> Decision:
-    """A decision from the script's figures: budget counters before this call, then
-    (for a fresh decision) three figures per rate limit. `held_est` is what this call
-    now holds on each budget (reported in held_usd)."""
+    """A decision from the script's figures: budget counters before this call, then (for
+    a fresh decision) three figures per rate limit, each budget's calls, the stop in force
+    and two figures per loop guard (lua/authorize.lua). `held_est` is what this call now
+    holds on each budget (reported in held_usd)."""
     applied = resolved.budgets
-    nb = len(applied)
+    nb, nl = len(applied), len(resolved.limits)
     # hiredis gives Lua's integer replies as ints already.
     values: list[int] = values_raw[: 2 * nb]
+    fresh = len(values_raw) > 2 * nb  # a retry's reply has the counters only
+    guards_at = 2 * nb + 3 * nl
+    calls: list[int] = values_raw[guards_at : guards_at + nb] if fresh else [0] * nb
     outcome = decide(applied, values, est, allowed, est_down)
+    counted = 1 if held_est else 0
     states = [
-        budget_state(a, values[2 * i], values[2 * i + 1] + held_est) for i, a in enumerate(applied)
+        budget_state(a, values[2 * i], values[2 * i + 1] + held_est, calls[i] + counted)
+        for i, a in enumerate(applied)
     ]
     limits: list[RateLimitState] = []
     denying: list[RateLimitState] = []
     binding_limit = None
-    if resolved.limits:
-        rate_raw: list[int] = values_raw[2 * nb :]
+    if resolved.limits and fresh:
+        rate_raw: list[int] = values_raw[2 * nb : guards_at]
         limits = [
             limit_state(limit, rate_raw[3 * j : 3 * j + 3])
             for j, limit in enumerate(resolved.limits)
-            if len(rate_raw) >= 3 * j + 3
         ]
         denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
         if denying:
             binding_limit = max(denying, key=lambda r: r.retry_after_ms)
         elif limits:
             binding_limit = min(limits, key=lambda r: r.remaining)
+    stop, stop_ends, loops = None, None, []
+    if fresh:
+        found = stop_state(str(values_raw[guards_at + nb]), str(values_raw[guards_at + nb + 1]))
+        if found is not None:
+            stop, stop_ends = found
+        loop_raw: list[int] = values_raw[guards_at + nb + 2 :]
+        if len(loop_raw) == 2 * len(resolved.loops):
+            loops = [
+                loop_state(loop, loop_raw[2 * g : 2 * g + 2])
+                for g, loop in enumerate(resolved.loops)
+            ]
     budget_denied = not allowed and outcome.action is Action.BLOCK
     action = Action.BLOCK if not allowed else outcome.action
     info = None
@@ -71,10 +89,38 @@ def decision(
         bound = outcome.binding
         info = binding_info(states[bound], applied[bound].budget, outcome.action)
     retry_after_ms = None
+    reason = None
     message = binding_message(outcome.action, applied, outcome.binding, values, est)
-    if budget_denied and outcome.binding is not None:
-        retry_after_ms = applied[outcome.binding].window_end_ms - now
-    elif not allowed and denying:
+    looping = next((s for s in loops if s.would_deny and s.mode == LimitMode.ENFORCE), None)
+    capped = next(
+        (
+            i
+            for i, a in enumerate(applied)
+            if a.budget.limit_calls is not None
+            and a.mode == "b"
+            and calls[i] >= a.budget.limit_calls
+        ),
+        None,
+    )
+    if allowed:
+        pass
+    elif stop is not None:
+        reason, message = "stop", stop_message(stop)
+        retry_after_ms = _until(stop_ends, now)
+    elif looping is not None:
+        reason, message = "loop", loop_message(looping)
+        retry_after_ms = looping.window_ms
+    elif capped is not None and fresh:
+        b = applied[capped].budget
+        reason = "calls"
+        message = f"Budget '{b.name}' reached its {b.limit_calls} calls - requests blocked"
+        info = binding_info(states[capped], b, Action.BLOCK)
+        retry_after_ms = _retry_of(applied[capped], now)
+    elif budget_denied and outcome.binding is not None:
+        reason = "budget"
+        retry_after_ms = _retry_of(applied[outcome.binding], now)
+    elif denying:
+        reason = "velocity" if denying[0].metric == Metric.USD else "rate_limit"
         retry_after_ms = max(
             r.retry_after_ms if r.retry_after_ms >= 0 else _SLOT_RETRY_MS for r in denying
         )
@@ -90,15 +136,49 @@ def decision(
         rate_limits=limits,
         rate_limit=binding_limit,
         retry_after_ms=retry_after_ms,
-        would_deny=bool(limits)
-        and any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits),
+        would_deny=any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits)
+        or any(s.would_deny and s.mode == LimitMode.SHADOW for s in loops),
+        reason=reason,
+        loop_guards=loops,
+        stop=stop,
     )
 
 
-def budget_state(a: Applied, used: int, held: int) -> BudgetState:
+def _retry_of(a: Applied, now: int) -> int | None:
+    """A spent budget admits again when its window ends; a period-total one never does."""
+    if a.budget.period is Period.TOTAL:
+        return None
+    return a.window_end_ms - now
+
+
+def _until(expires_at_ms: int | None, now: int) -> int | None:
+    return None if expires_at_ms is None else max(expires_at_ms - now, 0)
+
+
+def budget_state(a: Applied, used: int, held: int, calls: int | None = None) -> BudgetState:
+    """`calls`: the budget's calls in the period, reported when it caps them."""
     b = a.budget
     limit = b.limit_micro
     committed = used + held
+    cap = b.limit_calls
+    if not b.capped_usd:  # calls only: the percentage and `exceeded` are the calls'
+        n = calls or 0
+        return BudgetState(
+            budget_id=b.id,
+            budget_name=b.name,
+            scope=b.scope,
+            entity=a.entity,
+            period=b.period,
+            on_exceed=b.on_exceed,
+            limit_usd=None,
+            used_usd=used / MICRO,
+            held_usd=held / MICRO,
+            remaining_usd=None,
+            percentage=percentage(n, cap or 0),
+            exceeded=n >= (cap or 0),
+            calls=calls,
+            limit_calls=cap,
+        )
     # micro_to_usd inline (micro / MICRO): four calls per budget per decision cost
     # 0.6 us of a 15.5 us in-process authorize.
     return BudgetState(
@@ -114,11 +194,13 @@ def budget_state(a: Applied, used: int, held: int) -> BudgetState:
         remaining_usd=(limit - committed) / MICRO,
         percentage=percentage(committed, limit),
         exceeded=committed >= limit if limit else committed > 0,
+        calls=calls if cap is not None else None,
+        limit_calls=cap,
     )
 
 
-def budget_status(a: Applied, used: int, held: int) -> BudgetStatus:
-    s = budget_state(a, used, held)
+def budget_status(a: Applied, used: int, held: int, calls: int | None = None) -> BudgetStatus:
+    s = budget_state(a, used, held, calls)
     return BudgetStatus(
         budget_id=s.budget_id,
         budget_name=s.budget_name,
@@ -132,8 +214,11 @@ def budget_status(a: Applied, used: int, held: int) -> BudgetStatus:
         remaining_usd=s.remaining_usd,
         percentage=s.percentage,
         exceeded=s.exceeded,
-        period_start=iso(a.window_start_ms),
-        period_end=iso(a.window_end_ms),
+        # A period-total counter has no calendar window.
+        period_start=None if a.budget.period is Period.TOTAL else iso(a.window_start_ms),
+        period_end=None if a.budget.period is Period.TOTAL else iso(a.window_end_ms),
+        calls=s.calls,
+        limit_calls=s.limit_calls,
     )
 
 
@@ -186,16 +271,22 @@ def states_of(snap: Snapshot, cids: Sequence[str], values: Sequence[int]) -> lis
 def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
     would_deny, remaining, retry_ms = figures
     r = applied.limit
+    limit: int | float = r.limit
+    burst: int | float = r.burst
+    left: int | float = max(remaining, 0)
+    if r.metric is Metric.USD:  # counted in USD_UNIT_MICRO units, shown in dollars
+        unit = USD_UNIT_MICRO / MICRO
+        limit, burst, left = r.limit * unit, r.burst * unit, round(left * unit, 3)
     return RateLimitState(
         rate_limit_id=r.id,
         scope=r.scope,
         entity=applied.entity,
         metric=r.metric,
-        limit=r.limit,
+        limit=limit,
         window_ms=r.window_ms,
-        burst=r.burst,
+        burst=burst,
         mode=r.mode,
-        remaining=max(remaining, 0),
+        remaining=left,
         would_deny=would_deny == 1,
         retry_after_ms=retry_ms,
     )
@@ -205,7 +296,53 @@ def limit_message(state: RateLimitState) -> str:
     if state.metric == Metric.CONCURRENT:
         return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} calls in flight"
     per = f"{state.window_ms} ms"
+    if state.metric == Metric.USD:
+        return f"Spend velocity '{state.rate_limit_id}' reached: ${state.limit:g} per {per}"
     return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} {state.metric} per {per}"
+
+
+def stop_state(field: str, value: str) -> tuple[StopState, int | None] | None:
+    """The stop in force the script found (its stops-hash field and value), and when it
+    ends (ms; None: never)."""
+    if not field:
+        return None
+    scope, _, entity = field.partition(":")
+    stop_id, expires, _created, reason = (*value.split("|", 3), "", "", "")[:4]
+    expires_ms = int(expires) if expires.isdigit() and int(expires) > 0 else None
+    state = StopState(
+        stop_id=stop_id,
+        scope=scope,
+        entity=keys.unescape(entity),
+        reason=reason,
+        expires_at=iso(expires_ms) if expires_ms is not None else None,
+    )
+    return state, expires_ms
+
+
+def stop_message(stop: StopState) -> str:
+    return f"Stopped: {stop.reason} (stop {stop.stop_id} on {stop.scope} {stop.entity})"
+
+
+def loop_state(loop: AppliedLoop, figures: list[int]) -> LoopGuardState:
+    would_deny, calls = figures
+    g = loop.guard
+    return LoopGuardState(
+        loop_guard_id=g.id,
+        scope=g.scope,
+        entity=loop.entity,
+        repeats=g.repeats,
+        window_ms=g.window_ms,
+        mode=g.mode,
+        calls=calls,
+        would_deny=would_deny == 1,
+    )
+
+
+def loop_message(state: LoopGuardState) -> str:
+    return (
+        f"Loop guard '{state.loop_guard_id}': the same call {state.calls} times within "
+        f"{state.window_ms} ms for {state.scope} {state.entity} - requests blocked"
+    )
 
 
 def binding_info(state: BudgetState, budget: Budget, action: Action) -> BudgetInfo:
@@ -214,7 +351,7 @@ def binding_info(state: BudgetState, budget: Budget, action: Action) -> BudgetIn
         budget_id=state.budget_id,
         budget_name=state.budget_name,
         used_usd=state.used_usd,
-        limit_usd=state.limit_usd,
+        limit_usd=state.limit_usd if state.limit_usd is not None else 0.0,
         percentage=state.percentage,
         exceeded=state.exceeded or action is not Action.ALLOW,
         action=budget.on_exceed,

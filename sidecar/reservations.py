@@ -84,6 +84,13 @@ def fingerprint(req: AuthorizeRequest, asked_micro: int) -> str:
         req.lease_ms,
         req.run_id,
         req.step_id,
+        req.fingerprint,
     )
     text = SEP.join("" if p is None else str(p) for p in parts)
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+
+
+def loop_fingerprint(text: str) -> str:
+    """What a loop guard keys on: a hash of the call's fingerprint (the text is never
+    stored)."""
+    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()

@@ -21,8 +21,10 @@ from sidecar.model import (
     Config,
     Identity,
     LimitMode,
+    LoopGuard,
     Metric,
     OnExceed,
+    Period,
     Price,
     RateLimit,
     Scope,
@@ -39,7 +41,7 @@ COUNTER_GRACE_MS = 2 * 86_400_000
 MODE = {OnExceed.BLOCK: "b", OnExceed.WARN: "w", OnExceed.DOWNGRADE: "d"}
 _SCOPE_FIELDS = tuple((scope, SCOPE_FIELD[scope]) for scope in Scope)
 _MEMO_SIZE = 10_000
-_METRIC = {Metric.REQUESTS: "r", Metric.TOKENS: "t", Metric.CONCURRENT: "c"}
+_METRIC = {Metric.REQUESTS: "r", Metric.TOKENS: "t", Metric.CONCURRENT: "c", Metric.USD: "u"}
 
 _T = TypeVar("_T", Budget, RateLimit)
 
@@ -72,12 +74,22 @@ class Snapshot:
     limits_per_entity: dict[Scope, tuple[RateLimit, ...]]
     by_id: dict[str, Budget]
     prices: Prices
+    loops_per_scope: dict[Scope, tuple[LoopGuard, ...]]
+    # Something applies per run: the run id is then part of what a call resolves to.
+    uses_run: bool
 
     @classmethod
     def of(cls, config: Config, api_pricing: Iterable[Price] = ()) -> Snapshot:
         by_entity, per_entity = _index(b for b in config.budgets if b.enabled)
         limits_by_entity, limits_per_entity = _index(config.rate_limits)
+        loops: dict[Scope, list[LoopGuard]] = defaultdict(list)
+        for g in config.loop_guards:
+            loops[g.scope].append(g)
+        scopes = {b.scope for b in config.budgets if b.enabled}
+        scopes |= {r.scope for r in config.rate_limits} | set(loops)
         return cls(
+            loops_per_scope={k: tuple(v) for k, v in loops.items()},
+            uses_run=Scope.RUN in scopes,
             config=config,
             by_entity=by_entity,
             per_entity=per_entity,
@@ -100,6 +112,16 @@ class AppliedLimit:
 
 
 @dataclass(frozen=True, slots=True)
+class AppliedLoop:
+    """A loop guard as it applies to one decision: the entity it watches."""
+
+    guard: LoopGuard
+    entity: str
+    # The script's six arguments: guard id, repeats, window_ms, shadow, scope, entity.
+    args: tuple[str | int, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Resolved:
     """Everything that applies to one (identity, provider, model), and what the decisions
     on it send and answer that does not change from one decision to the next."""
@@ -107,8 +129,15 @@ class Resolved:
     budgets: list[Applied]
     limits: list[AppliedLimit]
     valid_until_ms: int
-    # authorize.lua's five arguments per budget, then its six per rate limit.
+    # authorize.lua's six arguments per budget, then its six per rate limit; check.lua's
+    # four per budget, then the same; both scripts' six per loop guard (sent only with a
+    # fingerprint: a call without one is no repeat of anything).
     script_args: tuple[str | int, ...]
+    check_args: tuple[str | int, ...]
+    loops: list[AppliedLoop]
+    loop_args: tuple[str | int, ...]
+    # The call's entities as the stops hash names them ("agent:a1,team:t1,...").
+    stop_fields: str
     # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
     meta_head: str
     # The model the first downgrade budget falls back to, and the ledger tuple's head for
@@ -125,6 +154,7 @@ def identity_of(fields: IdentityFields, default_org_id: str) -> Identity:
         agent_id=fields.agent_id,
         workflow_id=fields.workflow_id,
         user_id=fields.user_id,
+        run_id=fields.run_id,
     )
 
 
@@ -163,6 +193,8 @@ class Resolver:
             fields.user_id,
             provider,
             model,
+            # Runs are many and short: only part of the key when something applies per run.
+            fields.run_id if snap.uses_run else None,
         )
         hit = self._memo.get(memo_key)
         if hit is not None and hit[0] is snap and now_ms < hit[1].valid_until_ms:
@@ -184,10 +216,13 @@ class Resolver:
     ) -> Resolved:
         budgets: list[Applied] = []
         limits: list[AppliedLimit] = []
+        loops: list[AppliedLoop] = []
+        stop_fields: list[str] = []
         for scope, field in _SCOPE_FIELDS:
             entity: str | None = getattr(identity, field)
             if entity is None:
                 continue
+            stop_fields.append(stop_field(scope, entity))
             for b in snap.by_entity.get((scope, entity), ()):
                 budgets.append(self.applied(b, entity, model, now_ms))
             for b in snap.per_entity.get(scope, ()):
@@ -198,23 +233,32 @@ class Resolver:
             for r in snap.limits_per_entity.get(scope, ()):
                 if _covers(r, provider, model):
                     limits.append(applied_limit(r, entity))
+            for g in snap.loops_per_scope.get(scope, ()):
+                loops.append(_applied_loop(g, entity))
         script_args: list[str | int] = []
+        check_args: list[str | int] = []
         for a in budgets:
-            script_args += (
-                a.cid,
-                a.budget.limit_micro,
-                a.mode,
-                a.window_end_ms + COUNTER_GRACE_MS,
-                a.thresholds,
-            )
+            b = a.budget
+            calls = "" if b.limit_calls is None else b.limit_calls
+            idle = b.idle_ms if b.period is Period.TOTAL else ""
+            script_args += (a.cid, b.limit_micro, a.mode, calls, a.thresholds, idle)
+            check_args += (a.cid, b.limit_micro, a.mode, calls)
         for limit in limits:
             script_args += limit.args
+            check_args += limit.args
+        loop_args: list[str | int] = []
+        for loop in loops:
+            loop_args += loop.args
         down = next((a.downgrade_model for a in budgets if a.mode == "d"), None)
         return Resolved(
             budgets=budgets,
             limits=limits,
             valid_until_ms=min((a.window_end_ms for a in budgets), default=now_ms + 60_000),
             script_args=tuple(script_args),
+            check_args=tuple(check_args),
+            loops=loops,
+            loop_args=tuple(loop_args),
+            stop_fields=",".join(stop_fields),
             meta_head=meta_head(provider, model, identity),
             downgrade_model=down,
             meta_head_down=meta_head(provider, down, identity) if down else "",
@@ -241,6 +285,20 @@ class Resolver:
 def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
     return (limit.model is None or limit.model == model) and (
         limit.provider is None or limit.provider == provider
+    )
+
+
+def stop_field(scope: Scope, entity: str) -> str:
+    """An entity's field in the stops hash (keys.py documents the hash)."""
+    return f"{scope.value}:{keys.escape(entity)}"
+
+
+def _applied_loop(guard: LoopGuard, entity: str) -> AppliedLoop:
+    shadow = "1" if guard.mode is LimitMode.SHADOW else "0"
+    return AppliedLoop(
+        guard=guard,
+        entity=entity,
+        args=(guard.id, guard.repeats, guard.window_ms, shadow, guard.scope.value, entity),
     )
 
 

@@ -22,6 +22,8 @@ ModelName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:/\-]+\Z", min_length=
 # Idempotency keys and reservation ids: opaque, but never a record separator.
 Token = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~@+:=\-]+\Z", min_length=1, max_length=128)]
 # Reservation ids are made by the sidecar: 128 random bits in hex, nothing else.
+# Any text (a prompt's hash, a tool call's name and arguments): only its hash is kept.
+Fingerprint = Annotated[str, Meta(min_length=1, max_length=1024)]
 ReservationId = Annotated[str, Meta(pattern=r"^[0-9a-f]{32}\Z")]
 Usd = Annotated[float, Meta(ge=0, le=1_000_000)]
 Tokens = Annotated[int, Meta(ge=0, le=100_000_000)]
@@ -54,6 +56,8 @@ class IdentityFields(Struct, forbid_unknown_fields=True, kw_only=True):
     agent_id: Id | None = None
     workflow_id: Id | None = None
     user_id: Id | None = None
+    # One run of an agent (the entity of scope run; recorded with the call's usage).
+    run_id: Id | None = None
 
 
 class AuthorizeRequest(IdentityFields, kw_only=True):
@@ -64,8 +68,10 @@ class AuthorizeRequest(IdentityFields, kw_only=True):
     estimated_tokens_out: Tokens | None = None
     lease_ms: LeaseMs | None = None
     idempotency_key: Token | None = None
-    run_id: Id | None = None
     step_id: Id | None = None
+    # What the call asks, reduced to a token (e.g. a hash of the prompt): the same one from
+    # one entity again and again is a loop (loop_guards). Only its hash is stored.
+    fingerprint: Fingerprint | None = None
     # A hold still unsettled when its lease ends: "release" gives it back (the call did
     # not happen, or its caller will settle late), "charge" charges the estimate as spent
     # (a proxy flow where nobody settles: the call went through).
@@ -88,6 +94,7 @@ class CheckRequest(IdentityFields, kw_only=True):
     estimated_usd: Usd | None = None
     estimated_tokens_in: Tokens | None = None
     estimated_tokens_out: Tokens | None = None
+    fingerprint: Fingerprint | None = None
 
     def __post_init__(self) -> None:
         _usd_or_tokens(
@@ -123,7 +130,6 @@ class RecordRequest(IdentityFields, kw_only=True):
     tokens_out: Tokens | None = None
     cost_usd: Usd | None = None
     idempotency_key: Token | None = None
-    run_id: Id | None = None
     step_id: Id | None = None
     latency_ms: Annotated[int, Meta(ge=0, le=86_400_000)] | None = None
     success: bool = True
@@ -163,12 +169,40 @@ class BudgetState(Struct, kw_only=True):
     entity: str
     period: str
     on_exceed: str
-    limit_usd: float
+    # null for a budget that caps calls only.
+    limit_usd: float | None
     used_usd: float
     held_usd: float
-    remaining_usd: float
+    remaining_usd: float | None
     percentage: float
     exceeded: bool
+    # A budget with a call cap: its calls in the period (before this one) and the cap.
+    calls: int | None = None
+    limit_calls: int | None = None
+
+
+class LoopGuardState(Struct, kw_only=True):
+    """One evaluated loop guard: this call's fingerprint from this entity, `calls` times
+    within the window before this call."""
+
+    loop_guard_id: str
+    scope: str
+    entity: str
+    repeats: int
+    window_ms: int
+    mode: str
+    calls: int
+    would_deny: bool
+
+
+class StopState(Struct, kw_only=True):
+    """The stop in force that denied a call (POST /v1/stops)."""
+
+    stop_id: str
+    scope: str
+    entity: str
+    reason: str
+    expires_at: str | None = None
 
 
 class RateLimitState(Struct, kw_only=True):
@@ -180,11 +214,12 @@ class RateLimitState(Struct, kw_only=True):
     scope: str
     entity: str
     metric: str
-    limit: int
+    # Dollars for metric usd, else requests, tokens or slots.
+    limit: int | float
     window_ms: int
-    burst: int
+    burst: int | float
     mode: str
-    remaining: int
+    remaining: int | float  # dollars that still fit now, for metric usd
     would_deny: bool
     retry_after_ms: int
 
@@ -206,8 +241,13 @@ class Decision(Struct, kw_only=True, omit_defaults=False):
     rate_limit: RateLimitState | None = None
     # Denied: when to try again (the binding budget's window end, or the rate limits').
     retry_after_ms: int | None = None
-    # A shadow-mode rate limit would have denied this call (it was allowed).
+    # A shadow-mode rate limit or loop guard would have denied this call (it was allowed).
     would_deny: bool = False
+    # Denied: what denied it, "stop" | "loop" | "calls" | "budget" | "velocity" |
+    # "rate_limit" (the first of these that applies).
+    reason: str | None = None
+    loop_guards: list[LoopGuardState] = msgspec.field(default_factory=list)
+    stop: StopState | None = None
 
 
 class SettleResult(Struct, kw_only=True):
@@ -246,11 +286,13 @@ class BudgetStatus(Struct, kw_only=True):
     entity: str
     period: str
     on_exceed: str
-    limit_usd: float
+    limit_usd: float | None  # null: the budget caps calls only
     used_usd: float
     held_usd: float
-    remaining_usd: float
+    remaining_usd: float | None
     percentage: float
     exceeded: bool
-    period_start: str
-    period_end: str
+    period_start: str | None  # null for period total
+    period_end: str | None
+    calls: int | None = None
+    limit_calls: int | None = None

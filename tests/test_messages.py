@@ -85,7 +85,7 @@ async def test_a_bad_enum_lists_the_allowed_values(
     problem = await r.json()
     assert problem["field"] == "scope"
     assert problem["detail"] == (
-        "scope: 'galaxy' is not one of: organization, team, agent, workflow, user"
+        "scope: 'galaxy' is not one of: organization, team, agent, workflow, user, run"
     )
 
 
@@ -93,7 +93,7 @@ async def test_a_bad_enum_lists_the_allowed_values(
     ("budget", "path", "words"),
     [
         ({"period": "hourly"}, "$.budgets[0].period",
-         "'hourly' is not one of: daily, weekly, monthly, quarterly, yearly"),
+         "'hourly' is not one of: daily, weekly, monthly, quarterly, yearly, total"),
         ({"on_exceed": "explode"}, "$.budgets[0].on_exceed",
          "'explode' is not one of: warn, block, downgrade"),
         ({"id": "has space"}, "$.budgets[0].id", "expected letters, digits and . _ ~ - only"),

@@ -19,7 +19,8 @@ from sidecar.auth import Role
 from sidecar.config import RateLimitSpec
 from sidecar.definitions import DefinitionWatcher
 from sidecar.engine import Engine
-from sidecar.model import RateLimit
+from sidecar.model import USD_UNIT_MICRO, Metric, RateLimit
+from sidecar.money import MICRO
 
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(RateLimitSpec).decode
@@ -29,9 +30,9 @@ class RateLimitView(msgspec.Struct, kw_only=True):
     id: str
     scope: str
     metric: str
-    limit: int
+    limit: int | float  # dollars for metric usd
     window: str | None
-    burst: int
+    burst: int | float
     scope_id: str | None
     model: str | None
     provider: str | None
@@ -47,13 +48,16 @@ def format_duration(ms: int) -> str:
 
 
 def view(limit: RateLimit) -> RateLimitView:
+    shown: tuple[int | float, int | float] = (limit.limit, limit.burst)
+    if limit.metric is Metric.USD:
+        shown = (limit.limit * USD_UNIT_MICRO / MICRO, limit.burst * USD_UNIT_MICRO / MICRO)
     return RateLimitView(
         id=limit.id,
         scope=limit.scope,
         metric=limit.metric,
-        limit=limit.limit,
+        limit=shown[0],
         window=format_duration(limit.window_ms) if limit.window_ms else None,
-        burst=limit.burst,
+        burst=shown[1],
         scope_id=limit.scope_id,
         model=limit.model,
         provider=limit.provider,

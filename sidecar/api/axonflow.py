@@ -31,7 +31,7 @@ from sidecar.definitions import DefinitionWatcher, StoredBudget
 from sidecar.engine import Engine, RequestError
 from sidecar.model import Budget, OnExceed, Period, Price, Scope
 from sidecar.money import micro_to_usd, pico_to_price
-from sidecar.periods import iso
+from sidecar.periods import TOTAL_END_MS, iso
 from sidecar.pricing import Source
 from sidecar.schemas import ID_PATTERN, CheckRequest, Id, IdentityFields, ModelName
 
@@ -346,12 +346,13 @@ def add_routes(
             AxStatus(
                 budget=ax_budget(budget, tenant),
                 used_usd=status.used_usd,
-                remaining_usd=status.remaining_usd,
+                remaining_usd=status.remaining_usd or 0.0,
                 percentage=status.percentage,
                 is_exceeded=status.exceeded,
                 is_blocked=status.exceeded and budget.on_exceed == "block",
-                period_start=status.period_start,
-                period_end=status.period_end,
+                # The SDK wants times: a period-total budget's window is all of time.
+                period_start=status.period_start or iso(0),
+                period_end=status.period_end or iso(TOTAL_END_MS),
             )
         )
 

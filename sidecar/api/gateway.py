@@ -31,8 +31,8 @@ from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
 from sidecar.config import split_validation_error
 from sidecar.engine import Engine, RequestError, new_reservation_id
-from sidecar.model import Action
 from sidecar.periods import iso
+from sidecar.reservations import loop_fingerprint
 from sidecar.schemas import ID_PATTERN, AuthorizeRequest, Decision, ReservationId, Tokens
 
 # Ids and names the context may carry, and the pattern each must match.
@@ -100,16 +100,21 @@ _audit_body = msgspec.json.Decoder(AuditRequest).decode
 _encode = msgspec.json.Encoder().encode
 
 
-def _context(context: dict[str, Any], default_estimate: float) -> AuthorizeRequest:
+def _context(context: dict[str, Any], default_estimate: float, query: str = "") -> AuthorizeRequest:
     """The authorize request a pre-check context stands for; 400 naming `context.<key>`
-    for a value that cannot be an identity."""
+    for a value that cannot be an identity.
+
+    The call's fingerprint (loop guards) is the context's `fingerprint`, else a hash of
+    the SDK's `query`: unchanged SDK users get loop detection, and the text is not kept."""
     fields: dict[str, Any] = {}
-    for key in (*_CONTEXT_IDS, "model", "estimated_usd"):
+    for key in (*_CONTEXT_IDS, "model", "estimated_usd", "fingerprint"):
         value = context.get(key)
         if value is None or value == "":
             continue
         fields[key] = value
     fields.setdefault("estimated_usd", default_estimate)
+    if query and "fingerprint" not in fields:
+        fields["fingerprint"] = loop_fingerprint(query)
     try:
         return msgspec.convert(fields, AuthorizeRequest)
     except msgspec.ValidationError as exc:
@@ -123,8 +128,9 @@ def _rate_limit(engine: Engine, decision: Decision) -> RateLimitInfo | None:
     if limit is None:
         return None
     return RateLimitInfo(
-        limit=limit.limit,
-        remaining=limit.remaining,
+        # The SDK's field is an integer: a dollar limit below $1 shows as 1.
+        limit=limit.limit if isinstance(limit.limit, int) else max(1, round(limit.limit)),
+        remaining=int(limit.remaining),
         reset_at=iso(engine.now_ms() + max(limit.retry_after_ms, 0)),
     )
 
@@ -134,11 +140,11 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
         require(request, Role.AGENT)
         body = _pre_check_body(await request.read())
         engine = request.app[engine_key]
-        req = _context(body.context, engine.config.settings.pre_check_estimate_usd)
+        req = _context(body.context, engine.config.settings.pre_check_estimate_usd, body.query)
         decision = await engine.authorize(tenant_of(request), req)
         if not decision.allowed:
             info = decision.budget_info
-            if decision.action == Action.BLOCK and info is not None and info.exceeded:
+            if decision.reason in ("budget", "calls") and info is not None and info.exceeded:
                 # The body the SDK turns into BudgetExceededError (wire contract §5.3).
                 return web.Response(
                     status=402,

@@ -41,7 +41,13 @@ def headers(decision: Decision) -> dict[str, str]:
         out.update(_limit_fields(limit, retry_s))
     elif info is not None:
         state = next((b for b in decision.budgets if b.budget_id == info.budget_id), None)
-        remaining = max(0, round(state.remaining_usd * 1_000_000)) if state else 0
-        out["RateLimit-Policy"] = f'"{info.budget_id}";q={round(info.limit_usd * 1_000_000)}'
+        if state is not None and state.limit_calls is not None and state.limit_usd is None:
+            # A call cap: the quota is calls.
+            quota, remaining = state.limit_calls, max(0, state.limit_calls - (state.calls or 0))
+        else:
+            left = state.remaining_usd if state is not None else None
+            remaining = max(0, round(left * 1_000_000)) if left is not None else 0
+            quota = round(info.limit_usd * 1_000_000)
+        out["RateLimit-Policy"] = f'"{info.budget_id}";q={quota}'
         out["RateLimit"] = f'"{info.budget_id}";r={remaining};t={retry_s}'
     return out

@@ -503,7 +503,9 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
     scope_id = _query("scope_id", string, "the entity, for a budget that is per entity")
     # Empty is the same as absent (the SDK leaves out a falsy period).
     period = _query(
-        "period", {"enum": [*(p.value for p in Period), ""]}, "UTC calendar window; default monthly"
+        "period",
+        {"enum": [*(p.value for p in Period if p is not Period.TOTAL), ""]},
+        "UTC calendar window; default monthly",
     )
     limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 100}, "default 50")
 

@@ -149,6 +149,10 @@ def authorize_request(
             value = getattr(defaults, name)
         if value is not None:
             fields[name] = value
+    for name in ("run_id", "fingerprint"):
+        value = request.headers.get(getattr(h, name))
+        if value is not None:
+            fields[name] = value
     raw = request.headers.get(h.estimate_usd)
     if raw is not None:
         fields["estimated_usd"] = parse_usd(h.estimate_usd, raw)
@@ -177,6 +181,8 @@ _HEADER_OF_FIELD = {
     **{f: f for f in _FIELDS},
     "estimated_usd": "estimate_usd",
     "idempotency_key": "request_id",
+    "run_id": "run_id",
+    "fingerprint": "fingerprint",
 }
 
 
@@ -203,9 +209,10 @@ def allow_headers(decision: Decision) -> dict[str, str]:
 
 def _remaining_usd(decision: Decision) -> str | None:
     """The least left on any budget that applies, in USD; None when no budget applies."""
-    if not decision.budgets:
+    left = [b.remaining_usd for b in decision.budgets if b.remaining_usd is not None]
+    if not left:
         return None
-    least = min(b.remaining_usd for b in decision.budgets)
+    least = min(left)
     return f"{max(least, 0.0):.6f}"
 
 

@@ -36,9 +36,7 @@ def add_routes(app: web.Application) -> None:
     body = page()  # read once: the page is static
 
     async def handle(request: web.Request) -> web.Response:
-        return web.Response(
-            body=body, content_type="text/html", charset="utf-8", headers=_HEADERS
-        )
+        return web.Response(body=body, content_type="text/html", charset="utf-8", headers=_HEADERS)
 
     for path in PATHS:
         app.router.add_get(path, handle)

@@ -52,12 +52,16 @@ class UsageRecords(msgspec.Struct, kw_only=True):
     total: int
 
 
+# Usage summaries cover calendar windows; "total" is a budget's, not a ledger's, period.
+_USAGE_PERIODS = tuple(p for p in Period if p is not Period.TOTAL)
+
+
 def _period(request: web.Request) -> Period:
     raw = raw_query(request).get("period") or Period.MONTHLY.value
-    try:
-        return Period(raw)
-    except ValueError:
-        raise ProblemError(400, f"period: one of {', '.join(Period)}", field="period") from None
+    if raw not in _USAGE_PERIODS:
+        words = ", ".join(_USAGE_PERIODS)
+        raise ProblemError(400, f"period: one of {words}", field="period")
+    return Period(raw)
 
 
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:

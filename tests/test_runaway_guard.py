@@ -1,0 +1,451 @@
+"""The runaway guard (issue 18): per-run and call caps, spend velocity, loop guards and the
+stop switch, each evaluated in the decision's one script, all or nothing. Counts are
+asserted exactly on the raw Redis fields; the windows move with an injected clock."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar import keys
+from sidecar.api.app import create_app
+from sidecar.clock import FakeClock
+from sidecar.config import ConfigError
+from sidecar.config import parse as parse_config
+from sidecar.metrics import Metrics
+from sidecar.store import RedisStore
+from tests.conftest import ClientFactory, make_config
+from tests.harness import RedisServer, sidecars
+
+TENANT = keys.tenant_keys("default")
+PATIENT_MS = 60_000
+
+
+def guard_doc(**sections: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {"budgets": [], "settings": {"redis_timeout_ms": PATIENT_MS}}
+    doc.update(sections)
+    return doc
+
+
+PER_RUN = {
+    "id": "per-run",
+    "name": "Each run",
+    "scope": "run",
+    "period": "total",
+    "limit_usd": 2,
+    "limit_calls": 5,
+    "on_exceed": "block",
+}
+
+
+async def post(client: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    r = await client.post(path, json=body)
+    return r.status, await r.json()
+
+
+def ctr(rc: redis.Redis) -> dict[str, str]:
+    """The tenant's counters and limiters, without alert marks (not amounts)."""
+    raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    return {k: v for k, v in raw.items() if not k.startswith(("a:", "x:"))}
+
+
+def loop_keys(rc: redis.Redis) -> dict[str, str]:
+    found = rc.keys("bs:{default}:loop:*")
+    return {k: str(rc.get(k)) for k in found}  # type: ignore[union-attr]
+
+
+# ---- per-run caps ------------------------------------------------------------------------
+
+
+async def test_a_run_makes_exactly_its_calls_and_a_fresh_run_starts_over(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(guard_doc(budgets=[PER_RUN]))
+    answers = []
+    for _ in range(8):
+        body = {"run_id": "r1", "agent_id": "a1", "estimated_usd": 0.01}
+        answers.append(await post(client, "/v1/authorize", body))
+    assert [s for s, _ in answers] == [200] * 8
+    assert [d["allowed"] for _, d in answers] == [True] * 5 + [False] * 3
+    denied = answers[5][1]
+    assert denied["reason"] == "calls"
+    assert denied["message"] == "Budget 'Each run' reached its 5 calls - requests blocked"
+    assert denied["retry_after_ms"] is None  # a run's cap never rolls over
+    state = denied["budgets"][0]
+    assert (state["calls"], state["limit_calls"], state["period"]) == (5, 5, "total")
+    assert answers[4][1]["budgets"][0]["calls"] == 5  # this call included
+    cid = "per-run/r1/t"
+    assert redis_client.hget(TENANT.counters, f"c:{cid}") == "5"
+    assert redis_client.hget(TENANT.counters, f"h:{cid}") == "50000"  # 5 x $0.01, not 8
+    # Another run of the same agent has its own counter.
+    status, fresh = await post(client, "/v1/authorize", {"run_id": "r2", "estimated_usd": 0.01})
+    assert status == 200 and fresh["allowed"] is True, fresh
+    # The status route reads the run's counter, calls included; no calendar window.
+    r = await client.get("/v1/budgets/per-run/status?scope_id=r1")
+    s = await r.json()
+    assert (s["calls"], s["limit_calls"], s["period_start"], s["period_end"]) == (5, 5, None, None)
+
+
+async def test_a_released_call_gives_its_call_back(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(guard_doc(budgets=[{**PER_RUN, "limit_calls": 1}]))
+    _, first = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    _, second = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    assert (first["allowed"], second["allowed"]) == (True, False)
+    status, _ = await post(client, "/v1/release", {"reservation_id": first["reservation_id"]})
+    assert status == 200
+    assert redis_client.hget(TENANT.counters, "c:per-run/r1/t") is None  # back to 0
+    _, third = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    assert third["allowed"] is True, third
+
+
+async def test_a_calls_only_budget_reports_no_dollar_limit(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    budget = {"id": "agent-calls", "name": "Agent calls", "scope": "agent",
+              "period": "daily", "limit_calls": 2}  # fmt: skip
+    client = await make_client(guard_doc(budgets=[budget]))
+    body = {"agent_id": "a1", "estimated_usd": 500.0}
+    results = [(await post(client, "/v1/authorize", body))[1] for _ in range(3)]
+    assert [d["allowed"] for d in results] == [True, True, False]
+    state = results[1]["budgets"][0]
+    assert (state["limit_usd"], state["remaining_usd"], state["calls"]) == (None, None, 2)
+    assert state["percentage"] == 100.0 and state["exceeded"] is True
+    assert results[2]["reason"] == "calls"
+    assert results[2]["retry_after_ms"] > 0  # a daily cap rolls over at midnight
+
+
+def test_per_run_config_errors_name_the_field() -> None:
+    cases = [
+        ({**PER_RUN, "limit_usd": None, "limit_calls": None}, "$.budgets[0].limit_usd"),
+        ({**PER_RUN, "period": "daily", "idle": "1h"}, "$.budgets[0].idle"),
+        ({**PER_RUN, "idle": "5s"}, "$.budgets[0].idle"),
+        ({**PER_RUN, "limit_calls": -1}, "$.budgets[0].limit_calls"),
+    ]
+    for budget, path in cases:
+        budget = {k: v for k, v in budget.items() if v is not None}
+        with pytest.raises(ConfigError) as caught:
+            parse_config({"budgets": [budget]}, "budgets.yaml")
+        assert caught.value.path == path, caught.value
+        assert str(caught.value).startswith("budgets.yaml: ")
+
+
+async def test_a_run_counter_goes_its_idle_time_after_its_last_call(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    client = await make_client(guard_doc(budgets=[{**PER_RUN, "idle": "1h"}]))
+    body = {"run_id": "r1", "estimated_usd": 0.01}
+    _, d = await post(client, "/v1/authorize", body)
+    await post(client, "/v1/settle", {"reservation_id": d["reservation_id"], "cost_usd": 0.01})
+    cid = "per-run/r1/t"
+    assert redis_client.zscore(TENANT.gc, f"c:{cid}") == clock.now_ms() + 3_600_000
+    clock.advance(3_600_001)
+    # Any decision of the tenant collects what is due (bounded per call).
+    await post(client, "/v1/authorize", {"run_id": "r2", "estimated_usd": 0.01})
+    assert redis_client.hget(TENANT.counters, f"u:{cid}") is None
+    assert redis_client.hget(TENANT.counters, f"c:{cid}") is None
+
+
+def test_a_run_cap_holds_under_100_concurrent_calls_over_two_sidecars(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """$0.50 per run, $0.01 a call, 100 concurrent calls of one run across two sidecar
+    processes: exactly 50 pass and hold exactly $0.50 (the estimate rule: no overshoot)."""
+    budget = {**PER_RUN, "limit_usd": 0.5, "limit_calls": 1000}
+    path = write_config(guard_doc(budgets=[budget]))
+    with sidecars(redis_server.url, str(path), 2) as procs:
+
+        async def run() -> list[dict[str, Any]]:
+            async with aiohttp.ClientSession() as session:
+
+                async def one(i: int) -> dict[str, Any]:
+                    body = {"run_id": "r1", "estimated_usd": 0.01, "lease_ms": PATIENT_MS}
+                    url = procs[i % 2].url + "/v1/authorize"
+                    async with session.post(url, json=body) as r:
+                        assert r.status == 200
+                        answer: dict[str, Any] = await r.json()
+                        return answer
+
+                return list(await asyncio.gather(*(one(i) for i in range(100))))
+
+        answers = asyncio.run(run())
+    assert sum(d["allowed"] for d in answers) == 50
+    assert {d["reason"] for d in answers if not d["allowed"]} == {"budget"}
+    assert redis_client.hget(TENANT.counters, "h:per-run/r1/t") == "500000"
+    assert redis_client.hget(TENANT.counters, "c:per-run/r1/t") == "50"
+
+
+# ---- spend velocity ----------------------------------------------------------------------
+
+
+VELOCITY = {"id": "agent-burn", "scope": "agent", "metric": "usd", "limit": 0.2,
+            "burst": 0.05, "window": "10s"}  # fmt: skip
+
+
+async def test_dollars_admitted_in_any_window_stay_within_limit_plus_burst(
+    redis_server: RedisServer, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """Two engines (replicas, their own connections, one injected clock), 50 concurrent
+    callers a tick, estimates of $0.01 to $0.04, for 40 s: in every interval of the 10 s
+    window the admitted dollars are at most limit + burst ($0.25), and the limiter is not
+    idle either (some window reaches within one call of the bound)."""
+    doc = guard_doc(rate_limits=[VELOCITY])
+    clients = []
+    for _ in range(2):
+        app = create_app(
+            make_config(doc), RedisStore.from_url(redis_server.url, timeout_ms=PATIENT_MS),
+            clock=clock,
+        )  # fmt: skip
+        c = TestClient(TestServer(app))
+        await c.start_server()
+        clients.append(c)
+    rng = random.Random(18)
+    admitted: list[tuple[int, int]] = []  # (ms, micro-USD)
+    try:
+        for _tick in range(80):
+            costs = [rng.choice((10_000, 20_000, 30_000, 40_000)) for _ in range(50)]
+
+            async def one(i: int, micro: int) -> tuple[int, dict[str, Any]]:
+                body = {"agent_id": "a1", "estimated_usd": micro / 1e6}
+                return await post(clients[i % 2], "/v1/authorize", body)
+
+            results = await asyncio.gather(*(one(i, m) for i, m in enumerate(costs)))
+            for (status, d), micro in zip(results, costs, strict=True):
+                assert status == 200, d
+                if d["allowed"]:
+                    admitted.append((clock.now_ms(), micro))
+                else:
+                    assert d["reason"] == "velocity", d
+            clock.advance(rng.choice((100, 250, 500, 1000)))
+    finally:
+        for c in clients:
+            await c.close()
+    bound = 250_000  # limit + burst, micro-USD
+    worst = 0
+    for start, _ in admitted:
+        in_window = sum(m for t, m in admitted if start <= t < start + 10_000)
+        worst = max(worst, in_window)
+    assert worst <= bound, worst
+    assert worst > bound - 40_000, worst  # within one call of the bound: it is the limit
+    total = sum(m for _, m in admitted)
+    assert total > 3 * 200_000  # about 40 s at $0.20 per 10 s
+
+
+async def test_velocity_is_corrected_to_the_settled_cost(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    client = await make_client(guard_doc(rate_limits=[{**VELOCITY, "limit": 1, "burst": 0.1}]))
+    rf = "agent-burn/a1"
+    _, d = await post(client, "/v1/authorize", {"agent_id": "a1", "estimated_usd": 0.05})
+    debt_held = int(redis_client.hget(TENANT.counters, f"d:{rf}") or 0)
+    assert debt_held == 50 * 10_000  # 50 units of $0.001 x the 10 s window
+    await post(client, "/v1/settle", {"reservation_id": d["reservation_id"], "cost_usd": 0.02})
+    assert int(redis_client.hget(TENANT.counters, f"d:{rf}") or 0) == 20 * 10_000
+    _, d = await post(client, "/v1/authorize", {"agent_id": "a1", "estimated_usd": 0.05})
+    await post(client, "/v1/release", {"reservation_id": d["reservation_id"]})
+    assert int(redis_client.hget(TENANT.counters, f"d:{rf}") or 0) == 20 * 10_000
+    # A call larger than what the limiter admits at once is refused, never admitted later.
+    _, big = await post(client, "/v1/authorize", {"agent_id": "a1", "estimated_usd": 0.2})
+    assert (big["allowed"], big["reason"]) == (False, "velocity")
+    assert big["rate_limit"]["retry_after_ms"] == -1
+    assert (big["rate_limit"]["limit"], big["rate_limit"]["burst"]) == (1.0, 0.1)
+
+
+# ---- loop guards -------------------------------------------------------------------------
+
+
+SAME_PROMPT = {"id": "same-prompt", "scope": "run", "repeats": 3, "window": "10m"}
+
+
+async def test_the_fourth_identical_call_of_a_run_is_denied_until_the_window_ends(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    client = await make_client(guard_doc(loop_guards=[SAME_PROMPT]))
+    same = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "summarize the doc"}
+    answers = [(await post(client, "/v1/authorize", same))[1] for _ in range(4)]
+    assert [d["allowed"] for d in answers] == [True, True, True, False]
+    denied = answers[3]
+    assert denied["reason"] == "loop"
+    assert denied["message"] == (
+        "Loop guard 'same-prompt': the same call 3 times within 600000 ms for run r1 - "
+        "requests blocked"
+    )
+    assert denied["loop_guards"][0]["calls"] == 3 and denied["loop_guards"][0]["would_deny"]
+    # A different call of the same run goes on; the same call of another run too.
+    other = {**same, "fingerprint": "write the summary"}
+    assert (await post(client, "/v1/authorize", other))[1]["allowed"] is True
+    assert (await post(client, "/v1/authorize", {**same, "run_id": "r2"}))[1]["allowed"] is True
+    # A call without a fingerprint is no repeat of anything.
+    plain = {"run_id": "r1", "estimated_usd": 0.01}
+    assert (await post(client, "/v1/authorize", plain))[1]["allowed"] is True
+    # The window slides: 1 ms before the three calls leave it the guard still denies; when
+    # they have left, three more pass and the fourth is denied again.
+    clock.advance(600_000 - 1)
+    assert (await post(client, "/v1/authorize", same))[1]["allowed"] is False
+    clock.advance(1)
+    again = [(await post(client, "/v1/authorize", same))[1]["allowed"] for _ in range(4)]
+    assert again == [True, True, True, False]
+    # check answers what authorize would, and writes nothing.
+    before = loop_keys(redis_client)
+    status, checked = await post(client, "/v1/check", {k: v for k, v in same.items()})
+    assert status == 200 and (checked["allowed"], checked["reason"]) == (False, "loop")
+    assert loop_keys(redis_client) == before
+    # Spread calls: the oldest leaving the window lets exactly one more through.
+    spread = {**same, "fingerprint": "spread"}
+    for _ in range(3):
+        assert (await post(client, "/v1/authorize", spread))[1]["allowed"] is True
+        clock.advance(1000)
+    clock.advance(600_000 - 3000)  # the first of the three is now out of the window
+    assert (await post(client, "/v1/authorize", spread))[1]["allowed"] is True
+    assert (await post(client, "/v1/authorize", spread))[1]["allowed"] is False
+
+
+async def test_a_shadow_loop_guard_reports_and_never_denies(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(guard_doc(loop_guards=[{**SAME_PROMPT, "mode": "shadow"}]))
+    same = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "again"}
+    answers = [(await post(client, "/v1/authorize", same))[1] for _ in range(5)]
+    assert [d["allowed"] for d in answers] == [True] * 5
+    assert [d["would_deny"] for d in answers] == [False, False, False, True, True]
+
+
+async def test_ext_authz_reads_run_and_fingerprint_headers(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    doc = guard_doc(loop_guards=[SAME_PROMPT], budgets=[PER_RUN])
+    client = await make_client(doc)
+    headers = {"x-run-id": "r9", "x-budget-fingerprint": "tool:search q=cats",
+               "x-budget-estimate-usd": "0.01"}  # fmt: skip
+    statuses = []
+    for _ in range(4):
+        r = await client.post("/ext_authz/v1/chat/completions", headers=headers)
+        statuses.append(r.status)
+    assert statuses == [200, 200, 200, 429]
+    assert redis_client.hget(TENANT.counters, "c:per-run/r9/t") == "3"
+
+
+# ---- all or nothing ----------------------------------------------------------------------
+
+
+async def test_a_call_denied_by_any_guard_consumes_nothing_anywhere(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A loop guard denies: no budget hold, no call count, no rate limiter debt, no loop
+    entry moved. A budget denies: the call counts as no call and as no repeat."""
+    doc = guard_doc(
+        budgets=[PER_RUN, {"id": "team", "name": "Team", "scope": "team", "limit_usd": 1,
+                           "period": "daily"}],
+        rate_limits=[{**VELOCITY, "limit": 10, "burst": 10},
+                     {"id": "rpm", "scope": "agent", "metric": "requests", "limit": 100,
+                      "burst": 10, "window": "1m"}],
+        loop_guards=[{**SAME_PROMPT, "repeats": 2}],
+    )  # fmt: skip
+    client = await make_client(doc)
+    same = {"run_id": "r1", "team_id": "t1", "agent_id": "a1", "estimated_usd": 0.01,
+            "fingerprint": "f"}  # fmt: skip
+    for _ in range(2):
+        assert (await post(client, "/v1/authorize", same))[1]["allowed"] is True
+    counters, loops = ctr(redis_client), loop_keys(redis_client)
+    _, denied = await post(client, "/v1/authorize", same)
+    assert (denied["allowed"], denied["reason"]) == (False, "loop")
+    assert ctr(redis_client) == counters
+    # The entry keeps its calls; only its "alerted" mark may change.
+    assert {k: v[2:] for k, v in loop_keys(redis_client).items()} == {
+        k: v[2:] for k, v in loops.items()
+    }
+
+    # A budget denial (the team's $1 is spent) counts as no call and no repeat.
+    big = {**same, "run_id": "r2", "fingerprint": "g", "estimated_usd": 5.0}
+    _, by_budget = await post(client, "/v1/authorize", big)
+    assert (by_budget["allowed"], by_budget["reason"]) == (False, "budget")
+    assert ctr(redis_client) == counters
+    assert redis_client.hget(TENANT.counters, "c:per-run/r2/t") is None
+    assert not any("/r2/" in k for k in loop_keys(redis_client))
+
+
+# ---- alerts, metrics --------------------------------------------------------------------
+
+
+GUARDS = "budget_sidecar_guard_decisions"
+
+
+def _guard_alerts(rc: redis.Redis) -> list[dict[str, str]]:
+    entries = rc.xrange(TENANT.alerts)
+    return [f for _, f in entries if "k" in f]  # type: ignore[union-attr]
+
+
+async def test_each_trip_is_alerted_once_per_entity(
+    redis_server: RedisServer, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    doc = guard_doc(
+        budgets=[{**PER_RUN, "limit_calls": 1}],
+        rate_limits=[{**VELOCITY, "limit": 0.02, "burst": 0.02}],
+        loop_guards=[{**SAME_PROMPT, "repeats": 1}],
+    )
+    metrics = Metrics(clock=clock)
+    store = metrics.wrap(RedisStore.from_url(redis_server.url, timeout_ms=PATIENT_MS))
+    client = TestClient(TestServer(create_app(make_config(doc), store, clock=clock,
+                                              events=metrics)))  # fmt: skip
+    await client.start_server()
+    for fp in ("x", "x", "x"):  # 1 passes, then the loop guard trips twice: one alert
+        await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01,
+                                             "fingerprint": fp})  # fmt: skip
+    for _ in range(3):  # the run's one call is spent: one call-cap alert
+        await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    for _ in range(4):  # $0.02 at once for agent a1: two pass, two trip, one alert
+        await post(client, "/v1/authorize", {"agent_id": "a1", "estimated_usd": 0.01})
+    kinds = sorted((a["k"], a["g"]) for a in _guard_alerts(redis_client))
+    assert kinds == [
+        ("calls", "per-run/r1/t"),
+        ("loop", "same-prompt"),
+        ("velocity", "agent-burn/a1"),
+    ], kinds
+    loop = next(a for a in _guard_alerts(redis_client) if a["k"] == "loop")
+    assert (loop["s"], loop["e"]) == ("run", "r1")
+    r = await client.get("/metrics")
+    text = await r.text()
+    lines = sorted(x for x in text.splitlines() if x.startswith(f"{GUARDS}_total"))
+    assert lines == [
+        f'{GUARDS}_total{{guard_id="agent-burn",kind="velocity",mode="enforce"}} 2.0',
+        # The two loop denials were past the run's one call too: the loop guard is named.
+        f'{GUARDS}_total{{guard_id="per-run",kind="calls",mode="enforce"}} 3.0',
+        f'{GUARDS}_total{{guard_id="same-prompt",kind="loop",mode="enforce"}} 2.0',
+    ], lines
+    await client.close()
+
+
+# ---- the real AxonFlow SDK ----------------------------------------------------------------
+
+
+def test_the_sdk_pre_check_of_the_same_query_is_denied_the_fourth_time(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    try:
+        from axonflow import AxonFlow
+    except ImportError:
+        from tests.harness import missing
+
+        missing("the axonflow SDK")
+    path = write_config(guard_doc(loop_guards=[{**SAME_PROMPT, "scope": "agent"}]))
+    with sidecars(redis_server.url, str(path), 1) as (proc,):
+
+        async def run() -> list[Any]:
+            async with AxonFlow(endpoint=proc.url) as client:
+                out = []
+                for query in ("plan the trip",) * 4 + ("book the hotel",):
+                    out.append(await client.pre_check("", query, context={"agent_id": "planner"}))
+                return out
+
+        results = asyncio.run(run())
+    assert [r.approved for r in results] == [True, True, True, False, True]
+    assert results[3].block_reason.startswith("Loop guard 'same-prompt': the same call 3 times")
