@@ -143,7 +143,7 @@ def report(f: dict[str, float], rounds: list[dict[str, float]], seconds: int) ->
     line("node rate-limiter-flexible + ioredis (1 key)", "peer_check")
     print(
         f"  {'peer points consumed in Redis':<44} {f['peer_points_consumed']:>9,.0f}"
-        f"  (>= {f['peer_answers_measured']:,.0f} answers measured)"
+        f"  (>= {f['peer_answers_measured']:,.0f} answers measured, plus the warm-up)"
     )
     print("ratios (sidecar / peer throughput; goal for authorize >= 1.0):")
     per_round = ", ".join(
