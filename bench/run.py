@@ -7,8 +7,11 @@ building blocks, measured in the same run on the same machine, printed as ratios
 - raw EVALSHA: redis-benchmark running the same authorize script, 50 clients, pipelined
   16 deep (the Redis ceiling), and PING at one client (the Redis round trip)
 - sidecar: POST /v1/authorize (3 stacked budgets) at 64 connections and at 1 connection,
-  authorize followed by settle, check, and authorize under 5 stacked budgets; Redis CPU
-  microseconds per decision from INFO cpu
+  authorize followed by settle, check, and authorize under 5 stacked budgets
+- Redis per operation (bench.redis_cost): main-thread CPU µs per authorize, settle, pair
+  and check next to the floor (EVALSHA of 3 HINCRBY on one hash, pipelined), as ratios to
+  it, and the calls/s one primary can serve; with one guard of each kind once
+  redis_cost.GUARDS_CONFIG is set (issue 18)
 - the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
 - with --instructions: CPU instructions per request of the bare endpoint and of authorize,
   counted by valgrind (bench.instructions), a ratio that does not move with the load
