@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench bench-memory check-config clean
+.PHONY: run test lint bench bench-peers bench-memory check-config clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run $(ARGS)
+
+# The sidecar next to Node's rate-limiter-flexible + ioredis in the same run (bench/peers).
+# Needs node and npm; not part of `make test` or CI.
+bench-peers: $(STAMP)
+	@command -v node >/dev/null 2>&1 || { echo "bench-peers needs node and npm (apt-get install nodejs npm)" >&2; exit 1; }
+	@test -d bench/peers/node_modules || (cd bench/peers && npm ci --no-audit --no-fund)
+	$(PY) -m bench.peers.run $(ARGS)
 
 # Bytes of Redis per entity, per reservation, per ledger record (bench/memory.py).
 bench-memory: $(STAMP)

@@ -7,8 +7,11 @@ building blocks, measured in the same run on the same machine, printed as ratios
 - raw EVALSHA: redis-benchmark running the same authorize script, 50 clients, pipelined
   16 deep (the Redis ceiling), and PING at one client (the Redis round trip)
 - sidecar: POST /v1/authorize (3 stacked budgets) at 64 connections and at 1 connection,
-  authorize followed by settle, check, and authorize under 5 stacked budgets; Redis CPU
-  microseconds per decision from INFO cpu
+  authorize followed by settle, check, and authorize under 5 stacked budgets
+- Redis per operation (bench.redis_cost): main-thread CPU µs per authorize, settle, pair
+  and check next to the floor (EVALSHA of 3 HINCRBY on one hash, pipelined), as ratios to
+  it, and the calls/s one primary can serve; with one guard of each kind once
+  redis_cost.GUARDS_CONFIG is set (issue 18)
 - the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
 - with --instructions: CPU instructions per request of the bare endpoint and of authorize,
   counted by valgrind (bench.instructions), a ratio that does not move with the load
@@ -28,13 +31,13 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
-from bench import instructions, proxy
+from bench import instructions, proxy, redis_cost
+from bench.load import WrkResult, sidecar_cmd, start, stop, warm_up, wrk
 from sidecar import keys
 from sidecar.scripts import Scripts
-from tests.harness import REPO, RedisServer, free_port, wait_answering, wait_until
+from tests.harness import RedisServer, free_port, wait_until
 
 BENCH = Path(__file__).resolve().parent
 CONFIG = """
@@ -59,39 +62,6 @@ rate_limits:
 """
 RAW_RATE_ARGS = ["rpm/org-1", "r", "1000000", "1000", "0", "0",
                  "tpm/team-1", "t", "100000000", "1000", "0", "0"]  # fmt: skip
-
-
-@dataclass
-class WrkResult:
-    requests_per_s: float
-    p50_ms: float
-    p99_ms: float
-    extra: str = ""
-
-
-def _ms(value: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", value).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
-
-
-def wrk(url: str, script: Path, connections: int, seconds: int) -> WrkResult:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
-        capture_output=True, text=True, check=True, timeout=seconds + 60,
-    ).stdout  # fmt: skip
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = _ms(re.search(r"\s50%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    p99 = _ms(re.search(r"\s99%\s+(\S+)", out).group(1))  # type: ignore[union-attr]
-    extra = next((line for line in out.splitlines() if line.startswith("PAIR")), "")
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
-    if errors:
-        extra += f" non-2xx={errors.group(1)}"
-    return WrkResult(rps, p50, p99, extra)
-
-
-def redis_cpu_us(client) -> float:  # type: ignore[no-untyped-def]
-    info = client.info("cpu")
-    return (float(info["used_cpu_sys"]) + float(info["used_cpu_user"])) * 1e6
 
 
 def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None = None) -> float:
@@ -131,12 +101,6 @@ def ping_p50_ms(server: RedisServer) -> float:
     return min(float(r[4].strip('"')) for r in rows)
 
 
-def start(cmd: list[str], url: str) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_answering(proc, url, timeout_s=30, what=" ".join(cmd))
-    return proc
-
-
 def wait_for_workers(url: str, count: int) -> None:
     """Until `count` distinct workers have answered (the last may still be starting)."""
 
@@ -171,11 +135,6 @@ def measure_bare(
         if "non-2xx" in result.extra:
             sys.exit(f"bench.bare answered errors ({result.extra.strip()})")
     return at64, at1, calls
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    proc.wait(timeout=20)
 
 
 def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
@@ -279,6 +238,7 @@ def main() -> None:
         server.client().flushall()
         figures["raw_evalsha_rate_limited_per_s"] = raw_evalsha(server, s, RAW_RATE_ARGS)
         figures["redis_ping_p50_ms"] = ping_p50_ms(server)
+        floor_op = redis_cost.floor(server)
         server.client().flushall()
 
         b64, b1, _ = measure_bare(server, s)
@@ -290,28 +250,17 @@ def main() -> None:
         server.client().flushall()
 
         port = free_port()
-        sidecar = start(
-            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
-             "--redis-url", server.url, "--config", str(config), "--log-level", "warning"],
-            f"http://127.0.0.1:{port}/healthz",
-        )  # fmt: skip
+        sidecar = start(sidecar_cmd(port, server.url, config), f"http://127.0.0.1:{port}/healthz")
         try:
             base = f"http://127.0.0.1:{port}"
-            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            client = server.client()
-            cpu0, calls0 = (
-                redis_cpu_us(client),
-                int(client.info("stats")["total_commands_processed"]),
-            )
-            a64 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
-            cpu1 = redis_cpu_us(client)
-            decisions = a64.requests_per_s * s
-            figures["redis_cpu_us_per_decision"] = (cpu1 - cpu0) / decisions
-            calls = int(client.info("stats")["total_commands_processed"]) - calls0
-            figures["redis_commands_per_decision"] = calls / decisions
+            warm_up(base)
+            # authorize, pairs and check at 64 connections, with Redis's CPU and
+            # commandstats deltas around each run (bench.redis_cost)
+            cost = redis_cost.measure_running(server.client(), base, s)
+            a64, pair, check = (cost.runs[k] for k in ("authorize_64", "pair_64", "check_64"))
+            figures["redis_cpu_us_per_decision"] = cost.authorize.cpu_us
+            figures["redis_commands_per_decision"] = cost.authorize_commands
             a1 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 1, s)
-            pair = wrk(base + "/", BENCH / "wrk_pair.lua", 64, s)
-            check = wrk(base + "/v1/check", BENCH / "wrk_check.lua", 64, s)
             five = wrk(base + "/v1/authorize", BENCH / "wrk_authorize5.lua", 64, s)
             through_proxy = proxy.measure(base, s)
         finally:
@@ -346,6 +295,10 @@ def main() -> None:
             limited = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
         finally:
             stop(sidecar)
+
+        # The same Redis figures with one guard of each kind, once issue 18 gives
+        # redis_cost.GUARDS_CONFIG its config (None until then: nothing measured).
+        guarded = redis_cost.guarded_redis_cost(server, workdir, CONFIG, s)
     finally:
         server.cleanup()
 
@@ -368,7 +321,12 @@ def main() -> None:
         workers2_64_per_s=workers2.requests_per_s, workers2_64_p50_ms=workers2.p50_ms,
         workers2_64_p99_ms=workers2.p99_ms,
     )  # fmt: skip
+    figures.update(cost.figures())
+    figures.update(redis_floor_cpu_us=floor_op.cpu_us, redis_floor_script_us=floor_op.script_us)
+    if guarded is not None:
+        figures.update(guarded.figures("guarded_"))
     report(figures, s, pair.extra.strip())
+    redis_cost.report(cost, floor_op, guarded)
     if args.instructions:
         counted = instructions.measure(config)
         shutil.rmtree(workdir, ignore_errors=True)
