@@ -113,6 +113,7 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
         "meta", "700", "3", "",
         # no idempotency fingerprint, no downgrade, returned (not charged) at the lease end
         "", "", "", "", "", "", "",
+        "", "", "",  # a fixed estimate: no learned-estimate series (ARGV[20..22])
         *budgets, *(rate_args or []),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout

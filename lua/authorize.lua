@@ -2,7 +2,7 @@
 -- applies to a call, or do nothing at all (invariant 2).
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
---   lease's end by reclaim)
+--   lease's end by reclaim)  KEYS[9] est: the learned estimates (see _lib.lua learned())
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -23,14 +23,19 @@
 -- ARGV[15] ARGV[16] that model's input and output price   ARGV[17] its meta
 -- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
 -- ARGV[19] the ledger config (see settle.lua), kept for that charge
--- ARGV[20..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+-- ARGV[20] the learned-estimate series of this call ('' = estimate fixed: ARGV[4] as it is)
+-- ARGV[21] the ceiling of a learned estimate, micro-USD   ARGV[22] the costs a series must
+--          have been taught before its p95 is held (until then ARGV[4] holds: cold start)
+-- ARGV[23..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), gc_at_ms (unused since sweep.lua collects counters by their
 --           window key; kept so the layout stays), alert
 --           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
 --           window_ms, burst, shadow ('1': evaluate and report, never deny)
--- The reply: {verdict, reservation id, state, held, u1, h1, ..., then per rate limit:
---           would_deny (0/1), remaining, retry_after_ms (-1: unknown)}
+-- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., then per rate
+--           limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown)}
+--   weighed: the estimate the budgets were weighed against before any downgrade: ARGV[4],
+--   or the series' learned figure where that is larger (whether held or denied)
 --   verdict 0: denied (by a block budget, a downgrade that does not fit, or an enforced
 --   rate limit), nothing changed; 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
@@ -51,6 +56,7 @@ local est_tokens = tonumber(ARGV[10])
 local nb = tonumber(ARGV[11])
 local fingerprint = ARGV[13]
 local est_down = tonumber(ARGV[14])
+local FIRST_BUDGET = 23
 
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
 if reclaim(ctr, lease, res, gc, now, keep) then return done({BACKLOG}) end
@@ -60,8 +66,8 @@ collect(ctr, res, gc, now)
 local fields = {}
 local cids, limits, modes, alert_specs = {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = 19 + 5 * nb
-for i = 20, last_budget, 5 do
+local last_budget = FIRST_BUDGET - 1 + 5 * nb
+for i = FIRST_BUDGET, last_budget, 5 do
   local cid = ARGV[i]
   cids[#cids + 1] = cid
   limits[#limits + 1] = tonumber(ARGV[i + 1])
@@ -87,7 +93,7 @@ if idem ~= '' then
       r[19] = '1'
       redis.call('HSET', res, prior, table.concat(r, '|'))
     end
-    local out = {2, prior, 'H', tonumber(r[3])}
+    local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
     for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
     return done(out)
   end
@@ -96,7 +102,13 @@ end
 -- The budgets: a block budget the estimate would pass denies; a downgrade budget it would
 -- pass re-prices the call for the cheaper model, which must then fit every budget that
 -- blocks or downgrades, or the call is denied.
-local out = {1, rid, 'H', est}
+-- A learned estimate: a warm series' p95 (capped) holds where it is more than ARGV[4].
+if ARGV[20] ~= '' then
+  local learned_est = learned(KEYS[9], ARGV[20], tonumber(ARGV[21]), tonumber(ARGV[22]))
+  if learned_est and learned_est > est then est = learned_est end
+end
+
+local out = {1, rid, 'H', est, est}
 local deny, downgrade = false, false
 for i = 1, nb do
   local u, h = tonumber(raw[2 * i - 1]) or 0, tonumber(raw[2 * i]) or 0
@@ -111,7 +123,7 @@ if downgrade and not deny then
     deny = true
   else
     for i = 1, nb do
-      if modes[i] ~= 'w' and over(out[3 + 2 * i], out[4 + 2 * i], est_down, limits[i]) then
+      if modes[i] ~= 'w' and over(out[4 + 2 * i], out[5 + 2 * i], est_down, limits[i]) then
         deny = true
       end
     end
@@ -169,7 +181,7 @@ redis.call('HSET', res, rid, table.concat(
   {'H', int(lease_end), int(est), price_in, price_out, idem, table.concat(cids, ','), '', '',
    '', meta, '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
    int(est_tokens), table.concat(alert_specs, ';'), idem ~= '' and fingerprint or '', '',
-   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or ''},
+   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20]},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

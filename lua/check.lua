@@ -1,7 +1,11 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
---   lease's end by reclaim)
+--   lease's end by reclaim)  KEYS[9] est: the learned estimates (see authorize.lua)
+-- Returns: {verdict, held, weighed, u1, h1, ..., then per rate limit: would_deny,
+--   remaining, retry_after_ms}: verdict 1 if authorize would hold now (held: what it would
+--   hold, ARGV[2] or the learned figure or, downgraded, ARGV[7]), else 0; weighed as
+--   authorize's; or BACKLOG (-9, alone) as authorize.
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (> 0; the sidecar applies its floor)
 -- ARGV[3] keep_ms
@@ -9,11 +13,10 @@
 -- ARGV[5] nb: the number of budgets
 -- ARGV[6] the rate limiters' clock, ms ('' = Redis TIME)
 -- ARGV[7] the estimate re-priced for the downgrade model ('' = none; see authorize.lua)
--- ARGV[8..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
+-- ARGV[8] ARGV[9] ARGV[10] the learned-estimate series, ceiling and minimum count, as
+--   authorize.lua's ARGV[20..22]
+-- ARGV[11..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
 -- then six per rate limit: rf, metric ('r' | 't' | 'c'), limit, window_ms, burst, shadow
--- Returns: {verdict, held, u1, h1, ..., then per rate limit: would_deny, remaining,
---   retry_after_ms}: verdict 1 if authorize would hold now (held: what it would hold,
---   ARGV[2] or, downgraded, ARGV[7]), else 0; or BACKLOG (-9, alone) as authorize.
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
@@ -21,9 +24,15 @@ local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
+if ARGV[8] ~= '' then
+  local learned_est = learned(KEYS[9], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if learned_est and learned_est > est then est = learned_est end
+end
+
 local fields, limits, modes = {}, {}, {}
-local last_budget = 7 + 3 * nb
-for i = 8, last_budget, 3 do
+local FIRST_BUDGET = 11
+local last_budget = FIRST_BUDGET - 1 + 3 * nb
+for i = FIRST_BUDGET, last_budget, 3 do
   fields[#fields + 1] = 'u:' .. ARGV[i]
   fields[#fields + 1] = 'h:' .. ARGV[i]
   limits[#limits + 1] = tonumber(ARGV[i + 1])
@@ -33,7 +42,7 @@ local rates = rate_args(last_budget + 1, fields)
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
-local out = {1, est}
+local out = {1, est, est}
 local downgrade = false
 for i = 1, nb do
   local u, h = tonumber(raw[2 * i - 1]) or 0, tonumber(raw[2 * i]) or 0
@@ -48,7 +57,7 @@ local est_down = tonumber(ARGV[7])
 if downgrade and out[1] == 1 then
   if not est_down then out[1] = 0 else out[2] = est_down end
   for i = 1, nb do
-    if est_down and modes[i] ~= 'w' and over(out[1 + 2 * i], out[2 + 2 * i], est_down, limits[i]) then
+    if est_down and modes[i] ~= 'w' and over(out[2 + 2 * i], out[3 + 2 * i], est_down, limits[i]) then
       out[1] = 0
     end
   end

@@ -14,22 +14,25 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sidecar import estimates, keys, rendering, tasks
+from sidecar import estimates, keys, learned, rendering, tasks
 from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied
 from sidecar.errors import IdempotencyConflict, RequestError, Unavailable
 from sidecar.estimates import CHARGE_ESTIMATE
 from sidecar.events import EngineEvents, NoEvents
+from sidecar.learned import NO_HINT, EstimateHint
 from sidecar.model import (
     Action,
     Budget,
     Config,
+    EstimateMode,
     FailMode,
     Identity,
     Price,
     RateLimit,
     Scope,
+    Settings,
     TenantDefinitions,
 )
 from sidecar.money import micro_to_usd, usd_to_micro
@@ -95,6 +98,7 @@ class Engine:
         self._api: dict[str, TenantDefinitions] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._ledger = _ledger_config(config)
+        self._learn_config = learned.settle_config(config.settings)
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
@@ -110,6 +114,7 @@ class Engine:
         snapshot."""
         self._snapshot = Snapshot.of(config)
         self._ledger = _ledger_config(config)
+        self._learn_config = learned.settle_config(config.settings)
         self._rebuild_tenants()
 
     def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
@@ -208,7 +213,23 @@ class Engine:
 
     # ---- operations -------------------------------------------------------------------
 
-    async def _authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+    def _learning(
+        self,
+        settings: Settings,
+        resolved: Resolved,
+        req: AuthorizeRequest | CheckRequest,
+        hint: EstimateHint,
+    ) -> tuple[str | int, ...]:
+        """The learned-estimate arguments of authorize.lua / check.lua (sidecar.learned)."""
+        mode = learned.mode_of(settings.estimate, (a.budget for a in resolved.budgets), hint.mode)
+        if mode is not EstimateMode.LEARNED:
+            return learned.FIXED_ARGS
+        series = keys.estimate_series(req.provider, req.model, req.agent_id)
+        return learned.script_args(settings, series)
+
+    async def _authorize(
+        self, tenant: str, req: AuthorizeRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         price = estimates.priced(self.snapshot(tenant), req.provider, req.model, req.estimated_usd)
@@ -246,6 +267,7 @@ class Engine:
             meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
             "c" if req.on_expiry == "charge" else "",
             self._ledger,
+            *self._learning(settings, resolved, req, hint),
             *resolved.script_args,
         )
         try:
@@ -262,15 +284,18 @@ class Engine:
         if verdict in (4, 5):
             raise IdempotencyConflict(str(reply[1]), str(reply[2]), reused=verdict == 4)
         held = verdict == 1
-        held_est = int(reply[3])
+        held_est, weighed = int(reply[3]), int(reply[4])
         decision = rendering.decision(
             resolved,
-            reply[4:],
-            est,
+            reply[5:],
+            weighed,
             verdict != 0,
             now,
             held_est=held_est if held else 0,
             est_down=est_down,
+        )
+        decision.estimate_source = learned.source_of(
+            asked, settings.min_estimate_micro, est, weighed, hint.default
         )
         if verdict == 0:
             return decision
@@ -280,18 +305,18 @@ class Engine:
         decision.replayed = verdict == 2
         return decision
 
-    async def _check(self, tenant: str, req: CheckRequest) -> Decision:
+    async def _check(
+        self, tenant: str, req: CheckRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         # The same pricing and estimate rules as authorize: check answers what authorize
         # would (a check without an estimate asks about the least a hold may be).
         price = estimates.priced(self.snapshot(tenant), req.provider, req.model, req.estimated_usd)
-        est = max(
-            estimates.estimate(
-                price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
-            ),
-            settings.min_estimate_micro,
+        asked = estimates.estimate(
+            price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
+        est = max(asked, settings.min_estimate_micro)
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         _, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
@@ -304,6 +329,7 @@ class Engine:
             len(applied),
             self._clock.limiter_ms(),
             "" if est_down is None else est_down,
+            *self._learning(settings, resolved, req, hint),
         ]
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode)
@@ -314,10 +340,14 @@ class Engine:
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
+        weighed = int(reply[2])
         decision = rendering.decision(
-            resolved, reply[2:], est, int(reply[0]) == 1, now, est_down=est_down
+            resolved, reply[3:], weighed, int(reply[0]) == 1, now, est_down=est_down
         )
         decision.estimated_usd = micro_to_usd(int(reply[1]))
+        decision.estimate_source = learned.source_of(
+            asked, settings.min_estimate_micro, est, weighed, hint.default
+        )
         return decision
 
     async def _settle(
@@ -352,6 +382,7 @@ class Engine:
             "" if latency_ms is None else latency_ms,
             "1" if success else "0",
             "" if provider_model is None else SEP.join(provider_model),
+            self._learn_config,
         ]
         reply = await self._run(
             self._scripts.settle, tenant, args, self._charging_keys(tenant, now)
@@ -432,15 +463,19 @@ class Engine:
         reply = await self._run(self._scripts.status, tenant, args)
         return rendering.budget_status(a, int(reply[1]), int(reply[2]))
 
-    async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+    async def authorize(
+        self, tenant: str, req: AuthorizeRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
+        """`hint`: what the surface knows of the estimate (a configured default, the proxy
+        route's estimate mode; sidecar.learned)."""
         start = time.perf_counter()
-        decision = await self._authorize(tenant, req)
+        decision = await self._authorize(tenant, req, hint)
         self.events.decided("authorize", decision, time.perf_counter() - start)
         return decision
 
-    async def check(self, tenant: str, req: CheckRequest) -> Decision:
+    async def check(self, tenant: str, req: CheckRequest, hint: EstimateHint = NO_HINT) -> Decision:
         start = time.perf_counter()
-        decision = await self._check(tenant, req)
+        decision = await self._check(tenant, req, hint)
         self.events.decided("check", decision, time.perf_counter() - start)
         return decision
 
@@ -633,7 +668,8 @@ class Engine:
         found = self._charging.get(tenant)
         if found is None:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
-            found = self._charging[tenant] = keys.tenant_keys(tenant).charging(yyyymmdd)
+            # The charging keys and the learned estimates (KEYS[9]; ignored where unused).
+            found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
         return found
 
 

@@ -21,6 +21,12 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:sweep   string where the background sweep's walk over ctr is (an HSCAN cursor)
     bs:{T}:alerts  stream threshold alerts, written by the script that charged; read by
                           the alerts route and by the webhook deliverers' consumer groups
+    bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
+                          (estimate_series) one field "count:p95:c1,c2,..." holding the
+                          last LEARN_RING settled costs (micro-USD) and their cached p95.
+                          Written by settle.lua, read by authorize.lua and check.lua;
+                          expires estimate_stats_days after the last settle that taught
+                          it, and holds at most estimate_max_series fields
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -65,6 +71,7 @@ class TenantKeys:
     usage: str
     alerts: str
     sweep: str
+    estimates: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
@@ -76,6 +83,11 @@ class TenantKeys:
         the usage ledger, the alerts, and the aggregate hashes of UTC day `day`
         (yyyymmdd): the totals, then the per-user totals."""
         return (*self.hot, self.usage, self.alerts, self.usage_day(day), self.user_day(day))
+
+    def learning(self, day: str) -> tuple[str, ...]:
+        """The KEYS of authorize, check and settle: the charging keys (reclaim may charge),
+        then the learned-estimate statistics (KEYS[9]). Scripts that take fewer ignore it."""
+        return (*self.charging(day), self.estimates)
 
     def sweeping(self, day: str) -> tuple[str, ...]:
         """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
@@ -100,6 +112,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         usage=tag + "usage",
         alerts=tag + "alerts",
         sweep=tag + "sweep",
+        estimates=tag + "est",
     )
 
 
@@ -121,6 +134,14 @@ def counter_id(budget_id: str, entity: str, window_key: str) -> str:
 def rate_id(limit_id: str, entity: str) -> str:
     """The field suffix of one rate limiter (rolling: no window key)."""
     return f"{escape(limit_id)}/{escape(entity)}"
+
+
+@lru_cache(maxsize=4096)
+def estimate_series(provider: str | None, model: str | None, agent: str | None) -> str:
+    """The field of the learned-estimate hash for calls of this model and agent, as
+    authorize knows them ('' where it does not: the agent-less calls of a model share one
+    series). Escaped, so it holds no '|' or ',' (it is stored in a reservation record)."""
+    return f"{escape(provider or '')}/{escape(model or '')}/{escape(agent or '')}"
 
 
 def parse_counter_id(cid: str) -> tuple[str, str, str]:

@@ -422,7 +422,7 @@ async def test_ten_thousand_leases_ending_together_are_all_returned_before_a_dec
         pipe.evalsha(
             script.sha, 4, *TENANT.hot,
             now, f"{i:032x}", 1000, 100, "", "", "", 86_400_000, "", 0, len(resolved.budgets),
-            "", "", "", "", "", "", "", "", *resolved.script_args,
+            "", "", "", "", "", "", "", "", "", "", "", *resolved.script_args,
         )  # fmt: skip
         if i % 1000 == 999:
             assert all(int(r[0]) == 1 for r in pipe.execute())
@@ -439,7 +439,8 @@ async def test_ten_thousand_leases_ending_together_are_all_returned_before_a_dec
         pipe.evalsha(
             script.sha, 4, *TENANT.hot,
             clock.now_ms(), f"{n + i:032x}", 1000, 100, "", "", "", 86_400_000, "", 0,
-            len(resolved.budgets), "", "", "", "", "", "", "", "", *resolved.script_args,
+            len(resolved.budgets), "", "", "", "", "", "", "", "", "", "", "",
+            *resolved.script_args,
         )  # fmt: skip
         if i % 1000 == 999:
             pipe.execute()
