@@ -168,9 +168,9 @@ def settle_learned_ratio(server: RedisServer, n: int = 20_000) -> dict[str, floa
         figures[f"settle_learned_{mode}_us"] = float(stats["usec_per_call"])
     if learned.parse_series(str(client.hget(tk.estimates, series))).count != n:
         sys.exit("bench: the learned settles did not teach their series")
-    figures["settle_learned_ratio"] = figures["settle_learned_on_us"] / figures[
-        "settle_learned_off_us"
-    ]
+    figures["settle_learned_ratio"] = (
+        figures["settle_learned_on_us"] / figures["settle_learned_off_us"]
+    )
     return figures
 
 
