@@ -274,3 +274,22 @@ async def test_series_past_the_maximum_evict_one_another(
 
 def test_the_hint_defaults_to_the_callers_own_estimate() -> None:
     assert EstimateHint().default is False and EstimateHint().mode is None
+
+
+async def test_a_surfaces_default_is_reported_as_default_then_as_learned(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """What the gateway's pre-check and the proxy pass: a configured default, not the
+    caller's own figure."""
+    from sidecar.api.app import ENGINE
+    from sidecar.schemas import AuthorizeRequest
+
+    client = await make_client(doc(estimate_min_count=1))
+    engine = client.server.app[ENGINE]
+    req = AuthorizeRequest(agent_id="agent-1", provider="openai", model="gpt-4o",
+                           estimated_usd=0.01)  # fmt: skip
+    d = await engine.authorize("default", req, EstimateHint(default=True))
+    assert (d.estimated_usd, d.estimate_source) == (0.01, "default")
+    await post(client, "/v1/settle", {"reservation_id": d.reservation_id, "cost_usd": 0.02})
+    d = await engine.authorize("default", req, EstimateHint(default=True))
+    assert (d.estimated_usd, d.estimate_source) == (0.02, "learned")
