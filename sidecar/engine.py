@@ -99,6 +99,7 @@ class Engine:
         self._snapshots: dict[str, Snapshot] = {}
         self._ledger = _ledger_config(config)
         self._learn_config = learned.settle_config(config.settings)
+        self._learns = learned.anywhere(config)
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
@@ -115,6 +116,7 @@ class Engine:
         self._snapshot = Snapshot.of(config)
         self._ledger = _ledger_config(config)
         self._learn_config = learned.settle_config(config.settings)
+        self._learns = learned.anywhere(config)
         self._rebuild_tenants()
 
     def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
@@ -245,6 +247,7 @@ class Engine:
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         down_price, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
+        learning = self._learning(settings, resolved, req, hint)
         rid = new_reservation_id()
         key = req.idempotency_key
         args = (
@@ -267,11 +270,14 @@ class Engine:
             meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
             "c" if req.on_expiry == "charge" else "",
             self._ledger,
-            *self._learning(settings, resolved, req, hint),
+            *learning,
             *resolved.script_args,
         )
+        learns = learning[0] != ""
         try:
-            reply = await self._call(self._scripts.authorize, tenant, args)
+            reply = await self._call(
+                self._scripts.authorize, tenant, args, self._charging_keys(tenant, now, learns)
+            )
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
@@ -320,6 +326,7 @@ class Engine:
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         _, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
+        learning = self._learning(settings, resolved, req, hint)
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         args: list[str | int] = [
             now,
@@ -329,14 +336,17 @@ class Engine:
             len(applied),
             self._clock.limiter_ms(),
             "" if est_down is None else est_down,
-            *self._learning(settings, resolved, req, hint),
+            *learning,
         ]
+        learns = learning[0] != ""
         for a in applied:
             args += (a.cid, a.budget.limit_micro, a.mode)
         for limit in resolved.limits:
             args += limit.args
         try:
-            reply = await self._call(self._scripts.check, tenant, args)
+            reply = await self._call(
+                self._scripts.check, tenant, args, self._charging_keys(tenant, now, learns)
+            )
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
@@ -385,7 +395,7 @@ class Engine:
             self._learn_config,
         ]
         reply = await self._run(
-            self._scripts.settle, tenant, args, self._charging_keys(tenant, now)
+            self._scripts.settle, tenant, args, self._charging_keys(tenant, now, self._learns)
         )
         return rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
 
@@ -658,9 +668,12 @@ class Engine:
             degraded=True,
         )
 
-    def _charging_keys(self, tenant: str, now_ms: int) -> tuple[str, ...]:
+    def _charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
-        are built once per tenant and day, not per call (settle is on the hot path)."""
+        are built once per tenant and day, not per call (settle is on the hot path).
+        `learning`: with the learned estimates' hash as KEYS[9], named only where used, so
+        that a fixed-estimate call names no key it never writes (a Redis Cluster slot in
+        migration runs a multi-key script only when every key it names has moved)."""
         day = now_ms // 86_400_000
         if day != self._charging_day:
             self._charging_day = day
@@ -668,9 +681,8 @@ class Engine:
         found = self._charging.get(tenant)
         if found is None:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
-            # The charging keys and the learned estimates (KEYS[9]; ignored where unused).
             found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
-        return found
+        return found if learning else found[:8]
 
 
 def _ledger_config(config: Config) -> str:

@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from sidecar.model import Budget, EstimateMode, Settings
+from sidecar.model import Budget, Config, EstimateMode, Settings
 from sidecar.schemas import EstimateSource
 
 __all__ = ["EstimateSource"]  # defined with the Decision that carries it
@@ -68,6 +68,17 @@ def mode_of(
         if b.estimate is not None:
             named = b.estimate
     return named if named is not None else settings_mode
+
+
+def anywhere(config: Config) -> bool:
+    """Whether any call may learn under this config file (settle then names the
+    statistics' key; a fixed-only config names no key it never writes). API budgets carry
+    no estimate mode."""
+    return (
+        config.settings.estimate is EstimateMode.LEARNED
+        or any(b.estimate is EstimateMode.LEARNED for b in config.budgets)
+        or any(r.estimate == "learned" for r in config.proxy.routes)
+    )
 
 
 def script_args(settings: Settings, series: str) -> tuple[str, int, int] | tuple[str, str, str]:
