@@ -35,7 +35,9 @@ from pathlib import Path
 
 from bench import instructions, proxy, redis_cost
 from bench.load import WrkResult, sidecar_cmd, start, stop, warm_up, wrk
-from sidecar import keys
+from sidecar import keys, learned
+from sidecar.config import parse as config_parse
+from sidecar.engine import _ledger_config
 from sidecar.scripts import Scripts
 from tests.harness import RedisServer, free_port, wait_until
 
@@ -74,7 +76,8 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
     now = str(int(time.time() * 1000))
     budgets = []
     for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-        budgets += [cid, "1000000000000000", "b", str(int(now) + 10**9), "50.80.100"]
+        # cid, limit, mode, call cap (none), thresholds, idle (a calendar window)
+        budgets += [cid, "1000000000000000", "b", "", "50.80.100", ""]
     cmd = [
         "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
         "-n", str(40_000 * seconds), "-r", "1000000000",
@@ -83,11 +86,65 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
         "meta", "700", "3", "",
         # no idempotency fingerprint, no downgrade, returned (not charged) at the lease end
         "", "", "", "", "", "", "",
+        "", "", "",  # a fixed estimate: no learned-estimate series (ARGV[20..22])
+        # the rate limits, no stop fields, no loop guards (ARGV[23..25])
+        str(len(rate_args or []) // 6), "", "0",
         *budgets, *(rate_args or []),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     rps = re.findall(r"([\d.]+) requests per second", out)
     return float(rps[-1])
+
+
+def settle_learned_ratio(server: RedisServer, n: int = 20_000) -> dict[str, float]:
+    """Redis time per settle.lua call (INFO commandstats, usec_per_call of EVALSHA) with
+    learned estimates off and on (issue 19; goal: on / off <= 1.1). `n` reservations of one
+    agent on the bench's 3 budgets are made by authorize.lua, then settled at a given cost,
+    pipelined; on, each settle teaches the series its cost (a full ring of 32 after the
+    first 32) as the sidecar's settle does, with the default ledger."""
+    scripts = Scripts.load_all()
+    client = server.client()
+    tk = keys.tenant_keys("bench-learned")
+    cfg = config_parse({}, "<bench>")
+    ledger, learn = _ledger_config(cfg), learned.settle_config(cfg.settings)
+    series = keys.estimate_series("openai", "gpt-4o", "agent-1")
+    figures: dict[str, float] = {}
+    for mode, learning in (("off", learned.FIXED_ARGS), ("on", (series, 1_000_000, 10))):
+        client.flushall()
+        client.script_load(scripts.authorize.source)
+        client.script_load(scripts.settle.source)
+        now = int(time.time() * 1000)
+        budgets: list[str | int] = []
+        for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
+            budgets += [cid, 10**15, "b", "", "50.80.100", ""]
+        pipe = client.pipeline(transaction=False)
+        for i in range(n):
+            pipe.evalsha(
+                scripts.authorize.sha, 9, *tk.learning("20260101"),
+                now, f"{i:032x}", 600_000, 10_000, "", 2_500_000, 10_000_000, 86_400_000,
+                "openai\x1fgpt-4o\x1forg-1\x1fteam-1\x1fagent-1\x1f\x1fuser-1\x1f\x1f",
+                30, 3, "", "", "", "", "", "", "", ledger, *learning, 0, "", 0, *budgets,
+            )  # fmt: skip
+            if i % 1000 == 999:
+                pipe.execute()
+        client.config_resetstat()
+        for i in range(n):
+            pipe.evalsha(
+                scripts.settle.sha, 9, *tk.learning("20260101"),
+                now, f"{i:032x}", 86_400_000, "c", 10, 20, 15_000, "", ledger, "", "1", "",
+                learn,
+            )  # fmt: skip
+            if i % 1000 == 999:
+                pipe.execute()
+        stats = client.info("commandstats")["cmdstat_evalsha"]
+        assert int(stats["calls"]) == n, stats
+        figures[f"settle_learned_{mode}_us"] = float(stats["usec_per_call"])
+    if learned.parse_series(str(client.hget(tk.estimates, series))).count != n:
+        sys.exit("bench: the learned settles did not teach their series")
+    figures["settle_learned_ratio"] = (
+        figures["settle_learned_on_us"] / figures["settle_learned_off_us"]
+    )
+    return figures
 
 
 def ping_p50_ms(server: RedisServer) -> float:
@@ -207,6 +264,11 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
         f"{f['five_64_per_s'] / f['authorize_64_per_s']:.2f}",
     )
     line(
+        "settle, learned estimates on / off (Redis us)",
+        f"{f['settle_learned_ratio']:.2f}x  ({f['settle_learned_on_us']:.1f} / "
+        f"{f['settle_learned_off_us']:.1f} us per call; goal <= 1.1)",
+    )
+    line(
         "authorize p50 @1 / (bare p50 + PING p50)",
         f"{f['authorize_1_p50_ms'] / (f['bare_1_p50_ms'] + f['redis_ping_p50_ms']):.2f}",
     )
@@ -239,6 +301,7 @@ def main() -> None:
         figures["raw_evalsha_rate_limited_per_s"] = raw_evalsha(server, s, RAW_RATE_ARGS)
         figures["redis_ping_p50_ms"] = ping_p50_ms(server)
         floor_op = redis_cost.floor(server)
+        figures.update(settle_learned_ratio(server))
         server.client().flushall()
 
         b64, b1, _ = measure_bare(server, s)

@@ -52,8 +52,9 @@
 --   22 at the lease's end unsettled: 'c' charge the estimate (a proxied call nobody
 --      settles did spend) | '' return the hold
 --   23 the ledger config at authorize (see ledger()), for a charge at the lease's end
---   24 the cids whose call count this call raised, ',' joined (release lowers them)
---   25 usd rate limiters it charged, 'rf:limit:window_ms' joined by ',' (settle corrects
+--   24 the learned-estimate series this call teaches when settled ('' = none; see learn())
+--   25 the cids whose call count this call raised, ',' joined (release lowers them)
+--   26 usd rate limiters it charged, 'rf:limit:window_ms' joined by ',' (settle corrects
 --      them to the cost, release gives the estimate back), in USD_UNIT micro-USD units
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
@@ -456,15 +457,13 @@ local function usd_units(micro)
   return math.ceil(micro / USD_UNIT)
 end
 
--- The stop switch: the first stop in force among `fields` (','-joined "<scope>:<entity>",
--- the call's entities) of the stops hash. Returns its field and value, or '' and ''.
--- A value is "<stop id>|<expires ms, 0 never>|<created ms>|<reason>".
-local function active_stop(stops, fields, now)
-  if fields == '' then return '', '' end
-  local names = split(fields, ',')
-  local raw = redis.call('HMGET', stops, unpack(names))
+-- The stop switch: the first stop in force among `values`, what ctr holds for the call's
+-- stop fields "s:<scope>:<entity>" (read with its counters), `names` their fields. Returns
+-- the field and its value, or '' and ''. A value is "<stop id>|<expires ms, 0 never>|
+-- <created ms>|<reason>"; "s#<stop id>" names the field of a stop (lua/stops.lua).
+local function active_stop(names, values, now)
   for i, name in ipairs(names) do
-    local value = raw[i]
+    local value = values[i]
     if value then
       local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
       if expires == 0 or expires > now then return name, value end
@@ -512,4 +511,61 @@ local function alert_once(ctr, cid, mark)
   if string.find('.' .. fired .. '.', '.' .. mark .. '.', 1, true) then return false end
   redis.call('HSET', ctr, 'a:' .. cid, fired == '' and mark or (fired .. '.' .. mark))
   return true
+end
+
+-- Learned estimates (issue 19). KEYS[9] of authorize, check and settle is a hash of one
+-- field per series (a tenant's calls of one provider, model and agent, named by the
+-- sidecar: sidecar/keys.py estimate_series): "count:p95:c1,c2,...", the number of costs
+-- ever taught, the p95 of those in the ring, and the ring of the last LEARN_RING settled
+-- costs (micro-USD; the one at count % LEARN_RING is the oldest). The p95 is computed when
+-- a cost is taught, so a decision reads one short prefix and sorts nothing.
+local LEARN_RING = 32
+
+-- The learned estimate of `series`: its p95 capped at `ceiling`, or nil while fewer than
+-- `min_count` costs were taught (cold start: the caller's or the configured figure holds).
+local function learned(key, series, ceiling, min_count)
+  if series == '' or not key then return nil end
+  local v = redis.call('HGET', key, series)
+  if not v then return nil end
+  local n, p = string.match(v, '^(%d+):(%d+):')
+  if not n or tonumber(n) < min_count then return nil end
+  return math.min(tonumber(p), ceiling)
+end
+
+-- Teach `series` one settled cost. `cfg` is "ttl_s:max_series" ('' = learn nothing): the
+-- hash expires ttl_s after the last cost taught (an idle tenant's statistics go), and holds
+-- at most max_series series: a new one past that evicts one at random (no index of the
+-- oldest is kept; each series is at most LEARN_RING numbers, so the hash stays bounded).
+local function learn(key, series, cost, cfg)
+  if cfg == '' or series == nil or series == '' or not key then return end
+  local c = split(cfg, ':')
+  local v = redis.call('HGET', key, series)
+  local n, ring = 0, {}
+  if v then
+    local count, rest = string.match(v, '^(%d+):%d+:(.*)$')
+    n, ring = tonumber(count), split(rest, ',')
+  elseif redis.call('HLEN', key) >= tonumber(c[2]) then
+    local victim = redis.call('HRANDFIELD', key)
+    if victim then redis.call('HDEL', key, victim) end
+  end
+  ring[n % LEARN_RING + 1] = int(cost)
+  n = n + 1
+  -- p95 by nearest rank over the m costs held: the k-th largest, k = m - ceil(0.95 m) + 1
+  -- (integer arithmetic: 0.95 * m in doubles is not exact). One pass keeps the k largest.
+  local m = #ring
+  local k = m - math.floor((95 * m + 99) / 100) + 1
+  local top = {}
+  for _, item in ipairs(ring) do
+    local x = tonumber(item)
+    if #top < k or x > top[#top] then
+      local j = (#top < k) and (#top + 1) or #top
+      while j > 1 and top[j - 1] < x do
+        top[j] = top[j - 1]
+        j = j - 1
+      end
+      top[j] = x
+    end
+  end
+  redis.call('HSET', key, series, int(n) .. ':' .. int(top[k]) .. ':' .. table.concat(ring, ','))
+  redis.call('EXPIRE', key, c[1])
 end

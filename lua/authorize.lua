@@ -3,8 +3,9 @@
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim, and the alerts for guard trips)
--- KEYS[9] stops  (see _lib.lua, active_stop)   KEYS[10..] one per loop guard: its key for
---   this call's entity and fingerprint (see _lib.lua, loop_recent)
+-- KEYS[9..8+ng] one per loop guard: its key for this call's entity and fingerprint (see
+--   _lib.lua, loop_recent); then KEYS[9+ng] est, the learned estimates, named only when
+--   this call learns (see _lib.lua learned())
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -25,9 +26,12 @@
 -- ARGV[15] ARGV[16] that model's input and output price   ARGV[17] its meta
 -- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
 -- ARGV[19] the ledger config (see settle.lua), kept for that charge
--- ARGV[20] nl: the number of rate limits   ARGV[21] the call's entities as stop fields,
---          "<scope>:<entity>" ','-joined   ARGV[22] ng: the number of loop guards
--- ARGV[23..] six per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+-- ARGV[20] the learned-estimate series of this call ('' = estimate fixed: ARGV[4] as it is)
+-- ARGV[21] the ceiling of a learned estimate, micro-USD   ARGV[22] the costs a series must
+--          have been taught before its p95 is held (until then ARGV[4] holds: cold start)
+-- ARGV[23] nl: the number of rate limits   ARGV[24] the call's entities as stop fields,
+--          "s:<scope>:<entity>" ','-joined   ARGV[25] ng: the number of loop guards
+-- ARGV[26..] six per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), call cap ('' = none), alert thresholds in percent, '.'-joined
 --           ('' = none; kept for settle's alerts), idle ms of a period-total counter ('' =
 --           a calendar window)
@@ -35,10 +39,12 @@
 --           USD_UNIT micro-USD), limit, window_ms, burst, shadow ('1': evaluate and
 --           report, never deny)
 -- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
--- The reply: {verdict, reservation id, state, held, u1, h1, ..., then per rate limit:
+-- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., then per rate limit:
 --           would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
 --           its calls before this one; then the stop in force ('' '' = none: its field
 --           and value); then per loop guard: would_deny (0/1), its calls in the window}
+--   weighed: the estimate the budgets were weighed against before any downgrade: ARGV[4],
+--   or the series' learned figure where that is larger (whether held or denied)
 --   verdict 0: denied (by a stop, a block budget's dollars or calls, a downgrade that does
 --   not fit, an enforced rate limit or loop guard), nothing changed but the alerts of a
 --   guard's trip; 1: held and charged everywhere (held = ARGV[4], or
@@ -49,7 +55,7 @@
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
 --   u, h: settled and held micro-USD of each budget counter before this call.
-local ctr, lease, res, gc, stops = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
 local lease_ms = tonumber(ARGV[3])
@@ -60,7 +66,8 @@ local est_tokens = tonumber(ARGV[10])
 local nb = tonumber(ARGV[11])
 local fingerprint = ARGV[13]
 local est_down = tonumber(ARGV[14])
-local nl, ng = tonumber(ARGV[20]), tonumber(ARGV[22])
+local nl, ng = tonumber(ARGV[23]), tonumber(ARGV[25])
+local FIRST_BUDGET = 26
 
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
 if reclaim(ctr, lease, res, gc, now, keep) then return done({BACKLOG}) end
@@ -71,9 +78,9 @@ collect(ctr, res, gc, now)
 local fields = {}
 local cids, limits, modes, caps, idles, alert_specs = {}, {}, {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = 22 + 6 * nb
+local last_budget = FIRST_BUDGET - 1 + 6 * nb
 for b = 1, nb do
-  local i = 17 + 6 * b
+  local i = FIRST_BUDGET + 6 * (b - 1)
   local cid = ARGV[i]
   -- caps[b] and idles[b] are nil for none: indexed by b, never appended.
   cids[b], limits[b], modes[b] = cid, tonumber(ARGV[i + 1]), ARGV[i + 2]
@@ -87,6 +94,10 @@ local first_calls = #fields
 for b = 1, nb do
   if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
 end
+-- The stop switch's fields of the call's entities, read with everything else.
+local stop_names = split(ARGV[24], ',')
+local first_stop = #fields
+for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
@@ -103,7 +114,7 @@ if idem ~= '' then
       r[19] = '1'
       redis.call('HSET', res, prior, table.concat(r, '|'))
     end
-    local out = {2, prior, 'H', tonumber(r[3])}
+    local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
     for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
     return done(out)
   end
@@ -112,7 +123,13 @@ end
 -- The budgets: a block budget the estimate would pass denies; a downgrade budget it would
 -- pass re-prices the call for the cheaper model, which must then fit every budget that
 -- blocks or downgrades, or the call is denied.
-local out = {1, rid, 'H', est}
+-- A learned estimate: a warm series' p95 (capped) holds where it is more than ARGV[4].
+if ARGV[20] ~= '' then
+  local learned_est = learned(KEYS[9 + ng], ARGV[20], tonumber(ARGV[21]), tonumber(ARGV[22]))
+  if learned_est and learned_est > est then est = learned_est end
+end
+
+local out = {1, rid, 'H', est, est}
 local deny, downgrade = false, false
 local usd_tripped = {}
 for i = 1, nb do
@@ -133,7 +150,7 @@ if downgrade and not deny then
     deny = true
   else
     for i = 1, nb do
-      if modes[i] ~= 'w' and over(out[3 + 2 * i], out[4 + 2 * i], est_down, limits[i]) then
+      if modes[i] ~= 'w' and over(out[4 + 2 * i], out[5 + 2 * i], est_down, limits[i]) then
         deny = true
       end
     end
@@ -182,7 +199,9 @@ for i = 1, nb do
 end
 
 -- The stop switch, then the loop guards.
-local stop_field, stop_value = active_stop(stops, ARGV[21], now)
+local stop_values = {}
+for i = 1, #stop_names do stop_values[i] = raw[first_stop + i] end
+local stop_field, stop_value = active_stop(stop_names, stop_values, now)
 if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
@@ -190,11 +209,11 @@ local loops, first_loop = {}, last_budget + 6 * nl + 1
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local repeats, window = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local recent, alerted = loop_recent(KEYS[9 + g], now, window)
+  local recent, alerted = loop_recent(KEYS[8 + g], now, window)
   local would = #recent >= repeats
   local shadow = ARGV[i + 3] == '1'
   if would and not shadow then deny = true end
-  loops[g] = {key = KEYS[9 + g], recent = recent, alerted = alerted, repeats = repeats,
+  loops[g] = {key = KEYS[8 + g], recent = recent, alerted = alerted, repeats = repeats,
     window = window, would = would, shadow = shadow, at = i}
   out[#out + 1] = would and 1 or 0
   out[#out + 1] = #recent
@@ -268,7 +287,7 @@ redis.call('HSET', res, rid, table.concat(
   {'H', int(lease_end), int(est), price_in, price_out, idem, table.concat(cids, ','), '', '',
    '', meta, '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
    int(est_tokens), table.concat(alert_specs, ';'), idem ~= '' and fingerprint or '', '',
-   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', table.concat(counted, ','),
+   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20], table.concat(counted, ','),
    table.concat(usd_limiters, ',')},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)

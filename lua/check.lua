@@ -1,13 +1,14 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
--- Returns: {verdict, held, u1, h1, ..., then per rate limit: would_deny, remaining,
---   retry_after_ms; then per budget its calls; then the stop in force (field, value; ''
---   '' = none); then per loop guard: would_deny, its calls in the window}: verdict 1 if
---   authorize would hold now (held: what it would hold, ARGV[2] or, downgraded, ARGV[7]),
---   else 0; or BACKLOG (-9, alone) as authorize. Writes nothing but expiries.
+-- Returns: {verdict, held, weighed, u1, h1, ..., then per rate limit: would_deny,
+--   remaining, retry_after_ms; then per budget its calls; then the stop in force (field,
+--   value; '' '' = none); then per loop guard: would_deny, its calls in the window}:
+--   verdict 1 if authorize would hold now (held: what it would hold, ARGV[2] or the
+--   learned figure or, downgraded, ARGV[7]), else 0; weighed as authorize's; or BACKLOG
+--   (-9, alone) as authorize. Writes nothing but expiries.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
--- KEYS[9] stops   KEYS[10..] one per loop guard (as authorize.lua)
+-- KEYS[9..8+ng] one per loop guard, then KEYS[9+ng] est when learning (as authorize.lua)
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (> 0; the sidecar applies its floor)
 -- ARGV[3] keep_ms
@@ -15,24 +16,32 @@
 -- ARGV[5] nb: the number of budgets
 -- ARGV[6] the rate limiters' clock, ms ('' = Redis TIME)
 -- ARGV[7] the estimate re-priced for the downgrade model ('' = none; see authorize.lua)
--- ARGV[8] nl: the number of rate limits   ARGV[9] the call's stop fields (as authorize.lua)
--- ARGV[10] ng: the number of loop guards
--- ARGV[11..] four per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
+-- ARGV[8] ARGV[9] ARGV[10] the learned-estimate series, ceiling and minimum count, as
+--   authorize.lua's ARGV[20..22]
+-- ARGV[11] nl: the number of rate limits   ARGV[12] the call's stop fields (as authorize.lua)
+-- ARGV[13] ng: the number of loop guards
+-- ARGV[14..] four per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
 --   ('' = none)
 -- then six per rate limit: rf, metric ('r' | 't' | 'c' | 'u'), limit, window_ms, burst,
 --   shadow; then six per loop guard (as authorize.lua)
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
-local ctr, lease, res, gc, stops = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
+local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
-local nl, ng = tonumber(ARGV[8]), tonumber(ARGV[10])
+local nl, ng = tonumber(ARGV[11]), tonumber(ARGV[13])
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
+if ARGV[8] ~= '' then
+  local learned_est = learned(KEYS[9 + ng], ARGV[8], tonumber(ARGV[9]), tonumber(ARGV[10]))
+  if learned_est and learned_est > est then est = learned_est end
+end
+
 local fields, limits, modes, caps, cids = {}, {}, {}, {}, {}
-local last_budget = 10 + 4 * nb
+local FIRST_BUDGET = 14
+local last_budget = FIRST_BUDGET - 1 + 4 * nb
 for b = 1, nb do
-  local i = 7 + 4 * b
+  local i = FIRST_BUDGET + 4 * (b - 1)
   cids[b], limits[b], modes[b], caps[b] = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
     tonumber(ARGV[i + 3])
   fields[#fields + 1] = 'u:' .. ARGV[i]
@@ -43,10 +52,13 @@ local first_calls = #fields
 for b = 1, nb do
   if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
 end
+local stop_names = split(ARGV[12], ',')
+local first_stop = #fields
+for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
-local out = {1, est}
+local out = {1, est, est}
 local downgrade = false
 for i = 1, nb do
   local u, h = tonumber(raw[2 * i - 1]) or 0, tonumber(raw[2 * i]) or 0
@@ -61,7 +73,7 @@ local est_down = tonumber(ARGV[7])
 if downgrade and out[1] == 1 then
   if not est_down then out[1] = 0 else out[2] = est_down end
   for i = 1, nb do
-    if est_down and modes[i] ~= 'w' and over(out[1 + 2 * i], out[2 + 2 * i], est_down, limits[i]) then
+    if est_down and modes[i] ~= 'w' and over(out[2 + 2 * i], out[3 + 2 * i], est_down, limits[i]) then
       out[1] = 0
     end
   end
@@ -90,14 +102,16 @@ for i = 1, nb do
   end
   out[#out + 1] = n
 end
-local stop_field, stop_value = active_stop(stops, ARGV[9], now)
+local stop_values = {}
+for i = 1, #stop_names do stop_values[i] = raw[first_stop + i] end
+local stop_field, stop_value = active_stop(stop_names, stop_values, now)
 if stop_field ~= '' then out[1] = 0 end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
 local first_loop = last_budget + 6 * nl + 1
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
-  local recent = loop_recent(KEYS[9 + g], now, tonumber(ARGV[i + 2]))
+  local recent = loop_recent(KEYS[8 + g], now, tonumber(ARGV[i + 2]))
   local would = #recent >= tonumber(ARGV[i + 1])
   if would and ARGV[i + 3] ~= '1' then out[1] = 0 end
   out[#out + 1] = would and 1 or 0

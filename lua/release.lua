@@ -54,10 +54,10 @@ if r[15] and r[15] ~= '' then
   correct_tokens(ctr, r[15], -(tonumber(r[16]) or 0), limiter_now(ARGV[5]))
 end
 -- Nor did it spend: the usd limiters get the estimate back, the call caps the call.
-if r[25] and r[25] ~= '' then
-  correct_tokens(ctr, r[25], -usd_units(tonumber(r[3])), limiter_now(ARGV[5]))
+if r[26] and r[26] ~= '' then
+  correct_tokens(ctr, r[26], -usd_units(tonumber(r[3])), limiter_now(ARGV[5]))
 end
-for _, cid in ipairs(split(r[24] or '', ',')) do
+for _, cid in ipairs(split(r[25] or '', ',')) do
   if redis.call('HINCRBY', ctr, 'c:' .. cid, -1) <= 0 then redis.call('HDEL', ctr, 'c:' .. cid) end
 end
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).

@@ -2,6 +2,7 @@
 -- charge writes one usage-ledger entry and raises the threshold alerts it crosses.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua)
+-- KEYS[9] est: the learned estimates, taught this charge (see _lib.lua learn())
 -- Returns: the settle result, {status, state, cost, ...}: see below the ARGV.
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
@@ -16,6 +17,9 @@
 -- ARGV[9] ledger config "max_records:max_age_ms:aggregate_ttl_s" ('' = no ledger)
 -- ARGV[10] latency ms ('' = unknown)   ARGV[11] success '1' | '0'
 -- ARGV[12] provider and model, '\31'-joined, replacing the reservation's ('' = keep)
+-- ARGV[13] the learned estimates' config "ttl_s:max_series" ('' = teach nothing): a cost
+--          that was measured (priced tokens or a given cost, not the held estimate)
+--          teaches the series the reservation names (record field 24)
 -- The result: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in,
 --           tokens_out, overshoot, priced_by, u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
@@ -62,10 +66,10 @@ if tokens_in and tokens_out then
     correct_tokens(ctr, r[15], diff, limiter_now(ARGV[8]))
   end
 end
--- usd limiters were charged the estimate: corrected to the cost (record field 25).
-if r[25] and r[25] ~= '' then
+-- usd limiters were charged the estimate: corrected to the cost (record field 26).
+if r[26] and r[26] ~= '' then
   local diff = usd_units(cost) - usd_units(tonumber(r[3]))
-  if diff ~= 0 then correct_tokens(ctr, r[25], diff, limiter_now(ARGV[8])) end
+  if diff ~= 0 then correct_tokens(ctr, r[26], diff, limiter_now(ARGV[8])) end
 end
 tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
 -- Ended, whether or not reclaim has come to it yet (it returns at most 32 per call).
@@ -84,6 +88,7 @@ for i = #r + 1, 19 do r[i] = '' end
 r[20], r[21] = int(overshoot), priced_by
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+if priced_by ~= 'e' then learn(KEYS[9], r[24], cost, ARGV[13] or '') end
 ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, ARGV[10],
   ARGV[11], now, priced_by)
 

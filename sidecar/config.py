@@ -23,6 +23,7 @@ from sidecar.model import (
     USD_UNIT_MICRO,
     Budget,
     Config,
+    EstimateMode,
     FailMode,
     LimitMode,
     LoopGuard,
@@ -74,6 +75,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     enabled: bool = True
     timezone: str = "UTC"
     fail_mode: FailMode | None = None
+    estimate: EstimateMode | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -119,6 +121,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             enabled=self.enabled,
             timezone=self.timezone,
             fail_mode=self.fail_mode,
+            estimate=self.estimate,
             source=source,
         )
 
@@ -283,8 +286,20 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
     min_estimate_usd: Annotated[float, Meta(ge=0.000001, le=1_000_000)] = 0.01
     axonflow_metrics: bool = False
+    # Learned estimates (issue 19; sidecar.learned).
+    estimate: EstimateMode = EstimateMode.FIXED
+    estimate_ceiling_usd: Annotated[float, Meta(gt=0, le=1_000_000)] = 1.0
+    estimate_min_count: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
+    estimate_stats_days: Annotated[int, Meta(ge=1, le=3660)] = 7
+    estimate_max_series: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
 
     def __post_init__(self) -> None:
+        if usd_to_micro(self.estimate_ceiling_usd) < usd_to_micro(self.min_estimate_usd):
+            # A learned hold is never below the floor: a lower ceiling would never apply.
+            raise ValueError(
+                "estimate_ceiling_usd: below min_estimate_usd; a learned estimate could "
+                "never be held"
+            )
         if self.unpriced_model is UnpricedModel.FALLBACK and self.fallback_price is None:
             raise ValueError("fallback_price: unpriced_model fallback needs a fallback_price")
         if self.default_lease_ms > self.max_lease_ms:
@@ -316,6 +331,11 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             pre_check_estimate_usd=self.pre_check_estimate_usd,
             min_estimate_micro=usd_to_micro(self.min_estimate_usd),
             axonflow_metrics=self.axonflow_metrics,
+            estimate=self.estimate,
+            estimate_ceiling_micro=usd_to_micro(self.estimate_ceiling_usd),
+            estimate_min_count=self.estimate_min_count,
+            estimate_stats_days=self.estimate_stats_days,
+            estimate_max_series=self.estimate_max_series,
         )
 
 
@@ -410,6 +430,7 @@ _ENUMS: dict[str, tuple[str, ...]] = {
         ("metric", Metric),
         ("mode", LimitMode),
         ("role", Role),
+        ("estimate", EstimateMode),
     )
 }
 _BAD_ENUM = re.compile(r"Invalid enum value (?P<value>.*)\Z", re.S)

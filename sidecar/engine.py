@@ -14,22 +14,25 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sidecar import estimates, keys, rendering, tasks
+from sidecar import estimates, keys, learned, rendering, tasks
 from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied
 from sidecar.errors import IdempotencyConflict, RequestError, Unavailable
 from sidecar.estimates import CHARGE_ESTIMATE
 from sidecar.events import EngineEvents, NoEvents
+from sidecar.learned import NO_HINT, EstimateHint
 from sidecar.model import (
     Action,
     Budget,
     Config,
+    EstimateMode,
     FailMode,
     Identity,
     Price,
     RateLimit,
     Scope,
+    Settings,
     TenantDefinitions,
 )
 from sidecar.money import micro_to_usd, usd_to_micro
@@ -95,9 +98,10 @@ class Engine:
         self._api: dict[str, TenantDefinitions] = {}
         self._snapshots: dict[str, Snapshot] = {}
         self._ledger = _ledger_config(config)
+        self._learn_config = learned.settle_config(config.settings)
+        self._learns = learned.anywhere(config)
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
-        self._deciding: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
 
     # ---- definitions ------------------------------------------------------------------
@@ -111,6 +115,8 @@ class Engine:
         snapshot."""
         self._snapshot = Snapshot.of(config)
         self._ledger = _ledger_config(config)
+        self._learn_config = learned.settle_config(config.settings)
+        self._learns = learned.anywhere(config)
         self._rebuild_tenants()
 
     def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
@@ -209,7 +215,23 @@ class Engine:
 
     # ---- operations -------------------------------------------------------------------
 
-    async def _authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+    def _learning(
+        self,
+        settings: Settings,
+        resolved: Resolved,
+        req: AuthorizeRequest | CheckRequest,
+        hint: EstimateHint,
+    ) -> tuple[str | int, ...]:
+        """The learned-estimate arguments of authorize.lua / check.lua (sidecar.learned)."""
+        mode = learned.mode_of(settings.estimate, (a.budget for a in resolved.budgets), hint.mode)
+        if mode is not EstimateMode.LEARNED:
+            return learned.FIXED_ARGS
+        series = keys.estimate_series(req.provider, req.model, req.agent_id)
+        return learned.script_args(settings, series)
+
+    async def _authorize(
+        self, tenant: str, req: AuthorizeRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         price = estimates.priced(self.snapshot(tenant), req.provider, req.model, req.estimated_usd)
@@ -225,6 +247,7 @@ class Engine:
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         down_price, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
+        learning = self._learning(settings, resolved, req, hint)
         rid = new_reservation_id()
         key = req.idempotency_key
         loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
@@ -248,16 +271,16 @@ class Engine:
             meta(resolved.meta_head_down, req.step_id, req.run_id) if est_down else "",
             "c" if req.on_expiry == "charge" else "",
             self._ledger,
+            *learning,
             len(resolved.limits),
             resolved.stop_fields,
             len(loop_keys),
             *resolved.script_args,
             *(resolved.loop_args if loop_keys else ()),
         )
+        script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
-            reply = await self._call(
-                self._scripts.authorize, tenant, args, self._deciding_keys(tenant, now, loop_keys)
-            )
+            reply = await self._call(self._scripts.authorize, tenant, args, script_keys)
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
@@ -270,15 +293,18 @@ class Engine:
         if verdict in (4, 5):
             raise IdempotencyConflict(str(reply[1]), str(reply[2]), reused=verdict == 4)
         held = verdict == 1
-        held_est = int(reply[3])
+        held_est, weighed = int(reply[3]), int(reply[4])
         decision = rendering.decision(
             resolved,
-            reply[4:],
-            est,
+            reply[5:],
+            weighed,
             verdict != 0,
             now,
             held_est=held_est if held else 0,
             est_down=est_down,
+        )
+        decision.estimate_source = learned.source_of(
+            asked, settings.min_estimate_micro, est, weighed, hint.default
         )
         if verdict == 0:
             return decision
@@ -288,21 +314,22 @@ class Engine:
         decision.replayed = verdict == 2
         return decision
 
-    async def _check(self, tenant: str, req: CheckRequest) -> Decision:
+    async def _check(
+        self, tenant: str, req: CheckRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         # The same pricing and estimate rules as authorize: check answers what authorize
         # would (a check without an estimate asks about the least a hold may be).
         price = estimates.priced(self.snapshot(tenant), req.provider, req.model, req.estimated_usd)
-        est = max(
-            estimates.estimate(
-                price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
-            ),
-            settings.min_estimate_micro,
+        asked = estimates.estimate(
+            price, req.estimated_usd, req.estimated_tokens_in, req.estimated_tokens_out
         )
+        est = max(asked, settings.min_estimate_micro)
         resolved = self.resolve(tenant, req, req.provider, req.model, now)
         applied = resolved.budgets
         _, est_down = estimates.downgrade(self.snapshot(tenant), resolved, req, price, est)
+        learning = self._learning(settings, resolved, req, hint)
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
         args = (
@@ -313,23 +340,27 @@ class Engine:
             len(applied),
             self._clock.limiter_ms(),
             "" if est_down is None else est_down,
+            *learning,
             len(resolved.limits),
             resolved.stop_fields,
             len(loop_keys),
             *resolved.check_args,
             *(resolved.loop_args if loop_keys else ()),
         )
+        script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
-            reply = await self._call(
-                self._scripts.check, tenant, args, self._deciding_keys(tenant, now, loop_keys)
-            )
+            reply = await self._call(self._scripts.check, tenant, args, script_keys)
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
+        weighed = int(reply[2])
         decision = rendering.decision(
-            resolved, reply[2:], est, int(reply[0]) == 1, now, est_down=est_down
+            resolved, reply[3:], weighed, int(reply[0]) == 1, now, est_down=est_down
         )
         decision.estimated_usd = micro_to_usd(int(reply[1]))
+        decision.estimate_source = learned.source_of(
+            asked, settings.min_estimate_micro, est, weighed, hint.default
+        )
         return decision
 
     async def _settle(
@@ -364,9 +395,10 @@ class Engine:
             "" if latency_ms is None else latency_ms,
             "1" if success else "0",
             "" if provider_model is None else SEP.join(provider_model),
+            self._learn_config,
         ]
         reply = await self._run(
-            self._scripts.settle, tenant, args, self._charging_keys(tenant, now)
+            self._scripts.settle, tenant, args, self._charging_keys(tenant, now, self._learns)
         )
         return rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
 
@@ -444,15 +476,19 @@ class Engine:
         reply = await self._run(self._scripts.status, tenant, args)
         return rendering.budget_status(a, int(reply[1]), int(reply[2]), int(reply[3]))
 
-    async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
+    async def authorize(
+        self, tenant: str, req: AuthorizeRequest, hint: EstimateHint = NO_HINT
+    ) -> Decision:
+        """`hint`: what the surface knows of the estimate (a configured default, the proxy
+        route's estimate mode; sidecar.learned)."""
         start = time.perf_counter()
-        decision = await self._authorize(tenant, req)
+        decision = await self._authorize(tenant, req, hint)
         self.events.decided("authorize", decision, time.perf_counter() - start)
         return decision
 
-    async def check(self, tenant: str, req: CheckRequest) -> Decision:
+    async def check(self, tenant: str, req: CheckRequest, hint: EstimateHint = NO_HINT) -> Decision:
         start = time.perf_counter()
-        decision = await self._check(tenant, req)
+        decision = await self._check(tenant, req, hint)
         self.events.decided("check", decision, time.perf_counter() - start)
         return decision
 
@@ -636,14 +672,18 @@ class Engine:
         )
 
     def _deciding_keys(
-        self, tenant: str, now_ms: int, loop_keys: tuple[str, ...]
+        self, tenant: str, now_ms: int, loop_keys: tuple[str, ...], learning: bool
     ) -> tuple[str, ...]:
-        """authorize's and check's KEYS: the charging keys, the stops, the loop keys."""
-        charging = self._charging_keys(tenant, now_ms)  # resets _deciding on a new day
-        found = self._deciding.get(tenant)
-        if found is None:
-            found = self._deciding[tenant] = (*charging, keys.tenant_keys(tenant).stops)
-        return (*found, *loop_keys) if loop_keys else found
+        """authorize's and check's KEYS: the charging keys, the loop keys, and the learned
+        estimates' hash when this call learns. A key is named only where it is used: a
+        Redis Cluster slot in migration runs a multi-key script only when every key it
+        names has moved."""
+        charging = self._charging_keys(tenant, now_ms, learning)
+        if not loop_keys:
+            return charging
+        if learning:
+            return (*charging[:8], *loop_keys, charging[8])
+        return (*charging, *loop_keys)
 
     @staticmethod
     def _loop_keys(tenant: str, resolved: Resolved, text: str | None) -> tuple[str, ...]:
@@ -654,19 +694,20 @@ class Engine:
         tk = keys.tenant_keys(tenant)
         return tuple(tk.loop(a.guard.id, a.entity, fp) for a in resolved.loops)
 
-    def _charging_keys(self, tenant: str, now_ms: int) -> tuple[str, ...]:
+    def _charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
-        are built once per tenant and day, not per call (settle is on the hot path)."""
+        are built once per tenant and day, not per call (settle is on the hot path).
+        `learning`: with the learned estimates' hash as KEYS[9] (settle's), named only
+        where used."""
         day = now_ms // 86_400_000
         if day != self._charging_day:
             self._charging_day = day
             self._charging = {}
-            self._deciding = {}
         found = self._charging.get(tenant)
         if found is None:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
-            found = self._charging[tenant] = keys.tenant_keys(tenant).charging(yyyymmdd)
-        return found
+            found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
+        return found if learning else found[:8]
 
 
 def _ledger_config(config: Config) -> str:

@@ -3,7 +3,12 @@
 Layout, for tenant T (every key carries the hash tag `{T}` so one tenant's keys share one
 Redis Cluster slot and a script may touch all of them atomically, invariant 6):
 
-    bs:{T}:ctr     hash   "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD
+    bs:{T}:ctr     hash   "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD, "c:<cid>"
+                          calls; limiters; and the stop switch: "s:<scope>:<entity>" ->
+                          "<stop id>|<expires ms, 0 never>|<created ms>|<reason>",
+                          "s#<stop id>" -> "s:<scope>:<entity>" (in ctr, not a key of its
+                          own: read in the decision's one HMGET, and no key a script names
+                          that may not exist)
     bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
@@ -22,11 +27,15 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:alerts  stream threshold alerts, written by the script that charged, and guard
                           trips (stops, loops, call caps, velocity); read by the alerts
                           route and by the webhook deliverers' consumer groups
-    bs:{T}:stops   hash   the stop switch: "<scope>:<entity>" -> "<stop id>|<expires ms,
-                          0 never>|<created ms>|<reason>"; "#<stop id>" -> "<scope>:<entity>"
     bs:{T}:loop:<guard>/<entity>/<fingerprint>  string  a loop guard's recent calls of one
                           fingerprint: "<alerted 0|1>|<ms>,<ms>,..."; expires with the
                           guard's window
+    bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
+                          (estimate_series) one field "count:p95:c1,c2,..." holding the
+                          last LEARN_RING settled costs (micro-USD) and their cached p95.
+                          Written by settle.lua, read by authorize.lua and check.lua;
+                          expires estimate_stats_days after the last settle that taught
+                          it, and holds at most estimate_max_series fields
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -71,7 +80,7 @@ class TenantKeys:
     usage: str
     alerts: str
     sweep: str
-    stops: str
+    estimates: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
@@ -84,14 +93,14 @@ class TenantKeys:
         (yyyymmdd): the totals, then the per-user totals."""
         return (*self.hot, self.usage, self.alerts, self.usage_day(day), self.user_day(day))
 
+    def learning(self, day: str) -> tuple[str, ...]:
+        """The KEYS of authorize, check and settle: the charging keys (reclaim may charge),
+        then the learned-estimate statistics (KEYS[9]). Scripts that take fewer ignore it."""
+        return (*self.charging(day), self.estimates)
+
     def sweeping(self, day: str) -> tuple[str, ...]:
         """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
         return (*self.charging(day), self.sweep)
-
-    def deciding(self, day: str) -> tuple[str, ...]:
-        """authorize's and check's KEYS before their loop keys: the charging keys (reclaim
-        may charge), then the stops."""
-        return (*self.charging(day), self.stops)
 
     def loop(self, guard_id: str, entity: str, fingerprint: str) -> str:
         """One loop guard's recent calls of one fingerprint from one entity (a string that
@@ -118,7 +127,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         usage=tag + "usage",
         alerts=tag + "alerts",
         sweep=tag + "sweep",
-        stops=tag + "stops",
+        estimates=tag + "est",
     )
 
 
@@ -140,6 +149,14 @@ def counter_id(budget_id: str, entity: str, window_key: str) -> str:
 def rate_id(limit_id: str, entity: str) -> str:
     """The field suffix of one rate limiter (rolling: no window key)."""
     return f"{escape(limit_id)}/{escape(entity)}"
+
+
+@lru_cache(maxsize=4096)
+def estimate_series(provider: str | None, model: str | None, agent: str | None) -> str:
+    """The field of the learned-estimate hash for calls of this model and agent, as
+    authorize knows them ('' where it does not: the agent-less calls of a model share one
+    series). Escaped, so it holds no '|' or ',' (it is stored in a reservation record)."""
+    return f"{escape(provider or '')}/{escape(model or '')}/{escape(agent or '')}"
 
 
 def parse_counter_id(cid: str) -> tuple[str, str, str]:

@@ -62,6 +62,15 @@ class UnpricedModel(enum.StrEnum):
     FALLBACK = "fallback"
 
 
+class EstimateMode(enum.StrEnum):
+    """What a call holds when its caller gives no estimate or a smaller one (issue 19):
+    `fixed` the configured default (or the caller's figure); `learned` the p95 of the
+    recent settled costs of its tenant, model and agent, once enough were seen."""
+
+    FIXED = "fixed"
+    LEARNED = "learned"
+
+
 class FailMode(enum.StrEnum):
     CLOSED = "closed"
     OPEN = "open"
@@ -107,6 +116,8 @@ class Budget:
     enabled: bool = True
     timezone: str = "UTC"
     fail_mode: FailMode | None = None
+    # None: as settings.estimate says (see sidecar.learned.mode_of).
+    estimate: EstimateMode | None = None
     source: str = "config"
     # Budgets made through the API carry when (RFC 3339); the config file's do not.
     created_at: str | None = None
@@ -221,6 +232,14 @@ class Settings:
     # The least a hold may be (micro-USD): an estimate of $0 would hold nothing, and any
     # number of concurrent calls would pass a block budget before the first one settles.
     min_estimate_micro: int = 10_000
+    # Learned estimates (sidecar.learned): off by default. A learned hold is at most the
+    # ceiling, and only after a series was taught min_count settled costs; the statistics
+    # expire stats_days after the last cost taught, at most max_series series per tenant.
+    estimate: EstimateMode = EstimateMode.FIXED
+    estimate_ceiling_micro: int = 1_000_000
+    estimate_min_count: int = 10
+    estimate_stats_days: int = 7
+    estimate_max_series: int = 10_000
     # Also export spend under the AxonFlow platform's metric names (sidecar.metrics).
     axonflow_metrics: bool = False
 

@@ -129,6 +129,10 @@ class ProxyRoute(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
     pass_methods: tuple[Method, ...] | None = None
     # A hold still unsettled when its lease ends; null: proxy.unsettled.
     unsettled: Unsettled | None = None
+    # What this route's requests hold without an estimate header: "learned" the p95 of
+    # recent settled costs (sidecar.learned), "fixed" the default; null: as the budgets
+    # and settings say.
+    estimate: Literal["fixed", "learned"] | None = None
     defaults: RouteDefaults = msgspec.field(default_factory=RouteDefaults)
 
     def passes(self, method: str, default: tuple[str, ...]) -> bool:
@@ -190,6 +194,11 @@ class ProxySpec(Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
         """The defaults of the route `match` picks."""
         best = self.match(path, method)
         return best.defaults if best is not None else None
+
+    def estimate_of(self, path: str, method: str) -> str | None:
+        """The estimate mode this request's route names (None: it names none)."""
+        best = self.match(path, method)
+        return best.estimate if best is not None else None
 
     def unsettled_of(self, path: str, method: str) -> Unsettled:
         """What happens to this request's hold if its lease ends unsettled."""

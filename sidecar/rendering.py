@@ -306,7 +306,7 @@ def stop_state(field: str, value: str) -> tuple[StopState, int | None] | None:
     ends (ms; None: never)."""
     if not field:
         return None
-    scope, _, entity = field.partition(":")
+    scope, _, entity = field.removeprefix("s:").partition(":")
     stop_id, expires, _created, reason = (*value.split("|", 3), "", "", "")[:4]
     expires_ms = int(expires) if expires.isdigit() and int(expires) > 0 else None
     state = StopState(

@@ -136,7 +136,7 @@ class Resolved:
     check_args: tuple[str | int, ...]
     loops: list[AppliedLoop]
     loop_args: tuple[str | int, ...]
-    # The call's entities as the stops hash names them ("agent:a1,team:t1,...").
+    # The call's entities as the stop switch's fields in ctr ("s:agent:a1,s:team:t1,...").
     stop_fields: str
     # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
     meta_head: str
@@ -289,8 +289,8 @@ def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
 
 
 def stop_field(scope: Scope, entity: str) -> str:
-    """An entity's field in the stops hash (keys.py documents the hash)."""
-    return f"{scope.value}:{keys.escape(entity)}"
+    """An entity's stop-switch field in ctr (keys.py documents it)."""
+    return f"s:{scope.value}:{keys.escape(entity)}"
 
 
 def _applied_loop(guard: LoopGuard, entity: str) -> AppliedLoop:

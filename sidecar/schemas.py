@@ -7,6 +7,7 @@ ValueError("<field>: <reason>") from __post_init__, which api.problems turns int
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated, Literal
 
 import msgspec
@@ -224,6 +225,15 @@ class RateLimitState(Struct, kw_only=True):
     retry_after_ms: int
 
 
+class EstimateSource(enum.StrEnum):
+    """Which estimate a decision held (Decision.estimate_source; sidecar.learned)."""
+
+    CALLER = "caller"  # the request's own estimate (dollars, or tokens priced)
+    LEARNED = "learned"  # the series' p95 (capped), larger than what the request gave
+    DEFAULT = "default"  # a configured default: pre_check_estimate_usd, the proxy's
+    FLOOR = "floor"  # settings.min_estimate_usd: what the request gave was less
+
+
 class Decision(Struct, kw_only=True, omit_defaults=False):
     allowed: bool
     action: str
@@ -248,6 +258,23 @@ class Decision(Struct, kw_only=True, omit_defaults=False):
     reason: str | None = None
     loop_guards: list[LoopGuardState] = msgspec.field(default_factory=list)
     stop: StopState | None = None
+    # Which estimate was held (or, denied, weighed) and why (issue 19; sidecar.learned).
+    estimate_source: (
+        Annotated[
+            EstimateSource,
+            Meta(
+                description="Which estimate the decision held (denied: weighed): caller "
+                "(the request's estimated_usd or tokens priced), learned (the p95 of the "
+                "recent settled costs of this tenant, model and agent, at most "
+                "settings.estimate_ceiling_usd, where larger than the request's; with "
+                "estimate: learned once the series was taught "
+                "settings.estimate_min_count costs), default (a configured default: "
+                "settings.pre_check_estimate_usd, proxy.default_estimate_usd or a route's "
+                "estimated_usd), floor (settings.min_estimate_usd: the request's was less)"
+            ),
+        ]
+        | None
+    ) = None
 
 
 class SettleResult(Struct, kw_only=True):

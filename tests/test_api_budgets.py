@@ -560,9 +560,7 @@ async def test_prices_set_through_the_api_price_decisions_of_their_tenant_only(
                          "pricing": {"input_per_1k": 0.0025, "output_per_1k": 0.01},
                          "source": "config", "source_version": None,
                          "source_date": None}]  # fmt: skip
-    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == {
-        **model, **from_api
-    }
+    assert await price_of(ADMIN_A, "provider=bedrock&model=meta/llama-3:1") == {**model, **from_api}
     await problem(
         await client.get("/api/v1/pricing?provider=bedrock&model=meta/llama-3:1", headers=ADMIN_B),
         404,

@@ -223,3 +223,71 @@ def test_the_stack_is_pinned() -> None:
 
     assert version("litellm") != "1.107.0"  # a known compromised release
     assert litellm is not None
+
+
+# ---- learned estimates (issue 19) ----------------------------------------------------------
+
+LEARNED_COST_USD = 0.015  # 10 tokens in at $0.5/1k + 20 out at $0.5/1k
+LEARNED_PRICING = [
+    {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.5, "output_per_1k": 0.5}
+]
+
+
+def learned_run(
+    start: Callable[[dict[str, Any]], SidecarProcess], warm_calls: int, **settings: Any
+) -> tuple[int, dict[str, Any]]:
+    """`warm_calls` sequential calls of agent-1 through one sidecar with no budget, then a
+    50-task runaway loop through a second sidecar (same Redis) on a fresh $0.05 block
+    budget; the pre-check holds its default $0.01. (completed, the budget's status)."""
+    base = {"pricing": LEARNED_PRICING, "settings": settings}
+    warm = start(base)
+    for _ in range(warm_calls):
+        completed, denied, errors = asyncio.run(runaway(warm.url, "gpt-4o", 1))
+        assert (completed, denied, errors) == (1, 0, [])
+    capped = start({**base, "budgets": [AGENT_BUDGET]})
+    completed, denied, errors = asyncio.run(runaway(capped.url, "gpt-4o", TASKS))
+    assert errors == [] and completed + denied == TASKS
+    s = status(capped.url, "agent-cap")
+    assert round(s["used_usd"] * 1e6) == completed * round(LEARNED_COST_USD * 1e6), s
+    assert s["held_usd"] == 0.0
+    return completed, s
+
+
+def test_a_learned_estimate_keeps_the_runaway_loop_within_the_cap(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """After 20 calls that cost $0.015, the pre-check holds the learned $0.015 instead of
+    its $0.01 default: three holds fit $0.05, the fourth does not, and every replica
+    (here a second sidecar) holds the same figure."""
+    completed, s = learned_run(start, 20, estimate="learned")
+    assert completed == 3 and s["used_usd"] <= 0.05, s
+
+
+def test_with_fixed_estimates_the_same_loop_overshoots_as_before(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """The default (estimate: fixed): five $0.01 holds fit, five calls charge $0.075."""
+    completed, s = learned_run(start, 20)
+    assert completed == 5 and round(s["used_usd"] * 1e6) == 75_000, s
+
+
+def test_before_the_minimum_count_the_overshoot_stays_within_the_cold_start_bound(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """Cold start (20 calls seen, estimate_min_count 25): the default holds, and the spend
+    past the cap is at most N x (true cost - default), N the holds that fit the cap at once
+    (floor(cap / default) = 5, fewer than the 50 tasks): the README's bound."""
+    completed, s = learned_run(start, 20, estimate="learned", estimate_min_count=25)
+    cap, default, cost = 50_000, 10_000, round(LEARNED_COST_USD * 1e6)
+    in_flight = min(TASKS, cap // default)
+    past_cap = round(s["used_usd"] * 1e6) - cap
+    assert completed == 5 and past_cap == 25_000, s
+    assert past_cap <= in_flight * (cost - default)
+
+
+def test_a_learned_estimate_never_holds_more_than_its_ceiling(
+    start: Callable[[dict[str, Any]], SidecarProcess],
+) -> None:
+    """Ceiling $0.012: four $0.012 holds fit $0.05, four calls charge $0.06."""
+    completed, s = learned_run(start, 20, estimate="learned", estimate_ceiling_usd=0.012)
+    assert completed == 4 and round(s["used_usd"] * 1e6) == 60_000, s

@@ -99,7 +99,11 @@ def run_example(code: str) -> str:
     env = {**os.environ, "AXONFLOW_TELEMETRY": "off", "NO_PROXY": "127.0.0.1,localhost"}
     env.pop("AXONFLOW_TRY", None)
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
         cwd=REPO,
     )
     assert done.returncode == 0, done.stderr

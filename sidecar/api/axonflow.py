@@ -29,6 +29,7 @@ from sidecar.auth import Role
 from sidecar.config import BudgetId, PricePer1k, PriceSpec
 from sidecar.definitions import DefinitionWatcher, StoredBudget
 from sidecar.engine import Engine, RequestError
+from sidecar.learned import EstimateHint
 from sidecar.model import Budget, OnExceed, Period, Price, Scope
 from sidecar.money import micro_to_usd, pico_to_price
 from sidecar.periods import TOTAL_END_MS, iso
@@ -393,6 +394,7 @@ def add_routes(
                 # would decide, not "is anything left".
                 estimated_usd=engine.config.settings.pre_check_estimate_usd,
             ),
+            EstimateHint(default=True),
         )
         evaluated = []
         for state in decision.budgets:

@@ -31,6 +31,7 @@ from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
 from sidecar.config import split_validation_error
 from sidecar.engine import Engine, RequestError, new_reservation_id
+from sidecar.learned import EstimateHint
 from sidecar.periods import iso
 from sidecar.reservations import loop_fingerprint
 from sidecar.schemas import ID_PATTERN, AuthorizeRequest, Decision, ReservationId, Tokens
@@ -141,7 +142,9 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
         body = _pre_check_body(await request.read())
         engine = request.app[engine_key]
         req = _context(body.context, engine.config.settings.pre_check_estimate_usd, body.query)
-        decision = await engine.authorize(tenant_of(request), req)
+        # No estimate in the context: the configured default is held (or a learned one).
+        default = body.context.get("estimated_usd") in (None, "")
+        decision = await engine.authorize(tenant_of(request), req, EstimateHint(default=default))
         if not decision.allowed:
             info = decision.budget_info
             if decision.reason in ("budget", "calls") and info is not None and info.exceeded:

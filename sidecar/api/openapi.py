@@ -180,7 +180,8 @@ def _pre_check_context() -> dict[str, Any]:
     props["model"] = {"anyOf": [_string_schema(ModelName), *unset]}
     props["estimated_usd"] = {
         "anyOf": [usd, *unset],
-        "description": "USD to hold (default: settings.pre_check_estimate_usd)",
+        "description": "USD to hold (default: settings.pre_check_estimate_usd; under "
+        "estimate: learned, the learned estimate where larger)",
     }
     return {
         "type": "object",

@@ -37,6 +37,7 @@ from sidecar.api.problems import response as problem_response
 from sidecar.auth import Role
 from sidecar.config import split_validation_error
 from sidecar.engine import Engine, IdempotencyConflict, RequestError, Unavailable
+from sidecar.learned import EstimateHint
 from sidecar.model import Action
 from sidecar.proxy_config import ProxySpec
 from sidecar.schemas import AuthorizeRequest, BudgetInfo, Decision
@@ -64,7 +65,8 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             if spec.passes(path, method):
                 return web.Response(status=200, headers={"x-budget-action": PASS})
             req = authorize_request(spec, request, path, method)
-            decision = await engine.authorize(tenant_of(request), req)
+            hint = estimate_hint(spec, request, path, method)
+            decision = await engine.authorize(tenant_of(request), req, hint)
         except ProblemError as err:
             return _problem(err)
         except IdempotencyConflict as err:
@@ -133,6 +135,15 @@ def parse_usd(name: str, raw: str) -> float:
             field=name,
         )
     return float(raw)
+
+
+def estimate_hint(spec: ProxySpec, request: web.Request, path: str, method: str) -> EstimateHint:
+    """A request without an estimate header holds a configured default (its route's or
+    proxy.default_estimate_usd), under its route's estimate mode (sidecar.learned)."""
+    return EstimateHint(
+        default=request.headers.get(spec.headers.estimate_usd) is None,
+        mode=spec.estimate_of(path, method),
+    )
 
 
 def authorize_request(
