@@ -51,7 +51,19 @@ FLOOR_CALLS = 200_000
 # another entity) to bench.run.CONFIG, and wrk_authorize.lua / wrk_pair.lua to the fields
 # the guards read (run_id, fingerprint). bench.run then prints the same Redis figures with
 # the guards on. Left None here on purpose: this bench does not invent guard config.
-GUARDS_CONFIG: str | None = None
+# One guard of each kind on the bench's identity (issue 18), none of which denies: a
+# per-run cap with a call cap, a usd velocity limit, a loop guard (every request of
+# wrk_authorize_guarded.lua has its own fingerprint), and the stop switch (read on every
+# decision whether or not a stop exists).
+GUARDS_CONFIG: str | None = """
+  - {id: per-run, name: Each run, scope: run, period: total, limit_usd: 1000000000,
+     limit_calls: 1000000000}
+rate_limits:
+  - {id: burn, scope: user, metric: usd, limit: 3000, window: 1d}
+loop_guards:
+  - {id: same-prompt, scope: user, repeats: 3, window: 1m}
+"""
+GUARDED_AUTHORIZE = "wrk_authorize_guarded.lua"
 
 # Commands that are the bench's own probing or the connection's set-up, not decision work.
 _NOT_DECISION_WORK = {"info", "ping", "script", "config", "client", "hello", "select", "command"}
@@ -190,7 +202,9 @@ class RedisCost:
 _PAIR = re.compile(r"PAIR decisions=(\d+) settles=(\d+) denials=(\d+)")
 
 
-def measure_running(client: Any, base: str, seconds: int) -> RedisCost:
+def measure_running(
+    client: Any, base: str, seconds: int, authorize_script: str = "wrk_authorize.lua"
+) -> RedisCost:
     """Authorize, authorize+settle pairs and check against a running sidecar at `base`, 64
     connections each, with Redis deltas around each run.
 
@@ -198,7 +212,7 @@ def measure_running(client: Any, base: str, seconds: int) -> RedisCost:
     authorize) / settles; a pair is authorize + settle.
     """
     a64, s_auth = during(
-        client, lambda: wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, seconds)
+        client, lambda: wrk(base + "/v1/authorize", BENCH / authorize_script, 64, seconds)
     )
     pair, s_pair = during(client, lambda: wrk(base + "/", BENCH / "wrk_pair.lua", 64, seconds))
     check, s_check = during(
@@ -226,7 +240,9 @@ def measure_running(client: Any, base: str, seconds: int) -> RedisCost:
     )
 
 
-def redis_cost(server: Any, config: Path, seconds: int) -> RedisCost:
+def redis_cost(
+    server: Any, config: Path, seconds: int, authorize_script: str = "wrk_authorize.lua"
+) -> RedisCost:
     """Redis per operation of a sidecar started on `config` (one process, 64 connections):
     the hook the guard figure uses; bench.run measures its main config with
     measure_running on the sidecar it already runs."""
@@ -235,7 +251,7 @@ def redis_cost(server: Any, config: Path, seconds: int) -> RedisCost:
     try:
         base = f"http://127.0.0.1:{port}"
         warm_up(base)
-        return measure_running(server.client(), base, seconds)
+        return measure_running(server.client(), base, seconds, authorize_script)
     finally:
         stop(proc)
 
@@ -248,8 +264,17 @@ def guarded_redis_cost(
     if GUARDS_CONFIG is None:
         return None
     path = workdir / "bench-guarded.yaml"
-    path.write_text(base_config + GUARDS_CONFIG)
-    return redis_cost(server, path, seconds)
+    path.write_text(guarded_config(base_config))
+    return redis_cost(server, path, seconds, GUARDED_AUTHORIZE)
+
+
+def guarded_config(base_config: str) -> str:
+    """`base_config` (budgets first, then the rest) with GUARDS_CONFIG's budget added to its
+    budgets and its other sections appended."""
+    assert GUARDS_CONFIG is not None
+    budget, _, rest = GUARDS_CONFIG.partition("rate_limits:")
+    head, _, tail = base_config.partition("pricing:")
+    return head + budget.lstrip("\n") + "pricing:" + tail + "rate_limits:" + rest
 
 
 def report(cost: RedisCost, floor_op: PerOp, guarded: RedisCost | None) -> None:
@@ -273,7 +298,16 @@ def report(cost: RedisCost, floor_op: PerOp, guarded: RedisCost | None) -> None:
     if guarded is None:
         print(f"  {'with one guard of each kind':<34} not measured: no guard config yet (issue 18)")
     else:
+        line("authorize, one guard of each kind", guarded.authorize)
         line("pair, one guard of each kind", guarded.pair)
+        plain_rps = cost.runs["authorize_64"].requests_per_s
+        guarded_rps = guarded.runs["authorize_64"].requests_per_s
+        print(
+            f"  {'runaway guards: decision cost':<34}"
+            f" {plain_rps / guarded_rps:.2f}x throughput (plain {plain_rps:,.0f}/s, guarded"
+            f" {guarded_rps:,.0f}/s), {guarded.authorize.cpu_us / cost.authorize.cpu_us:.2f}x"
+            " Redis CPU per authorize (goal ≤ 1.2x)"
+        )
         print(
             f"  {'  guarded pair / floor':<34}"
             f" {guarded.pair.cpu_us / floor_op.cpu_us:.1f}x (goal ≤ 8x),"
