@@ -690,9 +690,8 @@ class Engine:
         """The loop guards' keys for this call's fingerprint (none without one)."""
         if text is None or not resolved.loops:
             return ()
-        fp = loop_fingerprint(text)
-        tk = keys.tenant_keys(tenant)
-        return tuple(tk.loop(a.guard.id, a.entity, fp) for a in resolved.loops)
+        fp = loop_fingerprint(text)  # hex: safe in a key as it is
+        return tuple(keys.loop_prefix(tenant, a.guard.id, a.entity) + fp for a in resolved.loops)
 
     def _charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples

@@ -105,8 +105,7 @@ class TenantKeys:
     def loop(self, guard_id: str, entity: str, fingerprint: str) -> str:
         """One loop guard's recent calls of one fingerprint from one entity (a string that
         expires with the guard's window)."""
-        tag = self.counters[: -len("ctr")]
-        return f"{tag}loop:{escape(guard_id)}/{escape(entity)}/{escape(fingerprint)}"
+        return loop_prefix(self.tenant, guard_id, entity) + escape(fingerprint)
 
     def usage_day(self, day: str) -> str:
         return f"{self.counters[: -len('ctr')]}agg:{day}"
@@ -129,6 +128,13 @@ def tenant_keys(tenant: str) -> TenantKeys:
         sweep=tag + "sweep",
         estimates=tag + "est",
     )
+
+
+@lru_cache(maxsize=4096)
+def loop_prefix(tenant: str, guard_id: str, entity: str) -> str:
+    """A loop key up to its fingerprint (cached: the hot path names one per guard)."""
+    tag = tenant_keys(tenant).counters[: -len("ctr")]
+    return f"{tag}loop:{escape(guard_id)}/{escape(entity)}/"
 
 
 def definitions(tenant: str) -> str:

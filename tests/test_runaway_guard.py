@@ -16,7 +16,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar import keys
-from sidecar.api.app import create_app
+from sidecar.api.app import SWEEPER, create_app
 from sidecar.clock import FakeClock
 from sidecar.config import ConfigError
 from sidecar.config import parse as parse_config
@@ -449,3 +449,61 @@ def test_the_sdk_pre_check_of_the_same_query_is_denied_the_fourth_time(
         results = asyncio.run(run())
     assert [r.approved for r in results] == [True, True, True, False, True]
     assert results[3].block_reason.startswith("Loop guard 'same-prompt': the same call 3 times")
+
+
+# ---- the stop switch: the decision's side (the API writes the same fields) ---------------
+
+
+async def test_a_stop_denies_its_entity_and_what_lies_below_it_until_it_ends(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    client = await make_client(guard_doc(budgets=[PER_RUN]))
+    now = clock.now_ms()
+    redis_client.hset(
+        TENANT.counters,
+        mapping={
+            "s:team:t1": f"stop_a|{now + 60_000}|{now}|runaway on t1",
+            "s#stop_a": "s:team:t1",
+        },
+    )
+    counters = ctr(redis_client)
+    _, d = await post(client, "/v1/authorize", {"team_id": "t1", "agent_id": "a1",
+                                               "run_id": "r1", "estimated_usd": 0.01})  # fmt: skip
+    assert (d["allowed"], d["reason"]) == (False, "stop"), d
+    assert d["message"] == "Stopped: runaway on t1 (stop stop_a on team t1)"
+    assert d["stop"] == {"stop_id": "stop_a", "scope": "team", "entity": "t1",
+                         "reason": "runaway on t1", "expires_at": "2026-03-10T12:01:00Z"}  # fmt: skip
+    assert d["retry_after_ms"] == 60_000
+    assert ctr(redis_client) == counters  # a stopped call holds and counts nothing
+    # Another team's agent passes; so does an agent that names no team.
+    for body in ({"team_id": "t2", "agent_id": "a1"}, {"agent_id": "a1"}):
+        _, other = await post(client, "/v1/authorize", {**body, "estimated_usd": 0.01})
+        assert other["allowed"] is True, other
+    # check answers the same.
+    _, checked = await post(client, "/v1/check", {"team_id": "t1", "estimated_usd": 0.01})
+    assert (checked["allowed"], checked["reason"]) == (False, "stop")
+    # The ttl ends it by itself: at its expiry the team's calls pass again.
+    clock.advance(60_000)
+    _, after = await post(client, "/v1/authorize", {"team_id": "t1", "estimated_usd": 0.01})
+    assert after["allowed"] is True, after
+
+
+async def test_the_sweep_collects_a_stop_past_its_ttl(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    client = await make_client(guard_doc())
+    now = clock.now_ms()
+    redis_client.hset(
+        TENANT.counters,
+        mapping={
+            "s:agent:a1": f"stop_b|{now + 1000}|{now}|r",
+            "s#stop_b": "s:agent:a1",
+            "s:agent:a2": f"stop_c|0|{now}|forever",
+            "s#stop_c": "s:agent:a2",
+            "s#stop_gone": "s:agent:a3",  # lifted in a step the walk already passed
+        },
+    )
+    clock.advance(1000)
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    left = {k for k in redis_client.hkeys(TENANT.counters) if k.startswith("s")}
+    assert left == {"s:agent:a2", "s#stop_c"}, left
