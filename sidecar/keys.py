@@ -19,8 +19,13 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           name one: "cost:requests:in:out" (expires after the shorter
                           usage_user_aggregate_days: users are many)
     bs:{T}:sweep   string where the background sweep's walk over ctr is (an HSCAN cursor)
-    bs:{T}:alerts  stream threshold alerts, written by the script that charged; read by
-                          the alerts route and by the webhook deliverers' consumer groups
+    bs:{T}:alerts  stream threshold alerts, written by the script that charged, and guard
+                          trips (a stop made, a loop guard...; field `k`, sidecar.alerts);
+                          read by the alerts routes and the webhook deliverers' groups
+    bs:{T}:stops   hash   the stop switch (lua/stops.lua writes it, the decision scripts
+                          read it): "<scope>:<escaped entity>" (stop_field) ->
+                          "<stop id>|<expires_at ms, 0 = never>|<created ms>|<reason>"
+                          (reason last, may hold '|'); "#<stop id>" -> that field
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -65,6 +70,7 @@ class TenantKeys:
     usage: str
     alerts: str
     sweep: str
+    stops: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
@@ -100,6 +106,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         usage=tag + "usage",
         alerts=tag + "alerts",
         sweep=tag + "sweep",
+        stops=tag + "stops",
     )
 
 
@@ -123,10 +130,27 @@ def rate_id(limit_id: str, entity: str) -> str:
     return f"{escape(limit_id)}/{escape(entity)}"
 
 
+def stop_field(scope: str, entity: str) -> str:
+    """The field of bs:{T}:stops that names one entity's stop: `<scope>:<escaped entity>`
+    (a scope is a Scope value, never holding ':'; the escaped entity holds no ':')."""
+    return f"{scope}:{escape(entity)}"
+
+
+def parse_stop_field(field: str) -> tuple[str, str]:
+    """(scope, entity) of a stop field, unescaped."""
+    scope, _, entity = field.partition(":")
+    return scope, _unescape(entity)
+
+
 def parse_counter_id(cid: str) -> tuple[str, str, str]:
     """(budget id, entity, window key) of a cid, unescaped."""
     budget_id, entity, window_key = cid.split("/")
     return _unescape(budget_id), _unescape(entity), window_key
+
+
+def unescape(component: str) -> str:
+    """The name component escape() made this from (e.g. an alert's entity field)."""
+    return _unescape(component)
 
 
 def _unescape(component: str) -> str:
