@@ -7,9 +7,14 @@ lists every kind; and the exact Redis format that the decision scripts read."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import re
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,7 +27,7 @@ from sidecar.clock import FakeClock
 from sidecar.model import Scope
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, ClientFactory, make_config
-from tests.harness import free_port
+from tests.harness import REPO, RedisServer, SidecarProcess, free_port
 from tests.test_auth import ADMIN, AGENT_A, READER, basic
 from tests.test_auth import DOC as AUTH_DOC
 from tests.test_openapi import Checker, served_doc
@@ -423,3 +428,64 @@ async def test_redis_away_is_503(make_client: ClientFactory, away: TestClient[An
         resp = await away.request(method.upper(), path, json=body)
         assert resp.status == 503, (path, resp.status, await resp.text())
         await check(resp, method, template or path)
+
+
+# ---- the CLI -------------------------------------------------------------------------------------
+
+
+def cli(url: str, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *args, "--url", url],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, **env},
+    )
+
+
+def test_the_cli_makes_lists_and_lifts_stops_on_a_running_sidecar(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    path = write_config({**DOC, "auth": AUTH_DOC["auth"]})
+    sidecar = SidecarProcess(redis_server.url, str(path)).start()
+    admin = {"SIDECAR_CLIENT_ID": "ops", "SIDECAR_CLIENT_SECRET": "s3cret"}
+    try:
+        made = cli(sidecar.url, "stop", "--scope", "agent", "--id", "a1", "--reason",
+                   "looping since 09:14", "--ttl", "600", **admin)  # fmt: skip
+        assert made.returncode == 0, made.stderr
+        stop = json.loads(made.stdout)
+        assert (stop["scope"], stop["scope_id"], stop["reason"]) == (
+            "agent",
+            "a1",
+            "looping since 09:14",
+        )
+        assert stop["expires_at"] is not None and ID_RE.match(stop["id"])
+        tk = keys.tenant_keys("team-a")
+        assert redis_client.hget(tk.stops, f"#{stop['id']}") == "agent:a1"
+
+        listed = cli(sidecar.url, "stops", "--client-id", "dash", "--secret", "r-pass")
+        assert listed.returncode == 0, listed.stderr
+        assert [json.loads(line) for line in listed.stdout.splitlines()] == [stop]
+
+        # Refusals: exit 1 with the API's detail, nothing changed.
+        agent = cli(sidecar.url, "unstop", stop["id"], SIDECAR_CLIENT_ID="agent-a",
+                    SIDECAR_CLIENT_SECRET="a-pass")  # fmt: skip
+        assert agent.returncode == 1 and "HTTP 403" in agent.stderr, agent
+        bad = cli(sidecar.url, "stop", "--scope", "agent", "--id", "a 1", "--reason", "x",
+                  **admin)  # fmt: skip
+        assert bad.returncode == 1 and "HTTP 400" in bad.stderr and "scope_id" in bad.stderr
+        nobody = cli(sidecar.url, "stops")
+        assert nobody.returncode == 1 and "HTTP 401" in nobody.stderr, nobody
+        assert len(redis_client.hgetall(tk.stops)) == 2
+
+        lifted = cli(sidecar.url, "unstop", stop["id"], **admin)
+        assert lifted.returncode == 0 and stop["id"] in lifted.stdout, lifted.stderr
+        again = cli(sidecar.url, "unstop", stop["id"], **admin)
+        assert again.returncode == 1 and "HTTP 404" in again.stderr, again
+        assert redis_client.hgetall(tk.stops) == {}
+    finally:
+        sidecar.cleanup()
+    away = cli(f"http://127.0.0.1:{free_port()}", "stops")
+    assert away.returncode == 3 and "cannot reach" in away.stderr, away
