@@ -460,7 +460,7 @@ end
 -- The stop switch: the first stop in force among `values`, what ctr holds for the call's
 -- stop fields "s:<scope>:<entity>" (read with its counters), `names` their fields. Returns
 -- the field and its value, or '' and ''. A value is "<stop id>|<expires ms, 0 never>|
--- <created ms>|<reason>"; "s#<stop id>" names the field of a stop (lua/stops.lua).
+-- <created ms>|<reason>" (lua/stops.lua writes them).
 local function active_stop(names, values, now)
   for i, name in ipairs(names) do
     local value = values[i]
@@ -497,8 +497,10 @@ local function loop_write(key, recent, alerted, now, window, repeats)
 end
 
 -- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |
--- 'calls' | 'cap' | 'velocity', the guard's id, the scope and entity it tripped for, and
--- a detail. Each kind alerts once per entity and trip (the callers keep that).
+-- 'calls' | 'cap' | 'velocity', the guard's id (a budget's for calls and cap, a rate
+-- limit's for velocity), the scope ('' where the sidecar knows it from the id), the
+-- escaped entity, and a detail. Each kind alerts once per entity and trip (the callers
+-- keep that).
 local function guard_alert(kind, guard, scope, entity, detail, now)
   redis.call('XADD', KEYS[6], 'MAXLEN', '~', ALERTS_MAX, '*', 'k', kind, 'g', guard,
     's', scope, 'e', entity, 'r', detail, 'at', int(now))

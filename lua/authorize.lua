@@ -223,10 +223,12 @@ if deny then
   -- Nothing is held or counted. Each guard that tripped says so once per trip.
   out[1], out[3], out[4] = 0, '', 0
   for i = 1, nb do
+    -- A cid is "<budget id>/<entity>/<window>", both escaped.
+    local budget, entity = string.match(cids[i], '^([^/]*)/([^/]*)/')
     if calls_tripped[i] and alert_once(ctr, cids[i], 'c') then
-      guard_alert('calls', cids[i], '', '', int(caps[i]), now)
+      guard_alert('calls', budget, '', entity, int(caps[i]) .. ' calls', now)
     elseif usd_tripped[i] and idles[i] and alert_once(ctr, cids[i], 'x') then
-      guard_alert('cap', cids[i], '', '', int(limits[i]), now)
+      guard_alert('cap', budget, '', entity, int(limits[i]) .. ' micro-USD', now)
     end
   end
   for _, r in ipairs(rates) do
@@ -234,14 +236,17 @@ if deny then
       local quiet = tonumber(redis.call('HGET', ctr, 'x:' .. r.rf)) or 0
       if quiet <= now then
         redis.call('HSET', ctr, 'x:' .. r.rf, int(now + r.window))
-        guard_alert('velocity', r.rf, '', '', int(r.limit), now)
+        local limit_id, entity = string.match(r.rf, '^([^/]*)/(.*)$')
+        guard_alert('velocity', limit_id, '', entity, int(r.limit * USD_UNIT) .. ' micro-USD per '
+          .. int(r.window) .. ' ms', now)
       end
     end
   end
   for _, l in ipairs(loops) do
     if l.would and not l.shadow and l.alerted ~= '1' then
       loop_write(l.key, l.recent, '1', now, l.window, l.repeats)
-      guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5], int(#l.recent), now)
+      guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5],
+        int(#l.recent) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
     end
   end
   return done(out)

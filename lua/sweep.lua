@@ -23,7 +23,7 @@
 --                  period-total counter's key has no date: its idle time collects it,
 --                  through gc)
 --   x:<rf>         a usd limiter's alert quiet time, once past
---   s:<scope>:<entity> and its s#<stop id>  a stop past its ttl (lua/stops.lua)
+--   s:<stop field>  a stop's mirror past its ttl (lua/stops.lua)
 --   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
 --                  back `limit` units per ms (limit >= 1), so a debt of D is zero at the
 --                  latest D ms after its last update (and after IDLE_MS in any case)
@@ -65,17 +65,9 @@ for i = 1, #fields, 2 do
   elseif kind == 'x' then
     if (tonumber(value) or 0) <= now then deleted = deleted + redis.call('HDEL', ctr, name) end
   elseif string.sub(name, 1, 2) == 's:' then
-    local stop_id, expires = string.match(value, '^([^|]*)|([^|]*)|')
-    expires = tonumber(expires) or 0
-    if expires > 0 and expires <= now then
-      deleted = deleted + redis.call('HDEL', ctr, name, 's#' .. (stop_id or ''))
-    end
-  elseif string.sub(name, 1, 2) == 's#' then
-    -- An id whose stop was lifted or replaced in a step this walk already passed.
-    local stop = redis.call('HGET', ctr, value)
-    if not stop or string.match(stop, '^([^|]*)|') ~= string.sub(name, 3) then
-      deleted = deleted + redis.call('HDEL', ctr, name)
-    end
+    -- A stop's mirror past its ttl (its record in bs:{T}:stops goes with the next list).
+    local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
+    if expires > 0 and expires <= now then deleted = deleted + redis.call('HDEL', ctr, name) end
   end
 end
 local next_cursor = step[1]

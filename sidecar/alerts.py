@@ -7,8 +7,16 @@ after the charge, micro-USD), `at` (Unix ms). Detection happens in the script, s
 threshold alerts once per budget, entity, period window and threshold however many
 concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
 
-An alert's id is stable (`<tenant>/<counter id>/<threshold>`, escaped): a webhook receiver
-can deduplicate on it across retries, replicas and tenants.
+Guard trips share the stream: an entry with a `k` field was written by the script whose
+guard tripped (k: `stop` a stop made, `loop` a loop guard, `calls` a call cap, `velocity`
+a spend-velocity limit), with `g` the guard's id (stop, loop guard, budget, rate limit),
+`s` the scope, `e` the entity (escaped), `r` the reason or detail, `at` (Unix ms) and, for
+a stop, `x` when it ends (Unix ms, 0 never). They read as the same Alert, `alert_type`
+naming the guard (GUARD_TYPES) and `budget_id` the guard's id.
+
+An alert's id is stable (`<tenant>/<counter id>/<threshold>` for a threshold, and
+`<tenant>/<k>/<g>/<entity>/<at>` for a guard trip, escaped): a webhook receiver can
+deduplicate on it across retries, replicas and tenants.
 """
 
 from __future__ import annotations
@@ -24,10 +32,27 @@ from sidecar.money import micro_to_usd
 from sidecar.periods import iso
 
 ALERT_TYPE = "threshold_reached"
+# A guard trip's kind (stream field `k`) -> its alert_type.
+GUARD_TYPES = {
+    "stop": "stop",
+    "loop": "loop_detected",
+    "calls": "call_limit",
+    # A period-total (per-run) budget's dollar cap denied a call.
+    "cap": "run_cap",
+    "velocity": "velocity",
+}
+_GUARD_WORDS = {
+    "stop": "Stop",
+    "loop": "Loop guard",
+    "calls": "Call limit of budget",
+    "cap": "Cap of budget",
+    "velocity": "Velocity limit",
+}
 
 
-class Alert(msgspec.Struct, kw_only=True):
-    """One alert, in the AxonFlow SDK's BudgetAlert shape plus the entity and tenant."""
+class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One alert, in the AxonFlow SDK's BudgetAlert shape plus the entity and tenant; a
+    guard trip also carries its scope and reason (a stop: when it ends)."""
 
     id: str
     budget_id: str
@@ -41,6 +66,9 @@ class Alert(msgspec.Struct, kw_only=True):
     acknowledged: bool
     entity: str
     tenant_id: str
+    scope: str | None = None
+    reason: str | None = None
+    expires_at: str | None = None
 
 
 def parse_entry(
@@ -50,6 +78,8 @@ def parse_entry(
 ) -> Alert | None:
     """The Alert of one stream entry (None for an entry this version cannot read).
     `name_of` gives a budget's display name (None: the budget is gone)."""
+    if "k" in fields:
+        return _guard_entry(tenant, fields, name_of)
     try:
         cid = fields["cid"]
         threshold = int(fields["t"])
@@ -77,16 +107,84 @@ def parse_entry(
     )
 
 
+def _guard_entry(
+    tenant: str, fields: Mapping[str, str], name_of: Callable[[str], str | None]
+) -> Alert | None:
+    """The Alert of a guard trip (see the module's docstring)."""
+    kind = fields["k"]
+    alert_type = GUARD_TYPES.get(kind)
+    try:
+        guard, scope, raw_entity, at = fields["g"], fields["s"], fields["e"], int(fields["at"])
+        expires = int(fields.get("x") or 0)
+    except (KeyError, ValueError):
+        return None
+    if alert_type is None:
+        return None
+    reason = fields.get("r", "")
+    entity = keys.unescape(raw_entity)
+    named = name_of(guard) if kind in ("calls", "cap") else None
+    what = f"{_GUARD_WORDS[kind]} '{named or guard}'"
+    # A budget's or a rate limit's trip names no scope: its id says what it covers.
+    on = f"{scope} {entity}" if scope else entity
+    message = f"{what} on {on}" + (f": {reason}" if reason else "")
+    return Alert(
+        id="/".join((keys.escape(tenant), kind, keys.escape(guard), raw_entity, str(at))),
+        budget_id=guard,
+        alert_type=alert_type,
+        threshold=0,
+        percentage_reached=0.0,
+        amount_usd=0.0,
+        limit_usd=0.0,
+        message=message,
+        created_at=iso(at),
+        acknowledged=False,
+        entity=entity,
+        tenant_id=tenant,
+        scope=scope,
+        reason=reason,
+        expires_at=iso(expires) if expires else None,
+    )
+
+
 async def read_alerts(
     client: aioredis.Redis,
     tenant: str,
     budget_id: str,
     name_of: Callable[[str], str | None],
 ) -> list[Alert]:
-    """A budget's alerts still in the stream, newest first."""
+    """A budget's alerts still in the stream, newest first: its thresholds and the trips
+    of its call cap (other guards' ids are not budget ids: they are left out)."""
     out: list[Alert] = []
     for _entry_id, fields in await newest_first(client, keys.tenant_keys(tenant).alerts):
         alert = parse_entry(tenant, fields, name_of)
-        if alert is not None and alert.budget_id == budget_id:
+        if (
+            alert is not None
+            and alert.budget_id == budget_id
+            and alert.alert_type in (ALERT_TYPE, GUARD_TYPES["calls"], GUARD_TYPES["cap"])
+        ):
             out.append(alert)
+    return out
+
+
+async def recent_alerts(
+    client: aioredis.Redis, tenant: str, limit: int, name_of: Callable[[str], str | None]
+) -> list[Alert]:
+    """The tenant's newest `limit` alerts, every kind, newest first (entries this version
+    cannot read are passed over)."""
+    stream = keys.tenant_keys(tenant).alerts
+    out: list[Alert] = []
+    upper = "+"
+    while len(out) < limit:
+        want = limit - len(out)
+        # The client decodes responses (decode_responses=True): ids and fields are str.
+        chunk: list[tuple[str, dict[str, str]]] = await client.xrevrange(  # type: ignore[assignment]
+            stream, max=upper, min="-", count=want
+        )
+        for _id, fields in chunk:
+            alert = parse_entry(tenant, fields, name_of)
+            if alert is not None:
+                out.append(alert)
+        if len(chunk) < want:
+            return out  # the stream's oldest entry read
+        upper = "(" + chunk[-1][0]
     return out

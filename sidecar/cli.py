@@ -1,7 +1,8 @@
 """budget-sidecar: atomic spend and rate limits for AI agents.
 
 `serve` runs the sidecar, `check-config FILE` validates a config file, `hash-secret`
-prints the secret_sha256 a client entry needs."""
+prints the secret_sha256 a client entry needs; `stop`, `stops` and `unstop` make, list and
+lift stops through a running sidecar's API."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from typing import Any
 from aiohttp import web
 from redis.exceptions import RedisError
 
-from sidecar import __version__, config, log_throttle, logs
+from sidecar import __version__, config, log_throttle, logs, stop_cli
 from sidecar.model import Config
 
 log = logging.getLogger("sidecar")
@@ -158,6 +159,7 @@ def _parser() -> argparse.ArgumentParser:
         "print its SHA-256 in hex: the value auth.clients[].secret_sha256 takes. The "
         "client then sends the secret itself (HTTP Basic client_id:secret).",
     )
+    stop_cli.add_parsers(sub)
     return parser
 
 
@@ -494,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
     if args.command == "hash-secret":
         return hash_secret()
+    if args.command in ("stop", "stops", "unstop"):
+        return stop_cli.run(args)
     return check_config(args)
 
 

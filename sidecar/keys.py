@@ -4,11 +4,9 @@ Layout, for tenant T (every key carries the hash tag `{T}` so one tenant's keys 
 Redis Cluster slot and a script may touch all of them atomically, invariant 6):
 
     bs:{T}:ctr     hash   "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD, "c:<cid>"
-                          calls; limiters; and the stop switch: "s:<scope>:<entity>" ->
-                          "<stop id>|<expires ms, 0 never>|<created ms>|<reason>",
-                          "s#<stop id>" -> "s:<scope>:<entity>" (in ctr, not a key of its
-                          own: read in the decision's one HMGET, and no key a script names
-                          that may not exist)
+                          calls; limiters; and the stops in force, "s:<stop field>" -> the
+                          stop (as in bs:{T}:stops): the decision reads them in its one
+                          HMGET, so it names no key that may not exist
     bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
                           "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
@@ -36,6 +34,11 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           Written by settle.lua, read by authorize.lua and check.lua;
                           expires estimate_stats_days after the last settle that taught
                           it, and holds at most estimate_max_series fields
+    bs:{T}:stops   hash   the stop switch's own record, for lists and lifts by id
+                          (lua/stops.lua writes it and mirrors each stop into ctr; no
+                          decision reads it): "<scope>:<escaped entity>" (stop_field) ->
+                          "<stop id>|<expires_at ms, 0 = never>|<created ms>|<reason>"
+                          (reason last, may hold '|'); "#<stop id>" -> that field
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -81,6 +84,7 @@ class TenantKeys:
     alerts: str
     sweep: str
     estimates: str
+    stops: str
 
     @property
     def hot(self) -> tuple[str, str, str, str]:
@@ -127,6 +131,7 @@ def tenant_keys(tenant: str) -> TenantKeys:
         alerts=tag + "alerts",
         sweep=tag + "sweep",
         estimates=tag + "est",
+        stops=tag + "stops",
     )
 
 
@@ -163,6 +168,19 @@ def estimate_series(provider: str | None, model: str | None, agent: str | None) 
     authorize knows them ('' where it does not: the agent-less calls of a model share one
     series). Escaped, so it holds no '|' or ',' (it is stored in a reservation record)."""
     return f"{escape(provider or '')}/{escape(model or '')}/{escape(agent or '')}"
+
+
+def stop_field(scope: str, entity: str) -> str:
+    """The field of bs:{T}:stops that names one entity's stop, `<scope>:<escaped entity>`
+    (a scope is a Scope value, never holding ':'; the escaped entity holds no ':'); its
+    mirror in ctr is `s:` and this."""
+    return f"{scope}:{escape(entity)}"
+
+
+def parse_stop_field(field: str) -> tuple[str, str]:
+    """(scope, entity) of a stop field, unescaped."""
+    scope, _, entity = field.partition(":")
+    return scope, _unescape(entity)
 
 
 def parse_counter_id(cid: str) -> tuple[str, str, str]:

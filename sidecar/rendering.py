@@ -306,13 +306,13 @@ def stop_state(field: str, value: str) -> tuple[StopState, int | None] | None:
     ends (ms; None: never)."""
     if not field:
         return None
-    scope, _, entity = field.removeprefix("s:").partition(":")
+    scope, entity = keys.parse_stop_field(field.removeprefix("s:"))
     stop_id, expires, _created, reason = (*value.split("|", 3), "", "", "")[:4]
     expires_ms = int(expires) if expires.isdigit() and int(expires) > 0 else None
     state = StopState(
         stop_id=stop_id,
         scope=scope,
-        entity=keys.unescape(entity),
+        entity=entity,
         reason=reason,
         expires_at=iso(expires_ms) if expires_ms is not None else None,
     )

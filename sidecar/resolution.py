@@ -290,7 +290,7 @@ def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
 
 def stop_field(scope: Scope, entity: str) -> str:
     """An entity's stop-switch field in ctr (keys.py documents it)."""
-    return f"s:{scope.value}:{keys.escape(entity)}"
+    return "s:" + keys.stop_field(scope.value, entity)
 
 
 def _applied_loop(guard: LoopGuard, entity: str) -> AppliedLoop:
@@ -298,7 +298,15 @@ def _applied_loop(guard: LoopGuard, entity: str) -> AppliedLoop:
     return AppliedLoop(
         guard=guard,
         entity=entity,
-        args=(guard.id, guard.repeats, guard.window_ms, shadow, guard.scope.value, entity),
+        # The entity escaped, as every alert carries it.
+        args=(
+            guard.id,
+            guard.repeats,
+            guard.window_ms,
+            shadow,
+            guard.scope.value,
+            keys.escape(entity),
+        ),
     )
 
 

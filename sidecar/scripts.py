@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 
 OPERATIONS = (
-    "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep"
+    "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops"
 )  # fmt: skip
 
 
@@ -45,6 +45,7 @@ class Scripts:
     status: Script
     reclaim: Script
     sweep: Script
+    stops: Script  # the stop switch (sidecar.stops): off the hot path
 
     @classmethod
     def load_all(cls) -> Scripts:
@@ -61,5 +62,6 @@ class Scripts:
                 self.status,
                 self.reclaim,
                 self.sweep,
+                self.stops,
             )
         )

@@ -57,7 +57,13 @@ AUDIT = {"context_id": "0" * 32, "client_id": "agent-a", "response_summary": "",
          "token_usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
          "metadata": {"cost_usd": 0.3}}  # fmt: skip
 # What a path parameter is filled with when every route is called.
-PATH_VALUES = {"{budget_id}": "cap", "{limit_id}": "rpm", "{tail}": "v1/chat", "{entity}": "u1"}
+PATH_VALUES = {
+    "{budget_id}": "cap",
+    "{limit_id}": "rpm",
+    "{tail}": "v1/chat",
+    "{entity}": "u1",
+    "{stop_id}": "stop_0123456789abcdef",
+}
 
 
 def dump(client: redis.Redis) -> dict[str, Any]:

@@ -81,8 +81,9 @@ async def test_every_route_is_documented_and_nothing_else(make_app: Factory) -> 
     # healthz, readyz, metrics, prometheus, openapi; native; status; admin; ext_authz;
     # the AxonFlow SDK's: health, budgets (list, create, get, update, delete, status, an
     # entity's status, alerts, check), usage (summary, breakdown, records), pricing (get, put,
-    # delete), pre-check, audit; the status page at / and /ui
-    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 9 + 3 + 3 + 2) + 2
+    # delete), pre-check, audit; the status page at / and /ui; stops (list, make, read,
+    # lift) and every alert
+    assert len(routes) == 5 + 5 + 1 + 5 + 2 * 8 + (1 + 9 + 3 + 3 + 2) + 2 + (4 + 1)
 
 
 async def test_without_metrics_the_served_document_leaves_them_out(make_app: Factory) -> None:

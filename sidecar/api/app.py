@@ -17,6 +17,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sidecar import __version__, logs
 from sidecar.api import admin, axonflow, bodies, gateway, native, openapi, proxy, ui, usage
 from sidecar.api import auth as api_auth
+from sidecar.api import stops as stops_api
 from sidecar.api.problems import ProblemError, from_decode_error, response
 from sidecar.clock import Clock, SystemClock
 from sidecar.definitions import DefinitionStore, DefinitionWatcher
@@ -25,6 +26,7 @@ from sidecar.events import EngineEvents
 from sidecar.metrics import Metrics
 from sidecar.model import Config
 from sidecar.scripts import Scripts
+from sidecar.stops import Stops
 from sidecar.store import Store, StoreError
 from sidecar.sweep import Sweeper
 from sidecar.webhooks import WebhookDeliverer
@@ -297,6 +299,7 @@ def create_app(
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
     admin.add_routes(app, ENGINE, WATCHER)
+    stops_api.add_routes(app, ENGINE, Stops(store, engine.scripts.stops))
     axonflow.add_routes(app, ENGINE, WATCHER)
     usage.add_routes(app, ENGINE)
     gateway.add_routes(app, ENGINE)

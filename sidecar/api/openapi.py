@@ -42,6 +42,7 @@ from sidecar.api.gateway import (
 )
 from sidecar.api.problems import CONTENT_TYPE as PROBLEM_TYPE
 from sidecar.api.problems import Problem
+from sidecar.api.stops import AlertList, StopList, StopRequest, StopView
 from sidecar.api.usage import UsageBreakdown, UsageRecords, UsageSummary
 from sidecar.config import RateLimitSpec
 from sidecar.ledger import GROUP_BY
@@ -137,6 +138,10 @@ _TYPES: tuple[type, ...] = (
     AuditResult,
     BudgetExceeded,
     ServiceHealth,
+    StopRequest,
+    StopView,
+    StopList,
+    AlertList,
 )
 
 
@@ -481,9 +486,67 @@ def _paths(config: Config) -> dict[str, dict[str, Any]]:
                 },
             },
         },
+        **_stop_paths(),
         "/ext_authz": _ext_authz_item(config.proxy, tail=False),
         "/ext_authz/{tail}": _ext_authz_item(config.proxy, tail=True),
     }
+
+
+def _stop_paths() -> dict[str, dict[str, Any]]:
+    """The stop switch (sidecar.api.stops) and the tenant's alerts of every kind."""
+    stop_id = _path_param("stop_id", "the stop's id (stop_ and 16 hex digits)")
+    not_found = _problem("No stop in force with this id (never made, lifted, replaced or ended).")
+    limit = _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "default 100")
+    return {
+        "/v1/stops": {
+            "get": {
+                "summary": "Every stop in force",
+                "responses": {"200": _json("StopList", "The stops."), "503": REDIS_AWAY},
+            },
+            "post": {
+                "summary": "Stop every decision of an entity and what lies below it",
+                "requestBody": _body("StopRequest"),
+                "responses": {
+                    "201": _json("StopView", "Made (replacing the entity's stop in force); "
+                                 "every replica denies from the next decision on."),
+                    "400": BAD_INPUT,
+                    "408": TOO_SLOW,
+                    "413": TOO_LARGE,
+                    "503": REDIS_AWAY,
+                },
+            },
+        },
+        "/v1/stops/{stop_id}": {
+            "parameters": [stop_id],
+            "get": {
+                "summary": "One stop in force",
+                "responses": {
+                    "200": _json("StopView", "The stop."),
+                    "404": not_found,
+                    "503": REDIS_AWAY,
+                },
+            },
+            "delete": {
+                "summary": "Lift a stop",
+                "responses": {
+                    "204": {"description": "Lifted: decisions pass again from the next on."},
+                    "404": not_found,
+                    "503": REDIS_AWAY,
+                },
+            },
+        },
+        "/v1/alerts": {
+            "get": {
+                "summary": "The tenant's alerts of every kind (thresholds, guard trips)",
+                "parameters": [limit],
+                "responses": {
+                    "200": _json("AlertList", "The alerts still in the stream."),
+                    "400": BAD_INPUT,
+                    "503": REDIS_AWAY,
+                },
+            },
+        },
+    }  # fmt: skip
 
 
 def _query(

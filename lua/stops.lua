@@ -1,0 +1,103 @@
+-- stops.lua: make, read, lift and list stops (sidecar.stops); authorize.lua and check.lua
+-- read the same hash inside every decision.
+-- KEYS[1] stops  hash  "<scope>:<escaped entity>" -> "<id>|<expires_at ms, 0 never>|
+--                      <created ms>|<reason>" (reason last: it may hold '|');
+--                      "#<id>" -> "<scope>:<escaped entity>" (a lift by id is one lookup)
+-- KEYS[2] alerts stream the tenant's alerts: a made stop adds one entry (k = stop)
+-- KEYS[3] ctr    hash  the tenant's counters: each stop in force is mirrored there as
+--                      "s:<field>" -> the same value, where the decision scripts read it
+-- ARGV[1] op: 'create' | 'get' | 'delete' | 'list'
+-- ARGV[2] now_ms: a stop with 0 < expires_at <= now is over (ignored and collected)
+-- create: ARGV[3] field  ARGV[4] id  ARGV[5] expires_at ms (0 never)  ARGV[6] reason
+--         ARGV[7] scope  ARGV[8] escaped entity
+-- get, delete: ARGV[3] id
+-- Returns: create {1, id of the stop it replaced or ''}; get {field, value} or {} (none
+--   or over); delete {1} if a stop in force was lifted, else {0}; list {field1, value1,
+--   ...} of every stop in force. No reply carries done()'s expiry counts: no lease is
+--   touched here.
+-- One stop per entity: a new one replaces the old (whose "#id" goes). Each call is one
+-- script, so no reader ever sees half a stop.
+local stops, alerts, ctr = KEYS[1], KEYS[2], KEYS[3]
+local op, now = ARGV[1], tonumber(ARGV[2])
+-- At most this many ended stops collected by one list: a list after a long quiet spell
+-- must not block Redis for every stop ever made (the next lists go on).
+local COLLECT_MAX = 100
+
+local function parts(value)
+  local a = string.find(value, '|', 1, true)
+  local b = string.find(value, '|', a + 1, true)
+  local c = string.find(value, '|', b + 1, true)
+  return string.sub(value, 1, a - 1), tonumber(string.sub(value, a + 1, b - 1)),
+    tonumber(string.sub(value, b + 1, c - 1))
+end
+
+local function ended(expires)
+  return expires > 0 and expires <= now
+end
+
+-- Remove the stop held in `field` (value `value`) and its "#id".
+local function forget(field, value)
+  local id = parts(value)
+  redis.call('HDEL', stops, field)
+  redis.call('HDEL', ctr, 's:' .. field)
+  if redis.call('HGET', stops, '#' .. id) == field then
+    redis.call('HDEL', stops, '#' .. id)
+  end
+end
+
+if op == 'create' then
+  local field, id, expires, reason = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local old = redis.call('HGET', stops, field)
+  local replaced = ''
+  if old then
+    local old_id, old_expires = parts(old)
+    if not ended(old_expires) then replaced = old_id end
+    forget(field, old)
+  end
+  local value = id .. '|' .. expires .. '|' .. ARGV[2] .. '|' .. reason
+  redis.call('HSET', stops, field, value, '#' .. id, field)
+  redis.call('HSET', ctr, 's:' .. field, value)
+  redis.call('XADD', alerts, 'MAXLEN', '~', ALERTS_MAX, '*',
+    'k', 'stop', 'g', id, 's', ARGV[7], 'e', ARGV[8], 'r', reason, 'x', expires,
+    'at', ARGV[2])
+  return {1, replaced}
+end
+
+if op == 'get' or op == 'delete' then
+  local id = ARGV[3]
+  local field = redis.call('HGET', stops, '#' .. id)
+  if not field then return op == 'get' and {} or {0} end
+  local value = redis.call('HGET', stops, field)
+  local mine = value and parts(value) == id
+  local live = mine and not ended(select(2, parts(value)))
+  if op == 'get' then
+    return live and {field, value} or {}
+  end
+  if mine then
+    redis.call('HDEL', stops, field)
+    redis.call('HDEL', ctr, 's:' .. field)
+  end
+  redis.call('HDEL', stops, '#' .. id)
+  return {live and 1 or 0}
+end
+
+if op == 'list' then
+  local all = redis.call('HGETALL', stops)
+  local out, collected = {}, 0
+  for i = 1, #all, 2 do
+    local field, value = all[i], all[i + 1]
+    if string.sub(field, 1, 1) ~= '#' then
+      local _, expires = parts(value)
+      if not ended(expires) then
+        out[#out + 1] = field
+        out[#out + 1] = value
+      elseif collected < COLLECT_MAX then
+        forget(field, value)
+        collected = collected + 1
+      end
+    end
+  end
+  return out
+end
+
+return redis.error_reply('stops.lua: unknown op ' .. tostring(op))

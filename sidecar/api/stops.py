@@ -1,0 +1,147 @@
+"""The stop switch's API (/v1/stops: make, list, read, lift) and the tenant's alerts of
+every kind (/v1/alerts).
+
+Writes need an admin client once clients are configured (401 without credentials, 403 for
+another role), as the other definition writes do; reads any client. A stop takes effect
+at the very next decision on every replica: the decision scripts read it from Redis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import Annotated, TypeVar
+
+import msgspec
+from aiohttp import web
+from msgspec import Meta
+
+from sidecar import alerts
+from sidecar.api.auth import require, tenant_of
+from sidecar.api.axonflow import int_query, json_response
+from sidecar.api.problems import ProblemError
+from sidecar.auth import Role
+from sidecar.engine import Engine
+from sidecar.model import Scope
+from sidecar.schemas import Id
+from sidecar.stops import MAX_REASON, MAX_TTL_S, Stop, Stops
+from sidecar.store import StoreUnavailable
+
+T = TypeVar("T")
+
+# Free text, shown in decisions, logs and alerts: no control characters (a reason may end
+# up in a header or a log line, where a newline would forge another).
+Reason = Annotated[str, Meta(min_length=1, max_length=MAX_REASON, pattern=r"^[^\x00-\x1f\x7f]+\Z")]
+TtlS = Annotated[int, Meta(ge=1, le=MAX_TTL_S)]
+
+
+class StopRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """POST /v1/stops: stop every decision of one entity (and what lies below it)."""
+
+    scope: Scope
+    scope_id: Id
+    reason: Reason
+    # Seconds until the stop ends by itself (none: until it is lifted).
+    ttl_s: TtlS | None = None
+
+    def __post_init__(self) -> None:
+        if not self.reason.strip():
+            raise ValueError("reason: must not be blank")
+
+
+class StopView(msgspec.Struct, kw_only=True):
+    id: str
+    scope: str
+    scope_id: str
+    reason: str
+    created_at: str
+    expires_at: str | None  # null: until lifted
+
+
+class StopList(msgspec.Struct, kw_only=True):
+    stops: list[StopView]
+
+
+class AlertList(msgspec.Struct, kw_only=True):
+    """The tenant's alerts still in its stream, newest first: threshold alerts and guard
+    trips (a stop made, a loop guard, a call cap, a velocity limit)."""
+
+    alerts: list[alerts.Alert]
+    count: int
+
+
+_decode = msgspec.json.Decoder(StopRequest).decode
+
+
+def view(stop: Stop) -> StopView:
+    return StopView(
+        id=stop.id,
+        scope=stop.scope,
+        scope_id=stop.scope_id,
+        reason=stop.reason,
+        created_at=stop.created_at,
+        expires_at=stop.expires_at,
+    )
+
+
+async def _stored(call: Awaitable[T]) -> T:
+    """A stops call; Redis away (or too slow) is 503, as on every route that needs it."""
+    try:
+        return await call
+    except StoreUnavailable as exc:
+        raise ProblemError(503, f"budget store unavailable: {exc}", degraded=True) from exc
+
+
+def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stops) -> None:
+    def not_found(stop_id: str) -> ProblemError:
+        return ProblemError(404, f"no stop {stop_id!r} in force", field="id")
+
+    async def create(request: web.Request) -> web.Response:
+        require(request, Role.ADMIN)
+        body = _decode(await request.read())
+        engine = request.app[engine_key]
+        stop, _replaced = await _stored(
+            stops.create(
+                tenant_of(request), body.scope, body.scope_id, body.reason, body.ttl_s,
+                engine.now_ms(),
+            )
+        )  # fmt: skip
+        return json_response(view(stop), status=201)
+
+    async def list_stops(request: web.Request) -> web.Response:
+        require(request, Role.READ)
+        now = request.app[engine_key].now_ms()
+        found = await _stored(stops.list(tenant_of(request), now))
+        return json_response(StopList(stops=[view(s) for s in found]))
+
+    async def read(request: web.Request) -> web.Response:
+        require(request, Role.READ)
+        stop_id = request.match_info["stop_id"]
+        now = request.app[engine_key].now_ms()
+        found = await _stored(stops.get(tenant_of(request), stop_id, now))
+        if found is None:
+            raise not_found(stop_id)
+        return json_response(view(found))
+
+    async def delete(request: web.Request) -> web.Response:
+        require(request, Role.ADMIN)
+        stop_id = request.match_info["stop_id"]
+        now = request.app[engine_key].now_ms()
+        if not await _stored(stops.delete(tenant_of(request), stop_id, now)):
+            raise not_found(stop_id)
+        return web.Response(status=204)
+
+    async def list_alerts(request: web.Request) -> web.Response:
+        require(request, Role.READ)
+        limit = int_query(request, "limit", 100, 1, 1000)
+        engine = request.app[engine_key]
+        tenant = tenant_of(request)
+        found = await alerts.recent_alerts(
+            engine.store_client, tenant, limit, lambda b: engine.budget_name(tenant, b)
+        )
+        return json_response(AlertList(alerts=found, count=len(found)))
+
+    app.router.add_get("/v1/stops", list_stops)
+    app.router.add_post("/v1/stops", create)
+    app.router.add_get("/v1/stops/{stop_id}", read)
+    app.router.add_delete("/v1/stops/{stop_id}", delete)
+    app.router.add_get("/v1/alerts", list_alerts)
