@@ -24,8 +24,8 @@
 -- ARGV[18] at the lease's end unsettled: 'c' charge the estimate, '' return it
 -- ARGV[19] the ledger config (see settle.lua), kept for that charge
 -- ARGV[20..] five per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
---           'd' downgrade), gc_at_ms (unused since sweep.lua collects counters by their
---           window key; kept so the layout stays), alert
+--           'd' downgrade), the forecast alert's period window "start_ms:end_ms" ('' or
+--           a number, the gc time this slot once carried: no forecast alert), alert
 --           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
 --           window_ms, burst, shadow ('1': evaluate and report, never deny)
@@ -67,6 +67,7 @@ for i = 20, last_budget, 5 do
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
   alert_specs[#alert_specs + 1] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
+    .. forecast_suffix(ARGV[i + 3])
   fields[#fields + 1] = 'u:' .. cid
   fields[#fields + 1] = 'h:' .. cid
 end
