@@ -382,6 +382,13 @@ local function window_add(ctr, cid, cost, now)
   return text
 end
 
+-- Whether a recent-spend window has nothing left to say at `now` (both buckets past):
+-- the sweep deletes it, so an idle counter is one field again.
+local function stale_window(window, now)
+  local k = tonumber(split(window or '', ':')[1]) or 0
+  return k < math.floor(math.floor(now / 1000) / WINDOW_S) - 1
+end
+
 -- The projected spend at the period's end (forecast.forecast's forecast_micro).
 local function forecast_of(used, held, window, start_ms, end_ms, now)
   local w = split(window or '', ':')

@@ -29,8 +29,8 @@
 --           thresholds in percent, '.'-joined ('' = none; kept for settle's alerts)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent), limit,
 --           window_ms, burst, shadow ('1': evaluate and report, never deny)
--- The reply: {verdict, reservation id, state, held, u1, h1, ..., then per rate limit:
---           would_deny (0/1), remaining, retry_after_ms (-1: unknown)}
+-- The reply: {verdict, reservation id, state, held, u1, h1, ..., w1, ..., then per rate
+--           limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown)}
 --   verdict 0: denied (by a block budget, a downgrade that does not fit, or an enforced
 --   rate limit), nothing changed; 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
@@ -39,7 +39,8 @@
 --   cancelled before this call ran (see release.lua); 4: the key was made by a different
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
---   u, h: settled and held micro-USD of each budget counter before this call.
+--   u, h: settled and held micro-USD of each budget counter before this call; w: its
+--   recent-spend window "k:cur:prev" ('' = none; see _lib.lua window_add), for the forecast.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -72,6 +73,9 @@ for i = 20, last_budget, 5 do
   fields[#fields + 1] = 'h:' .. cid
 end
 local rates = rate_args(last_budget + 1, fields)
+-- The budgets' recent-spend windows (for the forecast), after the limiters' fields.
+local wfirst = #fields
+for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
@@ -90,6 +94,7 @@ if idem ~= '' then
     end
     local out = {2, prior, 'H', tonumber(r[3])}
     for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
+    for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
     return done(out)
   end
 end
@@ -107,6 +112,7 @@ for i = 1, nb do
   out[#out + 1] = u
   out[#out + 1] = h
 end
+for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
 if downgrade and not deny then
   if not est_down then
     deny = true

@@ -11,8 +11,8 @@
 -- ARGV[7] the estimate re-priced for the downgrade model ('' = none; see authorize.lua)
 -- ARGV[8..] three per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd')
 -- then six per rate limit: rf, metric ('r' | 't' | 'c'), limit, window_ms, burst, shadow
--- Returns: {verdict, held, u1, h1, ..., then per rate limit: would_deny, remaining,
---   retry_after_ms}: verdict 1 if authorize would hold now (held: what it would hold,
+-- Returns: {verdict, held, u1, h1, ..., w1, ..., then per rate limit: would_deny,
+--   remaining, retry_after_ms} (w: each budget's recent-spend window, as authorize): verdict 1 if authorize would hold now (held: what it would hold,
 --   ARGV[2] or, downgraded, ARGV[7]), else 0; or BACKLOG (-9, alone) as authorize.
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -21,15 +21,18 @@ local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
-local fields, limits, modes = {}, {}, {}
+local fields, limits, modes, cids = {}, {}, {}, {}
 local last_budget = 7 + 3 * nb
 for i = 8, last_budget, 3 do
+  cids[#cids + 1] = ARGV[i]
   fields[#fields + 1] = 'u:' .. ARGV[i]
   fields[#fields + 1] = 'h:' .. ARGV[i]
   limits[#limits + 1] = tonumber(ARGV[i + 1])
   modes[#modes + 1] = ARGV[i + 2]
 end
 local rates = rate_args(last_budget + 1, fields)
+local wfirst = #fields  -- the budgets' recent-spend windows, after the limiters' fields
+for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
@@ -43,6 +46,7 @@ for i = 1, nb do
   out[#out + 1] = u
   out[#out + 1] = h
 end
+for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
 -- The same downgrade rule as authorize.lua: the re-priced call must fit, or it is denied.
 local est_down = tonumber(ARGV[7])
 if downgrade and out[1] == 1 then

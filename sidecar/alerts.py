@@ -7,6 +7,13 @@ after the charge, micro-USD), `at` (Unix ms). Detection happens in the script, s
 threshold alerts once per budget, entity, period window and threshold however many
 concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
 
+A forecast alert (a budget with `forecast_alert: true`) is an entry of kind `k` = `f`,
+written the first time in a period that a charge leaves the counter's forecast at or past
+its limit (lua/_lib.lua check_forecast): `cid`, `l`, `u` (spend), `h` (held), `w` (the
+recent-spend window), `s`/`e` (the period window, Unix ms), `at`. The figures are the
+forecast's inputs, so the alert's forecast and exhaustion time are sidecar.forecast's, the
+same arithmetic the script decided with.
+
 An alert's id is stable (`<tenant>/<counter id>/<threshold>`, escaped): a webhook receiver
 can deduplicate on it across retries, replicas and tenants.
 """
@@ -19,11 +26,13 @@ import msgspec
 import redis.asyncio as aioredis
 
 from sidecar import keys
+from sidecar.forecast import forecast, parse_window
 from sidecar.ledger import newest_first
 from sidecar.money import micro_to_usd
 from sidecar.periods import iso
 
 ALERT_TYPE = "threshold_reached"
+FORECAST_TYPE = "forecast"
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -41,6 +50,9 @@ class Alert(msgspec.Struct, kw_only=True):
     acknowledged: bool
     entity: str
     tenant_id: str
+    # Forecast alerts: the projection at the charge that raised it (null for thresholds).
+    forecast_usd: float | None = None
+    exhausted_at: str | None = None
 
 
 def parse_entry(
@@ -50,6 +62,8 @@ def parse_entry(
 ) -> Alert | None:
     """The Alert of one stream entry (None for an entry this version cannot read).
     `name_of` gives a budget's display name (None: the budget is gone)."""
+    if fields.get("k") == "f":
+        return _forecast_entry(tenant, fields, name_of)
     try:
         cid = fields["cid"]
         threshold = int(fields["t"])
@@ -74,6 +88,43 @@ def parse_entry(
         acknowledged=False,
         entity=entity,
         tenant_id=tenant,
+    )
+
+
+def _forecast_entry(
+    tenant: str,
+    fields: Mapping[str, str],
+    name_of: Callable[[str], str | None],
+) -> Alert | None:
+    try:
+        cid = fields["cid"]
+        limit, spent, held = int(fields["l"]), int(fields["u"]), int(fields["h"])
+        start, end, at = int(fields["s"]), int(fields["e"]), int(fields["at"])
+        window = parse_window(fields["w"])
+        budget_id, entity, _window = keys.parse_counter_id(cid)
+    except (KeyError, ValueError):
+        return None
+    f = forecast(spent, held, limit, window, start, end, at)
+    name = name_of(budget_id) or budget_id
+    when = iso(f.exhausted_at_ms) if f.exhausted_at_ms is not None else iso(end)
+    return Alert(
+        id=f"{keys.escape(tenant)}/{cid}/forecast",
+        budget_id=budget_id,
+        alert_type=FORECAST_TYPE,
+        threshold=100,
+        percentage_reached=round(spent * 100 / limit, 2) if limit > 0 else 0.0,
+        amount_usd=micro_to_usd(spent),
+        limit_usd=micro_to_usd(limit),
+        message=(
+            f"Budget '{name}' forecast to run out at {when}: "
+            f"{micro_to_usd(f.forecast_micro)} USD projected by {iso(end)} ({entity})"
+        ),
+        created_at=iso(at),
+        acknowledged=False,
+        entity=entity,
+        tenant_id=tenant,
+        forecast_usd=micro_to_usd(f.forecast_micro),
+        exhausted_at=None if f.exhausted_at_ms is None else iso(f.exhausted_at_ms),
     )
 
 

@@ -64,6 +64,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     alert_thresholds: list[Annotated[int, Meta(ge=1, le=1000)]] = msgspec.field(
         default_factory=lambda: [50, 80, 100]
     )
+    forecast_alert: bool = False
     enabled: bool = True
     timezone: str = "UTC"
     fail_mode: FailMode | None = None
@@ -93,6 +94,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             on_exceed=self.on_exceed,
             downgrade_to=dict(self.downgrade_to),
             alert_thresholds=tuple(sorted(set(self.alert_thresholds))),
+            forecast_alert=self.forecast_alert,
             enabled=self.enabled,
             timezone=self.timezone,
             fail_mode=self.fail_mode,

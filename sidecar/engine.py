@@ -35,7 +35,14 @@ from sidecar.model import (
 from sidecar.money import micro_to_usd, usd_to_micro
 from sidecar.periods import iso
 from sidecar.reservations import SEP, fingerprint, meta, new_reservation_id
-from sidecar.resolution import COUNTER_GRACE_MS, Resolved, Resolver, Snapshot, identity_of
+from sidecar.resolution import (
+    COUNTER_GRACE_MS,
+    Resolved,
+    Resolver,
+    Snapshot,
+    forecast_window,
+    identity_of,
+)
 from sidecar.schemas import (
     AuthorizeRequest,
     BudgetStatus,
@@ -398,7 +405,7 @@ class Engine:
             "1" if req.success else "0",
         ]
         for a in applied:
-            args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS, a.budget.limit_micro, a.thresholds)
+            args += (a.cid, forecast_window(a), a.budget.limit_micro, a.thresholds)
         reply = await self._run(
             self._scripts.record, tenant, args, self._charging_keys(tenant, now)
         )
@@ -430,7 +437,7 @@ class Engine:
         a = self._resolver.applied(budget, entity, None, now)
         args: list[str | int] = [now, self._snapshot.config.settings.keep_finished_ms, a.cid]
         reply = await self._run(self._scripts.status, tenant, args)
-        return rendering.budget_status(a, int(reply[1]), int(reply[2]))
+        return rendering.budget_status(a, int(reply[1]), int(reply[2]), reply[3], now)
 
     async def authorize(self, tenant: str, req: AuthorizeRequest) -> Decision:
         start = time.perf_counter()

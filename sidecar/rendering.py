@@ -9,6 +9,7 @@ from typing import Any
 from sidecar import keys
 from sidecar.decision import Applied, decide, percentage
 from sidecar.errors import RequestError
+from sidecar.forecast import forecast, parse_window
 from sidecar.model import Action, Budget, LimitMode, Metric
 from sidecar.money import MICRO, micro_to_usd
 from sidecar.periods import iso
@@ -38,22 +39,25 @@ def decision(
     held_est: int = 0,
     est_down: int | None = None,
 ) -> Decision:
-    """A decision from the script's figures: budget counters before this call, then
-    (for a fresh decision) three figures per rate limit. `held_est` is what this call
+    """A decision from the script's figures: budget counters before this call (u, h per
+    budget), each budget's recent-spend window, then (for a fresh decision) three figures
+    per rate limit. `held_est` is what this call
     now holds on each budget (reported in held_usd)."""
     applied = resolved.budgets
     nb = len(applied)
     # hiredis gives Lua's integer replies as ints already.
     values: list[int] = values_raw[: 2 * nb]
+    windows: list[Any] = values_raw[2 * nb : 3 * nb]
     outcome = decide(applied, values, est, allowed, est_down)
     states = [
-        budget_state(a, values[2 * i], values[2 * i + 1] + held_est) for i, a in enumerate(applied)
+        budget_state(a, values[2 * i], values[2 * i + 1] + held_est, windows[i], now)
+        for i, a in enumerate(applied)
     ]
     limits: list[RateLimitState] = []
     denying: list[RateLimitState] = []
     binding_limit = None
     if resolved.limits:
-        rate_raw: list[int] = values_raw[2 * nb :]
+        rate_raw: list[int] = values_raw[3 * nb :]
         limits = [
             limit_state(limit, rate_raw[3 * j : 3 * j + 3])
             for j, limit in enumerate(resolved.limits)
@@ -95,10 +99,21 @@ def decision(
     )
 
 
-def budget_state(a: Applied, used: int, held: int) -> BudgetState:
+def budget_state(
+    a: Applied, used: int, held: int, window: Any = None, now: int | None = None
+) -> BudgetState:
+    """A budget's state; with its recent-spend window and the clock (decisions), its
+    forecast too."""
     b = a.budget
     limit = b.limit_micro
     committed = used + held
+    forecast_usd = exhausted_at = None
+    if now is not None:
+        f = forecast(
+            used, held, limit, parse_window(window), a.window_start_ms, a.window_end_ms, now
+        )
+        forecast_usd = f.forecast_micro / MICRO
+        exhausted_at = None if f.exhausted_at_ms is None else iso(f.exhausted_at_ms)
     # micro_to_usd inline (micro / MICRO): four calls per budget per decision cost
     # 0.6 us of a 15.5 us in-process authorize.
     return BudgetState(
@@ -114,11 +129,13 @@ def budget_state(a: Applied, used: int, held: int) -> BudgetState:
         remaining_usd=(limit - committed) / MICRO,
         percentage=percentage(committed, limit),
         exceeded=committed >= limit if limit else committed > 0,
+        forecast_usd=forecast_usd,
+        exhausted_at=exhausted_at,
     )
 
 
-def budget_status(a: Applied, used: int, held: int) -> BudgetStatus:
-    s = budget_state(a, used, held)
+def budget_status(a: Applied, used: int, held: int, window: Any, now: int) -> BudgetStatus:
+    s = budget_state(a, used, held, window, now)
     return BudgetStatus(
         budget_id=s.budget_id,
         budget_name=s.budget_name,
@@ -134,6 +151,8 @@ def budget_status(a: Applied, used: int, held: int) -> BudgetStatus:
         exceeded=s.exceeded,
         period_start=iso(a.window_start_ms),
         period_end=iso(a.window_end_ms),
+        forecast_usd=s.forecast_usd or 0.0,
+        exhausted_at=s.exhausted_at,
     )
 
 

@@ -204,7 +204,7 @@ class Resolver:
                 a.cid,
                 a.budget.limit_micro,
                 a.mode,
-                a.window_end_ms + COUNTER_GRACE_MS,
+                forecast_window(a),
                 a.thresholds,
             )
         for limit in limits:
@@ -257,3 +257,11 @@ def applied_limit(limit: RateLimit, entity: str) -> AppliedLimit:
             "1" if limit.mode is LimitMode.SHADOW else "0",
         ),
     )
+
+
+def forecast_window(a: Applied) -> str:
+    """The scripts' forecast-alert slot of a budget: its period window "start_ms:end_ms",
+    or '' when it asks for no forecast alert (lua/_lib.lua forecast_suffix)."""
+    if not a.budget.forecast_alert:
+        return ""
+    return f"{a.window_start_ms}:{a.window_end_ms}"

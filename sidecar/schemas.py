@@ -169,6 +169,11 @@ class BudgetState(Struct, kw_only=True):
     remaining_usd: float
     percentage: float
     exceeded: bool
+    # The projected spend at the period's end and when it reaches the limit (null: not
+    # within the period), sidecar/forecast.py. Decisions carry them; settle and record
+    # results leave them null (their scripts return no recent-spend window).
+    forecast_usd: float | None = None
+    exhausted_at: str | None = None
 
 
 class RateLimitState(Struct, kw_only=True):
@@ -254,3 +259,5 @@ class BudgetStatus(Struct, kw_only=True):
     exceeded: bool
     period_start: str
     period_end: str
+    forecast_usd: float
+    exhausted_at: str | None

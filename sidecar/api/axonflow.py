@@ -55,6 +55,7 @@ class AxBudget(msgspec.Struct, kw_only=True):
     period: str
     on_exceed: str
     alert_thresholds: list[int]
+    forecast_alert: bool
     enabled: bool
     scope_id: str | None
     tenant_id: str
@@ -77,6 +78,9 @@ class AxStatus(msgspec.Struct, kw_only=True):
     is_blocked: bool
     period_start: str
     period_end: str
+    # Ours, beyond the SDK's BudgetStatus (its pydantic model ignores them): see forecast.py.
+    forecast_usd: float
+    exhausted_at: str | None
 
 
 class AxCheck(msgspec.Struct, kw_only=True):
@@ -133,6 +137,8 @@ class AxCreateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     on_exceed: OnExceed = OnExceed.BLOCK
     alert_thresholds: Thresholds = msgspec.field(default_factory=list)
     scope_id: Id | None = None
+    # Not in the SDK's request (it sends none): ours, for the forecast alert.
+    forecast_alert: bool = False
 
 
 class AxUpdateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -143,6 +149,7 @@ class AxUpdateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limit_usd: LimitUsd | None = None
     on_exceed: OnExceed | None = None
     alert_thresholds: Thresholds | None = None
+    forecast_alert: bool | None = None
 
 
 _check_body = msgspec.json.Decoder(AxCheckRequest).decode
@@ -160,6 +167,7 @@ def ax_budget(budget: Budget, tenant: str) -> AxBudget:
         period=budget.period,
         on_exceed=budget.on_exceed,
         alert_thresholds=list(budget.alert_thresholds),
+        forecast_alert=budget.forecast_alert,
         enabled=budget.enabled,
         scope_id=budget.scope_id,
         tenant_id=tenant,
@@ -276,6 +284,7 @@ def add_routes(
             period=body.period,
             on_exceed=body.on_exceed,
             alert_thresholds=sorted(set(body.alert_thresholds or DEFAULT_THRESHOLDS)),
+            forecast_alert=body.forecast_alert,
             created_at=now,
             updated_at=now,
         )
@@ -306,6 +315,9 @@ def add_routes(
             period=budget.period,
             on_exceed=body.on_exceed if body.on_exceed is not None else budget.on_exceed,
             alert_thresholds=sorted(set(body.alert_thresholds or budget.alert_thresholds)),
+            forecast_alert=(
+                body.forecast_alert if body.forecast_alert is not None else budget.forecast_alert
+            ),
             created_at=budget.created_at or iso(engine.now_ms()),
             updated_at=iso(engine.now_ms()),
         )
@@ -352,6 +364,8 @@ def add_routes(
                 is_blocked=status.exceeded and budget.on_exceed == "block",
                 period_start=status.period_start,
                 period_end=status.period_end,
+                forecast_usd=status.forecast_usd,
+                exhausted_at=status.exhausted_at,
             )
         )
 
