@@ -35,7 +35,7 @@ ALERT_TYPE = "threshold_reached"
 FORECAST_TYPE = "forecast"
 
 
-class Alert(msgspec.Struct, kw_only=True):
+class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One alert, in the AxonFlow SDK's BudgetAlert shape plus the entity and tenant."""
 
     id: str
@@ -50,7 +50,8 @@ class Alert(msgspec.Struct, kw_only=True):
     acknowledged: bool
     entity: str
     tenant_id: str
-    # Forecast alerts: the projection at the charge that raised it (null for thresholds).
+    # Forecast alerts only: the projection at the charge that raised it (threshold alerts
+    # leave both out: their body is unchanged).
     forecast_usd: float | None = None
     exhausted_at: str | None = None
 
