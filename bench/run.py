@@ -76,8 +76,9 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
     now = str(int(time.time() * 1000))
     budgets = []
     for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-        # cid, limit, mode, call cap (none), thresholds, idle (a calendar window)
-        budgets += [cid, "1000000000000000", "b", "", "50.80.100", ""]
+        # cid, limit, mode, call cap (none), thresholds, idle (a calendar window), no
+        # forecast alert
+        budgets += [cid, "1000000000000000", "b", "", "50.80.100", "", ""]
     cmd = [
         "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
         "-n", str(40_000 * seconds), "-r", "1000000000",
@@ -116,7 +117,7 @@ def settle_learned_ratio(server: RedisServer, n: int = 20_000) -> dict[str, floa
         now = int(time.time() * 1000)
         budgets: list[str | int] = []
         for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-            budgets += [cid, 10**15, "b", "", "50.80.100", ""]
+            budgets += [cid, 10**15, "b", "", "50.80.100", "", ""]
         pipe = client.pipeline(transaction=False)
         for i in range(n):
             pipe.evalsha(

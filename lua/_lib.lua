@@ -23,7 +23,9 @@
 --   KEYS[6] alerts stream threshold alerts (see check_alerts())
 --   KEYS[7] agg    hash  the current UTC day's usage totals (see ledger())
 --   KEYS[8] uagg   hash  the current UTC day's per-user totals (see ledger())
--- ctr also holds "a:<cid>": the thresholds of that counter already alerted, '.'-joined.
+-- ctr also holds "a:<cid>": the thresholds of that counter already alerted, '.'-joined
+-- ('f' among them: its forecast alert), and "w:<cid>": its recent spend, "k:cur:prev"
+-- (see window_add; read by the decisions and status for the forecast).
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
 -- milliseconds. Lua numbers are doubles: every integer here stays below 2^53.
@@ -307,10 +309,20 @@ local function first_result(r)
   return out
 end
 
--- A budget's spec in record field 17: limit, alert thresholds, mode.
+-- A budget's spec in record field 17: limit, alert thresholds, mode, and (a budget with
+-- forecast_alert) its period window start and end ms: "limit:t1.t2:mode[:start:end]".
 local function parse_spec(spec)
   local parts = split(spec or '', ':')
-  return tonumber(parts[1]), parts[2] or '', parts[3] or 'b'
+  return tonumber(parts[1]), parts[2] or '', parts[3] or 'b', tonumber(parts[4]),
+    tonumber(parts[5])
+end
+
+-- A budget's forecast-alert window as authorize and record take it, "start_ms:end_ms" (''
+-- or anything else: no forecast alert; that slot once carried an unused gc time), as the
+-- suffix of its spec.
+local function forecast_suffix(arg)
+  if arg and string.find(arg, ':', 1, true) then return ':' .. arg end
+  return ''
 end
 
 -- Read the counters named by `cids`: a flat list u1, h1, u2, h2, ... (0 where absent)
@@ -355,6 +367,85 @@ local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, 
       end
     end
   end
+end
+
+-- Forecasts: the same arithmetic as sidecar/forecast.py (which documents the estimator),
+-- step for step, so both agree to the micro-USD. WINDOW_S is forecast.WINDOW_S.
+local WINDOW_S = 600
+
+-- floor(a * b / c) for integers a >= 0, 0 <= b, c > 0, exact while the result and r * b
+-- (r < c) stay below 2^53: the product a * b itself may not.
+-- floor(a / c) exactly: the double quotient may round up to the next integer.
+local function fdiv(a, c)
+  local q = math.floor(a / c)
+  local r = a - q * c
+  if r < 0 then return q - 1, r + c end
+  if r >= c then return q + 1, r - c end
+  return q, r
+end
+
+local function muldiv(a, b, c)
+  local q, r = fdiv(a, c)
+  return q * b + (fdiv(r * b, c))
+end
+
+-- Add `cost` to a counter's recent-spend window "k:cur:prev" (k: the bucket index, Unix
+-- seconds // WINDOW_S; cur: spend in bucket k; prev: in bucket k - 1). One HGET and one
+-- HSET per charge, whatever the traffic. Returns the window written.
+local function window_add(ctr, cid, cost, now)
+  local k_now = math.floor(math.floor(now / 1000) / WINDOW_S)
+  local k, cur, prev = k_now, 0, 0
+  local raw = redis.call('HGET', ctr, 'w:' .. cid)
+  if raw then
+    local w = split(raw, ':')
+    local k0, c0, p0 = tonumber(w[1]) or 0, tonumber(w[2]) or 0, tonumber(w[3]) or 0
+    if k0 >= k_now then
+      k, cur, prev = k0, c0, p0  -- this bucket (or a replica whose clock is ahead)
+    elseif k0 == k_now - 1 then
+      prev = c0
+    end
+  end
+  local text = int(k) .. ':' .. int(cur + cost) .. ':' .. int(prev)
+  redis.call('HSET', ctr, 'w:' .. cid, text)
+  return text
+end
+
+-- Whether a recent-spend window has nothing left to say at `now` (both buckets past):
+-- the sweep deletes it, so an idle counter is one field again.
+local function stale_window(window, now)
+  local k = tonumber(split(window or '', ':')[1]) or 0
+  return k < math.floor(math.floor(now / 1000) / WINDOW_S) - 1
+end
+
+-- The projected spend at the period's end (forecast.forecast's forecast_micro).
+local function forecast_of(used, held, window, start_ms, end_ms, now)
+  local w = split(window or '', ':')
+  local k, cur, prev = tonumber(w[1]) or 0, tonumber(w[2]) or 0, tonumber(w[3]) or 0
+  local now_s = math.floor(now / 1000)
+  local k_now = math.floor(now_s / WINDOW_S)
+  local c, p = 0, 0
+  if k >= k_now then c, p = cur, prev elseif k == k_now - 1 then p = cur end
+  local e = now_s - k_now * WINDOW_S
+  local recent = c + muldiv(p, WINDOW_S - e, WINDOW_S)
+  local elapsed = math.max(now_s - math.floor(start_ms / 1000), WINDOW_S)
+  local v2 = recent + muldiv(used, WINDOW_S, elapsed)
+  local remaining = math.max(math.floor(end_ms / 1000) - now_s, 0)
+  return used + held + muldiv(v2, remaining, 2 * WINDOW_S)
+end
+
+-- The forecast alert of one counter after a charge: the first time in its period window
+-- (a counter id names the window) that the forecast reaches the limit, i.e. that
+-- exhausted_at falls inside the period, one alert entry of kind 'f'. Once-ness as the
+-- threshold alerts: 'f' joins "a:<cid>" in the same script that charged.
+local function check_forecast(ctr, stream, cid, limit, start_ms, end_ms, used, held, window, now)
+  if not start_ms or not end_ms or not limit or limit <= 0 then return end
+  if forecast_of(used, held, window, start_ms, end_ms, now) < limit then return end
+  local fired = redis.call('HGET', ctr, 'a:' .. cid) or ''
+  if string.find('.' .. fired .. '.', '.f.', 1, true) then return end
+  redis.call('HSET', ctr, 'a:' .. cid, (fired == '') and 'f' or (fired .. '.f'))
+  redis.call('XADD', stream, 'MAXLEN', '~', ALERTS_MAX, '*', 'cid', cid, 'k', 'f',
+    'l', int(limit), 'u', int(used), 'h', int(held), 'w', window, 's', int(start_ms),
+    'e', int(end_ms), 'at', int(now))
 end
 
 -- One usage-ledger entry and the day's aggregates for a charge. `cfg` is
@@ -422,8 +513,12 @@ local function charge(ctr, r, cost, held, now)
       h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
     end
     local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(cost))
-    local limit, thresholds, mode = parse_spec(specs[i])
+    local limit, thresholds, mode, fstart, fend = parse_spec(specs[i])
     check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
+    if cost > 0 then
+      local window = window_add(ctr, cid, cost, now)
+      check_forecast(ctr, KEYS[6], cid, limit, fstart, fend, u, h, window, now)
+    end
     if limit and mode ~= 'w' then
       local past = math.max(0, u - limit) - math.max(0, u - cost - limit)
       if past > overshoot then overshoot = past end

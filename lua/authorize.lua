@@ -31,20 +31,23 @@
 --          have been taught before its p95 is held (until then ARGV[4] holds: cold start)
 -- ARGV[23] nl: the number of rate limits   ARGV[24] the call's entities as stop fields,
 --          "s:<scope>:<entity>" ','-joined   ARGV[25] ng: the number of loop guards
--- ARGV[26..] six per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
+-- ARGV[26..] seven per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
 --           'd' downgrade), call cap ('' = none), alert thresholds in percent, '.'-joined
 --           ('' = none; kept for settle's alerts), idle ms of a period-total counter ('' =
---           a calendar window)
+--           a calendar window), the forecast alert's period window "start_ms:end_ms" (''
+--           = no forecast alert; kept for settle's)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent, 'u'
 --           USD_UNIT micro-USD), limit, window_ms, burst, shadow ('1': evaluate and
 --           report, never deny)
 -- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
--- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., then per rate limit:
---           would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
+-- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., w1, ..., then per
+--           rate limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
 --           its calls before this one; then the stop in force ('' '' = none: its field
 --           and value); then per loop guard: would_deny (0/1), its calls in the window}
 --   weighed: the estimate the budgets were weighed against before any downgrade: ARGV[4],
 --   or the series' learned figure where that is larger (whether held or denied)
+--   w: each budget counter's recent-spend window "k:cur:prev" ('' = none; see _lib.lua
+--   window_add), for the forecast
 --   verdict 0: denied (by a stop, a block budget's dollars or calls, a downgrade that does
 --   not fit, an enforced rate limit or loop guard), nothing changed but the alerts of a
 --   guard's trip; 1: held and charged everywhere (held = ARGV[4], or
@@ -78,14 +81,15 @@ collect(ctr, res, gc, now)
 local fields = {}
 local cids, limits, modes, caps, idles, alert_specs = {}, {}, {}, {}, {}, {}
 local rnow = 0  -- read only if a rate limit applies
-local last_budget = FIRST_BUDGET - 1 + 6 * nb
+local last_budget = FIRST_BUDGET - 1 + 7 * nb
 for b = 1, nb do
-  local i = FIRST_BUDGET + 6 * (b - 1)
+  local i = FIRST_BUDGET + 7 * (b - 1)
   local cid = ARGV[i]
   -- caps[b] and idles[b] are nil for none: indexed by b, never appended.
   cids[b], limits[b], modes[b] = cid, tonumber(ARGV[i + 1]), ARGV[i + 2]
   caps[b], idles[b] = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 5])
   alert_specs[b] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
+    .. forecast_suffix(ARGV[i + 6])
   fields[#fields + 1] = 'u:' .. cid
   fields[#fields + 1] = 'h:' .. cid
 end
@@ -98,6 +102,9 @@ end
 local stop_names = split(ARGV[24], ',')
 local first_stop = #fields
 for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
+-- The budgets' recent-spend windows (for the forecast).
+local wfirst = #fields
+for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
@@ -116,6 +123,7 @@ if idem ~= '' then
     end
     local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
     for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
+    for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
     return done(out)
   end
 end
@@ -145,6 +153,7 @@ for i = 1, nb do
   out[#out + 1] = u
   out[#out + 1] = h
 end
+for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
 if downgrade and not deny then
   if not est_down then
     deny = true

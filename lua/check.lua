@@ -1,5 +1,5 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
--- Returns: {verdict, held, weighed, u1, h1, ..., then per rate limit: would_deny,
+-- Returns: {verdict, held, weighed, u1, h1, ..., w1, ..., then per rate limit: would_deny,
 --   remaining, retry_after_ms; then per budget its calls; then the stop in force (field,
 --   value; '' '' = none); then per loop guard: would_deny, its calls in the window}:
 --   verdict 1 if authorize would hold now (held: what it would hold, ARGV[2] or the
@@ -55,6 +55,8 @@ end
 local stop_names = split(ARGV[12], ',')
 local first_stop = #fields
 for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
+local wfirst = #fields  -- the budgets' recent-spend windows (as authorize.lua's w)
+for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
 local raw = {}
 if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
 
@@ -68,6 +70,7 @@ for i = 1, nb do
   out[#out + 1] = u
   out[#out + 1] = h
 end
+for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
 -- The same downgrade rule as authorize.lua: the re-priced call must fit, or it is denied.
 local est_down = tonumber(ARGV[7])
 if downgrade and out[1] == 1 then

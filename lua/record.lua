@@ -13,9 +13,9 @@
 -- ARGV[6] tokens in   ARGV[7] tokens out
 -- ARGV[8] ledger config (see settle.lua)   ARGV[9] latency ms ('' = unknown)
 -- ARGV[10] success '1' | '0'
--- ARGV[11..] four per budget: cid, gc_at_ms (unused: sweep.lua collects counters by their
---           window key), limit (micro-USD), alert thresholds
---           ('.'-joined percent, '' = none)
+-- ARGV[11..] four per budget: cid, the forecast alert's period window "start_ms:end_ms"
+--           ('' or a number, the unused gc time this slot once carried: none), limit
+--           (micro-USD), alert thresholds ('.'-joined percent, '' = none)
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
@@ -24,11 +24,12 @@ local keep = tonumber(ARGV[4])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
-local cids, limits, thresholds = {}, {}, {}
+local cids, limits, thresholds, windows = {}, {}, {}, {}
 for i = 11, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
   limits[#limits + 1] = tonumber(ARGV[i + 2])
   thresholds[#thresholds + 1] = ARGV[i + 3]
+  windows[#windows + 1] = split(string.sub(forecast_suffix(ARGV[i + 1]), 2), ':')
 end
 local values = read_counters(ctr, cids)
 
@@ -42,6 +43,11 @@ for i, cid in ipairs(cids) do
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
+    if cost > 0 then
+      local window = window_add(ctr, cid, cost, now)
+      check_forecast(ctr, KEYS[6], cid, limits[i], tonumber(windows[i][1]),
+        tonumber(windows[i][2]), u, h, window, now)
+    end
   end
   out[#out + 1] = u
   out[#out + 1] = h

@@ -5,8 +5,9 @@
 -- ARGV[1] now_ms
 -- ARGV[2] keep_ms
 -- ARGV[3..] cids
--- Returns: {1, u1, h1, u2, h2, ..., c1, c2, ...} settled and held micro-USD of each
---   counter, then its calls (0 unless its budget caps calls), or
+-- Returns: {1, u1, h1, u2, h2, ..., w1, w2, ..., c1, c2, ...} settled and held micro-USD
+--   of each counter, then each one's recent-spend window ('' = none; _lib.lua
+--   window_add), then its calls (0 unless its budget caps calls), or
 --   BACKLOG (-9, alone): more ended leases than one call returns (see _lib.lua reclaim).
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if reclaim(ctr, lease, res, gc, tonumber(ARGV[1]), tonumber(ARGV[2])) then
@@ -16,7 +17,15 @@ local cids = {}
 for i = 3, #ARGV do cids[#cids + 1] = ARGV[i] end
 local values = read_counters(ctr, cids)
 table.insert(values, 1, 1)
-for _, cid in ipairs(cids) do
-  values[#values + 1] = tonumber(redis.call('HGET', ctr, 'c:' .. cid)) or 0
+-- One HMGET: the windows, then the call counts.
+local fields = {}
+for i, cid in ipairs(cids) do
+  fields[i] = 'w:' .. cid
+  fields[#cids + i] = 'c:' .. cid
+end
+if #fields > 0 then
+  local raw = redis.call('HMGET', ctr, unpack(fields))
+  for i = 1, #cids do values[#values + 1] = raw[i] or '' end
+  for i = 1, #cids do values[#values + 1] = tonumber(raw[#cids + i]) or 0 end
 end
 return done(values)

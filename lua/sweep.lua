@@ -24,6 +24,8 @@
 --                  through gc)
 --   x:<rf>         a usd limiter's alert quiet time, once past
 --   s:<stop field>  a stop's mirror past its ttl (lua/stops.lua)
+--   u:/h:/a:/w:<cid>  when the cid's window key starts before its letter's cutoff
+--                  (w:<cid> sooner: once both its buckets are past, it says nothing)
 --   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
 --                  back `limit` units per ms (limit >= 1), so a debt of D is zero at the
 --                  latest D ms after its last update (and after IDLE_MS in any case)
@@ -42,7 +44,9 @@ local fields = step[2]
 for i = 1, #fields, 2 do
   local name, value = fields[i], fields[i + 1]
   local kind, id = string.sub(name, 1, 1), string.sub(name, 3)
-  if kind == 'u' or kind == 'h' or kind == 'a' or kind == 'c' then
+  if kind == 'w' and stale_window(value, now) then
+    deleted = deleted + redis.call('HDEL', ctr, name)
+  elseif kind == 'u' or kind == 'h' or kind == 'a' or kind == 'w' then
     local window = string.match(id, '/([^/]*)$') or ''
     local letter, start = string.sub(window, 1, 1), string.sub(window, 2)
     local keep_from = cutoff[letter]

@@ -16,7 +16,15 @@ naming the guard (GUARD_TYPES) and `budget_id` the guard's id.
 
 An alert's id is stable (`<tenant>/<counter id>/<threshold>` for a threshold, and
 `<tenant>/<k>/<g>/<entity>/<at>` for a guard trip, escaped): a webhook receiver can
-deduplicate on it across retries, replicas and tenants.
+deduplicate on it across retries, replicas and tenants (a forecast alert's:
+`<tenant>/<counter id>/forecast`).
+
+A forecast alert (a budget with `forecast_alert: true`) is an entry of kind `k` = `f`,
+written the first time in a period that a charge leaves the counter's forecast at or past
+its limit (lua/_lib.lua check_forecast): `cid`, `l`, `u` (spend), `h` (held), `w` (the
+recent-spend window), `s`/`e` (the period window, Unix ms), `at`. The figures are the
+forecast's inputs, so the alert's forecast and exhaustion time are sidecar.forecast's, the
+same arithmetic the script decided with.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import msgspec
 import redis.asyncio as aioredis
 
 from sidecar import keys
+from sidecar.forecast import forecast, parse_window
 from sidecar.ledger import newest_first
 from sidecar.money import micro_to_usd
 from sidecar.periods import iso
@@ -50,9 +59,16 @@ _GUARD_WORDS = {
 }
 
 
+FORECAST_TYPE = "forecast"
+# What a budget's own alert route lists: its thresholds, forecast and caps (another
+# guard whose id happens to be a budget's is not that budget's).
+_BUDGET_TYPES = (ALERT_TYPE, FORECAST_TYPE, GUARD_TYPES["calls"], GUARD_TYPES["cap"])
+
+
 class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
     """One alert, in the AxonFlow SDK's BudgetAlert shape plus the entity and tenant; a
-    guard trip also carries its scope and reason (a stop: when it ends)."""
+    guard trip also carries its scope and reason (a stop: when it ends), a forecast alert
+    its projection."""
 
     id: str
     budget_id: str
@@ -69,6 +85,10 @@ class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
     scope: str | None = None
     reason: str | None = None
     expires_at: str | None = None
+    # Forecast alerts only: the projection at the charge that raised it (threshold alerts
+    # leave both out: their body is unchanged).
+    forecast_usd: float | None = None
+    exhausted_at: str | None = None
 
 
 def parse_entry(
@@ -78,6 +98,8 @@ def parse_entry(
 ) -> Alert | None:
     """The Alert of one stream entry (None for an entry this version cannot read).
     `name_of` gives a budget's display name (None: the budget is gone)."""
+    if fields.get("k") == "f":
+        return _forecast_entry(tenant, fields, name_of)
     if "k" in fields:
         return _guard_entry(tenant, fields, name_of)
     try:
@@ -146,6 +168,43 @@ def _guard_entry(
     )
 
 
+def _forecast_entry(
+    tenant: str,
+    fields: Mapping[str, str],
+    name_of: Callable[[str], str | None],
+) -> Alert | None:
+    try:
+        cid = fields["cid"]
+        limit, spent, held = int(fields["l"]), int(fields["u"]), int(fields["h"])
+        start, end, at = int(fields["s"]), int(fields["e"]), int(fields["at"])
+        window = parse_window(fields["w"])
+        budget_id, entity, _window = keys.parse_counter_id(cid)
+    except (KeyError, ValueError):
+        return None
+    f = forecast(spent, held, limit, window, start, end, at)
+    name = name_of(budget_id) or budget_id
+    when = iso(f.exhausted_at_ms) if f.exhausted_at_ms is not None else iso(end)
+    return Alert(
+        id=f"{keys.escape(tenant)}/{cid}/forecast",
+        budget_id=budget_id,
+        alert_type=FORECAST_TYPE,
+        threshold=100,
+        percentage_reached=round(spent * 100 / limit, 2) if limit > 0 else 0.0,
+        amount_usd=micro_to_usd(spent),
+        limit_usd=micro_to_usd(limit),
+        message=(
+            f"Budget '{name}' forecast to run out at {when}: "
+            f"{micro_to_usd(f.forecast_micro)} USD projected by {iso(end)} ({entity})"
+        ),
+        created_at=iso(at),
+        acknowledged=False,
+        entity=entity,
+        tenant_id=tenant,
+        forecast_usd=micro_to_usd(f.forecast_micro),
+        exhausted_at=None if f.exhausted_at_ms is None else iso(f.exhausted_at_ms),
+    )
+
+
 async def read_alerts(
     client: aioredis.Redis,
     tenant: str,
@@ -160,7 +219,7 @@ async def read_alerts(
         if (
             alert is not None
             and alert.budget_id == budget_id
-            and alert.alert_type in (ALERT_TYPE, GUARD_TYPES["calls"], GUARD_TYPES["cap"])
+            and alert.alert_type in _BUDGET_TYPES
         ):
             out.append(alert)
     return out

@@ -72,6 +72,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     alert_thresholds: list[Annotated[int, Meta(ge=1, le=1000)]] = msgspec.field(
         default_factory=lambda: [50, 80, 100]
     )
+    forecast_alert: bool = False
     enabled: bool = True
     timezone: str = "UTC"
     fail_mode: FailMode | None = None
@@ -84,6 +85,11 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"timezone: unknown IANA time zone {self.timezone!r}") from None
         if self.limit_usd is None and self.limit_calls is None:
             raise ValueError("limit_usd: give limit_usd, limit_calls, or both")
+        if self.forecast_alert and (self.period is Period.TOTAL or self.limit_usd is None):
+            raise ValueError(
+                "forecast_alert: needs a calendar period and limit_usd (a forecast projects"
+                " dollars to the period's end)"
+            )
         if self.idle is not None:
             if self.period is not Period.TOTAL:
                 raise ValueError("idle: applies only with period: total")
@@ -118,6 +124,7 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             on_exceed=self.on_exceed,
             downgrade_to=dict(self.downgrade_to),
             alert_thresholds=tuple(sorted(set(self.alert_thresholds))),
+            forecast_alert=self.forecast_alert,
             enabled=self.enabled,
             timezone=self.timezone,
             fail_mode=self.fail_mode,

@@ -43,6 +43,7 @@ class StoredBudget(msgspec.Struct, kw_only=True):
     scope_id: str | None = None
     created_at: str
     updated_at: str
+    forecast_alert: bool = False
 
     def to_budget(self) -> Budget:
         return Budget(
@@ -54,6 +55,7 @@ class StoredBudget(msgspec.Struct, kw_only=True):
             period=self.period,
             on_exceed=self.on_exceed,
             alert_thresholds=tuple(sorted(set(self.alert_thresholds))),
+            forecast_alert=self.forecast_alert,
             source="api",
             created_at=self.created_at,
             updated_at=self.updated_at,

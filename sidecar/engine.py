@@ -38,7 +38,14 @@ from sidecar.model import (
 from sidecar.money import micro_to_usd, usd_to_micro
 from sidecar.periods import iso
 from sidecar.reservations import SEP, fingerprint, loop_fingerprint, meta, new_reservation_id
-from sidecar.resolution import COUNTER_GRACE_MS, Resolved, Resolver, Snapshot, identity_of
+from sidecar.resolution import (
+    COUNTER_GRACE_MS,
+    Resolved,
+    Resolver,
+    Snapshot,
+    forecast_window,
+    identity_of,
+)
 from sidecar.schemas import (
     AuthorizeRequest,
     BudgetStatus,
@@ -442,7 +449,7 @@ class Engine:
             "1" if req.success else "0",
         ]
         for a in applied:
-            args += (a.cid, a.window_end_ms + COUNTER_GRACE_MS, a.budget.limit_micro, a.thresholds)
+            args += (a.cid, forecast_window(a), a.budget.limit_micro, a.thresholds)
         reply = await self._run(
             self._scripts.record, tenant, args, self._charging_keys(tenant, now)
         )
@@ -474,7 +481,10 @@ class Engine:
         a = self._resolver.applied(budget, entity, None, now)
         args: list[str | int] = [now, self._snapshot.config.settings.keep_finished_ms, a.cid]
         reply = await self._run(self._scripts.status, tenant, args)
-        return rendering.budget_status(a, int(reply[1]), int(reply[2]), int(reply[3]))
+        # {1, u, h, w, c}: one counter's figures, its recent-spend window, its calls.
+        return rendering.budget_status(
+            a, int(reply[1]), int(reply[2]), reply[3], int(reply[4]), now
+        )
 
     async def authorize(
         self, tenant: str, req: AuthorizeRequest, hint: EstimateHint = NO_HINT

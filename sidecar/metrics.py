@@ -157,6 +157,15 @@ class Metrics:
             registry=reg,
             multiprocess_mode="livemax",
         )
+        self.forecast_ratio = Gauge(
+            f"{PREFIX}_budget_forecast_ratio",
+            "Highest forecast / limit (projected spend at the period's end, sidecar/forecast.py) "
+            "of any entity of this budget in the decisions this sidecar gave during the "
+            "budget's current period (>= 1: on course to run out before the period ends).",
+            ["budget_id"],
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.alerts = Counter(
             f"{PREFIX}_alerts",
             "Budget threshold alerts by result (delivered, failed).",
@@ -243,7 +252,8 @@ class Metrics:
         self._redis_children: dict[str, tuple[Observable, Any, Any]] = {}
         self._spend_children: dict[tuple[str | None, str | None], _SpendChildren] = {}
         self._spend_config: Config | None = None
-        # budget_id -> [highest ratio this period, period end (ms), gauge child]
+        # budget_id -> [highest ratio this period, period end (ms), gauge child, budget id,
+        #               highest forecast ratio this period, its gauge child]
         self._ratios: dict[str, list[Any]] = {}
         self._budgets: dict[str, Budget] = {}
         self._budgets_config: Config | None = None
@@ -290,9 +300,10 @@ class Metrics:
         now_ms = self._clock.now_ms()
         for entry in self._ratios.values():
             if now_ms >= entry[1]:
-                entry[0] = 0.0
+                entry[0] = entry[4] = 0.0
                 entry[1] = self._period_end(entry[3], now_ms)
                 entry[2].set(0.0)
+                entry[5].set(0.0)
 
     # ---- EngineEvents -------------------------------------------------------------------
 
@@ -495,13 +506,19 @@ class Metrics:
                 if entry is None:
                     continue  # a budget the config no longer has
             if now_ms >= entry[1]:  # a new period: the old high no longer says anything
-                entry[0] = 0.0
+                entry[0] = entry[4] = 0.0
                 entry[1] = self._period_end(state.budget_id, now_ms)
                 entry[2].set(0.0)
+                entry[5].set(0.0)
             ratio = state.percentage / 100
             if ratio > entry[0]:  # only a new high writes to the gauge
                 entry[0] = ratio
                 entry[2].set(ratio)
+            if state.forecast_usd is not None and state.limit_usd:
+                projected = state.forecast_usd / state.limit_usd
+                if projected > entry[4]:
+                    entry[4] = projected
+                    entry[5].set(projected)
 
     def _new_ratio(self, budget_id: str, now_ms: int) -> list[Any] | None:
         budget = self._budget(budget_id)
@@ -512,6 +529,8 @@ class Metrics:
             self._period_end(budget_id, now_ms),
             self.used_ratio.labels(budget_id),
             budget_id,
+            0.0,
+            self.forecast_ratio.labels(budget_id),
         ]
         self._ratios[budget_id] = entry
         return entry

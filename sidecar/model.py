@@ -113,6 +113,9 @@ class Budget:
     scope_id: str | None = None
     downgrade_to: dict[str, str] = field(default_factory=dict)
     alert_thresholds: tuple[int, ...] = (50, 80, 100)
+    # Alert (kind "forecast") the first time in a period that the forecast reaches the
+    # limit before the period ends (sidecar/forecast.py).
+    forecast_alert: bool = False
     enabled: bool = True
     timezone: str = "UTC"
     fail_mode: FailMode | None = None

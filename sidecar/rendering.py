@@ -9,6 +9,7 @@ from typing import Any
 from sidecar import keys
 from sidecar.decision import Applied, decide, percentage
 from sidecar.errors import RequestError
+from sidecar.forecast import forecast, parse_window
 from sidecar.model import USD_UNIT_MICRO, Action, Budget, LimitMode, Metric, Period
 from sidecar.money import MICRO, micro_to_usd
 from sidecar.periods import iso
@@ -40,28 +41,32 @@ def decision(
     held_est: int = 0,
     est_down: int | None = None,
 ) -> Decision:
-    """A decision from the script's figures: budget counters before this call, then (for
-    a fresh decision) three figures per rate limit, each budget's calls, the stop in force
-    and two figures per loop guard (lua/authorize.lua). `held_est` is what this call now
-    holds on each budget (reported in held_usd)."""
+    """A decision from the script's figures: budget counters before this call (u, h per
+    budget), each budget's recent-spend window, then (for a fresh decision) three figures
+    per rate limit, each budget's calls, the stop in force and two figures per loop guard
+    (lua/authorize.lua). `held_est` is what this call now holds on each budget (reported
+    in held_usd)."""
     applied = resolved.budgets
     nb, nl = len(applied), len(resolved.limits)
     # hiredis gives Lua's integer replies as ints already.
     values: list[int] = values_raw[: 2 * nb]
-    fresh = len(values_raw) > 2 * nb  # a retry's reply has the counters only
-    guards_at = 2 * nb + 3 * nl
+    windows: list[Any] = values_raw[2 * nb : 3 * nb]
+    fresh = len(values_raw) > 3 * nb  # a retry's reply has the counters and windows only
+    guards_at = 3 * nb + 3 * nl
     calls: list[int] = values_raw[guards_at : guards_at + nb] if fresh else [0] * nb
     outcome = decide(applied, values, est, allowed, est_down)
     counted = 1 if held_est else 0
     states = [
-        budget_state(a, values[2 * i], values[2 * i + 1] + held_est, calls[i] + counted)
+        budget_state(
+            a, values[2 * i], values[2 * i + 1] + held_est, calls[i] + counted, windows[i], now
+        )
         for i, a in enumerate(applied)
     ]
     limits: list[RateLimitState] = []
     denying: list[RateLimitState] = []
     binding_limit = None
     if resolved.limits and fresh:
-        rate_raw: list[int] = values_raw[2 * nb : guards_at]
+        rate_raw: list[int] = values_raw[3 * nb : guards_at]
         limits = [
             limit_state(limit, rate_raw[3 * j : 3 * j + 3])
             for j, limit in enumerate(resolved.limits)
@@ -155,12 +160,28 @@ def _until(expires_at_ms: int | None, now: int) -> int | None:
     return None if expires_at_ms is None else max(expires_at_ms - now, 0)
 
 
-def budget_state(a: Applied, used: int, held: int, calls: int | None = None) -> BudgetState:
-    """`calls`: the budget's calls in the period, reported when it caps them."""
+def budget_state(
+    a: Applied,
+    used: int,
+    held: int,
+    calls: int | None = None,
+    window: Any = None,
+    now: int | None = None,
+) -> BudgetState:
+    """`calls`: the budget's calls in the period, reported when it caps them; with its
+    recent-spend window and the clock (decisions, statuses), its forecast too (none for a
+    period-total budget, which has no period end, or one that caps calls only)."""
     b = a.budget
     limit = b.limit_micro
     committed = used + held
     cap = b.limit_calls
+    forecast_usd = exhausted_at = None
+    if now is not None and b.capped_usd and b.period is not Period.TOTAL:
+        f = forecast(
+            used, held, limit, parse_window(window), a.window_start_ms, a.window_end_ms, now
+        )
+        forecast_usd = f.forecast_micro / MICRO
+        exhausted_at = None if f.exhausted_at_ms is None else iso(f.exhausted_at_ms)
     if not b.capped_usd:  # calls only: the percentage and `exceeded` are the calls'
         n = calls or 0
         return BudgetState(
@@ -196,11 +217,15 @@ def budget_state(a: Applied, used: int, held: int, calls: int | None = None) -> 
         exceeded=committed >= limit if limit else committed > 0,
         calls=calls if cap is not None else None,
         limit_calls=cap,
+        forecast_usd=forecast_usd,
+        exhausted_at=exhausted_at,
     )
 
 
-def budget_status(a: Applied, used: int, held: int, calls: int | None = None) -> BudgetStatus:
-    s = budget_state(a, used, held, calls)
+def budget_status(
+    a: Applied, used: int, held: int, window: Any, calls: int, now: int
+) -> BudgetStatus:
+    s = budget_state(a, used, held, calls, window, now)
     return BudgetStatus(
         budget_id=s.budget_id,
         budget_name=s.budget_name,
@@ -219,6 +244,8 @@ def budget_status(a: Applied, used: int, held: int, calls: int | None = None) ->
         period_end=None if a.budget.period is Period.TOTAL else iso(a.window_end_ms),
         calls=s.calls,
         limit_calls=s.limit_calls,
+        forecast_usd=s.forecast_usd,
+        exhausted_at=s.exhausted_at,
     )
 
 

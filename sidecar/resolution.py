@@ -241,7 +241,9 @@ class Resolver:
             b = a.budget
             calls = "" if b.limit_calls is None else b.limit_calls
             idle = b.idle_ms if b.period is Period.TOTAL else ""
-            script_args += (a.cid, b.limit_micro, a.mode, calls, a.thresholds, idle)
+            script_args += (
+                a.cid, b.limit_micro, a.mode, calls, a.thresholds, idle, forecast_window(a)
+            )  # fmt: skip
             check_args += (a.cid, b.limit_micro, a.mode, calls)
         for limit in limits:
             script_args += limit.args
@@ -323,3 +325,11 @@ def applied_limit(limit: RateLimit, entity: str) -> AppliedLimit:
             "1" if limit.mode is LimitMode.SHADOW else "0",
         ),
     )
+
+
+def forecast_window(a: Applied) -> str:
+    """The scripts' forecast-alert slot of a budget: its period window "start_ms:end_ms",
+    or '' when it asks for no forecast alert (lua/_lib.lua forecast_suffix)."""
+    if not a.budget.forecast_alert or a.budget.period is Period.TOTAL:
+        return ""
+    return f"{a.window_start_ms}:{a.window_end_ms}"

@@ -180,6 +180,12 @@ class BudgetState(Struct, kw_only=True):
     # A budget with a call cap: its calls in the period (before this one) and the cap.
     calls: int | None = None
     limit_calls: int | None = None
+    # The projected spend at the period's end and when it reaches the limit (null: not
+    # within the period), sidecar/forecast.py. Decisions carry them; settle and record
+    # results leave them null (their scripts return no recent-spend window), and so do
+    # period-total and calls-only budgets (no period end, no dollar limit).
+    forecast_usd: float | None = None
+    exhausted_at: str | None = None
 
 
 class LoopGuardState(Struct, kw_only=True):
@@ -321,5 +327,7 @@ class BudgetStatus(Struct, kw_only=True):
     exceeded: bool
     period_start: str | None  # null for period total
     period_end: str | None
+    forecast_usd: float | None  # null for period total and calls-only budgets
+    exhausted_at: str | None
     calls: int | None = None
     limit_calls: int | None = None

@@ -73,8 +73,9 @@ def today_cid() -> str:
 
 def counters(rc: redis.Redis) -> dict[str, int]:
     raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
-    # Settled ("u:") and held ("h:") micro-USD; alerted thresholds ("a:") are not amounts.
-    values = {k: int(v) for k, v in raw.items() if not k.startswith("a:")}
+    # Settled ("u:") and held ("h:") micro-USD; alerted thresholds ("a:") and recent-spend
+    # windows ("w:") are not amounts.
+    values = {k: int(v) for k, v in raw.items() if not k.startswith(("a:", "w:"))}
     assert all(v >= 0 for v in values.values()), values
     return values
 

@@ -137,7 +137,7 @@ def test_check_config_on_a_bad_file_answers_on_stdout_with_exit_1(tmp_path: Path
     assert done.returncode == 1
     assert done.stdout == (
         f"invalid: {path}: $.budgets[0].scope: 'galaxy' is not one of: "
-        "organization, team, agent, workflow, user\n"
+        "organization, team, agent, workflow, user, run\n"
     )
     assert done.stderr == ""
     usage = run_cli("check-config")  # no FILE: argparse's own usage error

@@ -32,6 +32,8 @@ def held_and_used(client: redis.Redis) -> dict[str, tuple[int, int]]:
     out: dict[str, list[int]] = defaultdict(lambda: [0, 0])
     for field, value in raw.items():
         kind, cid = field.split(":", 1)
+        if kind not in ("u", "h"):
+            continue  # "w:" recent-spend windows (forecasts), "a:" alerted thresholds
         out[cid][0 if kind == "u" else 1] = int(value)
     return {cid: (v[0], v[1]) for cid, v in out.items()}
 

@@ -38,7 +38,7 @@ def test_promtool_check_rules() -> None:
     out = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 5 rules found" in out.stdout
+    assert "SUCCESS: 6 rules found" in out.stdout
 
 
 def test_promtool_rule_unit_tests() -> None:
@@ -53,6 +53,7 @@ def test_rules_cover_what_the_issue_asks() -> None:
     assert sorted(r["alert"] for r in rules) == [
         "BudgetSidecarBudgetAt80Percent",
         "BudgetSidecarBudgetExhausted",
+        "BudgetSidecarBudgetForecastToRunOut",
         "BudgetSidecarDenialSpike",
         "BudgetSidecarFailOpen",
         "BudgetSidecarRedisErrors",
@@ -91,7 +92,7 @@ def test_dashboard_and_rules_use_only_exposed_metrics() -> None:
     # What the issue asks the dashboard to show.
     titles = " | ".join(p["title"] for p in dashboard["panels"])
     for words in ("Spend over time", "provider/model", "Budget usage %", "Denials",
-                  "p50 / p99", "Redis errors"):  # fmt: skip
+                  "p50 / p99", "Redis errors", "Budget usage and forecast over time"):  # fmt: skip
         assert words in titles
     assert "budget_sidecar_llm_cost_usd_total" in used
     assert "budget_sidecar_llm_tokens_total" in used

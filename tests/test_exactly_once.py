@@ -38,7 +38,8 @@ U2 = "user/u2/d20260310"
 def counters(rc: redis.Redis) -> dict[str, int]:
     """Every counter field as an integer; none may ever be negative."""
     raw: dict[str, str] = rc.hgetall(CTR)  # type: ignore[assignment]
-    values = {k: int(v) for k, v in raw.items()}
+    # Recent-spend windows ("w:", for forecasts) are not amounts.
+    values = {k: int(v) for k, v in raw.items() if not k.startswith("w:")}
     assert all(v >= 0 for v in values.values()), values
     # A hold back at zero is deleted (absent reads as zero): show it as the zero it is.
     for name in list(values):

@@ -256,7 +256,7 @@ def budgets_of(body: dict[str, Any]) -> list[tuple[str, str, int, int]]:
 def raw_counters(rc: redis.Redis) -> dict[str, int]:
     raw: dict[str, str] = rc.hgetall(CTR)  # type: ignore[assignment]
     # "a:<cid>" fields mark the thresholds already alerted (lua/_lib.lua), not amounts.
-    values = {k: int(v) for k, v in raw.items() if not k.startswith("a:")}
+    values = {k: int(v) for k, v in raw.items() if not k.startswith(("a:", "w:"))}
     negative = {k: v for k, v in values.items() if v < 0}
     assert not negative, f"negative counters: {negative}"
     return {k: v for k, v in values.items() if v}

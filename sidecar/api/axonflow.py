@@ -56,6 +56,7 @@ class AxBudget(msgspec.Struct, kw_only=True):
     period: str
     on_exceed: str
     alert_thresholds: list[int]
+    forecast_alert: bool
     enabled: bool
     scope_id: str | None
     tenant_id: str
@@ -78,6 +79,9 @@ class AxStatus(msgspec.Struct, kw_only=True):
     is_blocked: bool
     period_start: str
     period_end: str
+    # Ours, beyond the SDK's BudgetStatus (its pydantic model ignores them): see forecast.py.
+    forecast_usd: float
+    exhausted_at: str | None
 
 
 class AxCheck(msgspec.Struct, kw_only=True):
@@ -134,6 +138,8 @@ class AxCreateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     on_exceed: OnExceed = OnExceed.BLOCK
     alert_thresholds: Thresholds = msgspec.field(default_factory=list)
     scope_id: Id | None = None
+    # Not in the SDK's request (it sends none): ours, for the forecast alert.
+    forecast_alert: bool = False
 
 
 class AxUpdateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -144,6 +150,7 @@ class AxUpdateBudget(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     limit_usd: LimitUsd | None = None
     on_exceed: OnExceed | None = None
     alert_thresholds: Thresholds | None = None
+    forecast_alert: bool | None = None
 
 
 _check_body = msgspec.json.Decoder(AxCheckRequest).decode
@@ -161,6 +168,7 @@ def ax_budget(budget: Budget, tenant: str) -> AxBudget:
         period=budget.period,
         on_exceed=budget.on_exceed,
         alert_thresholds=list(budget.alert_thresholds),
+        forecast_alert=budget.forecast_alert,
         enabled=budget.enabled,
         scope_id=budget.scope_id,
         tenant_id=tenant,
@@ -277,6 +285,7 @@ def add_routes(
             period=body.period,
             on_exceed=body.on_exceed,
             alert_thresholds=sorted(set(body.alert_thresholds or DEFAULT_THRESHOLDS)),
+            forecast_alert=body.forecast_alert,
             created_at=now,
             updated_at=now,
         )
@@ -307,6 +316,9 @@ def add_routes(
             period=budget.period,
             on_exceed=body.on_exceed if body.on_exceed is not None else budget.on_exceed,
             alert_thresholds=sorted(set(body.alert_thresholds or budget.alert_thresholds)),
+            forecast_alert=(
+                body.forecast_alert if body.forecast_alert is not None else budget.forecast_alert
+            ),
             created_at=budget.created_at or iso(engine.now_ms()),
             updated_at=iso(engine.now_ms()),
         )
@@ -354,6 +366,8 @@ def add_routes(
                 # The SDK wants times: a period-total budget's window is all of time.
                 period_start=status.period_start or iso(0),
                 period_end=status.period_end or iso(TOTAL_END_MS),
+                forecast_usd=status.forecast_usd or 0.0,
+                exhausted_at=status.exhausted_at,
             )
         )
 
