@@ -198,6 +198,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
     min_estimate_usd: Annotated[float, Meta(ge=0.000001, le=1_000_000)] = 0.01
     axonflow_metrics: bool = False
+    fast_http: bool = True
 
     def __post_init__(self) -> None:
         if self.unpriced_model is UnpricedModel.FALLBACK and self.fallback_price is None:
@@ -231,6 +232,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             pre_check_estimate_usd=self.pre_check_estimate_usd,
             min_estimate_micro=usd_to_micro(self.min_estimate_usd),
             axonflow_metrics=self.axonflow_metrics,
+            fast_http=self.fast_http,
         )
 
 
