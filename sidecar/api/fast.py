@@ -245,7 +245,8 @@ class FastProtocol(asyncio.Protocol):
         self._completed = 0  # requests completed in the read being parsed
         self._pending: list[bytes] | None = None  # set: bytes for aiohttp, once idle
         self._closing = False
-        self._paused = False
+        self._paused = False  # reading paused: too many pipelined requests queued
+        self._write_paused = False  # reading paused: the client does not read its answers
         self._idle_since = 0.0
         self._keepalive: asyncio.TimerHandle | None = None
 
@@ -292,9 +293,11 @@ class FastProtocol(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # A client not reading its answers: stop reading its requests until it does.
+        self._write_paused = True
         self._transport.pause_reading()  # type: ignore[union-attr]
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if not self._paused:
             self._transport.resume_reading()  # type: ignore[union-attr]
 
@@ -429,8 +432,10 @@ class FastProtocol(asyncio.Protocol):
         if not isinstance(response, web.Response) or not isinstance(
             response.body, (bytes, type(None))
         ):
-            raise TypeError(f"the fast path sends web.Response with bytes, not {response!r}")
-        body = response.body or b""
+            log.error("the fast path sends a web.Response with bytes, not %r", response)
+            response = web.Response(status=500, text="500 Internal Server Error")
+            response.force_close()
+        body = response.body if isinstance(response.body, bytes) else b""
         status = response.status
         headers = response.headers
         method = request.method
@@ -498,8 +503,9 @@ class FastProtocol(asyncio.Protocol):
         protocol = self._server.aiohttp_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if self._paused:
-            self._paused = False
+        if self._paused or self._write_paused:
+            # aiohttp's protocol does its own flow control from here on.
+            self._paused = self._write_paused = False
             transport.resume_reading()
         if data:
             protocol.data_received(data)
