@@ -13,6 +13,8 @@ building blocks, measured in the same run on the same machine, printed as ratios
   it, and the calls/s one primary can serve; with one guard of each kind once
   redis_cost.GUARDS_CONFIG is set (issue 18)
 - the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
+- the same authorize with `settings.fast_http: false` (aiohttp serving the hot routes too),
+  as a ratio to the fast path; settles/s derived from the pair run
 - with --instructions: CPU instructions per request of the bare endpoint and of authorize,
   counted by valgrind (bench.instructions), a ratio that does not move with the load
 
@@ -211,8 +213,10 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     line("bare POST + 1 pipelined EVALSHA (return 1)", load("bare_redis_64"))
     line("  = redis commands per request", f"{f['bare_redis_commands_per_request']:.2f}")
     line("sidecar authorize, 64 connections", load("authorize_64"))
+    line("  the same, settings.fast_http: false", load("aiohttp_path_64"))
     line("sidecar authorize+settle pairs, 64 connections", load("pair_64"))
     line("  = decisions/s", f"{f['pair_64_decisions_per_s']:>9,.0f} /s  [{pair_counts}]")
+    line("  = settles/s (pair time less authorize's)", f"{f['settle_64_per_s']:>9,.0f} /s")
     line("sidecar check, 64 connections", load("check_64"))
     line("sidecar authorize, 5 stacked budgets, 64 conn.", load("five_64"))
     line("sidecar authorize, --workers 2, 64 connections", load("workers2_64"))
@@ -222,6 +226,7 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
         f"redis PING {f['redis_ping_p50_ms']:.3f} ms, "
         f"bare + EVALSHA {f['bare_redis_1_p50_ms']:.3f} ms",
     )
+    line("p99 at 1 connection", f"authorize {f['authorize_1_p99_ms']:.3f} ms")
     line(
         "redis per authorize",
         f"{f['redis_commands_per_decision']:.1f} commands (incl. inside the script), "
@@ -235,6 +240,11 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     )
     print("ratios:")
     line("authorize / bare POST throughput", f"{f['authorize_64_per_s'] / f['bare_64_per_s']:.2f}")
+    line("settle / bare POST throughput", f"{f['settle_64_per_s'] / f['bare_64_per_s']:.2f}")
+    line(
+        "fast path / aiohttp path (fast_http: false)",
+        f"{f['authorize_64_per_s'] / f['aiohttp_path_64_per_s']:.2f}",
+    )
     line(
         "bare + EVALSHA / bare POST throughput",
         f"{f['bare_redis_64_per_s'] / f['bare_64_per_s']:.2f}",
@@ -344,6 +354,23 @@ def main() -> None:
         finally:
             stop(sidecar)
 
+        # The same authorize with the fast path off: aiohttp serves the hot routes too.
+        aiohttp_config = workdir / "bench-aiohttp.yaml"
+        aiohttp_config.write_text(CONFIG + "  fast_http: false\n")
+        port = free_port()
+        sidecar = start(
+            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
+             "--redis-url", server.url, "--config", str(aiohttp_config),
+             "--log-level", "warning"],
+            f"http://127.0.0.1:{port}/healthz",
+        )  # fmt: skip
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
+            slow64 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
+        finally:
+            stop(sidecar)
+
         limited_config = workdir / "bench-rate-limited.yaml"
         limited_config.write_text(CONFIG + RATE_LIMITS)
         port = free_port()
@@ -373,6 +400,12 @@ def main() -> None:
         bare_redis_64_p99_ms=r64.p99_ms, bare_redis_1_p50_ms=r1.p50_ms,
         authorize_64_per_s=a64.requests_per_s, authorize_64_p50_ms=a64.p50_ms,
         authorize_64_p99_ms=a64.p99_ms, authorize_1_p50_ms=a1.p50_ms,
+        authorize_1_p99_ms=a1.p99_ms,
+        aiohttp_path_64_per_s=slow64.requests_per_s, aiohttp_path_64_p50_ms=slow64.p50_ms,
+        aiohttp_path_64_p99_ms=slow64.p99_ms,
+        # A pair run is half authorizes, half settles: a settle's share of its time is
+        # what is left after an authorize's (from the authorize-only run).
+        settle_64_per_s=1 / (2 / pair.requests_per_s - 1 / a64.requests_per_s),
         pair_64_per_s=pair.requests_per_s, pair_64_p50_ms=pair.p50_ms, pair_64_p99_ms=pair.p99_ms,
         pair_64_decisions_per_s=pair.requests_per_s / 2,
         proxy_64_per_s=through_proxy["requests_per_s"], proxy_64_p50_ms=through_proxy["p50_ms"],

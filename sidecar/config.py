@@ -299,6 +299,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     estimate_min_count: Annotated[int, Meta(ge=1, le=1_000_000)] = 10
     estimate_stats_days: Annotated[int, Meta(ge=1, le=3660)] = 7
     estimate_max_series: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
+    fast_http: bool = True
 
     def __post_init__(self) -> None:
         if usd_to_micro(self.estimate_ceiling_usd) < usd_to_micro(self.min_estimate_usd):
@@ -343,6 +344,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             estimate_min_count=self.estimate_min_count,
             estimate_stats_days=self.estimate_stats_days,
             estimate_max_series=self.estimate_max_series,
+            fast_http=self.fast_http,
         )
 
 

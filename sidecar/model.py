@@ -245,6 +245,8 @@ class Settings:
     estimate_max_series: int = 10_000
     # Also export spend under the AxonFlow platform's metric names (sidecar.metrics).
     axonflow_metrics: bool = False
+    # The hot routes on sidecar.api.fast's protocol (False: aiohttp serves every route).
+    fast_http: bool = True
 
 
 @dataclass(frozen=True, slots=True)

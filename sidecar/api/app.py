@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import __version__, logs
-from sidecar.api import admin, axonflow, bodies, gateway, native, openapi, proxy, ui, usage
+from sidecar.api import admin, axonflow, bodies, fast, gateway, native, openapi, proxy, ui, usage
 from sidecar.api import auth as api_auth
 from sidecar.api import stops as stops_api
 from sidecar.api.problems import ProblemError, from_decode_error, response
@@ -231,7 +231,9 @@ def create_app(
     request head within `header_timeout_s` (or stays idle that long) is closed; a body not
     received within `body_timeout_s` is answered 408."""
     checks = guard(api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes)
-    app = web.Application(
+    # settings.fast_http: the hot routes on sidecar.api.fast's protocol, the rest on aiohttp.
+    app_class = fast.FastApplication if config.settings.fast_http else web.Application
+    app = app_class(
         # Request ids bind to logs only when per-decision debug lines are on.
         middlewares=[logs.request_ids, checks] if logs.debug_enabled() else [checks],
         client_max_size=config.settings.max_body_bytes,
