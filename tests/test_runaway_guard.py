@@ -572,3 +572,33 @@ def test_a_stop_made_on_one_sidecar_denies_on_the_other_at_its_next_call(
         # Counting, not timing: poll until it has ended (bounded), then it stays ended.
         wait_until(lambda: authorize(b, agent_id="a3")["allowed"], what="the ttl", timeout_s=20)
         assert authorize(a, agent_id="a3")["allowed"] is True
+
+
+def test_velocity_holds_across_two_sidecar_processes_under_50_concurrent_callers(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """Real clocks (Redis TIME): $0.20 an hour with $0.05 at once; 50 concurrent $0.01
+    callers across two processes admit exactly 5 (the burst: refilling one more call takes
+    180 s), and the limiter's debt is exactly those 5 calls."""
+    limit = {**VELOCITY, "limit": 0.2, "burst": 0.05, "window": "1h"}
+    path = write_config(guard_doc(rate_limits=[limit]))
+    with sidecars(redis_server.url, str(path), 2) as procs:
+
+        async def run() -> list[dict[str, Any]]:
+            async with aiohttp.ClientSession() as session:
+
+                async def one(i: int) -> dict[str, Any]:
+                    body = {"agent_id": "a1", "estimated_usd": 0.01, "lease_ms": PATIENT_MS}
+                    async with session.post(procs[i % 2].url + "/v1/authorize", json=body) as r:
+                        assert r.status == 200
+                        answer: dict[str, Any] = await r.json()
+                        return answer
+
+                return list(await asyncio.gather(*(one(i) for i in range(50))))
+
+        answers = asyncio.run(run())
+    assert sum(d["allowed"] for d in answers) == 5
+    assert {d["reason"] for d in answers if not d["allowed"]} == {"velocity"}
+    debt = int(redis_client.hget(TENANT.counters, "d:agent-burn/a1") or 0)
+    # 5 calls x 10 units x the 3,600,000 ms window, less what the debt paid back since.
+    assert 5 * 10 * 3_600_000 - debt < 10 * 3_600_000, debt
