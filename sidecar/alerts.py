@@ -216,11 +216,7 @@ async def read_alerts(
     out: list[Alert] = []
     for _entry_id, fields in await newest_first(client, keys.tenant_keys(tenant).alerts):
         alert = parse_entry(tenant, fields, name_of)
-        if (
-            alert is not None
-            and alert.budget_id == budget_id
-            and alert.alert_type in _BUDGET_TYPES
-        ):
+        if alert is not None and alert.budget_id == budget_id and alert.alert_type in _BUDGET_TYPES:
             out.append(alert)
     return out
 

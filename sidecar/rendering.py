@@ -53,13 +53,15 @@ def decision(
     windows: list[Any] = values_raw[2 * nb : 3 * nb]
     fresh = len(values_raw) > 3 * nb  # a retry's reply has the counters and windows only
     guards_at = 3 * nb + 3 * nl
-    calls: list[int] = values_raw[guards_at : guards_at + nb] if fresh else [0] * nb
+    # A retry's reply carries no call counts: its states report none (not 0).
+    calls: list[int | None] = (
+        [int(c) + (1 if held_est else 0) for c in values_raw[guards_at : guards_at + nb]]
+        if fresh
+        else [None] * nb
+    )
     outcome = decide(applied, values, est, allowed, est_down)
-    counted = 1 if held_est else 0
     states = [
-        budget_state(
-            a, values[2 * i], values[2 * i + 1] + held_est, calls[i] + counted, windows[i], now
-        )
+        budget_state(a, values[2 * i], values[2 * i + 1] + held_est, calls[i], windows[i], now)
         for i, a in enumerate(applied)
     ]
     limits: list[RateLimitState] = []
@@ -101,9 +103,10 @@ def decision(
         (
             i
             for i, a in enumerate(applied)
-            if a.budget.limit_calls is not None
+            if (cap := a.budget.limit_calls) is not None
             and a.mode == "b"
-            and calls[i] >= a.budget.limit_calls
+            and (n := calls[i]) is not None
+            and n >= cap
         ),
         None,
     )

@@ -602,3 +602,21 @@ def test_velocity_holds_across_two_sidecar_processes_under_50_concurrent_callers
     debt = int(redis_client.hget(TENANT.counters, "d:agent-burn/a1") or 0)
     # 5 calls x 10 units x the 3,600,000 ms window, less what the debt paid back since.
     assert 5 * 10 * 3_600_000 - debt < 10 * 3_600_000, debt
+
+
+async def test_a_retry_of_a_run_call_counts_once(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client(guard_doc(budgets=[{**PER_RUN, "limit_calls": 2}]))
+    body = {"run_id": "r1", "estimated_usd": 0.01, "idempotency_key": "run-1:step-1"}
+    _, first = await post(client, "/v1/authorize", body)
+    status, again = await post(client, "/v1/authorize", body)
+    assert status == 200 and again["replayed"] is True, again
+    assert again["reservation_id"] == first["reservation_id"]
+    assert again["budgets"][0]["calls"] is None  # a retry's answer carries no count
+    assert first["budgets"][0]["calls"] == 1
+    assert redis_client.hget(TENANT.counters, "c:per-run/r1/t") == "1"
+    # The second call of the run still passes; a third is over the cap.
+    _, second = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    _, third = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
+    assert (second["allowed"], third["allowed"], third["reason"]) == (True, False, "calls")

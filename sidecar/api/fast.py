@@ -51,9 +51,7 @@ _PREFIX = proxy.PREFIX.encode()
 # Pipelined requests waiting before the connection stops reading (aiohttp's bound too).
 _MAX_QUEUED = 32
 # Headers whose presence sends a hot request to aiohttp: it decodes, continues, upgrades.
-_HANDED_OFF_HEADERS = frozenset(
-    {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"}
-)
+_HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
 
 
 class _HandOff(Exception):
