@@ -567,28 +567,51 @@ local function active_stop(names, values, now)
   return '', ''
 end
 
--- A loop guard's recent calls of one fingerprint: the key holds "<alerted>|<ms>,<ms>,..."
--- (oldest first). Returns the times inside the window ending now and the alerted flag
--- ('1' once this trip was alerted).
-local function loop_recent(key, now, window)
+-- A loop guard's memory of one entity: its last LOOP_RING calls inside the window, in one
+-- string per (guard, entity), "<alerted fingerprints, ','>|<fp>:<ms>,<fp>:<ms>,..." (oldest
+-- first), that expires a window after its newest call. One key per entity and not per
+-- call: thousands of distinct calls a second keep one small string per active run, and a
+-- repeat is found among that entity's last LOOP_RING calls (repeats <= LOOP_RING).
+local LOOP_RING = 32
+
+-- The calls of `fp` among the entity's calls inside the window ending now.
+local function loop_read(key, now, window, fp)
+  local state = {entries = {}, same = 0, marks = {}, alerted = false}
   local value = redis.call('GET', key)
-  local recent, alerted = {}, '0'
-  if value then
-    alerted = string.sub(value, 1, 1)
-    for _, t in ipairs(split(string.sub(value, 3), ',')) do
-      if tonumber(t) > now - window then recent[#recent + 1] = t end
+  if not value then return state end
+  local bar = string.find(value, '|', 1, true)
+  for _, mark in ipairs(split(string.sub(value, 1, bar - 1), ',')) do
+    state.marks[#state.marks + 1] = mark
+    if mark == fp then state.alerted = true end
+  end
+  for _, entry in ipairs(split(string.sub(value, bar + 1), ',')) do
+    local colon = string.find(entry, ':', 1, true)
+    if tonumber(string.sub(entry, colon + 1)) > now - window then
+      state.entries[#state.entries + 1] = entry
+      if string.sub(entry, 1, colon - 1) == fp then state.same = state.same + 1 end
     end
   end
-  return recent, alerted
+  return state
 end
 
--- Keep the newest `repeats` times (enough to decide the next call) and let the key go a
--- window after its newest call.
-local function loop_write(key, recent, alerted, now, window, repeats)
-  local from = math.max(1, #recent - repeats + 1)
-  local kept = {}
-  for i = from, #recent do kept[#kept + 1] = recent[i] end
-  redis.call('SET', key, alerted .. '|' .. table.concat(kept, ','), 'PX', int(window))
+-- Write the entity's memory back: with this call added (`called`: it went through), and
+-- `fp` marked alerted (`alerted`) or, called as no repeat, unmarked (its trip is over).
+-- Marks of fingerprints no longer remembered go.
+local function loop_write(key, state, now, window, fp, called, alerted)
+  local entries = state.entries
+  if called then entries[#entries + 1] = fp .. ':' .. int(now) end
+  local kept, present = {}, {}
+  for i = math.max(1, #entries - LOOP_RING + 1), #entries do
+    kept[#kept + 1] = entries[i]
+    present[string.sub(entries[i], 1, string.find(entries[i], ':', 1, true) - 1)] = true
+  end
+  local marks = {}
+  for _, mark in ipairs(state.marks) do
+    if present[mark] and (mark ~= fp or alerted or not called) then marks[#marks + 1] = mark end
+  end
+  if alerted and not state.alerted then marks[#marks + 1] = fp end
+  redis.call('SET', key, table.concat(marks, ',') .. '|' .. table.concat(kept, ','), 'PX',
+    int(window))
 end
 
 -- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |

@@ -3,9 +3,9 @@
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim, and the alerts for guard trips)
--- KEYS[9..8+ng] one per loop guard: its key for this call's entity and fingerprint (see
---   _lib.lua, loop_recent); then KEYS[9+ng] est, the learned estimates, named only when
---   this call learns (see _lib.lua learned())
+-- KEYS[9..8+ng] one per loop guard: its key for this call's entity (see _lib.lua,
+--   loop_read); then KEYS[9+ng] est, the learned estimates, named only when this call
+--   learns (see _lib.lua learned())
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -39,7 +39,8 @@
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent, 'u'
 --           USD_UNIT micro-USD), limit, window_ms, burst, shadow ('1': evaluate and
 --           report, never deny)
--- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
+-- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity; and last,
+--           when ng > 0, the call's fingerprint (a hash, hex)
 -- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., w1, ..., then per
 --           rate limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
 --           its calls before this one; then the stop in force ('' '' = none: its field
@@ -215,17 +216,18 @@ if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
 local loops, first_loop = {}, last_budget + 6 * nl + 1
+local fp = ng > 0 and ARGV[#ARGV] or ''
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local repeats, window = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
-  local recent, alerted = loop_recent(KEYS[8 + g], now, window)
-  local would = #recent >= repeats
+  local state = loop_read(KEYS[8 + g], now, window, fp)
+  local would = state.same >= repeats
   local shadow = ARGV[i + 3] == '1'
   if would and not shadow then deny = true end
-  loops[g] = {key = KEYS[8 + g], recent = recent, alerted = alerted, repeats = repeats,
-    window = window, would = would, shadow = shadow, at = i}
+  loops[g] = {key = KEYS[8 + g], state = state, window = window, would = would,
+    shadow = shadow, at = i}
   out[#out + 1] = would and 1 or 0
-  out[#out + 1] = #recent
+  out[#out + 1] = state.same
 end
 
 if deny then
@@ -252,10 +254,10 @@ if deny then
     end
   end
   for _, l in ipairs(loops) do
-    if l.would and not l.shadow and l.alerted ~= '1' then
-      loop_write(l.key, l.recent, '1', now, l.window, l.repeats)
+    if l.would and not l.shadow and not l.state.alerted then
+      loop_write(l.key, l.state, now, l.window, fp, false, true)
       guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5],
-        int(#l.recent) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
+        int(l.state.same) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
     end
   end
   return done(out)
@@ -293,8 +295,7 @@ for j, r in ipairs(rates) do
 end
 -- A loop guard counts the calls it let through; a shadow one counts them all.
 for _, l in ipairs(loops) do
-  l.recent[#l.recent + 1] = int(now)
-  loop_write(l.key, l.recent, l.would and l.alerted or '0', now, l.window, l.repeats)
+  loop_write(l.key, l.state, now, l.window, fp, true, l.would and l.state.alerted)
 end
 local lease_end = now + lease_ms
 redis.call('HSET', res, rid, table.concat(

@@ -23,7 +23,7 @@
 -- ARGV[14..] four per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
 --   ('' = none)
 -- then six per rate limit: rf, metric ('r' | 't' | 'c' | 'u'), limit, window_ms, burst,
---   shadow; then six per loop guard (as authorize.lua)
+--   shadow; then six per loop guard and the fingerprint (as authorize.lua)
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
@@ -114,10 +114,10 @@ out[#out + 1] = stop_value
 local first_loop = last_budget + 6 * nl + 1
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
-  local recent = loop_recent(KEYS[8 + g], now, tonumber(ARGV[i + 2]))
-  local would = #recent >= tonumber(ARGV[i + 1])
+  local state = loop_read(KEYS[8 + g], now, tonumber(ARGV[i + 2]), ARGV[#ARGV])
+  local would = state.same >= tonumber(ARGV[i + 1])
   if would and ARGV[i + 3] ~= '1' then out[1] = 0 end
   out[#out + 1] = would and 1 or 0
-  out[#out + 1] = #recent
+  out[#out + 1] = state.same
 end
 return done(out)

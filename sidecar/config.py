@@ -234,7 +234,8 @@ class LoopGuardSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 
     id: BudgetId
     scope: Scope
-    repeats: Annotated[int, Meta(ge=1, le=100)]
+    # At most the 32 calls a guard remembers per entity (lua/_lib.lua LOOP_RING).
+    repeats: Annotated[int, Meta(ge=1, le=32)]
     window: str
     mode: LimitMode = LimitMode.ENFORCE
 

@@ -283,7 +283,7 @@ class Engine:
             resolved.stop_fields,
             len(loop_keys),
             *resolved.script_args,
-            *(resolved.loop_args if loop_keys else ()),
+            *(loop_args(resolved, req.fingerprint) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
@@ -352,7 +352,7 @@ class Engine:
             resolved.stop_fields,
             len(loop_keys),
             *resolved.check_args,
-            *(resolved.loop_args if loop_keys else ()),
+            *(loop_args(resolved, req.fingerprint) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
@@ -697,11 +697,11 @@ class Engine:
 
     @staticmethod
     def _loop_keys(tenant: str, resolved: Resolved, text: str | None) -> tuple[str, ...]:
-        """The loop guards' keys for this call's fingerprint (none without one)."""
+        """The loop guards' keys of this call's entities (none without a fingerprint: a
+        call without one is no repeat of anything)."""
         if text is None or not resolved.loops:
             return ()
-        fp = loop_fingerprint(text)  # hex: safe in a key as it is
-        return tuple(keys.loop_prefix(tenant, a.guard.id, a.entity) + fp for a in resolved.loops)
+        return tuple(keys.loop_key(tenant, a.guard.id, a.entity) for a in resolved.loops)
 
     def _charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
@@ -717,6 +717,12 @@ class Engine:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
             found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
         return found if learning else found[:8]
+
+
+def loop_args(resolved: Resolved, text: str | None) -> tuple[str | int, ...]:
+    """The loop guards' arguments, then the call's fingerprint as a hash (its text is never
+    stored)."""
+    return (*resolved.loop_args, loop_fingerprint(text or ""))
 
 
 def _ledger_config(config: Config) -> str:

@@ -25,9 +25,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:alerts  stream threshold alerts, written by the script that charged, and guard
                           trips (stops, loops, call caps, velocity); read by the alerts
                           route and by the webhook deliverers' consumer groups
-    bs:{T}:loop:<guard>/<entity>/<fingerprint>  string  a loop guard's recent calls of one
-                          fingerprint: "<alerted 0|1>|<ms>,<ms>,..."; expires with the
-                          guard's window
+    bs:{T}:loop:<guard>/<entity>  string  a loop guard's memory of one entity: its last 32
+                          calls inside the window, "<alerted fingerprints>|<fp>:<ms>,...";
+                          expires a window after the entity's newest call
     bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
                           (estimate_series) one field "count:p95:c1,c2,..." holding the
                           last LEARN_RING settled costs (micro-USD) and their cached p95.
@@ -106,10 +106,10 @@ class TenantKeys:
         """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
         return (*self.charging(day), self.sweep)
 
-    def loop(self, guard_id: str, entity: str, fingerprint: str) -> str:
-        """One loop guard's recent calls of one fingerprint from one entity (a string that
-        expires with the guard's window)."""
-        return loop_prefix(self.tenant, guard_id, entity) + escape(fingerprint)
+    def loop(self, guard_id: str, entity: str) -> str:
+        """One loop guard's memory of one entity's recent calls (a string that expires with
+        the guard's window)."""
+        return loop_key(self.tenant, guard_id, entity)
 
     def usage_day(self, day: str) -> str:
         return f"{self.counters[: -len('ctr')]}agg:{day}"
@@ -136,10 +136,10 @@ def tenant_keys(tenant: str) -> TenantKeys:
 
 
 @lru_cache(maxsize=4096)
-def loop_prefix(tenant: str, guard_id: str, entity: str) -> str:
-    """A loop key up to its fingerprint (cached: the hot path names one per guard)."""
+def loop_key(tenant: str, guard_id: str, entity: str) -> str:
+    """A loop guard's key for one entity (cached: the hot path names one per guard)."""
     tag = tenant_keys(tenant).counters[: -len("ctr")]
-    return f"{tag}loop:{escape(guard_id)}/{escape(entity)}/"
+    return f"{tag}loop:{escape(guard_id)}/{escape(entity)}"
 
 
 def definitions(tenant: str) -> str:

@@ -93,4 +93,4 @@ def fingerprint(req: AuthorizeRequest, asked_micro: int) -> str:
 def loop_fingerprint(text: str) -> str:
     """What a loop guard keys on: a hash of the call's fingerprint (the text is never
     stored)."""
-    return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()

@@ -360,9 +360,9 @@ async def test_a_call_denied_by_any_guard_consumes_nothing_anywhere(
     _, denied = await post(client, "/v1/authorize", same)
     assert (denied["allowed"], denied["reason"]) == (False, "loop")
     assert ctr(redis_client) == counters
-    # The entry keeps its calls; only its "alerted" mark may change.
-    assert {k: v[2:] for k, v in loop_keys(redis_client).items()} == {
-        k: v[2:] for k, v in loops.items()
+    # The entity's memory keeps its calls; only its "alerted" marks may change.
+    assert {k: v.partition("|")[2] for k, v in loop_keys(redis_client).items()} == {
+        k: v.partition("|")[2] for k, v in loops.items()
     }
 
     # A budget denial (the team's $1 is spent) counts as no call and no repeat.
@@ -371,7 +371,8 @@ async def test_a_call_denied_by_any_guard_consumes_nothing_anywhere(
     assert (by_budget["allowed"], by_budget["reason"]) == (False, "budget")
     assert ctr(redis_client) == counters
     assert redis_client.hget(TENANT.counters, "c:per-run/r2/t") is None
-    assert not any("/r2/" in k for k in loop_keys(redis_client))
+    assert TENANT.loop("same-prompt", "r2") not in loop_keys(redis_client)
+    assert TENANT.loop("same-prompt", "r1") in loop_keys(redis_client)
 
 
 # ---- alerts, metrics --------------------------------------------------------------------
@@ -620,3 +621,26 @@ async def test_a_retry_of_a_run_call_counts_once(
     _, second = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
     _, third = await post(client, "/v1/authorize", {"run_id": "r1", "estimated_usd": 0.01})
     assert (second["allowed"], third["allowed"], third["reason"]) == (True, False, "calls")
+
+
+async def test_a_loop_guard_keeps_one_small_key_per_entity_whatever_the_traffic(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """2,000 distinct calls of one run: one loop key for the run, holding its last 32
+    calls; a repeat among them is still found, and its trip is alerted once."""
+    client = await make_client(guard_doc(loop_guards=[{**SAME_PROMPT, "repeats": 2}]))
+    for n in range(2000):
+        body = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": f"q-{n}"}
+        assert (await post(client, "/v1/authorize", body))[1]["allowed"] is True
+        clock.advance(1)
+    found = loop_keys(redis_client)
+    assert list(found) == [TENANT.loop("same-prompt", "r1")]
+    value = next(iter(found.values()))
+    assert value.count(",") == 31 and len(value) < 32 * 40, value
+    again = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q-1999"}
+    assert (await post(client, "/v1/authorize", again))[1]["allowed"] is True  # 2nd
+    for _ in range(3):
+        _, d = await post(client, "/v1/authorize", again)
+        assert (d["allowed"], d["reason"]) == (False, "loop"), d
+    loops = [a for _, a in redis_client.xrange(TENANT.alerts) if a.get("k") == "loop"]
+    assert len(loops) == 1
