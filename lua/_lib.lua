@@ -567,51 +567,42 @@ local function active_stop(names, values, now)
   return '', ''
 end
 
--- A loop guard's memory of one entity: its last LOOP_RING calls inside the window, in one
--- string per (guard, entity), "<alerted fingerprints, ','>|<fp>:<ms>,<fp>:<ms>,..." (oldest
--- first), that expires a window after its newest call. One key per entity and not per
--- call: thousands of distinct calls a second keep one small string per active run, and a
--- repeat is found among that entity's last LOOP_RING calls (repeats <= LOOP_RING).
-local LOOP_RING = 32
+-- A loop guard's memory of one entity: a hash per (guard, entity), one field per
+-- fingerprint, "<alerted 0|1>|<ms>,<ms>,..." (its newest calls inside the window, at most
+-- `repeats`), expiring a window after the entity's newest call. At most LOOP_FIELDS
+-- fingerprints per entity: a new one past that evicts one at random (a loop's own field
+-- is rewritten at every repeat, so a loop is lost only if evicted between two of its
+-- calls). One key per entity, not per call: thousands of distinct calls a second keep one
+-- small hash per active run, read and written with one field, not parsed whole.
+local LOOP_FIELDS = 64
 
--- The calls of `fp` among the entity's calls inside the window ending now.
+-- The calls of `fp` from this entity inside the window ending now.
 local function loop_read(key, now, window, fp)
-  local state = {entries = {}, same = 0, marks = {}, alerted = false}
-  local value = redis.call('GET', key)
+  local state = {times = {}, alerted = false, known = false}
+  local value = redis.call('HGET', key, fp)
   if not value then return state end
-  local bar = string.find(value, '|', 1, true)
-  for _, mark in ipairs(split(string.sub(value, 1, bar - 1), ',')) do
-    state.marks[#state.marks + 1] = mark
-    if mark == fp then state.alerted = true end
-  end
-  for _, entry in ipairs(split(string.sub(value, bar + 1), ',')) do
-    local colon = string.find(entry, ':', 1, true)
-    if tonumber(string.sub(entry, colon + 1)) > now - window then
-      state.entries[#state.entries + 1] = entry
-      if string.sub(entry, 1, colon - 1) == fp then state.same = state.same + 1 end
-    end
+  state.known = true
+  state.alerted = string.sub(value, 1, 1) == '1'
+  for _, t in ipairs(split(string.sub(value, 3), ',')) do
+    if tonumber(t) > now - window then state.times[#state.times + 1] = t end
   end
   return state
 end
 
--- Write the entity's memory back: with this call added (`called`: it went through), and
--- `fp` marked alerted (`alerted`) or, called as no repeat, unmarked (its trip is over).
--- Marks of fingerprints no longer remembered go.
-local function loop_write(key, state, now, window, fp, called, alerted)
-  local entries = state.entries
-  if called then entries[#entries + 1] = fp .. ':' .. int(now) end
-  local kept, present = {}, {}
-  for i = math.max(1, #entries - LOOP_RING + 1), #entries do
-    kept[#kept + 1] = entries[i]
-    present[string.sub(entries[i], 1, string.find(entries[i], ':', 1, true) - 1)] = true
+-- Write `fp`'s field back: with this call added (`called`: it went through), marked alerted
+-- (`alerted`) or, called as no repeat, unmarked (its trip is over).
+local function loop_write(key, state, now, window, fp, called, alerted, repeats)
+  local times = state.times
+  if called then times[#times + 1] = int(now) end
+  local kept = {}
+  for i = math.max(1, #times - repeats + 1), #times do kept[#kept + 1] = times[i] end
+  local mark = (alerted or (state.alerted and not called)) and '1' or '0'
+  if not state.known and redis.call('HLEN', key) >= LOOP_FIELDS then
+    local victim = redis.call('HRANDFIELD', key)
+    if victim then redis.call('HDEL', key, victim) end
   end
-  local marks = {}
-  for _, mark in ipairs(state.marks) do
-    if present[mark] and (mark ~= fp or alerted or not called) then marks[#marks + 1] = mark end
-  end
-  if alerted and not state.alerted then marks[#marks + 1] = fp end
-  redis.call('SET', key, table.concat(marks, ',') .. '|' .. table.concat(kept, ','), 'PX',
-    int(window))
+  redis.call('HSET', key, fp, mark .. '|' .. table.concat(kept, ','))
+  redis.call('PEXPIRE', key, int(window))
 end
 
 -- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |

@@ -221,13 +221,13 @@ for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local repeats, window = tonumber(ARGV[i + 1]), tonumber(ARGV[i + 2])
   local state = loop_read(KEYS[8 + g], now, window, fp)
-  local would = state.same >= repeats
+  local would = #state.times >= repeats
   local shadow = ARGV[i + 3] == '1'
   if would and not shadow then deny = true end
   loops[g] = {key = KEYS[8 + g], state = state, window = window, would = would,
-    shadow = shadow, at = i}
+    shadow = shadow, at = i, repeats = repeats}
   out[#out + 1] = would and 1 or 0
-  out[#out + 1] = state.same
+  out[#out + 1] = #state.times
 end
 
 if deny then
@@ -255,9 +255,10 @@ if deny then
   end
   for _, l in ipairs(loops) do
     if l.would and not l.shadow and not l.state.alerted then
-      loop_write(l.key, l.state, now, l.window, fp, false, true)
+      local calls = #l.state.times
+      loop_write(l.key, l.state, now, l.window, fp, false, true, l.repeats)
       guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5],
-        int(l.state.same) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
+        int(calls) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
     end
   end
   return done(out)
@@ -295,7 +296,7 @@ for j, r in ipairs(rates) do
 end
 -- A loop guard counts the calls it let through; a shadow one counts them all.
 for _, l in ipairs(loops) do
-  loop_write(l.key, l.state, now, l.window, fp, true, l.would and l.state.alerted)
+  loop_write(l.key, l.state, now, l.window, fp, true, l.would and l.state.alerted, l.repeats)
 end
 local lease_end = now + lease_ms
 redis.call('HSET', res, rid, table.concat(

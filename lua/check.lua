@@ -115,9 +115,9 @@ local first_loop = last_budget + 6 * nl + 1
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local state = loop_read(KEYS[8 + g], now, tonumber(ARGV[i + 2]), ARGV[#ARGV])
-  local would = state.same >= tonumber(ARGV[i + 1])
+  local would = #state.times >= tonumber(ARGV[i + 1])
   if would and ARGV[i + 3] ~= '1' then out[1] = 0 end
   out[#out + 1] = would and 1 or 0
-  out[#out + 1] = state.same
+  out[#out + 1] = #state.times
 end
 return done(out)

@@ -234,8 +234,7 @@ class LoopGuardSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 
     id: BudgetId
     scope: Scope
-    # At most the 32 calls a guard remembers per entity (lua/_lib.lua LOOP_RING).
-    repeats: Annotated[int, Meta(ge=1, le=32)]
+    repeats: Annotated[int, Meta(ge=1, le=100)]
     window: str
     mode: LimitMode = LimitMode.ENFORCE
 

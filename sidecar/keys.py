@@ -25,9 +25,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
     bs:{T}:alerts  stream threshold alerts, written by the script that charged, and guard
                           trips (stops, loops, call caps, velocity); read by the alerts
                           route and by the webhook deliverers' consumer groups
-    bs:{T}:loop:<guard>/<entity>  string  a loop guard's memory of one entity: its last 32
-                          calls inside the window, "<alerted fingerprints>|<fp>:<ms>,...";
-                          expires a window after the entity's newest call
+    bs:{T}:loop:<guard>/<entity>  hash  a loop guard's memory of one entity: per
+                          fingerprint (at most 64) "<alerted 0|1>|<ms>,<ms>,..."; expires
+                          a window after the entity's newest call
     bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
                           (estimate_series) one field "count:p95:c1,c2,..." holding the
                           last LEARN_RING settled costs (micro-USD) and their cached p95.

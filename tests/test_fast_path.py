@@ -21,8 +21,13 @@ from tests.harness import RedisServer
 
 DOC: dict[str, Any] = {
     "budgets": [
-        {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 1000,
-         "period": "monthly"},
+        {
+            "id": "org",
+            "name": "Org",
+            "scope": "organization",
+            "limit_usd": 1000,
+            "period": "monthly",
+        },
         {"id": "tiny", "name": "Tiny", "scope": "team", "limit_usd": 0.01, "period": "daily"},
     ],
     "pricing": [
@@ -50,9 +55,7 @@ Serve = Callable[..., Any]
 
 
 @pytest.fixture
-async def serve(
-    redis_server: RedisServer, redis_client: redis.Redis
-) -> AsyncIterator[Serve]:
+async def serve(redis_server: RedisServer, redis_client: redis.Redis) -> AsyncIterator[Serve]:
     servers: list[TestServer] = []
 
     async def start(fast: bool = True, doc: dict[str, Any] | None = None) -> TestServer:
@@ -158,7 +161,13 @@ CASES: list[tuple[dict[str, Any], bytes]] = [
     (DOC, post("/v1/authorize", b"{not json")),
     (DOC, post("/v1/authorize", b'{"org_id": 7}')),
     (DOC, post("/v1/authorize", b'{"org_id":"a","estimated_usd":0.1,"estimated_usd":9}')),
-    (DOC, post("/v1/authorize", b"", )),
+    (
+        DOC,
+        post(
+            "/v1/authorize",
+            b"",
+        ),
+    ),
     (DOC, post("/v1/authorize", b'{"org_id":"o","provider":"x","model":"nope"}')),
     (DOC, post("/v1/authorize", AUTHORIZE).replace(b"application/json", b"text/plain")),
     (DOC, post("/v1/authorize", AUTHORIZE).replace(b"Content-Type: application/json\r\n", b"")),
@@ -196,9 +205,7 @@ def normalized(answer: bytes) -> bytes:
     return answer
 
 
-async def test_answers_are_byte_for_byte_aiohttps(
-    serve: Serve, redis_client: redis.Redis
-) -> None:
+async def test_answers_are_byte_for_byte_aiohttps(serve: Serve, redis_client: redis.Redis) -> None:
     """Status line, headers (names, order, values) and body of every kind of answer on
     the hot routes, fast path against aiohttp, each from the same Redis state."""
     servers = {}
@@ -242,9 +249,7 @@ async def test_one_connection_mixes_hot_and_other_routes_in_order(serve: Serve) 
 async def test_pipelined_hot_requests_answer_in_order(serve: Serve) -> None:
     srv = await serve()
     # Each asks for more tokens than the one before: its answer's estimate says which it is.
-    bodies = [
-        AUTHORIZE.replace(b":100,", f":{10_000 * (i + 1)},".encode()) for i in range(20)
-    ]
+    bodies = [AUTHORIZE.replace(b":100,", f":{10_000 * (i + 1)},".encode()) for i in range(20)]
     answers = await exchange(srv, b"".join(post("/v1/check", b) for b in bodies), 20)
     assert [status(a) for a in answers] == [200] * 20
     found = [re.search(rb'"estimated_usd":([0-9.]+)', a) for a in answers]

@@ -58,9 +58,10 @@ def ctr(rc: redis.Redis) -> dict[str, str]:
     return {k: v for k, v in raw.items() if not k.startswith(("a:", "x:"))}
 
 
-def loop_keys(rc: redis.Redis) -> dict[str, str]:
+def loop_keys(rc: redis.Redis) -> dict[str, dict[str, str]]:
+    """Each loop key (one per guard and entity) -> its fingerprints' fields."""
     found = rc.keys("bs:{default}:loop:*")
-    return {k: str(rc.get(k)) for k in found}  # type: ignore[union-attr]
+    return {k: rc.hgetall(k) for k in found}  # type: ignore[misc, union-attr]
 
 
 # ---- per-run caps ------------------------------------------------------------------------
@@ -360,10 +361,12 @@ async def test_a_call_denied_by_any_guard_consumes_nothing_anywhere(
     _, denied = await post(client, "/v1/authorize", same)
     assert (denied["allowed"], denied["reason"]) == (False, "loop")
     assert ctr(redis_client) == counters
+
     # The entity's memory keeps its calls; only its "alerted" marks may change.
-    assert {k: v.partition("|")[2] for k, v in loop_keys(redis_client).items()} == {
-        k: v.partition("|")[2] for k, v in loops.items()
-    }
+    def calls_of(found: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+        return {k: {f: v[2:] for f, v in h.items()} for k, h in found.items()}
+
+    assert calls_of(loop_keys(redis_client)) == calls_of(loops)
 
     # A budget denial (the team's $1 is spent) counts as no call and no repeat.
     big = {**same, "run_id": "r2", "fingerprint": "g", "estimated_usd": 5.0}
@@ -626,8 +629,8 @@ async def test_a_retry_of_a_run_call_counts_once(
 async def test_a_loop_guard_keeps_one_small_key_per_entity_whatever_the_traffic(
     make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
 ) -> None:
-    """2,000 distinct calls of one run: one loop key for the run, holding its last 32
-    calls; a repeat among them is still found, and its trip is alerted once."""
+    """2,000 distinct calls of one run: one loop key for the run, holding at most 64
+    fingerprints; a repeat is still found, and its trip is alerted once."""
     client = await make_client(guard_doc(loop_guards=[{**SAME_PROMPT, "repeats": 2}]))
     for n in range(2000):
         body = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": f"q-{n}"}
@@ -635,8 +638,9 @@ async def test_a_loop_guard_keeps_one_small_key_per_entity_whatever_the_traffic(
         clock.advance(1)
     found = loop_keys(redis_client)
     assert list(found) == [TENANT.loop("same-prompt", "r1")]
-    value = next(iter(found.values()))
-    assert value.count(",") == 31 and len(value) < 32 * 40, value
+    fields = next(iter(found.values()))
+    assert len(fields) == 64, len(fields)
+    assert all(v.startswith("0|") and v.count(",") == 0 for v in fields.values()), fields
     again = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q-1999"}
     assert (await post(client, "/v1/authorize", again))[1]["allowed"] is True  # 2nd
     for _ in range(3):
