@@ -544,6 +544,26 @@ async def test_downgrade_header_reaches_upstream(make_stack: StackFactory, proxy
     assert seen.headers["x-budget-downgrade-model"] == "gpt-4o-mini"
 
 
+async def test_run_and_fingerprint_headers_reach_the_runaway_guards(
+    make_stack: StackFactory, proxy_kind: str, redis_client: Any
+) -> None:
+    """x-run-id and x-budget-fingerprint pass each proxy to the check: a per-run call cap
+    and a loop guard see them (3 identical calls of the run pass, the 4th is denied)."""
+    per_run = {"id": "per-run", "name": "Each run", "scope": "run", "period": "total",
+               "limit_calls": 10}  # fmt: skip
+    loop = {"id": "same-prompt", "scope": "run", "repeats": 3, "window": "10m"}
+    config = {**doc(), "budgets": [USER_BUDGET, per_run], "loop_guards": [loop]}
+    stack = await make_stack(config, proxy_kind)
+    headers = {**IDENTITY, "x-budget-estimate-usd": "0.01", "x-run-id": "run-7",
+               "x-budget-fingerprint": "search q=cats"}  # fmt: skip
+    statuses = []
+    for n in range(4):
+        status, _, _ = await stack.send(headers={**headers, "x-request-id": f"req-{n}"})
+        statuses.append(status)
+    assert statuses == [200, 200, 200, 429]
+    assert redis_client.hget("bs:{default}:ctr", "c:per-run/run-7/t") == "3"
+
+
 async def test_the_application_settles_by_the_reservation_id(
     make_stack: StackFactory, proxy_kind: str
 ) -> None:
