@@ -74,6 +74,17 @@ local function split(s, sep)
   end
 end
 
+-- A reservation record's fields (see the record layout above): one pattern of 26
+-- captures (a literal: built at run time it would cost each call) instead of a split: a decision parses a record at every settle, release and
+-- ended lease, and a split of 26 fields costs more than the rest of a settle's Lua. A
+-- record of another length (a cancel's placeholder) is split.
+local RECORD_PATTERN = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'  -- RECORD_FIELDS captures
+local function parse_record(rec)
+  local r = {string.match(rec, RECORD_PATTERN)}
+  if #r == 0 then return split(rec, '|') end
+  return r
+end
+
 -- '%d' because tostring() of a double past 1e14 gives "1e+14", which HINCRBY refuses.
 local function int(n)
   return string.format('%d', n)
@@ -236,7 +247,7 @@ local function reclaim(ctr, lease, res, gc, now, keep, batch)
     if n > batch then return true end
     local rec = redis.call('HGET', res, rid)
     if rec then
-      local r = split(rec, '|')
+      local r = parse_record(rec)
       if r[1] == 'H' then
         free_slots(ctr, r[14])
         reclaimed_now = reclaimed_now + 1
@@ -291,7 +302,7 @@ local function collect(ctr, res, gc, now, batch)
     else
       local rec = redis.call('HGET', res, id)
       if rec then
-        local key = split(rec, '|')[6]
+        local key = string.match(rec, '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)') or ''
         if key ~= '' then redis.call('HDEL', res, 'k:' .. key) end
         redis.call('HDEL', res, id)
       end
@@ -312,9 +323,11 @@ end
 -- A budget's spec in record field 17: limit, alert thresholds, mode, and (a budget with
 -- forecast_alert) its period window start and end ms: "limit:t1.t2:mode[:start:end]".
 local function parse_spec(spec)
-  local parts = split(spec or '', ':')
-  return tonumber(parts[1]), parts[2] or '', parts[3] or 'b', tonumber(parts[4]),
-    tonumber(parts[5])
+  -- One pattern, not a split: settle parses a spec per budget per call.
+  local limit, thresholds, mode, fstart, fend =
+    string.match(spec or '', '^([^:]*):([^:]*):([^:]*):?([^:]*):?([^:]*)')
+  return tonumber(limit), thresholds or '', (mode ~= nil and mode ~= '') and mode or 'b',
+    tonumber(fstart), tonumber(fend)
 end
 
 -- A budget's forecast-alert window as authorize and record take it, "start_ms:end_ms" (''
@@ -354,8 +367,11 @@ end
 local ALERTS_MAX = 10000
 local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, now)
   if after <= before or not limit or limit <= 0 or thresholds == '' then return end
+  -- The sidecar sorts the thresholds: nothing below the lowest one is crossed (the
+  -- common case, worth one pattern instead of a loop over them).
+  if after * 100 < tonumber(string.match(thresholds, '^%d+')) * limit then return end
   local fired
-  for _, t in ipairs(split(thresholds, '.')) do
+  for t in string.gmatch(thresholds, '[^.]+') do
     local at = tonumber(t) * limit / 100
     if before < at and at <= after then
       fired = fired or (redis.call('HGET', ctr, 'a:' .. cid) or '')
@@ -389,25 +405,23 @@ local function muldiv(a, b, c)
   return q * b + (fdiv(r * b, c))
 end
 
--- Add `cost` to a counter's recent-spend window "k:cur:prev" (k: the bucket index, Unix
--- seconds // WINDOW_S; cur: spend in bucket k; prev: in bucket k - 1). One HGET and one
--- HSET per charge, whatever the traffic. Returns the window written.
-local function window_add(ctr, cid, cost, now)
+-- A counter's recent-spend window "k:cur:prev" (k: the bucket index, Unix seconds //
+-- WINDOW_S; cur: spend in bucket k; prev: in bucket k - 1) after `cost` is added to
+-- `raw`, the window as it was (nil: none). The caller reads and writes the windows of
+-- all its counters with one HMGET and one HSET, whatever the traffic.
+local function window_next(raw, cost, now)
   local k_now = math.floor(math.floor(now / 1000) / WINDOW_S)
   local k, cur, prev = k_now, 0, 0
-  local raw = redis.call('HGET', ctr, 'w:' .. cid)
   if raw then
-    local w = split(raw, ':')
-    local k0, c0, p0 = tonumber(w[1]) or 0, tonumber(w[2]) or 0, tonumber(w[3]) or 0
+    local k0, c0, p0 = string.match(raw, '^([^:]*):([^:]*):([^:]*)')
+    k0, c0, p0 = tonumber(k0) or 0, tonumber(c0) or 0, tonumber(p0) or 0
     if k0 >= k_now then
       k, cur, prev = k0, c0, p0  -- this bucket (or a replica whose clock is ahead)
     elseif k0 == k_now - 1 then
       prev = c0
     end
   end
-  local text = int(k) .. ':' .. int(cur + cost) .. ':' .. int(prev)
-  redis.call('HSET', ctr, 'w:' .. cid, text)
-  return text
+  return int(k) .. ':' .. int(cur + cost) .. ':' .. int(prev)
 end
 
 -- Whether a recent-spend window has nothing left to say at `now` (both buckets past):
@@ -467,34 +481,46 @@ end
 local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, latency,
                       success, now, priced_by)
   if cfg == '' then return end
-  local c = split(cfg, ':')
-  local max_records, max_age = tonumber(c[1]), tonumber(c[2])
-  if max_records > 0 then
-    redis.call('XADD', usage, 'MAXLEN', c[1], '*', 'k', kind, 'm', meta, 'q', request_id,
-      'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency, 's', success, 'at', int(now),
-      'p', priced_by or 'c')
-    local t = redis.call('TIME')
-    local redis_ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-    if redis_ms > max_age then redis.call('XTRIM', usage, 'MINID', int(redis_ms - max_age)) end
+  local max_records, max_age, agg_ttl, user_ttl =
+    string.match(cfg, '^([^:]*):([^:]*):([^:]*):?([^:]*)')
+  if tonumber(max_records) > 0 then
+    local id = redis.call('XADD', usage, 'MAXLEN', max_records, '*', 'k', kind, 'm', meta,
+      'q', request_id, 'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency,
+      's', success, 'at', int(now), 'p', priced_by or 'c')
+    -- The entry's id is Redis time in ms: what the age bound counts from (no TIME call).
+    local oldest = tonumber(string.match(id, '^(%d+)')) - tonumber(max_age)
+    if oldest > 0 then redis.call('XTRIM', usage, 'MINID', int(oldest)) end
   end
-  local parts = split(meta, '\31')
-  local tuple = table.concat(parts, '\31', 1, math.min(#parts, 6))
+  -- The tuple is the first six of meta's parts, then user and step (one pattern, not a
+  -- split and a join: this runs at every charge). Fewer parts: a meta from before.
+  local tuple, user, step =
+    string.match(meta, '^([^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*)\31?([^\31]*)\31?([^\31]*)')
+  if not tuple then tuple, user, step = meta, '', '' end
   redis.call('HINCRBY', agg, 'c|' .. tuple, int(cost))
-  redis.call('HINCRBY', agg, 'n|' .. tuple, 1)
+  -- A day's hash gets its time to live once, with its first field: kept aggregate_ttl_s
+  -- from the day's first charge.
+  if redis.call('HINCRBY', agg, 'n|' .. tuple, 1) == 1 then redis.call('EXPIRE', agg, agg_ttl) end
   if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
   if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
-  redis.call('EXPIRE', agg, c[3])
-  local user, step = parts[7] or '', parts[8] or ''
   local uagg = KEYS[8]
   if uagg and (user ~= '' or step ~= '') then
     local who = user .. '\31' .. step
-    local was = split(redis.call('HGET', uagg, who) or '0:0:0:0', ':')
-    redis.call('HSET', uagg, who, int(tonumber(was[1]) + cost) .. ':' .. int(tonumber(was[2]) + 1)
-      .. ':' .. int(tonumber(was[3]) + tin) .. ':' .. int(tonumber(was[4]) + tout))
-    -- Kept user_aggregate_ttl_s counted from the end of its day (the day's key lives the
-    -- rest of today plus that): a retention of 2 days is today and yesterday.
-    local ttl = tonumber(c[4] or c[3]) - 86400 + math.ceil((86400000 - now % 86400000) / 1000)
-    redis.call('EXPIRE', uagg, int(math.max(ttl, 1)))
+    local was = redis.call('HGET', uagg, who)
+    local c0, n0, i0, o0 = 0, 0, 0, 0
+    if was then
+      c0, n0, i0, o0 = string.match(was, '^([^:]*):([^:]*):([^:]*):([^:]*)')
+      c0, n0, i0, o0 = tonumber(c0), tonumber(n0), tonumber(i0), tonumber(o0)
+    end
+    redis.call('HSET', uagg, who, int(c0 + cost) .. ':' .. int(n0 + 1) .. ':' .. int(i0 + tin)
+      .. ':' .. int(o0 + tout))
+    if not was then
+      -- Kept user_aggregate_ttl_s counted from the end of its day (the day's key lives the
+      -- rest of today plus that): a retention of 2 days is today and yesterday. The same
+      -- end for every field of the day, so set with each new one only.
+      local ttl = tonumber(user_ttl ~= '' and user_ttl or agg_ttl) - 86400
+        + math.ceil((86400000 - now % 86400000) / 1000)
+      redis.call('EXPIRE', uagg, int(math.max(ttl, 1)))
+    end
   end
 end
 
@@ -503,30 +529,51 @@ end
 -- counters after it ("u,h,..." for record field 10) and the overshoot: the largest, over
 -- the block and downgrade budgets, of what this charge added past the cap (record field 20).
 local function charge(ctr, r, cost, held, now)
-  local est, specs = tonumber(r[3]), split(r[17] or '', ';')
+  local est, cids, specs = tonumber(r[3]), split(r[7], ','), split(r[17] or '', ';')
   local snapshot, overshoot = {}, 0
-  for i, cid in ipairs(split(r[7], ',')) do
+  local cost_text, minus_est = int(cost), int(-est)  -- int: -0 prints "-0"
+  -- Every counter's recent-spend window is read with one HMGET and written with one HSET.
+  local windows, written = nil, {}
+  if cost > 0 and #cids > 0 then
+    local names = {}
+    for i, cid in ipairs(cids) do names[i] = 'w:' .. cid end
+    windows = redis.call('HMGET', ctr, unpack(names))
+  end
+  for i, cid in ipairs(cids) do
     local h
     if held then
-      h = unhold(ctr, cid, est)
+      local field = 'h:' .. cid
+      h = redis.call('HINCRBY', ctr, field, minus_est)
+      if h == 0 then redis.call('HDEL', ctr, field) end  -- as unhold()
     else
       h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
     end
-    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, int(cost))
+    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost_text)
     local limit, thresholds, mode, fstart, fend = parse_spec(specs[i])
     check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
-    if cost > 0 then
-      local window = window_add(ctr, cid, cost, now)
-      check_forecast(ctr, KEYS[6], cid, limit, fstart, fend, u, h, window, now)
+    if windows then
+      local window = window_next(windows[i] or nil, cost, now)
+      written[#written + 1] = 'w:' .. cid
+      written[#written + 1] = window
+      if fstart then check_forecast(ctr, KEYS[6], cid, limit, fstart, fend, u, h, window, now) end
     end
-    if limit and mode ~= 'w' then
+    if limit and mode ~= 'w' and u > limit then
       local past = math.max(0, u - limit) - math.max(0, u - cost - limit)
       if past > overshoot then overshoot = past end
     end
-    snapshot[#snapshot + 1] = int(u)
-    snapshot[#snapshot + 1] = int(h)
+    snapshot[#snapshot + 1] = u
+    snapshot[#snapshot + 1] = h
   end
-  return table.concat(snapshot, ','), overshoot
+  if #written > 0 then redis.call('HSET', ctr, unpack(written)) end
+  -- The figures as numbers (for the reply) and as record field 10's text.
+  return snapshot, overshoot
+end
+
+-- Record field 10's text of charge()'s figures.
+local function snapshot_text(figures)
+  local text = {}
+  for i, v in ipairs(figures) do text[i] = int(v) end
+  return table.concat(text, ',')
 end
 
 -- A hold whose lease ended unsettled, on a reservation that asked for it (record field 22):
@@ -535,8 +582,8 @@ end
 -- once. The charging scripts' KEYS[5..7] (usage, alerts, agg) must be given.
 charge_at_end = function(ctr, rid, r, now)
   local est = tonumber(r[3])
-  local snapshot, overshoot = charge(ctr, r, est, true, now)
-  r[1], r[8], r[9], r[10] = 'S', int(est), '1', snapshot
+  local figures, overshoot = charge(ctr, r, est, true, now)
+  r[1], r[8], r[9], r[10] = 'S', int(est), '1', snapshot_text(figures)
   r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
   ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
   charged_now = charged_now + 1

@@ -115,7 +115,7 @@ if idem ~= '' then
   if prior then
     local rec = redis.call('HGET', res, prior)
     if not rec then return done({5, prior, 'R', 0}) end
-    local r = split(rec, '|')
+    local r = parse_record(rec)
     if (r[18] or '') ~= fingerprint then return done({4, prior, r[1], 0}) end
     if r[1] ~= 'H' or tonumber(r[2]) <= now then return done({5, prior, r[1], 0}) end
     if r[19] ~= '1' then

@@ -38,13 +38,22 @@ if idem ~= '' then
   if redis.call('HSETNX', res, 'q:' .. idem, 'recorded') == 0 then status = 2 end
 end
 local out = {status}
+-- The counters' recent-spend windows: one HMGET, one HSET (see window_next).
+local recent, written = nil, {}
+if status == 1 and cost > 0 and #cids > 0 then
+  local names = {}
+  for i, cid in ipairs(cids) do names[i] = 'w:' .. cid end
+  recent = redis.call('HMGET', ctr, unpack(names))
+end
 for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
-    if cost > 0 then
-      local window = window_add(ctr, cid, cost, now)
+    if recent then
+      local window = window_next(recent[i] or nil, cost, now)
+      written[#written + 1] = 'w:' .. cid
+      written[#written + 1] = window
       check_forecast(ctr, KEYS[6], cid, limits[i], tonumber(windows[i][1]),
         tonumber(windows[i][2]), u, h, window, now)
     end
@@ -52,6 +61,7 @@ for i, cid in ipairs(cids) do
   out[#out + 1] = u
   out[#out + 1] = h
 end
+if #written > 0 then redis.call('HSET', ctr, unpack(written)) end
 if status == 1 then
   if idem ~= '' then redis.call('ZADD', gc, now + keep, 'q:' .. idem) end
   ledger(KEYS[5], KEYS[7], ARGV[8], 'r', ARGV[5], idem, tonumber(ARGV[6]),

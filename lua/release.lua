@@ -37,7 +37,7 @@ if not rec then
   redis.call('ZADD', gc, now + keep, 'r:' .. rid)
   return done({1, 'R', 0, 0, 0, '', '', 0, 0, 0, ''})
 end
-local r = split(rec, '|')
+local r = parse_record(rec)
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 if cancel then
   if r[19] == '1' then return done({3, r[1], 0, tonumber(r[3]), 0, r[7], r[11] or '', 0, 0, 0, ''}) end

@@ -41,7 +41,7 @@ collect(ctr, res, gc, now)
 
 local rec = redis.call('HGET', res, rid)
 if not rec or string.sub(rid, 1, 2) == 'k:' then return done({0}) end
-local r = split(rec, '|')
+local r = parse_record(rec)
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 
 local cost, priced_by = 0, ARGV[4]
@@ -76,13 +76,13 @@ tokens_in, tokens_out = tokens_in or 0, tokens_out or 0
 local ended = (not held) or tonumber(r[2]) <= now
 -- An ended lease reclaim has not come to yet ends here: counted once, as reclaim would.
 if held and ended then reclaimed_now = reclaimed_now + 1 end
-local snapshot, overshoot = charge(ctr, r, cost, held, now)
+local figures, overshoot = charge(ctr, r, cost, held, now)
 redis.call('ZREM', lease, rid)
 local meta = r[11] or ''
 if ARGV[12] ~= '' then
   meta = ARGV[12] .. (string.match(meta, '^[^\31]*\31[^\31]*(.*)$') or '')
 end
-r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', snapshot
+r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', snapshot_text(figures)
 r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
 for i = #r + 1, 19 do r[i] = '' end
 r[20], r[21] = int(overshoot), priced_by
@@ -94,5 +94,5 @@ ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, A
 
 local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out, overshoot,
   priced_by}
-for _, v in ipairs(split(snapshot, ',')) do out[#out + 1] = tonumber(v) end
+for _, v in ipairs(figures) do out[#out + 1] = v end
 return done(out)
