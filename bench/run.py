@@ -68,6 +68,38 @@ RAW_RATE_ARGS = ["rpm/org-1", "r", "1000000", "1000", "0", "0",
                  "tpm/team-1", "t", "100000000", "1000", "0", "0"]  # fmt: skip
 
 
+BENCH_CIDS = ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101")
+
+
+def budget_argv(cids: tuple[str, ...], rate_args: list[str]) -> list[str]:
+    """authorize.lua's arguments from ARGV[26] on (its header) for block budgets of $1e9
+    on `cids` with the default alert thresholds, and the rate limits `rate_args` (six
+    each), as sidecar.resolution builds them: no call cap, no stop field, no loop guard."""
+    limit = "1000000000000000"
+    rates = [rate_args[i : i + 6] for i in range(0, len(rate_args), 6)]
+
+    def joined(metric: str) -> str:
+        return ",".join(f"{r[0]}:{r[2]}:{r[3]}" for r in rates if r[1] == metric)
+
+    parts = [
+        ",".join(cids),
+        ";".join(f"{limit}:50.80.100:b" for _ in cids),
+        "",
+        ",".join(r[0] for r in rates if r[1] == "c"),
+        joined("t"),
+        joined("u"),
+    ]
+    per_budget = [v for _ in cids for v in (limit, "b", "", "")]
+    fields = [f for cid in cids for f in (f"u:{cid}", f"h:{cid}")]
+    fields += [
+        f
+        for r in rates
+        for f in ((f"n:{r[0]}",) * 2 if r[1] == "c" else (f"d:{r[0]}", f"l:{r[0]}"))
+    ]
+    fields += [f"w:{cid}" for cid in cids]
+    return [*parts, *per_budget, *rate_args, *fields]
+
+
 def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None = None) -> float:
     """redis-benchmark of the authorize script itself, with the bench's 3 budgets (and
     rate limiters, if given)."""
@@ -76,11 +108,6 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
     client.script_load(script.source)
     tk = keys.tenant_keys("bench-raw")
     now = str(int(time.time() * 1000))
-    budgets = []
-    for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-        # cid, limit, mode, call cap (none), thresholds, idle (a calendar window), no
-        # forecast alert
-        budgets += [cid, "1000000000000000", "b", "", "50.80.100", "", ""]
     cmd = [
         "redis-benchmark", "-p", str(server.port), "-c", "50", "-P", "16", "-q",
         "-n", str(40_000 * seconds), "-r", "1000000000",
@@ -91,8 +118,8 @@ def raw_evalsha(server: RedisServer, seconds: int, rate_args: list[str] | None =
         "", "", "", "", "", "", "",
         "", "", "",  # a fixed estimate: no learned-estimate series (ARGV[20..22])
         # the rate limits, no stop fields, no loop guards (ARGV[23..25])
-        str(len(rate_args or []) // 6), "", "0",
-        *budgets, *(rate_args or []),
+        str(len(rate_args or []) // 6), "0", "0",
+        *budget_argv(BENCH_CIDS, rate_args or []),
     ]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=300).stdout
     rps = re.findall(r"([\d.]+) requests per second", out)
@@ -117,16 +144,14 @@ def settle_learned_ratio(server: RedisServer, n: int = 20_000) -> dict[str, floa
         client.script_load(scripts.authorize.source)
         client.script_load(scripts.settle.source)
         now = int(time.time() * 1000)
-        budgets: list[str | int] = []
-        for cid in ("org/org-1/m20260101", "team/team-1/d20260101", "user/user-1/d20260101"):
-            budgets += [cid, 10**15, "b", "", "50.80.100", "", ""]
+        budgets = budget_argv(BENCH_CIDS, [])
         pipe = client.pipeline(transaction=False)
         for i in range(n):
             pipe.evalsha(
                 scripts.authorize.sha, 9, *tk.learning("20260101"),
                 now, f"{i:032x}", 600_000, 10_000, "", 2_500_000, 10_000_000, 86_400_000,
                 "openai\x1fgpt-4o\x1forg-1\x1fteam-1\x1fagent-1\x1f\x1fuser-1\x1f\x1f",
-                30, 3, "", "", "", "", "", "", "", ledger, *learning, 0, "", 0, *budgets,
+                30, 3, "", "", "", "", "", "", "", ledger, *learning, 0, 0, 0, *budgets,
             )  # fmt: skip
             if i % 1000 == 999:
                 pipe.execute()

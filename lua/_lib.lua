@@ -168,7 +168,7 @@ end
 
 -- The rate limits in ARGV from `first` on (six values each: rf, metric, limit, window_ms,
 -- burst, shadow), `count` of them (nil: to the end of ARGV), appending the two hash fields
--- each one reads to `fields`.
+-- each one reads to `fields` (nil: the caller has them).
 local function rate_args(first, fields, count)
   local rates = {}
   local last = count and (first + 6 * count - 1) or #ARGV
@@ -178,7 +178,9 @@ local function rate_args(first, fields, count)
       rf = rf, metric = metric, limit = tonumber(ARGV[i + 2]), window = tonumber(ARGV[i + 3]),
       burst = tonumber(ARGV[i + 4]), shadow = ARGV[i + 5] == '1',
     }
-    if metric == 'c' then
+    if not fields then
+      -- the caller was given the field names
+    elseif metric == 'c' then
       fields[#fields + 1] = 'n:' .. rf
       fields[#fields + 1] = 'n:' .. rf
     else
@@ -411,17 +413,14 @@ end
 -- all its counters with one HMGET and one HSET, whatever the traffic.
 local function window_next(raw, cost, now)
   local k_now = math.floor(math.floor(now / 1000) / WINDOW_S)
-  local k, cur, prev = k_now, 0, 0
   if raw then
     local k0, c0, p0 = string.match(raw, '^([^:]*):([^:]*):([^:]*)')
-    k0, c0, p0 = tonumber(k0) or 0, tonumber(c0) or 0, tonumber(p0) or 0
-    if k0 >= k_now then
-      k, cur, prev = k0, c0, p0  -- this bucket (or a replica whose clock is ahead)
-    elseif k0 == k_now - 1 then
-      prev = c0
-    end
+    local k = tonumber(k0) or 0
+    -- This bucket (or a replica's whose clock is ahead): the texts it keeps are reused.
+    if k >= k_now then return k0 .. ':' .. int((tonumber(c0) or 0) + cost) .. ':' .. p0 end
+    if k == k_now - 1 then return int(k_now) .. ':' .. int(cost) .. ':' .. c0 end
   end
-  return int(k) .. ':' .. int(cur + cost) .. ':' .. int(prev)
+  return int(k_now) .. ':' .. int(cost) .. ':0'
 end
 
 -- Whether a recent-spend window has nothing left to say at `now` (both buckets past):
@@ -483,25 +482,30 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   if cfg == '' then return end
   local max_records, max_age, agg_ttl, user_ttl =
     string.match(cfg, '^([^:]*):([^:]*):([^:]*):?([^:]*)')
+  -- Each figure made text once (Redis would format a Lua number for every call).
+  local cost_text, tin_text, tout_text = int(cost), int(tin), int(tout)
   if tonumber(max_records) > 0 then
     local id = redis.call('XADD', usage, 'MAXLEN', max_records, '*', 'k', kind, 'm', meta,
-      'q', request_id, 'i', int(tin), 'o', int(tout), 'c', int(cost), 'l', latency,
+      'q', request_id, 'i', tin_text, 'o', tout_text, 'c', cost_text, 'l', latency,
       's', success, 'at', int(now), 'p', priced_by or 'c')
-    -- The entry's id is Redis time in ms: what the age bound counts from (no TIME call).
-    local oldest = tonumber(string.match(id, '^(%d+)')) - tonumber(max_age)
-    if oldest > 0 then redis.call('XTRIM', usage, 'MINID', int(oldest)) end
+    -- The entry's id is "<Redis time ms>-<sequence>": the age bound counts from its time
+    -- (no TIME call), and is applied by the first entry of each millisecond only (sequence
+    -- 0): every other one of that millisecond would trim to the same bound.
+    local ms, seq = string.match(id, '^(%d+)-(%d+)$')
+    local oldest = tonumber(ms) - tonumber(max_age)
+    if seq == '0' and oldest > 0 then redis.call('XTRIM', usage, 'MINID', int(oldest)) end
   end
   -- The tuple is the first six of meta's parts, then user and step (one pattern, not a
   -- split and a join: this runs at every charge). Fewer parts: a meta from before.
   local tuple, user, step =
     string.match(meta, '^([^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*)\31?([^\31]*)\31?([^\31]*)')
   if not tuple then tuple, user, step = meta, '', '' end
-  redis.call('HINCRBY', agg, 'c|' .. tuple, int(cost))
+  redis.call('HINCRBY', agg, 'c|' .. tuple, cost_text)
   -- A day's hash gets its time to live once, with its first field: kept aggregate_ttl_s
   -- from the day's first charge.
   if redis.call('HINCRBY', agg, 'n|' .. tuple, 1) == 1 then redis.call('EXPIRE', agg, agg_ttl) end
-  if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, int(tin)) end
-  if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, int(tout)) end
+  if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, tin_text) end
+  if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, tout_text) end
   local uagg = KEYS[8]
   if uagg and (user ~= '' or step ~= '') then
     local who = user .. '\31' .. step

@@ -29,18 +29,28 @@
 -- ARGV[20] the learned-estimate series of this call ('' = estimate fixed: ARGV[4] as it is)
 -- ARGV[21] the ceiling of a learned estimate, micro-USD   ARGV[22] the costs a series must
 --          have been taught before its p95 is held (until then ARGV[4] holds: cold start)
--- ARGV[23] nl: the number of rate limits   ARGV[24] the call's entities as stop fields,
---          "s:<scope>:<entity>" ','-joined   ARGV[25] ng: the number of loop guards
--- ARGV[26..] seven per budget: cid, limit (micro-USD), mode ('b' block, 'w' warn,
---           'd' downgrade), call cap ('' = none), alert thresholds in percent, '.'-joined
---           ('' = none; kept for settle's alerts), idle ms of a period-total counter ('' =
---           a calendar window), the forecast alert's period window "start_ms:end_ms" (''
---           = no forecast alert; kept for settle's)
+-- ARGV[23] nl: the number of rate limits   ARGV[24] ns: the number of the call's stop
+--          fields (see below)   ARGV[25] ng: the number of loop guards
+-- ARGV[26..31] what the record keeps of the budgets and limiters, built by the sidecar
+--          once per resolution (record fields 7, 17, 25, 14, 15, 26): the cids ','-joined;
+--          per cid, ';'-joined, "limit:thresholds:mode[:start_ms:end_ms]" (thresholds in
+--          percent, '.'-joined, ascending; the forecast alert's period window when asked
+--          for; kept for settle's alerts); the cids with a call cap; and, for a call every
+--          rate limit charges, the concurrency rfs, the token limiters "rf:limit:window_ms"
+--          and the usd limiters "rf:limit:window_ms", each ','-joined
+-- then four per budget: limit (micro-USD), mode ('b' block, 'w' warn, 'd' downgrade),
+--           call cap ('' = none), idle ms of a period-total counter ('' = a calendar
+--           window)
 -- then six per rate limit: rf, metric ('r' requests, 't' tokens, 'c' concurrent, 'u'
 --           USD_UNIT micro-USD), limit, window_ms, burst, shadow ('1': evaluate and
 --           report, never deny)
--- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity; and last,
---           when ng > 0, the call's fingerprint (a hash, hex)
+-- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
+-- then the ctr fields the decision reads, in this order (one HMGET; the sidecar names
+--           them, so the script builds no field name to read): "u:<cid>" "h:<cid>" per
+--           budget; per rate limit "d:<rf>" "l:<rf>" (concurrent: "n:<rf>" twice); "c:<cid>"
+--           per budget with a call cap; the ns stop fields "s:<scope>:<entity>"; "w:<cid>"
+--           per budget
+-- and last, when ng > 0, the call's fingerprint (a hash, hex)
 -- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., w1, ..., then per
 --           rate limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
 --           its calls before this one; then the stop in force ('' '' = none: its field
@@ -70,45 +80,37 @@ local est_tokens = tonumber(ARGV[10])
 local nb = tonumber(ARGV[11])
 local fingerprint = ARGV[13]
 local est_down = tonumber(ARGV[14])
-local nl, ng = tonumber(ARGV[23]), tonumber(ARGV[25])
-local FIRST_BUDGET = 26
+local nl, ns, ng = tonumber(ARGV[23]), tonumber(ARGV[24]), tonumber(ARGV[25])
+local rnow = 0  -- read only if a rate limit applies
+local FIRST_BUDGET = 32
 
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
 if reclaim(ctr, lease, res, gc, now, keep) then return done({BACKLOG}) end
 collect(ctr, res, gc, now)
 
--- One HMGET for every field the decision reads: budgets first, then limiters, then the
--- call counts of budgets with a call cap.
-local fields = {}
-local cids, limits, modes, caps, idles, alert_specs = {}, {}, {}, {}, {}, {}
-local rnow = 0  -- read only if a rate limit applies
-local last_budget = FIRST_BUDGET - 1 + 7 * nb
+local limits, modes, caps, idles = {}, {}, {}, {}
+local ncap = 0
 for b = 1, nb do
-  local i = FIRST_BUDGET + 7 * (b - 1)
-  local cid = ARGV[i]
+  local i = FIRST_BUDGET + 4 * (b - 1)
   -- caps[b] and idles[b] are nil for none: indexed by b, never appended.
-  cids[b], limits[b], modes[b] = cid, tonumber(ARGV[i + 1]), ARGV[i + 2]
-  caps[b], idles[b] = tonumber(ARGV[i + 3]), tonumber(ARGV[i + 5])
-  alert_specs[b] = ARGV[i + 1] .. ':' .. ARGV[i + 4] .. ':' .. ARGV[i + 2]
-    .. forecast_suffix(ARGV[i + 6])
-  fields[#fields + 1] = 'u:' .. cid
-  fields[#fields + 1] = 'h:' .. cid
+  limits[b], modes[b], caps[b], idles[b] =
+    tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  if caps[b] then ncap = ncap + 1 end
 end
-local rates = rate_args(last_budget + 1, fields, nl)
-local first_calls = #fields
-for b = 1, nb do
-  if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
-end
--- The stop switch's fields of the call's entities, read with everything else.
-local stop_names = split(ARGV[24], ',')
-local first_stop = #fields
-for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
--- The budgets' recent-spend windows (for the forecast).
-local wfirst = #fields
-for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
+local last_budget = FIRST_BUDGET - 1 + 4 * nb
+local rates = rate_args(last_budget + 1, nil, nl)
+local first_loop = last_budget + 6 * nl + 1
+-- The fields read: budgets first, then limiters, then the call counts of budgets with a
+-- call cap, the stop fields, the recent-spend windows (see the header).
+local F = first_loop + 6 * ng
+local first_calls = 2 * nb + 2 * nl
+local first_stop = first_calls + ncap
+local wfirst = first_stop + ns
 local raw = {}
-if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
+if wfirst + nb > 0 then raw = redis.call('HMGET', ctr, unpack(ARGV, F, F + wfirst + nb - 1)) end
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
+-- A budget's cid, from its "u:<cid>" field.
+local function cid_of(b) return string.sub(ARGV[F + 2 * (b - 1)], 3) end
 
 if idem ~= '' then
   local prior = redis.call('HGET', res, 'k:' .. idem)
@@ -209,13 +211,15 @@ for i = 1, nb do
 end
 
 -- The stop switch, then the loop guards.
-local stop_values = {}
-for i = 1, #stop_names do stop_values[i] = raw[first_stop + i] end
+local stop_names, stop_values = {}, {}
+for i = 1, ns do
+  stop_names[i], stop_values[i] = ARGV[F + first_stop + i - 1], raw[first_stop + i]
+end
 local stop_field, stop_value = active_stop(stop_names, stop_values, now)
 if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
-local loops, first_loop = {}, last_budget + 6 * nl + 1
+local loops = {}
 local fp = ng > 0 and ARGV[#ARGV] or ''
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
@@ -235,10 +239,11 @@ if deny then
   out[1], out[3], out[4] = 0, '', 0
   for i = 1, nb do
     -- A cid is "<budget id>/<entity>/<window>", both escaped.
-    local budget, entity = string.match(cids[i], '^([^/]*)/([^/]*)/')
-    if calls_tripped[i] and alert_once(ctr, cids[i], 'c') then
+    local cid = cid_of(i)
+    local budget, entity = string.match(cid, '^([^/]*)/([^/]*)/')
+    if calls_tripped[i] and alert_once(ctr, cid, 'c') then
       guard_alert('calls', budget, '', entity, int(caps[i]) .. ' calls', now)
-    elseif usd_tripped[i] and idles[i] and alert_once(ctr, cids[i], 'x') then
+    elseif usd_tripped[i] and idles[i] and alert_once(ctr, cid, 'x') then
       guard_alert('cap', budget, '', entity, int(limits[i]) .. ' micro-USD', now)
     end
   end
@@ -265,32 +270,45 @@ if deny then
 end
 
 -- Counters and limiter fields are not indexed: sweep.lua finds them by walking ctr.
-local counted = {}
-for i, cid in ipairs(cids) do
-  redis.call('HINCRBY', ctr, 'h:' .. cid, est)
+-- Written through the field names the sidecar gave (see the header), with the figures
+-- as text made once (Redis would format a Lua number for every call that takes it).
+local est_text = (est == tonumber(ARGV[4])) and ARGV[4] or int(est)
+local at_cap = F + first_calls
+for i = 1, nb do
+  redis.call('HINCRBY', ctr, ARGV[F + 2 * i - 1], est_text)
+  local calls_field
   if caps[i] then
-    redis.call('HINCRBY', ctr, 'c:' .. cid, 1)
-    counted[#counted + 1] = cid
+    calls_field = ARGV[at_cap]
+    at_cap = at_cap + 1
+    redis.call('HINCRBY', ctr, calls_field, 1)
   end
-  if idles[i] then redis.call('ZADD', gc, now + idles[i], 'c:' .. cid) end
+  if idles[i] then redis.call('ZADD', gc, now + idles[i], calls_field or ('c:' .. cid_of(i))) end
 end
-local slots, token_limiters, usd_limiters = {}, {}, {}
+-- The limiters this call charged, for the record: as the sidecar joined them when every
+-- limiter charges (a shadow limiter that would deny is not charged: then built here).
+local slots, token_limiters, usd_limiters = ARGV[29], ARGV[30], ARGV[31]
+local every = true
+for j = 1, #rates do every = every and charge[j] end
+if not every then slots, token_limiters, usd_limiters = {}, {}, {} end
 for j, r in ipairs(rates) do
   if charge[j] then
     if r.metric == 'c' then
-      redis.call('HINCRBY', ctr, 'n:' .. r.rf, 1)
-      slots[#slots + 1] = r.rf
+      local f = F + 2 * nb + 2 * (j - 1)
+      redis.call('HINCRBY', ctr, ARGV[f], 1)
+      if not every then slots[#slots + 1] = r.rf end
     else
-      local entry = r.rf .. ':' .. int(r.limit) .. ':' .. int(r.window)
-      if r.metric == 't' then
-        token_limiters[#token_limiters + 1] = entry
-      elseif r.metric == 'u' then
-        usd_limiters[#usd_limiters + 1] = entry
+      if not every then
+        local entry = r.rf .. ':' .. int(r.limit) .. ':' .. int(r.window)
+        if r.metric == 't' then
+          token_limiters[#token_limiters + 1] = entry
+        elseif r.metric == 'u' then
+          usd_limiters[#usd_limiters + 1] = entry
+        end
       end
       -- 'l' never moves back, so a late clock reading cannot earn credit twice.
       local last = math.max(rnow, r.last or rnow)
-      redis.call('HSET', ctr, 'd:' .. r.rf, int(r.debt + r.cost * r.window), 'l:' .. r.rf,
-        int(last))
+      local f = F + 2 * nb + 2 * (j - 1)
+      redis.call('HSET', ctr, ARGV[f], int(r.debt + r.cost * r.window), ARGV[f + 1], int(last))
     end
   end
 end
@@ -298,13 +316,15 @@ end
 for _, l in ipairs(loops) do
   loop_write(l.key, l.state, now, l.window, fp, true, l.would and l.state.alerted, l.repeats)
 end
-local lease_end = now + lease_ms
+local lease_end = int(now + lease_ms)
+if not every then
+  slots, token_limiters, usd_limiters =
+    table.concat(slots, ','), table.concat(token_limiters, ','), table.concat(usd_limiters, ',')
+end
 redis.call('HSET', res, rid, table.concat(
-  {'H', int(lease_end), int(est), price_in, price_out, idem, table.concat(cids, ','), '', '',
-   '', meta, '', '', table.concat(slots, ','), table.concat(token_limiters, ','),
-   int(est_tokens), table.concat(alert_specs, ';'), idem ~= '' and fingerprint or '', '',
-   '', '', ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20], table.concat(counted, ','),
-   table.concat(usd_limiters, ',')},
+  {'H', lease_end, est_text, price_in, price_out, idem, ARGV[26], '', '', '', meta, '',
+   '', slots, token_limiters, ARGV[10], ARGV[27], idem ~= '' and fingerprint or '', '', '', '',
+   ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20], ARGV[28], usd_limiters},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

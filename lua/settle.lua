@@ -87,7 +87,7 @@ r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
 for i = #r + 1, 19 do r[i] = '' end
 r[20], r[21] = int(overshoot), priced_by
 redis.call('HSET', res, rid, table.concat(r, '|'))
-redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+redis.call('ZADD', gc, int(now + keep), 'r:' .. rid)
 if priced_by ~= 'e' then learn(KEYS[9], r[24], cost, ARGV[13] or '') end
 ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, ARGV[10],
   ARGV[11], now, priced_by)

@@ -280,10 +280,12 @@ class Engine:
             self._ledger,
             *learning,
             len(resolved.limits),
-            resolved.stop_fields,
+            resolved.stop_count,
             len(loop_keys),
             *resolved.script_args,
-            *(loop_args(resolved, req.fingerprint) if loop_keys else ()),
+            *(resolved.loop_args if loop_keys else ()),
+            *resolved.read_fields,
+            *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:

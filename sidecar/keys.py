@@ -157,6 +157,13 @@ def counter_id(budget_id: str, entity: str, window_key: str) -> str:
     return f"{escape(budget_id)}/{escape(entity)}/{window_key}"
 
 
+def ctr_field(kind: str, ident: str) -> str:
+    """A field of a tenant's counters hash (ctr, lua/_lib.lua's header): "<kind>:<id>",
+    kind "u" / "h" / "c" / "w" of a counter id, "d" / "l" / "n" of a rate id, "s" of a stop
+    field."""
+    return f"{kind}:{ident}"
+
+
 def rate_id(limit_id: str, entity: str) -> str:
     """The field suffix of one rate limiter (rolling: no window key)."""
     return f"{escape(limit_id)}/{escape(entity)}"

@@ -129,15 +129,19 @@ class Resolved:
     budgets: list[Applied]
     limits: list[AppliedLimit]
     valid_until_ms: int
-    # authorize.lua's six arguments per budget, then its six per rate limit; check.lua's
-    # four per budget, then the same; both scripts' six per loop guard (sent only with a
-    # fingerprint: a call without one is no repeat of anything).
+    # authorize.lua's record parts (ARGV[26..31]), its four arguments per budget, then its
+    # six per rate limit, and the ctr fields it reads (lua/authorize.lua's header);
+    # check.lua's four per budget, then the same six; both scripts' six per loop guard
+    # (sent only with a fingerprint: a call without one is no repeat of anything).
     script_args: tuple[str | int, ...]
+    read_fields: tuple[str, ...]
     check_args: tuple[str | int, ...]
     loops: list[AppliedLoop]
     loop_args: tuple[str | int, ...]
-    # The call's entities as the stop switch's fields in ctr ("s:agent:a1,s:team:t1,...").
+    # The call's entities as the stop switch's fields in ctr ("s:agent:a1,s:team:t1,...")
+    # for check.lua, and how many there are (authorize.lua reads them among read_fields).
     stop_fields: str
+    stop_count: int
     # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
     meta_head: str
     # The model the first downgrade budget falls back to, and the ledger tuple's head for
@@ -235,18 +239,16 @@ class Resolver:
                     limits.append(applied_limit(r, entity))
             for g in snap.loops_per_scope.get(scope, ()):
                 loops.append(_applied_loop(g, entity))
-        script_args: list[str | int] = []
+        budget_args: list[str | int] = []
         check_args: list[str | int] = []
         for a in budgets:
             b = a.budget
             calls = "" if b.limit_calls is None else b.limit_calls
             idle = b.idle_ms if b.period is Period.TOTAL else ""
-            script_args += (
-                a.cid, b.limit_micro, a.mode, calls, a.thresholds, idle, forecast_window(a)
-            )  # fmt: skip
+            budget_args += (b.limit_micro, a.mode, calls, idle)
             check_args += (a.cid, b.limit_micro, a.mode, calls)
         for limit in limits:
-            script_args += limit.args
+            budget_args += limit.args
             check_args += limit.args
         loop_args: list[str | int] = []
         for loop in loops:
@@ -256,11 +258,13 @@ class Resolver:
             budgets=budgets,
             limits=limits,
             valid_until_ms=min((a.window_end_ms for a in budgets), default=now_ms + 60_000),
-            script_args=tuple(script_args),
+            script_args=(*record_parts(budgets, limits), *budget_args),
+            read_fields=read_fields(budgets, limits, stop_fields),
             check_args=tuple(check_args),
             loops=loops,
             loop_args=tuple(loop_args),
             stop_fields=",".join(stop_fields),
+            stop_count=len(stop_fields),
             meta_head=meta_head(provider, model, identity),
             downgrade_model=down,
             meta_head_down=meta_head(provider, down, identity) if down else "",
@@ -292,7 +296,7 @@ def _covers(limit: RateLimit, provider: str | None, model: str | None) -> bool:
 
 def stop_field(scope: Scope, entity: str) -> str:
     """An entity's stop-switch field in ctr (keys.py documents it)."""
-    return "s:" + keys.stop_field(scope.value, entity)
+    return keys.ctr_field("s", keys.stop_field(scope.value, entity))
 
 
 def _applied_loop(guard: LoopGuard, entity: str) -> AppliedLoop:
@@ -325,6 +329,54 @@ def applied_limit(limit: RateLimit, entity: str) -> AppliedLimit:
             "1" if limit.mode is LimitMode.SHADOW else "0",
         ),
     )
+
+
+def record_parts(budgets: list[Applied], limits: list[AppliedLimit]) -> tuple[str, ...]:
+    """What authorize.lua's record keeps of the budgets and limiters (its ARGV[26..31]),
+    joined here once per resolution rather than in Lua at every call: the cids; per cid
+    "limit:thresholds:mode[:start_ms:end_ms]" (lua/_lib.lua parse_spec); the cids with a
+    call cap; and the concurrency rfs, token limiters and usd limiters of a call every
+    limiter charges ("rf:limit:window_ms")."""
+    specs = []
+    for a in budgets:
+        window = forecast_window(a)
+        spec = f"{a.budget.limit_micro}:{a.thresholds}:{a.mode}"
+        specs.append(f"{spec}:{window}" if window else spec)
+
+    def charged(metric: str) -> str:
+        return ",".join(
+            f"{rf}:{limit}:{window}"
+            for rf, m, limit, window, *_ in (x.args for x in limits)
+            if m == metric
+        )
+
+    return (
+        ",".join(a.cid for a in budgets),
+        ";".join(specs),
+        ",".join(a.cid for a in budgets if a.budget.limit_calls is not None),
+        ",".join(str(x.args[0]) for x in limits if x.args[1] == "c"),
+        charged("t"),
+        charged("u"),
+    )
+
+
+def read_fields(
+    budgets: list[Applied], limits: list[AppliedLimit], stop_fields: list[str]
+) -> tuple[str, ...]:
+    """The ctr fields authorize.lua reads, in the order its header gives."""
+    out: list[str] = []
+    for a in budgets:
+        out += (keys.ctr_field("u", a.cid), keys.ctr_field("h", a.cid))
+    for x in limits:
+        rf = str(x.args[0])
+        if x.args[1] == "c":
+            out += (keys.ctr_field("n", rf), keys.ctr_field("n", rf))
+        else:
+            out += (keys.ctr_field("d", rf), keys.ctr_field("l", rf))
+    out += (keys.ctr_field("c", a.cid) for a in budgets if a.budget.limit_calls is not None)
+    out += stop_fields
+    out += (keys.ctr_field("w", a.cid) for a in budgets)
+    return tuple(out)
 
 
 def forecast_window(a: Applied) -> str:

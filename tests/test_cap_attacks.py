@@ -418,15 +418,16 @@ async def test_ten_thousand_leases_ending_together_are_all_returned_before_a_dec
     resolved = engine.resolve("default", IdentityFields(user_id="u1"), None, None, now)
     script = Scripts.load_all().authorize
     rc.script_load(script.source)
-    # authorize.lua's KEYS as the engine passes them (no rate limits, stops or loop guards
-    # apply here: ARGV[20..25] are '', '', '', 0, '', 0).
+    # authorize.lua's KEYS as the engine passes them (no rate limits or loop guards apply
+    # here: ARGV[20..25] are '', '', '', 0, the stop fields' count, 0).
     script_keys = engine._deciding_keys("default", now, (), False)
     pipe = rc.pipeline(transaction=False)
     for i in range(n):
         pipe.evalsha(
             script.sha, len(script_keys), *script_keys,
             now, f"{i:032x}", 1000, 100, "", "", "", 86_400_000, "", 0, len(resolved.budgets),
-            "", "", "", "", "", "", "", "", "", "", "", 0, "", 0, *resolved.script_args,
+            "", "", "", "", "", "", "", "", "", "", "", 0, resolved.stop_count, 0,
+            *resolved.script_args, *resolved.read_fields,
         )  # fmt: skip
         if i % 1000 == 999:
             assert all(int(r[0]) == 1 for r in pipe.execute())
@@ -443,8 +444,8 @@ async def test_ten_thousand_leases_ending_together_are_all_returned_before_a_dec
         pipe.evalsha(
             script.sha, len(script_keys), *script_keys,
             clock.now_ms(), f"{n + i:032x}", 1000, 100, "", "", "", 86_400_000, "", 0,
-            len(resolved.budgets), "", "", "", "", "", "", "", "", "", "", "", 0, "", 0,
-            *resolved.script_args,
+            len(resolved.budgets), "", "", "", "", "", "", "", "", "", "", "", 0,
+            resolved.stop_count, 0, *resolved.script_args, *resolved.read_fields,
         )  # fmt: skip
         if i % 1000 == 999:
             pipe.execute()
