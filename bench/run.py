@@ -16,7 +16,9 @@ building blocks, measured in the same run on the same machine, printed as ratios
 - the same authorize with `settings.fast_http: false` (aiohttp serving the hot routes too),
   as a ratio to the fast path; settles/s derived from the pair run
 - with --instructions: CPU instructions per request of the bare endpoint and of authorize,
-  counted by valgrind (bench.instructions), a ratio that does not move with the load
+  counted by valgrind (bench.instructions), a ratio that does not move with the load; and
+  the instructions redis-server executes per authorize, settle, pair, check and guarded
+  authorize next to the floor script's (bench.redis_instructions), likewise
 
 wrk (a separate C process) is the load generator. Figures are noisy on a shared machine:
 read the ratios. Nothing here asserts; tests never time anything.
@@ -35,7 +37,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from bench import instructions, proxy, redis_cost
+from bench import instructions, proxy, redis_cost, redis_instructions
 from bench.load import WrkResult, sidecar_cmd, start, stop, warm_up, wrk
 from sidecar import keys, learned
 from sidecar.config import parse as config_parse
@@ -459,6 +461,9 @@ def main() -> None:
         print(f"  {'bare aiohttp+msgspec POST':<46} {bare_i:>9,.0f}")
         print(f"  {'sidecar authorize':<46} {auth_i:>9,.0f}")
         print(f"  {'bare / authorize (CPU-bound throughput ratio)':<46} {bare_i / auth_i:.2f}")
+        redis_counts = redis_instructions.measure(CONFIG)
+        figures.update(redis_counts.figures())
+        redis_instructions.report(redis_counts)
     if args.json:
         Path(args.json).write_text(json.dumps(figures, indent=2))
 
