@@ -224,6 +224,14 @@ local function correct_tokens(ctr, entries, diff, now)
   end
 end
 
+-- `now` as Redis takes it: the script's ARGV[1] where that is what it is (every operation
+-- passes now_ms first), so no call formats it; a Lua number given to redis.call is
+-- formatted with "%.17g" on every call.
+local function now_text(now)
+  if tonumber(ARGV[1]) == now then return ARGV[1] end
+  return int(now)
+end
+
 local reclaimed_now = 0  -- leases this call found ended (see the header)
 local charged_now = 0  -- of those, the ones charged their estimate
 
@@ -240,11 +248,13 @@ end
 -- counters then answer BACKLOG instead, and the sidecar drains the rest with reclaim.lua
 -- before asking again: no decision counts a hold whose lease has ended.
 local RECLAIM_BATCH = 32
+local RECLAIM_LIMIT = '33'  -- RECLAIM_BATCH + 1, as text
 local BACKLOG = -9
 local charge_at_end  -- defined after ledger(), which it uses
 local function reclaim(ctr, lease, res, gc, now, keep, batch)
   batch = batch or RECLAIM_BATCH
-  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now, 'LIMIT', 0, batch + 1)
+  local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now_text(now), 'LIMIT', '0',
+    batch == RECLAIM_BATCH and RECLAIM_LIMIT or int(batch + 1))
   for n, rid in ipairs(due) do
     if n > batch then return true end
     local rec = redis.call('HGET', res, rid)
@@ -272,7 +282,8 @@ end
 -- Delete what has outlived its use: counters of long-past windows, finished reservations
 -- and their idempotency keys. Bounded per call, so no call pays for a backlog.
 local function collect(ctr, res, gc, now, batch)
-  local due = redis.call('ZRANGEBYSCORE', gc, '-inf', now, 'LIMIT', 0, batch or 8)
+  local due = redis.call('ZRANGEBYSCORE', gc, '-inf', now_text(now), 'LIMIT', '0',
+    batch and int(batch) or '8')
   for _, member in ipairs(due) do
     local kind, id = string.sub(member, 1, 1), string.sub(member, 3)
     if kind == 'c' then
@@ -503,7 +514,7 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   redis.call('HINCRBY', agg, 'c|' .. tuple, cost_text)
   -- A day's hash gets its time to live once, with its first field: kept aggregate_ttl_s
   -- from the day's first charge.
-  if redis.call('HINCRBY', agg, 'n|' .. tuple, 1) == 1 then redis.call('EXPIRE', agg, agg_ttl) end
+  if redis.call('HINCRBY', agg, 'n|' .. tuple, '1') == 1 then redis.call('EXPIRE', agg, agg_ttl) end
   if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, tin_text) end
   if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, tout_text) end
   local uagg = KEYS[8]

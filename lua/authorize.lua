@@ -280,7 +280,7 @@ for i = 1, nb do
   if caps[i] then
     calls_field = ARGV[at_cap]
     at_cap = at_cap + 1
-    redis.call('HINCRBY', ctr, calls_field, 1)
+    redis.call('HINCRBY', ctr, calls_field, '1')
   end
   if idles[i] then redis.call('ZADD', gc, now + idles[i], calls_field or ('c:' .. cid_of(i))) end
 end
@@ -294,7 +294,7 @@ for j, r in ipairs(rates) do
   if charge[j] then
     if r.metric == 'c' then
       local f = F + 2 * nb + 2 * (j - 1)
-      redis.call('HINCRBY', ctr, ARGV[f], 1)
+      redis.call('HINCRBY', ctr, ARGV[f], '1')
       if not every then slots[#slots + 1] = r.rf end
     else
       if not every then
