@@ -652,10 +652,11 @@ local function loop_read(key, now, window, fp)
 end
 
 -- Write `fp`'s field back: with this call added (`called`: it went through), marked alerted
--- (`alerted`) or, called as no repeat, unmarked (its trip is over).
+-- (`alerted`) or, called as no repeat, unmarked (its trip is over). `window`: the guard's
+-- window_ms as text.
 local function loop_write(key, state, now, window, fp, called, alerted, repeats)
   local times = state.times
-  if called then times[#times + 1] = int(now) end
+  if called then times[#times + 1] = now_text(now) end
   local kept = {}
   for i = math.max(1, #times - repeats + 1), #times do kept[#kept + 1] = times[i] end
   local mark = (alerted or (state.alerted and not called)) and '1' or '0'
@@ -664,7 +665,7 @@ local function loop_write(key, state, now, window, fp, called, alerted, repeats)
     if victim then redis.call('HDEL', key, victim) end
   end
   redis.call('HSET', key, fp, mark .. '|' .. table.concat(kept, ','))
-  redis.call('PEXPIRE', key, int(window))
+  redis.call('PEXPIRE', key, window)  -- the guard's window_ms as the sidecar wrote it
 end
 
 -- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |

@@ -261,7 +261,7 @@ if deny then
   for _, l in ipairs(loops) do
     if l.would and not l.shadow and not l.state.alerted then
       local calls = #l.state.times
-      loop_write(l.key, l.state, now, l.window, fp, false, true, l.repeats)
+      loop_write(l.key, l.state, now, ARGV[l.at + 2], fp, false, true, l.repeats)
       guard_alert('loop', ARGV[l.at], ARGV[l.at + 4], ARGV[l.at + 5],
         int(calls) .. ' identical calls within ' .. int(l.window) .. ' ms', now)
     end
@@ -314,7 +314,8 @@ for j, r in ipairs(rates) do
 end
 -- A loop guard counts the calls it let through; a shadow one counts them all.
 for _, l in ipairs(loops) do
-  loop_write(l.key, l.state, now, l.window, fp, true, l.would and l.state.alerted, l.repeats)
+  loop_write(l.key, l.state, now, ARGV[l.at + 2], fp, true, l.would and l.state.alerted,
+    l.repeats)
 end
 local lease_end = int(now + lease_ms)
 if not every then
