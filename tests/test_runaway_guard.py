@@ -5,7 +5,9 @@ asserted exactly on the raw Redis fields; the windows move with an injected cloc
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar import keys
-from sidecar.api.app import SWEEPER, create_app
+from sidecar.api.app import ENGINE, SWEEPER, create_app
 from sidecar.clock import FakeClock
 from sidecar.config import ConfigError
 from sidecar.config import parse as parse_config
@@ -648,3 +650,82 @@ async def test_a_loop_guard_keeps_one_small_key_per_entity_whatever_the_traffic(
         assert (d["allowed"], d["reason"]) == (False, "loop"), d
     loops = [a for _, a in redis_client.xrange(TENANT.alerts) if a.get("k") == "loop"]
     assert len(loops) == 1
+
+
+# ---- faults: Redis frozen mid-decision with every guard in force -------------------------
+
+
+async def test_redis_frozen_mid_decision_with_guards_in_force_holds_and_counts_nothing(
+    clock: FakeClock,
+) -> None:
+    """Redis is paused (SIGSTOP) while an authorize under a per-run cap, a usd velocity
+    limit and a loop guard waits for it: the sidecar answers 503 (fail closed) and cancels
+    in the background. Once Redis runs again the call it never answered has given back its
+    hold, its call of the run and its dollars of velocity (raw counters), and no reservation
+    is left held; the loop guard keeps it as one repeat of the prompt, as a request limiter
+    keeps the request (the agent did send it), so two more identical calls pass and the
+    third is denied. A stop made afterwards still denies the run's next call."""
+    server = RedisServer().start()
+    try:
+        doc = guard_doc(budgets=[PER_RUN], rate_limits=[VELOCITY], loop_guards=[SAME_PROMPT])
+        app = create_app(make_config(doc), RedisStore.from_url(server.url, timeout_ms=50),
+                         clock=clock)  # fmt: skip
+        client = TestClient(TestServer(app))
+        await client.start_server()
+        rc = server.client()
+        try:
+            body = {"agent_id": "a1", "run_id": "r1", "estimated_usd": 0.01,
+                    "fingerprint": "summarize the doc"}  # fmt: skip
+            # The scripts loaded first (another agent and run), so the frozen call's EVALSHA is the
+            # decision itself once Redis runs again.
+            warm = {**body, "agent_id": "a0", "run_id": "r0"}
+            assert (await post(client, "/v1/authorize", warm))[1]["allowed"] is True
+            assert server.process is not None
+            os.kill(server.process.pid, signal.SIGSTOP)
+            try:
+                status, _ = await post_raw(client, "/v1/authorize", body)
+                await asyncio.sleep(0.3)
+            finally:
+                os.kill(server.process.pid, signal.SIGCONT)
+            assert status == 503
+            engine = app[ENGINE]
+            for _ in range(600):  # bounded: 60 s at most
+                if engine.pending_cancels == 0:
+                    break
+                await asyncio.sleep(0.1)
+            assert engine.pending_cancels == 0, "the cancel of the timed-out call never ended"
+            counters = ctr(rc)
+            assert int(counters.get("h:per-run/r1/t", 0)) == 0, counters
+            assert int(counters.get("c:per-run/r1/t", 0)) == 0, counters
+            assert int(counters.get("d:agent-burn/a1", 0)) == 0, counters
+            records = rc.hgetall(TENANT.reservations)
+            held = [v for v in records.values() if v.startswith("H|")]
+            assert len(held) == 1 and "per-run/r0/t" in held[0], records  # the warm call's
+            memory = loop_keys(rc)
+            assert sorted(memory) == sorted(
+                TENANT.loop("same-prompt", run) for run in ("r0", "r1")
+            ), memory
+            (field,) = memory[TENANT.loop("same-prompt", "r1")].values()
+            assert len(field.split("|")[1].split(",")) == 1, field
+            # The timed-out call was one repeat: two more pass, the third is the fourth.
+            allowed = [(await post(client, "/v1/authorize", body))[1]["allowed"] for _ in range(3)]
+            assert allowed == [True, True, False]
+            assert rc.hget(TENANT.counters, "c:per-run/r1/t") == "2"
+            # The stop switch works on the recovered node: the run's next call is denied.
+            status, made = await post(client, "/v1/stops", {"scope": "run", "scope_id": "r1",
+                                                            "reason": "frozen"})  # fmt: skip
+            assert status == 201, made
+            other = {**body, "fingerprint": "another prompt"}
+            status, d = await post(client, "/v1/authorize", other)
+            assert (status, d["allowed"], d["reason"]) == (200, False, "stop"), d
+        finally:
+            rc.close()
+            await client.close()
+    finally:
+        server.cleanup()
+
+
+async def post_raw(client: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+    """POST that accepts any answer (a 503's problem+json included)."""
+    r = await client.post(path, json=body)
+    return r.status, await r.json(content_type=None)
