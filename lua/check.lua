@@ -18,18 +18,19 @@
 -- ARGV[7] the estimate re-priced for the downgrade model ('' = none; see authorize.lua)
 -- ARGV[8] ARGV[9] ARGV[10] the learned-estimate series, ceiling and minimum count, as
 --   authorize.lua's ARGV[20..22]
--- ARGV[11] nl: the number of rate limits   ARGV[12] the call's stop fields (as authorize.lua)
+-- ARGV[11] nl: the number of rate limits   ARGV[12] ns: the number of stop fields
 -- ARGV[13] ng: the number of loop guards
--- ARGV[14..] four per budget: cid, limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
+-- ARGV[14..] three per budget: limit (micro-USD), mode ('b' | 'w' | 'd'), call cap
 --   ('' = none)
 -- then six per rate limit: rf, metric ('r' | 't' | 'c' | 'u'), limit, window_ms, burst,
---   shadow; then six per loop guard and the fingerprint (as authorize.lua)
+--   shadow; then six per loop guard; then the ctr fields to read and, when ng > 0, the
+--   fingerprint (both as authorize.lua)
 -- It returns ended leases first (reclaim) so that its answer matches authorize's.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
-local nl, ng = tonumber(ARGV[11]), tonumber(ARGV[13])
+local nl, ns, ng = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
 if ARGV[8] ~= '' then
@@ -37,28 +38,24 @@ if ARGV[8] ~= '' then
   if learned_est and learned_est > est then est = learned_est end
 end
 
-local fields, limits, modes, caps, cids = {}, {}, {}, {}, {}
+local limits, modes, caps = {}, {}, {}
+local ncap = 0
 local FIRST_BUDGET = 14
-local last_budget = FIRST_BUDGET - 1 + 4 * nb
+local last_budget = FIRST_BUDGET - 1 + 3 * nb
 for b = 1, nb do
-  local i = FIRST_BUDGET + 4 * (b - 1)
-  cids[b], limits[b], modes[b], caps[b] = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2],
-    tonumber(ARGV[i + 3])
-  fields[#fields + 1] = 'u:' .. ARGV[i]
-  fields[#fields + 1] = 'h:' .. ARGV[i]
+  local i = FIRST_BUDGET + 3 * (b - 1)
+  limits[b], modes[b], caps[b] = tonumber(ARGV[i]), ARGV[i + 1], tonumber(ARGV[i + 2])
+  if caps[b] then ncap = ncap + 1 end
 end
-local rates = rate_args(last_budget + 1, fields, nl)
-local first_calls = #fields
-for b = 1, nb do
-  if caps[b] then fields[#fields + 1] = 'c:' .. cids[b] end
-end
-local stop_names = split(ARGV[12], ',')
-local first_stop = #fields
-for _, name in ipairs(stop_names) do fields[#fields + 1] = name end
-local wfirst = #fields  -- the budgets' recent-spend windows (as authorize.lua's w)
-for _, cid in ipairs(cids) do fields[#fields + 1] = 'w:' .. cid end
+local rates = rate_args(last_budget + 1, nil, nl)
+local first_loop = last_budget + 6 * nl + 1
+-- The fields read, named by the sidecar in authorize.lua's order.
+local F = first_loop + 6 * ng
+local first_calls = 2 * nb + 2 * nl
+local first_stop = first_calls + ncap
+local wfirst = first_stop + ns  -- the budgets' recent-spend windows (as authorize.lua's w)
 local raw = {}
-if #fields > 0 then raw = redis.call('HMGET', ctr, unpack(fields)) end
+if wfirst + nb > 0 then raw = redis.call('HMGET', ctr, unpack(ARGV, F, F + wfirst + nb - 1)) end
 
 local out = {1, est, est}
 local downgrade = false
@@ -105,13 +102,14 @@ for i = 1, nb do
   end
   out[#out + 1] = n
 end
-local stop_values = {}
-for i = 1, #stop_names do stop_values[i] = raw[first_stop + i] end
+local stop_names, stop_values = {}, {}
+for i = 1, ns do
+  stop_names[i], stop_values[i] = ARGV[F + first_stop + i - 1], raw[first_stop + i]
+end
 local stop_field, stop_value = active_stop(stop_names, stop_values, now)
 if stop_field ~= '' then out[1] = 0 end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
-local first_loop = last_budget + 6 * nl + 1
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local state = loop_read(KEYS[8 + g], now, tonumber(ARGV[i + 2]), ARGV[#ARGV])

@@ -351,10 +351,12 @@ class Engine:
             "" if est_down is None else est_down,
             *learning,
             len(resolved.limits),
-            resolved.stop_fields,
+            resolved.stop_count,
             len(loop_keys),
             *resolved.check_args,
-            *(loop_args(resolved, req.fingerprint) if loop_keys else ()),
+            *(resolved.loop_args if loop_keys else ()),
+            *resolved.read_fields,
+            *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
@@ -719,12 +721,6 @@ class Engine:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
             found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
         return found if learning else found[:8]
-
-
-def loop_args(resolved: Resolved, text: str | None) -> tuple[str | int, ...]:
-    """The loop guards' arguments, then the call's fingerprint as a hash (its text is never
-    stored)."""
-    return (*resolved.loop_args, loop_fingerprint(text or ""))
 
 
 def _ledger_config(config: Config) -> str:

@@ -130,17 +130,17 @@ class Resolved:
     limits: list[AppliedLimit]
     valid_until_ms: int
     # authorize.lua's record parts (ARGV[26..31]), its four arguments per budget, then its
-    # six per rate limit, and the ctr fields it reads (lua/authorize.lua's header);
-    # check.lua's four per budget, then the same six; both scripts' six per loop guard
-    # (sent only with a fingerprint: a call without one is no repeat of anything).
+    # six per rate limit, and the ctr fields both scripts read (lua/authorize.lua's
+    # header); check.lua's three per budget, then the same six; both scripts' six per
+    # loop guard (sent only with a fingerprint: a call without one is no repeat of
+    # anything).
     script_args: tuple[str | int, ...]
     read_fields: tuple[str, ...]
     check_args: tuple[str | int, ...]
     loops: list[AppliedLoop]
     loop_args: tuple[str | int, ...]
-    # The call's entities as the stop switch's fields in ctr ("s:agent:a1,s:team:t1,...")
-    # for check.lua, and how many there are (authorize.lua reads them among read_fields).
-    stop_fields: str
+    # How many of read_fields are the call's entities' stop-switch fields in ctr
+    # ("s:agent:a1", ...).
     stop_count: int
     # The ledger tuple (see _meta_head) up to the step and run ids, which vary per call.
     meta_head: str
@@ -246,7 +246,7 @@ class Resolver:
             calls = "" if b.limit_calls is None else b.limit_calls
             idle = b.idle_ms if b.period is Period.TOTAL else ""
             budget_args += (b.limit_micro, a.mode, calls, idle)
-            check_args += (a.cid, b.limit_micro, a.mode, calls)
+            check_args += (b.limit_micro, a.mode, calls)
         for limit in limits:
             budget_args += limit.args
             check_args += limit.args
@@ -263,7 +263,6 @@ class Resolver:
             check_args=tuple(check_args),
             loops=loops,
             loop_args=tuple(loop_args),
-            stop_fields=",".join(stop_fields),
             stop_count=len(stop_fields),
             meta_head=meta_head(provider, model, identity),
             downgrade_model=down,
