@@ -230,7 +230,7 @@ class Engine:
         hint: EstimateHint,
     ) -> tuple[str | int, ...]:
         """The learned-estimate arguments of authorize.lua / check.lua (sidecar.learned)."""
-        mode = learned.mode_of(settings.estimate, (a.budget for a in resolved.budgets), hint.mode)
+        mode = resolved.estimate_mode if hint.mode is None else EstimateMode(hint.mode)
         if mode is not EstimateMode.LEARNED:
             return learned.FIXED_ARGS
         series = keys.estimate_series(req.provider, req.model, req.agent_id)

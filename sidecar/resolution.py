@@ -13,12 +13,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sidecar import keys
+from sidecar import keys, learned
 from sidecar.decision import Applied
 from sidecar.model import (
     SCOPE_FIELD,
     Budget,
     Config,
+    EstimateMode,
     Identity,
     LimitMode,
     LoopGuard,
@@ -148,6 +149,9 @@ class Resolved:
     # a call downgraded to it (None: no downgrade budget applies).
     downgrade_model: str | None = None
     meta_head_down: str = ""
+    # The estimate mode of a call on this resolution whose route names none (the budgets'
+    # or the settings', sidecar.learned.mode_of), worked out once.
+    estimate_mode: EstimateMode = EstimateMode.FIXED
 
 
 def identity_of(fields: IdentityFields, default_org_id: str) -> Identity:
@@ -267,6 +271,9 @@ class Resolver:
             meta_head=meta_head(provider, model, identity),
             downgrade_model=down,
             meta_head_down=meta_head(provider, down, identity) if down else "",
+            estimate_mode=learned.mode_of(
+                snap.config.settings.estimate, (a.budget for a in budgets)
+            ),
         )
 
     def applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:
