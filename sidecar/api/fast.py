@@ -30,7 +30,7 @@ import socket
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 from aiohttp import hdrs, web
@@ -40,11 +40,30 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.api import proxy
+from sidecar.api import native, proxy
 
 log = logging.getLogger("sidecar.http")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a hot route answers here: a response, or the body of a 200 `application/json` one.
+Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes"]]
+
+
+# The app's guard middleware and a hot route's body handler in one call (api.app.guard);
+# set on the app when the guard is its only middleware. Without it, the middleware chain.
+class Whole(Protocol):
+    def __call__(
+        self, request: web.Request, handler: native.BodyHandler
+    ) -> Awaitable[web.Response | bytes]: ...
+
+
+WHOLE: web.AppKey[Whole] = web.AppKey("fast_whole")
+# The head of a 200 JSON answer as aiohttp writes it for web.Response(body=...,
+# content_type="application/json") on a kept-alive connection: Content-Type, then the
+# Content-Length, Date and Server it adds (tests/test_fast_path.py compares the bytes).
+_HEAD_200_JSON = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"Date: %b\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\n\r\n%b"
+)
 # POST paths served here; /ext_authz and below it (any method) too.
 HOT_POSTS = ("/v1/authorize", "/v1/check", "/v1/settle", "/v1/release")
 _PREFIX = proxy.PREFIX.encode()
@@ -189,10 +208,16 @@ class FastServer(web.Server):
         router and the middlewares are frozen by then)."""
         if self._hot is None:
             found: dict[str, Handler] = {}
+            whole = self.app.get(WHOLE)
+            body_handlers = self.app.get(native.HOT, {})
             for route in self.app.router.routes():
                 canonical = route.resource.canonical if route.resource is not None else ""
                 if route.method == hdrs.METH_POST and canonical in HOT_POSTS:
-                    found[canonical] = self._wrapped(route.handler)
+                    body_handler = body_handlers.get(canonical)
+                    if whole is not None and body_handler is not None:
+                        found[canonical] = functools.partial(whole, handler=body_handler)
+                    else:
+                        found[canonical] = self._wrapped(route.handler)
                 elif canonical == proxy.PREFIX:
                     self._ext_authz = self._wrapped(route.handler)
             self._hot = found
@@ -397,15 +422,34 @@ class FastProtocol(asyncio.Protocol):
     # -- answering
     async def _serve(self) -> None:
         queue = self._queue
+        prepare = self._app.on_response_prepare
         while queue:
             request, handler = queue.popleft()
+            response: web.StreamResponse | bytes
             try:
                 response = await handler(cast(web.Request, request))
             except Exception as exc:  # what aiohttp answers to an escaped exception
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
                 response = web.Response(status=500, text="500 Internal Server Error")
                 response.force_close()
-            if self._app.on_response_prepare:
+            if type(response) is bytes:
+                transport = self._transport
+                if (
+                    transport is not None
+                    and request.keep_alive
+                    and not self._closing
+                    and not prepare
+                ):
+                    # The usual answer: its head built here, not by a web.Response.
+                    date = rfc822_formatted_time().encode()
+                    transport.write(_HEAD_200_JSON % (len(response), date, response))
+                    if self._paused and len(queue) < _MAX_QUEUED // 2:
+                        self._paused = False
+                        transport.resume_reading()
+                    continue
+                response = web.Response(body=response, content_type="application/json")
+            assert isinstance(response, web.StreamResponse)
+            if prepare:
                 await self._app.on_response_prepare.send(cast(web.Request, request), response)
             if not self._write(request, response):
                 queue.clear()
