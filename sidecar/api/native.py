@@ -34,6 +34,7 @@ _settle = msgspec.json.Decoder(SettleRequest)
 _release = msgspec.json.Decoder(ReleaseRequest)
 _record = msgspec.json.Decoder(RecordRequest)
 _VALID_ID = re.compile(ID_PATTERN)
+_AGENT = Role.AGENT  # a module constant: an enum member lookup costs ~900 instructions on 3.11
 
 # A hot route's handler as the fast path calls it (sidecar.api.fast): the body of a 200
 # `application/json` answer as bytes, which the fast path sends with a head it builds
@@ -73,29 +74,29 @@ def _as_handler(body_handler: BodyHandler) -> Callable[[web.Request], Awaitable[
 
 def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def authorize(request: web.Request) -> bytes | web.Response:
-        require(request, Role.AGENT)
+        require(request, _AGENT)
         req = _authorize.decode(await request.read())
         decision = await request.app[engine_key].authorize(tenant_of(request), req)
         return _decision_body(decision)
 
     async def check(request: web.Request) -> bytes | web.Response:
-        require(request, Role.AGENT)
+        require(request, _AGENT)
         req = _check.decode(await request.read())
         return _decision_body(await request.app[engine_key].check(tenant_of(request), req))
 
     async def settle(request: web.Request) -> bytes | web.Response:
-        require(request, Role.AGENT)
+        require(request, _AGENT)
         req = _settle.decode(await request.read())
         return _encode(await request.app[engine_key].settle(tenant_of(request), req))
 
     async def release(request: web.Request) -> bytes | web.Response:
-        require(request, Role.AGENT)
+        require(request, _AGENT)
         req = _release.decode(await request.read())
         engine = request.app[engine_key]
         return _encode(await engine.release(tenant_of(request), req.reservation_id))
 
     async def record(request: web.Request) -> web.Response:
-        require(request, Role.AGENT)
+        require(request, _AGENT)
         req = _record.decode(await request.read())
         return _json(await request.app[engine_key].record(tenant_of(request), req))
 
