@@ -103,12 +103,12 @@ class FastRequest(dict[str, Any]):
         method: str,
         path: str,
         raw_path: str,
-        headers: CIMultiDictProxy[str],
+        headers: CIMultiDictProxy[str] | CIMultiDict[str],
         body: bytes,
         keep_alive: bool,
         match_info: MatchInfo,
     ) -> None:
-        super().__init__()
+        # (dict's own __init__ is not called: the mapping starts empty without it.)
         self.app = app
         self.method = method
         self.path = path
@@ -256,6 +256,9 @@ class FastProtocol(asyncio.Protocol):
         self._loop = asyncio.get_event_loop()
         self._hot = server.hot()
         self._ext_authz = server.ext_authz()
+        # The hot POST routes' match info, shared: nothing writes to it (only /ext_authz
+        # sets its "tail", on a match info of its own).
+        self._post_match = MatchInfo(self._app)
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[tuple[FastRequest, Handler]] = deque()
@@ -368,14 +371,18 @@ class FastProtocol(asyncio.Protocol):
         raise _HandOff
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limit = self._server.max_field_size
+        server = self._server
+        limit = server.max_field_size
+        lower = name.lower()
         if (
             len(name) > limit
             or len(value) > limit
             or not name.isascii()
             or not value.isascii()
-            or name.lower() in _HANDED_OFF_HEADERS
-            or len(self._headers) >= self._server.max_headers
+            or lower in _HANDED_OFF_HEADERS
+            or len(self._headers) >= server.max_headers
+            # aiohttp's 413 reads and drops the rest for a while
+            or (lower == b"content-length" and int(value) > server.max_body)
         ):
             raise _HandOff
         self._headers.append((name.decode(), value.decode()))
@@ -383,9 +390,6 @@ class FastProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._handler is None or self._parser.get_http_version() != "1.1":
             raise _HandOff
-        for name, value in self._headers:
-            if name.lower() == "content-length" and int(value) > self._server.max_body:
-                raise _HandOff  # aiohttp's 413 reads and drops the rest for a while
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -399,17 +403,19 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         path = url.partition("?")[0]
         body = b"".join(self._body) if self._body else b""
+        proxied = handler is self._ext_authz
         request = FastRequest(
             self._app,
             self._parser.get_method().decode(),
             path,
             url,
-            CIMultiDictProxy(CIMultiDict(self._headers)),
+            # Read only, as aiohttp's proxy of them (one object less per request).
+            CIMultiDict(self._headers),
             body,
             self._parser.should_keep_alive(),
-            MatchInfo(self._app),
+            MatchInfo(self._app) if proxied else self._post_match,
         )
-        if len(path) > len(proxy.PREFIX) and path.startswith(proxy.PREFIX):
+        if proxied and len(path) > len(proxy.PREFIX):
             request.match_info["tail"] = path[len(proxy.PREFIX) + 1 :]
         self._queue.append((request, handler))
         self._server.served += 1
