@@ -127,6 +127,9 @@ def guard(
     - every failure mapped to problem+json (problem_of);
     - `Connection: close` on every answer to the AxonFlow Python SDK (see
       `closes_connection`).
+
+    Returned with `whole`: the same checks and a hot route's body handler in one call,
+    which the fast path (sidecar.api.fast) makes instead of the middleware chain.
     """
 
     def admit(request: web.Request) -> web.StreamResponse | None:
