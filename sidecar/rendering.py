@@ -286,14 +286,29 @@ def states_of(snap: Snapshot, cids: Sequence[str], values: Sequence[int]) -> lis
     A budget deleted since the hold is left out: it has no limit to report against.
     """
     states = []
+    by_id = snap.by_id
     for i, cid in enumerate(cids):
-        budget_id, entity, _window = keys.parse_counter_id(cid)
-        budget = snap.by_id.get(budget_id)
-        if budget is None:
-            continue
-        a = Applied(budget, entity, cid, 0, 0, MODE[budget.on_exceed], None)
+        known = _APPLIED.get(cid)
+        if known is not None and by_id.get(known.budget.id) is known.budget:
+            a = known  # the same budget (not one a reload replaced), the same entity
+        else:
+            budget_id, entity, _window = keys.parse_counter_id(cid)
+            budget = by_id.get(budget_id)
+            if budget is None:
+                continue
+            a = Applied(budget, entity, cid, 0, 0, MODE[budget.on_exceed], None)
+            if len(_APPLIED) >= _APPLIED_MAX:
+                _APPLIED.clear()
+            _APPLIED[cid] = a
         states.append(budget_state(a, values[2 * i], values[2 * i + 1]))
     return states
+
+
+# A settle's counters, parsed once: the same few cids come back on call after call, and
+# parsing one (split, unquote twice) and making its Applied cost more than the budget
+# state itself. Bounded: emptied when full.
+_APPLIED: dict[str, Applied] = {}
+_APPLIED_MAX = 4096
 
 
 def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
