@@ -27,6 +27,7 @@ read the ratios. Nothing here asserts; tests never time anything.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import shutil
@@ -35,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 from bench import instructions, proxy, redis_cost, redis_instructions
@@ -201,6 +203,28 @@ def wait_for_workers(url: str, count: int) -> None:
     wait_until(all_up, timeout_s=30, what=f"{count} workers")
 
 
+@contextlib.contextmanager
+def serving(server: RedisServer, config: Path, *, workers: int = 1) -> Iterator[str]:
+    """A sidecar on `config` (every worker answering), warmed up: its base URL."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    extra = ("--workers", str(workers)) if workers > 1 else ()
+    sidecar = start(sidecar_cmd(port, server.url, config, *extra), base + "/healthz")
+    try:
+        if workers > 1:
+            wait_for_workers(base + "/healthz", workers)
+        warm_up(base)
+        yield base
+    finally:
+        stop(sidecar)
+
+
+def authorize_64(server: RedisServer, config: Path, seconds: int, *, workers: int = 1) -> WrkResult:
+    """POST /v1/authorize at 64 connections on a sidecar of its own."""
+    with serving(server, config, workers=workers) as base:
+        return wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, seconds)
+
+
 def measure_bare(
     server: RedisServer, seconds: int, *, through_redis: bool = False
 ) -> tuple[WrkResult, WrkResult, int]:
@@ -350,11 +374,7 @@ def main() -> None:
         figures["bare_redis_commands_per_request"] = calls / (r64.requests_per_s * s)
         server.client().flushall()
 
-        port = free_port()
-        sidecar = start(sidecar_cmd(port, server.url, config), f"http://127.0.0.1:{port}/healthz")
-        try:
-            base = f"http://127.0.0.1:{port}"
-            warm_up(base)
+        with serving(server, config) as base:
             # authorize, pairs and check at 64 connections, with Redis's CPU and
             # commandstats deltas around each run (bench.redis_cost)
             cost = redis_cost.measure_running(server.client(), base, s)
@@ -364,55 +384,14 @@ def main() -> None:
             a1 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 1, s)
             five = wrk(base + "/v1/authorize", BENCH / "wrk_authorize5.lua", 64, s)
             through_proxy = proxy.measure(base, s)
-        finally:
-            stop(sidecar)
-
-        port = free_port()
-        sidecar = start(
-            [sys.executable, "-m", "sidecar", "serve", "--port", str(port), "--workers", "2",
-             "--redis-url", server.url, "--config", str(config), "--log-level", "warning"],
-            f"http://127.0.0.1:{port}/healthz",
-        )  # fmt: skip
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_workers(base + "/healthz", 2)
-            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            workers2 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
-        finally:
-            stop(sidecar)
-
+        workers2 = authorize_64(server, config, s, workers=2)
         # The same authorize with the fast path off: aiohttp serves the hot routes too.
         aiohttp_config = workdir / "bench-aiohttp.yaml"
         aiohttp_config.write_text(CONFIG + "  fast_http: false\n")
-        port = free_port()
-        sidecar = start(
-            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
-             "--redis-url", server.url, "--config", str(aiohttp_config),
-             "--log-level", "warning"],
-            f"http://127.0.0.1:{port}/healthz",
-        )  # fmt: skip
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            slow64 = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
-        finally:
-            stop(sidecar)
-
+        slow64 = authorize_64(server, aiohttp_config, s)
         limited_config = workdir / "bench-rate-limited.yaml"
         limited_config.write_text(CONFIG + RATE_LIMITS)
-        port = free_port()
-        sidecar = start(
-            [sys.executable, "-m", "sidecar", "serve", "--port", str(port),
-             "--redis-url", server.url, "--config", str(limited_config),
-             "--log-level", "warning"],
-            f"http://127.0.0.1:{port}/healthz",
-        )  # fmt: skip
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
-            limited = wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, s)
-        finally:
-            stop(sidecar)
+        limited = authorize_64(server, limited_config, s)
 
         # The same Redis figures with one guard of each kind, once issue 18 gives
         # redis_cost.GUARDS_CONFIG its config (None until then: nothing measured).

@@ -304,6 +304,12 @@ class Metrics:
                 entry[1] = self._period_end(entry[3], now_ms)
                 entry[2].set(0.0)
                 entry[5].set(0.0)
+            elif not self._multiprocess:
+                # One process: the highs are kept in plain numbers between scrapes (a
+                # gauge write takes a lock, and a new high comes with nearly every call
+                # of a budget filling up).
+                entry[2].set(entry[0])
+                entry[5].set(entry[4])
 
     # ---- EngineEvents -------------------------------------------------------------------
 
@@ -499,6 +505,7 @@ class Metrics:
 
     def _observe_ratios(self, states: Sequence[BudgetState]) -> None:
         now_ms = self._clock.now_ms()
+        direct = self._multiprocess  # else refresh() writes the highs at the scrape
         for state in states:
             entry = self._ratios.get(state.budget_id)
             if entry is None:
@@ -513,12 +520,14 @@ class Metrics:
             ratio = state.percentage / 100
             if ratio > entry[0]:  # only a new high writes to the gauge
                 entry[0] = ratio
-                entry[2].set(ratio)
+                if direct:
+                    entry[2].set(ratio)
             if state.forecast_usd is not None and state.limit_usd:
                 projected = state.forecast_usd / state.limit_usd
                 if projected > entry[4]:
                     entry[4] = projected
-                    entry[5].set(projected)
+                    if direct:
+                        entry[5].set(projected)
 
     def _new_ratio(self, budget_id: str, now_ms: int) -> list[Any] | None:
         budget = self._budget(budget_id)

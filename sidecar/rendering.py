@@ -26,6 +26,13 @@ from sidecar.schemas import (
     StopState,
 )
 
+# Enum members as module constants: on Python 3.11 `Action.BLOCK` goes through EnumType's
+# __getattr__ hook (about 900 instructions a lookup, callgrind), and a decision made ten
+# of them here.
+_BLOCK, _ALLOW, _DOWNGRADE = Action.BLOCK, Action.ALLOW, Action.DOWNGRADE
+_ENFORCE, _SHADOW = LimitMode.ENFORCE, LimitMode.SHADOW
+_TOTAL = Period.TOTAL
+_USD, _CONCURRENT = Metric.USD, Metric.CONCURRENT
 # A concurrency limit frees a slot when some reservation ends: a hint, not a promise.
 _SLOT_RETRY_MS = 1000
 _PRICED_BY = {"t": "tokens", "c": "cost", "e": "estimate"}
@@ -73,7 +80,7 @@ def decision(
             limit_state(limit, rate_raw[3 * j : 3 * j + 3])
             for j, limit in enumerate(resolved.limits)
         ]
-        denying = [r for r in limits if r.would_deny and r.mode == LimitMode.ENFORCE]
+        denying = [r for r in limits if r.would_deny and r.mode == _ENFORCE]
         if denying:
             binding_limit = max(denying, key=lambda r: r.retry_after_ms)
         elif limits:
@@ -89,8 +96,8 @@ def decision(
                 loop_state(loop, loop_raw[2 * g : 2 * g + 2])
                 for g, loop in enumerate(resolved.loops)
             ]
-    budget_denied = not allowed and outcome.action is Action.BLOCK
-    action = Action.BLOCK if not allowed else outcome.action
+    budget_denied = not allowed and outcome.action is _BLOCK
+    action = _BLOCK if not allowed else outcome.action
     info = None
     if outcome.binding is not None:
         bound = outcome.binding
@@ -98,7 +105,7 @@ def decision(
     retry_after_ms = None
     reason = None
     message = binding_message(outcome.action, applied, outcome.binding, values, est)
-    looping = next((s for s in loops if s.would_deny and s.mode == LimitMode.ENFORCE), None)
+    looping = next((s for s in loops if s.would_deny and s.mode == _ENFORCE), None)
     capped = next(
         (
             i
@@ -122,13 +129,13 @@ def decision(
         b = applied[capped].budget
         reason = "calls"
         message = f"Budget '{b.name}' reached its {b.limit_calls} calls - requests blocked"
-        info = binding_info(states[capped], b, Action.BLOCK)
+        info = binding_info(states[capped], b, _BLOCK)
         retry_after_ms = _retry_of(applied[capped], now)
     elif budget_denied and outcome.binding is not None:
         reason = "budget"
         retry_after_ms = _retry_of(applied[outcome.binding], now)
     elif denying:
-        reason = "velocity" if denying[0].metric == Metric.USD else "rate_limit"
+        reason = "velocity" if denying[0].metric == _USD else "rate_limit"
         retry_after_ms = max(
             r.retry_after_ms if r.retry_after_ms >= 0 else _SLOT_RETRY_MS for r in denying
         )
@@ -144,8 +151,8 @@ def decision(
         rate_limits=limits,
         rate_limit=binding_limit,
         retry_after_ms=retry_after_ms,
-        would_deny=any(r.would_deny and r.mode == LimitMode.SHADOW for r in limits)
-        or any(s.would_deny and s.mode == LimitMode.SHADOW for s in loops),
+        would_deny=any(r.would_deny and r.mode == _SHADOW for r in limits)
+        or any(s.would_deny and s.mode == _SHADOW for s in loops),
         reason=reason,
         loop_guards=loops,
         stop=stop,
@@ -154,7 +161,7 @@ def decision(
 
 def _retry_of(a: Applied, now: int) -> int | None:
     """A spent budget admits again when its window ends; a period-total one never does."""
-    if a.budget.period is Period.TOTAL:
+    if a.budget.period is _TOTAL:
         return None
     return a.window_end_ms - now
 
@@ -179,7 +186,7 @@ def budget_state(
     committed = used + held
     cap = b.limit_calls
     forecast_usd = exhausted_at = None
-    if now is not None and b.capped_usd and b.period is not Period.TOTAL:
+    if now is not None and b.capped_usd and b.period is not _TOTAL:
         f = forecast(
             used, held, limit, parse_window(window), a.window_start_ms, a.window_end_ms, now
         )
@@ -234,8 +241,8 @@ def budget_status(
         percentage=s.percentage,
         exceeded=s.exceeded,
         # A period-total counter has no calendar window.
-        period_start=None if a.budget.period is Period.TOTAL else iso(a.window_start_ms),
-        period_end=None if a.budget.period is Period.TOTAL else iso(a.window_end_ms),
+        period_start=None if a.budget.period is _TOTAL else iso(a.window_start_ms),
+        period_end=None if a.budget.period is _TOTAL else iso(a.window_end_ms),
         calls=s.calls,
         limit_calls=s.limit_calls,
         forecast_usd=s.forecast_usd,
@@ -279,14 +286,29 @@ def states_of(snap: Snapshot, cids: Sequence[str], values: Sequence[int]) -> lis
     A budget deleted since the hold is left out: it has no limit to report against.
     """
     states = []
+    by_id = snap.by_id
     for i, cid in enumerate(cids):
-        budget_id, entity, _window = keys.parse_counter_id(cid)
-        budget = snap.by_id.get(budget_id)
-        if budget is None:
-            continue
-        a = Applied(budget, entity, cid, 0, 0, MODE[budget.on_exceed], None)
+        known = _APPLIED.get(cid)
+        if known is not None and by_id.get(known.budget.id) is known.budget:
+            a = known  # the same budget (not one a reload replaced), the same entity
+        else:
+            budget_id, entity, _window = keys.parse_counter_id(cid)
+            budget = by_id.get(budget_id)
+            if budget is None:
+                continue
+            a = Applied(budget, entity, cid, 0, 0, MODE[budget.on_exceed], None)
+            if len(_APPLIED) >= _APPLIED_MAX:
+                _APPLIED.clear()
+            _APPLIED[cid] = a
         states.append(budget_state(a, values[2 * i], values[2 * i + 1]))
     return states
+
+
+# A settle's counters, parsed once: the same few cids come back on call after call, and
+# parsing one (split, unquote twice) and making its Applied cost more than the budget
+# state itself. Bounded: emptied when full.
+_APPLIED: dict[str, Applied] = {}
+_APPLIED_MAX = 4096
 
 
 def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
@@ -295,7 +317,7 @@ def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
     limit: int | float = r.limit
     burst: int | float = r.burst
     left: int | float = max(remaining, 0)
-    if r.metric is Metric.USD:  # counted in USD_UNIT_MICRO units, shown in dollars
+    if r.metric is _USD:  # counted in USD_UNIT_MICRO units, shown in dollars
         unit = USD_UNIT_MICRO / MICRO
         limit, burst, left = r.limit * unit, r.burst * unit, round(left * unit, 3)
     return RateLimitState(
@@ -314,10 +336,10 @@ def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
 
 
 def limit_message(state: RateLimitState) -> str:
-    if state.metric == Metric.CONCURRENT:
+    if state.metric == _CONCURRENT:
         return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} calls in flight"
     per = f"{state.window_ms} ms"
-    if state.metric == Metric.USD:
+    if state.metric == _USD:
         return f"Spend velocity '{state.rate_limit_id}' reached: ${state.limit:g} per {per}"
     return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} {state.metric} per {per}"
 
@@ -374,7 +396,7 @@ def binding_info(state: BudgetState, budget: Budget, action: Action) -> BudgetIn
         used_usd=state.used_usd,
         limit_usd=state.limit_usd if state.limit_usd is not None else 0.0,
         percentage=state.percentage,
-        exceeded=state.exceeded or action is not Action.ALLOW,
+        exceeded=state.exceeded or action is not _ALLOW,
         action=budget.on_exceed,
     )
 
@@ -388,12 +410,12 @@ def binding_message(
 ) -> str | None:
     """What binds, in words: "exceeded" only when the budget is truly spent; otherwise the
     estimate against what is left."""
-    if binding is None or action is Action.ALLOW:
+    if binding is None or action is _ALLOW:
         return None
     b = applied[binding].budget
-    if action is Action.BLOCK:
+    if action is _BLOCK:
         outcome = "requests blocked"
-    elif action is Action.DOWNGRADE:
+    elif action is _DOWNGRADE:
         outcome = f"downgraded to {applied[binding].downgrade_model}"
     else:
         outcome = "warning"

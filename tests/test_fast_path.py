@@ -5,6 +5,7 @@ aiohttp, in order, pipelined or not."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -13,6 +14,7 @@ import pytest
 import redis
 from aiohttp.test_utils import TestServer
 
+from sidecar.api import fast
 from sidecar.api.app import create_app
 from sidecar.api.fast import FastServer
 from sidecar.store import RedisStore
@@ -292,3 +294,38 @@ async def test_what_the_fast_path_does_not_serve_aiohttp_answers(
         answers.append(normalized((await exchange(srv, raw, 1))[0]))
     assert answers[0] == answers[1]
     assert (fast_server(fast_srv).served, fast_server(fast_srv).handed_off) == (0, 1)
+
+
+async def test_with_request_ids_on_the_chain_serves_the_hot_routes(
+    serve: Serve, redis_client: redis.Redis
+) -> None:
+    """Debug logs put the request-id middleware in front of the guard: the fast path then
+    runs the app's middleware chain (not its fused guard), and the answers, ids echoed,
+    are still aiohttp's byte for byte."""
+    from sidecar.logs import decision_log
+
+    level = decision_log.level
+    decision_log.setLevel(logging.DEBUG)
+    try:
+        fast_srv, plain_srv = await serve(fast=True), await serve(fast=False)
+    finally:
+        decision_log.setLevel(level)
+    assert fast.WHOLE not in fast_srv.app
+    for raw in (
+        post("/v1/authorize", AUTHORIZE, "X-Request-ID: abc-123"),
+        post("/v1/settle", b'{"reservation_id":"nope","actual_usd":0.1}', "X-Request-ID: s-1"),
+    ):
+        answers = []
+        for srv in (fast_srv, plain_srv):
+            redis_client.flushdb()
+            answers.append(normalized((await exchange(srv, raw, 1))[0]))
+        assert answers[0] == answers[1]
+        assert b"\r\nX-Request-ID: " in answers[0]
+    assert fast_server(fast_srv).served == 2
+
+
+async def test_without_debug_logs_the_guard_is_fused(serve: Serve) -> None:
+    srv = await serve()
+    assert fast.WHOLE in srv.app
+    answers = await exchange(srv, post("/v1/authorize", AUTHORIZE, "X-Request-ID: abc-123"), 1)
+    assert b"X-Request-ID" not in answers[0]  # ids are echoed with debug logs only

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import cast
 
 import msgspec
 from aiohttp import web
@@ -112,7 +113,7 @@ LINGER_S = 2.0
 
 def guard(
     authenticate: Callable[[web.Request], None], body_timeout_s: float, max_body: int
-) -> Middleware:
+) -> tuple[Middleware, fast.Whole]:
     """The one middleware every request passes (one layer, not three: each layer is a
     coroutine frame on every request and every resumption of it):
 
@@ -126,28 +127,36 @@ def guard(
     - every failure mapped to problem+json (problem_of);
     - `Connection: close` on every answer to the AxonFlow Python SDK (see
       `closes_connection`).
+
+    Returned with `whole`: the same checks and a hot route's body handler in one call,
+    which the fast path (sidecar.api.fast) makes instead of the middleware chain.
     """
+
+    def admit(request: web.Request) -> web.StreamResponse | None:
+        """Credentials and the rules on what the head declares: an answer to give at
+        once (the request goes no further), else None."""
+        authenticate(request)
+        if request.can_read_body and not request.path.startswith(proxy.PREFIX):
+            too_large = bodies.declared_too_large(request, max_body)
+            if too_large is not None:
+                # Nothing of the body is read: close rather than drain it.
+                resp = response(too_large)
+                resp.force_close()
+                return resp
+            if _json_route(request):
+                unsupported = bodies.unsupported_type(request)
+                if unsupported is not None:
+                    return _sdk_close(request, response(unsupported))
+        return None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         resp: web.StreamResponse
         try:
-            authenticate(request)
+            early = admit(request)
+            if early is not None:
+                return early
             if request.can_read_body and not request.path.startswith(proxy.PREFIX):
-                too_large = bodies.declared_too_large(request, max_body)
-                if too_large is not None:
-                    # Nothing of the body is read: close rather than drain it.
-                    resp = response(too_large)
-                    resp.force_close()
-                    return resp
-                json_route = (
-                    request.method in bodies.JSON_METHODS
-                    and request.match_info.http_exception is None  # 404/405 answer as such
-                )
-                if json_route:
-                    unsupported = bodies.unsupported_type(request)
-                    if unsupported is not None:
-                        return _sdk_close(request, response(unsupported))
                 if not request.content.is_eof():
                     try:
                         async with asyncio.timeout(body_timeout_s):
@@ -160,7 +169,7 @@ def guard(
                         )
                         resp.force_close()
                         return resp
-                if json_route:
+                if _json_route(request):
                     bodies.check_duplicate_keys(await request.read())
             resp = await handler(request)
         except Exception as exc:
@@ -170,7 +179,32 @@ def guard(
             resp = answer
         return _sdk_close(request, resp)
 
-    return guard
+    async def whole(request: web.Request, handler: native.BodyHandler) -> web.Response | bytes:
+        """This middleware and a hot route's body handler in one frame, for the fast path
+        (sidecar.api.fast): its requests' bodies have arrived whole, and a 200 JSON answer
+        stays bytes. The same rules, in the same order, as `guard`."""
+        try:
+            early = admit(request)
+            if early is not None:
+                return cast(web.Response, early)
+            if request.can_read_body and _json_route(request):  # never /ext_authz here
+                bodies.check_duplicate_keys(await request.read())
+            answer = await handler(request)
+        except Exception as exc:
+            problem = problem_of(request, exc)
+            if problem is None:
+                raise
+            answer = problem
+        if isinstance(answer, bytes):
+            return answer
+        return cast(web.Response, _sdk_close(request, answer))
+
+    return guard, whole
+
+
+def _json_route(request: web.Request) -> bool:
+    # 404 and 405 answer as such, whatever the body.
+    return request.method in bodies.JSON_METHODS and request.match_info.http_exception is None
 
 
 def closes_connection(request: web.Request) -> bool:
@@ -230,7 +264,9 @@ def create_app(
     Metrics, /metrics and /prometheus serve it. A connection that has not sent a whole
     request head within `header_timeout_s` (or stays idle that long) is closed; a body not
     received within `body_timeout_s` is answered 408."""
-    checks = guard(api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes)
+    checks, whole = guard(
+        api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes
+    )
     # settings.fast_http: the hot routes on sidecar.api.fast's protocol, the rest on aiohttp.
     app_class = fast.FastApplication if config.settings.fast_http else web.Application
     app = app_class(
@@ -252,6 +288,10 @@ def create_app(
         config, store, clock or SystemClock(), scripts or Scripts.load_all(), events=events
     )
     app[ENGINE] = engine
+    if list(app.middlewares) == [checks]:
+        # The fast path may run the guard and a hot handler in one frame (with the
+        # request-id middleware of debug logging in front, it runs the chain instead).
+        app[fast.WHOLE] = whole
     app[STORE] = store
     app[MAX_BODY] = config.settings.max_body_bytes
     app[LIFECYCLE] = Lifecycle()

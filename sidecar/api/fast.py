@@ -30,7 +30,7 @@ import socket
 import warnings
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import httptools
 from aiohttp import hdrs, web
@@ -40,11 +40,30 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.api import proxy
+from sidecar.api import native, proxy
 
 log = logging.getLogger("sidecar.http")
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# What a hot route answers here: a response, or the body of a 200 `application/json` one.
+Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes"]]
+
+
+# The app's guard middleware and a hot route's body handler in one call (api.app.guard);
+# set on the app when the guard is its only middleware. Without it, the middleware chain.
+class Whole(Protocol):
+    def __call__(
+        self, request: web.Request, handler: native.BodyHandler
+    ) -> Awaitable[web.Response | bytes]: ...
+
+
+WHOLE: web.AppKey[Whole] = web.AppKey("fast_whole")
+# The head of a 200 JSON answer as aiohttp writes it for web.Response(body=...,
+# content_type="application/json") on a kept-alive connection: Content-Type, then the
+# Content-Length, Date and Server it adds (tests/test_fast_path.py compares the bytes).
+_HEAD_200_JSON = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"Date: %b\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\n\r\n%b"
+)
 # POST paths served here; /ext_authz and below it (any method) too.
 HOT_POSTS = ("/v1/authorize", "/v1/check", "/v1/settle", "/v1/release")
 _PREFIX = proxy.PREFIX.encode()
@@ -84,12 +103,12 @@ class FastRequest(dict[str, Any]):
         method: str,
         path: str,
         raw_path: str,
-        headers: CIMultiDictProxy[str],
+        headers: CIMultiDictProxy[str] | CIMultiDict[str],
         body: bytes,
         keep_alive: bool,
         match_info: MatchInfo,
     ) -> None:
-        super().__init__()
+        # (dict's own __init__ is not called: the mapping starts empty without it.)
         self.app = app
         self.method = method
         self.path = path
@@ -189,10 +208,16 @@ class FastServer(web.Server):
         router and the middlewares are frozen by then)."""
         if self._hot is None:
             found: dict[str, Handler] = {}
+            whole = self.app.get(WHOLE)
+            body_handlers = self.app.get(native.HOT, {})
             for route in self.app.router.routes():
                 canonical = route.resource.canonical if route.resource is not None else ""
                 if route.method == hdrs.METH_POST and canonical in HOT_POSTS:
-                    found[canonical] = self._wrapped(route.handler)
+                    body_handler = body_handlers.get(canonical)
+                    if whole is not None and body_handler is not None:
+                        found[canonical] = functools.partial(whole, handler=body_handler)
+                    else:
+                        found[canonical] = self._wrapped(route.handler)
                 elif canonical == proxy.PREFIX:
                     self._ext_authz = self._wrapped(route.handler)
             self._hot = found
@@ -231,6 +256,9 @@ class FastProtocol(asyncio.Protocol):
         self._loop = asyncio.get_event_loop()
         self._hot = server.hot()
         self._ext_authz = server.ext_authz()
+        # The hot POST routes' match info, shared: nothing writes to it (only /ext_authz
+        # sets its "tail", on a match info of its own).
+        self._post_match = MatchInfo(self._app)
         self._parser = httptools.HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._queue: deque[tuple[FastRequest, Handler]] = deque()
@@ -343,14 +371,18 @@ class FastProtocol(asyncio.Protocol):
         raise _HandOff
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        limit = self._server.max_field_size
+        server = self._server
+        limit = server.max_field_size
+        lower = name.lower()
         if (
             len(name) > limit
             or len(value) > limit
             or not name.isascii()
             or not value.isascii()
-            or name.lower() in _HANDED_OFF_HEADERS
-            or len(self._headers) >= self._server.max_headers
+            or lower in _HANDED_OFF_HEADERS
+            or len(self._headers) >= server.max_headers
+            # aiohttp's 413 reads and drops the rest for a while
+            or (lower == b"content-length" and int(value) > server.max_body)
         ):
             raise _HandOff
         self._headers.append((name.decode(), value.decode()))
@@ -358,9 +390,6 @@ class FastProtocol(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         if self._handler is None or self._parser.get_http_version() != "1.1":
             raise _HandOff
-        for name, value in self._headers:
-            if name.lower() == "content-length" and int(value) > self._server.max_body:
-                raise _HandOff  # aiohttp's 413 reads and drops the rest for a while
 
     def on_body(self, body: bytes) -> None:
         self._body.append(body)
@@ -374,17 +403,19 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         path = url.partition("?")[0]
         body = b"".join(self._body) if self._body else b""
+        proxied = handler is self._ext_authz
         request = FastRequest(
             self._app,
             self._parser.get_method().decode(),
             path,
             url,
-            CIMultiDictProxy(CIMultiDict(self._headers)),
+            # Read only, as aiohttp's proxy of them (one object less per request).
+            CIMultiDict(self._headers),
             body,
             self._parser.should_keep_alive(),
-            MatchInfo(self._app),
+            MatchInfo(self._app) if proxied else self._post_match,
         )
-        if len(path) > len(proxy.PREFIX) and path.startswith(proxy.PREFIX):
+        if proxied and len(path) > len(proxy.PREFIX):
             request.match_info["tail"] = path[len(proxy.PREFIX) + 1 :]
         self._queue.append((request, handler))
         self._server.served += 1
@@ -397,15 +428,34 @@ class FastProtocol(asyncio.Protocol):
     # -- answering
     async def _serve(self) -> None:
         queue = self._queue
+        prepare = self._app.on_response_prepare
         while queue:
             request, handler = queue.popleft()
+            response: web.StreamResponse | bytes
             try:
                 response = await handler(cast(web.Request, request))
             except Exception as exc:  # what aiohttp answers to an escaped exception
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
                 response = web.Response(status=500, text="500 Internal Server Error")
                 response.force_close()
-            if self._app.on_response_prepare:
+            if type(response) is bytes:
+                transport = self._transport
+                if (
+                    transport is not None
+                    and request.keep_alive
+                    and not self._closing
+                    and not prepare
+                ):
+                    # The usual answer: its head built here, not by a web.Response.
+                    date = rfc822_formatted_time().encode()
+                    transport.write(_HEAD_200_JSON % (len(response), date, response))
+                    if self._paused and len(queue) < _MAX_QUEUED // 2:
+                        self._paused = False
+                        transport.resume_reading()
+                    continue
+                response = web.Response(body=response, content_type="application/json")
+            assert isinstance(response, web.StreamResponse)
+            if prepare:
                 await self._app.on_response_prepare.send(cast(web.Request, request), response)
             if not self._write(request, response):
                 queue.clear()
