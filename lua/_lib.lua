@@ -689,9 +689,9 @@ end
 
 -- Learned estimates (issue 19). KEYS[9] of authorize, check and settle is a hash of one
 -- field per series (a tenant's calls of one provider, model and agent, named by the
--- sidecar: sidecar/keys.py estimate_series): "count:p95:c1,c2,...", the number of costs
--- ever taught, the p95 of those in the ring, and the ring of the last LEARN_RING settled
--- costs (micro-USD; the one at count % LEARN_RING is the oldest). The p95 is computed when
+-- sidecar: sidecar/keys.py estimate_series): "count:p95:c1,c2,...:t1.t2", the number of
+-- costs ever taught, the p95 of those in the ring, the ring of the last LEARN_RING settled
+-- costs (micro-USD, oldest first) and its two largest (see learn()). The p95 is computed when
 -- a cost is taught, so a decision reads one short prefix and sorts nothing.
 local LEARN_RING = 32
 
@@ -710,36 +710,80 @@ end
 -- hash expires ttl_s after the last cost taught (an idle tenant's statistics go), and holds
 -- at most max_series series: a new one past that evicts one at random (no index of the
 -- oldest is kept; each series is at most LEARN_RING numbers, so the hash stays bounded).
+-- The ring is kept oldest first, so a cost is taught by appending it and dropping the
+-- first once the ring is full; and the ring's two largest costs are kept after it
+-- (":t1.t2"), so the p95 (the k-th largest, k <= 2 for a ring of 32) is updated from them
+-- without reading the ring, except when the cost dropped was one of them and the new one
+-- is smaller (then the ring is scanned once). A value written before (no ":t1.t2"; ring
+-- oldest at count % LEARN_RING) is scanned once and goes on in this form.
+local function top_two(ring)
+  local t1, t2
+  for item in string.gmatch(ring, '%d+') do
+    local x = tonumber(item)
+    if not t1 or x > t1 then
+      t1, t2 = x, t1
+    elseif not t2 or x > t2 then
+      t2 = x
+    end
+  end
+  return t1, t2
+end
+
 local function learn(key, series, cost, cfg)
   if cfg == '' or series == nil or series == '' or not key then return end
-  local c = split(cfg, ':')
+  local ttl, max_series = string.match(cfg, '^([^:]*):([^:]*)')
   local v = redis.call('HGET', key, series)
-  local n, ring = 0, {}
+  local n, ring, t1, t2 = 0, '', nil, nil
   if v then
     local count, rest = string.match(v, '^(%d+):%d+:(.*)$')
-    n, ring = tonumber(count), split(rest, ',')
-  elseif redis.call('HLEN', key) >= tonumber(c[2]) then
+    n = tonumber(count)
+    local costs, tops = string.match(rest, '^([^:]*):(.*)$')
+    if costs then
+      ring = costs
+      local a, b = string.match(tops, '^(%d*)%.?(%d*)$')
+      t1, t2 = tonumber(a), tonumber(b)
+    else
+      ring = rest
+    end
+  elseif redis.call('HLEN', key) >= tonumber(max_series) then
     local victim = redis.call('HRANDFIELD', key)
     if victim then redis.call('HDEL', key, victim) end
   end
-  ring[n % LEARN_RING + 1] = int(cost)
+  local cost_text, dropped = int(cost), nil
+  if ring == '' then
+    ring = cost_text
+  elseif n >= LEARN_RING then
+    local comma = string.find(ring, ',', 1, true)
+    if comma then
+      dropped = tonumber(string.sub(ring, 1, comma - 1))
+      ring = string.sub(ring, comma + 1) .. ',' .. cost_text
+    else
+      ring = ring .. ',' .. cost_text
+    end
+  else
+    ring = ring .. ',' .. cost_text
+  end
   n = n + 1
-  -- p95 by nearest rank over the m costs held: the k-th largest, k = m - ceil(0.95 m) + 1
-  -- (integer arithmetic: 0.95 * m in doubles is not exact). One pass keeps the k largest.
-  local m = #ring
-  local k = m - math.floor((95 * m + 99) / 100) + 1
-  local top = {}
-  for _, item in ipairs(ring) do
-    local x = tonumber(item)
-    if #top < k or x > top[#top] then
-      local j = (#top < k) and (#top + 1) or #top
-      while j > 1 and top[j - 1] < x do
-        top[j] = top[j - 1]
-        j = j - 1
-      end
-      top[j] = x
+  if t1 == nil or (dropped and t2 and dropped >= t2 and cost < dropped) then
+    t1, t2 = top_two(ring)
+  else
+    -- The dropped cost, if one of the two largest, leaves them (cost >= it here, so the
+    -- two largest of what is left and the new cost are the ring's two largest).
+    if dropped and t2 and dropped >= t2 then
+      if t2 == dropped then t2 = nil else t1, t2 = t2, nil end
+    end
+    if cost > t1 then
+      t1, t2 = cost, t1
+    elseif not t2 or cost > t2 then
+      t2 = cost
     end
   end
-  redis.call('HSET', key, series, int(n) .. ':' .. int(top[k]) .. ':' .. table.concat(ring, ','))
-  redis.call('EXPIRE', key, c[1])
+  -- p95 by nearest rank over the m costs held: the k-th largest, k = m - ceil(0.95 m) + 1
+  -- (integer arithmetic: 0.95 * m in doubles is not exact); k <= 2 while LEARN_RING <= 39.
+  local m = math.min(n, LEARN_RING)
+  local k = m - math.floor((95 * m + 99) / 100) + 1
+  local p = (k >= 2 and t2) or t1
+  redis.call('HSET', key, series, int(n) .. ':' .. int(p) .. ':' .. ring .. ':' .. int(t1)
+    .. (t2 and ('.' .. int(t2)) or ''))
+  redis.call('EXPIRE', key, ttl)
 end

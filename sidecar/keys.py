@@ -29,8 +29,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           fingerprint (at most 64) "<alerted 0|1>|<ms>,<ms>,..."; expires
                           a window after the entity's newest call
     bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
-                          (estimate_series) one field "count:p95:c1,c2,..." holding the
-                          last LEARN_RING settled costs (micro-USD) and their cached p95.
+                          (estimate_series) one field "count:p95:c1,c2,...:t1.t2"
+                          holding the last LEARN_RING settled costs (micro-USD, oldest
+                          first), their cached p95 and their two largest.
                           Written by settle.lua, read by authorize.lua and check.lua;
                           expires estimate_stats_days after the last settle that taught
                           it, and holds at most estimate_max_series fields

@@ -10,8 +10,9 @@ costs; until then (cold start) the caller's or the configured figure holds, as w
 `fixed`.
 
 Where the figures live and move (all inside the scripts, no extra round trip):
-- bs:{T}:est (sidecar/keys.py), one field per series: "count:p95:c1,c2,...", the last
-  LEARN_RING settled costs and their p95, so each replica holds the same learned figure;
+- bs:{T}:est (sidecar/keys.py), one field per series: "count:p95:c1,c2,...:t1.t2", the
+  last LEARN_RING settled costs, their p95 and their two largest (what keeps the p95 up to
+  date without reading the ring), so each replica holds the same learned figure;
 - settle.lua teaches the series the reservation was made for (record field 24) a cost that
   was measured: priced tokens or a given cost. A charge of the held estimate (an unpriced
   model, a hold charged at its lease's end) teaches nothing, or the estimator would learn
@@ -116,7 +117,10 @@ class SeriesStats:
 
 
 def parse_series(value: str) -> SeriesStats:
-    count, p95_text, ring = value.split(":", 2)
+    """A series as settle.lua writes it; one written before the ring's two largest were
+    kept after it (no fourth part) reads the same."""
+    count, p95_text, rest = value.split(":", 2)
+    ring = rest.partition(":")[0]
     return SeriesStats(int(count), int(p95_text), tuple(int(c) for c in ring.split(",") if c))
 
 

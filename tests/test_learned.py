@@ -101,7 +101,9 @@ async def test_the_ring_and_its_p95_match_the_python_twin(
     client = await make_client(doc())
     rng = random.Random(19)
     taught: list[int] = []
-    for i in range(LEARN_RING + 9):
+    # Four rings' worth: the costs dropped include the ring's largest again and again (then
+    # the two largest kept beside the ring are worked out from it anew).
+    for i in range(4 * LEARN_RING + 9):
         cost = rng.choice([0, 1, 15_000, rng.randrange(1, 2_000_000)])
         await call(client, cost / 1e6)
         taught.append(cost)
@@ -114,6 +116,21 @@ async def test_the_ring_and_its_p95_match_the_python_twin(
     assert len(stats(redis_client).ring) == LEARN_RING
     ttl = redis_client.ttl(TENANT.estimates)
     assert 0 < ttl <= 7 * 86_400
+
+
+async def test_a_series_written_before_the_two_largest_were_kept_goes_on(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A full ring stored as "count:p95:ring" (no largest costs after it, oldest at count %
+    32) is taught on: its p95 is that of its costs, and it is kept in the new form."""
+    client = await make_client(doc())
+    old = [5_000 + 1_000 * i for i in range(LEARN_RING)]  # 5,000 .. 36,000
+    redis_client.hset(TENANT.estimates, SERIES, f"40:{p95(old)}:" + ",".join(map(str, old)))
+    await call(client, 0.001)  # 1,000 micro-USD: one of the old costs leaves
+    s = stats(redis_client)
+    assert s.count == 41 and len(s.ring) == LEARN_RING
+    assert s.p95 == p95(list(s.ring)) == 35_000, s
+    assert str(redis_client.hget(TENANT.estimates, SERIES)).endswith(":36000.35000")
 
 
 async def test_a_charge_of_the_held_estimate_teaches_nothing(
