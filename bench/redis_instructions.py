@@ -11,8 +11,8 @@ hash) pipelined 16 deep, as redis-benchmark sends it in `bench.redis_cost.floor`
 Per operation: `count` operations over 16 connections after a warm-up; Redis's own idle
 work in that time (the sidecar's sweeps and polls) is measured right after, for as long, and
 subtracted. The pair is an authorize and the settle of its reservation (tokens given); the
-guarded authorize adds one guard of each kind (bench.redis_cost.GUARDS_CONFIG), its calls
-spread over 20 runs and each with a fingerprint of its own.
+guarded authorize and pair add one guard of each kind (bench.redis_cost.GUARDS_CONFIG),
+their calls spread over 20 runs and each with a fingerprint of its own.
 
 `make bench ARGS=--instructions` runs it (needs valgrind). Nothing here asserts.
 """
@@ -123,7 +123,15 @@ async def guarded(session: aiohttp.ClientSession, base: str, i: int) -> None:
 
 
 async def pair(session: aiohttp.ClientSession, base: str, i: int) -> None:
-    rid = await _authorize(session, base, BODY)
+    await _settle(session, base, await _authorize(session, base, BODY))
+
+
+async def guarded_pair(session: aiohttp.ClientSession, base: str, i: int) -> None:
+    body = {**BODY, "run_id": f"run-{i % RUNS}", "fingerprint": f"q-{i}-{time.monotonic_ns()}"}
+    await _settle(session, base, await _authorize(session, base, body))
+
+
+async def _settle(session: aiohttp.ClientSession, base: str, rid: str) -> None:
     settle = {"reservation_id": rid, "tokens_in": 450, "tokens_out": 180}
     async with session.post(base + "/v1/settle", json=settle) as r:
         if r.status != 200:
@@ -191,7 +199,11 @@ def measure(config: str, count: int = 500) -> Counts:
         with tempfile.TemporaryDirectory() as tmp:
             runs: list[tuple[str, str, list[tuple[str, Op]]]] = [
                 ("plain", config, [("authorize", authorize), ("pair", pair), ("check", check)]),
-                ("guarded", redis_cost.guarded_config(config), [("guarded_authorize", guarded)]),
+                (
+                    "guarded",
+                    redis_cost.guarded_config(config),
+                    [("guarded_authorize", guarded), ("guarded_pair", guarded_pair)],
+                ),
             ]
             for name, text, ops in runs:
                 proc, base = _sidecar(server, Path(tmp), name, text)
@@ -217,6 +229,7 @@ def report(c: Counts) -> None:
     line("authorize + settle pair", c.per_op["pair"])
     line("sidecar check (3 budgets)", c.per_op["check"])
     line("authorize, one guard of each kind", c.per_op["guarded_authorize"])
+    line("pair, one guard of each kind", c.per_op["guarded_pair"])
     print(
         f"  {'runaway guards: authorize':<34} "
         f"{c.per_op['guarded_authorize'] / c.per_op['authorize']:.2f}x the plain one's instructions"

@@ -539,6 +539,12 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   end
 end
 
+-- Whether a cid names a period-total counter (window key "t": no calendar window, no
+-- forecast, no recent-spend window).
+local function has_total_window(cid)
+  return string.sub(cid, -2) == '/t'
+end
+
 -- Charge `cost` to every counter of reservation record `r` (dropping its hold of the
 -- estimate first when `held`), raising the threshold alerts it crosses. Returns the
 -- counters after it ("u,h,..." for record field 10) and the overshoot: the largest, over
@@ -547,12 +553,19 @@ local function charge(ctr, r, cost, held, now)
   local est, cids, specs = tonumber(r[3]), split(r[7], ','), split(r[17] or '', ';')
   local snapshot, overshoot = {}, 0
   local cost_text, minus_est = int(cost), int(-est)  -- int: -0 prints "-0"
-  -- Every counter's recent-spend window is read with one HMGET and written with one HSET.
-  local windows, written = nil, {}
-  if cost > 0 and #cids > 0 then
+  -- Every counter's recent-spend window is read with one HMGET and written with one HSET;
+  -- a period-total counter (its cid's window "t", sidecar/periods.py) has no forecast and
+  -- keeps none.
+  local windows, written, at = nil, {}, {}
+  if cost > 0 then
     local names = {}
-    for i, cid in ipairs(cids) do names[i] = 'w:' .. cid end
-    windows = redis.call('HMGET', ctr, unpack(names))
+    for i, cid in ipairs(cids) do
+      if not has_total_window(cid) then
+        names[#names + 1] = 'w:' .. cid
+        at[i] = #names
+      end
+    end
+    if #names > 0 then windows = redis.call('HMGET', ctr, unpack(names)) end
   end
   for i, cid in ipairs(cids) do
     local h
@@ -566,8 +579,8 @@ local function charge(ctr, r, cost, held, now)
     local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost_text)
     local limit, thresholds, mode, fstart, fend = parse_spec(specs[i])
     check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
-    if windows then
-      local window = window_next(windows[i] or nil, cost, now)
+    if at[i] then
+      local window = window_next(windows[at[i]] or nil, cost, now)
       written[#written + 1] = 'w:' .. cid
       written[#written + 1] = window
       if fstart then check_forecast(ctr, KEYS[6], cid, limit, fstart, fend, u, h, window, now) end

@@ -38,20 +38,26 @@ if idem ~= '' then
   if redis.call('HSETNX', res, 'q:' .. idem, 'recorded') == 0 then status = 2 end
 end
 local out = {status}
--- The counters' recent-spend windows: one HMGET, one HSET (see window_next).
-local recent, written = nil, {}
-if status == 1 and cost > 0 and #cids > 0 then
+-- The counters' recent-spend windows: one HMGET, one HSET (see window_next); none for a
+-- period-total counter (as charge() in _lib.lua).
+local recent, written, at = nil, {}, {}
+if status == 1 and cost > 0 then
   local names = {}
-  for i, cid in ipairs(cids) do names[i] = 'w:' .. cid end
-  recent = redis.call('HMGET', ctr, unpack(names))
+  for i, cid in ipairs(cids) do
+    if not has_total_window(cid) then
+      names[#names + 1] = 'w:' .. cid
+      at[i] = #names
+    end
+  end
+  if #names > 0 then recent = redis.call('HMGET', ctr, unpack(names)) end
 end
 for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
-    if recent then
-      local window = window_next(recent[i] or nil, cost, now)
+    if at[i] then
+      local window = window_next(recent[at[i]] or nil, cost, now)
       written[#written + 1] = 'w:' .. cid
       written[#written + 1] = window
       check_forecast(ctr, KEYS[6], cid, limits[i], tonumber(windows[i][1]),

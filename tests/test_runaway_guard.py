@@ -152,11 +152,14 @@ async def test_a_run_counter_goes_its_idle_time_after_its_last_call(
     await post(client, "/v1/settle", {"reservation_id": d["reservation_id"], "cost_usd": 0.01})
     cid = "per-run/r1/t"
     assert redis_client.zscore(TENANT.gc, f"c:{cid}") == clock.now_ms() + 3_600_000
+    # A period-total counter has no forecast, so it keeps no recent-spend window.
+    assert redis_client.hget(TENANT.counters, f"w:{cid}") is None
     clock.advance(3_600_001)
-    # Any decision of the tenant collects what is due (bounded per call).
+    # Any decision of the tenant collects what is due (bounded per call), all of it.
     await post(client, "/v1/authorize", {"run_id": "r2", "estimated_usd": 0.01})
     assert redis_client.hget(TENANT.counters, f"u:{cid}") is None
     assert redis_client.hget(TENANT.counters, f"c:{cid}") is None
+    assert [f for f in redis_client.hkeys(TENANT.counters) if cid in f] == []
 
 
 def test_a_run_cap_holds_under_100_concurrent_calls_over_two_sidecars(
