@@ -25,7 +25,8 @@
 --   KEYS[8] uagg   hash  the current UTC day's per-user totals (see ledger())
 -- ctr also holds "a:<cid>": the thresholds of that counter already alerted, '.'-joined
 -- ('f' among them: its forecast alert), and "w:<cid>": its recent spend, "k:cur:prev"
--- (see window_add; read by the decisions and status for the forecast).
+-- (see window_next; read by the decisions and status for the forecast; a period-total
+-- counter, which has no forecast, keeps none).
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
 -- milliseconds. Lua numbers are doubles: every integer here stays below 2^53.

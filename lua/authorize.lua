@@ -58,7 +58,7 @@
 --   weighed: the estimate the budgets were weighed against before any downgrade: ARGV[4],
 --   or the series' learned figure where that is larger (whether held or denied)
 --   w: each budget counter's recent-spend window "k:cur:prev" ('' = none; see _lib.lua
---   window_add), for the forecast
+--   window_next), for the forecast
 --   verdict 0: denied (by a stop, a block budget's dollars or calls, a downgrade that does
 --   not fit, an enforced rate limit or loop guard), nothing changed but the alerts of a
 --   guard's trip; 1: held and charged everywhere (held = ARGV[4], or

@@ -7,7 +7,7 @@
 -- ARGV[3..] cids
 -- Returns: {1, u1, h1, u2, h2, ..., w1, w2, ..., c1, c2, ...} settled and held micro-USD
 --   of each counter, then each one's recent-spend window ('' = none; _lib.lua
---   window_add), then its calls (0 unless its budget caps calls), or
+--   window_next), then its calls (0 unless its budget caps calls), or
 --   BACKLOG (-9, alone): more ended leases than one call returns (see _lib.lua reclaim).
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 if reclaim(ctr, lease, res, gc, tonumber(ARGV[1]), tonumber(ARGV[2])) then

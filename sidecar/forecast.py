@@ -3,7 +3,7 @@ projection reaches the limit. Pure arithmetic in integer micro-USD and whole sec
 I/O, the clock is an argument.
 
 What it reads, all kept by the charging scripts in O(1) per charge (lua/_lib.lua
-window_add): the counter's settled and held amounts, and its recent-spend window, the
+window_next): the counter's settled and held amounts, and its recent-spend window, the
 field "w:<cid>" = "k:cur:prev": k is the index of the current bucket of WINDOW_S seconds
 (Unix seconds // WINDOW_S), cur what was charged in bucket k, prev in bucket k - 1.
 

@@ -73,7 +73,9 @@ def gone(pid: int) -> bool:
 
 def used_micro(sidecar: SidecarProcess) -> int:
     status = get(f"{sidecar.url}/v1/budgets/org/status")
-    assert status["held_usd"] == 0, status
+    # The calls ran one at a time, so the lost last second may end between one authorize
+    # and its settle: that one hold (its lease returns it) and no other.
+    assert status["held_usd"] in (0, 0.01), status
     return round(status["used_usd"] * 1_000_000)
 
 
