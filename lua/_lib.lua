@@ -546,6 +546,21 @@ local function has_total_window(cid)
   return string.sub(cid, -2) == '/t'
 end
 
+-- The recent-spend windows of `cids` before a charge, with one HMGET: the values, and per
+-- counter index its place among them (nil: a period-total counter, which has no forecast
+-- and keeps no window). The caller writes them back with one HSET.
+local function read_windows(ctr, cids)
+  local names, at = {}, {}
+  for i, cid in ipairs(cids) do
+    if not has_total_window(cid) then
+      names[#names + 1] = 'w:' .. cid
+      at[i] = #names
+    end
+  end
+  if #names == 0 then return {}, at end
+  return redis.call('HMGET', ctr, unpack(names)), at
+end
+
 -- Charge `cost` to every counter of reservation record `r` (dropping its hold of the
 -- estimate first when `held`), raising the threshold alerts it crosses. Returns the
 -- counters after it ("u,h,..." for record field 10) and the overshoot: the largest, over
@@ -554,20 +569,9 @@ local function charge(ctr, r, cost, held, now)
   local est, cids, specs = tonumber(r[3]), split(r[7], ','), split(r[17] or '', ';')
   local snapshot, overshoot = {}, 0
   local cost_text, minus_est = int(cost), int(-est)  -- int: -0 prints "-0"
-  -- Every counter's recent-spend window is read with one HMGET and written with one HSET;
-  -- a period-total counter (its cid's window "t", sidecar/periods.py) has no forecast and
-  -- keeps none.
-  local windows, written, at = nil, {}, {}
-  if cost > 0 then
-    local names = {}
-    for i, cid in ipairs(cids) do
-      if not has_total_window(cid) then
-        names[#names + 1] = 'w:' .. cid
-        at[i] = #names
-      end
-    end
-    if #names > 0 then windows = redis.call('HMGET', ctr, unpack(names)) end
-  end
+  -- Every counter's recent-spend window is read with one HMGET and written with one HSET.
+  local windows, at, written = {}, {}, {}
+  if cost > 0 then windows, at = read_windows(ctr, cids) end
   for i, cid in ipairs(cids) do
     local h
     if held then
@@ -628,16 +632,17 @@ local function usd_units(micro)
   return math.ceil(micro / USD_UNIT)
 end
 
--- The stop switch: the first stop in force among `values`, what ctr holds for the call's
--- stop fields "s:<scope>:<entity>" (read with its counters), `names` their fields. Returns
--- the field and its value, or '' and ''. A value is "<stop id>|<expires ms, 0 never>|
--- <created ms>|<reason>" (lua/stops.lua writes them).
-local function active_stop(names, values, now)
-  for i, name in ipairs(names) do
-    local value = values[i]
+-- The stop switch: the first stop in force among the call's `n` stop fields, named from
+-- ARGV[first_name] on (the sidecar names them among the fields a decision reads) and read
+-- with its counters into `raw` from raw[first_value] on. Returns the field and its value,
+-- or '' and ''. A value is "<stop id>|<expires ms, 0 never>|<created ms>|<reason>"
+-- (lua/stops.lua writes them).
+local function active_stop(first_name, raw, first_value, n, now)
+  for i = 0, n - 1 do
+    local value = raw[first_value + i]
     if value then
       local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
-      if expires == 0 or expires > now then return name, value end
+      if expires == 0 or expires > now then return ARGV[first_name + i], value end
     end
   end
   return '', ''

@@ -211,11 +211,7 @@ for i = 1, nb do
 end
 
 -- The stop switch, then the loop guards.
-local stop_names, stop_values = {}, {}
-for i = 1, ns do
-  stop_names[i], stop_values[i] = ARGV[F + first_stop + i - 1], raw[first_stop + i]
-end
-local stop_field, stop_value = active_stop(stop_names, stop_values, now)
+local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
 if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value

@@ -38,19 +38,9 @@ if idem ~= '' then
   if redis.call('HSETNX', res, 'q:' .. idem, 'recorded') == 0 then status = 2 end
 end
 local out = {status}
--- The counters' recent-spend windows: one HMGET, one HSET (see window_next); none for a
--- period-total counter (as charge() in _lib.lua).
-local recent, written, at = nil, {}, {}
-if status == 1 and cost > 0 then
-  local names = {}
-  for i, cid in ipairs(cids) do
-    if not has_total_window(cid) then
-      names[#names + 1] = 'w:' .. cid
-      at[i] = #names
-    end
-  end
-  if #names > 0 then recent = redis.call('HMGET', ctr, unpack(names)) end
-end
+-- The counters' recent-spend windows: one HMGET, one HSET (see read_windows).
+local recent, at, written = {}, {}, {}
+if status == 1 and cost > 0 then recent, at = read_windows(ctr, cids) end
 for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
