@@ -150,6 +150,16 @@ AUTH_DOC: dict[str, Any] = {
         ]
     },
 }
+# Rate limits: an allowed decision carries RateLimit fields, a denied one Retry-After too.
+RATE_DOC: dict[str, Any] = {
+    **DOC,
+    "rate_limits": [
+        {"id": "rpm", "scope": "organization", "metric": "requests", "limit": 100,
+         "window": "1m"},
+        {"id": "burn", "scope": "organization", "metric": "usd", "limit": 50, "window": "1h"},
+        {"id": "tpm", "scope": "user", "metric": "tokens", "limit": 10, "window": "1m"},
+    ],
+}  # fmt: skip
 AGENT = "Authorization: Basic YWdlbnQtYTphLXBhc3M="  # agent-a:a-pass
 READER = "Authorization: Basic ZGFzaDpyLXBhc3M="  # dash:r-pass
 EXT = ("x-org-id: org-1", "x-provider: openai", "x-model: gpt-4o")
@@ -191,6 +201,12 @@ CASES: list[tuple[dict[str, Any], bytes]] = [
     (AUTH_DOC, post("/v1/authorize", AUTHORIZE, AGENT)),
     (AUTH_DOC, get("/ext_authz/v1/chat", *EXT)),
     (AUTH_DOC, get("/ext_authz/v1/chat", *EXT, AGENT)),
+    (RATE_DOC, post("/v1/authorize", AUTHORIZE)),
+    (RATE_DOC, post("/v1/check", AUTHORIZE)),
+    (RATE_DOC, post("/v1/authorize", AUTHORIZE.replace(b"{", b'{"user_id":"u1",'))),  # tpm
+    (RATE_DOC, post("/v1/check", AUTHORIZE.replace(b"{", b'{"user_id":"u1",'))),
+    (RATE_DOC, post("/v1/authorize", b'{"org_id": "org-1", "estimated_usd": 5000}')),
+    (RATE_DOC, post("/v1/authorize", AUTHORIZE, "Connection: close")),
 ]
 _VARYING = [
     (re.compile(rb"(?m)^Date: .*\r$"), b"Date: -\r"),
@@ -211,7 +227,7 @@ async def test_answers_are_byte_for_byte_aiohttps(serve: Serve, redis_client: re
     """Status line, headers (names, order, values) and body of every kind of answer on
     the hot routes, fast path against aiohttp, each from the same Redis state."""
     servers = {}
-    for doc in (DOC, AUTH_DOC):
+    for doc in (DOC, AUTH_DOC, RATE_DOC):
         servers[id(doc)] = (await serve(fast=True, doc=doc), await serve(fast=False, doc=doc))
     for doc, raw in CASES:
         fast_srv, plain_srv = servers[id(doc)]
@@ -221,8 +237,11 @@ async def test_answers_are_byte_for_byte_aiohttps(serve: Serve, redis_client: re
             (answer,) = await exchange(srv, raw, 1)
             answers.append(normalized(answer))
         assert answers[0] == answers[1], raw
-    assert fast_server(servers[id(DOC)][0]).served == len([c for c in CASES if c[0] is DOC])
-    assert fast_server(servers[id(DOC)][0]).handed_off == 0
+        if doc is RATE_DOC:  # every one of these answers has its RateLimit fields
+            assert b"\r\nRateLimit: " in answers[0], raw
+    for doc in (DOC, RATE_DOC):
+        assert fast_server(servers[id(doc)][0]).served == len([c for c in CASES if c[0] is doc])
+        assert fast_server(servers[id(doc)][0]).handed_off == 0
 
 
 async def test_one_connection_mixes_hot_and_other_routes_in_order(serve: Serve) -> None:

@@ -179,7 +179,9 @@ def guard(
             resp = answer
         return _sdk_close(request, resp)
 
-    async def whole(request: web.Request, handler: native.BodyHandler) -> web.Response | bytes:
+    async def whole(
+        request: web.Request, handler: native.BodyHandler
+    ) -> web.Response | bytes | native.Headed:
         """This middleware and a hot route's body handler in one frame, for the fast path
         (sidecar.api.fast): its requests' bodies have arrived whole, and a 200 JSON answer
         stays bytes. The same rules, in the same order, as `guard`."""
@@ -195,8 +197,8 @@ def guard(
             if problem is None:
                 raise
             answer = problem
-        if isinstance(answer, bytes):
-            return answer
+        if isinstance(answer, (bytes, native.Headed)):
+            return answer  # a /v1 route's 200: its connection stays open (closes_connection)
         return cast(web.Response, _sdk_close(request, answer))
 
     return guard, whole

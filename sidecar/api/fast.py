@@ -44,8 +44,9 @@ from sidecar.api import native, proxy
 
 log = logging.getLogger("sidecar.http")
 
-# What a hot route answers here: a response, or the body of a 200 `application/json` one.
-Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes"]]
+# What a hot route answers here: a response, or the body of a 200 `application/json` one
+# (with its own header fields: native.Headed).
+Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes | native.Headed"]]
 
 
 # The app's guard middleware and a hot route's body handler in one call (api.app.guard);
@@ -53,7 +54,7 @@ Handler = Callable[[web.Request], Awaitable["web.StreamResponse | bytes"]]
 class Whole(Protocol):
     def __call__(
         self, request: web.Request, handler: native.BodyHandler
-    ) -> Awaitable[web.Response | bytes]: ...
+    ) -> Awaitable[web.Response | bytes | native.Headed]: ...
 
 
 WHOLE: web.AppKey[Whole] = web.AppKey("fast_whole")
@@ -61,7 +62,7 @@ WHOLE: web.AppKey[Whole] = web.AppKey("fast_whole")
 # content_type="application/json") on a kept-alive connection: Content-Type, then the
 # Content-Length, Date and Server it adds (tests/test_fast_path.py compares the bytes).
 _HEAD_200_JSON = (
-    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%bContent-Length: %d\r\n"
     b"Date: %b\r\nServer: " + SERVER_SOFTWARE.encode() + b"\r\n\r\n%b"
 )
 # POST paths served here; /ext_authz and below it (any method) too.
@@ -71,6 +72,12 @@ _PREFIX = proxy.PREFIX.encode()
 _MAX_QUEUED = 32
 # Headers whose presence sends a hot request to aiohttp: it decodes, continues, upgrades.
 _HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+
+
+def _header_lines(fields: dict[str, str]) -> bytes:
+    """Header fields as they go on the wire. Their names and values are the sidecar's own
+    (limit_headers: ids that passed ID_PATTERN, numbers), never a client's text."""
+    return "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode()
 
 
 class _HandOff(Exception):
@@ -431,14 +438,15 @@ class FastProtocol(asyncio.Protocol):
         prepare = self._app.on_response_prepare
         while queue:
             request, handler = queue.popleft()
-            response: web.StreamResponse | bytes
+            response: web.StreamResponse | bytes | native.Headed
             try:
                 response = await handler(cast(web.Request, request))
             except Exception as exc:  # what aiohttp answers to an escaped exception
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
                 response = web.Response(status=500, text="500 Internal Server Error")
                 response.force_close()
-            if type(response) is bytes:
+            if isinstance(response, (bytes, native.Headed)):
+                body, own = (response, None) if isinstance(response, bytes) else response
                 transport = self._transport
                 if (
                     transport is not None
@@ -448,12 +456,15 @@ class FastProtocol(asyncio.Protocol):
                 ):
                     # The usual answer: its head built here, not by a web.Response.
                     date = rfc822_formatted_time().encode()
-                    transport.write(_HEAD_200_JSON % (len(response), date, response))
+                    fields = _header_lines(own) if own else b""
+                    transport.write(_HEAD_200_JSON % (fields, len(body), date, body))
                     if self._paused and len(queue) < _MAX_QUEUED // 2:
                         self._paused = False
                         transport.resume_reading()
                     continue
-                response = web.Response(body=response, content_type="application/json")
+                response = web.Response(body=body, content_type="application/json")
+                if own:
+                    response.headers.update(own)
             assert isinstance(response, web.StreamResponse)
             if prepare:
                 await self._app.on_response_prepare.send(cast(web.Request, request), response)
