@@ -649,18 +649,24 @@ local function active_stop(first_name, raw, first_value, n, now)
 end
 
 -- A loop guard's memory of one entity: a hash per (guard, entity), one field per
--- fingerprint, "<alerted 0|1>|<ms>,<ms>,..." (its newest calls inside the window, at most
--- `repeats`), expiring a window after the entity's newest call. At most LOOP_FIELDS
--- fingerprints per entity: a new one past that evicts one at random (a loop's own field
--- is rewritten at every repeat, so a loop is lost only if evicted between two of its
--- calls). One key per entity, not per call: thousands of distinct calls a second keep one
--- small hash per active run, read and written with one field, not parsed whole.
+-- fingerprint (a hex hash), "<alerted 0|1>|<ms>,<ms>,..." (its newest calls inside the
+-- window, at most `repeats`), and one field "~": the time (ms, the decisions' clock) up to
+-- which the key is kept. A write that finds less than a window left there keeps the key
+-- two windows more (one PEXPIRE per window of traffic, not one per call), so the key is
+-- gone one to two windows after the entity's newest call. At most LOOP_FIELDS
+-- fingerprints per entity: a new one that finds them all there first evicts LOOP_EVICT at
+-- random (one HRANDFIELD and one HDEL every LOOP_EVICT new fingerprints, not per call). A
+-- loop's own field is rewritten at every repeat, so a loop is lost only if evicted between
+-- two of its calls. One key per entity, not per call: thousands of distinct calls a
+-- second keep one small hash per active run, read and written one field at a time.
 local LOOP_FIELDS = 64
+local LOOP_EVICT = 16
 
--- The calls of `fp` from this entity inside the window ending now.
+-- The calls of `fp` from this entity inside the window ending now, and the key's "~".
 local function loop_read(key, now, window, fp)
-  local state = {times = {}, alerted = false, known = false}
-  local value = redis.call('HGET', key, fp)
+  local got = redis.call('HMGET', key, fp, '~')
+  local state = {times = {}, alerted = false, known = false, kept_until = tonumber(got[2])}
+  local value = got[1]
   if not value then return state end
   state.known = true
   state.alerted = string.sub(value, 1, 1) == '1'
@@ -679,12 +685,24 @@ local function loop_write(key, state, now, window, fp, called, alerted, repeats)
   local kept = {}
   for i = math.max(1, #times - repeats + 1), #times do kept[#kept + 1] = times[i] end
   local mark = (alerted or (state.alerted and not called)) and '1' or '0'
-  if not state.known and redis.call('HLEN', key) >= LOOP_FIELDS then
-    local victim = redis.call('HRANDFIELD', key)
-    if victim then redis.call('HDEL', key, victim) end
+  if not state.known then
+    local fingerprints = redis.call('HLEN', key) - (state.kept_until and 1 or 0)
+    if fingerprints >= LOOP_FIELDS then
+      local victims = {}
+      for _, f in ipairs(redis.call('HRANDFIELD', key, LOOP_EVICT)) do
+        if f ~= '~' then victims[#victims + 1] = f end
+      end
+      if #victims > 0 then redis.call('HDEL', key, unpack(victims)) end
+    end
   end
-  redis.call('HSET', key, fp, mark .. '|' .. table.concat(kept, ','))
-  redis.call('PEXPIRE', key, window)  -- the guard's window_ms as the sidecar wrote it
+  local value = mark .. '|' .. table.concat(kept, ',')
+  local ms = tonumber(window)
+  if state.kept_until and state.kept_until >= now + ms then
+    redis.call('HSET', key, fp, value)
+  else
+    redis.call('HSET', key, fp, value, '~', int(now + 2 * ms))
+    redis.call('PEXPIRE', key, int(2 * ms))
+  end
 end
 
 -- One guard trip on the alerts stream (sidecar/alerts.py): kind 'stop' | 'loop' |

@@ -26,8 +26,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           trips (stops, loops, call caps, velocity); read by the alerts
                           route and by the webhook deliverers' consumer groups
     bs:{T}:loop:<guard>/<entity>  hash  a loop guard's memory of one entity: per
-                          fingerprint (at most 64) "<alerted 0|1>|<ms>,<ms>,..."; expires
-                          a window after the entity's newest call
+                          fingerprint (at most 64) "<alerted 0|1>|<ms>,<ms>,...", and "~"
+                          the ms it is kept to; expires one to two windows after the
+                          entity's newest call (lua/_lib.lua loop_write)
     bs:{T}:est     hash   learned estimates (issue 19): per series "<provider>/<model>/<agent>"
                           (estimate_series) one field "count:p95:c1,c2,...:t1.t2"
                           holding the last LEARN_RING settled costs (micro-USD, oldest

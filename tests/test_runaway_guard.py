@@ -631,20 +631,53 @@ async def test_a_retry_of_a_run_call_counts_once(
     assert (second["allowed"], third["allowed"], third["reason"]) == (True, False, "calls")
 
 
+async def test_a_loop_key_is_kept_two_windows_from_its_last_push_back(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """A loop key's expiry is pushed back (two windows) only by a call that finds less than
+    a window left, so it always outlives its newest call by at least a window."""
+    client = await make_client(guard_doc(loop_guards=[SAME_PROMPT]))
+    key, window_ms = TENANT.loop("same-prompt", "r1"), 600_000
+
+    async def call(n: int) -> None:
+        body = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": f"q-{n}"}
+        assert (await post(client, "/v1/authorize", body))[1]["allowed"] is True
+
+    first = clock.now_ms()
+    await call(0)
+    assert int(redis_client.hget(key, "~")) == first + 2 * window_ms  # type: ignore[arg-type]
+    clock.advance(window_ms // 2)
+    await call(1)  # 1.5 windows left: not pushed back
+    assert int(redis_client.hget(key, "~")) == first + 2 * window_ms  # type: ignore[arg-type]
+    clock.advance(window_ms // 2 + 1)
+    await call(2)  # less than a window left: two windows from now
+    assert int(redis_client.hget(key, "~")) == clock.now_ms() + 2 * window_ms  # type: ignore[arg-type]
+    # Its TTL was set again: more than one window left (the test takes seconds, not minutes).
+    assert window_ms < redis_client.pttl(key) <= 2 * window_ms
+
+
 async def test_a_loop_guard_keeps_one_small_key_per_entity_whatever_the_traffic(
     make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
 ) -> None:
     """2,000 distinct calls of one run: one loop key for the run, holding at most 64
-    fingerprints; a repeat is still found, and its trip is alerted once."""
+    fingerprints (full, a new one evicts 16 at random: lua/_lib.lua LOOP_EVICT), kept two
+    windows from its last push back; a repeat is still found, and its trip is alerted
+    once."""
     client = await make_client(guard_doc(loop_guards=[{**SAME_PROMPT, "repeats": 2}]))
     for n in range(2000):
         body = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": f"q-{n}"}
         assert (await post(client, "/v1/authorize", body))[1]["allowed"] is True
         clock.advance(1)
     found = loop_keys(redis_client)
-    assert list(found) == [TENANT.loop("same-prompt", "r1")]
-    fields = next(iter(found.values()))
-    assert len(fields) == 64, len(fields)
+    key = TENANT.loop("same-prompt", "r1")
+    assert list(found) == [key]
+    fields = dict(found[key])
+    window_ms = 600_000
+    kept_until = int(fields.pop("~"))
+    # Pushed back at the first call (two windows), and not since: 2,000 ms < one window.
+    assert kept_until == clock.now_ms() - 2000 + 2 * window_ms
+    assert 0 < redis_client.pttl(key) <= 2 * window_ms
+    assert 64 - 16 < len(fields) <= 64, len(fields)
     assert all(v.startswith("0|") and v.count(",") == 0 for v in fields.values()), fields
     again = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q-1999"}
     assert (await post(client, "/v1/authorize", again))[1]["allowed"] is True  # 2nd
@@ -708,7 +741,9 @@ async def test_redis_frozen_mid_decision_with_guards_in_force_holds_and_counts_n
             assert sorted(memory) == sorted(
                 TENANT.loop("same-prompt", run) for run in ("r0", "r1")
             ), memory
-            (field,) = memory[TENANT.loop("same-prompt", "r1")].values()
+            fields = memory[TENANT.loop("same-prompt", "r1")]
+            fields.pop("~")
+            (field,) = fields.values()
             assert len(field.split("|")[1].split(",")) == 1, field
             # The timed-out call was one repeat: two more pass, the third is the fourth.
             allowed = [(await post(client, "/v1/authorize", body))[1]["allowed"] for _ in range(3)]
