@@ -46,15 +46,11 @@ FLOOR_LUA = (
 )
 FLOOR_CALLS = 200_000
 
-# Hook for issue 18 (runaway guard): when its config lands, set this to the YAML that adds
-# one guard of each kind (a per-run cap, a usd velocity limit, a loop guard, a stop on
-# another entity) to bench.run.CONFIG, and wrk_authorize.lua / wrk_pair.lua to the fields
-# the guards read (run_id, fingerprint). bench.run then prints the same Redis figures with
-# the guards on. Left None here on purpose: this bench does not invent guard config.
-# One guard of each kind on the bench's identity (issue 18), none of which denies: a
-# per-run cap with a call cap, a usd velocity limit, a loop guard (every request of
-# wrk_authorize_guarded.lua has its own fingerprint), and the stop switch (read on every
-# decision whether or not a stop exists).
+# What bench.run adds to its CONFIG for the same figures with the guards on (None: not
+# measured). One guard of each kind on the bench's identity (issue 18), none of which
+# denies: a per-run cap with a call cap, a usd velocity limit, a loop guard (every request
+# of wrk_authorize_guarded.lua has its own fingerprint), and the stop switch (read on
+# every decision whether or not a stop exists).
 GUARDS_CONFIG: str | None = """
   - {id: per-run, name: Each run, scope: run, period: total, limit_usd: 1000000000,
      limit_calls: 1000000000}

@@ -10,8 +10,8 @@ building blocks, measured in the same run on the same machine, printed as ratios
   authorize followed by settle, check, and authorize under 5 stacked budgets
 - Redis per operation (bench.redis_cost): main-thread CPU µs per authorize, settle, pair
   and check next to the floor (EVALSHA of 3 HINCRBY on one hash, pipelined), as ratios to
-  it, and the calls/s one primary can serve; with one guard of each kind once
-  redis_cost.GUARDS_CONFIG is set (issue 18)
+  it, and the calls/s one primary can serve; the same with one guard of each kind
+  (redis_cost.GUARDS_CONFIG, issue 18)
 - the same authorize with `--workers 2` (SO_REUSEPORT), as a ratio to one worker
 - the same authorize with `settings.fast_http: false` (aiohttp serving the hot routes too),
   as a ratio to the fast path; settles/s derived from the pair run
@@ -393,8 +393,7 @@ def main() -> None:
         limited_config.write_text(CONFIG + RATE_LIMITS)
         limited = authorize_64(server, limited_config, s)
 
-        # The same Redis figures with one guard of each kind, once issue 18 gives
-        # redis_cost.GUARDS_CONFIG its config (None until then: nothing measured).
+        # The same Redis figures with one guard of each kind (redis_cost.GUARDS_CONFIG).
         guarded = redis_cost.guarded_redis_cost(server, workdir, CONFIG, s)
     finally:
         server.cleanup()
