@@ -155,7 +155,7 @@ RATE_DOC: dict[str, Any] = {
     **DOC,
     "rate_limits": [
         {"id": "rpm", "scope": "organization", "metric": "requests", "limit": 100,
-         "window": "1m"},
+         "window": "1m", "burst": 100},
         {"id": "burn", "scope": "organization", "metric": "usd", "limit": 50, "window": "1h"},
         {"id": "tpm", "scope": "user", "metric": "tokens", "limit": 10, "window": "1m"},
     ],
@@ -277,6 +277,23 @@ async def test_pipelined_hot_requests_answer_in_order(serve: Serve) -> None:
     estimates = [float(m.group(1)) for m in found if m is not None]
     assert estimates == sorted(set(estimates)) and len(estimates) == 20
     assert fast_server(srv).served == 20
+
+
+async def test_pipelined_decisions_with_rate_limit_fields_answer_in_order(serve: Serve) -> None:
+    """Allowed and denied decisions with RateLimit fields (and plain ones), pipelined on
+    one connection: each answer framed by its own Content-Length, in order."""
+    srv = await serve(doc=RATE_DOC)
+    user = AUTHORIZE.replace(b"{", b'{"user_id":"u1",')  # its token limit denies
+    bodies = [AUTHORIZE if i % 3 else user for i in range(24)]
+    answers = await exchange(srv, b"".join(post("/v1/authorize", b) for b in bodies), 24)
+    assert [status(a) for a in answers] == [200] * 24
+    allowed = [b'"allowed":true' in a for a in answers]
+    assert allowed == [i % 3 != 0 for i in range(24)]
+    for a, ok in zip(answers, allowed, strict=True):
+        head = a.split(b"\r\n\r\n", 1)[0]
+        assert b"\r\nRateLimit-Policy: " in head
+        assert (b"\r\nRetry-After: " in head) is not ok
+    assert fast_server(srv).served == 24 and fast_server(srv).handed_off == 0
 
 
 async def test_a_body_in_a_later_read_goes_to_aiohttp(serve: Serve) -> None:
