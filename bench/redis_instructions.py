@@ -14,14 +14,22 @@ subtracted. The pair is an authorize and the settle of its reservation (tokens g
 guarded authorize and pair add one guard of each kind (bench.redis_cost.GUARDS_CONFIG),
 their calls spread over 20 runs and each with a fingerprint of its own.
 
+Then the same pair's scripts with no Lua logic: each script as Redis ran it once (read
+with MONITOR) is replaced by one that issues the same commands with the same arguments as
+literals and returns 1, called with the same keys and arguments. That is what the pair's
+Redis commands cost by themselves: the part of the figure no Lua change can remove.
+
 `make bench ARGS=--instructions` runs it (needs valgrind). Nothing here asserts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import glob
 import os
+import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -46,6 +54,8 @@ CONNECTIONS = 16
 RUNS = 20  # the guarded calls' run ids: a run makes many calls
 
 Op = Callable[[aiohttp.ClientSession, str, int], Awaitable[None]]
+# Scripts as Redis ran them: (the EVALSHA as sent, the commands the script ran).
+Captured = list[tuple[list[str], list[list[str]]]]
 
 
 class _Redis:
@@ -94,7 +104,7 @@ class _Redis:
         self.proc.wait(timeout=30)
 
 
-async def _drive(base: str, op: Op, count: int) -> None:
+async def _drive(base: str, op: Op, count: int, connections: int = CONNECTIONS) -> None:
     left = list(range(count))
     async with aiohttp.ClientSession() as session:
 
@@ -102,7 +112,7 @@ async def _drive(base: str, op: Op, count: int) -> None:
             while left:
                 await op(session, base, left.pop())
 
-        await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
+        await asyncio.gather(*(worker() for _ in range(connections)))
 
 
 async def _authorize(session: aiohttp.ClientSession, base: str, body: dict[str, Any]) -> str:
@@ -168,15 +178,89 @@ def _floor(server: _Redis, count: int) -> float:
     return server.counted() / count
 
 
+# One MONITOR line: "<time> [<db> <source>] "<arg>" "<arg>" ..." (source "lua" for the
+# commands a script ran); arguments escaped as sdscatrepr escapes them.
+_MONITOR_LINE = re.compile(r"^[0-9.]+ \[\d+ ([^\]]+)\] (.*)$")
+_MONITOR_ARG = re.compile(r'"((?:[^"\\]|\\.)*)"')
+
+
+def _unrepr(arg: str) -> str:
+    return codecs.decode(arg.encode("latin-1"), "unicode_escape")
+
+
+def _capture(server: _Redis, base: str, op: Op) -> Captured:
+    """The scripts one `op` makes Redis run, as (the EVALSHA as sent, the commands it ran),
+    read with MONITOR on a connection of its own."""
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    try:
+        sock.sendall(b"MONITOR\r\n")
+        assert sock.recv(5) == b"+OK\r\n"
+        asyncio.run(_drive(base, op, 1, connections=1))
+        server.client.ping()  # a marker: everything before it has been fed to MONITOR
+        data = b""
+        while b'"ping"' not in data and b'"PING"' not in data:
+            data += sock.recv(1 << 16)
+    finally:
+        sock.close()
+    scripts: Captured = []
+    for line in data.decode("latin-1").split("\r\n"):
+        m = _MONITOR_LINE.match(line.lstrip("+"))
+        if m is None:
+            continue
+        args = [_unrepr(a) for a in _MONITOR_ARG.findall(m.group(2))]
+        if m.group(1) == "lua":
+            if scripts:
+                scripts[-1][1].append(args)
+        elif args and args[0].lower() == "evalsha":
+            scripts.append((args, []))
+    return scripts
+
+
+def _lua_literal(text: str) -> str:
+    return (
+        '"'
+        + "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\{ord(c):03d}" for c in text)
+        + '"'
+    )
+
+
+def _commands_only(server: _Redis, scripts: Captured, count: int) -> float:
+    """Instructions per run of the captured scripts' Redis commands with no Lua logic: each
+    script replaced by one that issues its commands, with their arguments as literals, and
+    returns 1; called with the same keys and arguments (their parsing is counted)."""
+    replays = []
+    for call, commands in scripts:
+        body = "\n".join(
+            "redis.call(" + ", ".join(_lua_literal(a) for a in command) + ")"
+            for command in commands
+        )
+        replays.append((server.client.script_load(body + "\nreturn 1"), call[2:]))
+    pipe = server.client.pipeline(transaction=False)
+    server.counted()
+    for i in range(count):
+        for sha, (numkeys, *rest) in replays:
+            pipe.evalsha(sha, int(numkeys), *rest)
+        if i % 16 == 15:
+            pipe.execute()
+    pipe.execute()
+    return server.counted() / count
+
+
 @dataclass
 class Counts:
     floor: float
     per_op: dict[str, float]  # authorize, pair, check, guarded_authorize, guarded_pair
+    # The same scripts' Redis commands with no Lua logic (_commands_only): authorize,
+    # settle, pair, guarded_pair.
+    commands_only: dict[str, float]
+    commands: dict[str, int]  # how many commands those scripts ran
 
     def figures(self) -> dict[str, float]:
         out = {"redis_instructions_floor": self.floor}
         for name, value in self.per_op.items():
             out[f"redis_instructions_{name}"] = value
+        for name, value in self.commands_only.items():
+            out[f"redis_instructions_commands_only_{name}"] = value
         out["redis_instructions_settle"] = self.per_op["pair"] - self.per_op["authorize"]
         return out
 
@@ -194,6 +278,8 @@ def measure(config: str, count: int = 500) -> Counts:
     of each kind, and the floor's, all counted in one redis-server."""
     server = _Redis()
     per_op: dict[str, float] = {}
+    commands_only: dict[str, float] = {}
+    commands: dict[str, int] = {}
     try:
         floor = _floor(server, count)
         with tempfile.TemporaryDirectory() as tmp:
@@ -210,11 +296,21 @@ def measure(config: str, count: int = 500) -> Counts:
                 try:
                     for op_name, op in ops:
                         per_op[op_name] = _per_op(server, base, op, count)
+                    # An authorize's script and its settle's, as the pair ran them.
+                    scripts = _capture(server, base, pair if name == "plain" else guarded_pair)
                 finally:
                     stop(proc)
+                commands[name] = sum(len(ran) for _, ran in scripts)
+                if name == "plain":
+                    commands["authorize"] = len(scripts[0][1])
+                    commands_only["authorize"] = _commands_only(server, scripts[:1], count)
+                    commands_only["settle"] = _commands_only(server, scripts[1:], count)
+                    commands_only["pair"] = _commands_only(server, scripts, count)
+                else:
+                    commands_only["guarded_pair"] = _commands_only(server, scripts, count)
     finally:
         server.close()
-    return Counts(floor, per_op)
+    return Counts(floor, per_op, commands_only, commands)
 
 
 def report(c: Counts) -> None:
@@ -234,6 +330,12 @@ def report(c: Counts) -> None:
         f"  {'runaway guards: authorize':<34} "
         f"{c.per_op['guarded_authorize'] / c.per_op['authorize']:.2f}x the plain one's instructions"
     )
+    print("  the same scripts' Redis commands alone (no Lua logic, one-element reply):")
+    n = c.commands
+    line(f"  authorize's {n['authorize']} commands", c.commands_only["authorize"])
+    line(f"  settle's {n['plain'] - n['authorize']} commands", c.commands_only["settle"])
+    line(f"  the pair's {n['plain']} commands", c.commands_only["pair"])
+    line(f"  the guarded pair's {n['guarded']}", c.commands_only["guarded_pair"])
 
 
 if __name__ == "__main__":
