@@ -4,12 +4,17 @@ exactly on the raw Redis fields; nothing waits on a clock it does not drive."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import aiohttp
 import redis
 
 from sidecar import keys
 from tests.conftest import ClientFactory
+from tests.harness import RedisServer, sidecars
 
 TENANT = keys.tenant_keys("default")
 
@@ -23,6 +28,43 @@ def guard_doc(**sections: Any) -> dict[str, Any]:
 async def post(client: Any, path: str, body: Any) -> tuple[int, Any]:
     r = await client.post(path, json=body)
     return r.status, await r.json(content_type=None)
+
+
+PER_RUN = {"id": "per-run", "name": "Each run", "scope": "run", "period": "total",
+           "limit_usd": 100, "limit_calls": 3, "on_exceed": "block"}  # fmt: skip
+SAME_PROMPT = {"id": "same-prompt", "scope": "run", "repeats": 2, "window": "10m"}
+CID = "per-run/r1/t"
+LOOP_KEY = TENANT.loop("same-prompt", "r1")
+
+
+def ctr(rc: redis.Redis) -> dict[str, str]:
+    """The tenant's counters and limiters, without alert marks (not amounts)."""
+    raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    return {k: v for k, v in raw.items() if not k.startswith(("a:", "x:"))}
+
+
+def repeats_of(rc: redis.Redis, key: str = LOOP_KEY) -> dict[str, int]:
+    """Each fingerprint hash of one loop key -> how many of its calls the guard counts."""
+    found: dict[str, str] = rc.hgetall(key)  # type: ignore[assignment]
+    return {f: len(v[2:].split(",")) for f, v in found.items()}
+
+
+def replay_state(rc: redis.Redis) -> tuple[dict[str, str], dict[str, int]]:
+    return ctr(rc), repeats_of(rc)
+
+
+async def fan_out(
+    urls: list[str], path: str, bodies: list[dict[str, Any]]
+) -> list[tuple[int, dict[str, Any]]]:
+    """POST every body at once, the i-th to urls[i % len(urls)]."""
+    async with aiohttp.ClientSession() as session:
+
+        async def one(i: int, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            async with session.post(urls[i % len(urls)] + path, json=body) as r:
+                answer: dict[str, Any] = await r.json(content_type=None)
+                return r.status, answer
+
+        return list(await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies))))
 
 
 # ---- the stop switch where nothing applies per run ----------------------------------------
@@ -61,3 +103,191 @@ async def test_a_run_stop_binds_its_own_run_when_no_guard_is_per_run(
     # Only the calls that passed hold anything: 3 x $0.01 on the agent's day.
     held = [int(v) for k, v in redis_client.hgetall(TENANT.counters).items() if k.startswith("h:")]
     assert held == [30_000], held
+
+
+# ---- replays -------------------------------------------------------------------------------
+
+
+def test_a_replay_is_one_call_and_one_repeat_on_either_sidecar_at_any_time(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """Ten copies of one idempotent call (same key, same body) at once across two sidecar
+    processes: one call of the run and one repeat of its prompt, every answer the same
+    reservation. After it is settled, a retry is a 409 that changes nothing; the same key
+    with another run or fingerprint is a 409 that changes nothing; after a release too."""
+    path = write_config(guard_doc(budgets=[PER_RUN], loop_guards=[SAME_PROMPT]))
+    call = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q", "lease_ms": 60_000,
+            "idempotency_key": "r1:step-1"}  # fmt: skip
+    with sidecars(redis_server.url, str(path), 2) as procs:
+        urls = [p.url for p in procs]
+        answers = asyncio.run(fan_out(urls, "/v1/authorize", [call] * 10))
+        assert [s for s, _ in answers] == [200] * 10, answers
+        assert sorted(d["replayed"] for _, d in answers) == [False] + [True] * 9
+        rid = answers[0][1]["reservation_id"]
+        assert {d["reservation_id"] for _, d in answers} == {rid}
+        assert redis_client.hget(TENANT.counters, f"c:{CID}") == "1"
+        assert redis_client.hget(TENANT.counters, f"h:{CID}") == "10000"
+        assert list(repeats_of(redis_client).values()) == [1]
+
+        def problem(i: int, body: dict[str, Any]) -> None:
+            before = replay_state(redis_client)
+            ((status, p),) = asyncio.run(fan_out([urls[i]], "/v1/authorize", [body]))
+            assert (status, p["field"]) == (409, "idempotency_key"), (body, p)
+            assert replay_state(redis_client) == before, body
+
+        # Another run or another prompt under the same key: a conflict, nothing counted.
+        problem(0, {**call, "run_id": "r2"})
+        problem(1, {**call, "fingerprint": "q2"})
+        ((status, settled),) = asyncio.run(
+            fan_out([urls[1]], "/v1/settle", [{"reservation_id": rid, "cost_usd": 0.01}])
+        )
+        assert status == 200, settled
+        assert redis_client.hget(TENANT.counters, f"u:{CID}") == "10000"
+        # The retry after the settle, on either sidecar, concurrently: nothing counted.
+        before = replay_state(redis_client)
+        late = asyncio.run(fan_out(urls, "/v1/authorize", [call] * 6))
+        assert [s for s, _ in late] == [409] * 6, late
+        assert replay_state(redis_client) == before
+        # The run's second call of the same prompt (a new key) is its second repeat and
+        # passes; the third is denied: the ten copies were one repeat.
+        second = {**call, "idempotency_key": "r1:step-2"}
+        ((_, d2),) = asyncio.run(fan_out([urls[0]], "/v1/authorize", [second]))
+        assert d2["allowed"] is True, d2
+        ((_, d3),) = asyncio.run(
+            fan_out([urls[1]], "/v1/authorize", [{**call, "idempotency_key": "r1:step-3"}])
+        )
+        assert (d3["allowed"], d3["reason"]) == (False, "loop"), d3
+        assert redis_client.hget(TENANT.counters, f"c:{CID}") == "2"
+        # A released call gives its call back; its retries afterwards count nothing.
+        other = {**call, "fingerprint": "other", "idempotency_key": "r1:step-4"}
+        ((_, d4),) = asyncio.run(fan_out([urls[0]], "/v1/authorize", [other]))
+        assert d4["allowed"] is True and redis_client.hget(TENANT.counters, f"c:{CID}") == "3"
+        ((status, _),) = asyncio.run(
+            fan_out([urls[1]], "/v1/release", [{"reservation_id": d4["reservation_id"]}])
+        )
+        assert status == 200
+        assert redis_client.hget(TENANT.counters, f"c:{CID}") == "2"
+        before = replay_state(redis_client)
+        late = asyncio.run(fan_out(urls, "/v1/authorize", [other] * 4))
+        assert [s for s, _ in late] == [409] * 4, late
+        assert replay_state(redis_client) == before
+        assert sorted(repeats_of(redis_client).values()) == [1, 2]
+
+
+# ---- two sidecars racing --------------------------------------------------------------------
+
+
+def test_exact_repeats_and_calls_under_concurrent_calls_over_two_sidecars(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """60 concurrent identical calls of one run with repeats 3: exactly 3 pass; 100
+    concurrent calls of another run with limit_calls 5: exactly 5 pass; the raw counters
+    hold exactly those calls."""
+    budget = {**PER_RUN, "limit_calls": 5}
+    loop = {**SAME_PROMPT, "repeats": 3}
+    path = write_config(guard_doc(budgets=[budget], loop_guards=[loop]))
+    with sidecars(redis_server.url, str(path), 2) as procs:
+        urls = [p.url for p in procs]
+        same = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q", "lease_ms": 60_000}
+        looped = asyncio.run(fan_out(urls, "/v1/authorize", [same] * 60))
+        many = {"run_id": "r2", "estimated_usd": 0.01, "lease_ms": 60_000}
+        capped = asyncio.run(fan_out(urls, "/v1/authorize", [many] * 100))
+    assert [s for s, _ in looped + capped] == [200] * 160
+    assert sum(d["allowed"] for _, d in looped) == 3
+    assert {d["reason"] for _, d in looped if not d["allowed"]} == {"loop"}
+    assert list(repeats_of(redis_client).values()) == [3]
+    assert redis_client.hget(TENANT.counters, f"c:{CID}") == "3"
+    assert redis_client.hget(TENANT.counters, f"h:{CID}") == "30000"
+    assert sum(d["allowed"] for _, d in capped) == 5
+    assert {d["reason"] for _, d in capped if not d["allowed"]} == {"calls"}
+    assert redis_client.hget(TENANT.counters, "c:per-run/r2/t") == "5"
+    assert redis_client.hget(TENANT.counters, "h:per-run/r2/t") == "50000"
+    held = [v for v in redis_client.hvals(TENANT.reservations) if v.startswith("H|")]
+    assert len(held) == 8
+
+
+def test_every_call_sent_after_a_stop_is_made_is_denied_on_both_sidecars(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """50 callers keep calling for one agent across two sidecars while the stop is made on
+    one of them: every call sent after the 201 came back is denied, and exactly the calls
+    that passed hold their dollars."""
+    path = write_config(guard_doc())
+    with sidecars(redis_server.url, str(path), 2) as procs:
+        urls = [p.url for p in procs]
+
+        async def run() -> list[tuple[bool, dict[str, Any]]]:
+            made = asyncio.Event()
+            out: list[tuple[bool, dict[str, Any]]] = []
+            body = {"agent_id": "a1", "estimated_usd": 0.01, "lease_ms": 60_000}
+            async with aiohttp.ClientSession() as session:
+
+                async def caller(i: int) -> None:
+                    for _ in range(12):
+                        after = made.is_set()  # read before the call is sent
+                        async with session.post(urls[i % 2] + "/v1/authorize", json=body) as r:
+                            assert r.status == 200
+                            out.append((after, await r.json()))
+
+                async def stopper() -> None:
+                    while len(out) < 100:  # the stop lands mid-load
+                        await asyncio.sleep(0.005)
+                    stop = {"scope": "agent", "scope_id": "a1", "reason": "halt"}
+                    async with session.post(urls[0] + "/v1/stops", json=stop) as r:
+                        assert r.status == 201, await r.text()
+                    made.set()
+
+                await asyncio.gather(stopper(), *(caller(i) for i in range(50)))
+            return out
+
+        results = asyncio.run(run())
+    assert len(results) == 600
+    late = [d for after, d in results if after]
+    assert late, "no call was sent after the stop"
+    assert all((d["allowed"], d["reason"]) == (False, "stop") for d in late), late
+    allowed = sum(d["allowed"] for _, d in results)
+    assert allowed >= 100
+    held = [v for v in redis_client.hvals(TENANT.reservations) if v.startswith("H|")]
+    assert len(held) == allowed
+
+
+# ---- separators and odd bytes in what a call names ------------------------------------------
+
+
+async def raw_ext_authz(port: int, headers: list[tuple[bytes, bytes]]) -> int:
+    """The status of one /ext_authz request written byte for byte (a header value that is
+    not UTF-8 cannot be sent through an HTTP client library)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        lines = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        writer.write(b"POST /ext_authz/v1/chat HTTP/1.1\r\nHost: t\r\n" + lines
+                     + b"Content-Length: 0\r\nConnection: close\r\n\r\n")  # fmt: skip
+        await writer.drain()
+        status_line = await reader.readline()
+        return int(status_line.split()[1])
+    finally:
+        writer.close()
+        await writer.wait_closed()
+
+
+async def test_a_fingerprint_header_that_is_not_utf8_is_a_fingerprint_like_any_other(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """aiohttp hands a header's invalid UTF-8 bytes over as lone surrogates; hashing them
+    must neither fail (it was a 500) nor merge two different byte strings: the same bytes
+    are a loop, other bytes another call, and the run's counters count exactly the calls
+    that passed."""
+    client = await make_client(guard_doc(budgets=[PER_RUN], loop_guards=[SAME_PROMPT]))
+    port = client.server.port
+    assert port is not None
+
+    def call(fp: bytes) -> list[tuple[bytes, bytes]]:
+        return [(b"x-run-id", b"r1"), (b"x-budget-estimate-usd", b"0.01"),
+                (b"x-budget-fingerprint", fp)]  # fmt: skip
+
+    statuses = [await raw_ext_authz(port, call(b"q\xff\xfe")) for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    assert await raw_ext_authz(port, call(b"q\xff\xfd")) == 200
+    assert redis_client.hget(TENANT.counters, f"c:{CID}") == "3"
+    assert redis_client.hget(TENANT.counters, f"h:{CID}") == "30000"
+    assert sorted(repeats_of(redis_client).values()) == [1, 2]
