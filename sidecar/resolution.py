@@ -382,6 +382,14 @@ def read_fields(
     return tuple(out)
 
 
+def record_slot(a: Applied) -> str | int:
+    """record.lua's second slot of a budget: a period-total counter's idle ms (a charge
+    by record pushes its collection on, as an authorize does), else forecast_window."""
+    if a.budget.period is Period.TOTAL:
+        return a.budget.idle_ms
+    return forecast_window(a)
+
+
 def forecast_window(a: Applied) -> str:
     """The scripts' forecast-alert slot of a budget: its period window "start_ms:end_ms",
     or '' when it asks for no forecast alert (lua/_lib.lua forecast_suffix)."""

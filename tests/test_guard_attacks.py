@@ -13,6 +13,8 @@ import aiohttp
 import redis
 
 from sidecar import keys
+from sidecar.api.app import SWEEPER
+from sidecar.clock import FakeClock
 from tests.conftest import ClientFactory
 from tests.harness import RedisServer, sidecars
 
@@ -291,3 +293,27 @@ async def test_a_fingerprint_header_that_is_not_utf8_is_a_fingerprint_like_any_o
     assert redis_client.hget(TENANT.counters, f"c:{CID}") == "3"
     assert redis_client.hget(TENANT.counters, f"h:{CID}") == "30000"
     assert sorted(repeats_of(redis_client).values()) == [1, 2]
+
+
+# ---- thousands ending together ----------------------------------------------------------------
+
+
+async def test_a_run_counter_charged_only_by_record_goes_its_idle_time_after(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """A run whose spend is only reported after the fact (/v1/record, no authorize) has a
+    period-total counter too; it must go its idle time after its last charge like one an
+    authorize made, not stay in Redis for ever."""
+    client = await make_client(guard_doc(budgets=[{**PER_RUN, "idle": "1h"}]))
+    status, recorded = await post(client, "/v1/record", {"run_id": "r1", "cost_usd": 0.01})
+    assert status == 200, recorded
+    assert redis_client.hget(TENANT.counters, f"u:{CID}") == "10000"
+    clock.advance(3_599_999)  # a second charge pushes the idle time on
+    await post(client, "/v1/record", {"run_id": "r1", "cost_usd": 0.01})
+    clock.advance(3_599_999)
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    assert redis_client.hget(TENANT.counters, f"u:{CID}") == "20000"
+    clock.advance(1)
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    assert [f for f in redis_client.hkeys(TENANT.counters) if CID in f] == []
+    assert redis_client.zcard(TENANT.gc) == 0
