@@ -111,6 +111,13 @@ if wfirst + nb > 0 then raw = redis.call('HMGET', ctr, unpack(ARGV, F, F + wfirs
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
 -- A budget's cid, from its "u:<cid>" field.
 local function cid_of(b) return string.sub(ARGV[F + 2 * (b - 1)], 3) end
+do
+  local ic = first_calls
+  for b = 1, nb do
+    if caps[b] then ic = ic + 1 end
+    if idles[b] then idle_over(ctr, gc, cid_of(b), now, raw, b, caps[b] and ic, true) end
+  end
+end
 
 if idem ~= '' then
   local prior = redis.call('HGET', res, 'k:' .. idem)

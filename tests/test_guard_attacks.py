@@ -317,3 +317,51 @@ async def test_a_run_counter_charged_only_by_record_goes_its_idle_time_after(
     await client.server.app[SWEEPER].sweep_until_done("default")
     assert [f for f in redis_client.hkeys(TENANT.counters) if CID in f] == []
     assert redis_client.zcard(TENANT.gc) == 0
+
+
+async def test_3000_run_counters_idle_at_once_are_collected_and_runs_start_fresh(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """3,000 runs make their one call (limit_calls 1) at the same instant, so their
+    counters all reach their idle time together. Then every decision still answers (no
+    error, no backlog answer), a run that calls again after its idle time starts from zero
+    whether or not the bounded collection has reached its counter yet, and the sweep
+    collects every one of them in bounded batches."""
+    client = await make_client(guard_doc(budgets=[{**PER_RUN, "limit_calls": 1, "idle": "1h"}]))
+    runs = [f"r{i}" for i in range(3000)]
+    for at in range(0, len(runs), 100):
+        batch = runs[at : at + 100]
+        made = await asyncio.gather(*(
+            post(client, "/v1/authorize", {"run_id": r, "estimated_usd": 0.01}) for r in batch
+        ))  # fmt: skip
+        assert all(s == 200 and d["allowed"] for s, d in made), made
+        settled = await asyncio.gather(*(
+            post(client, "/v1/settle", {"reservation_id": d["reservation_id"], "cost_usd": 0.01})
+            for _, d in made
+        ))  # fmt: skip
+        assert all(s == 200 for s, _ in settled), settled
+    assert redis_client.zcount(TENANT.gc, "-inf", "+inf") == 3000 + 3000  # counters + records
+    clock.advance(3_600_000)
+    # The runs the bounded collection would reach last (gc members in order) call again.
+    late = sorted(runs, key=lambda r: f"c:per-run/{r}/t")[-20:]
+    # Before any decision collects anything: check and the status route read it as none.
+    _, checked = await post(client, "/v1/check", {"run_id": late[-1], "estimated_usd": 0.01})
+    assert (checked["allowed"], checked["budgets"][0]["calls"]) == (True, 0), checked
+    r = await client.get(f"/v1/budgets/per-run/status?scope_id={late[-1]}")
+    status_of = await r.json()
+    assert (status_of["calls"], status_of["used_usd"]) == (0, 0.0), status_of
+    for r in late:
+        status, d = await post(client, "/v1/authorize", {"run_id": r, "estimated_usd": 0.01})
+        assert (status, d["allowed"]) == (200, True), (r, d)
+        assert d["budgets"][0]["calls"] == 1, (r, d)  # its old call no longer counts
+        assert redis_client.hget(TENANT.counters, f"c:per-run/{r}/t") == "1"
+        assert redis_client.hget(TENANT.counters, f"u:per-run/{r}/t") is None
+    sweeper = client.server.app[SWEEPER]
+    calls = await sweeper.sweep_until_done("default")
+    assert calls > 1  # bounded batches, not one call over everything
+    left = {f.split("/")[1] for f in redis_client.hkeys(TENANT.counters)}
+    assert left == set(late), left
+    assert sorted(redis_client.zrange(TENANT.gc, 0, -1)) == sorted(
+        f"c:per-run/{r}/t" for r in late
+    )  # only the new counters wait, their calls still held
+    assert redis_client.zcard(TENANT.leases) == len(late)
