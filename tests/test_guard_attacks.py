@@ -5,18 +5,22 @@ exactly on the raw Redis fields; nothing waits on a clock it does not drive."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import redis
+from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar import keys
-from sidecar.api.app import SWEEPER
+from sidecar.api.app import SWEEPER, create_app
 from sidecar.clock import FakeClock
-from tests.conftest import ClientFactory
-from tests.harness import RedisServer, sidecars
+from sidecar.store import RedisStore
+from tests.conftest import ClientFactory, make_config
+from tests.harness import RedisServer, sidecars, wait_until
 
 TENANT = keys.tenant_keys("default")
 
@@ -365,3 +369,159 @@ async def test_3000_run_counters_idle_at_once_are_collected_and_runs_start_fresh
         f"c:per-run/{r}/t" for r in late
     )  # only the new counters wait, their calls still held
     assert redis_client.zcard(TENANT.leases) == len(late)
+
+
+async def test_2000_stops_ending_together_let_their_entities_pass_and_are_listed_no_more(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """2,000 stops with the same ttl: when it ends every entity passes again at once, no
+    list shows any of them, and the bounded collections (the lists' and the sweep's)
+    remove both their records and their mirrors in the counters."""
+    budget = {"id": "agent-day", "name": "Agent day", "scope": "agent", "period": "daily",
+              "limit_usd": 1}  # fmt: skip
+    client = await make_client(guard_doc(budgets=[budget]))
+    agents = [f"a{i}" for i in range(2000)]
+
+    async def each(path: str, body: Callable[[str], dict[str, Any]]) -> list[tuple[int, Any]]:
+        out: list[tuple[int, Any]] = []
+        for at in range(0, len(agents), 100):
+            out += await asyncio.gather(
+                *(post(client, path, body(a)) for a in agents[at : at + 100])
+            )
+        return out
+
+    stop = {"scope": "agent", "reason": "cool down", "ttl_s": 60}
+    made = await each("/v1/stops", lambda a: {**stop, "scope_id": a})
+    assert all(status == 201 for status, _ in made), made
+    call = {"estimated_usd": 0.01}
+    denied = await each("/v1/authorize", lambda a: {**call, "agent_id": a})
+    assert {(d["allowed"], d["reason"]) for _, d in denied} == {(False, "stop")}
+    listed = await (await client.get("/v1/stops")).json()
+    assert len(listed["stops"]) == 2000
+    clock.advance(60_000)
+    assert await (await client.get("/v1/stops")).json() == {"stops": []}
+    passed = await each("/v1/authorize", lambda a: {**call, "agent_id": a})
+    assert all(status == 200 and d["allowed"] for status, d in passed), passed
+    held = [k for k, v in redis_client.hgetall(TENANT.counters).items() if k.startswith("h:")]
+    assert len(held) == 2000  # each agent's one call, none of the stopped ones
+    # Twice: the first may finish a walk begun before the stops were made (HSCAN promises
+    # only what existed for a whole walk); the second walks them all.
+    for _ in range(2):
+        await client.server.app[SWEEPER].sweep_until_done("default")
+    assert [f for f in redis_client.hkeys(TENANT.counters) if f.startswith("s:")] == []
+    for _ in range(20):  # each list collects at most 100 ended stops
+        assert await (await client.get("/v1/stops")).json() == {"stops": []}
+    assert redis_client.hlen(TENANT.stops) == 0
+
+
+# ---- faults ------------------------------------------------------------------------------
+
+
+def quiet(rc: redis.Redis) -> bool:
+    """Every client's input is read and run: nothing sent before is still waiting."""
+    clients: list[dict[str, Any]] = rc.client_list()  # type: ignore[assignment]
+    return all(int(c.get("qbuf", 0)) == 0 for c in clients if c.get("cmd") != "client|list")
+
+
+async def test_redis_frozen_while_a_stop_is_made_never_leaves_a_stop_that_denies_unlisted(
+    clock: FakeClock,
+) -> None:
+    """Redis is paused (SIGSTOP) while POST /v1/stops waits for it: the caller gets a 503.
+    Redis then runs and may still make the stop it had received. Whichever happened, the
+    stop denies exactly when it is listed (never a stop in force that no list shows), and
+    a stop made after recovery is made, listed and denies."""
+    server = RedisServer().start()
+    client = None
+    rc = server.client()
+    try:
+        store = RedisStore.from_url(server.url, timeout_ms=50)
+        client = TestClient(TestServer(create_app(make_config(guard_doc()), store, clock=clock)))
+        await client.start_server()
+        call = {"agent_id": "a1", "estimated_usd": 0.01}
+        assert (await post(client, "/v1/authorize", call))[1]["allowed"] is True  # scripts loaded
+        assert (await post(client, "/v1/stops", {"scope": "agent", "scope_id": "a0",
+                                                 "reason": "warm"}))[0] == 201  # fmt: skip
+        assert server.process is not None
+        os.kill(server.process.pid, signal.SIGSTOP)
+        try:
+            status, problem = await post(
+                client, "/v1/stops", {"scope": "agent", "scope_id": "a1", "reason": "frozen"}
+            )
+        finally:
+            os.kill(server.process.pid, signal.SIGCONT)
+        assert status == 503, problem
+        wait_until(lambda: quiet(rc), what="Redis to run what it had received")
+        listed = await (await client.get("/v1/stops")).json()
+        listed_a1 = [s for s in listed["stops"] if s["scope_id"] == "a1"]
+        _, d = await post(client, "/v1/authorize", call)
+        assert (d["reason"] == "stop") == bool(listed_a1), (d, listed)
+        assert d["allowed"] is (not listed_a1)
+        # Recovered: a new stop is made, listed and denies.
+        status, made = await post(
+            client, "/v1/stops", {"scope": "agent", "scope_id": "a1", "reason": "again"}
+        )
+        assert status == 201, made
+        listed = await (await client.get("/v1/stops")).json()
+        assert [s["id"] for s in listed["stops"] if s["scope_id"] == "a1"] == [made["id"]]
+        _, d = await post(client, "/v1/authorize", call)
+        assert (d["allowed"], d["stop"]["stop_id"]) == (False, made["id"]), d
+    finally:
+        rc.close()
+        if client is not None:
+            await client.close()
+        server.cleanup()
+
+
+def test_a_sidecar_killed_mid_load_leaves_exact_counters_for_the_other(
+    redis_server: RedisServer, redis_client: redis.Redis, write_config: Callable[..., Path]
+) -> None:
+    """Two sidecars take 200 concurrent calls of one run (limit_calls 40, a loop guard on
+    each call's prompt); one is killed with SIGKILL with calls in flight. Whatever it had
+    sent Redis ran whole or not at all: the run's call count and held dollars equal exactly
+    the holds recorded, never more than the cap; the survivor releases every one of them
+    and the counters are back to nothing."""
+    budget = {**PER_RUN, "limit_calls": 40}
+    path = write_config(guard_doc(budgets=[budget], loop_guards=[SAME_PROMPT]))
+    with sidecars(redis_server.url, str(path), 2) as (victim, survivor):
+
+        async def run() -> list[tuple[int, Any]]:
+            answered: list[tuple[int, Any]] = []
+            async with aiohttp.ClientSession() as session:
+
+                async def one(i: int) -> None:
+                    proc = victim if i % 2 else survivor
+                    body = {"run_id": "r1", "estimated_usd": 0.01, "lease_ms": 600_000,
+                            "fingerprint": f"q{i % 60}"}  # fmt: skip
+                    try:
+                        async with session.post(proc.url + "/v1/authorize", json=body) as r:
+                            answered.append((r.status, await r.json()))
+                    except aiohttp.ClientError:
+                        answered.append((0, None))  # the killed one's: its answer is lost
+
+                async def killer() -> None:
+                    while len(answered) < 30:  # the kill lands with calls in flight
+                        await asyncio.sleep(0.001)
+                    assert victim.process is not None
+                    victim.process.kill()  # SIGKILL, by its pid
+
+                await asyncio.gather(killer(), *(one(i) for i in range(200)))
+            return answered
+
+        answers = asyncio.run(run())
+        seen = [d for status, d in answers if status == 200]
+        assert len(seen) >= 100  # the survivor answered all of its own
+        assert len(seen) < 200, "the kill came after every call was answered"
+        records = redis_client.hgetall(TENANT.reservations)
+        holds = [rid for rid, v in records.items() if v.startswith("H|")]
+        calls = int(redis_client.hget(TENANT.counters, f"c:{CID}") or 0)
+        assert calls == len(holds) <= 40
+        assert int(redis_client.hget(TENANT.counters, f"h:{CID}") or 0) == 10_000 * calls
+        assert sum(d["allowed"] for d in seen) <= calls
+        # Each fingerprint's repeats: exactly its holds (the 60 prompts, 2 repeats each).
+        assert sum(repeats_of(redis_client).values()) == calls
+        for rid in holds:
+            status, _ = asyncio.run(fan_out([survivor.url], "/v1/release",
+                                            [{"reservation_id": rid}]))[0]  # fmt: skip
+            assert status == 200
+    assert redis_client.hget(TENANT.counters, f"c:{CID}") is None
+    assert redis_client.hget(TENANT.counters, f"h:{CID}") is None
