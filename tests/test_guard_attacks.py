@@ -525,3 +525,33 @@ def test_a_sidecar_killed_mid_load_leaves_exact_counters_for_the_other(
             assert status == 200
     assert redis_client.hget(TENANT.counters, f"c:{CID}") is None
     assert redis_client.hget(TENANT.counters, f"h:{CID}") is None
+
+
+async def test_a_retry_sent_after_a_stop_is_denied_and_counts_nothing(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A retry of a held call (same key, same body) sent after its run was stopped is a call
+    sent after the stop: denied with the stop, nothing counted; once the stop is lifted the
+    same retry is the replay of the reservation still held."""
+    client = await make_client(guard_doc(budgets=[PER_RUN], loop_guards=[SAME_PROMPT]))
+    call = {"run_id": "r1", "estimated_usd": 0.01, "fingerprint": "q", "idempotency_key": "k1"}
+    _, first = await post(client, "/v1/authorize", call)
+    assert first["allowed"] is True, first
+    status, made = await post(
+        client, "/v1/stops", {"scope": "run", "scope_id": "r1", "reason": "halt"}
+    )
+    assert status == 201, made
+    before = replay_state(redis_client)
+    checked = {k: v for k, v in call.items() if k != "idempotency_key"}  # check takes none
+    for path, body in (("/v1/authorize", call), ("/v1/check", checked)):
+        status, d = await post(client, path, body)
+        assert (status, d["allowed"], d["reason"]) == (200, False, "stop"), (path, d)
+        assert d["stop"]["stop_id"] == made["id"]
+    assert replay_state(redis_client) == before
+    r = await client.delete(f"/v1/stops/{made['id']}")
+    assert r.status == 204
+    _, again = await post(client, "/v1/authorize", call)
+    assert (again["replayed"], again["reservation_id"]) == (True, first["reservation_id"]), again
+    counters, repeats = before
+    assert replay_state(redis_client) == ({k: v for k, v in counters.items()
+                                           if not k.startswith("s:")}, repeats)  # fmt: skip
