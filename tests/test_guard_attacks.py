@@ -555,3 +555,51 @@ async def test_a_retry_sent_after_a_stop_is_denied_and_counts_nothing(
     counters, repeats = before
     assert replay_state(redis_client) == ({k: v for k, v in counters.items()
                                            if not k.startswith("s:")}, repeats)  # fmt: skip
+
+
+# ---- boundary values on the stops API ---------------------------------------------------------
+
+
+async def test_stops_edge_values_are_400_naming_the_field_and_unknown_ids_404(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """What test_stops.py's table leaves out: ttl beyond int64 milliseconds, a bool, a
+    float with no fraction; ids with separators or non-ASCII; a huge reason; and lifts of
+    ids that are unknown or not ids at all. Each bad one is a 400 problem naming its field
+    (or a 404 for a lift), and Redis is left exactly as it was."""
+    client = await make_client(guard_doc(budgets=[PER_RUN]))
+    status, kept = await post(client, "/v1/stops", {"scope": "run", "scope_id": "keep",
+                                                    "reason": "kept"})  # fmt: skip
+    assert status == 201, kept
+    ok = {"scope": "run", "scope_id": "r1", "reason": "x"}
+    bad: list[tuple[str, dict[str, Any]]] = [
+        ("ttl_s", {**ok, "ttl_s": 10**20}),
+        ("ttl_s", {**ok, "ttl_s": 2**63}),
+        ("ttl_s", {**ok, "ttl_s": True}),
+        ("ttl_s", {**ok, "ttl_s": 60.0}),
+        ("ttl_s", {**ok, "ttl_s": "1e3"}),
+        ("scope", {**ok, "scope": "run "}),
+        ("scope", {**ok, "scope": "runs"}),
+        *(("scope_id", {**ok, "scope_id": v}) for v in ("r/1", "r:1", "r|1", "r\x1f1", "rün",
+                                                        "r 1", "", "r" * 129, "%", "#x")),
+        ("reason", {**ok, "reason": "x" * 10_000}),
+        ("reason", {**ok, "reason": "a\r\nX-Forged: 1"}),
+        ("reason", {**ok, "reason": "tab\there"}),
+    ]  # fmt: skip
+    before = {k: redis_client.dump(k) for k in redis_client.keys("*")}
+    for field, body in bad:
+        r = await client.post("/v1/stops", json=body)
+        problem = await r.json(content_type=None)
+        assert (r.status, r.content_type) == (400, "application/problem+json"), (body, problem)
+        assert problem["field"] == field, (body, problem)
+    r = await client.post("/v1/stops", json={**ok, "reason": "x" * 100_000})
+    assert (r.status, (await r.json(content_type=None))["field"]) == (413, "body")
+    for stop_id in ("stop_0000000000000000", "x" * 2000, "stop_%23" + kept["id"], "%23",
+                    kept["id"] + "x", kept["id"].upper()):  # fmt: skip
+        r = await client.delete(f"/v1/stops/{stop_id}")
+        assert (r.status, r.content_type) == (404, "application/problem+json"), stop_id
+        r = await client.get(f"/v1/stops/{stop_id}")
+        assert r.status == 404, stop_id
+    assert {k: redis_client.dump(k) for k in redis_client.keys("*")} == before
+    _, d = await post(client, "/v1/authorize", {"run_id": "keep", "estimated_usd": 0.01})
+    assert d["reason"] == "stop"
