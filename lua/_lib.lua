@@ -546,6 +546,26 @@ local function has_total_window(cid)
   return string.sub(cid, -2) == '/t'
 end
 
+-- A period-total counter past its idle time is over even where collect's bounded batches
+-- have not reached it yet (thousands of runs can fall due in one millisecond; a run that
+-- calls again after its idle time must start from zero whatever the backlog): when the
+-- counter of budget `b` (fields read into `raw` by the decision: u at 2b-1, h at 2b, its
+-- call count at `ic`, nil without a cap) exists, holds nothing and its gc time ('c:<cid>')
+-- is at or before now, its figures in `raw` are blanked and, when `collect_now`, it goes
+-- as collect() would delete it. One ZSCORE per such counter, none for the others.
+local function idle_over(ctr, gc, cid, now, raw, b, ic, collect_now)
+  if not has_total_window(cid) or raw[2 * b] then return end
+  if not (raw[2 * b - 1] or (ic and raw[ic])) then return end
+  local due = tonumber(redis.call('ZSCORE', gc, 'c:' .. cid))
+  if not due or due > now then return end
+  raw[2 * b - 1] = false
+  if ic then raw[ic] = false end
+  if collect_now then
+    redis.call('HDEL', ctr, 'u:' .. cid, 'a:' .. cid, 'c:' .. cid)
+    redis.call('ZREM', gc, 'c:' .. cid)
+  end
+end
+
 -- The recent-spend windows of `cids` before a charge, with one HMGET: the values, and per
 -- counter index its place among them (nil: a period-total counter, which has no forecast
 -- and keeps no window). The caller writes them back with one HSET.

@@ -64,8 +64,9 @@
 --   guard's trip; 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
 --   the same request and still held, returned as it is (counters as they are now, no rate
---   figures, nor anything after them) and marked claimed so that no cancel releases it; 3: this reservation id was
---   cancelled before this call ran (see release.lua); 4: the key was made by a different
+--   figures, nor anything after them) and marked claimed so that no cancel releases it (a
+--   retry while a stop of the call's entities is in force is a 0 instead, like any call);
+--   3: this reservation id was cancelled before this call ran (see release.lua); 4: the key was made by a different
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
 --   u, h: settled and held micro-USD of each budget counter before this call.
@@ -111,6 +112,17 @@ if wfirst + nb > 0 then raw = redis.call('HMGET', ctr, unpack(ARGV, F, F + wfirs
 if #rates > 0 then rnow = limiter_now(ARGV[12]) end
 -- A budget's cid, from its "u:<cid>" field.
 local function cid_of(b) return string.sub(ARGV[F + 2 * (b - 1)], 3) end
+do
+  local ic = first_calls
+  for b = 1, nb do
+    if caps[b] then ic = ic + 1 end
+    if idles[b] then idle_over(ctr, gc, cid_of(b), now, raw, b, caps[b] and ic, true) end
+  end
+end
+
+-- The stop switch, read before the idempotency key: a retry sent after a stop is a call
+-- sent after it, denied below like any other.
+local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
 
 if idem ~= '' then
   local prior = redis.call('HGET', res, 'k:' .. idem)
@@ -120,14 +132,16 @@ if idem ~= '' then
     local r = parse_record(rec)
     if (r[18] or '') ~= fingerprint then return done({4, prior, r[1], 0}) end
     if r[1] ~= 'H' or tonumber(r[2]) <= now then return done({5, prior, r[1], 0}) end
-    if r[19] ~= '1' then
-      r[19] = '1'
-      redis.call('HSET', res, prior, table.concat(r, '|'))
+    if stop_field == '' then
+      if r[19] ~= '1' then
+        r[19] = '1'
+        redis.call('HSET', res, prior, table.concat(r, '|'))
+      end
+      local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
+      for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
+      for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
+      return done(out)
     end
-    local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
-    for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
-    for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
-    return done(out)
   end
 end
 
@@ -210,8 +224,7 @@ for i = 1, nb do
   out[#out + 1] = calls[i]
 end
 
--- The stop switch, then the loop guards.
-local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
+-- The stop switch (read above), then the loop guards.
 if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value

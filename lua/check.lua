@@ -56,6 +56,14 @@ local first_stop = first_calls + ncap
 local wfirst = first_stop + ns  -- the budgets' recent-spend windows (as authorize.lua's w)
 local raw = {}
 if wfirst + nb > 0 then raw = redis.call('HMGET', ctr, unpack(ARGV, F, F + wfirst + nb - 1)) end
+-- A period-total counter past its idle time reads as none (authorize collects it).
+do
+  local ic = first_calls
+  for b = 1, nb do
+    if caps[b] then ic = ic + 1 end
+    idle_over(ctr, gc, string.sub(ARGV[F + 2 * (b - 1)], 3), now, raw, b, caps[b] and ic, false)
+  end
+end
 
 local out = {1, est, est}
 local downgrade = false

@@ -14,8 +14,9 @@
 -- ARGV[8] ledger config (see settle.lua)   ARGV[9] latency ms ('' = unknown)
 -- ARGV[10] success '1' | '0'
 -- ARGV[11..] four per budget: cid, the forecast alert's period window "start_ms:end_ms"
---           ('' or a number, the unused gc time this slot once carried: none), limit
---           (micro-USD), alert thresholds ('.'-joined percent, '' = none)
+--           ('' = none; a number without ':' = a period-total counter's idle ms: a charge
+--           collects it that long after, as authorize does), limit (micro-USD), alert
+--           thresholds ('.'-joined percent, '' = none)
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
@@ -24,9 +25,10 @@ local keep = tonumber(ARGV[4])
 reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
-local cids, limits, thresholds, windows = {}, {}, {}, {}
+local cids, limits, thresholds, windows, idles = {}, {}, {}, {}, {}
 for i = 11, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
+  idles[#cids] = tonumber(ARGV[i + 1])  -- nil for '' and "start:end"
   limits[#limits + 1] = tonumber(ARGV[i + 2])
   thresholds[#thresholds + 1] = ARGV[i + 3]
   windows[#windows + 1] = split(string.sub(forecast_suffix(ARGV[i + 1]), 2), ':')
@@ -45,6 +47,7 @@ for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
     u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
+    if idles[i] then redis.call('ZADD', gc, int(now + idles[i]), 'c:' .. cid) end
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
     if at[i] then
       local window = window_next(recent[at[i]] or nil, cost, now)

@@ -28,4 +28,15 @@ if #fields > 0 then
   for i = 1, #cids do values[#values + 1] = raw[i] or '' end
   for i = 1, #cids do values[#values + 1] = tonumber(raw[#cids + i]) or 0 end
 end
+-- A period-total counter past its idle time reads as none, as the decisions read it
+-- (see _lib.lua idle_over): its collection may not have reached it yet.
+for i, cid in ipairs(cids) do
+  if has_total_window(cid) and values[2 * i + 1] == 0 then
+    local due = tonumber(redis.call('ZSCORE', gc, 'c:' .. cid))
+    if due and due <= tonumber(ARGV[1]) then
+      values[2 * i] = 0
+      values[1 + 3 * #cids + i] = 0
+    end
+  end
+end
 return done(values)

@@ -43,8 +43,8 @@ from sidecar.resolution import (
     Resolved,
     Resolver,
     Snapshot,
-    forecast_window,
     identity_of,
+    record_slot,
 )
 from sidecar.schemas import (
     AuthorizeRequest,
@@ -453,7 +453,7 @@ class Engine:
             "1" if req.success else "0",
         ]
         for a in applied:
-            args += (a.cid, forecast_window(a), a.budget.limit_micro, a.thresholds)
+            args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
         reply = await self._run(
             self._scripts.record, tenant, args, self._charging_keys(tenant, now)
         )

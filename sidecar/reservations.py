@@ -87,10 +87,16 @@ def fingerprint(req: AuthorizeRequest, asked_micro: int) -> str:
         req.fingerprint,
     )
     text = SEP.join("" if p is None else str(p) for p in parts)
-    return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+    return hashlib.blake2b(_utf8(text), digest_size=12).hexdigest()
 
 
 def loop_fingerprint(text: str) -> str:
     """What a loop guard keys on: a hash of the call's fingerprint (the text is never
     stored)."""
-    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+    return hashlib.blake2b(_utf8(text), digest_size=8).hexdigest()
+
+
+def _utf8(text: str) -> bytes:
+    # surrogatepass: a header's bytes that are not UTF-8 reach us as lone surrogates
+    # (aiohttp decodes with surrogateescape); they hash to bytes no valid text produces.
+    return text.encode("utf-8", "surrogatepass")

@@ -76,8 +76,6 @@ class Snapshot:
     by_id: dict[str, Budget]
     prices: Prices
     loops_per_scope: dict[Scope, tuple[LoopGuard, ...]]
-    # Something applies per run: the run id is then part of what a call resolves to.
-    uses_run: bool
 
     @classmethod
     def of(cls, config: Config, api_pricing: Iterable[Price] = ()) -> Snapshot:
@@ -86,11 +84,8 @@ class Snapshot:
         loops: dict[Scope, list[LoopGuard]] = defaultdict(list)
         for g in config.loop_guards:
             loops[g.scope].append(g)
-        scopes = {b.scope for b in config.budgets if b.enabled}
-        scopes |= {r.scope for r in config.rate_limits} | set(loops)
         return cls(
             loops_per_scope={k: tuple(v) for k, v in loops.items()},
-            uses_run=Scope.RUN in scopes,
             config=config,
             by_entity=by_entity,
             per_entity=per_entity,
@@ -171,7 +166,7 @@ class Resolver:
 
     def __init__(self) -> None:
         self._windows = WindowCache()
-        # (tenant, org, team, agent, workflow, user, provider, model) as the request named
+        # (tenant, org, team, agent, workflow, user, provider, model, run) as the request named
         # them -> (the snapshot resolved against, what applies).
         self._memo: dict[tuple[str | None, ...], tuple[Snapshot, Resolved]] = {}
 
@@ -201,8 +196,10 @@ class Resolver:
             fields.user_id,
             provider,
             model,
-            # Runs are many and short: only part of the key when something applies per run.
-            fields.run_id if snap.uses_run else None,
+            # Always part of the key, even when nothing applies per run: the run's stop
+            # field (s:run:<run>) is among what a call reads, so a memo shared by two runs
+            # would read one run's stop for the other.
+            fields.run_id,
         )
         hit = self._memo.get(memo_key)
         if hit is not None and hit[0] is snap and now_ms < hit[1].valid_until_ms:
@@ -383,6 +380,14 @@ def read_fields(
     out += stop_fields
     out += (keys.ctr_field("w", a.cid) for a in budgets)
     return tuple(out)
+
+
+def record_slot(a: Applied) -> str | int:
+    """record.lua's second slot of a budget: a period-total counter's idle ms (a charge
+    by record pushes its collection on, as an authorize does), else forecast_window."""
+    if a.budget.period is Period.TOTAL:
+        return a.budget.idle_ms
+    return forecast_window(a)
 
 
 def forecast_window(a: Applied) -> str:
