@@ -44,6 +44,7 @@ from sidecar.resolution import (
     Resolver,
     Snapshot,
     identity_of,
+    read_with_run,
     record_slot,
 )
 from sidecar.schemas import (
@@ -258,6 +259,7 @@ class Engine:
         rid = new_reservation_id()
         key = req.idempotency_key
         loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
+        stop_count, read_fields = read_with_run(resolved, req.run_id)
         args = (
             now,
             rid,
@@ -280,11 +282,11 @@ class Engine:
             self._ledger,
             *learning,
             len(resolved.limits),
-            resolved.stop_count,
+            stop_count,
             len(loop_keys),
             *resolved.script_args,
             *(resolved.loop_args if loop_keys else ()),
-            *resolved.read_fields,
+            *read_fields,
             *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
@@ -341,6 +343,7 @@ class Engine:
         learning = self._learning(settings, resolved, req, hint)
         tokens = (req.estimated_tokens_in or 0) + (req.estimated_tokens_out or 0)
         loop_keys = self._loop_keys(tenant, resolved, req.fingerprint)
+        stop_count, read_fields = read_with_run(resolved, req.run_id)
         args = (
             now,
             est,
@@ -351,11 +354,11 @@ class Engine:
             "" if est_down is None else est_down,
             *learning,
             len(resolved.limits),
-            resolved.stop_count,
+            stop_count,
             len(loop_keys),
             *resolved.check_args,
             *(resolved.loop_args if loop_keys else ()),
-            *resolved.read_fields,
+            *read_fields,
             *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")

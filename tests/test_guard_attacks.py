@@ -18,6 +18,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from sidecar import keys
 from sidecar.api.app import SWEEPER, create_app
 from sidecar.clock import FakeClock
+from sidecar.resolution import Resolver, Snapshot, read_with_run
+from sidecar.schemas import IdentityFields
 from sidecar.store import RedisStore
 from tests.conftest import ClientFactory, make_config
 from tests.harness import RedisServer, sidecars, wait_until
@@ -50,9 +52,10 @@ def ctr(rc: redis.Redis) -> dict[str, str]:
 
 
 def repeats_of(rc: redis.Redis, key: str = LOOP_KEY) -> dict[str, int]:
-    """Each fingerprint hash of one loop key -> how many of its calls the guard counts."""
+    """Each fingerprint hash of one loop key -> how many of its calls the guard counts
+    (the "~" field says to when the key is kept: lua/_lib.lua loop_write)."""
     found: dict[str, str] = rc.hgetall(key)  # type: ignore[assignment]
-    return {f: len(v[2:].split(",")) for f, v in found.items()}
+    return {f: len(v[2:].split(",")) for f, v in found.items() if f != "~"}
 
 
 def replay_state(rc: redis.Redis) -> tuple[dict[str, str], dict[str, int]]:
@@ -109,6 +112,34 @@ async def test_a_run_stop_binds_its_own_run_when_no_guard_is_per_run(
     # Only the calls that passed hold anything: 3 x $0.01 on the agent's day.
     held = [int(v) for k, v in redis_client.hgetall(TENANT.counters).items() if k.startswith("h:")]
     assert held == [30_000], held
+
+
+def test_runs_share_one_resolution_unless_something_applies_per_run() -> None:
+    """Runs are many and short: with nothing per run, every run of an identity is one memo
+    entry, and each call reads its own run's stop field (last among the stop fields); with
+    a per-run budget, each run resolves to its own."""
+    budget = {"id": "agent-day", "name": "Agent day", "scope": "agent", "period": "daily",
+              "limit_usd": 100}  # fmt: skip
+    per_run = {"id": "per-run", "name": "Each run", "scope": "run", "period": "total",
+               "limit_calls": 5}  # fmt: skip
+    now = 1_800_000_000_000
+    for budgets, shared in (([budget], True), ([budget, per_run], False)):
+        snap, resolver = Snapshot.of(make_config(guard_doc(budgets=budgets))), Resolver()
+        r1, r2 = (
+            resolver.resolve(snap, "default", IdentityFields(agent_id="a1", run_id=run),
+                             None, None, now, "default")
+            for run in ("r1", "r2")
+        )  # fmt: skip
+        assert (r1 is r2) is shared
+        count, fields = read_with_run(r2, "r2")
+        stops = [f for f in fields if f.startswith("s:")]
+        assert stops == ["s:organization:default", "s:agent:a1", "s:run:r2"], fields
+        assert count == 3
+        assert fields[-len(r2.budgets) :] == tuple(f"w:{a.cid}" for a in r2.budgets)
+        # A call naming no run reads no run's stop.
+        none = resolver.resolve(snap, "default", IdentityFields(agent_id="a1"), None, None,
+                                now, "default")  # fmt: skip
+        assert [f for f in read_with_run(none, None)[1] if f.startswith("s:run:")] == []
 
 
 # ---- replays -------------------------------------------------------------------------------
