@@ -6,16 +6,18 @@
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   their lease's end by reclaim)
 -- KEYS[9] sweep  string  where the walk over ctr is: the HSCAN cursor ('0' or absent: start)
+-- KEYS[10] stops  hash  the stop switch's records (lua/stops.lua; see the s: mirror below)
 -- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' clock ('' = Redis TIME)
 -- ARGV[4] fields per HSCAN step   ARGV[5] leases per call   ARGV[6] gc members per call
 -- ARGV[7..11] per period letter d, w, m, q, y: the start date (yyyymmdd) of the oldest
---   window whose counters are kept; counters of windows that start earlier go. The sidecar
---   computes it so that a window goes only once its end, in any time zone, lies further
---   back than the longest a late settle can still charge it (see sidecar/sweep.py).
+--   window whose counters are kept (counters of windows that start earlier go; see below)
 -- Returns: {walked, leases_left, deleted, due_left}: walked 1 when this call finished a
 --   walk over the whole of ctr; leases_left 1 when ended leases still wait; deleted:
 --   counter and limiter fields deleted by this call; due_left: gc members (finished
 --   reservations, idempotency keys) past their time still waiting.
+-- The sidecar computes ARGV[7..11] so that a window goes only once its end, in any time
+-- zone, lies further back than the longest a late settle can still charge it
+-- (sidecar/sweep.py).
 --
 -- What goes, found by walking ctr (counters and limiters have no index, which would cost
 -- more than what it indexes):
@@ -23,7 +25,9 @@
 --                  period-total counter's key has no date: its idle time collects it,
 --                  through gc)
 --   x:<rf>         a usd limiter's alert quiet time, once past
---   s:<stop field>  a stop's mirror past its ttl (lua/stops.lua)
+--   s:<stop field>  a stop's mirror past its ttl (lua/stops.lua), and the stop's record
+--                  in KEYS[10] with its "#<id>" (a list collects them too, but none may
+--                  come)
 --   u:/h:/a:/w:<cid>  when the cid's window key starts before its letter's cutoff
 --                  (w:<cid> sooner: once both its buckets are past, it says nothing)
 --   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
@@ -69,9 +73,20 @@ for i = 1, #fields, 2 do
   elseif kind == 'x' then
     if (tonumber(value) or 0) <= now then deleted = deleted + redis.call('HDEL', ctr, name) end
   elseif string.sub(name, 1, 2) == 's:' then
-    -- A stop's mirror past its ttl (its record in bs:{T}:stops goes with the next list).
-    local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
-    if expires > 0 and expires <= now then deleted = deleted + redis.call('HDEL', ctr, name) end
+    -- A stop's mirror past its ttl, and the same stop's record (a stop made since for the
+    -- entity has another value, and stays).
+    local id, expires = string.match(value, '^([^|]*)|([^|]*)|')
+    expires = tonumber(expires) or 0
+    if expires > 0 and expires <= now then
+      deleted = deleted + redis.call('HDEL', ctr, name)
+      local field = string.sub(name, 3)
+      if redis.call('HGET', KEYS[10], field) == value then
+        redis.call('HDEL', KEYS[10], field)
+        if redis.call('HGET', KEYS[10], '#' .. id) == field then
+          redis.call('HDEL', KEYS[10], '#' .. id)
+        end
+      end
+    end
   end
 end
 local next_cursor = step[1]

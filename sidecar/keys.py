@@ -40,7 +40,8 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           (lua/stops.lua writes it and mirrors each stop into ctr; no
                           decision reads it): "<scope>:<escaped entity>" (stop_field) ->
                           "<stop id>|<expires_at ms, 0 = never>|<created ms>|<reason>"
-                          (reason last, may hold '|'); "#<stop id>" -> that field
+                          (reason last, may hold '|'); "#<stop id>" -> that field.
+                          An ended stop goes with its mirror (lua/sweep.lua) or a list
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -105,8 +106,9 @@ class TenantKeys:
         return (*self.charging(day), self.estimates)
 
     def sweeping(self, day: str) -> tuple[str, ...]:
-        """sweep.lua's KEYS: the charging keys (reclaim may charge), then the sweep's place."""
-        return (*self.charging(day), self.sweep)
+        """sweep.lua's KEYS: the charging keys (reclaim may charge), the sweep's place and
+        the stops' records."""
+        return (*self.charging(day), self.sweep, self.stops)
 
     def loop(self, guard_id: str, entity: str) -> str:
         """One loop guard's memory of one entity's recent calls (a string that expires with
