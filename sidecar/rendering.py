@@ -29,7 +29,7 @@ from sidecar.schemas import (
 # Enum members as module constants: on Python 3.11 `Action.BLOCK` goes through EnumType's
 # __getattr__ hook (about 900 instructions a lookup, callgrind), and a decision made ten
 # of them here.
-_BLOCK, _ALLOW, _DOWNGRADE = Action.BLOCK, Action.ALLOW, Action.DOWNGRADE
+_BLOCK, _ALLOW, _DOWNGRADE, _WARN = Action.BLOCK, Action.ALLOW, Action.DOWNGRADE, Action.WARN
 _ENFORCE, _SHADOW = LimitMode.ENFORCE, LimitMode.SHADOW
 _TOTAL = Period.TOTAL
 _USD, _CONCURRENT = Metric.USD, Metric.CONCURRENT
@@ -118,7 +118,25 @@ def decision(
         None,
     )
     if allowed:
-        pass
+        if action is _ALLOW and fresh:
+            # A warn budget whose entity made its calls reports it, as a spent warn
+            # budget does (a block one would have denied).
+            warned = next(
+                (
+                    i
+                    for i, a in enumerate(applied)
+                    if (cap := a.budget.limit_calls) is not None
+                    and a.mode == "w"
+                    and (n := calls[i]) is not None
+                    and n - (1 if held_est else 0) >= cap
+                ),
+                None,
+            )
+            if warned is not None:
+                b = applied[warned].budget
+                action = _WARN
+                message = f"Budget '{b.name}' reached its {b.limit_calls} calls - warning"
+                info = binding_info(states[warned], b, _WARN)
     elif stop is not None:
         reason, message = "stop", stop_message(stop)
         retry_after_ms = _until(stop_ends, now)

@@ -142,6 +142,28 @@ def test_runs_share_one_resolution_unless_something_applies_per_run() -> None:
         assert [f for f in read_with_run(none, None)[1] if f.startswith("s:run:")] == []
 
 
+async def test_a_warn_call_cap_past_its_calls_warns_as_a_spent_warn_budget_does(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A warn budget's call cap lets every call through and, from the first call past it,
+    says so: action warn, the budget in budget_info and a message, as a warn budget whose
+    dollars are spent does."""
+    warn = {**PER_RUN, "limit_calls": 2, "on_exceed": "warn"}
+    client = await make_client(guard_doc(budgets=[warn]))
+    call = {"run_id": "r1", "estimated_usd": 0.01}
+    answers = [(await post(client, "/v1/authorize", call))[1] for _ in range(4)]
+    assert [d["allowed"] for d in answers] == [True] * 4
+    assert [d["action"] for d in answers] == ["allow", "allow", "warn", "warn"]
+    assert [d["message"] for d in answers[:2]] == [None, None]
+    for d in answers[2:]:
+        assert d["message"] == "Budget 'Each run' reached its 2 calls - warning", d
+        assert (d["budget_info"]["budget_id"], d["budget_info"]["exceeded"]) == ("per-run", True)
+    assert redis_client.hget(TENANT.counters, f"c:{CID}") == "4"
+    # check answers what the next authorize would.
+    _, checked = await post(client, "/v1/check", call)
+    assert (checked["allowed"], checked["action"]) == (True, "warn"), checked
+
+
 # ---- replays -------------------------------------------------------------------------------
 
 
