@@ -152,7 +152,14 @@ def verify(d: Delivery, secret: str = SECRET) -> None:
 
 
 def pending(client: redis.Redis, tenant: str, group: str = GROUP) -> int:
-    summary: dict[str, Any] = client.xpending(keys.tenant_keys(tenant).alerts, group)
+    """Alerts taken by `group` and not acknowledged; 0 before the sidecar has made the
+    group (it does so in the background once serving: a loaded machine can be slower)."""
+    try:
+        summary: dict[str, Any] = client.xpending(keys.tenant_keys(tenant).alerts, group)
+    except redis.ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        return 0
     return int(summary["pending"])
 
 
