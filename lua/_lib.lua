@@ -791,18 +791,15 @@ local function learn(key, series, cost, cfg)
   local ttl, max_series = string.match(cfg, '^([^:]*):([^:]*)')
   local v = redis.call('HGET', key, series)
   local n, ring, t1, t2 = 0, '', nil, nil
-  if v then
-    local count, rest = string.match(v, '^(%d+):%d+:(.*)$')
-    n = tonumber(count)
-    local costs, tops = string.match(rest, '^([^:]*):(.*)$')
-    if costs then
-      ring = costs
-      local a, b = string.match(tops, '^(%d*)%.?(%d*)$')
-      t1, t2 = tonumber(a), tonumber(b)
-    else
-      ring = rest
-    end
-  elseif redis.call('HLEN', key) >= tonumber(max_series) then
+  -- A value not of this form (written by hand, cut short) starts the series afresh: an
+  -- error here would fail every settle of the series, after its charge was written.
+  local count, costs, tops
+  if v then count, costs, tops = string.match(v, '^(%d+):%d+:([%d,]*)(.*)$') end
+  if count and #count <= 15 and (tops == '' or string.find(tops, '^:%d*%.?%d*$')) then
+    n, ring = tonumber(count), costs
+    local a, b = string.match(tops, '^:(%d*)%.?(%d*)$')
+    t1, t2 = tonumber(a), tonumber(b)
+  elseif not v and redis.call('HLEN', key) >= tonumber(max_series) then
     local victim = redis.call('HRANDFIELD', key)
     if victim then redis.call('HDEL', key, victim) end
   end

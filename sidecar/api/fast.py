@@ -36,6 +36,7 @@ import httptools
 from aiohttp import hdrs, web
 from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
+from aiohttp.http_parser import SINGLETON_HEADERS
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -71,7 +72,13 @@ _PREFIX = proxy.PREFIX.encode()
 # Pipelined requests waiting before the connection stops reading (aiohttp's bound too).
 _MAX_QUEUED = 32
 # Headers whose presence sends a hot request to aiohttp: it decodes, continues, upgrades.
-_HANDED_OFF_HEADERS = frozenset({b"transfer-encoding", b"content-encoding", b"expect", b"upgrade"})
+# Sec-WebSocket-Key1 too: aiohttp refuses it (the old websocket spec) with a 400.
+_HANDED_OFF_HEADERS = frozenset(
+    {b"transfer-encoding", b"content-encoding", b"expect", b"upgrade", b"sec-websocket-key1"}
+)
+# Headers aiohttp refuses to see twice (a 400: two Hosts or two Content-Types are how a
+# request is smuggled past a proxy that reads the other one). Its own list, so they agree.
+_SINGLETONS = frozenset(name.lower().encode() for name in SINGLETON_HEADERS)
 
 
 def _header_lines(fields: dict[str, str]) -> bytes:
@@ -273,11 +280,13 @@ class FastProtocol(asyncio.Protocol):
         self._handler: Handler | None = None  # of the request being parsed
         self._url = b""
         self._headers: list[tuple[str, str]] = []
+        self._singletons: set[bytes] = set()  # of _SINGLETONS, seen in this request's head
         self._body: list[bytes] = []
         self._in_message = False
         self._completed = 0  # requests completed in the read being parsed
         self._pending: list[bytes] | None = None  # set: bytes for aiohttp, once idle
         self._closing = False
+        self._eof = False  # the client half-closed: close once what it sent is answered
         self._paused = False  # reading paused: too many pipelined requests queued
         self._write_paused = False  # reading paused: the client does not read its answers
         self._idle_since = 0.0
@@ -334,6 +343,17 @@ class FastProtocol(asyncio.Protocol):
         if not self._paused:
             self._transport.resume_reading()  # type: ignore[union-attr]
 
+    def eof_received(self) -> bool | None:
+        """A client may shut down its sending side after its last request (RFC 9112 §9.6)
+        and still read the answers: keep the transport open for them, then close. (The
+        transport's default, which aiohttp keeps, closes at once: a request whose decision
+        was already held in Redis then goes unanswered.) A connection that is aiohttp's
+        from here on, or a request cut off mid-way, closes as aiohttp closes it."""
+        if self._task is None or self._pending is not None or self._in_message:
+            return None
+        self._eof = True
+        return True
+
     def data_received(self, data: bytes) -> None:
         if self._pending is not None:
             self._pending.append(data)
@@ -341,9 +361,15 @@ class FastProtocol(asyncio.Protocol):
         self._completed = 0
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
-            # _HandOff from a callback, a head httptools refuses (aiohttp answers it
-            # with its own 400), or an upgrade.
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            if not isinstance(exc.__context__, _HandOff):
+                # A head httptools refuses, or an upgrade: aiohttp parses this whole read
+                # before it answers any of it, and answers a read that does not parse with
+                # one 400 (a short Content-Length, data after `Connection: close`). So the
+                # requests of this read complete before the error are not served here
+                # (none has started: it is still this call), and aiohttp gets all of it.
+                self._unqueue(self._completed)
+                self._completed = 0
             self._hand_off(data)
             return
         if self._in_message:
@@ -354,6 +380,8 @@ class FastProtocol(asyncio.Protocol):
         self._in_message = True
         self._url = b""
         self._headers = []
+        if self._singletons:
+            self._singletons = set()
         self._body = []
 
     def on_url(self, url: bytes) -> None:
@@ -392,10 +420,19 @@ class FastProtocol(asyncio.Protocol):
             or (lower == b"content-length" and int(value) > server.max_body)
         ):
             raise _HandOff
-        self._headers.append((name.decode(), value.decode()))
+        if lower in _SINGLETONS:
+            if lower in self._singletons:
+                raise _HandOff  # aiohttp's 400 for the header given twice
+            self._singletons.add(lower)
+        # llhttp strips the blanks before a value, not those after it; aiohttp strips both.
+        self._headers.append((name.decode(), value.rstrip(b" \t").decode()))
 
     def on_headers_complete(self) -> None:
-        if self._handler is None or self._parser.get_http_version() != "1.1":
+        if (
+            self._handler is None
+            or self._parser.get_http_version() != "1.1"
+            or b"host" not in self._singletons  # aiohttp's 400 for HTTP/1.1 without Host
+        ):
             raise _HandOff
 
     def on_body(self, body: bytes) -> None:
@@ -478,7 +515,14 @@ class FastProtocol(asyncio.Protocol):
         self._idle_since = self._loop.time()
         if self._transport is None:
             return
-        if self._pending is not None:
+        if self._transport.is_closing():
+            # Closed after its last answer (`Connection: close`, a 500): what came after
+            # that is not read by anyone, as aiohttp does not either.
+            self._pending = None
+            return
+        if self._eof:
+            self._transport.close()
+        elif self._pending is not None:
             self._give_to_aiohttp()
         elif self._closing:
             self._transport.close()
@@ -546,6 +590,12 @@ class FastProtocol(asyncio.Protocol):
         self._pending = [data[start:]]
         if self._task is None:
             self._give_to_aiohttp()
+
+    def _unqueue(self, count: int) -> None:
+        """Take back the last `count` requests queued (not started: this read's)."""
+        for _ in range(count):
+            self._queue.pop()
+        self._server.served -= count
 
     def _give_to_aiohttp(self) -> None:
         transport = self._transport
