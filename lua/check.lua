@@ -61,7 +61,11 @@ do
   local ic = first_calls
   for b = 1, nb do
     if caps[b] then ic = ic + 1 end
-    idle_over(ctr, gc, string.sub(ARGV[F + 2 * (b - 1)], 3), now, raw, b, caps[b] and ic, false)
+    local field = ARGV[F + 2 * (b - 1)]  -- "u:<cid>"
+    -- Only a period-total counter ("/t" last) goes idle: no cid is cut out for the others.
+    if string.byte(field, -1) == 116 and string.byte(field, -2) == 47 then
+      idle_over(ctr, gc, string.sub(field, 3), now, raw, b, caps[b] and ic, false)
+    end
   end
 end
 
