@@ -765,8 +765,8 @@ end
 
 -- Teach `series` one settled cost. `cfg` is "ttl_s:max_series" ('' = learn nothing): the
 -- hash expires ttl_s after the last cost taught (an idle tenant's statistics go), and holds
--- at most max_series series: a new one past that evicts one at random (no index of the
--- oldest is kept; each series is at most LEARN_RING numbers, so the hash stays bounded).
+-- at most max_series series: a new one past that evicts one at random (more when the
+-- maximum was lowered; no index of the oldest is kept; each series is at most LEARN_RING numbers, so the hash stays bounded).
 -- The ring is kept oldest first, so a cost is taught by appending it and dropping the
 -- first once the ring is full; and the ring's two largest costs are kept after it
 -- (":t1.t2"), so the p95 (the k-th largest, k <= 2 for a ring of 32) is updated from them
@@ -799,9 +799,18 @@ local function learn(key, series, cost, cfg)
     n, ring = tonumber(count), costs
     local a, b = string.match(tops, '^:(%d*)%.?(%d*)$')
     t1, t2 = tonumber(a), tonumber(b)
-  elseif not v and redis.call('HLEN', key) >= tonumber(max_series) then
-    local victim = redis.call('HRANDFIELD', key)
-    if victim then redis.call('HDEL', key, victim) end
+  elseif not v then
+    -- A new series: evict at random down to one under the maximum. Usually that is one
+    -- series; after a lowered estimate_max_series (a reload, a rollout) the hash may hold
+    -- more, and it is brought to the maximum here, not left one past its old size. In
+    -- batches: HDEL's fields are unpacked onto Lua's stack.
+    local over = redis.call('HLEN', key) - tonumber(max_series) + 1
+    while over > 0 do
+      local victims = redis.call('HRANDFIELD', key, math.min(over, 1000))
+      if #victims == 0 then break end
+      redis.call('HDEL', key, unpack(victims))
+      over = over - #victims
+    end
   end
   local cost_text, dropped = int(cost), nil
   if ring == '' then
