@@ -766,7 +766,8 @@ end
 -- Teach `series` one settled cost. `cfg` is "ttl_s:max_series" ('' = learn nothing): the
 -- hash expires ttl_s after the last cost taught (an idle tenant's statistics go), and holds
 -- at most max_series series: a new one past that evicts one at random (more when the
--- maximum was lowered; no index of the oldest is kept; each series is at most LEARN_RING numbers, so the hash stays bounded).
+-- maximum was lowered; no index of the oldest is kept; each series is at most LEARN_RING
+-- numbers, so the hash stays bounded).
 -- The ring is kept oldest first, so a cost is taught by appending it and dropping the
 -- first once the ring is full; and the ring's two largest costs are kept after it
 -- (":t1.t2"), so the p95 (the k-th largest, k <= 2 for a ring of 32) is updated from them
