@@ -106,32 +106,12 @@ def decision(
     reason = None
     message = binding_message(outcome.action, applied, outcome.binding, values, est)
     looping = next((s for s in loops if s.would_deny and s.mode == _ENFORCE), None)
-    capped = next(
-        (
-            i
-            for i, a in enumerate(applied)
-            if (cap := a.budget.limit_calls) is not None
-            and a.mode == "b"
-            and (n := calls[i]) is not None
-            and n >= cap
-        ),
-        None,
-    )
+    capped = _past_call_cap(applied, calls, "b", 0)
     if allowed:
         if action is _ALLOW and fresh:
             # A warn budget whose entity made its calls reports it, as a spent warn
             # budget does (a block one would have denied).
-            warned = next(
-                (
-                    i
-                    for i, a in enumerate(applied)
-                    if (cap := a.budget.limit_calls) is not None
-                    and a.mode == "w"
-                    and (n := calls[i]) is not None
-                    and n - (1 if held_est else 0) >= cap
-                ),
-                None,
-            )
+            warned = _past_call_cap(applied, calls, "w", 1 if held_est else 0)
             if warned is not None:
                 b = applied[warned].budget
                 action = _WARN
@@ -174,6 +154,24 @@ def decision(
         reason=reason,
         loop_guards=loops,
         stop=stop,
+    )
+
+
+def _past_call_cap(
+    applied: Sequence[Applied], calls: Sequence[int | None], mode: str, this_call: int
+) -> int | None:
+    """The first budget of `mode` whose entity had made its calls before this one
+    (`calls` counts this call too when `this_call` is 1), or None."""
+    return next(
+        (
+            i
+            for i, a in enumerate(applied)
+            if (cap := a.budget.limit_calls) is not None
+            and a.mode == mode
+            and (n := calls[i]) is not None
+            and n - this_call >= cap
+        ),
+        None,
     )
 
 
