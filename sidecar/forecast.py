@@ -52,28 +52,6 @@ def parse_window(raw: str | bytes | None) -> tuple[int, int, int]:
         return (0, 0, 0)
 
 
-def recent_spend(window: tuple[int, int, int], now_s: int) -> int:
-    """Micro-USD spent in the last WINDOW_S seconds, as the two buckets estimate it."""
-    k, cur, prev = window
-    k_now = now_s // WINDOW_S
-    if k >= k_now:  # this bucket (or a writer whose clock is ahead: take its figures)
-        c, p = cur, prev
-    elif k == k_now - 1:  # the field's current bucket is now the previous one
-        c, p = 0, cur
-    else:
-        return 0
-    e = now_s - k_now * WINDOW_S
-    return c + p * (WINDOW_S - e) // WINDOW_S
-
-
-def rate2(used: int, window: tuple[int, int, int], start_ms: int, now_ms: int) -> int:
-    """Twice the blended rate, in micro-USD per WINDOW_S: R + P (kept doubled so that the
-    halving rounds once, at the projection)."""
-    now_s = now_ms // 1000
-    elapsed = max(now_s - start_ms // 1000, WINDOW_S)
-    return recent_spend(window, now_s) + used * WINDOW_S // elapsed
-
-
 def forecast(
     used: int,
     held: int,
@@ -83,10 +61,29 @@ def forecast(
     end_ms: int,
     now_ms: int,
 ) -> Forecast:
-    """The forecast of one counter (micro-USD; times Unix ms) at `now_ms`."""
+    """The forecast of one counter (micro-USD; times Unix ms) at `now_ms`.
+
+    One function, not three (recent spend, rate, projection): it runs for every dollar
+    budget of every decision, and the two calls were a fifth of its cost (callgrind).
+    """
     now_s = now_ms // 1000
-    remaining = max(end_ms // 1000 - now_s, 0)
-    v2 = rate2(used, window, start_ms, now_ms)
+    remaining = end_ms // 1000 - now_s
+    if remaining < 0:
+        remaining = 0
+    # R, the recent spend: the two buckets as a window sliding over the last WINDOW_S.
+    k, cur, prev = window
+    k_now = now_s // WINDOW_S
+    if k >= k_now:  # this bucket (or a writer whose clock is ahead: take its figures)
+        recent = cur + prev * (WINDOW_S - now_s + k_now * WINDOW_S) // WINDOW_S
+    elif k == k_now - 1:  # the field's current bucket is now the previous one
+        recent = cur * (WINDOW_S - now_s + k_now * WINDOW_S) // WINDOW_S
+    else:
+        recent = 0
+    # P, the period's average per WINDOW_S, never over less than one window (one early
+    # call is not a trend); v2 = R + P is twice the blended rate, so that the halving
+    # rounds once, at the projection.
+    elapsed = now_s - start_ms // 1000
+    v2 = recent + used * WINDOW_S // (elapsed if elapsed > WINDOW_S else WINDOW_S)
     committed = used + held
     projected = committed + v2 * remaining // (2 * WINDOW_S)
     need = limit - committed

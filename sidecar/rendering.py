@@ -10,7 +10,7 @@ from sidecar import keys
 from sidecar.decision import Applied, decide, percentage
 from sidecar.errors import RequestError
 from sidecar.forecast import forecast, parse_window
-from sidecar.model import USD_UNIT_MICRO, Action, Budget, LimitMode, Metric, Period
+from sidecar.model import UNCAPPED_MICRO, USD_UNIT_MICRO, Action, Budget, LimitMode, Metric, Period
 from sidecar.money import MICRO, micro_to_usd
 from sidecar.periods import iso
 from sidecar.reservations import unmeta
@@ -106,9 +106,9 @@ def decision(
     reason = None
     message = binding_message(outcome.action, applied, outcome.binding, values, est)
     looping = next((s for s in loops if s.would_deny and s.mode == _ENFORCE), None)
-    capped = _past_call_cap(applied, calls, "b", 0)
+    capped = _past_call_cap(applied, calls, "b", 0) if resolved.calls_capped else None
     if allowed:
-        if action is _ALLOW and fresh:
+        if action is _ALLOW and fresh and resolved.calls_capped:
             # A warn budget whose entity made its calls reports it, as a spent warn
             # budget does (a block one would have denied).
             warned = _past_call_cap(applied, calls, "w", 1 if held_est else 0)
@@ -202,40 +202,43 @@ def budget_state(
     committed = used + held
     cap = b.limit_calls
     forecast_usd = exhausted_at = None
-    if now is not None and b.capped_usd and b.period is not _TOTAL:
-        f = forecast(
-            used, held, limit, parse_window(window), a.window_start_ms, a.window_end_ms, now
-        )
-        forecast_usd = f.forecast_micro / MICRO
-        exhausted_at = None if f.exhausted_at_ms is None else iso(f.exhausted_at_ms)
-    limit_usd: float | None = None
-    remaining_usd: float | None = None
-    if b.capped_usd:
+    if limit < UNCAPPED_MICRO:  # b.capped_usd, without the property's call
+        if now is not None and b.period is not _TOTAL:
+            f_micro, f_at = forecast(
+                used, held, limit, parse_window(window), a.window_start_ms, a.window_end_ms, now
+            )
+            forecast_usd = f_micro / MICRO
+            exhausted_at = None if f_at is None else iso(f_at)
         # micro_to_usd inline (micro / MICRO): four calls per budget per decision cost
         # 0.6 us of a 15.5 us in-process authorize.
-        limit_usd, remaining_usd = limit / MICRO, (limit - committed) / MICRO
+        limit_usd: float | None = limit / MICRO
+        remaining_usd: float | None = (limit - committed) / MICRO
         pct = percentage(committed, limit)
         exceeded = committed >= limit if limit else committed > 0
     else:  # calls only: the percentage and `exceeded` are the calls'
+        limit_usd = remaining_usd = None
         n = calls or 0
         pct, exceeded = percentage(n, cap or 0), n >= (cap or 0)
+    # Positional, in BudgetState's field order: budget_id, budget_name, scope, entity,
+    # period, on_exceed, limit_usd, used_usd, held_usd, remaining_usd, percentage,
+    # exceeded, calls, limit_calls, forecast_usd, exhausted_at.
     return BudgetState(
-        budget_id=b.id,
-        budget_name=b.name,
-        scope=b.scope,
-        entity=a.entity,
-        period=b.period,
-        on_exceed=b.on_exceed,
-        limit_usd=limit_usd,
-        used_usd=used / MICRO,
-        held_usd=held / MICRO,
-        remaining_usd=remaining_usd,
-        percentage=pct,
-        exceeded=exceeded,
-        calls=calls if cap is not None else None,
-        limit_calls=cap,
-        forecast_usd=forecast_usd,
-        exhausted_at=exhausted_at,
+        b.id,
+        b.name,
+        b.scope,
+        a.entity,
+        b.period,
+        b.on_exceed,
+        limit_usd,
+        used / MICRO,
+        held / MICRO,
+        remaining_usd,
+        pct,
+        exceeded,
+        calls if cap is not None else None,
+        cap,
+        forecast_usd,
+        exhausted_at,
     )
 
 

@@ -160,6 +160,9 @@ class Resolved:
     # Resolved with the call's run (something applies per run); False: without it, and
     # the call's run stop field is added per call (read_with_run).
     run_resolved: bool = True
+    # Some budget caps calls: only then does a decision look for one past its cap (the
+    # look cost two generator passes a decision, 16k instructions, callgrind).
+    calls_capped: bool = False
 
 
 def identity_of(fields: IdentityFields, default_org_id: str) -> Identity:
@@ -288,6 +291,7 @@ class Resolver:
                 snap.config.settings.estimate, (a.budget for a in budgets)
             ),
             run_resolved=snap.uses_run,
+            calls_capped=any(a.budget.limit_calls is not None for a in budgets),
         )
 
     def applied(self, b: Budget, entity: str, model: str | None, now_ms: int) -> Applied:

@@ -161,8 +161,11 @@ class BudgetInfo(Struct, kw_only=True):
     action: str
 
 
-class BudgetState(Struct, kw_only=True):
-    """One evaluated budget counter. `percentage` counts held amounts: they are committed."""
+class BudgetState(Struct):
+    """One evaluated budget counter. `percentage` counts held amounts: they are committed.
+
+    Not kw_only: rendering.budget_state makes one per budget per decision, and sixteen
+    keyword arguments cost five times the positional ones (msgspec matches each name)."""
 
     budget_id: str
     budget_name: str
