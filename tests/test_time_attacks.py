@@ -1,0 +1,109 @@
+"""The cap's promises across time, config change and persistence, attacked: settles after
+their period window rolled over, a reload between authorize and settle (a lowered limit, a
+deleted budget, a changed period, shorter leases), leases ending while their settles race
+the sweep, alerts crossed by many calls at once on two sidecars, and Redis killed with
+SIGKILL in the middle of settles. Every assertion reads the raw integer counters in Redis
+(none may be negative, holds return to exactly 0) and counts exactly; no timing."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import redis
+
+from sidecar import keys
+from sidecar.api.app import ENGINE, SWEEPER
+from sidecar.clock import FakeClock
+from tests.conftest import ClientFactory, make_config
+
+TENANT = keys.tenant_keys("default")
+PATIENT_MS = 60_000  # counting tests: a loaded machine must not turn slow into a 503
+
+
+def ms(instant: str) -> int:
+    """Unix ms of a UTC instant written "2026-03-10T23:59:59.999"."""
+    return int(datetime.fromisoformat(instant).replace(tzinfo=UTC).timestamp() * 1000)
+
+
+def counters(rc: redis.Redis) -> dict[str, int]:
+    """Settled ("u:") and held ("h:") micro-USD and call counts ("c:") of the tenant, raw;
+    none may ever be negative."""
+    raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    values = {k: int(v) for k, v in raw.items() if k.startswith(("u:", "h:", "c:"))}
+    assert all(v >= 0 for v in values.values()), values
+    return values
+
+
+def held_total(rc: redis.Redis) -> int:
+    return sum(v for k, v in counters(rc).items() if k.startswith("h:"))
+
+
+def alerts(rc: redis.Redis) -> list[tuple[str, str]]:
+    """(counter id, threshold) of every threshold alert on the tenant's stream."""
+    entries = rc.xrange(TENANT.alerts)
+    return [(f["cid"], f["t"]) for _, f in entries if "k" not in f]  # type: ignore[index]
+
+
+def budget(bid: str, limit_usd: float, **extra: Any) -> dict[str, Any]:
+    return {"id": bid, "name": bid, "scope": "organization", "limit_usd": limit_usd,
+            "period": "daily", "on_exceed": "block", **extra}  # fmt: skip
+
+
+async def post(client: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = await client.post(path, json=body)
+    out: dict[str, Any] = await r.json(content_type=None)
+    assert r.status == 200, (path, body, r.status, out)
+    return out
+
+
+async def hold(client: Any, usd: float, **extra: Any) -> dict[str, Any]:
+    return await post(client, "/v1/authorize", {"org_id": "acme", "estimated_usd": usd, **extra})
+
+
+async def settle(client: Any, rid: str, usd: float) -> dict[str, Any]:
+    return await post(client, "/v1/settle", {"reservation_id": rid, "cost_usd": usd})
+
+
+def reload(client: Any, doc: dict[str, Any]) -> None:
+    """What the config watcher does once a changed file has loaded."""
+    client.server.app[ENGINE].swap(make_config(doc))
+
+
+# ---- 1. a reload that shortens leases must not let the sweep take holds still in flight ----
+
+
+async def test_sweep_after_a_reload_to_short_leases_keeps_the_holds_in_flight(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """A 20 h lease is held on the daily counter of 2026-03-10, just before midnight; then a
+    reload cuts max_lease_ms and keep_finished_ms to their minimum. The sweep's grace is
+    computed from the settings in force, so three hours into the next day it took the old
+    day's hold field while that reservation still held it: its settle then drove the hold
+    to minus the estimate, and a second in-flight one's lease end did the same."""
+    long_leases = {"max_lease_ms": 86_400_000, "keep_finished_ms": 3_600_000}
+    doc = {"budgets": [budget("day", 10.0)], "settings": long_leases}
+    client = await make_client(doc)
+    clock.set(ms("2026-03-10T23:00:00"))
+    settled = await hold(client, 1.0, lease_ms=72_000_000)
+    expiring = await hold(client, 2.0, lease_ms=20_000_000)
+    old = "day/acme/d20260310"
+    assert counters(redis_client) == {f"h:{old}": 3_000_000}
+
+    short = {"default_lease_ms": 100, "max_lease_ms": 100, "keep_finished_ms": 60_000}
+    reload(client, {"budgets": [budget("day", 10.0)], "settings": short})
+    clock.set(ms("2026-03-11T03:00:00"))
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    # Both holds are still in flight: their field stays.
+    assert counters(redis_client) == {f"h:{old}": 3_000_000}
+
+    done = await settle(client, settled["reservation_id"], 0.5)
+    assert (done["state"], done["lease_expired"]) == ("settled", False)
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    assert counters(redis_client) == {f"u:{old}": 500_000, f"h:{old}": 2_000_000}
+    clock.set(ms("2026-03-11T05:00:00"))  # past the second lease's end (04:33:20)
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    # That lease ended, its hold came back, and with no hold left the old day goes.
+    record = redis_client.hget(TENANT.reservations, expiring["reservation_id"])
+    assert isinstance(record, str) and record.startswith("E|")
+    assert counters(redis_client) == {}
