@@ -10,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
 import redis
 
 from sidecar import keys
@@ -107,3 +108,47 @@ async def test_sweep_after_a_reload_to_short_leases_keeps_the_holds_in_flight(
     record = redis_client.hget(TENANT.reservations, expiring["reservation_id"])
     assert isinstance(record, str) and record.startswith("E|")
     assert counters(redis_client) == {}
+
+
+# ---- 2. a limit lowered under the spend still alerts its thresholds ---------------------
+
+
+@pytest.mark.parametrize("on_exceed", ["warn", "block"])
+async def test_a_limit_lowered_under_the_spend_alerts_the_thresholds_it_passed(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock, on_exceed: str
+) -> None:
+    """$6 of a $10 daily budget is spent (the 50% alert); a reload lowers the limit to $5
+    (warn: calls go on) or $7 (block: $1 still fits). The spend now stands past 80% (and,
+    at $5, 100%) of the limit in force, so no later charge crosses those thresholds: an
+    alert that fires only on a crossing never came, and a budget past its limit stayed
+    silent for the rest of the day. Every threshold alerts exactly once: at the next charge
+    for what it already passed, and never again, nor on the second sidecar."""
+    lowered = 5.0 if on_exceed == "warn" else 7.0
+    first = await make_client({"budgets": [budget("day", 10.0, on_exceed=on_exceed)]})
+    second = await make_client({"budgets": [budget("day", 10.0, on_exceed=on_exceed)]})
+    cid = "day/acme/d20260310"
+    spent = await hold(first, 6.0)
+    await settle(first, spent["reservation_id"], 6.0)
+    assert alerts(redis_client) == [(cid, "50")]
+
+    for client in (first, second):
+        reload(client, {"budgets": [budget("day", lowered, on_exceed=on_exceed)]})
+    # Five charges of $0.10, alternating sidecars.
+    for i in range(5):
+        client = (first, second)[i % 2]
+        r = await hold(client, 0.1)
+        assert r["allowed"] is True, r
+        await settle(client, r["reservation_id"], 0.1)
+    expected = [(cid, "50"), (cid, "80")] + ([(cid, "100")] if on_exceed == "warn" else [])
+    assert alerts(redis_client) == expected
+    assert counters(redis_client) == {f"u:{cid}": 6_500_000}
+
+    # The next window starts afresh: its own alerts, once each.
+    clock.advance(86_400_000)
+    nxt = "day/acme/d20260311"
+    for _ in range(2):
+        r = await hold(second, lowered)
+        if r["allowed"]:
+            await settle(second, r["reservation_id"], lowered)
+    new = [a for a in alerts(redis_client) if a[0] == nxt]
+    assert new == [(nxt, "50"), (nxt, "80"), (nxt, "100")]
