@@ -7,6 +7,9 @@ SIGKILL in the middle of settles. Every assertion reads the raw integer counters
 
 from __future__ import annotations
 
+import asyncio
+import random
+from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
@@ -152,3 +155,78 @@ async def test_a_limit_lowered_under_the_spend_alerts_the_thresholds_it_passed(
             await settle(second, r["reservation_id"], lowered)
     new = [a for a in alerts(redis_client) if a[0] == nxt]
     assert new == [(nxt, "50"), (nxt, "80"), (nxt, "100")]
+
+
+# ---- 3. a period boundary crossed by 100 concurrent calls on two sidecars -----------------
+
+
+def ledger_total(rc: redis.Redis) -> int:
+    entries = rc.xrange(TENANT.usage)
+    return sum(int(f["c"]) for _, f in entries)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("period", "timezone", "last", "old", "new"),
+    [
+        ("daily", "UTC", "2026-03-10T23:59:59.999", "d20260310", "d20260311"),
+        ("monthly", "UTC", "2027-01-31T23:59:59.999", "m20270101", "m20270201"),
+        ("daily", "UTC", "2028-02-28T23:59:59.999", "d20280228", "d20280229"),  # a leap day
+        ("monthly", "UTC", "2028-02-29T23:59:59.999", "m20280201", "m20280301"),
+        ("yearly", "UTC", "2026-12-31T23:59:59.999", "y20260101", "y20270101"),
+        # Midnight in Berlin is 23:00 UTC the day before; the month and year roll there.
+        ("monthly", "Europe/Berlin", "2026-12-31T22:59:59.999", "m20261201", "m20270101"),
+        ("weekly", "America/New_York", "2026-03-09T03:59:59.999", "w20260302", "w20260309"),
+    ],
+)  # fmt: skip
+async def test_calls_straddling_a_period_boundary_charge_the_window_they_held(
+    make_client: ClientFactory,
+    redis_client: redis.Redis,
+    clock: FakeClock,
+    period: str,
+    timezone: str,
+    last: str,
+    old: str,
+    new: str,
+) -> None:
+    """60 concurrent authorizes of $0.02 on a $1 budget at the last millisecond of a window
+    and 60 at the first of the next, over two sidecars; all 100 allowed ones settle
+    concurrently after the boundary at varied costs, with 20 settles repeated. Each window's
+    cap holds (50 of 60 fit), every charge lands on the window that held it, holds return
+    to exactly 0, the ledger sums to the counters to the micro-USD, and each window alerts
+    50/80/100 exactly once."""
+    doc = {"budgets": [budget("b", 1.0, period=period, timezone=timezone)]}
+    sidecars = [await make_client(doc), await make_client(doc)]
+
+    async def burst() -> list[dict[str, Any]]:
+        return list(await asyncio.gather(
+            *(hold(sidecars[i % 2], 0.02) for i in range(60))
+        ))  # fmt: skip
+
+    clock.set(ms(last))
+    before = await burst()
+    clock.advance(1)
+    after = await burst()
+    held = {old: [r for r in before if r["allowed"]], new: [r for r in after if r["allowed"]]}
+    assert (len(held[old]), len(held[new])) == (50, 50)
+    cids = {w: f"b/acme/{w}" for w in (old, new)}
+    assert counters(redis_client) == {f"h:{c}": 1_000_000 for c in cids.values()}
+
+    clock.advance(1000)  # every settle comes after the boundary
+    rng = random.Random(7)
+    costs = {r["reservation_id"]: rng.randint(1, 30_000) for w in held for r in held[w]}
+    repeats = rng.sample(sorted(costs), 20)
+    order = [*costs, *repeats]
+    rng.shuffle(order)
+    results = await asyncio.gather(*(
+        settle(sidecars[i % 2], rid, costs[rid] / 1_000_000) for i, rid in enumerate(order)
+    ))  # fmt: skip
+    assert Counter(r["replayed"] for r in results) == Counter({False: 100, True: 20})
+    expected = {
+        f"u:{cids[w]}": sum(costs[r["reservation_id"]] for r in held[w]) for w in held
+    }
+    assert counters(redis_client) == expected
+    assert ledger_total(redis_client) == sum(costs.values())
+    for w in (old, new):
+        used = expected[f"u:{cids[w]}"]
+        passed = [t for t in ("50", "80", "100") if int(t) * 10_000 <= used]
+        assert [t for c, t in alerts(redis_client) if c == cids[w]] == passed
