@@ -230,3 +230,115 @@ async def test_calls_straddling_a_period_boundary_charge_the_window_they_held(
         used = expected[f"u:{cids[w]}"]
         passed = [t for t in ("50", "80", "100") if int(t) * 10_000 <= used]
         assert [t for c, t in alerts(redis_client) if c == cids[w]] == passed
+
+
+# ---- 4. a reload under load, two sidecars reloading at different moments -----------------
+
+WINDOW_KEYS = {"daily": "d20260310", "monthly": "m20260301"}  # the fake clock's (T0_MS)
+BEFORE_RELOAD = {"budgets": [
+    budget("cap", 2.0),
+    {**budget("t", 100.0), "scope": "team", "scope_id": "core"},
+    budget("p", 100.0),
+    budget("s", 100.0),
+]}  # fmt: skip
+# cap lowered, t deleted, p daily -> monthly, s organization -> team.
+AFTER_RELOAD = {"budgets": [
+    budget("cap", 1.8),
+    budget("p", 100.0, period="monthly"),
+    {**budget("s", 100.0), "scope": "team"},
+]}  # fmt: skip
+
+
+def held_cids(decision: dict[str, Any]) -> list[str]:
+    """The counters an allowed decision held, from the budgets it reports."""
+    return [f"{b['budget_id']}/{b['entity']}/{WINDOW_KEYS[b['period']]}"
+            for b in decision["budgets"]]  # fmt: skip
+
+
+def within_its_limit(decision: dict[str, Any]) -> bool:
+    cap = next(b for b in decision["budgets"] if b["budget_id"] == "cap")
+    total = round((cap["used_usd"] + cap["held_usd"]) * 1_000_000)
+    return total <= round(cap["limit_usd"] * 1_000_000)
+
+
+async def test_reload_between_authorize_and_settle_under_load(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """30 holds of $0.05 in flight on two sidecars; then 50 calls (new holds and the
+    settles of the first 30, ten concurrent callers of five calls each) while sidecar A
+    reloads at a random moment and B ten calls later: a $2 cap lowered to $1.8, a team
+    budget deleted, a budget's period made monthly and another's scope made team. Every
+    decision keeps the cap its sidecar had (the sum it reports is within the limit it
+    reports), once both reloaded the new cap binds exactly, every settle of an old
+    reservation succeeds and charges the counters it held (a deleted budget's too), and
+    every raw hold returns to exactly 0."""
+    a, b = await make_client(BEFORE_RELOAD), await make_client(BEFORE_RELOAD)
+    ident = {"team_id": "core"}
+    first = await asyncio.gather(*(hold((a, b)[i % 2], 0.05, **ident) for i in range(30)))
+    assert all(r["allowed"] for r in first)
+    rng = random.Random(11)
+    costs: dict[str, int] = {}
+    charged: Counter[str] = Counter()
+    decisions: list[dict[str, Any]] = list(first)
+
+    finished = 0
+    reload_a = rng.randint(5, 25)  # A reloads once this many of the 50 calls answered,
+    reload_b = reload_a + 10  # B ten calls later
+
+    def answered() -> None:
+        nonlocal finished
+        finished += 1
+        if finished == reload_a:
+            reload(a, AFTER_RELOAD)
+        if finished == reload_b:
+            reload(b, AFTER_RELOAD)
+
+    async def settle_one(client: Any, r: dict[str, Any], count: bool = True) -> None:
+        cost = rng.randint(10_000, 50_000)
+        done = await settle(client, r["reservation_id"], cost / 1_000_000)
+        assert (done["state"], done["replayed"]) == ("settled", False)
+        costs[r["reservation_id"]] = cost
+        if count:
+            answered()
+
+    async def authorize_one(client: Any) -> None:
+        decisions.append(await hold(client, 0.05, **ident))
+        answered()
+
+    work = [settle_one((b, a)[i % 2], r) for i, r in enumerate(first)]
+    work += [authorize_one((a, b)[i % 2]) for i in range(20)]
+    rng.shuffle(work)
+
+    async def caller(calls: list[Any]) -> None:
+        for call in calls:
+            await call
+
+    # Ten callers of five calls each, one after another: a call answered before a reload
+    # and the caller's next one after it.
+    await asyncio.gather(*(caller(work[i::10]) for i in range(10)))
+    assert a.server.app[ENGINE].config.budgets[0].limit_micro == 1_800_000
+    # The reloads landed inside the load: some of its holds were made under each config.
+    under = Counter(any(x["budget_id"] == "t" for x in r["budgets"]) for r in decisions[30:])
+    assert under[True] > 0 and under[False] > 0, under
+
+    # Both reloaded: the lowered cap binds whatever was held before.
+    cap = "cap/acme/d20260310"
+    raw = counters(redis_client)
+    standing = raw.get(f"u:{cap}", 0) + raw.get(f"h:{cap}", 0)
+    last = await asyncio.gather(*(hold((a, b)[i % 2], 0.05, **ident) for i in range(50)))
+    decisions += last
+    admitted = sum(r["allowed"] for r in last)
+    assert admitted == max(0, (1_800_000 - standing) // 50_000)
+    assert all(within_its_limit(r) for r in decisions if r["allowed"])
+    assert all(set(held_cids(r)) == {cap, "p/acme/m20260301", "s/core/d20260310"}
+               for r in last if r["allowed"])  # fmt: skip
+
+    # Settle every hold still open, then the counters are the costs, exactly.
+    for i, r in enumerate(d for d in decisions if d["allowed"]):
+        if r["reservation_id"] not in costs:
+            await settle_one((a, b)[i % 2], r, count=False)
+        for cid in held_cids(r):
+            charged[cid] += costs[r["reservation_id"]]
+    assert held_total(redis_client) == 0
+    assert counters(redis_client) == {f"u:{cid}": v for cid, v in charged.items()}
+    assert {"t/core/d20260310", "p/acme/d20260310", "s/acme/d20260310"} <= set(charged)
