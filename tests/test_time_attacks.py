@@ -342,3 +342,71 @@ async def test_reload_between_authorize_and_settle_under_load(
     assert held_total(redis_client) == 0
     assert counters(redis_client) == {f"u:{cid}": v for cid, v in charged.items()}
     assert {"t/core/d20260310", "p/acme/d20260310", "s/acme/d20260310"} <= set(charged)
+
+
+# ---- 5. thousands of leases ending at once, their settles racing the sweep ---------------
+
+LEASES = 2000
+
+
+@pytest.mark.parametrize("new_holds", [0, 50])
+async def test_leases_ending_together_while_their_settles_race_the_sweep(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock, new_holds: int
+) -> None:
+    """2,000 holds of $0.0001 (half of them charged their estimate at the lease's end,
+    issue 15's proxy calls) end in the same millisecond; then their settles, from two
+    sidecars, race both sidecars' sweeps (and 50 new authorizes, or none), which all return
+    ended leases 32, 100 or 500 at a time. Each reservation is charged exactly once: the
+    settled spend is exactly the sum of the costs the 2,000 settles answered (a settle that
+    lost the race to a lease-end charge answers that charge), the ledger agrees, and no
+    hold is left."""
+    doc = {"budgets": [budget("day", 10.0)], "settings": {"min_estimate_usd": 0.0001}}
+    sidecars = [await make_client(doc), await make_client(doc)]
+    sem = asyncio.Semaphore(100)
+
+    async def bounded(call: Any) -> Any:
+        async with sem:
+            return await call
+
+    made = await asyncio.gather(*(bounded(hold(
+        sidecars[i % 2], 0.0001, lease_ms=1000, **({"on_expiry": "charge"} if i % 2 else {})
+    )) for i in range(LEASES)))  # fmt: skip
+    assert all(r["allowed"] for r in made)
+    assert held_total(redis_client) == LEASES * 100
+    clock.advance(1000)  # every lease ends now
+
+    racing = True
+
+    async def sweep(client: Any) -> int:
+        calls = 0
+        while racing:
+            await client.server.app[SWEEPER].sweep_once("default")
+            calls += 1
+        return calls
+
+    async def settles() -> list[dict[str, Any]]:
+        nonlocal racing
+        try:
+            return list(await asyncio.gather(*(bounded(settle(
+                sidecars[i % 2], r["reservation_id"], (50 + i % 100) / 1_000_000
+            )) for i, r in enumerate(made))))  # fmt: skip
+        finally:
+            racing = False
+
+    more = [bounded(hold(sidecars[i % 2], 0.0001)) for i in range(new_holds)]
+    results, sweeps_a, sweeps_b, *_rest = await asyncio.gather(
+        settles(), sweep(sidecars[0]), sweep(sidecars[1]), *more
+    )
+    assert all(r["state"] == "settled" and r["lease_expired"] for r in results)
+    answered = sum(round(r["cost_usd"] * 1_000_000) for r in results)
+    raw = counters(redis_client)
+    assert raw["u:day/acme/d20260310"] == answered
+    assert ledger_total(redis_client) == answered
+    # Only the new holds are left.
+    assert raw.get("h:day/acme/d20260310", 0) == new_holds * 100
+    # A lease-end charge answered its estimate; every other settle its own cost.
+    by_estimate = sum(round(r["cost_usd"] * 1_000_000) == 100 and r["replayed"] for r in results)
+    assert by_estimate <= LEASES // 2
+    assert sum(r["replayed"] for r in results) == by_estimate
+    print(f"\n{LEASES} leases: {by_estimate} charged at their end before their settle, "
+          f"{sweeps_a + sweeps_b} sweep calls raced the settles")  # fmt: skip
