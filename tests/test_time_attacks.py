@@ -8,18 +8,25 @@ SIGKILL in the middle of settles. Every assertion reads the raw integer counters
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import aiohttp
 import pytest
 import redis
+import yaml
 
 from sidecar import keys
 from sidecar.api.app import ENGINE, SWEEPER
 from sidecar.clock import FakeClock
 from tests.conftest import ClientFactory, make_config
+from tests.harness import SidecarProcess, redis_binary, request_json, wait_until
 
 TENANT = keys.tenant_keys("default")
 PATIENT_MS = 60_000  # counting tests: a loaded machine must not turn slow into a 503
@@ -410,3 +417,175 @@ async def test_leases_ending_together_while_their_settles_race_the_sweep(
     assert sum(r["replayed"] for r in results) == by_estimate
     print(f"\n{LEASES} leases: {by_estimate} charged at their end before their settle, "
           f"{sweeps_a + sweeps_b} sweep calls raced the settles")  # fmt: skip
+
+
+# ---- 6. kill -9 of the embedded Redis in the middle of concurrent settles ----------------
+
+# appendfsync everysec's promise for answered writes, as tests/test_durability.py states it:
+# Redis writes a command to the file before it answers, except while a background fsync
+# runs, when it may answer first and write up to 2 s later.
+LOSS_BOUND_S = 2.0
+WORKERS = 20
+PERSIST_CONFIG = {
+    "budgets": [budget("org", 1000.0, period="monthly")],
+    "settings": {"min_estimate_usd": 0.000001},
+}
+
+
+async def _ask(session: Any, url: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    try:
+        async with session.post(url, json=body) as r:
+            return r.status, await r.json(content_type=None)
+    except (TimeoutError, OSError):
+        return 0, {}
+
+
+def test_kill_9_of_the_embedded_redis_mid_settles_keeps_every_answer(tmp_path: Any) -> None:
+    """20 concurrent callers authorize ($0.01, 4 s leases) and settle at distinct costs
+    while the embedded redis-server is killed with SIGKILL and restarted by the sidecar.
+    Then every allowed reservation is settled again: one whose settle was answered must
+    replay that answer (a lost one may only be from the last LOSS_BOUND_S before the kill),
+    one whose settle failed is charged now or replays what Redis did apply; once the
+    leases are over, nothing is held, the settled spend is exactly the sum of every
+    reservation's one cost, and no counter was ever negative."""
+    redis_binary()
+    data_dir = tmp_path / "data"
+    config = tmp_path / "budgets.yaml"
+    config.write_text(yaml.safe_dump(PERSIST_CONFIG))
+    sidecar = SidecarProcess(None, str(config), extra_env={"SIDECAR_DATA_DIR": str(data_dir)})
+    sidecar.start()
+    try:
+        wait_until(lambda: request_json(sidecar.url + "/readyz")[0] == 200, what="ready")
+        killed_pid = embedded_pid(data_dir)
+        outcome = asyncio.run(_settles_across_a_kill(sidecar.url, killed_pid))
+        wait_until(lambda: embedded_pid(data_dir) not in (0, killed_pid), what="restarted")
+        final = asyncio.run(_settle_again(sidecar.url, outcome))
+        # The holds of authorizes whose answer was lost end with their lease.
+        wait_until(lambda: _org_status(sidecar.url)[1] == 0, timeout_s=30, what="holds back")
+        used, _held = _org_status(sidecar.url)
+        raw = _raw_counters(data_dir)
+    finally:
+        sidecar.cleanup()
+    assert used == final.expected_micro, (used, final)
+    assert all(v >= 0 for v in raw.values()), raw
+    assert sum(v for k, v in raw.items() if k.startswith("h:")) == 0, raw
+    late = [at for at in final.lost_answered if at < outcome.killed_at - LOSS_BOUND_S]
+    assert late == [], (late, outcome.killed_at)
+    print(f"\n{outcome.answered} settles answered, {outcome.failed} failed across the kill "
+          f"(authorizes refused: {dict(outcome.refused)}); "
+          f"retried: {final.replayed} replayed, {final.charged_now} charged now, "
+          f"{len(final.lost_answered)} answered and lost")  # fmt: skip
+
+
+@dataclass
+class Across:
+    """What the callers saw across the kill."""
+
+    # reservation id -> (its cost, micro-USD; when its settle was answered, None: it failed)
+    reservations: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+    answered: int = 0
+    failed: int = 0
+    refused: Counter[int] = field(default_factory=Counter)  # authorizes not allowed, by status
+    killed_at: float = 0.0
+
+
+@dataclass
+class Again:
+    """What settling every reservation again found."""
+
+    expected_micro: int = 0
+    replayed: int = 0
+    charged_now: int = 0
+    lost_answered: list[float] = field(default_factory=list)
+
+
+def embedded_pid(data_dir: Any) -> int:
+    """The embedded redis-server's pid, 0 while it does not answer."""
+    client = redis.Redis(unix_socket_path=str(data_dir / "redis.sock"), socket_timeout=2)
+    try:
+        return int(client.info("server")["process_id"])
+    except (redis.RedisError, OSError):
+        return 0
+    finally:
+        client.close()
+
+
+def _raw_counters(data_dir: Any) -> dict[str, int]:
+    client = redis.Redis(
+        unix_socket_path=str(data_dir / "redis.sock"), socket_timeout=5, decode_responses=True
+    )
+    try:
+        raw: dict[str, str] = client.hgetall(TENANT.counters)  # type: ignore[assignment]
+    finally:
+        client.close()
+    return {k: int(v) for k, v in raw.items() if k.startswith(("u:", "h:", "c:"))}
+
+
+def _org_status(url: str) -> tuple[int, int]:
+    """The org's (used, held) micro-USD; (-1, -1) while decisions cannot reach Redis."""
+    status, body = request_json(url + "/v1/budgets/org/status?scope_id=acme")
+    if status != 200:
+        return -1, -1
+    return round(body["used_usd"] * 1_000_000), round(body["held_usd"] * 1_000_000)
+
+
+async def _settles_across_a_kill(url: str, pid: int) -> Across:
+    seen = Across()
+    stop = False
+    costs = iter(range(1000, 10**9))  # distinct costs: a charge names its reservation
+
+    async def caller(session: Any) -> None:
+        while not stop:
+            status, held = await _ask(session, url + "/v1/authorize",
+                                      {"org_id": "acme", "estimated_usd": 0.01,
+                                       "lease_ms": 4000})  # fmt: skip
+            if status != 200 or not held.get("allowed"):
+                seen.refused[status] += 1
+                await asyncio.sleep(0.01)  # Redis away: 503 at once; do not spin
+                continue
+            rid, cost = held["reservation_id"], next(costs)
+            status, done = await _ask(
+                session, url + "/v1/settle", {"reservation_id": rid, "cost_usd": cost / 1e6}
+            )
+            ok = status == 200 and done["state"] == "settled"
+            seen.reservations[rid] = (cost, time.monotonic() if ok else None)
+            seen.answered += ok
+            seen.failed += not ok
+
+    timeout = aiohttp.ClientTimeout(total=10)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        callers = [asyncio.create_task(caller(session)) for _ in range(WORKERS)]
+        await asyncio.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        seen.killed_at = time.monotonic()
+        await asyncio.sleep(2.0)  # callers go on: 503s, then the restarted Redis
+        stop = True
+        await asyncio.gather(*callers)
+    return seen
+
+
+async def _settle_again(url: str, seen: Across) -> Again:
+    found = Again()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        for rid, (cost, answered_at) in seen.reservations.items():
+            for _ in range(200):  # until Redis answers: not a timing bound
+                status, done = await _ask(
+                    session, url + "/v1/settle", {"reservation_id": rid, "cost_usd": cost / 1e6}
+                )
+                if status in (200, 404):
+                    break
+                await asyncio.sleep(0.05)
+            if status == 404:  # the authorize itself was answered, then lost
+                if answered_at is not None:
+                    found.lost_answered.append(answered_at)
+                continue
+            assert status == 200, (status, done)
+            assert round(done["cost_usd"] * 1_000_000) == cost, (cost, done)
+            found.expected_micro += cost
+            if done["replayed"]:
+                found.replayed += 1
+            else:
+                found.charged_now += 1
+                if answered_at is not None:
+                    found.lost_answered.append(answered_at)
+    return found
