@@ -8,6 +8,7 @@ SIGKILL in the middle of settles. Every assertion reads the raw integer counters
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import signal
@@ -22,10 +23,15 @@ import pytest
 import redis
 import yaml
 
+from sidecar import config as config_mod
 from sidecar import keys
 from sidecar.api.app import ENGINE, SWEEPER
 from sidecar.clock import FakeClock
-from tests.conftest import ClientFactory, make_config
+from sidecar.engine import Engine
+from sidecar.reload import ConfigWatcher
+from sidecar.scripts import Scripts
+from sidecar.store import RedisStore
+from tests.conftest import T0_MS, ClientFactory, make_config
 from tests.harness import SidecarProcess, redis_binary, request_json, wait_until
 
 TENANT = keys.tenant_keys("default")
@@ -589,3 +595,36 @@ async def _settle_again(url: str, seen: Across) -> Again:
                 if answered_at is not None:
                     found.lost_answered.append(answered_at)
     return found
+
+
+# ---- 7. a budget's zone is a zone, the same on every host ---------------------------------
+
+
+@pytest.mark.parametrize("zone", ["localtime", "posixrules"])
+async def test_a_reload_naming_the_hosts_own_zone_keeps_the_last_good_config(
+    tmp_path: Any, redis_server: Any, zone: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """"localtime" (/etc/localtime) and "posixrules" load like any zone from the zoneinfo
+    directory, but they are each host's own setting: two pods on hosts set to different
+    zones would start the same daily budget's window at different instants, each holding
+    the cap on a counter of its own around midnight. A config naming one is refused with
+    the file and the field named, and a reload to it keeps the last good config."""
+    path = tmp_path / "budgets.yaml"
+    path.write_text(yaml.safe_dump({"budgets": [budget("day", 1.0, timezone="Europe/Berlin")]}))
+    store = RedisStore.from_url(redis_server.url, timeout_ms=2000)
+    engine = Engine(config_mod.load(path), store, FakeClock(T0_MS), Scripts.load_all())
+    watcher = ConfigWatcher(path, engine)
+    try:
+        time.sleep(0.01)  # a distinct mtime even on coarse-timestamp filesystems
+        path.write_text(yaml.safe_dump({"budgets": [budget("day", 2.0, timezone=zone)]}))
+        with caplog.at_level(logging.ERROR, logger="sidecar.reload"):
+            assert await watcher.check() is None  # changed: loaded once it holds still
+            assert await watcher.check() is False
+        [record] = caplog.records
+        assert record.__dict__["file"] == str(path)
+        assert record.__dict__["field"] == "$.budgets[0].timezone"
+        assert "host's setting" in record.getMessage()
+        [kept] = engine.config.budgets
+        assert (kept.timezone, kept.limit_micro) == ("Europe/Berlin", 1_000_000)
+    finally:
+        await store.close()
