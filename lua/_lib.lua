@@ -373,11 +373,13 @@ local function read_counters(ctr, cids)
 end
 
 -- Threshold alerts of one counter whose settled amount went from `before` to `after`
--- (micro-USD), for a budget of `limit` with `thresholds` ("t1.t2...", percent). A threshold
--- t is crossed when before < t% of limit <= after; each (counter, threshold) alerts at most
--- once, and a counter id names budget, entity and period window, so that is once per
--- budget, entity, period and threshold however many calls cross together (they run one at
--- a time here).
+-- (micro-USD), for a budget of `limit` with `thresholds` ("t1.t2...", percent). A charge
+-- alerts every threshold t with t% of limit <= after not alerted yet: crossed by this
+-- charge, or already passed when a reload lowered the limit under the spend (no later
+-- charge crosses it then, and the 100% alert of a budget past its new limit would never
+-- come). Each (counter, threshold) alerts at most once, and a counter id names budget,
+-- entity and period window, so that is once per budget, entity, period and threshold
+-- however many calls cross together (they run one at a time here).
 local ALERTS_MAX = 10000
 local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, now)
   if after <= before or not limit or limit <= 0 or thresholds == '' then return end
@@ -387,7 +389,7 @@ local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, 
   local fired
   for t in string.gmatch(thresholds, '[^.]+') do
     local at = tonumber(t) * limit / 100
-    if before < at and at <= after then
+    if at <= after then
       fired = fired or (redis.call('HGET', ctr, 'a:' .. cid) or '')
       if not string.find('.' .. fired .. '.', '.' .. t .. '.', 1, true) then
         fired = (fired == '') and t or (fired .. '.' .. t)

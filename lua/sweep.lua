@@ -29,7 +29,8 @@
 --                  in KEYS[10] with its "#<id>" (a list collects them too, but none may
 --                  come)
 --   u:/h:/a:/w:<cid>  when the cid's window key starts before its letter's cutoff
---                  (w:<cid> sooner: once both its buckets are past, it says nothing)
+--                  (w:<cid> sooner: once both its buckets are past, it says nothing),
+--                  and no reservation holds it any more (no "h:<cid>" above 0)
 --   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
 --                  back `limit` units per ms (limit >= 1), so a debt of D is zero at the
 --                  latest D ms after its last update (and after IDLE_MS in any case)
@@ -54,7 +55,13 @@ for i = 1, #fields, 2 do
     local window = string.match(id, '/([^/]*)$') or ''
     local letter, start = string.sub(window, 1, 1), string.sub(window, 2)
     local keep_from = cutoff[letter]
-    if keep_from and #start == 8 and start < keep_from then
+    -- A counter still holding a reservation stays, however old its window: the cutoffs
+    -- follow the settings in force, and a reload that shortened max_lease_ms leaves holds
+    -- made under the longer lease in flight (their settle or lease end takes the hold off:
+    -- a deleted field would go negative). The next walk after their end collects it.
+    if keep_from and #start == 8 and start < keep_from
+      and ((kind == 'h' and (tonumber(value) or 0) <= 0)
+        or (kind ~= 'h' and redis.call('HEXISTS', ctr, 'h:' .. id) == 0)) then
       deleted = deleted + redis.call('HDEL', ctr, name)
     end
   elseif kind == 'd' then

@@ -2,8 +2,9 @@
 
 settle.lua and record.lua append one entry to the tenant's alerts stream (keys
 `bs:{T}:alerts`) the first time a counter's settled spend crosses one of its budget's
-thresholds: fields `cid`, `t` (threshold, percent), `l` (limit, micro-USD), `u` (spend
-after the charge, micro-USD), `at` (Unix ms). Detection happens in the script, so a
+thresholds (or, after a reload lowered the limit under it, at the next charge): fields
+`cid`, `t` (threshold, percent), `l` (limit, micro-USD), `u` (spend after the charge,
+micro-USD), `at` (Unix ms). Detection happens in the script, so a
 threshold alerts once per budget, entity, period window and threshold however many
 concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
 

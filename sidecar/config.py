@@ -44,6 +44,9 @@ from sidecar.schemas import Id, ModelName
 # Budget ids appear raw in SDK URL paths (wire contract §7.3): the URL-safe alphabet only.
 BudgetId = Annotated[str, Meta(pattern=r"^[A-Za-z0-9._~\-]+\Z", min_length=1, max_length=64)]
 PricePer1k = Annotated[float, Meta(ge=0, le=1000)]
+# Names in the zoneinfo directory that are the host's settings (/etc/localtime, the POSIX
+# TZ default rules), which ZoneInfo loads like any zone.
+_HOST_ZONES = frozenset({"localtime", "posixrules"})
 
 
 class ConfigError(Exception):
@@ -79,6 +82,13 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     estimate: EstimateMode | None = None
 
     def __post_init__(self) -> None:
+        if self.timezone in _HOST_ZONES:
+            # Files of the host's own settings, not zones: two pods whose hosts differ would
+            # start the same budget's window at different instants (two counters at once).
+            raise ValueError(
+                f"timezone: {self.timezone!r} is the host's setting, not an IANA time zone; "
+                "name the zone (e.g. 'Europe/Berlin')"
+            )
         try:
             ZoneInfo(self.timezone)
         except (ZoneInfoNotFoundError, ValueError):
