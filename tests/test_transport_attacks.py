@@ -23,13 +23,8 @@ from sidecar.api.fast import FastProtocol
 from sidecar.keys import tenant_keys
 from tests import test_fast_path
 from tests.harness import wait_until
-from tests.test_fast_path import (
-    Serve,
-    exchange,
-    get,
-    post,
-    status,
-)
+from tests.test_fast_path import AUTHORIZE, Serve, exchange, get, post, status
+from tests.test_hot_path_attacks import comparable, redis_state
 
 serve = test_fast_path.serve  # the fast / plain server fixture, reused
 
@@ -219,3 +214,68 @@ async def test_the_retry_of_a_hold_taken_back_holds_once(
     (settled,) = await exchange(srv, post("/v1/settle", settle.encode()), 1)
     assert status(settled) == 200
     assert (held_micro(redis_client), used_micro(redis_client)) == (0, 250_000)
+
+
+# ---- one read, a hot request then one the fast path hands to aiohttp --------------------
+
+A = post("/v1/authorize", AUTHORIZE)
+HEALTH = get("/healthz")
+TOO_LONG = post("/v1/authorize", AUTHORIZE).replace(b"Length: 107", b"Length: 70000")
+# (the read's bytes, the later read's bytes or b"", answers both servers give)
+MIXED: dict[str, tuple[bytes, bytes, int]] = {
+    # These broke: the fast path served (and charged) the authorize, aiohttp alone
+    # answered the read with one 400 and charged nothing.
+    "authorize, healthz, garbage": (A + HEALTH + b"GARBAGE\r\n\r\n", b"", 1),
+    "authorize, healthz, a short Content-Length": (
+        A + HEALTH + A.replace(b"Content-Length: 107", b"Content-Length: 14"),
+        b"",
+        1,
+    ),
+    "authorize, healthz, data after Connection: close": (
+        A + get("/healthz", "Connection: close") + A,
+        b"",
+        1,
+    ),
+    "authorize, two Hosts, authorize": (
+        A + A.replace(b"Host: x", b"Host: x\r\nHost: y") + A,
+        b"",
+        1,
+    ),
+    "authorize, 129 headers": (
+        A + A.replace(b"Host: x", b"Host: x" + b"".join(b"\r\nX-%d: 1" % i for i in range(128))),
+        b"",
+        1,
+    ),
+    "authorize, healthz, a header over the limit": (
+        A + HEALTH + post("/v1/authorize", AUTHORIZE, "X-Big: " + "q" * 9000),
+        b"",
+        1,
+    ),
+    # These held: a read that parses is answered whole, in order, on both.
+    "authorize, healthz, authorize": (A + HEALTH + A, b"", 3),
+    "authorize, a body over the limit": (A + TOO_LONG, b"", 2),
+    "authorize, healthz; garbage in a later read": (A + HEALTH, b"GARBAGE\r\n\r\n", 3),
+    "authorize, the head of one; a bad body later": (
+        A + A[: A.index(b"\r\n\r\n") + 4],
+        b"{not json" + b" " * 98,
+        2,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXED))
+async def test_a_read_mixing_hot_and_other_requests_is_answered_as_aiohttp_alone(
+    serve: Serve, redis_client: redis.Redis, name: str
+) -> None:
+    """The fast path never serves (or charges) a request of a read that aiohttp, given the
+    read alone, answers otherwise: the answers, byte for byte, and Redis are the same."""
+    raw, later, count = MIXED[name]
+    fast_srv, plain_srv = await serve(fast=True), await serve(fast=False)
+    seen = []
+    for srv in (fast_srv, plain_srv):
+        redis_client.flushdb()
+        answers = await exchange(srv, raw, count, *([later] if later else []))
+        seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
+    assert seen[0] == seen[1], name
+    if count == 1:
+        assert status(seen[0][0][0]) >= 400 and seen[0][1] == []  # nothing charged

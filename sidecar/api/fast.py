@@ -361,15 +361,16 @@ class FastProtocol(asyncio.Protocol):
         self._completed = 0
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if not isinstance(exc.__context__, _HandOff):
-                # A head httptools refuses, or an upgrade: aiohttp parses this whole read
-                # before it answers any of it, and answers a read that does not parse with
-                # one 400 (a short Content-Length, data after `Connection: close`). So the
-                # requests of this read complete before the error are not served here
-                # (none has started: it is still this call), and aiohttp gets all of it.
-                self._unqueue(self._completed)
-                self._completed = 0
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # A request not for this path (_HandOff), a head httptools refuses, or an
+            # upgrade: aiohttp parses a whole read before it answers any of it, and answers
+            # a read that does not parse with one 400 (a short Content-Length, data after
+            # `Connection: close`, a bad request after another route's). So the requests of
+            # this read complete before it are not served here (none has started: it is
+            # still this call), and aiohttp gets all of it: what it answers (or refuses)
+            # of the read is what it would answer alone.
+            self._unqueue(self._completed)
+            self._completed = 0
             self._hand_off(data)
             return
         if self._in_message:
