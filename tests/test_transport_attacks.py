@@ -23,7 +23,7 @@ from sidecar.api.fast import FastProtocol
 from sidecar.keys import tenant_keys
 from tests import test_fast_path
 from tests.harness import wait_until
-from tests.test_fast_path import AUTHORIZE, Serve, exchange, get, post, status
+from tests.test_fast_path import AUTHORIZE, Serve, exchange, fast_server, get, post, status
 from tests.test_hot_path_attacks import comparable, redis_state
 
 serve = test_fast_path.serve  # the fast / plain server fixture, reused
@@ -279,3 +279,67 @@ async def test_a_read_mixing_hot_and_other_requests_is_answered_as_aiohttp_alone
     assert seen[0] == seen[1], name
     if count == 1:
         assert status(seen[0][0][0]) >= 400 and seen[0][1] == []  # nothing charged
+
+
+# ---- pipelined requests split at every byte ------------------------------------------------
+
+
+def steady(answer: bytes) -> bytes:
+    """comparable(), and the forecast, which the clock moves between two exchanges (and
+    with it the length of the body)."""
+    answer = re.sub(rb'"forecast_usd":[-0-9.e+]+', b'"forecast_usd":-', comparable(answer))
+    return re.sub(rb"\r\nContent-Length: [0-9]+", b"\r\nContent-Length: -", answer)
+
+
+async def split_exchange(srv: TestServer, rc: redis.Redis, at: int | None) -> list[bytes]:
+    """From an empty Redis: hold R0, then on one connection authorize, settle R0, check,
+    pipelined, the bytes split in two writes at `at` (None: one write)."""
+    rc.flushdb()
+    (held,) = await exchange(srv, A, 1)
+    rid = json.loads(held.split(b"\r\n\r\n", 1)[1])["reservation_id"]
+    settle = json.dumps({"reservation_id": rid, "cost_usd": 0.25}).encode()
+    raw = A + post("/v1/settle", settle) + post("/v1/check", AUTHORIZE)
+    if at is None:
+        return await exchange(srv, raw, 3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    try:
+        writer.write(raw[:at])
+        await writer.drain()
+        await asyncio.sleep(0.002)  # its own read on the server, most of the time
+        writer.write(raw[at:])
+        out = []
+        for _ in range(3):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = re.search(rb"(?i)\r\ncontent-length: (\d+)", head)
+            assert length is not None
+            out.append(head + await reader.readexactly(int(length.group(1))))
+        return out
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_pipeline_split_at_any_byte_is_answered_as_unsplit(
+    serve: Serve, redis_client: redis.Redis, fast: bool
+) -> None:
+    """authorize + settle + check in one connection, split in two reads at every byte:
+    the same answers as unsplit, byte for byte, and the counters exact each time (one
+    hold of the new authorize, R0's $0.25 charged)."""
+    srv = await serve(fast=fast)
+    unsplit = await split_exchange(srv, redis_client, None)
+    whole = [steady(a) for a in unsplit]
+    assert [status(a) for a in whole] == [200, 200, 200]
+    estimate = json.loads(unsplit[0].split(b"\r\n\r\n", 1)[1])["estimated_usd"]
+    exact = (round(estimate * 1_000_000), 250_000)
+    assert (held_micro(redis_client), used_micro(redis_client)) == exact
+    length = len(A) * 2 + 150  # at least the three requests' bytes
+    sizes = set()
+    for at in range(1, length):
+        answers = await split_exchange(srv, redis_client, at)
+        assert [steady(a) for a in answers] == whole, at
+        counters = (held_micro(redis_client), used_micro(redis_client))
+        assert counters == exact, at
+        sizes.add(len(records(redis_client)))
+    assert sizes == {2}
+    if fast:  # the pieces that are whole requests were the fast path's own
+        assert fast_server(srv).served >= length
