@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import resource
 import socket
 import struct
 from typing import Any
@@ -343,3 +345,130 @@ async def test_a_pipeline_split_at_any_byte_is_answered_as_unsplit(
     assert sizes == {2}
     if fast:  # the pieces that are whole requests were the fast path's own
         assert fast_server(srv).served >= length
+
+
+# ---- many idle connections, hostile heads and bodies ---------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_thousand_idle_connections_neither_block_callers_nor_leak(
+    serve: Serve, redis_client: redis.Redis, fast: bool
+) -> None:
+    """1,000 kept-alive connections sit idle (half never sent a byte, half after one
+    answer) while 50 callers authorize at once: each is answered 200 and holds exactly
+    once; once every connection closes, the server holds none and the process's open
+    descriptors are back to what they were."""
+    srv = await serve(fast=fast)
+    (warm,) = await exchange(srv, A, 1)  # Redis connections of the store opened
+    redis_client.flushdb()
+    before = open_fds()
+    idle = []
+    for i in range(1000):
+        reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+        if i % 2:
+            writer.write(HEALTH)
+            await reader.readuntil(b"\r\n\r\n")
+        idle.append(writer)
+    answers = await asyncio.gather(*(exchange(srv, A, 1) for _ in range(50)))
+    assert [status(a) for (a,) in answers] == [200] * 50
+    ids = {json.loads(a.split(b"\r\n\r\n", 1)[1])["reservation_id"] for (a,) in answers}
+    assert len(ids) == 50 and set(records(redis_client)) == ids
+    estimate = json.loads(warm.split(b"\r\n\r\n", 1)[1])["estimated_usd"]
+    assert held_micro(redis_client) == 50 * round(estimate * 1_000_000)
+    await asyncio.to_thread(
+        wait_until, lambda: len(connections(srv)) == 1000, 20, "the callers' connections closed"
+    )
+    for writer in idle:
+        writer.close()
+    await asyncio.gather(*(w.wait_closed() for w in idle), return_exceptions=True)
+
+    def released() -> bool:
+        return not connections(srv) and open_fds() <= before
+
+    await asyncio.to_thread(wait_until, released, 20, "every connection closed")
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_an_endless_chunked_body_is_cut_off_and_charges_nothing(
+    serve: Serve, redis_client: redis.Redis, fast: bool
+) -> None:
+    """A chunked authorize whose body never ends: answered 413 problem+json naming the
+    body, then, lingering done, the connection is closed while the client still sends (at
+    most 64 MiB are offered, 64 KiB at a time with a pause between); the process grew by
+    less than the body it was sent; nothing is charged."""
+    srv = await serve(fast=fast)
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    head = (
+        b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%b\r\n" % (65536, b" " * 65536)
+    sent, cut = 0, False
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+
+    async def send() -> None:
+        nonlocal sent, cut
+        writer.write(head + b"1\r\n{\r\n")
+        try:
+            while sent < 64 * 1024 * 1024:
+                writer.write(chunk)
+                await writer.drain()
+                sent += len(chunk)
+                await asyncio.sleep(0.01)
+        except (ConnectionError, OSError):
+            cut = True
+
+    sender = asyncio.create_task(send())
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+    await asyncio.wait_for(sender, 120)
+    writer.close()
+    assert status(answer) == 413 and b"application/problem+json" in answer
+    assert cut, f"the server read {sent} bytes and kept the connection"
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
+    assert grown * 1024 < sent, (grown, sent)
+    assert redis_state(redis_client) == []
+
+
+async def test_too_many_headers_are_one_400_on_both_paths(
+    serve: Serve, redis_client: redis.Redis
+) -> None:
+    """An authorize with 200 headers (aiohttp's limit is 128), in one write: one 400 and a
+    closed connection, the same bytes on both paths; nothing charged."""
+    pad = "".join(f"\r\nX-Pad-{i}: {'p' * 90}" for i in range(200))
+    raw = A.replace(b"Host: x", ("Host: x" + pad).encode())
+    answers = []
+    for srv in (await serve(fast=True), await serve(fast=False)):
+        redis_client.flushdb()
+        (answer,) = await exchange(srv, raw, 1)
+        answers.append(steady(answer))
+        assert redis_state(redis_client) == []
+    assert answers[0] == answers[1] and status(answers[0]) == 400
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_an_endless_header_block_is_cut_off_and_charges_nothing(
+    serve: Serve, redis_client: redis.Redis, fast: bool
+) -> None:
+    """An authorize whose head goes on for 8 MB (1,000 headers of 8,000 bytes, one write
+    each): the server refuses it and closes before all of it is sent (it does not buffer a
+    head without end); nothing is charged."""
+    srv = await serve(fast=fast)
+    _, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    field = b"X-Pad-%d: " + b"p" * 8000 + b"\r\n"
+    sent, cut = 0, False
+    writer.write(b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\n")
+    try:
+        for i in range(1000):
+            writer.write(field % i)
+            await writer.drain()
+            sent += 1
+            await asyncio.sleep(0.001)
+    except (ConnectionError, OSError):
+        cut = True
+    writer.close()
+    assert cut, f"the server took {sent} headers of 8,000 bytes"
+    assert redis_state(redis_client) == []
