@@ -8,6 +8,7 @@ descriptors; hostile heads and bodies are bounded and charge nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -23,12 +24,14 @@ from aiohttp.web_protocol import RequestHandler
 
 from sidecar.api.fast import FastProtocol
 from sidecar.keys import tenant_keys
-from tests import test_fast_path
+from tests import test_fast_path, test_proxy_servers
 from tests.harness import wait_until
 from tests.test_fast_path import AUTHORIZE, Serve, exchange, fast_server, get, post, status
 from tests.test_hot_path_attacks import comparable, redis_state
+from tests.test_proxy_servers import DOWN_STATUS, IDENTITY, doc
 
 serve = test_fast_path.serve  # the fast / plain server fixture, reused
+make_stack, proxy_kind = test_proxy_servers.make_stack, test_proxy_servers.proxy_kind
 
 TENANT = tenant_keys("default")
 EXT = ("x-org-id: org-1", "x-provider: openai", "x-model: gpt-4o")
@@ -472,3 +475,66 @@ async def test_an_endless_header_block_is_cut_off_and_charges_nothing(
     writer.close()
     assert cut, f"the server took {sent} headers of 8,000 bytes"
     assert redis_state(redis_client) == []
+
+
+# ---- a proxy in front of a sidecar that stops or dies mid-call ----------------------------
+
+
+# What a proxy answers when the sidecar accepts and never answers, where that is not its
+# answer to a sidecar down: Caddy's transport timeout (deploy/caddy/Caddyfile) is a 504.
+HUNG_STATUS = {"caddy": 504, "caddy-2.6": 504}
+
+
+class DeadSidecar:
+    """A listener on 127.0.0.1 standing for the sidecar's port after SIGSTOP (the kernel
+    completes handshakes, nobody reads or answers) or kill -9 mid-call (the request is
+    read, then the kernel closes the socket: FIN, or RST where data was left unread)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port: int = self.sock.getsockname()[1]
+        self.server: asyncio.Server | None = None
+        self.calls = 0
+
+    async def start(self) -> DeadSidecar:
+        if self.how != "stopped":
+            self.server = await asyncio.start_server(self._call, sock=self.sock)
+        return self
+
+    async def _call(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.calls += 1
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            await reader.readuntil(b"\r\n\r\n")
+        if self.how == "killed-rst":
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        else:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        self.sock.close()
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed-fin", "killed-rst"])
+async def test_a_proxy_before_a_stopped_or_killed_sidecar_answers_its_fail_mode(
+    make_stack: Any, proxy_kind: str, how: str
+) -> None:
+    """Envoy, nginx, Traefik, Caddy and HAProxy from the shipped files, the sidecar's port
+    answered by a stopped or killed process: the client gets the example's documented
+    answer when the sidecar cannot answer (fail closed), never the upstream, and not a
+    wait without end."""
+    dead = await DeadSidecar(how).start()
+    try:
+        stack = await make_stack(doc(), proxy_kind, sidecar_port=dead.port)
+        code, _, _ = await asyncio.wait_for(stack.send(headers=IDENTITY), 45)
+        want = HUNG_STATUS.get(proxy_kind, DOWN_STATUS[proxy_kind]) if how == "stopped" else None
+        assert code == (want or DOWN_STATUS[proxy_kind]), stack.proxy.output()[-2000:]
+        assert stack.seen == []
+    finally:
+        await dead.close()
