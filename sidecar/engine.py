@@ -298,6 +298,11 @@ class Engine:
             self._cancel_later(tenant, rid, now + lease_ms)
             self.events.store_unavailable("authorize")
             return self._degraded(applied, est)
+        except asyncio.CancelledError:
+            # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
+            # the script may have been sent: Redis may still run it, and nobody is told.
+            self._cancel_later(tenant, rid, now + lease_ms)
+            raise
         verdict = int(reply[0])
         if verdict == 3:  # cancelled before it ran: only possible for a reused id
             raise Unavailable("the reservation was cancelled before Redis ran it")

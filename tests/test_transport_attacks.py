@@ -576,3 +576,64 @@ async def test_with_request_ids_each_hostile_input_is_answered_alike(
     # pass the middleware (text/plain, no id), on either path.
     if status(first) == 200 or b"application/problem+json" in first:
         assert b"\r\nX-Request-ID: rid-7\r\n" in first, first
+
+
+# ---- a decision cancelled after its script was sent ---------------------------------------
+
+BUSY = """local t0 = redis.call('TIME')
+repeat local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1"""
+
+
+async def test_an_authorize_cancelled_after_its_script_was_sent_holds_nothing(
+    serve: Serve, redis_server: Any, redis_client: redis.Redis
+) -> None:
+    """aiohttp cancels a handler (its test server on a lost connection; every server past
+    its shutdown timeout) while Redis, busy with another script, has not yet run the
+    authorize it was sent: Redis runs it afterwards, and its hold, which nobody was told
+    of, is taken back (it held until its lease ended)."""
+    srv = await serve(fast=False)  # aiohttp's test server: handler_cancellation on
+    await exchange(srv, A, 1)  # the store's connections open
+    redis_client.flushdb()
+    busy_for = threading_eval(redis_server, BUSY, 1_500_000)
+
+    def busy() -> bool:  # a PING unanswered (raw: redis-py would retry until it is)
+        with socket.create_connection(("127.0.0.1", redis_server.port)) as probe:
+            probe.settimeout(0.1)
+            probe.sendall(b"PING\r\n")
+            try:
+                return not probe.recv(16)
+            except TimeoutError:
+                return True
+
+    await asyncio.to_thread(wait_until, busy, 10, "Redis busy with a script")
+    sock = socket.create_connection(("127.0.0.1", srv.port))
+    sock.sendall(HOLDING["authorize"])
+    await asyncio.to_thread(wait_until, lambda: connections(srv), 10, "the connection made")
+    (protocol,) = connections(srv)
+    await asyncio.sleep(0.05)  # (the request read; not an assertion on time)
+    end(sock, "reset")
+    await asyncio.to_thread(wait_until, lambda: transport_of(protocol) is None, 10, "reset seen")
+    await busy_for
+    await asyncio.to_thread(
+        wait_until, lambda: len(records(redis_client)) == 1, 10, "the authorize run"
+    )
+
+    def taken_back() -> bool:
+        return held_micro(redis_client) == 0 and redis_client.zcard(TENANT.leases) == 0
+
+    await asyncio.to_thread(wait_until, taken_back, 10, "the hold taken back")
+
+
+def threading_eval(redis_server: Any, script: str, *args: Any) -> asyncio.Future[Any]:
+    """Run a script on its own connection in a thread (it blocks Redis while it runs)."""
+
+    def run() -> Any:
+        client = redis.Redis(port=redis_server.port)
+        try:
+            return client.eval(script, 0, *args)
+        finally:
+            client.close()
+
+    return asyncio.ensure_future(asyncio.to_thread(run))
