@@ -298,6 +298,11 @@ class Engine:
             self._cancel_later(tenant, rid, now + lease_ms)
             self.events.store_unavailable("authorize")
             return self._degraded(applied, est)
+        except asyncio.CancelledError:
+            # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
+            # the script may have been sent: Redis may still run it, and nobody is told.
+            self._cancel_later(tenant, rid, now + lease_ms)
+            raise
         verdict = int(reply[0])
         if verdict == 3:  # cancelled before it ran: only possible for a reused id
             raise Unavailable("the reservation was cancelled before Redis ran it")
@@ -579,6 +584,19 @@ class Engine:
         return result
 
     # ---- cancelling timed-out authorizes ---------------------------------------------
+
+    def take_back(self, tenant: str, decision: Decision) -> None:
+        """Release, in the background, the hold of a decision its caller never received (the
+        connection was gone before the answer was written): the cancel of a timed-out
+        authorize, so a hold nobody was told of does not sit until its lease ends, and its
+        idempotency key is free for the retry. A replayed decision's hold was handed out
+        before: left (release.lua leaves a claimed reservation alone anyway)."""
+        rid = decision.reservation_id
+        if rid is None or decision.replayed or decision.lease_expires_at is None:
+            return
+        # The lease's end bounds the retries; the longest lease is a safe bound.
+        lease_end_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
+        self._cancel_later(tenant, rid, lease_end_ms)
 
     def _cancel_later(self, tenant: str, rid: str, lease_end_ms: int) -> None:
         if len(self._cancels) >= _MAX_PENDING_CANCELS:

@@ -263,7 +263,9 @@ async def test_one_connection_mixes_hot_and_other_routes_in_order(serve: Serve) 
         assert b'"status": "alive"' in answers[2]
         assert b'"reservation_id"' in answers[3]
         assert b'"budget_id":"org"' in answers[4]
-    assert fast_server(srv).served == 4  # the first two, on each connection
+    # The first two of the one-by-one connection; the pipelined read, which holds another
+    # route's request, is aiohttp's whole (tests/test_transport_attacks.py).
+    assert fast_server(srv).served == 2
     assert fast_server(srv).handed_off == 2
 
 

@@ -422,8 +422,15 @@ async def make_stack(make_client: ClientFactory) -> AsyncIterator[StackFactory]:
     dirs: list[str] = []
 
     async def make(
-        config: dict[str, Any], kind: str, *, sidecar_up: bool = True, fail_open: bool = False
+        config: dict[str, Any],
+        kind: str,
+        *,
+        sidecar_up: bool = True,
+        fail_open: bool = False,
+        sidecar_port: int | None = None,
     ) -> Stack:
+        """`sidecar_port`: the proxy asks that port instead of the sidecar's (a listener
+        that stands for a stopped or killed sidecar: tests/test_transport_attacks.py)."""
         # The example's own sidecar settings (trusted headers, request id) under the test's.
         shipped = shipped_proxy_section(kind)
         config = {**config, "proxy": {**shipped, **config.get("proxy", {})}}
@@ -450,7 +457,8 @@ async def make_stack(make_client: ClientFactory) -> AsyncIterator[StackFactory]:
         await server.start_server()
         upstreams.append(server)
         assert server.port is not None
-        sidecar_port = sidecar.server.port if sidecar_up else free_port()
+        if sidecar_port is None:
+            sidecar_port = sidecar.server.port if sidecar_up else free_port()
         assert sidecar_port is not None
         workdir = Path(tempfile.mkdtemp(prefix=f"bs-{kind}-"))
         dirs.append(str(workdir))

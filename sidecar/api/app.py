@@ -16,7 +16,19 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import __version__, logs
-from sidecar.api import admin, axonflow, bodies, fast, gateway, native, openapi, proxy, ui, usage
+from sidecar.api import (
+    admin,
+    axonflow,
+    bodies,
+    fast,
+    gateway,
+    native,
+    openapi,
+    proxy,
+    ui,
+    undelivered,
+    usage,
+)
 from sidecar.api import auth as api_auth
 from sidecar.api import stops as stops_api
 from sidecar.api.problems import ProblemError, from_decode_error, response
@@ -177,6 +189,15 @@ def guard(
             if answer is None:
                 raise
             resp = answer
+        # aiohttp writes the answer right after this, with no wait in between: a connection
+        # gone now (reset, or closed at the client's end of file) means nobody learns of
+        # the hold (sidecar.api.undelivered; the fast path checks in its own writer).
+        if (
+            undelivered.HELD in request
+            and isinstance(request, web.BaseRequest)
+            and undelivered.gone(request.transport)
+        ):
+            undelivered.take_back(request)
         return _sdk_close(request, resp)
 
     async def whole(

@@ -41,7 +41,7 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.api import native, proxy
+from sidecar.api import native, proxy, undelivered
 
 log = logging.getLogger("sidecar.http")
 
@@ -361,15 +361,16 @@ class FastProtocol(asyncio.Protocol):
         self._completed = 0
         try:
             self._parser.feed_data(data)
-        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
-            if not isinstance(exc.__context__, _HandOff):
-                # A head httptools refuses, or an upgrade: aiohttp parses this whole read
-                # before it answers any of it, and answers a read that does not parse with
-                # one 400 (a short Content-Length, data after `Connection: close`). So the
-                # requests of this read complete before the error are not served here
-                # (none has started: it is still this call), and aiohttp gets all of it.
-                self._unqueue(self._completed)
-                self._completed = 0
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade):
+            # A request not for this path (_HandOff), a head httptools refuses, or an
+            # upgrade: aiohttp parses a whole read before it answers any of it, and answers
+            # a read that does not parse with one 400 (a short Content-Length, data after
+            # `Connection: close`, a bad request after another route's). So the requests of
+            # this read complete before it are not served here (none has started: it is
+            # still this call), and aiohttp gets all of it: what it answers (or refuses)
+            # of the read is what it would answer alone.
+            self._unqueue(self._completed)
+            self._completed = 0
             self._hand_off(data)
             return
         if self._in_message:
@@ -482,6 +483,8 @@ class FastProtocol(asyncio.Protocol):
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
                 response = web.Response(status=500, text="500 Internal Server Error")
                 response.force_close()
+            if undelivered.gone(self._transport):
+                undelivered.take_back(request)  # reset while it was decided: nobody is told
             if isinstance(response, (bytes, native.Headed)):
                 body, own = (response, None) if isinstance(response, bytes) else response
                 transport = self._transport

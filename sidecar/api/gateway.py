@@ -24,7 +24,7 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from sidecar.api import limit_headers
+from sidecar.api import limit_headers, undelivered
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.axonflow import json_response
 from sidecar.api.problems import ProblemError
@@ -144,7 +144,9 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
         req = _context(body.context, engine.config.settings.pre_check_estimate_usd, body.query)
         # No estimate in the context: the configured default is held (or a learned one).
         default = body.context.get("estimated_usd") in (None, "")
-        decision = await engine.authorize(tenant_of(request), req, EstimateHint(default=default))
+        tenant = tenant_of(request)
+        decision = await engine.authorize(tenant, req, EstimateHint(default=default))
+        undelivered.note(request, engine, tenant, decision)
         if not decision.allowed:
             info = decision.budget_info
             if decision.reason in ("budget", "calls") and info is not None and info.exceeded:

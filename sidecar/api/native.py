@@ -12,7 +12,7 @@ from typing import Any, NamedTuple
 import msgspec
 from aiohttp import web
 
-from sidecar.api import limit_headers
+from sidecar.api import limit_headers, undelivered
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
@@ -85,7 +85,10 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def authorize(request: web.Request) -> bytes | Headed:
         require(request, _AGENT)
         req = _authorize.decode(await request.read())
-        decision = await request.app[engine_key].authorize(tenant_of(request), req)
+        engine, tenant = request.app[engine_key], tenant_of(request)
+        decision = await engine.authorize(tenant, req)
+        if decision.reservation_id is not None:
+            undelivered.note(request, engine, tenant, decision)
         return _decision_body(decision)
 
     async def check(request: web.Request) -> bytes | Headed:

@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from sidecar.api import limit_headers
+from sidecar.api import limit_headers, undelivered
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.api.problems import response as problem_response
@@ -86,6 +86,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
                     headers={"Retry-After": "1"},
                 )
             )
+        undelivered.note(request, engine, tenant_of(request), decision)
         if decision.allowed:
             return web.Response(status=200, headers=allow_headers(decision))
         return deny(engine, spec, decision)
