@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import signal
 import urllib.request
 from collections.abc import Callable
@@ -265,6 +266,25 @@ async def test_velocity_is_corrected_to_the_settled_cost(
     assert (big["allowed"], big["reason"]) == (False, "velocity")
     assert big["rate_limit"]["retry_after_ms"] == -1
     assert (big["rate_limit"]["limit"], big["rate_limit"]["burst"]) == (1.0, 0.1)
+
+
+async def test_a_velocity_limits_ratelimit_fields_are_integers_in_micro_usd(
+    make_client: ClientFactory,
+) -> None:
+    """draft-ietf-httpapi-ratelimit-headers: q and r are Integers (a strict structured-field
+    parser refuses "1.1"); a spend velocity's quota and remainder go out in micro-USD, as a
+    budget's do. Allowed (the limit with the least left) and denied (what denied) alike."""
+    client = await make_client(guard_doc(rate_limits=[{**VELOCITY, "limit": 1, "burst": 0.1}]))
+    body = {"agent_id": "a1", "estimated_usd": 0.05}
+    resp = await client.post("/v1/authorize", json=body)
+    assert resp.status == 200 and (await resp.json())["allowed"] is True
+    assert resp.headers["RateLimit-Policy"] == '"agent-burn";q=1100000;w=10'
+    assert resp.headers["RateLimit"] == '"agent-burn";r=50000;t=10'  # the burst less this call
+    resp = await client.post("/v1/authorize", json={**body, "estimated_usd": 2})
+    denied = await resp.json()
+    assert (resp.status, denied["allowed"], denied["reason"]) == (200, False, "velocity")
+    assert resp.headers["RateLimit-Policy"] == '"agent-burn";q=1100000;w=10'
+    assert re.fullmatch(r'"agent-burn";r=\d+;t=\d+', resp.headers["RateLimit"])
 
 
 # ---- loop guards -------------------------------------------------------------------------

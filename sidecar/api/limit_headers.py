@@ -4,7 +4,8 @@ The RateLimit fields follow draft-ietf-httpapi-ratelimit-headers-09:
 `RateLimit-Policy: "<id>";q=<quota>[;w=<window s>]` and
 `RateLimit: "<id>";r=<remaining>;t=<seconds to reset>`. A budget's quota is in micro-USD
 (the draft's quota units are integers) and has no `w`: calendar periods have no fixed
-length. A rate limit's quota is its own unit (requests, tokens, slots) over its window.
+length. A rate limit's quota is its own unit (requests, tokens, slots) over its window; a
+spend velocity's is micro-USD too.
 """
 
 from __future__ import annotations
@@ -19,9 +20,14 @@ def seconds(ms: int) -> int:
 
 def _limit_fields(limit: RateLimitState, reset_s: int) -> dict[str, str]:
     window = f";w={limit.window_ms // 1000}" if limit.window_ms >= 1000 else ""
+    quota, remaining = limit.limit + limit.burst, max(0, limit.remaining)
+    if limit.metric == "usd":
+        # A spend velocity's state is in dollars; the draft's q and r are integers (a
+        # strict structured-field parser refuses "6000.0"): micro-USD, as for budgets.
+        quota, remaining = round(quota * 1_000_000), round(remaining * 1_000_000)
     return {
-        "RateLimit-Policy": f'"{limit.rate_limit_id}";q={limit.limit + limit.burst}{window}',
-        "RateLimit": f'"{limit.rate_limit_id}";r={max(0, limit.remaining)};t={reset_s}',
+        "RateLimit-Policy": f'"{limit.rate_limit_id}";q={quota}{window}',
+        "RateLimit": f'"{limit.rate_limit_id}";r={remaining};t={reset_s}',
     }
 
 
