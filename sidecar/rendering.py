@@ -339,18 +339,21 @@ def limit_state(applied: AppliedLimit, figures: list[int]) -> RateLimitState:
     if r.metric is _USD:  # counted in USD_UNIT_MICRO units, shown in dollars
         unit = USD_UNIT_MICRO / MICRO
         limit, burst, left = r.limit * unit, r.burst * unit, round(left * unit, 3)
+    # Positional (keyword arguments cost msgspec a name match each), in field order:
+    # rate_limit_id, scope, entity, metric, limit, window_ms, burst, mode, remaining,
+    # would_deny, retry_after_ms.
     return RateLimitState(
-        rate_limit_id=r.id,
-        scope=r.scope,
-        entity=applied.entity,
-        metric=r.metric,
-        limit=limit,
-        window_ms=r.window_ms,
-        burst=burst,
-        mode=r.mode,
-        remaining=left,
-        would_deny=would_deny == 1,
-        retry_after_ms=retry_ms,
+        r.id,
+        r.scope,
+        applied.entity,
+        r.metric,
+        limit,
+        r.window_ms,
+        burst,
+        r.mode,
+        left,
+        would_deny == 1,
+        retry_ms,
     )
 
 
@@ -388,15 +391,10 @@ def stop_message(stop: StopState) -> str:
 def loop_state(loop: AppliedLoop, figures: list[int]) -> LoopGuardState:
     would_deny, calls = figures
     g = loop.guard
+    # Positional, in field order: loop_guard_id, scope, entity, repeats, window_ms, mode,
+    # calls, would_deny.
     return LoopGuardState(
-        loop_guard_id=g.id,
-        scope=g.scope,
-        entity=loop.entity,
-        repeats=g.repeats,
-        window_ms=g.window_ms,
-        mode=g.mode,
-        calls=calls,
-        would_deny=would_deny == 1,
+        g.id, g.scope, loop.entity, g.repeats, g.window_ms, g.mode, calls, would_deny == 1
     )
 
 

@@ -191,7 +191,7 @@ class BudgetState(Struct):
     exhausted_at: str | None = None
 
 
-class LoopGuardState(Struct, kw_only=True):
+class LoopGuardState(Struct):  # positional: one per loop guard per decision
     """One evaluated loop guard: this call's fingerprint from this entity, `calls` times
     within the window before this call."""
 
@@ -215,7 +215,7 @@ class StopState(Struct, kw_only=True):
     expires_at: str | None = None
 
 
-class RateLimitState(Struct, kw_only=True):
+class RateLimitState(Struct):  # positional: one per rate limit per decision
     """One evaluated rate limit. `remaining`: requests (or concurrent slots) that would
     still pass now; for a token limit, > 0 means the next call passes whatever its size.
     `retry_after_ms`: when it would admit again (-1: when a reservation ends)."""

@@ -234,9 +234,7 @@ async def test_calls_straddling_a_period_boundary_charge_the_window_they_held(
         settle(sidecars[i % 2], rid, costs[rid] / 1_000_000) for i, rid in enumerate(order)
     ))  # fmt: skip
     assert Counter(r["replayed"] for r in results) == Counter({False: 100, True: 20})
-    expected = {
-        f"u:{cids[w]}": sum(costs[r["reservation_id"]] for r in held[w]) for w in held
-    }
+    expected = {f"u:{cids[w]}": sum(costs[r["reservation_id"]] for r in held[w]) for w in held}
     assert counters(redis_client) == expected
     assert ledger_total(redis_client) == sum(costs.values())
     for w in (old, new):
@@ -604,7 +602,7 @@ async def _settle_again(url: str, seen: Across) -> Again:
 async def test_a_reload_naming_the_hosts_own_zone_keeps_the_last_good_config(
     tmp_path: Any, redis_server: Any, zone: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """"localtime" (/etc/localtime) and "posixrules" load like any zone from the zoneinfo
+    """ "localtime" (/etc/localtime) and "posixrules" load like any zone from the zoneinfo
     directory, but they are each host's own setting: two pods on hosts set to different
     zones would start the same daily budget's window at different instants, each holding
     the cap on a counter of its own around midnight. A config naming one is refused with
