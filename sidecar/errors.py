@@ -21,10 +21,10 @@ class IdempotencyConflict(RequestError):
     def __init__(self, reservation_id: str, state: str, *, reused: bool) -> None:
         held = {"H": "held", "E": "expired", "S": "settled", "R": "released"}.get(state, state)
         if reused:
-            message = (
-                f"already used by another request (reservation {reservation_id}, {held}): "
-                "use a new key for a new call"
-            )
+            # Not the reservation's id: keys are often guessable, and the id is what
+            # settles and releases a hold; a request that is not the key's own must not
+            # learn it (the same request gets it back, replayed or as below).
+            message = f"already used by another request ({held}): use a new key for a new call"
         else:
             message = (
                 f"its reservation {reservation_id} is {held}, no longer held: a new call "
