@@ -97,8 +97,19 @@ async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) 
 
 
 # Error replies that mean "not now" rather than "never": a cluster mid-failover, a replica
-# still loading its data, a server refusing writes it cannot persist.
-_TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "MISCONF")
+# still loading its data, a server refusing writes it cannot persist, a server busy with
+# another client's long script (BUSY: ours did not run), a server at maxmemory with
+# noeviction (OOM: Redis refuses a script's first write, so nothing of it was written).
+_TRANSIENT = (
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "MISCONF",
+    "BUSY ",
+    "OOM ",
+)
 
 
 async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:

@@ -1,0 +1,381 @@
+"""Attacks on the cap's promises under Redis faults: a Redis out of memory or busy with a
+script, a breaker probe its caller gave up on, and a flaky link (a TCP proxy that delays
+replies past the timeout, cuts a reply in the middle, or swallows everything) between one
+of two sidecars and Redis while callers authorize and settle through both.
+
+Every promise is counted exactly: nothing over the cap, each settle charged once (raw
+counters = the usage ledger), the holds of timed-out authorizes taken back, and every
+answer the configured fail mode or a real decision (never a 500).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.api.app import ENGINE, create_app
+from sidecar.clock import FakeClock
+from sidecar.keys import tenant_keys
+from sidecar.resp import ConnectionLost, PipelinedConnection
+from sidecar.store import RedisStore
+from tests.conftest import T0_MS, make_config
+from tests.harness import RedisServer, wait_until
+
+GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the suite
+TENANT = tenant_keys("default")
+ORG_CAP = {
+    "id": "org",
+    "name": "The org",
+    "scope": "organization",
+    "limit_usd": 5.0,
+    "period": "daily",
+}
+
+
+def settings_doc(fail_mode: str, timeout_ms: int = 2000, cap: dict[str, Any] = ORG_CAP) -> Any:
+    return {
+        "budgets": [cap],
+        "settings": {"fail_mode": fail_mode, "redis_timeout_ms": timeout_ms},
+    }
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
+def rc(server: RedisServer) -> Iterator[redis.Redis]:
+    client = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+async def app_over(url: str, document: Any) -> TestClient[Any, Any]:
+    cfg = make_config(document)
+    store = RedisStore.from_url(url, timeout_ms=cfg.settings.redis_timeout_ms)
+    client = TestClient(TestServer(create_app(cfg, store, clock=FakeClock(T0_MS))))
+    await client.start_server()
+    return client
+
+
+async def call(client: TestClient[Any, Any], path: str, body: Any) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body); a 500 or a stack trace fails the test wherever it appears."""
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        resp = await client.post(path, json=body)
+        text = await resp.text()
+        assert "Traceback" not in text, text
+        assert resp.status != 500, text
+        return resp.status, json.loads(text)
+
+    return await asyncio.wait_for(go(), GUARD_S)
+
+
+def raw(rc: redis.Redis) -> dict[str, str]:
+    counters: dict[str, str] = rc.hgetall(TENANT.counters)  # type: ignore[assignment]
+    return counters
+
+
+def held_micro(rc: redis.Redis) -> int:
+    return sum(int(v) for k, v in raw(rc).items() if k.startswith("h:"))
+
+
+def used_micro(rc: redis.Redis) -> int:
+    return sum(int(v) for k, v in raw(rc).items() if k.startswith("u:"))
+
+
+def ledger_micro(rc: redis.Redis) -> tuple[int, int]:
+    """(entries, their cost summed) of the usage ledger."""
+    entries: list[Any] = rc.xrange(TENANT.usage)  # type: ignore[assignment]
+    total = 0
+    for _, fields in entries:
+        cost = fields.get("c")
+        assert cost is not None, fields
+        total += int(cost)
+    return len(entries), total
+
+
+def assert_fail_mode(status: int, body: dict[str, Any], fail_mode: str) -> None:
+    """The configured fail mode, exactly: closed a 503 flagged degraded; open an allow
+    flagged degraded that holds nothing."""
+    if fail_mode == "closed":
+        assert status == 503 and body["degraded"] is True, (status, body)
+    else:
+        assert status == 200 and body["allowed"] is True and body["degraded"] is True, body
+        assert body["reservation_id"] is None, body
+
+
+# ---- a Redis that refuses: out of memory, busy with a script ------------------------------
+
+
+@pytest.mark.parametrize("fail_mode", ["closed", "open"])
+async def test_a_redis_out_of_memory_answers_the_fail_mode_and_writes_nothing(
+    server: RedisServer, rc: redis.Redis, fail_mode: str
+) -> None:
+    """maxmemory reached with noeviction: every script's first write is refused with OOM
+    (Redis aborts the script before it writes anything). That is Redis unable to decide
+    now, not a bug in the sidecar: the fail mode, not a 500, and nothing half-written."""
+    client = await app_over(server.url, settings_doc(fail_mode))
+    try:
+        status, body = await call(client, "/v1/authorize", {"org_id": "o1", "estimated_usd": 0.5})
+        assert status == 200 and body["reservation_id"], body
+        rid = body["reservation_id"]
+        before = (raw(rc), rc.hgetall(TENANT.reservations), rc.zcard(TENANT.leases))
+        rc.config_set("maxmemory-policy", "noeviction")
+        rc.config_set("maxmemory", 1)  # below what is used: every write is refused
+        try:
+            for _ in range(5):  # more than the breaker's threshold
+                status, body = await call(
+                    client, "/v1/authorize", {"org_id": "o1", "estimated_usd": 0.5}
+                )
+                assert_fail_mode(status, body, fail_mode)
+            status, body = await call(
+                client, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.1}
+            )
+            assert status == 503 and body["degraded"] is True, body
+            after = (raw(rc), rc.hgetall(TENANT.reservations), rc.zcard(TENANT.leases))
+            assert after == before
+        finally:
+            rc.config_set("maxmemory", 0)
+        # Memory back: the cancels of the refused authorizes find nothing to take back,
+        # and decisions are real again.
+        engine = client.app[ENGINE]  # type: ignore[union-attr]
+        await asyncio.to_thread(wait_until, lambda: engine.pending_cancels == 0, 10, "cancels")
+        await decisions_resume(client)
+        assert held_micro(rc) == 500_000  # the one hold made before, nothing else
+        assert used_micro(rc) == 0  # its settle refused, not half-applied
+        status, body = await call(client, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.1})
+        assert status == 200, body
+        assert (held_micro(rc), used_micro(rc)) == (0, 100_000)
+    finally:
+        await client.close()
+
+
+BUSY = """local t0 = redis.call('TIME')
+repeat local t = redis.call('TIME')
+until (t[1] - t0[1]) * 1000000 + (t[2] - t0[2]) > tonumber(ARGV[1])
+return 1"""
+
+
+@pytest.mark.parametrize("fail_mode", ["closed", "open"])
+async def test_a_redis_busy_with_a_long_script_answers_the_fail_mode(
+    server: RedisServer, rc: redis.Redis, fail_mode: str
+) -> None:
+    """A script of another client past busy-reply-threshold: Redis answers every other
+    command BUSY at once. The decision is not made (the script did not run): the fail mode,
+    not a 500 'internal error'."""
+    client = await app_over(server.url, settings_doc(fail_mode))
+    try:
+        await call(client, "/v1/check", {"org_id": "o1"})  # connected, scripts loaded
+        rc.config_set("busy-reply-threshold", 50)
+        busy = asyncio.ensure_future(asyncio.to_thread(run_script_elsewhere, server, 3_000_000))
+
+        def answers_busy() -> bool:
+            try:
+                rc.ping()
+            except redis.exceptions.BusyLoadingError:
+                return True
+            except redis.exceptions.ResponseError as exc:
+                return str(exc).startswith("BUSY")
+            return False
+
+        await asyncio.to_thread(wait_until, answers_busy, 10, "Redis answering BUSY")
+        for _ in range(3):
+            status, body = await call(
+                client, "/v1/authorize", {"org_id": "o1", "estimated_usd": 0.5}
+            )
+            assert_fail_mode(status, body, fail_mode)
+        await busy
+        await decisions_resume(client)
+        engine = client.app[ENGINE]  # type: ignore[union-attr]
+        await asyncio.to_thread(wait_until, lambda: engine.pending_cancels == 0, 10, "cancels")
+        assert held_micro(rc) == 0 and rc.zcard(TENANT.leases) == 0
+    finally:
+        await client.close()
+
+
+def run_script_elsewhere(server: RedisServer, micros: int) -> Any:
+    client = redis.Redis(port=server.port)
+    try:
+        return client.eval(BUSY, 0, micros)
+    finally:
+        client.close()
+
+
+async def decisions_resume(client: TestClient[Any, Any]) -> None:
+    """Wait (bounded) until a check answers from Redis again (the breaker's cool-down)."""
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        resp = await client.post("/v1/check", json={"org_id": "probe"})
+        body = await resp.json()
+        if resp.status == 200 and not body["degraded"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("decisions did not resume within 5 s of Redis returning")
+
+
+# ---- a TCP proxy with faults ---------------------------------------------------------------
+
+
+class FaultProxy:
+    """A TCP proxy on 127.0.0.1 in front of one Redis, in the test's own event loop.
+
+    mode "forward": bytes both ways; "delay": replies held `delay_s` before they go on
+    (the commands reach Redis at once: it runs them, the sidecar gives up on the answer);
+    "cut": the next reply chunk goes half-way, then the connection closes (a reply cut in
+    the middle); "blackhole": accepts, reads, forwards nothing either way."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.mode = "forward"
+        self.delay_s = 0.0
+        self.port = 0
+        self.bytes_in = 0  # bytes the sidecar sent, whatever the mode
+        self.cuts = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> FaultProxy:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._writers += [writer, up_writer]
+
+        async def upstream() -> None:
+            while data := await reader.read(65536):
+                self.bytes_in += len(data)
+                if self.mode != "blackhole":
+                    up_writer.write(data)
+            up_writer.close()
+
+        async def downstream() -> None:
+            while data := await up_reader.read(65536):
+                mode = self.mode
+                if mode == "blackhole":
+                    continue
+                if mode == "delay":
+                    await asyncio.sleep(self.delay_s)
+                if mode == "cut":
+                    self.cuts += 1
+                    writer.write(data[: max(len(data) // 2, 1)] if len(data) > 1 else b"")
+                    break
+                writer.write(data)
+            writer.close()
+            up_writer.close()
+
+        for coro in (upstream(), downstream()):
+            task = asyncio.ensure_future(coro)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for w in self._writers:
+            w.close()
+        for task in list(self._tasks):
+            task.cancel()
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+@pytest.fixture
+async def proxy(server: RedisServer) -> AsyncIterator[FaultProxy]:
+    p = await FaultProxy(server.port).start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+# ---- the breaker's probe ----------------------------------------------------------------
+
+
+async def test_a_probe_its_caller_gave_up_on_does_not_keep_the_breaker_open(
+    proxy: FaultProxy,
+) -> None:
+    """Redis stalls; the breaker opens; after the cool-down one call probes. Its caller
+    gives up on it (a request timeout, a cancelled task: an embedding app's wait_for) before
+    Redis answers. Then Redis is back: calls must reach it again. Before the fix the
+    half-open breaker waited forever for the abandoned probe to report, and refused every
+    call without touching Redis ("circuit open") until the process restarted."""
+    conn = PipelinedConnection(proxy.url, timeout_s=0.05)
+    try:
+        assert await conn.execute("PING") == "PONG"
+        proxy.mode = "blackhole"
+        for _ in range(3):
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(conn.execute("PING"), GUARD_S)
+        assert conn.breaker.is_open
+        await asyncio.sleep(conn.breaker.cooldown_s * 1.5)  # the cool-down over (a wait)
+        sent = proxy.bytes_in
+        probe = asyncio.ensure_future(conn.execute("PING"))
+        deadline = time.monotonic() + GUARD_S
+        while proxy.bytes_in == sent and time.monotonic() < deadline:
+            await asyncio.sleep(0.001)
+        assert proxy.bytes_in > sent, "the probe was never sent"
+        probe.cancel()  # its caller gave up before any answer
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        proxy.mode = "forward"
+        answered = False
+        deadline = time.monotonic() + 5
+        while not answered and time.monotonic() < deadline:
+            with contextlib.suppress(ConnectionLost):
+                answered = await asyncio.wait_for(conn.execute("PING"), GUARD_S) == "PONG"
+            await asyncio.sleep(0.05)
+        assert answered, "Redis is back, but every call is still refused by the breaker"
+    finally:
+        await conn.close()
+
+
+async def test_a_probe_cancelled_while_connecting_does_not_keep_the_breaker_open(
+    proxy: FaultProxy,
+) -> None:
+    """As above, the probe abandoned while its connection is still being opened."""
+    conn = PipelinedConnection(proxy.url, timeout_s=0.05)
+    try:
+        assert await conn.execute("PING") == "PONG"
+        proxy.mode = "blackhole"
+        for _ in range(3):
+            with pytest.raises(ConnectionLost):
+                await asyncio.wait_for(conn.execute("PING"), GUARD_S)
+        await asyncio.sleep(conn.breaker.cooldown_s * 1.5)
+        probe = asyncio.ensure_future(conn.execute("PING"))
+        await asyncio.sleep(0)  # the probe started: allowed, its connect under way
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        proxy.mode = "forward"
+        answered = False
+        deadline = time.monotonic() + 5
+        while not answered and time.monotonic() < deadline:
+            with contextlib.suppress(ConnectionLost):
+                answered = await asyncio.wait_for(conn.execute("PING"), GUARD_S) == "PONG"
+            await asyncio.sleep(0.05)
+        assert answered, "Redis is back, but every call is still refused by the breaker"
+    finally:
+        await conn.close()
