@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -379,3 +380,106 @@ async def test_a_probe_cancelled_while_connecting_does_not_keep_the_breaker_open
         assert answered, "Redis is back, but every call is still refused by the breaker"
     finally:
         await conn.close()
+
+
+# ---- two sidecars, one behind a flaky link, callers authorizing and settling ---------------
+
+EST = 0.1  # each call asks for, and costs, $0.1: the $5 cap takes 50 of them
+COST_MICRO = 100_000
+CAP_MICRO = 5_000_000
+WORKERS = 50
+ROUNDS = 4
+FAULTS = ("delay", "forward", "cut", "forward", "blackhole", "forward")
+
+
+@pytest.mark.parametrize("fail_mode", ["closed", "open"])
+async def test_a_flaky_link_to_redis_keeps_the_cap_each_charge_once_and_the_answers_honest(
+    server: RedisServer, rc: redis.Redis, proxy: FaultProxy, fail_mode: str
+) -> None:
+    """50 callers authorize ($0.1 each under a $5 cap) and settle what they hold, each call
+    through one of two sidecars at random; one reaches Redis over a proxy that, in turn,
+    delays replies past the 100 ms timeout (Redis runs the command, the sidecar gives up),
+    cuts a reply in the middle, and swallows everything. The clock stands still, so no
+    lease ends: every hold must be settled or taken back by the cancel of its authorize.
+
+    Held: nothing over the cap; every settled reservation charged exactly once (raw
+    counters = the usage ledger = the settles answered); no hold left once the cancels are
+    done; every reservation id handed to one caller only (a reply given to the wrong caller
+    would repeat one); every answer a decision or the configured fail mode, never a 500."""
+    document = settings_doc(fail_mode, timeout_ms=100)
+    direct = await app_over(server.url, document)
+    flaky = await app_over(proxy.url, document)
+    sidecars = (direct, flaky)
+    rng = random.Random(7)
+    answers: dict[tuple[str, int], int] = {}
+    handed: list[str] = []
+    settled: set[str] = set()
+    done = asyncio.Event()
+    faults_seen: list[str] = []
+
+    def count(route: str, status: int) -> None:
+        answers[(route, status)] = answers.get((route, status), 0) + 1
+
+    async def settle(rid: str) -> None:
+        for _ in range(200):  # bounded: a flaky sidecar's 503 is retried, on either one
+            status, body = await call(
+                rng.choice(sidecars), "/v1/settle", {"reservation_id": rid, "cost_usd": EST}
+            )
+            count("settle", status)
+            if status == 200:
+                settled.add(rid)
+                return
+            assert status == 503 and body["degraded"] is True, body
+            await asyncio.sleep(0.02)
+        raise AssertionError(f"{rid} never settled")
+
+    async def caller(n: int) -> None:
+        for _ in range(ROUNDS):
+            status, body = await call(
+                rng.choice(sidecars), "/v1/authorize", {"org_id": "o1", "estimated_usd": EST}
+            )
+            count("authorize", status)
+            if status == 200 and body["degraded"] is False:
+                if body["allowed"]:
+                    handed.append(body["reservation_id"])
+                    await settle(body["reservation_id"])
+                else:
+                    assert body["reservation_id"] is None, body
+            else:
+                assert_fail_mode(status, body, fail_mode)
+
+    async def chaos() -> None:
+        for phase in range(60):  # bounded; ends with the callers
+            if done.is_set() and phase >= len(FAULTS):
+                break
+            proxy.mode, proxy.delay_s = FAULTS[phase % len(FAULTS)], 0.3
+            faults_seen.append(proxy.mode)
+            await asyncio.sleep(0.15)
+        proxy.mode = "forward"
+
+    try:
+        chaos_task = asyncio.ensure_future(chaos())
+        await asyncio.gather(*(caller(n) for n in range(WORKERS)))
+        done.set()
+        await chaos_task
+        proxy.mode = "forward"
+        engines = [s.app[ENGINE] for s in sidecars]  # type: ignore[index]
+
+        def cancels_done() -> bool:
+            return all(e.pending_cancels == 0 for e in engines)
+
+        await asyncio.to_thread(wait_until, cancels_done, 30, "the cancels done")
+        assert len(handed) == len(set(handed)), "one reservation handed to two callers"
+        assert settled == set(handed)
+        assert len(settled) <= CAP_MICRO // COST_MICRO
+        assert held_micro(rc) == 0 and rc.zcard(TENANT.leases) == 0, raw(rc)
+        assert used_micro(rc) == COST_MICRO * len(settled) <= CAP_MICRO
+        assert ledger_micro(rc) == (len(settled), COST_MICRO * len(settled))
+        # The faults bit (else this test proved nothing): answers by the fail mode, a cut.
+        degraded = answers.get(("authorize", 503), 0) + answers.get(("settle", 503), 0)
+        assert degraded > 0 or fail_mode == "open", answers
+        assert proxy.cuts > 0 and "blackhole" in faults_seen, (proxy.cuts, faults_seen)
+    finally:
+        proxy.mode = "forward"
+        for s in sidecars:
+            await s.close()
