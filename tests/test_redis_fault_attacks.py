@@ -483,3 +483,49 @@ async def test_a_flaky_link_to_redis_keeps_the_cap_each_charge_once_and_the_answ
         proxy.mode = "forward"
         for s in sidecars:
             await s.close()
+
+
+# ---- scripts flushed under load ---------------------------------------------------------
+
+
+async def test_scripts_flushed_again_and_again_under_load_never_answer_500(
+    server: RedisServer, rc: redis.Redis
+) -> None:
+    """Another client flushes the script cache over and over (an operator's SCRIPT FLUSH, a
+    failover to a replica that never saw the scripts, repeated) while 50 callers authorize:
+    a NOSCRIPT loads the script and repeats the call once, and a flush that lands between
+    the load and the repeat is Redis not ready now (the fail mode), never a 500."""
+    client = await app_over(server.url, settings_doc("closed", cap={**ORG_CAP, "limit_usd": 1e6}))
+    stop = asyncio.Event()
+    flushes = 0
+
+    def flush_storm() -> None:
+        nonlocal flushes
+        flusher = redis.Redis(port=server.port)
+        try:
+            while not stop.is_set() and flushes < 20_000:
+                flusher.script_flush()
+                flushes += 1
+        finally:
+            flusher.close()
+
+    answers: dict[int, int] = {}
+
+    async def caller() -> None:
+        for _ in range(20):
+            status, body = await call(
+                client, "/v1/authorize", {"org_id": "o1", "estimated_usd": EST}
+            )
+            answers[status] = answers.get(status, 0) + 1
+            if status != 200:
+                assert status == 503 and body["degraded"] is True, body
+
+    try:
+        storm = asyncio.ensure_future(asyncio.to_thread(flush_storm))
+        await asyncio.gather(*(caller() for _ in range(WORKERS)))
+        stop.set()
+        await storm
+        assert answers.get(200, 0) > 0 and flushes > 0, (answers, flushes)
+    finally:
+        stop.set()
+        await client.close()
