@@ -328,7 +328,10 @@ end
 -- The reply settle.lua and release.lua give for a reservation already finished: its first
 -- result, unchanged (status 2; see their Returns).
 local function first_result(r)
-  local out = {2, r[1], tonumber(r[8]), tonumber(r[3]), tonumber(r[9]), r[7], r[11] or '',
+  -- `or 0` everywhere: a cancel's record of an authorize not yet run ('R|0|0||||||0|',
+  -- release.lua) has no cost; a nil would cut the reply there (Lua tables end at a nil).
+  local out = {2, r[1], tonumber(r[8]) or 0, tonumber(r[3]) or 0, tonumber(r[9]) or 0, r[7],
+    r[11] or '',
     tonumber(r[12]) or 0, tonumber(r[13]) or 0, tonumber(r[20]) or 0, r[21] or ''}
   for _, v in ipairs(split(r[10], ',')) do out[#out + 1] = tonumber(v) end
   return out

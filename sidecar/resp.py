@@ -277,6 +277,12 @@ class CircuitBreaker:
         self._failures = 0
         self._probing = False
 
+    def abandoned(self) -> None:
+        """The probe's caller gave up on it (cancelled) before it was answered: its reply,
+        if any, is still seen (success), but nothing else may report for it, so another
+        call may probe now (else the breaker stays half-open, refusing every call)."""
+        self._probing = False
+
     def failure(self, now: float) -> None:
         was_open = self.is_open
         self._failures += 1
@@ -367,7 +373,9 @@ class PipelinedConnection:
 
     async def _connect_and_execute(self, args: tuple[str | int | bytes, ...]) -> Any:
         loop = asyncio.get_running_loop()
-        if not self.breaker.allow(loop.time()):
+        breaker = self.breaker
+        probe = breaker.is_open  # allowed while open: this call is the half-open probe
+        if not breaker.allow(loop.time()):
             raise ConnectionLost("redis failed just now; not waiting on it (circuit open)")
         try:
             protocol = self._protocol
@@ -375,9 +383,20 @@ class PipelinedConnection:
                 protocol = await self._protocol_ready()
             future = protocol.send(_pack(args))
         except ConnectionLost:
-            self.breaker.failure(loop.time())
+            breaker.failure(loop.time())
             raise
-        return await future  # the protocol tells the breaker how the reply went
+        except asyncio.CancelledError:
+            if probe:
+                breaker.abandoned()
+            raise
+        try:
+            return await future  # the protocol tells the breaker how the reply went
+        except asyncio.CancelledError:
+            # A cancelled future is skipped by the protocol's failure count (_fail_all):
+            # a probe given up on would never report, and the breaker stay half-open.
+            if probe:
+                breaker.abandoned()
+            raise
 
     async def close(self) -> None:
         if self._protocol is not None:

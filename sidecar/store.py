@@ -6,8 +6,8 @@ round trip, each still its own atomic script. redis-py serves what is off the ho
 (readiness, later the admin routes).
 
 Scripts are not loaded ahead of time: a NOSCRIPT reply (a fresh server, a SCRIPT FLUSH, a
-failover to a replica that never saw them) loads the script and repeats that call once, so
-the store heals by itself.
+failover to a replica that never saw them) repeats that call once as EVAL with the script's
+source, which also caches it for the next EVALSHAs, so the store heals by itself.
 """
 
 from __future__ import annotations
@@ -69,14 +69,17 @@ async def run_script(
     *,
     asking: bool = False,
 ) -> Any:
-    """EVALSHA on one connection; NOSCRIPT loads the script there and repeats the call
-    once. Other error replies are returned for the caller to judge (MOVED, ASK...).
-    `asking`: each EVALSHA goes right after an ASKING (Redis Cluster, a slot importing)."""
+    """EVALSHA on one connection; NOSCRIPT repeats the call once as EVAL of the source.
+    Other error replies are returned for the caller to judge (MOVED, ASK...).
+    `asking`: each script call goes right after an ASKING (Redis Cluster, a slot importing).
+
+    EVAL, not SCRIPT LOAD then EVALSHA again: another client's SCRIPT FLUSH (or a second
+    failover) between the load and the repeat would answer NOSCRIPT again, a 500."""
     call = ("EVALSHA", script.sha, len(keys), *keys, *args)
     try:
         reply = await (_after_asking(conn, call) if asking else conn.call(call))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
-            await conn.execute("SCRIPT", "LOAD", script.source)
+            call = ("EVAL", script.source, len(keys), *keys, *args)
             reply = await (_after_asking(conn, call) if asking else conn.call(call))
     except ConnectionLost as exc:
         raise StoreUnavailable(str(exc)) from exc
@@ -97,8 +100,19 @@ async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) 
 
 
 # Error replies that mean "not now" rather than "never": a cluster mid-failover, a replica
-# still loading its data, a server refusing writes it cannot persist.
-_TRANSIENT = ("CLUSTERDOWN", "TRYAGAIN", "LOADING", "MASTERDOWN", "READONLY", "MISCONF")
+# still loading its data, a server refusing writes it cannot persist, a server busy with
+# another client's long script (BUSY: ours did not run), a server at maxmemory with
+# noeviction (OOM: Redis refuses a script's first write, so nothing of it was written).
+_TRANSIENT = (
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "LOADING",
+    "MASTERDOWN",
+    "READONLY",
+    "MISCONF",
+    "BUSY ",
+    "OOM ",
+)
 
 
 async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:
