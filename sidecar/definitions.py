@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -76,6 +76,25 @@ return 1
 """
 
 
+# KEYS[1] the tenant's definitions hash; ARGV[1] field, ARGV[2] the value read, ARGV[3] the
+# new value. Returns 1 if the field still held the value read and now holds the new one,
+# 0 if it changed since (nothing written), -1 if it is gone (nothing written).
+_COMPARE_AND_SET = """
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if not current then return -1 end
+if current ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
+"""
+# How often a merge is retried when another write lands between its read and its write;
+# each lost round means another write succeeded, so this bounds only a pathological storm.
+MERGE_ATTEMPTS = 50
+
+
+class MergeConflict(Exception):
+    """A budget kept changing under a merge for MERGE_ATTEMPTS rounds."""
+
+
 def _price_field(provider: str, model: str) -> str:
     return f"p:{keys.escape(provider)}/{keys.escape(model)}"
 
@@ -87,35 +106,48 @@ class DefinitionStore:
     # The definition, the tenant and the version live in different slots (a Redis Cluster
     # refuses MULTI across them), so the writes are ordered instead: the version moves
     # last, after what it announces is in place.
-    async def put_rate_limit(self, tenant: str, spec: RateLimitSpec) -> None:
-        await self._client.hset(keys.definitions(tenant), f"rl:{spec.id}", _encode(spec))
-        await self._client.sadd(keys.DEFS_TENANTS, tenant)
-        await self._client.incr(keys.DEFS_VERSION)
+    async def create_rate_limit(self, tenant: str, spec: RateLimitSpec) -> bool:
+        """Store a new rate limit; False (nothing written) if the tenant has one of that id:
+        two replicas creating the same id at once cannot both succeed."""
+        return await self._create(tenant, f"rl:{spec.id}", _encode(spec))
+
+    async def replace_rate_limit(self, tenant: str, spec: RateLimitSpec) -> bool:
+        """Replace a stored rate limit; False (nothing written) if it is gone: a replica
+        that has not yet seen a delete made elsewhere must not bring the limit back."""
+        return await self._replace(tenant, f"rl:{spec.id}", _encode(spec))
 
     async def delete_rate_limit(self, tenant: str, limit_id: str) -> bool:
         return await self._delete(tenant, f"rl:{limit_id}")
 
-    async def update_budget(self, tenant: str, budget: StoredBudget) -> bool:
-        """Replace a stored budget; False (nothing written) if it is gone: a replica that
-        has not yet seen a delete made elsewhere must not bring the budget back."""
-        # One key, so one script is atomic in a Redis Cluster too.
-        replaced = await self._client.eval(
-            _REPLACE_IF_PRESENT, 1, keys.definitions(tenant), f"b:{budget.id}", _encode(budget)
-        )
-        if replaced:
-            await self._client.incr(keys.DEFS_VERSION)
-        return bool(replaced)
+    async def merge_budget(
+        self, tenant: str, budget_id: str, change: Callable[[StoredBudget], StoredBudget]
+    ) -> StoredBudget | None:
+        """Apply `change` to the budget as stored in Redis and store the result; None
+        (nothing written) if it is gone. The merge reads Redis, not this replica's copy,
+        and writes only if nothing changed since the read (else it reads again): a replica
+        that has not yet seen a re-create or another replica's update must not bring the
+        old budget's fields back, nor bring a deleted budget back."""
+        key, field = keys.definitions(tenant), f"b:{budget_id}"
+        for _ in range(MERGE_ATTEMPTS):
+            raw = await self._client.hget(key, field)
+            if raw is None:
+                return None
+            merged = change(_decode_budget(raw))
+            # One key, so one script is atomic in a Redis Cluster too.
+            written = int(
+                await self._client.eval(_COMPARE_AND_SET, 1, key, field, raw, _encode(merged))
+            )
+            if written == -1:
+                return None
+            if written == 1:
+                await self._client.incr(keys.DEFS_VERSION)
+                return merged
+        raise MergeConflict(budget_id)
 
     async def create_budget(self, tenant: str, budget: StoredBudget) -> bool:
         """Store a new budget; False (nothing written) if the tenant has one of that id:
         two replicas creating the same id at once cannot both succeed."""
-        created = await self._client.hsetnx(
-            keys.definitions(tenant), f"b:{budget.id}", _encode(budget)
-        )
-        if created:
-            await self._client.sadd(keys.DEFS_TENANTS, tenant)
-            await self._client.incr(keys.DEFS_VERSION)
-        return bool(created)
+        return await self._create(tenant, f"b:{budget.id}", _encode(budget))
 
     async def delete_budget(self, tenant: str, budget_id: str) -> bool:
         return await self._delete(tenant, f"b:{budget_id}")
@@ -125,6 +157,22 @@ class DefinitionStore:
 
     async def delete_price(self, tenant: str, provider: str, model: str) -> bool:
         return await self._delete(tenant, _price_field(provider, model))
+
+    async def _create(self, tenant: str, field: str, value: bytes) -> bool:
+        created = await self._client.hsetnx(keys.definitions(tenant), field, value)
+        if created:
+            await self._client.sadd(keys.DEFS_TENANTS, tenant)
+            await self._client.incr(keys.DEFS_VERSION)
+        return bool(created)
+
+    async def _replace(self, tenant: str, field: str, value: bytes) -> bool:
+        # One key, so one script is atomic in a Redis Cluster too.
+        replaced = await self._client.eval(
+            _REPLACE_IF_PRESENT, 1, keys.definitions(tenant), field, value
+        )
+        if replaced:
+            await self._client.incr(keys.DEFS_VERSION)
+        return bool(replaced)
 
     async def _put(self, tenant: str, field: str, value: bytes) -> None:
         await self._client.hset(keys.definitions(tenant), field, value)

@@ -104,7 +104,9 @@ def add_routes(
             writable(request, spec.id)  # 409 for a config-file id
             raise ProblemError(409, f"rate limit {spec.id!r} exists; PUT replaces it", field="id")
         watcher = request.app[watcher_key]
-        await watcher.store.put_rate_limit(tenant_of(request), spec)
+        # Another replica may have made this id since this one last loaded: one wins.
+        if not await watcher.store.create_rate_limit(tenant_of(request), spec):
+            raise ProblemError(409, f"rate limit {spec.id!r} exists; PUT replaces it", field="id")
         await watcher.refresh()
         return _json(view(spec.to_rate_limit("api")), status=201)
 
@@ -124,7 +126,9 @@ def add_routes(
         if writable(request, limit_id) is None:
             raise ProblemError(404, f"no rate limit {limit_id!r}", field="id")
         watcher = request.app[watcher_key]
-        await watcher.store.put_rate_limit(tenant_of(request), spec)
+        # Deleted through another replica since this one last loaded: not brought back.
+        if not await watcher.store.replace_rate_limit(tenant_of(request), spec):
+            raise ProblemError(404, f"no rate limit {limit_id!r}", field="id")
         await watcher.refresh()
         return _json(view(spec.to_rate_limit("api")))
 

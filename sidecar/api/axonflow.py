@@ -27,7 +27,7 @@ from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
 from sidecar.config import BudgetId, PricePer1k, PriceSpec
-from sidecar.definitions import DefinitionWatcher, StoredBudget
+from sidecar.definitions import DefinitionWatcher, MergeConflict, StoredBudget
 from sidecar.engine import Engine, RequestError
 from sidecar.learned import EstimateHint
 from sidecar.model import Budget, OnExceed, Period, Price, Scope
@@ -305,25 +305,30 @@ def add_routes(
         body = _update_body(await request.read())
         engine = request.app[engine_key]
         tenant = tenant_of(request)
-        stored = StoredBudget(
-            id=budget.id,
-            name=body.name if body.name is not None else budget.name,
-            scope=budget.scope,
-            scope_id=budget.scope_id,
-            limit_usd=(
-                body.limit_usd if body.limit_usd is not None else micro_to_usd(budget.limit_micro)
-            ),
-            period=budget.period,
-            on_exceed=body.on_exceed if body.on_exceed is not None else budget.on_exceed,
-            alert_thresholds=sorted(set(body.alert_thresholds or budget.alert_thresholds)),
-            forecast_alert=(
-                body.forecast_alert if body.forecast_alert is not None else budget.forecast_alert
-            ),
-            created_at=budget.created_at or iso(engine.now_ms()),
-            updated_at=iso(engine.now_ms()),
-        )
+
+        def change(old: StoredBudget) -> StoredBudget:
+            # Merged into the budget as stored, not this replica's copy (which may not yet
+            # show another replica's update or re-create): see DefinitionStore.merge_budget.
+            return msgspec.structs.replace(
+                old,
+                name=body.name if body.name is not None else old.name,
+                limit_usd=body.limit_usd if body.limit_usd is not None else old.limit_usd,
+                on_exceed=body.on_exceed if body.on_exceed is not None else old.on_exceed,
+                alert_thresholds=sorted(set(body.alert_thresholds or old.alert_thresholds)),
+                forecast_alert=(
+                    body.forecast_alert if body.forecast_alert is not None else old.forecast_alert
+                ),
+                updated_at=iso(engine.now_ms()),
+            )
+
         watcher = request.app[watcher_key]
-        if not await watcher.store.update_budget(tenant, stored):
+        try:
+            stored = await watcher.store.merge_budget(tenant, budget.id, change)
+        except MergeConflict:
+            raise ProblemError(
+                409, f"budget {budget.id!r} kept changing under this update; retry", field="id"
+            ) from None
+        if stored is None:
             raise ProblemError(404, f"Budget not found: {budget.id!r}", field="id")
         await watcher.refresh()
         return json_response(ax_budget(stored.to_budget(), tenant))
