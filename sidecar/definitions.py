@@ -18,7 +18,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar import keys, tasks
+from sidecar import keys, scripts, tasks
 from sidecar.config import PriceSpec, RateLimitSpec
 from sidecar.engine import Engine
 from sidecar.model import Budget, OnExceed, Period, Price, RateLimit, Scope, TenantDefinitions
@@ -67,25 +67,8 @@ _decode_budget = msgspec.json.Decoder(StoredBudget).decode
 _decode_price = msgspec.json.Decoder(PriceSpec).decode
 
 
-# KEYS[1] the tenant's definitions hash; ARGV[1] field, ARGV[2] value.
-# Returns 1 if the field existed and now holds the value, 0 (nothing written) otherwise.
-_REPLACE_IF_PRESENT = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-return 1
-"""
-
-
-# KEYS[1] the tenant's definitions hash; ARGV[1] field, ARGV[2] the value read, ARGV[3] the
-# new value. Returns 1 if the field still held the value read and now holds the new one,
-# 0 if it changed since (nothing written), -1 if it is gone (nothing written).
-_COMPARE_AND_SET = """
-local current = redis.call('HGET', KEYS[1], ARGV[1])
-if not current then return -1 end
-if current ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
-return 1
-"""
+# Replace one definition if still there (and still the value read): lua/definition_put.lua.
+_PUT = scripts.standalone("definition_put")
 # How often a merge is retried when another write lands between its read and its write;
 # each lost round means another write succeeded, so this bounds only a pathological storm.
 MERGE_ATTEMPTS = 50
@@ -134,9 +117,7 @@ class DefinitionStore:
                 return None
             merged = change(_decode_budget(raw))
             # One key, so one script is atomic in a Redis Cluster too.
-            written = int(
-                await self._client.eval(_COMPARE_AND_SET, 1, key, field, raw, _encode(merged))
-            )
+            written = int(await self._client.eval(_PUT, 1, key, field, raw, _encode(merged)))
             if written == -1:
                 return None
             if written == 1:
@@ -167,12 +148,10 @@ class DefinitionStore:
 
     async def _replace(self, tenant: str, field: str, value: bytes) -> bool:
         # One key, so one script is atomic in a Redis Cluster too.
-        replaced = await self._client.eval(
-            _REPLACE_IF_PRESENT, 1, keys.definitions(tenant), field, value
-        )
-        if replaced:
+        replaced = int(await self._client.eval(_PUT, 1, keys.definitions(tenant), field, "", value))
+        if replaced == 1:
             await self._client.incr(keys.DEFS_VERSION)
-        return bool(replaced)
+        return replaced == 1
 
     async def _put(self, tenant: str, field: str, value: bytes) -> None:
         await self._client.hset(keys.definitions(tenant), field, value)

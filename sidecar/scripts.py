@@ -11,6 +11,8 @@ from pathlib import Path
 OPERATIONS = (
     "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops"
 )  # fmt: skip
+# Scripts run alone (no _lib.lua), off the hot path, through redis-py.
+STANDALONE = ("definition_put",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +29,12 @@ def _lua_dir() -> Path:
     if packaged.is_dir():
         return Path(str(packaged))
     return Path(__file__).resolve().parent.parent / "lua"
+
+
+def standalone(name: str) -> str:
+    """A script's source without lua/_lib.lua, for one that shares nothing with the
+    decisions (lua/definition_put.lua), run off the hot path through redis-py."""
+    return (_lua_dir() / f"{name}.lua").read_text()
 
 
 def load(name: str) -> Script:

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sidecar.decision import over
 from sidecar.money import cost_micro
-from sidecar.scripts import OPERATIONS, Scripts
+from sidecar.scripts import OPERATIONS, STANDALONE, Scripts
 from tests.conftest import ClientFactory
 from tests.harness import REPO, RedisServer
 
@@ -47,7 +47,7 @@ OVER_SNIPPET = (
 
 def test_the_lua_folder_holds_the_library_and_every_operation() -> None:
     names = {p.stem for p in LUA_FILES}
-    assert names == {"_lib", *OPERATIONS}
+    assert names == {"_lib", *OPERATIONS, *STANDALONE}
 
 
 @pytest.mark.parametrize("path", LUA_FILES, ids=[p.name for p in LUA_FILES])

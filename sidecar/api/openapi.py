@@ -616,7 +616,10 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                 "responses": {
                     "200": _json("AxBudget", "Changed."),
                     "404": not_found,
-                    "409": from_file,
+                    "409": _problem(
+                        "The budget comes from the config file (change it there), or kept "
+                        "changing under this update through other replicas (retry)."
+                    ),
                     **writes,
                 },
             },
