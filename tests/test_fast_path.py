@@ -214,6 +214,8 @@ _VARYING = [
     (re.compile(rb"[0-9a-f]{32}"), b"<id>"),
     (re.compile(rb"\b1[0-9]{12}\b"), b"<ms>"),
     (re.compile(rb"(?i)(retry-after: |t=|retry_after_ms\":)[0-9]+"), rb"\1<n>"),
+    # The lease end is to the second: the two answers may straddle one.
+    (re.compile(rb'"lease_expires_at":"[0-9T:-]+Z"'), b'"lease_expires_at":"<t>"'),
 ]
 
 
