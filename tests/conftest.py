@@ -31,6 +31,17 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def server() -> Iterator[RedisServer]:
+    """A redis-server of the test's own, for tests that stop, kill or reconfigure it
+    (the session's `redis_server` is shared and must stay up)."""
+    srv = RedisServer().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture
 def redis_client(redis_server: RedisServer) -> Iterator[redis.Redis]:
     client = redis_server.client()
     client.flushall()

@@ -14,7 +14,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -45,15 +45,6 @@ def doc(
     if fail_mode is not None:
         settings["fail_mode"] = fail_mode
     return {"budgets": BUDGETS if budgets is None else budgets, "settings": settings}
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
 
 
 @pytest.fixture

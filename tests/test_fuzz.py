@@ -50,6 +50,8 @@ from tests.harness import RedisServer, SidecarProcess, missing
 
 SEED = os.environ.get("SIDECAR_FUZZ_SEED", "1")
 EXAMPLES = os.environ.get("SIDECAR_FUZZ_EXAMPLES", "30")
+# Two workers: the time goes to generating cases in schemathesis, not to the sidecar.
+WORKERS = os.environ.get("SIDECAR_FUZZ_WORKERS", "2")
 CHECKS = (
     "not_a_server_error,status_code_conformance,content_type_conformance,"
     "response_schema_conformance,response_headers_conformance,negative_data_rejection"
@@ -197,7 +199,7 @@ def run(cli: str, url: str, tmp: Path, *args: str, hooks: str | None = None) -> 
         "--checks", CHECKS,
         "--max-examples", EXAMPLES,
         "--seed", SEED,
-        "--workers", "1",
+        "--workers", WORKERS,
         "--phases", "coverage,fuzzing",
         "--request-timeout", "10",
         "--report", "junit,har",

@@ -8,10 +8,8 @@ import os
 import signal
 import statistics
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.api.app import STORE, create_app
@@ -36,13 +34,6 @@ def test_breaker_opens_after_threshold_probes_after_cooldown_and_closes() -> Non
     b.success()
     assert not b.is_open and b.allow(0.76) and b.allow(0.77)
     assert b.opened == 1
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    s = RedisServer().start()
-    yield s
-    s.cleanup()
 
 
 async def post(client: TestClient[Any, Any], path: str, body: dict[str, Any]) -> Any:

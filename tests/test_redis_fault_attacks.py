@@ -52,15 +52,6 @@ def settings_doc(fail_mode: str, timeout_ms: int = 2000, cap: dict[str, Any] = O
 
 
 @pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
-@pytest.fixture
 def rc(server: RedisServer) -> Iterator[redis.Redis]:
     client = redis.Redis(port=server.port, decode_responses=True)
     try:
