@@ -38,6 +38,7 @@ from tests.test_transport_attacks import (
     held_micro,
     read_answer,
     records,
+    taken_back,
     transport_of,
     used_micro,
 )
@@ -276,11 +277,7 @@ async def test_a_client_that_closed_for_good_has_its_hold_taken_back(
     srv = as_deployed(await serve(fast=fast))
     sock, _ = await ends_while_deciding(srv, redis_client, HOLDING[route], "close", handed=handed)
     sock.close()
-
-    def taken_back() -> bool:
-        return held_micro(redis_client) == 0 and redis_client.zcard(TENANT.leases) == 0
-
-    await asyncio.to_thread(wait_until, taken_back, 10, "the hold taken back")
+    await asyncio.to_thread(wait_until, lambda: taken_back(redis_client), 10, "taken back")
     (record,) = records(redis_client).values()
     assert record.startswith("R|")
     assert used_micro(redis_client) == 0
