@@ -93,7 +93,10 @@ REFUSED: dict[str, tuple[bytes, str]] = {
     ),
     "no Host": (HEAD.replace(b"Host: x\r\n", b"") + CL, "Host"),
     "two Hosts": (HEAD.replace(b"Host: x\r\n", b"Host: x\r\nHost: y\r\n") + CL, "Host"),
-    "a Content-Length that is not a number": (HEAD + b"Content-Length: 4x\r\n\r\n{}", "Content-Length"),
+    "a Content-Length that is not a number": (
+        HEAD + b"Content-Length: 4x\r\n\r\n{}",
+        "Content-Length",
+    ),
     "a negative Content-Length": (HEAD + b"Content-Length: -1\r\n\r\n{}", "Content-Length"),
     "two Content-Lengths": (
         HEAD + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
@@ -119,7 +122,10 @@ REFUSED: dict[str, tuple[bytes, str]] = {
         b"GET /ext_authz/v1/chat\r\nx-org-id: org-1\r\nx-budget-estimate-usd: 0.5\r\n\r\n",
         "http_version",
     ),
-    "HTTP/0.9 authorize": (b"POST /v1/authorize\r\n" + HEAD.split(b"\r\n", 1)[1] + CL, "http_version"),
+    "HTTP/0.9 authorize": (
+        b"POST /v1/authorize\r\n" + HEAD.split(b"\r\n", 1)[1] + CL,
+        "http_version",
+    ),
 }
 
 
@@ -229,7 +235,9 @@ async def test_a_client_that_half_closes_gets_its_answer_and_keeps_its_hold(
     none: it closed at the end of file and took the hold back), then the server closes;
     the hold stays, for the caller to settle."""
     srv = as_deployed(await serve(fast=fast))
-    sock, _ = await ends_while_deciding(srv, redis_client, HOLDING[route], "half-close", handed=handed)
+    sock, _ = await ends_while_deciding(
+        srv, redis_client, HOLDING[route], "half-close", handed=handed
+    )
     try:
         answer = await asyncio.to_thread(read_answer, sock)
         assert status(answer) == 200, answer
