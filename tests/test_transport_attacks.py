@@ -143,15 +143,11 @@ async def gone_while_deciding(
         sock.close()
 
 
-# (fast_http, the connection handed to aiohttp first, how the client goes): the fast
-# path answers a client that half-closes (test_hot_path_attacks), and cannot tell a
-# close from a half-close until it writes; aiohttp closes at either end of file.
+# (fast_http, the connection handed to aiohttp first, how the client goes): a reset.
+# Both paths answer a client that half-closes, and tell a close for good from it by the
+# reset its kernel sends for the answer (test_http_edge_attacks).
 WAYS = [
-    (False, False, "half-close"),
-    (False, False, "close"),
     (False, False, "reset"),
-    (True, True, "half-close"),
-    (True, True, "close"),
     (True, True, "reset"),
     (True, False, "reset"),
 ]
@@ -168,13 +164,22 @@ async def test_a_hold_whose_answer_cannot_be_written_is_taken_back(
     srv = as_deployed(await serve(fast=fast))
     await gone_while_deciding(srv, redis_client, HOLDING[route], how, handed=handed)
 
-    def taken_back() -> bool:
-        return held_micro(redis_client) == 0 and redis_client.zcard(TENANT.leases) == 0
-
-    await asyncio.to_thread(wait_until, taken_back, 10, "the hold taken back")
+    await asyncio.to_thread(wait_until, lambda: taken_back(redis_client), 10, "taken back")
     (record,) = records(redis_client).values()
     assert record.startswith("R|")  # released, not charged
     assert used_micro(redis_client) == 0
+
+
+def taken_back(rc: redis.Redis) -> bool:
+    """The authorize ran (its record is there: the counters are empty before it runs too)
+    and its hold was released: nothing held, the lease index empty."""
+    done = records(rc)
+    return (
+        bool(done)
+        and all(r.startswith("R|") for r in done.values())
+        and held_micro(rc) == 0
+        and rc.zcard(TENANT.leases) == 0
+    )
 
 
 @pytest.mark.parametrize("route", list(HOLDING))
@@ -569,13 +574,13 @@ async def test_with_request_ids_each_hostile_input_is_answered_alike(
         seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
     assert seen[0] == seen[1], name
     for answer in seen[0][0]:
+        assert b"application/problem+json" in answer or status(answer) < 400, answer
         if b"application/problem+json" in answer:
             assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["field"], answer
+    # The first request carries the id; aiohttp's own 400 for a head it refuses (it does
+    # not pass the middleware) carries one it made (sidecar.api.connection), on both paths.
     first = seen[0][0][0]
-    # The first request carries the id; aiohttp's own 400 for a head it refuses does not
-    # pass the middleware (text/plain, no id), on either path.
-    if status(first) == 200 or b"application/problem+json" in first:
-        assert b"\r\nX-Request-ID: rid-7\r\n" in first, first
+    assert re.search(rb"\r\nX-Request-ID: (rid-7|<id>)\r\n", first), first  # (<id>: made)
 
 
 # ---- a decision cancelled after its script was sent ---------------------------------------

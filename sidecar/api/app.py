@@ -10,6 +10,7 @@ from typing import cast
 
 import msgspec
 from aiohttp import web
+from aiohttp.http import HttpVersion10
 from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -20,6 +21,7 @@ from sidecar.api import (
     admin,
     axonflow,
     bodies,
+    connection,
     fast,
     gateway,
     native,
@@ -147,6 +149,12 @@ def guard(
     def admit(request: web.Request) -> web.StreamResponse | None:
         """Credentials and the rules on what the head declares: an answer to give at
         once (the request goes no further), else None."""
+        if request.version < HttpVersion10:
+            # aiohttp serves "GET /path" with no version as HTTP/0.9, headers and all
+            # (an /ext_authz hold nobody can read): refused, and nothing is charged.
+            raise ProblemError(
+                400, "http_version: HTTP/0.9 is not served; use HTTP/1.1", field="http_version"
+            )
         authenticate(request)
         if request.can_read_body and not request.path.startswith(proxy.PREFIX):
             too_large = bodies.declared_too_large(request, max_body)
@@ -291,7 +299,9 @@ def create_app(
         api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes
     )
     # settings.fast_http: the hot routes on sidecar.api.fast's protocol, the rest on aiohttp.
-    app_class = fast.FastApplication if config.settings.fast_http else web.Application
+    # Both answer what aiohttp refuses before any handler as problem+json, and a client
+    # that half-closes (sidecar.api.connection).
+    app_class = fast.FastApplication if config.settings.fast_http else connection.SidecarApplication
     app = app_class(
         # Request ids bind to logs only when per-decision debug lines are on.
         middlewares=[logs.request_ids, checks] if logs.debug_enabled() else [checks],

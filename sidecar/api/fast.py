@@ -41,7 +41,8 @@ from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.api import native, proxy, undelivered
+from sidecar.api import native, problems, proxy, undelivered
+from sidecar.api.connection import SidecarApplication, SidecarServer
 
 log = logging.getLogger("sidecar.http")
 
@@ -85,6 +86,13 @@ def _header_lines(fields: dict[str, str]) -> bytes:
     """Header fields as they go on the wire. Their names and values are the sidecar's own
     (limit_headers: ids that passed ID_PATTERN, numbers), never a client's text."""
     return "".join(f"{name}: {value}\r\n" for name, value in fields.items()).encode()
+
+
+def _internal_error() -> web.Response:
+    """As SidecarRequestHandler answers an exception that escaped the middlewares."""
+    response = problems.response(problems.ProblemError(500, "internal error"))
+    response.force_close()
+    return response
 
 
 class _HandOff(Exception):
@@ -179,9 +187,10 @@ class FastRequest(dict[str, Any]):
         return self.rel_url.query
 
 
-class FastServer(web.Server):
-    """aiohttp's Server whose connections start on a FastProtocol. Made from the Server
-    aiohttp built (same handler, kwargs and connection registry), by `adopt`."""
+class FastServer(SidecarServer):
+    """The sidecar's Server whose connections start on a FastProtocol (and go on, when
+    handed off, on its SidecarRequestHandler). Made from the Server aiohttp built (same
+    handler, kwargs and connection registry), by `adopt`."""
 
     app: web.Application
     keepalive_timeout: float
@@ -199,6 +208,7 @@ class FastServer(web.Server):
     def adopt(cls, server: web.Server, app: web.Application) -> FastServer:
         fast = cls.__new__(cls)
         fast.__dict__.update(server.__dict__)
+        fast.request_ids = getattr(server, "request_ids", False)
         fast.app = app
         fast._hot = None
         fast._ext_authz = None
@@ -253,7 +263,7 @@ with warnings.catch_warnings():
     # its Server starts connections on, so TestServer and AppRunner both get it.
     warnings.simplefilter("ignore", DeprecationWarning)
 
-    class FastApplication(web.Application):
+    class FastApplication(SidecarApplication):
         __slots__ = ()
 
         def _make_handler(self, **kwargs: Any) -> web.Server:
@@ -481,8 +491,7 @@ class FastProtocol(asyncio.Protocol):
                 response = await handler(cast(web.Request, request))
             except Exception as exc:  # what aiohttp answers to an escaped exception
                 log.exception("error handling %s %s", request.method, request.path, exc_info=exc)
-                response = web.Response(status=500, text="500 Internal Server Error")
-                response.force_close()
+                response = _internal_error()
             if undelivered.gone(self._transport):
                 undelivered.take_back(request)  # reset while it was decided: nobody is told
             if isinstance(response, (bytes, native.Headed)):
@@ -498,6 +507,9 @@ class FastProtocol(asyncio.Protocol):
                     date = rfc822_formatted_time().encode()
                     fields = _header_lines(own) if own else b""
                     transport.write(_HEAD_200_JSON % (fields, len(body), date, body))
+                    if self._eof and undelivered.holds(request):
+                        # After the client's FIN: half-closed, or closed for good?
+                        await undelivered.confirm(transport, request)
                     if self._paused and len(queue) < _MAX_QUEUED // 2:
                         self._paused = False
                         transport.resume_reading()
@@ -508,7 +520,10 @@ class FastProtocol(asyncio.Protocol):
             assert isinstance(response, web.StreamResponse)
             if prepare:
                 await self._app.on_response_prepare.send(cast(web.Request, request), response)
-            if not self._write(request, response):
+            keep_alive = self._write(request, response)
+            if self._eof and undelivered.holds(request) and self._transport is not None:
+                await undelivered.confirm(self._transport, request)
+            if not keep_alive:
                 queue.clear()
                 break
             if self._paused and len(queue) < _MAX_QUEUED // 2 and self._transport is not None:
@@ -539,8 +554,7 @@ class FastProtocol(asyncio.Protocol):
             response.body, (bytes, type(None))
         ):
             log.error("the fast path sends a web.Response with bytes, not %r", response)
-            response = web.Response(status=500, text="500 Internal Server Error")
-            response.force_close()
+            response = _internal_error()
         body = response.body if isinstance(response.body, bytes) else b""
         status = response.status
         headers = response.headers
@@ -566,8 +580,8 @@ class FastProtocol(asyncio.Protocol):
             headers[hdrs.CONNECTION] = "close"
         head = _serialize_headers(f"HTTP/1.1 {status} {response.reason}", headers)
         transport.write(head + body if body and not empty else head)
-        if not keep_alive:
-            transport.close()
+        if not keep_alive and not self._eof:
+            transport.close()  # (after the client's FIN, _serve closes once it confirmed)
         return keep_alive
 
     def _check_idle(self) -> None:

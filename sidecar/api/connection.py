@@ -1,0 +1,187 @@
+"""aiohttp's connection protocol, with what the sidecar changes about it:
+
+- **What aiohttp answers on its own** (a request line or head its parser refuses, a body
+  whose framing is broken, an exception that escapes the middlewares) is problem+json like
+  every other error answer (sidecar.api.problems), naming what was wrong in `field`, with
+  the X-Request-ID the other answers carry when request ids are on. aiohttp builds those
+  answers in `RequestHandler.handle_error` (text/plain, no hook for an application:
+  aio-libs/aiohttp#3287 is still open), so that method is overridden here, on a subclass
+  that the sidecar's Server creates: the middlewares never see these requests.
+- **A client that half-closes** (shuts down its sending side after its request, as curl
+  and some proxies do) gets its answers, then the connection closes: aiohttp's
+  `eof_received` lets the transport close at once, so the answer of a request it was
+  deciding was lost (and its hold taken back). The fast path (sidecar.api.fast) does the
+  same. A client that closed for good sends the same FIN; its kernel answers the answer
+  with a reset, which `undelivered.confirm` waits for to take the hold back.
+
+`SidecarApplication` is the application class for `fast_http: false`; the fast path's
+`FastApplication` derives from it, and its hand-offs start this protocol too.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+import warnings
+from typing import Any
+
+from aiohttp import http_exceptions, web
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar import logs
+from sidecar.api import undelivered
+from sidecar.api.problems import ProblemError, response
+
+# llhttp's reason (the message's first line) -> the field it names. The reasons are
+# llhttp's own strings; aiohttp adds its own for what its callbacks refuse.
+_REASONS: tuple[tuple[re.Pattern[str], str], ...] = tuple(
+    (re.compile(pattern, re.IGNORECASE), field)
+    for pattern, field in (
+        (r"transfer-encoding", "Transfer-Encoding"),
+        (r"content-length", "Content-Length"),
+        (r"chunk", "body"),
+        (r"'host' header", "Host"),
+        (r"too many headers", "headers"),
+        (r"version", "http_version"),
+        (r"header|CR|LF", "headers"),
+        (r"url", "request_target"),
+    )
+)
+# What an excerpt of a header line names (llhttp quotes the line it stopped in).
+_HEADER_LINE = re.compile(r"b'([!#$%&'*+.^_`|~0-9A-Za-z-]+):")
+
+
+def refused(exc: BaseException | None, max_line_size: int) -> tuple[str, str]:
+    """(field, detail) for what aiohttp's parser refused: the part of the request line or
+    head that was bad, and llhttp's (or aiohttp's) reason, on one line."""
+    message = getattr(exc, "message", "") or str(exc or "")
+    if message.startswith("Bad status line:\n"):
+        # "Bad status line:\n  <reason>:\n\n  b'<excerpt>'\n  ^"
+        message = message.partition("\n")[2].strip()
+    reason = message.partition(":\n")[0].strip().rstrip(".") or "not valid HTTP/1.1"
+    if "PRI/Upgrade" in reason:  # llhttp's words for the HTTP/2 connection preface
+        field, reason = "http_version", "HTTP/2 is not served without an upgrade; use HTTP/1.1"
+    elif isinstance(exc, http_exceptions.BadHttpMethod):
+        field = "method"
+    elif isinstance(exc, http_exceptions.InvalidURLError):
+        field = "request_target"
+    elif isinstance(exc, http_exceptions.LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        field = "request_target" if limit == max_line_size else "headers"
+        reason = f"longer than {limit} bytes"
+    elif isinstance(exc, http_exceptions.InvalidHeader):
+        field = str(exc.hdr)  # (an istr)
+    elif isinstance(exc, http_exceptions.ContentEncodingError):
+        field = "Content-Encoding"
+    elif isinstance(exc, http_exceptions.BadStatusLine):
+        field = "http_version" if "version" in reason.lower() else "request_line"
+    else:
+        field = next((f for pattern, f in _REASONS if pattern.search(reason)), "request")
+        if field == "headers":
+            named = _HEADER_LINE.search(message)
+            if named is not None and "value" in reason.lower():
+                field = named.group(1)  # a header whose name parsed, its value not
+    return field, f"{field}: {reason}"
+
+
+class SidecarRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection; see the module's docstring."""
+
+    __slots__ = ("_half_closed",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._half_closed = False
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's own answer (it logs as it always did, and refuses when an answer was
+        already started), as problem+json."""
+        request_id = uuid.uuid4().hex if _request_ids(self) else None
+        token = logs.REQUEST_ID.set(request_id)
+        try:
+            super().handle_error(request, status, exc, message)  # logs; may raise
+        finally:
+            logs.REQUEST_ID.reset(token)
+        if status == 400:
+            try:
+                field, detail = refused(exc, self.max_line_size)
+            except Exception:  # (a message of a shape not seen before: still an answer)
+                field, detail = "request", "request: not valid HTTP/1.1"
+            problem = ProblemError(400, detail, field=field)
+        elif status == 504:
+            problem = ProblemError(504, "the request was not answered in time")
+        else:  # 500: never the exception's text (it is in the log, with the request id)
+            problem = ProblemError(status, "internal error")
+        resp = response(problem, request_id if status >= 500 else None)
+        if request_id is not None:
+            resp.headers["X-Request-ID"] = request_id
+        resp.force_close()  # as aiohttp's: what follows a refused head is not read
+        return resp
+
+    # asyncio.Protocol.eof_received may return True (keep the transport open); aiohttp's
+    # annotation says None because its own never does.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client shut down its sending side: when every request it sent is whole and
+        some are not answered yet, keep the transport open for their answers (True), and
+        close after the last (`finish_response`); otherwise close now, as aiohttp does."""
+        pending = [payload for _, payload in self._messages]
+        current = self._current_request
+        if current is not None:
+            pending.append(current.content)
+        if (self._request_in_progress or self._messages) and all(p.is_eof() for p in pending):
+            self._half_closed = True
+            return True
+        return None
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        result = await super().finish_response(request, resp, start_time)
+        if self._half_closed:
+            transport = self.transport
+            if transport is not None and undelivered.HELD in request:
+                await undelivered.confirm(transport, request)
+            if not self._messages:
+                self.close()  # the last answer written: start() closes the transport
+        return result
+
+
+def _request_ids(handler: RequestHandler) -> bool:
+    """Whether answers carry X-Request-ID (the request-id middleware is on)."""
+    manager = handler._manager
+    return isinstance(manager, SidecarServer) and manager.request_ids
+
+
+class SidecarServer(web.Server):
+    """aiohttp's Server whose connections run SidecarRequestHandler. Made from the Server
+    aiohttp built (same handler, kwargs and connection registry), by `adopt`."""
+
+    request_ids: bool
+
+    @classmethod
+    def adopt(cls, server: web.Server, app: web.Application) -> SidecarServer:
+        adopted = cls.__new__(cls)
+        adopted.__dict__.update(server.__dict__)
+        adopted.request_ids = logs.request_ids in app.middlewares
+        return adopted
+
+    def __call__(self) -> RequestHandler:
+        return SidecarRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+with warnings.catch_warnings():
+    # aiohttp discourages subclassing Application; this one only changes the protocol its
+    # Server starts connections on, so TestServer and AppRunner both get it.
+    warnings.simplefilter("ignore", DeprecationWarning)
+
+    class SidecarApplication(web.Application):
+        __slots__ = ()
+
+        def _make_handler(self, **kwargs: Any) -> web.Server:
+            return SidecarServer.adopt(super()._make_handler(**kwargs), self)
