@@ -85,7 +85,7 @@ async def run_script(
         raise StoreUnavailable(str(exc)) from exc
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
-        if text.startswith(_TRANSIENT):
+        if text.startswith(_TRANSIENT) or _KILLED in text:
             raise StoreUnavailable(f"{script.name}.lua: {text}")
         if not text.startswith(("MOVED", "ASK")):
             raise StoreError(f"{script.name}.lua failed: {text}")
@@ -113,6 +113,11 @@ _TRANSIENT = (
     "BUSY ",
     "OOM ",
 )
+# A SCRIPT KILL (an operator's, redis-cli's) of our script while it ran: Redis allows it
+# only before the script's first write, so nothing of it was written. Redis 7 answers
+# "ERR Script killed by user with SCRIPT KILL... script: <sha>, on @user_script:<line>."
+# (Redis 6 wraps the same words in "ERR Error running script ..."): matched inside.
+_KILLED = "Script killed by user with SCRIPT KILL"
 
 
 async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:
