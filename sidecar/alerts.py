@@ -50,6 +50,8 @@ GUARD_TYPES = {
     # A period-total (per-run) budget's dollar cap denied a call.
     "cap": "run_cap",
     "velocity": "velocity",
+    # Redis lost the tenant's state (sidecar.state_loss): g the store's new marker id.
+    "lost": "store_state_lost",
 }
 _GUARD_WORDS = {
     "stop": "Stop",
@@ -57,6 +59,7 @@ _GUARD_WORDS = {
     "calls": "Call limit of budget",
     "cap": "Cap of budget",
     "velocity": "Velocity limit",
+    "lost": "Budget store",
 }
 
 
@@ -150,6 +153,8 @@ def _guard_entry(
     # A budget's or a rate limit's trip names no scope: its id says what it covers.
     on = f"{scope} {entity}" if scope else entity
     message = f"{what} on {on}" + (f": {reason}" if reason else "")
+    if kind == "lost":
+        message = reason  # it says what was lost and what was put back
     return Alert(
         id="/".join((keys.escape(tenant), kind, keys.escape(guard), raw_entity, str(at))),
         budget_id=guard,

@@ -24,9 +24,11 @@ import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.api.app import create_app
+from sidecar.api.app import STATE_WATCH, create_app
 from sidecar.clock import FakeClock
 from sidecar.keys import tenant_keys
+from sidecar.metrics import Metrics
+from sidecar.state_loss import StateWatch
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
@@ -137,3 +139,120 @@ async def test_a_script_kill_of_our_running_script_answers_the_fail_mode(
         stop.set()
         rc.close()
         await client.close()
+
+
+# ---- 2. Redis loses its state under running sidecars ---------------------------------------
+
+ORG_CAP = {"id": "org", "name": "The org", "scope": "organization", "limit_usd": 5.0,
+           "period": "daily"}  # fmt: skip
+API_BUDGET = {"id": "api-cap", "name": "API cap", "scope": "team", "scope_id": "t1",
+              "limit_usd": 1.0, "period": "monthly", "on_exceed": "block",
+              "alert_thresholds": []}  # fmt: skip
+LOSS_DOC = {"budgets": [ORG_CAP], "settings": {"fail_mode": "closed"}}
+
+
+def lose_state(server: RedisServer, how: str) -> None:
+    if how == "restart":  # no persistence (the harness's --save ''): it comes back empty
+        server.stop()
+        server.start()
+    else:
+        with server.client() as rc:
+            rc.flushall()
+
+
+async def noticed(watch: StateWatch) -> None:
+    """Until the sidecar's own background check has noticed (bounded, not timed)."""
+    for _ in range(500):
+        if watch.losses:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the loss was not noticed within 10 s")
+
+
+@pytest.mark.parametrize("how", ["restart", "flushall"])
+async def test_redis_losing_its_state_is_noticed_said_and_what_can_be_is_put_back(
+    server: RedisServer, how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = [Metrics(), Metrics()]
+    clients = []
+    for m in metrics:
+        store = RedisStore.from_url(server.url, timeout_ms=2000)
+        app = create_app(make_config(LOSS_DOC), store, clock=FakeClock(T0_MS), events=m)
+        c = TestClient(TestServer(app))
+        await c.start_server()
+        clients.append(c)
+    a, b = clients
+    watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
+    try:
+        # Before the loss: an admin-API budget, a stop, a hold with an idempotency key.
+        status, _ = await call(a, "POST", "/api/v1/budgets", API_BUDGET)
+        assert status == 201
+        status, stop = await call(
+            a, "POST", "/v1/stops", {"scope": "agent", "scope_id": "runaway", "reason": "loop"}
+        )
+        assert status == 201
+        held = {"org_id": "o1", "estimated_usd": 1.0, "idempotency_key": "k1"}
+        status, first = await call(a, "POST", "/v1/authorize", held)
+        assert status == 200 and first["allowed"], first
+        for w in watches:  # each sidecar's check has seen the stop and the definitions
+            await w.check()
+            await w.definitions.refresh()
+        assert all(w.losses == 0 for w in watches)
+
+        lose_state(server, how)
+        # 30 callers at once on the store that came back empty: a restart answers
+        # NOSCRIPT to each first call, repeated as EVAL; never a 500 (call asserts it).
+        await asyncio.gather(*(
+            call(b, "POST", "/v1/check", {"org_id": f"o{i}", "estimated_usd": 0.01})
+            for i in range(30)
+        ))  # fmt: skip
+        for w in watches:
+            await noticed(w)
+
+        # Said: a metric, an error log line, /readyz detail, one alert per noticing sidecar.
+        for c in clients:
+            resp = await c.get("/metrics")
+            assert "budget_sidecar_store_state_lost_total 1.0" in await resp.text()
+            status, ready = await call(c, "GET", "/readyz")
+            assert status == 200 and ready["state_lost"]["tenants"] == ["default"], ready
+        assert any(
+            r.name == "sidecar.state_loss" and r.levelname == "ERROR" for r in caplog.records
+        )
+        status, alerts = await call(a, "GET", "/v1/alerts")
+        lost = [x for x in alerts["alerts"] if x["alert_type"] == "store_state_lost"]
+        assert len(lost) == 2 and "restart from zero" in lost[0]["message"], alerts
+
+        # Put back: the stop (same id, once though both sidecars restored), enforced.
+        with server.client() as rc:
+            stops_hash = rc.hgetall(TENANT.stops)
+        assert len(stops_hash) == 2 and stops_hash["#" + stop["id"]] == "agent:runaway"
+        status, listed = await call(b, "GET", "/v1/stops")
+        assert [s["id"] for s in listed["stops"]] == [stop["id"]], listed
+        status, denied = await call(b, "POST", "/v1/authorize",
+                                    {"agent_id": "runaway", "estimated_usd": 0.01})  # fmt: skip
+        assert status == 200 and not denied["allowed"], denied
+        # The admin API's budget: stored again, enforced by both.
+        for c in clients:
+            status, got = await call(c, "GET", "/api/v1/budgets/api-cap")
+            assert status == 200 and got["limit_usd"] == 1.0, got
+        status, over = await call(b, "POST", "/v1/authorize",
+                                  {"team_id": "t1", "estimated_usd": 1.5})  # fmt: skip
+        assert status == 200 and not over["allowed"], over
+
+        # The hold the loss took: settle and release answer 404 saying so, charge nothing.
+        rid = first["reservation_id"]
+        for path, body in (("/v1/settle", {"reservation_id": rid, "cost_usd": 0.5}),
+                           ("/v1/release", {"reservation_id": rid}),
+                           ("/v1/settle", {"reservation_id": rid, "cost_usd": 0.5})):  # fmt: skip
+            status, problem = await call(a, "POST", path, body)
+            assert status == 404 and "lost its state" in problem["detail"], problem
+        with server.client() as rc:
+            spent = [v for f, v in rc.hgetall(TENANT.counters).items() if f.startswith("u:")]
+            assert spent == [] and rc.xlen(TENANT.usage) == 0
+        # The idempotency key is gone with it: a retry is a new hold, and says so.
+        status, again = await call(a, "POST", "/v1/authorize", held)
+        assert status == 200 and again["allowed"] and again["replayed"] is False, again
+        assert again["reservation_id"] != rid
+    finally:
+        for c in clients:
+            await c.close()
