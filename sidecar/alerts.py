@@ -10,7 +10,8 @@ concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_li
 
 Guard trips share the stream: an entry with a `k` field was written by the script whose
 guard tripped (k: `stop` a stop made, `loop` a loop guard, `calls` a call cap, `velocity`
-a spend-velocity limit), with `g` the guard's id (stop, loop guard, budget, rate limit),
+a spend-velocity limit; `lost` Redis lost the tenant's state, sidecar.state_loss), with
+`g` the guard's id (stop, loop guard, budget, rate limit),
 `s` the scope, `e` the entity (escaped), `r` the reason or detail, `at` (Unix ms) and, for
 a stop, `x` when it ends (Unix ms, 0 never). They read as the same Alert, `alert_type`
 naming the guard (GUARD_TYPES) and `budget_id` the guard's id.
