@@ -6,14 +6,17 @@
 -- KEYS[2] alerts stream the tenant's alerts: a made stop adds one entry (k = stop)
 -- KEYS[3] ctr    hash  the tenant's counters: each stop in force is mirrored there as
 --                      "s:<field>" -> the same value, where the decision scripts read it
--- ARGV[1] op: 'create' | 'get' | 'delete' | 'list'
+-- ARGV[1] op: 'create' | 'get' | 'delete' | 'list' | 'restore'
 -- ARGV[2] now_ms: a stop with 0 < expires_at <= now is over (ignored and collected)
 -- create: ARGV[3] field  ARGV[4] id  ARGV[5] expires_at ms (0 never)  ARGV[6] reason
 --         ARGV[7] scope  ARGV[8] escaped entity
 -- get, delete: ARGV[3] id
+-- restore: ARGV[3] field  ARGV[4] the stored value ("<id>|<expires>|<created>|<reason>")
+--         of a stop a sidecar saw in force before Redis lost its state (sidecar.state_loss)
 -- Returns: create {1, id of the stop it replaced or ''}; get {field, value} or {} (none
 --   or over); delete {1} if a stop in force was lifted, else {0}; list {field1, value1,
---   ...} of every stop in force. No reply carries done()'s expiry counts: no lease is
+--   ...} of every stop in force; restore {1} if it put the stop back, {0} if the entity
+--   has a stop again (made since the loss: it stands) or this one has ended. No reply carries done()'s expiry counts: no lease is
 --   touched here.
 -- One stop per entity: a new one replaces the old (whose "#id" goes). Each call is one
 -- script, so no reader ever sees half a stop.
@@ -98,6 +101,18 @@ if op == 'list' then
     end
   end
   return out
+end
+
+if op == 'restore' then
+  -- As it was (its id, expiry, creation and reason), without a new alert: the loss's
+  -- own alert names what was put back.
+  local field, value = ARGV[3], ARGV[4]
+  if redis.call('HEXISTS', stops, field) == 1 or ended(select(2, parts(value))) then
+    return {0}
+  end
+  redis.call('HSET', stops, field, value, '#' .. parts(value), field)
+  redis.call('HSET', ctr, 's:' .. field, value)
+  return {1}
 end
 
 return redis.error_reply('stops.lua: unknown op ' .. tostring(op))

@@ -10,7 +10,8 @@ concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_li
 
 Guard trips share the stream: an entry with a `k` field was written by the script whose
 guard tripped (k: `stop` a stop made, `loop` a loop guard, `calls` a call cap, `velocity`
-a spend-velocity limit), with `g` the guard's id (stop, loop guard, budget, rate limit),
+a spend-velocity limit; `lost` Redis lost the tenant's state, sidecar.state_loss), with
+`g` the guard's id (stop, loop guard, budget, rate limit),
 `s` the scope, `e` the entity (escaped), `r` the reason or detail, `at` (Unix ms) and, for
 a stop, `x` when it ends (Unix ms, 0 never). They read as the same Alert, `alert_type`
 naming the guard (GUARD_TYPES) and `budget_id` the guard's id.
@@ -50,6 +51,8 @@ GUARD_TYPES = {
     # A period-total (per-run) budget's dollar cap denied a call.
     "cap": "run_cap",
     "velocity": "velocity",
+    # Redis lost the tenant's state (sidecar.state_loss): g the store's new marker id.
+    "lost": "store_state_lost",
 }
 _GUARD_WORDS = {
     "stop": "Stop",
@@ -57,6 +60,7 @@ _GUARD_WORDS = {
     "calls": "Call limit of budget",
     "cap": "Cap of budget",
     "velocity": "Velocity limit",
+    "lost": "Budget store",
 }
 
 
@@ -150,6 +154,8 @@ def _guard_entry(
     # A budget's or a rate limit's trip names no scope: its id says what it covers.
     on = f"{scope} {entity}" if scope else entity
     message = f"{what} on {on}" + (f": {reason}" if reason else "")
+    if kind == "lost":
+        message = reason  # it says what was lost and what was put back
     return Alert(
         id="/".join((keys.escape(tenant), kind, keys.escape(guard), raw_entity, str(at))),
         budget_id=guard,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import msgspec
 import redis.asyncio as aioredis
@@ -85,6 +85,9 @@ def _price_field(provider: str, model: str) -> str:
 class DefinitionStore:
     def __init__(self, client: aioredis.Redis) -> None:
         self._client = client
+        # What the last load read, per tenant (field -> stored JSON): what a replica puts
+        # back when Redis lost its state (restore).
+        self.loaded: dict[str, dict[str, str]] = {}
 
     # The definition, the tenant and the version live in different slots (a Redis Cluster
     # refuses MULTI across them), so the writes are ordered instead: the version moves
@@ -174,8 +177,10 @@ class DefinitionStore:
         out: dict[str, TenantDefinitions] = {}
         # The client decodes responses (decode_responses=True): names are str.
         tenants = [str(t) for t in await self._client.smembers(keys.DEFS_TENANTS)]
+        stored: dict[str, dict[str, str]] = {}
         for tenant in sorted(tenants):
             fields = await self._client.hgetall(keys.definitions(tenant))
+            stored[tenant] = {str(f): str(v) for f, v in fields.items()}
             limits: list[RateLimit] = []
             budgets: list[Budget] = []
             prices: list[Price] = []
@@ -190,7 +195,23 @@ class DefinitionStore:
                 except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                     log.error("skipping stored definition %s of tenant %s: %s", field, tenant, exc)
             out[tenant] = TenantDefinitions(tuple(limits), tuple(budgets), tuple(prices))
+        self.loaded = stored
         return out
+
+    async def restore(self, tenants: set[str] | None = None) -> int:
+        """Put back, after Redis lost its state, the definitions the last load read (of
+        `tenants`; None: all): only those absent (another replica may have put them back,
+        or a client made a new one since). Returns how many this call wrote."""
+        written = 0
+        for tenant, fields in self.loaded.items():
+            if tenants is not None and tenant not in tenants:
+                continue
+            for field, raw in fields.items():
+                written += int(await self._client.hsetnx(keys.definitions(tenant), field, raw))
+            if fields:
+                await self._client.sadd(keys.DEFS_TENANTS, tenant)
+        await self._client.incr(keys.DEFS_VERSION)
+        return written
 
 
 class DefinitionWatcher:
@@ -200,6 +221,10 @@ class DefinitionWatcher:
         self.store = store
         self._engine = engine
         self._seen: int | None = None
+        # Called before reloading when the version went backwards (it only ever grows, so
+        # Redis lost its state): sidecar.state_loss checks and puts the definitions back
+        # first, so this replica never swaps in the empty set.
+        self.suspect: Callable[[], Awaitable[object]] | None = None
 
     async def refresh(self) -> None:
         """Reload now (after a local write, or when the version moved)."""
@@ -208,8 +233,12 @@ class DefinitionWatcher:
         self._seen = version
 
     async def poll_once(self) -> None:
-        if await self.store.version() != self._seen:
-            await self.refresh()
+        version = await self.store.version()
+        if version == self._seen:
+            return
+        if self.suspect is not None and self._seen is not None and version < self._seen:
+            await self.suspect()
+        await self.refresh()
 
     async def run(self) -> None:
         while True:

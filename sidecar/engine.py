@@ -111,6 +111,9 @@ class Engine:
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
+        # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
+        # or release of a reservation it took says so.
+        self.state_lost_at: str | None = None
 
     # ---- definitions ------------------------------------------------------------------
 
@@ -419,7 +422,9 @@ class Engine:
         reply = await self._run(
             self._scripts.settle, tenant, args, self._charging_keys(tenant, now, self._learns)
         )
-        return rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
+        return rendering.settle_result(
+            self.snapshot(tenant), rid, reply, "tokens_in", self.state_lost_at
+        )
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         settings = self._snapshot.config.settings
@@ -433,7 +438,7 @@ class Engine:
         ]
         reply = await self._run(self._scripts.release, tenant, args)
         return rendering.settle_result(
-            self.snapshot(tenant), reservation_id, reply, "reservation_id"
+            self.snapshot(tenant), reservation_id, reply, "reservation_id", self.state_lost_at
         )
 
     async def _record(self, tenant: str, req: RecordRequest) -> RecordResult:

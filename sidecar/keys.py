@@ -42,6 +42,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           "<stop id>|<expires_at ms, 0 = never>|<created ms>|<reason>"
                           (reason last, may hold '|'); "#<stop id>" -> that field.
                           An ended stop goes with its mirror (lua/sweep.lua) or a list
+    bs:{T}:epoch   string the store's state marker for this tenant's slot (sidecar.state_loss):
+                          a random id written once; gone or another id means Redis lost
+                          what it held (refreshed to a 30-day expiry by every check)
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 
@@ -155,6 +158,13 @@ def definitions(tenant: str) -> str:
 # each definition write) and reloads the tenants in DEFS_TENANTS when it moves.
 DEFS_VERSION = f"{PREFIX}:{{defs}}:version"
 DEFS_TENANTS = f"{PREFIX}:{{defs}}:tenants"
+# The state marker of the definitions' own slot (see state_marker).
+DEFS_EPOCH = f"{PREFIX}:{{defs}}:epoch"
+
+
+def state_marker(tenant: str) -> str:
+    """The marker of a tenant's slot whose disappearance says Redis lost its state."""
+    return f"{PREFIX}:{{{escape(tenant)}}}:epoch"
 
 
 def counter_id(budget_id: str, entity: str, window_key: str) -> str:

@@ -187,6 +187,12 @@ class Metrics:
         )
         # Made on first use, only with settings.axonflow_metrics (see AxonFlowSpend).
         self._axonflow: AxonFlowSpend | None = None
+        self.state_losses = Counter(
+            f"{PREFIX}_store_state_lost",
+            "Times this sidecar found Redis had lost its state (restarted empty, flushed, "
+            "failed over to an empty replica): counters restarted at zero (sidecar.state_loss).",
+            registry=reg,
+        )
         self.reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Config file reloads by result (success, failure: the last good config stays).",
@@ -261,6 +267,10 @@ class Metrics:
         self._last_unavailable_log = -1e9
 
     # ---- wiring -------------------------------------------------------------------------
+
+    def state_lost(self) -> None:
+        """Redis was found to have lost its state (sidecar.state_loss)."""
+        self.state_losses.inc()
 
     def alert_attempt(self, ok: bool) -> None:
         """One webhook POST of an alert: delivered (2xx) or failed (retried later)."""

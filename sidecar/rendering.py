@@ -269,10 +269,19 @@ def budget_status(
     )
 
 
-def settle_result(snap: Snapshot, rid: str, reply: list[Any], unpriced_field: str) -> SettleResult:
+def settle_result(
+    snap: Snapshot, rid: str, reply: list[Any], unpriced_field: str, lost_at: str | None = None
+) -> SettleResult:
+    """`lost_at`: when this sidecar last saw Redis lose its state (sidecar.state_loss)."""
     status = int(str(reply[0]))
     if status == 0:
-        raise RequestError("reservation_id", f"no reservation {rid!r}", status=404)
+        detail = f"no reservation {rid!r}"
+        if lost_at is not None:
+            detail += (
+                f" (the budget store lost its state at {lost_at}: a hold made before then"
+                " is gone with it, and nothing was charged for it)"
+            )
+        raise RequestError("reservation_id", detail, status=404)
     state = "settled" if reply[1] == "S" else "released"
     cost, est = int(str(reply[2])), int(str(reply[3]))
     cids = str(reply[5]).split(",") if reply[5] else []

@@ -123,6 +123,13 @@ class Stops:
             log.info("stop lifted", extra={"tenant": tenant, "stop_id": stop_id})
         return lifted
 
+    async def restore(self, tenant: str, stop: Stop, now_ms: int) -> bool:
+        """Put back a stop seen in force before Redis lost its state, as it was; False
+        when the entity has a stop again (made since: it stands) or this one has ended."""
+        field = keys.stop_field(stop.scope, stop.scope_id)
+        value = f"{stop.id}|{stop.expires_ms}|{stop.created_ms}|{stop.reason}"
+        return (await self._run(tenant, "restore", now_ms, field, value))[0] == "1"
+
     async def list(self, tenant: str, now_ms: int) -> list[Stop]:
         """Every stop in force, oldest first (then by scope and entity)."""
         reply = await self._run(tenant, "list", now_ms)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, cast
 from urllib.parse import quote, unquote, urlsplit
 
@@ -68,10 +68,13 @@ async def run_script(
     args: Sequence[str | int],
     *,
     asking: bool = False,
+    on_noscript: Callable[[], None] | None = None,
 ) -> Any:
     """EVALSHA on one connection; NOSCRIPT repeats the call once as EVAL of the source.
     Other error replies are returned for the caller to judge (MOVED, ASK...).
     `asking`: each script call goes right after an ASKING (Redis Cluster, a slot importing).
+    `on_noscript`: told of a NOSCRIPT (a restarted Redis may have lost its state too:
+    sidecar.state_loss checks its marker then, off this call's path).
 
     EVAL, not SCRIPT LOAD then EVALSHA again: another client's SCRIPT FLUSH (or a second
     failover) between the load and the repeat would answer NOSCRIPT again, a 500."""
@@ -79,13 +82,15 @@ async def run_script(
     try:
         reply = await (_after_asking(conn, call) if asking else conn.call(call))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
+            if on_noscript is not None:
+                on_noscript()
             call = ("EVAL", script.source, len(keys), *keys, *args)
             reply = await (_after_asking(conn, call) if asking else conn.call(call))
     except ConnectionLost as exc:
         raise StoreUnavailable(str(exc)) from exc
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
-        if text.startswith(_TRANSIENT):
+        if text.startswith(_TRANSIENT) or _KILLED in text:
             raise StoreUnavailable(f"{script.name}.lua: {text}")
         if not text.startswith(("MOVED", "ASK")):
             raise StoreError(f"{script.name}.lua failed: {text}")
@@ -113,6 +118,11 @@ _TRANSIENT = (
     "BUSY ",
     "OOM ",
 )
+# A SCRIPT KILL (an operator's, redis-cli's) of our script while it ran: Redis allows it
+# only before the script's first write, so nothing of it was written. Redis 7 answers
+# "ERR Script killed by user with SCRIPT KILL... script: <sha>, on @user_script:<line>."
+# (Redis 6 wraps the same words in "ERR Error running script ..."): matched inside.
+_KILLED = "Script killed by user with SCRIPT KILL"
 
 
 async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:
@@ -158,6 +168,7 @@ class RedisStore:
     def __init__(self, url: str, *, timeout_ms: int) -> None:
         self._timeout_s = timeout_ms / 1000
         self._hot = PipelinedConnection(url, timeout_s=self._timeout_s)
+        self.on_noscript: Callable[[], None] | None = None
         self._client = aioredis.Redis.from_url(
             url,
             decode_responses=True,
@@ -181,7 +192,7 @@ class RedisStore:
         self, script: Script, keys: Sequence[str], args: Sequence[str | int]
     ) -> Coroutine[Any, Any, Any]:
         # run_script's coroutine itself: one frame fewer on every decision.
-        return run_script(self._hot, script, keys, args)
+        return run_script(self._hot, script, keys, args, on_noscript=self.on_noscript)
 
     async def ping(self) -> bool:
         return await _ping(self._client, self._timeout_s)
@@ -223,6 +234,7 @@ class ClusterStore:
         self._initialized = False
         self._refresh_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
+        self.on_noscript: Callable[[], None] | None = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -276,7 +288,7 @@ class ClusterStore:
             raise StoreUnavailable(f"cannot read the cluster's slot map: {exc}") from exc
         conn = self._connection(keys[0])
         try:
-            reply = await run_script(conn, script, keys, args)
+            reply = await run_script(conn, script, keys, args, on_noscript=self.on_noscript)
         except StoreUnavailable:
             self._refresh_later()
             raise
@@ -291,13 +303,17 @@ class ClusterStore:
                     await target.open()
                 except ConnectionLost as exc:
                     raise StoreUnavailable(str(exc)) from exc
-                reply = await run_script(target, script, keys, args, asking=True)
+                reply = await run_script(
+                    target, script, keys, args, asking=True, on_noscript=self.on_noscript
+                )
             else:
                 try:
                     await self._refresh()
                 except (RedisError, OSError, TimeoutError) as exc:
                     raise StoreUnavailable(f"cannot refresh the slot map: {exc}") from exc
-                reply = await run_script(self._connection(keys[0]), script, keys, args)
+                reply = await run_script(
+                    self._connection(keys[0]), script, keys, args, on_noscript=self.on_noscript
+                )
             if isinstance(reply, hiredis.ReplyError):
                 raise StoreUnavailable(f"{script.name}.lua: {reply} after a redirect")
         return reply
@@ -355,6 +371,7 @@ class SentinelStore:
         )
         self._hot: PipelinedConnection | None = None
         self._primary: tuple[str, int] | None = None
+        self.on_noscript: Callable[[], None] | None = None
 
     @property
     def client(self) -> aioredis.Redis:
@@ -377,7 +394,7 @@ class SentinelStore:
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[str | int]) -> Any:
         conn = await self._connection()
         try:
-            reply = await run_script(conn, script, keys, args)
+            reply = await run_script(conn, script, keys, args, on_noscript=self.on_noscript)
         except StoreUnavailable:
             # Perhaps a failover: ask the sentinels again on the next call.
             self._hot = None

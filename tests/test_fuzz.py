@@ -98,10 +98,12 @@ ALLOWED_KEYS = {
     keys.definitions("default"),
     keys.DEFS_VERSION,
     keys.DEFS_TENANTS,
+    keys.state_marker("default"),  # sidecar.state_loss
+    keys.DEFS_EPOCH,
 }
 KEY_RE = re.compile(
-    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|sweep|stops|u?agg:\d{8})$"
-    r"|^bs:\{defs\}:(version|tenants)$"
+    r"^bs:\{default\}:(ctr|lease|res|gc|defs|usage|alerts|sweep|stops|epoch|u?agg:\d{8})$"
+    r"|^bs:\{defs\}:(version|tenants|epoch)$"
 )
 AGG_RE = re.compile(r"^bs:\{default\}:u?agg:\d{8}$")  # one per UTC day with usage
 # Hash fields and zset members hold escaped components only: no brace, space or control.

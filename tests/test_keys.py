@@ -302,7 +302,9 @@ EXPECTED_CIDS = {
 
 
 def all_keys(client: redis.Redis) -> list[str]:
-    return sorted(client.scan_iter(match="*", count=1000))
+    """Every key but the state marker (sidecar.state_loss): a background check writes it
+    once the tenant holds something, at a moment these tests do not control."""
+    return sorted(k for k in client.scan_iter(match="*", count=1000) if not k.endswith(":epoch"))
 
 
 async def test_stacked_authorize_keeps_every_key_in_the_tenant_slot(

@@ -41,6 +41,7 @@ from sidecar.events import EngineEvents
 from sidecar.metrics import Metrics
 from sidecar.model import Config
 from sidecar.scripts import Scripts
+from sidecar.state_loss import StateWatch
 from sidecar.stops import Stops
 from sidecar.store import Store, StoreError
 from sidecar.sweep import Sweeper
@@ -53,6 +54,7 @@ STORE = web.AppKey("store", Store)
 MAX_BODY = web.AppKey("max_body_bytes", int)
 WATCHER = web.AppKey("definitions", DefinitionWatcher)
 SWEEPER = web.AppKey("sweeper", Sweeper)
+STATE_WATCH = web.AppKey("state_watch", StateWatch)
 
 
 class Lifecycle:
@@ -278,7 +280,12 @@ async def readyz(request: web.Request) -> web.Response:
         return web.json_response({"ready": False, "draining": True}, status=503)
     ok = await request.app[STORE].ping()
     status = 200 if ok else 503
-    return web.json_response({"ready": ok, "redis": "ok" if ok else "unreachable"}, status=status)
+    body: dict[str, object] = {"ready": ok, "redis": "ok" if ok else "unreachable"}
+    loss = request.app[STATE_WATCH].last_loss
+    if loss is not None:
+        # Still ready (every replica shares the store): the detail an operator needs.
+        body["state_lost"] = msgspec.to_builtins(loss)
+    return web.json_response(body, status=status)
 
 
 def create_app(
@@ -368,13 +375,33 @@ def create_app(
             yield
 
     app.cleanup_ctx.append(sweep_lifecycle)
+    stops = Stops(store, engine.scripts.stops)
+    # Notices Redis losing its state and puts back the stops and definitions it can.
+    state_watch = StateWatch(
+        store.client,
+        engine,
+        stops,
+        watcher,
+        on_loss=events.state_lost if isinstance(events, Metrics) else None,
+    )
+    app[STATE_WATCH] = state_watch
+    watcher.suspect = state_watch.check
+    inner = getattr(store, "inner", store)  # under metrics.MeteredStore
+    if hasattr(inner, "on_noscript"):
+        inner.on_noscript = state_watch.check_soon
+
+    async def state_lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async for _ in state_watch.lifecycle():
+            yield
+
+    app.cleanup_ctx.append(state_lifecycle)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/health", health)
     app.router.add_get("/readyz", readyz)
     native.add_routes(app, ENGINE)
     proxy.add_routes(app, ENGINE)
     admin.add_routes(app, ENGINE, WATCHER)
-    stops_api.add_routes(app, ENGINE, Stops(store, engine.scripts.stops))
+    stops_api.add_routes(app, ENGINE, stops)
     axonflow.add_routes(app, ENGINE, WATCHER)
     usage.add_routes(app, ENGINE)
     gateway.add_routes(app, ENGINE)

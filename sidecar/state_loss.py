@@ -1,0 +1,200 @@
+"""Noticing that Redis lost its state, saying so, and putting back what a sidecar can.
+
+A redis-server restarted without persistence (or with its dump gone), a FLUSHALL, a
+failover to an empty replica: counters, holds, rate-limit windows, idempotency keys,
+learned estimates, the admin API's definitions and the stops are gone, while the sidecars
+go on serving. Zeroed counters allow a whole new period's spend: nothing here can bring
+that money back, but it must not pass in silence.
+
+Every sidecar keeps a marker in each slot it depends on (keys.state_marker per tenant,
+keys.DEFS_EPOCH for the definitions), a random id written with SET NX once the slot holds
+something (a store nothing was written to stays empty). A check, off
+the hot path (every CHECK_S, at once after a NOSCRIPT, and when the definitions' version
+went backwards), reads the markers in one pipeline: a marker gone, or holding another id
+than the one this sidecar saw, means that slot lost its state. Then the sidecar
+
+- logs an error line and counts it (`on_loss`: budget_sidecar_store_state_lost_total);
+- shows it in /readyz (`state_lost`: when, which tenants, what it put back); readiness
+  stays 200: every replica shares the store, so failing them all would only add an outage;
+- appends an alert (kind `lost`, alert_type store_state_lost) to each tenant's alerts
+  stream, delivered like every alert (webhooks);
+- puts back the stops it saw in force at its last check, as they were (same id, expiry,
+  reason): a stop that silently disappears is a safety problem, and a stop lifted on
+  another replica within the last check interval coming back is the safe error;
+- puts back the admin API's definitions as it last loaded them (only those absent: the
+  first replica to notice writes them, the others find them there);
+- makes a settle or release of a reservation the loss took answer 404 saying so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from sidecar import keys, tasks
+from sidecar.definitions import DefinitionWatcher
+from sidecar.engine import Engine
+from sidecar.periods import iso
+from sidecar.stops import Stop, Stops
+from sidecar.store import StoreError
+
+log = logging.getLogger("sidecar.state_loss")
+
+# Every this often (a restart or failover is noticed at once, by its NOSCRIPT; a FLUSHALL,
+# which keeps the scripts, by this check or by the definitions' version going back).
+CHECK_S = 5.0
+# The markers' expiry, pushed out by every check: a store no sidecar checks for this long
+# loses them (bounded storage); a sidecar started after that sees no loss (it knew none).
+MARKER_TTL_S = 30 * 86_400
+ALERTS_MAX = 10_000  # as lua/_lib.lua's
+ALERT_KIND = "lost"
+
+
+class LossView(msgspec.Struct):
+    """The last loss this sidecar noticed, as /readyz shows it."""
+
+    at: str
+    tenants: list[str]
+    restored_stops: int
+    restored_definitions: int
+    count: int
+
+
+@dataclass
+class StateWatch:
+    client: aioredis.Redis
+    engine: Engine
+    stops: Stops
+    definitions: DefinitionWatcher
+    on_loss: Callable[[], None] | None = None
+    interval_s: float = CHECK_S
+    last_loss: LossView | None = None
+    losses: int = 0
+    # marker key -> the id this sidecar saw there
+    _epochs: dict[str, str] = field(default_factory=dict)
+    # tenant -> the stops in force at the last check that found its marker intact
+    _stops: dict[str, list[Stop]] = field(default_factory=dict)
+    _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _soon: asyncio.Task[None] | None = None
+
+    def _tenants(self) -> list[str]:
+        return sorted(self.engine.tenants() | set(self.definitions.store.loaded) | set(self._stops))
+
+    async def check(self) -> bool:
+        """One check; True when it found (and handled) a loss."""
+        async with self._lock:
+            tenants = self._tenants()
+            now = self.engine.now_ms()
+            # The stops are read before the markers: a loss after this read is caught by
+            # the markers, so what is kept below was read before any loss.
+            seen = {t: await self.stops.list(t, now) for t in tenants}
+            # marker -> (its tenant, "" for the definitions' slot; the keys whose presence
+            # says the slot holds something to lose: no marker is written before that,
+            # so a store nothing was written to stays empty)
+            markers: dict[str, tuple[str, tuple[str, ...]]] = {
+                keys.state_marker(t): (t, (tk.counters, tk.stops, keys.definitions(t)))
+                for t in tenants
+                for tk in (keys.tenant_keys(t),)
+            }
+            markers[keys.DEFS_EPOCH] = ("", (keys.DEFS_VERSION,))
+            pipe = self.client.pipeline(transaction=False)
+            for key, (_, held) in markers.items():
+                pipe.getex(key, ex=MARKER_TTL_S)
+                pipe.exists(*held)
+            values = await pipe.execute()
+            lost: set[str] = set()
+            for i, (key, (tenant, _)) in enumerate(markers.items()):
+                value, holds = values[2 * i], int(values[2 * i + 1])
+                known = self._epochs.get(key)
+                if value is None and (known is not None or holds):
+                    fresh = f"ep_{secrets.token_hex(8)}"
+                    if await self.client.set(key, fresh, nx=True, ex=MARKER_TTL_S):
+                        value = fresh
+                    else:  # another replica wrote one first
+                        value = await self.client.get(key)
+                if known is not None and value != known:
+                    lost.add(tenant)
+                if value is not None:
+                    self._epochs[key] = str(value)
+            if lost:
+                await self._lost(lost, now)
+            for tenant in tenants:
+                if tenant not in lost:
+                    self._stops[tenant] = seen[tenant]
+            return bool(lost)
+
+    async def _lost(self, lost: set[str], now: int) -> None:
+        # "" is the definitions' own slot: losing it loses them for every tenant.
+        tenants = sorted(t for t in lost if t) or self._tenants()
+        restored_stops = 0
+        for tenant in tenants:
+            for stop in self._stops.get(tenant, []):
+                if await self.stops.restore(tenant, stop, now):
+                    restored_stops += 1
+        restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
+        await self.definitions.refresh()
+        self.losses += 1
+        self.last_loss = LossView(
+            at=iso(now),
+            tenants=tenants,
+            restored_stops=restored_stops,
+            restored_definitions=restored_defs,
+            count=self.losses,
+        )
+        self.engine.state_lost_at = iso(now)
+        message = (
+            "Redis lost its state (restarted empty, flushed, or failed over to an empty "
+            "replica): counters, holds, rate-limit windows, idempotency keys and learned "
+            "estimates restart from zero, so spend before the loss is not counted against "
+            f"the caps; this sidecar put back {restored_stops} stops and "
+            f"{restored_defs} admin API definitions"
+        )
+        log.error(
+            "budget store lost its state; %s",
+            message,
+            extra={"tenants": tenants, "restored_stops": restored_stops,
+                   "restored_definitions": restored_defs},
+        )  # fmt: skip
+        for tenant in tenants:
+            tk = keys.tenant_keys(tenant)
+            await self.client.xadd(
+                tk.alerts,
+                {"k": ALERT_KIND, "g": self._epochs.get(keys.state_marker(tenant), ""),
+                 "s": "", "e": keys.escape(tenant), "r": message, "at": now},
+                maxlen=ALERTS_MAX,
+                approximate=True,
+            )  # fmt: skip
+        if self.on_loss is not None:
+            self.on_loss()
+
+    def check_soon(self) -> None:
+        """Check now, in the background (a NOSCRIPT: perhaps a restarted Redis)."""
+        if self._soon is None or self._soon.done():
+            self._soon = asyncio.get_running_loop().create_task(self._quietly())
+
+    async def _quietly(self) -> None:
+        try:
+            await self.check()
+        except (RedisError, OSError, StoreError) as exc:
+            # Redis away: the fail mode covers the decisions; the next check tries again.
+            log.warning("cannot check the budget store's state marker: %s", exc)
+        except Exception:  # a watch that dies silently would be worse
+            log.exception("state marker check error")
+
+    async def run(self) -> None:
+        while True:
+            await self._quietly()
+            await asyncio.sleep(self.interval_s)
+
+    async def lifecycle(self) -> AsyncIterator[None]:
+        task = asyncio.get_running_loop().create_task(self.run())
+        yield
+        pending = [task] if self._soon is None else [task, self._soon]
+        await tasks.stop(pending, what="state marker checks")
