@@ -7,8 +7,9 @@ go on serving. Zeroed counters allow a whole new period's spend: nothing here ca
 that money back, but it must not pass in silence.
 
 Every sidecar keeps a marker in each slot it depends on (keys.state_marker per tenant,
-keys.DEFS_EPOCH for the definitions), a random id written with SET NX once the slot holds
-something (a store nothing was written to stays empty). A check, off
+keys.DEFS_EPOCH for the definitions), a random id written with SET NX by the check the
+sidecar runs before it serves (so the marker is there before anything it guards: its
+presence never depends on when a background task ran). A check, off
 the hot path (every CHECK_S, at once after a NOSCRIPT, and when the definitions' version
 went backwards), reads the markers in one pipeline: a marker gone, or holding another id
 than the one this sidecar saw, means that slot lost its state. Then the sidecar
@@ -53,6 +54,7 @@ CHECK_S = 5.0
 # The markers' expiry, pushed out by every check: a store no sidecar checks for this long
 # loses them (bounded storage); a sidecar started after that sees no loss (it knew none).
 MARKER_TTL_S = 30 * 86_400
+STARTUP_CHECK_S = 2.0  # how long start-up waits for the first check
 ALERTS_MAX = 10_000  # as lua/_lib.lua's
 ALERT_KIND = "lost"
 
@@ -95,25 +97,16 @@ class StateWatch:
             # The stops are read before the markers: a loss after this read is caught by
             # the markers, so what is kept below was read before any loss.
             seen = {t: await self.stops.list(t, now) for t in tenants}
-            # marker -> (its tenant, "" for the definitions' slot; the keys whose presence
-            # says the slot holds something to lose: no marker is written before that,
-            # so a store nothing was written to stays empty)
-            markers: dict[str, tuple[str, tuple[str, ...]]] = {
-                keys.state_marker(t): (t, (tk.counters, tk.stops, keys.definitions(t)))
-                for t in tenants
-                for tk in (keys.tenant_keys(t),)
-            }
-            markers[keys.DEFS_EPOCH] = ("", (keys.DEFS_VERSION,))
+            markers = {keys.state_marker(t): t for t in tenants}
+            markers[keys.DEFS_EPOCH] = ""  # the definitions' own slot
             pipe = self.client.pipeline(transaction=False)
-            for key, (_, held) in markers.items():
+            for key in markers:
                 pipe.getex(key, ex=MARKER_TTL_S)
-                pipe.exists(*held)
             values = await pipe.execute()
             lost: set[str] = set()
-            for i, (key, (tenant, _)) in enumerate(markers.items()):
-                value, holds = values[2 * i], int(values[2 * i + 1])
+            for (key, tenant), value in zip(markers.items(), values, strict=True):
                 known = self._epochs.get(key)
-                if value is None and (known is not None or holds):
+                if value is None:
                     fresh = f"ep_{secrets.token_hex(8)}"
                     if await self.client.set(key, fresh, nx=True, ex=MARKER_TTL_S):
                         value = fresh
@@ -190,10 +183,17 @@ class StateWatch:
 
     async def run(self) -> None:
         while True:
-            await self._quietly()
             await asyncio.sleep(self.interval_s)
+            await self._quietly()
 
     async def lifecycle(self) -> AsyncIterator[None]:
+        # The first check before serving writes the markers (a Redis away at start-up:
+        # the next check does; the fail mode covers the decisions meanwhile).
+        try:
+            async with asyncio.timeout(STARTUP_CHECK_S):
+                await self._quietly()
+        except TimeoutError:
+            log.warning("the budget store's state marker is not written yet: Redis is slow")
         task = asyncio.get_running_loop().create_task(self.run())
         yield
         pending = [task] if self._soon is None else [task, self._soon]

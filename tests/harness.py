@@ -58,6 +58,23 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10) -> Non
         process.wait()
 
 
+def data_keys(client: redis.Redis) -> list[str]:
+    """Every key but the state markers (bs:{T}:epoch, bs:{defs}:epoch) each sidecar writes
+    before it serves (sidecar.state_loss): what "wrote nothing" is about."""
+    return sorted(str(k) for k in client.scan_iter(count=1000) if not str(k).endswith(":epoch"))
+
+
+def flush_data(client: redis.Redis) -> None:
+    """FLUSHDB for a test that wants a clean slate under a running sidecar, keeping the
+    state markers: without them the sidecar would (rightly) report that Redis lost its
+    state, and put back what it holds."""
+    markers = {k: (client.dump(k), client.pttl(k)) for k in client.scan_iter(match="*:epoch")}
+    client.flushdb()
+    for key, (dumped, ttl_ms) in markers.items():
+        if dumped is not None:
+            client.restore(key, max(int(ttl_ms), 0), dumped)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

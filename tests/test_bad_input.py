@@ -130,15 +130,18 @@ async def app(make_client: ClientFactory, redis_client: redis.Redis) -> AsyncIte
     assert held["allowed"] and priced["allowed"]
     before = snapshot(redis_client)
     # The seed touched every kind of key: counters, leases, reservations, collection, the
-    # usage ledger and the day's usage aggregates.
+    # usage ledger and the day's usage aggregates (and the state markers the sidecar wrote
+    # before serving: sidecar.state_loss).
     assert sorted(k for k in before if not k.startswith("#")) == [
         f"bs:{{default}}:agg:{time.strftime('%Y%m%d', time.gmtime(T0_MS / 1000))}",
         "bs:{default}:ctr",
+        "bs:{default}:epoch",
         "bs:{default}:gc",
         "bs:{default}:lease",
         "bs:{default}:res",
         f"bs:{{default}}:uagg:{time.strftime('%Y%m%d', time.gmtime(T0_MS / 1000))}",
         "bs:{default}:usage",
+        "bs:{defs}:epoch",
     ]
     assert len(before["bs:{default}:lease"][1]) == 2
     yield Seeded(client, redis_client, held["reservation_id"], priced["reservation_id"], before)

@@ -19,7 +19,7 @@ from sidecar.api.app import create_app
 from sidecar.api.fast import FastServer
 from sidecar.store import RedisStore
 from tests.conftest import make_config
-from tests.harness import RedisServer
+from tests.harness import RedisServer, flush_data
 
 DOC: dict[str, Any] = {
     "budgets": [
@@ -235,7 +235,7 @@ async def test_answers_are_byte_for_byte_aiohttps(serve: Serve, redis_client: re
         fast_srv, plain_srv = servers[id(doc)]
         answers = []
         for srv in (fast_srv, plain_srv):
-            redis_client.flushdb()
+            flush_data(redis_client)
             (answer,) = await exchange(srv, raw, 1)
             answers.append(normalized(answer))
         assert answers[0] == answers[1], raw
@@ -330,7 +330,7 @@ async def test_what_the_fast_path_does_not_serve_aiohttp_answers(
     fast_srv, plain_srv = await serve(fast=True), await serve(fast=False)
     answers = []
     for srv in (fast_srv, plain_srv):
-        redis_client.flushdb()
+        flush_data(redis_client)
         answers.append(normalized((await exchange(srv, raw, 1))[0]))
     assert answers[0] == answers[1]
     assert (fast_server(fast_srv).served, fast_server(fast_srv).handed_off) == (0, 1)
@@ -357,7 +357,7 @@ async def test_with_request_ids_on_the_chain_serves_the_hot_routes(
     ):
         answers = []
         for srv in (fast_srv, plain_srv):
-            redis_client.flushdb()
+            flush_data(redis_client)
             answers.append(normalized((await exchange(srv, raw, 1))[0]))
         assert answers[0] == answers[1]
         assert b"\r\nX-Request-ID: " in answers[0]

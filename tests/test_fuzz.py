@@ -46,7 +46,7 @@ import yaml
 from sidecar import keys
 from sidecar.config import PriceSpec, RateLimitSpec
 from sidecar.definitions import StoredBudget
-from tests.harness import RedisServer, SidecarProcess, missing
+from tests.harness import RedisServer, SidecarProcess, data_keys, flush_data, missing
 
 SEED = os.environ.get("SIDECAR_FUZZ_SEED", "1")
 EXAMPLES = os.environ.get("SIDECAR_FUZZ_EXAMPLES", "30")
@@ -226,7 +226,7 @@ def test_rejected_writes_write_nothing(
     SDK's: budgets, pricing, pre-check, audit): every one is refused (4xx) and Redis stays
     empty. (Without the media-type probes: see JSON_ONLY_HOOKS.)"""
     client = redis_server.client()
-    client.flushall()
+    flush_data(client)
     result = run(
         live, sidecar.url, tmp_path,
         "--mode", "negative", "--include-path-regex", "^/(v1|api)/", "--exclude-method", "GET",
@@ -241,7 +241,7 @@ def test_rejected_writes_write_nothing(
     hit = {e["request"]["url"].partition("?")[0].split("/", 3)[3] for e in result.entries}
     assert {"api/v1/budgets", "api/v1/pricing", "api/policy/pre-check"} <= hit, hit
     assert refused > 500, statuses
-    assert client.keys("*") == [], "a refused request wrote to Redis"
+    assert data_keys(client) == [], "a refused request wrote to Redis"
     print(f"\nnegative requests: {len(result.entries)}, statuses {dict(statuses)}")
 
 

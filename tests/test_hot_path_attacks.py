@@ -20,7 +20,7 @@ import redis
 
 from tests import test_fast_path
 from tests.conftest import ClientFactory
-from tests.harness import wait_until
+from tests.harness import data_keys, flush_data, wait_until
 from tests.test_fast_path import (
     AUTHORIZE,
     Serve,
@@ -44,7 +44,7 @@ EXT = ("x-org-id: org-1", "x-provider: openai", "x-model: gpt-4o")
 def redis_state(rc: redis.Redis) -> list[tuple[str, str, int]]:
     """Every key, its type and size: what a request changed (the values hold ids/clocks)."""
     out = []
-    for key in sorted(rc.keys("*")):
+    for key in data_keys(rc):
         kind = rc.type(key)
         size = {"hash": rc.hlen, "zset": rc.zcard, "list": rc.llen, "set": rc.scard}
         out.append((key, kind, size[kind](key) if kind in size else 0))
@@ -136,7 +136,7 @@ async def test_the_fast_path_answers_as_aiohttp_does(
     fast_srv, plain_srv = await serve(fast=True), await serve(fast=False)
     seen = []
     for srv in (fast_srv, plain_srv):
-        redis_client.flushdb()
+        flush_data(redis_client)
         answers = await exchange(srv, raw, count)
         seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
     assert seen[0] == seen[1], name

@@ -25,7 +25,7 @@ from aiohttp.test_utils import TestServer
 from sidecar.api.connection import SidecarRequestHandler
 from sidecar.api.fast import FastProtocol
 from tests import test_fast_path
-from tests.harness import wait_until
+from tests.harness import flush_data, wait_until
 from tests.test_fast_path import Serve, exchange, post, status
 from tests.test_hot_path_attacks import redis_state
 from tests.test_transport_attacks import (
@@ -146,7 +146,7 @@ async def test_a_head_aiohttp_refuses_is_a_problem_naming_what_was_wrong(
     head that was bad, no stack trace; nothing in Redis."""
     raw, field = REFUSED[name]
     srv = await serve(fast=fast)
-    redis_client.flushdb()
+    flush_data(redis_client)
     (answer,) = await exchange(srv, raw, 1)
     assert status(answer) == 400, answer
     problem = problem_of(answer)

@@ -15,6 +15,7 @@ import redis
 
 from sidecar import keys
 from tests.conftest import ClientFactory
+from tests.harness import data_keys
 from tests.test_metrics import MakeApp, metered  # noqa: F401 (the fixture, reused)
 
 
@@ -143,7 +144,7 @@ BAD_MODELS = ["a|b", "a,b", "{m}", "m%2F", "m\x1fx", "é", "", "m" * 201, "m b"]
 
 
 def everything(client: redis.Redis) -> dict[str, Any]:
-    return {k: client.dump(k) for k in sorted(client.scan_iter())}
+    return {k: client.dump(k) for k in data_keys(client)}
 
 
 @pytest.mark.parametrize("field", ID_FIELDS)

@@ -21,7 +21,7 @@ from sidecar.api.app import create_app
 from sidecar.clock import FakeClock
 from sidecar.store import RedisStore
 from tests.conftest import make_config
-from tests.harness import RedisServer
+from tests.harness import RedisServer, data_keys
 
 DEADLINE_S = 1.0
 GUARD_S = 8.0  # the client gives up trickling after this: the server must close first
@@ -107,7 +107,7 @@ async def test_a_trickled_request_head_is_cut_off(
     received, closed = await trickle(server, head(len(BODY), padding=120), b"")
     assert closed, "the server kept a trickling client"
     assert received == b""  # closed without an answer: there was no request yet
-    assert redis_client.keys("*") == []
+    assert data_keys(redis_client) == []
 
 
 async def test_a_trickled_body_gets_408_and_a_closed_connection(
@@ -123,7 +123,7 @@ async def test_a_trickled_body_gets_408_and_a_closed_connection(
     assert b"Connection: close" in headers
     problem = json.loads(payload)
     assert problem["status"] == 408 and problem["field"] == "body"
-    assert redis_client.keys("*") == []
+    assert data_keys(redis_client) == []
 
 
 async def test_a_prompt_client_is_served_under_the_same_deadlines(

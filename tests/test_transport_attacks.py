@@ -26,7 +26,7 @@ from aiohttp.web_protocol import RequestHandler
 from sidecar.api.fast import FastProtocol
 from sidecar.keys import tenant_keys
 from tests import test_fast_path, test_hot_path_attacks, test_proxy_servers
-from tests.harness import wait_until
+from tests.harness import flush_data, wait_until
 from tests.test_fast_path import AUTHORIZE, Serve, exchange, fast_server, get, post, status
 from tests.test_hot_path_attacks import comparable, redis_state
 from tests.test_proxy_servers import DOWN_STATUS, IDENTITY, doc
@@ -284,7 +284,7 @@ async def test_a_read_mixing_hot_and_other_requests_is_answered_as_aiohttp_alone
     fast_srv, plain_srv = await serve(fast=True), await serve(fast=False)
     seen = []
     for srv in (fast_srv, plain_srv):
-        redis_client.flushdb()
+        flush_data(redis_client)
         answers = await exchange(srv, raw, count, *([later] if later else []))
         seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
     assert seen[0] == seen[1], name
@@ -305,7 +305,7 @@ def steady(answer: bytes) -> bytes:
 async def split_exchange(srv: TestServer, rc: redis.Redis, at: int | None) -> list[bytes]:
     """From an empty Redis: hold R0, then on one connection authorize, settle R0, check,
     pipelined, the bytes split in two writes at `at` (None: one write)."""
-    rc.flushdb()
+    flush_data(rc)
     (held,) = await exchange(srv, A, 1)
     rid = json.loads(held.split(b"\r\n\r\n", 1)[1])["reservation_id"]
     settle = json.dumps({"reservation_id": rid, "cost_usd": 0.25}).encode()
@@ -373,7 +373,7 @@ async def test_a_thousand_idle_connections_neither_block_callers_nor_leak(
     descriptors are back to what they were."""
     srv = await serve(fast=fast)
     (warm,) = await exchange(srv, A, 1)  # Redis connections of the store opened
-    redis_client.flushdb()
+    flush_data(redis_client)
     before = open_fds()
     idle = []
     for i in range(1000):
@@ -451,7 +451,7 @@ async def test_too_many_headers_are_one_400_on_both_paths(
     raw = A.replace(b"Host: x", ("Host: x" + pad).encode())
     answers = []
     for srv in (await serve(fast=True), await serve(fast=False)):
-        redis_client.flushdb()
+        flush_data(redis_client)
         (answer,) = await exchange(srv, raw, 1)
         answers.append(steady(answer))
         assert redis_state(redis_client) == []
@@ -569,7 +569,7 @@ async def test_with_request_ids_each_hostile_input_is_answered_alike(
         decision_log.setLevel(level)
     seen = []
     for srv in (fast_srv, plain_srv):
-        redis_client.flushdb()
+        flush_data(redis_client)
         answers = await exchange(srv, raw, count)
         seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
     assert seen[0] == seen[1], name
@@ -600,7 +600,7 @@ async def test_an_authorize_cancelled_after_its_script_was_sent_holds_nothing(
     of, is taken back (it held until its lease ended)."""
     srv = await serve(fast=False)  # aiohttp's test server: handler_cancellation on
     await exchange(srv, A, 1)  # the store's connections open
-    redis_client.flushdb()
+    flush_data(redis_client)
     busy_for = threading_eval(redis_server, BUSY, 1_500_000)
 
     def busy() -> bool:  # a PING unanswered (raw: redis-py would retry until it is)
