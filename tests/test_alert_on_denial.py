@@ -8,6 +8,7 @@ the raw counters (a denial moves none), and the denial's own answer (unchanged).
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -302,4 +303,30 @@ async def test_one_denial_alerts_every_budget_of_the_call_that_passed_a_threshol
     assert sorted(alerts(redis_client)) == sorted(
         [(CID, "50", "0"), (CID, "80", "0"), (CID, "100", "0"), (soft, "50", "0")]
     )
+    assert amounts(redis_client) == before
+
+
+async def test_the_sdks_pre_check_denial_alerts_and_its_alert_list_reads_them(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """Through the real AxonFlow SDK: a pre-check turned away by a limit lowered under the
+    spend raises BudgetExceededError as before, and that denial alerts; get_budget_alerts
+    parses the alerts (held_usd is an extra key to it)."""
+    os.environ["AXONFLOW_TELEMETRY"] = "off"
+    from axonflow import AxonFlow
+    from axonflow.exceptions import BudgetExceededError
+
+    client = await make_client(doc(10.0))
+    await spend(client, 3.0)
+    reload(client, doc(2.0))
+    before = amounts(redis_client)
+    url = str(client.make_url("")).rstrip("/")
+    async with AxonFlow(endpoint=url, client_id="sdk") as sdk:
+        for _ in range(3):
+            with pytest.raises(BudgetExceededError) as denied:
+                await sdk.pre_check(user_token="", query="q", context={"org_id": "acme"})
+            assert (denied.value.budget_id, denied.value.limit_usd) == ("day", 2.0)
+        listed = await sdk.get_budget_alerts("day")
+    assert sorted(a.threshold for a in listed.alerts or []) == [50, 80, 100]
+    assert alerts(redis_client) == [(CID, "50", "0"), (CID, "80", "0"), (CID, "100", "0")]
     assert amounts(redis_client) == before
