@@ -404,6 +404,48 @@ local function check_alerts(ctr, stream, cid, limit, thresholds, before, after, 
   end
 end
 
+-- The threshold alerts a denial sees: for each budget of `seen` ({cid, limit, thresholds
+-- as check_alerts, settled, held}), every threshold its committed spend (settled + held
+-- micro-USD) has passed that has not alerted yet in its counter (the same "a:<cid>" marks:
+-- once per counter, threshold and window, whoever raises it). Why at a denial: no charge
+-- follows a denied call, so a limit lowered under the spend (a reload, an admin PUT) or a
+-- budget filled by holds would turn every call away without its 100% alert ever being
+-- sent. Entries carry the held part as "h" (the alert says how much of it is held). Only
+-- the denial path calls this: one HMGET of the marks when some budget passed its lowest
+-- threshold, no Redis call otherwise.
+local function alert_at_denial(ctr, stream, seen, now)
+  local due, fields = {}, {}
+  for _, b in ipairs(seen) do
+    local limit, thresholds = b[2], b[3]
+    if limit and limit > 0 and thresholds ~= ''
+        and (b[4] + b[5]) * 100 >= tonumber(string.match(thresholds, '^%d+')) * limit then
+      due[#due + 1] = b
+      fields[#fields + 1] = 'a:' .. b[1]
+    end
+  end
+  if #due == 0 then return end
+  local marks = redis.call('HMGET', ctr, unpack(fields))
+  local written = {}
+  for n, b in ipairs(due) do
+    local cid, limit, thresholds, settled, held = b[1], b[2], b[3], b[4], b[5]
+    local fired = marks[n] or ''
+    local was = '.' .. fired .. '.'
+    for t in string.gmatch(thresholds, '[^.]+') do
+      if tonumber(t) * limit <= (settled + held) * 100
+          and not string.find(was, '.' .. t .. '.', 1, true) then
+        fired = (fired == '') and t or (fired .. '.' .. t)
+        redis.call('XADD', stream, 'MAXLEN', '~', ALERTS_MAX, '*', 'cid', cid, 't', t,
+          'l', int(limit), 'u', int(settled), 'h', int(held), 'at', int(now))
+      end
+    end
+    if fired ~= (marks[n] or '') then
+      written[#written + 1] = fields[n]
+      written[#written + 1] = fired
+    end
+  end
+  if #written > 0 then redis.call('HSET', ctr, unpack(written)) end
+end
+
 -- Forecasts: the same arithmetic as sidecar/forecast.py (which documents the estimator),
 -- step for step, so both agree to the micro-USD. WINDOW_S is forecast.WINDOW_S.
 local WINDOW_S = 600

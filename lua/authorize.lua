@@ -61,7 +61,8 @@
 --   window_next), for the forecast
 --   verdict 0: denied (by a stop, a block budget's dollars or calls, a downgrade that does
 --   not fit, an enforced rate limit or loop guard), nothing changed but the alerts of a
---   guard's trip; 1: held and charged everywhere (held = ARGV[4], or
+--   guard's trip and of the thresholds the budgets' settled + held spend has passed and
+--   not alerted yet (a limit lowered under the spend: see _lib.lua alert_at_denial); 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
 --   the same request and still held, returned as it is (counters as they are now, no rate
 --   figures, nor anything after them) and marked claimed so that no cancel releases it (a
@@ -246,6 +247,16 @@ end
 if deny then
   -- Nothing is held or counted. Each guard that tripped says so once per trip.
   out[1], out[3], out[4] = 0, '', 0
+  -- The thresholds this denial sees passed (see _lib.lua alert_at_denial): the budgets'
+  -- specs (limit and thresholds, ARGV[27]) are read on this path only.
+  if nb > 0 then
+    local specs, seen = split(ARGV[27], ';'), {}
+    for i = 1, nb do
+      local limit, thresholds = parse_spec(specs[i])
+      seen[i] = {cid_of(i), limit, thresholds, out[4 + 2 * i], out[5 + 2 * i]}
+    end
+    alert_at_denial(ctr, KEYS[6], seen, now)
+  end
   for i = 1, nb do
     -- A cid is "<budget id>/<entity>/<window>", both escaped.
     local cid = cid_of(i)

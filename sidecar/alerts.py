@@ -4,7 +4,11 @@ settle.lua and record.lua append one entry to the tenant's alerts stream (keys
 `bs:{T}:alerts`) the first time a counter's settled spend crosses one of its budget's
 thresholds (or, after a reload lowered the limit under it, at the next charge): fields
 `cid`, `t` (threshold, percent), `l` (limit, micro-USD), `u` (spend after the charge,
-micro-USD), `at` (Unix ms). Detection happens in the script, so a
+micro-USD), `at` (Unix ms). A denied authorize also alerts the thresholds its budgets'
+settled plus held spend has passed and not alerted yet (a limit lowered under the spend,
+a budget filled by holds: no charge follows a denial, so they would never alert); its
+entries add `h` (held micro-USD, `u` then the settled part). Detection happens in the
+script, so a
 threshold alerts once per budget, entity, period window and threshold however many
 concurrent calls cross it; the stream is capped near ALERTS_MAX entries (lua/_lib.lua).
 
@@ -94,6 +98,9 @@ class Alert(msgspec.Struct, kw_only=True, omit_defaults=True):
     # leave both out: their body is unchanged).
     forecast_usd: float | None = None
     exhausted_at: str | None = None
+    # A threshold alert raised by a denied call: the part of amount_usd still held (0.0
+    # when the spend alone passed it; a charge's alerts leave it out).
+    held_usd: float | None = None
 
 
 def parse_entry(
@@ -112,25 +119,29 @@ def parse_entry(
         threshold = int(fields["t"])
         limit = int(fields["l"])
         spent = int(fields["u"])
+        held = int(fields["h"]) if "h" in fields else None
         at = int(fields["at"])
         budget_id, entity, _window = keys.parse_counter_id(cid)
     except (KeyError, ValueError):
         return None
     name = name_of(budget_id) or budget_id
-    percentage = round(spent * 100 / limit, 2) if limit > 0 else 0.0
+    committed = spent + (held or 0)
+    percentage = round(committed * 100 / limit, 2) if limit > 0 else 0.0
+    of_it = f", {micro_to_usd(held)} USD of it held" if held else ""
     return Alert(
         id=f"{keys.escape(tenant)}/{cid}/{threshold}",
         budget_id=budget_id,
         alert_type=ALERT_TYPE,
         threshold=threshold,
         percentage_reached=percentage,
-        amount_usd=micro_to_usd(spent),
+        amount_usd=micro_to_usd(committed),
         limit_usd=micro_to_usd(limit),
-        message=f"Budget '{name}' {threshold}% reached ({entity})",
+        message=f"Budget '{name}' {threshold}% reached ({entity}{of_it})",
         created_at=iso(at),
         acknowledged=False,
         entity=entity,
         tenant_id=tenant,
+        held_usd=None if held is None else micro_to_usd(held),
     )
 
 

@@ -76,15 +76,20 @@ class RateLimitInfo(msgspec.Struct, kw_only=True):
     reset_at: str
 
 
-class PreCheckResult(msgspec.Struct, kw_only=True):
+class PreCheckResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     context_id: str
     approved: bool
     requires_redaction: bool
-    approved_data: dict[str, str]
+    # downgrade_model (a downgrade), degraded: true (allowed by fail mode open, Redis
+    # away: nothing held). The SDK keeps approved_data and drops keys it does not know.
+    approved_data: dict[str, str | bool]
     policies: list[str]
     rate_limit: RateLimitInfo | None
     expires_at: str
     block_reason: str | None
+    # As the native decision's: only when true (the SDK ignores it; raw HTTP callers and
+    # the X-Budget-Degraded header see it).
+    degraded: bool = False
 
 
 class AuditResult(msgspec.Struct, kw_only=True):
@@ -178,23 +183,29 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             denied.headers.update(limit_headers.headers(decision))
             return denied
         rate_limit = _rate_limit(engine, decision)
-        return json_response(
+        approved_data: dict[str, str | bool] = {}
+        if decision.downgrade_model:
+            approved_data["downgrade_model"] = decision.downgrade_model
+        if decision.degraded:
+            # Allowed by fail mode open: said where the SDK's result keeps it.
+            approved_data["degraded"] = True
+        allowed = json_response(
             PreCheckResult(
                 # Fail-open without Redis holds nothing: an id no audit will find.
                 context_id=decision.reservation_id or new_reservation_id(),
                 approved=True,
                 requires_redaction=False,
-                approved_data=(
-                    {"downgrade_model": decision.downgrade_model}
-                    if decision.downgrade_model
-                    else {}
-                ),
+                approved_data=approved_data,
                 policies=[],
                 rate_limit=rate_limit,
                 expires_at=decision.lease_expires_at or iso(engine.now_ms()),
                 block_reason=None,
+                degraded=decision.degraded,
             )
         )
+        if decision.degraded:
+            allowed.headers["X-Budget-Degraded"] = "true"
+        return allowed
 
     async def audit(request: web.Request) -> web.Response:
         require(request, Role.AGENT)
