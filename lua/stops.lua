@@ -11,13 +11,11 @@
 -- create: ARGV[3] field  ARGV[4] id  ARGV[5] expires_at ms (0 never)  ARGV[6] reason
 --         ARGV[7] scope  ARGV[8] escaped entity
 -- get, delete: ARGV[3] id
--- restore: ARGV[3] field  ARGV[4] the stored value ("<id>|<expires>|<created>|<reason>")
---         of a stop a sidecar saw in force before Redis lost its state (sidecar.state_loss)
--- Returns: create {1, id of the stop it replaced or ''}; get {field, value} or {} (none
---   or over); delete {1} if a stop in force was lifted, else {0}; list {field1, value1,
---   ...} of every stop in force; restore {1} if it put the stop back, {0} if the entity
---   has a stop again (made since the loss: it stands) or this one has ended. No reply carries done()'s expiry counts: no lease is
---   touched here.
+-- restore: ARGV[3] field  ARGV[4] its stored value, a stop seen before a loss (state_loss)
+-- Returns: create {1, id it replaced or ''}; get {field, value} or {} (none or over);
+--   delete {1} if a stop in force was lifted, else {0}; list {field1, value1, ...} of
+--   every stop in force; restore {1} put back, {0} the entity has a stop again (made
+--   since the loss: it stands) or this one ended. No lease is touched (no expiry counts).
 -- One stop per entity: a new one replaces the old (whose "#id" goes). Each call is one
 -- script, so no reader ever sees half a stop.
 local stops, alerts, ctr = KEYS[1], KEYS[2], KEYS[3]

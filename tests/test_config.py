@@ -18,7 +18,7 @@ from sidecar import config as config_mod
 from sidecar.config import ConfigError
 from sidecar.model import FailMode, OnExceed, Period, Price, Scope, UnpricedModel
 from tests.conftest import ClientFactory
-from tests.harness import REPO, RedisServer, free_port
+from tests.harness import REPO, RedisServer, data_keys, free_port
 
 WriteConfig = Callable[..., Path]
 
@@ -364,7 +364,7 @@ def test_serve_refuses_a_bad_config(
     assert field in output
     assert "Traceback" not in output
     # It refused before touching Redis.
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 def test_serve_refuses_a_non_utf8_config(redis_server: RedisServer, tmp_path: Path) -> None:
@@ -419,7 +419,7 @@ async def test_unpriced_model_is_refused_by_default(
         assert problem["field"] == "model"
         assert body["model"] in problem["detail"]
     # Refused before any script ran: nothing held, nothing written.
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 FALLBACK: dict[str, Any] = {

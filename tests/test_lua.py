@@ -117,8 +117,11 @@ async def test_every_operation_recovers_after_script_flush(
     # Each call ran once: nothing was charged or returned twice by a retried script.
     assert redis_client.hget(ctr, f"u:{U1}") == "310000"
     assert redis_client.hget(ctr, f"h:{U1}") is None  # a hold back at zero is deleted
-    assert redis_client.script_exists(*(s.sha for s in Scripts.load_all())) == [
-        name == "release" for name in OPERATIONS
+    # Only the last script called is loaded again; but stops.lua, which a NOSCRIPT's state
+    # check runs in the background (sidecar.state_loss), may have run after the flush too.
+    cached = redis_client.script_exists(*(s.sha for s in Scripts.load_all()))
+    assert [c for c, name in zip(cached, OPERATIONS, strict=True) if name != "stops"] == [
+        name == "release" for name in OPERATIONS if name != "stops"
     ]
 
 

@@ -13,7 +13,7 @@ from sidecar.api.app import create_app
 from sidecar.clock import FakeClock
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, ClientFactory, make_config
-from tests.harness import free_port
+from tests.harness import data_keys, free_port
 
 PRICING = [
     {"provider": "openai", "model": "gpt-4o", "input_per_1k": 0.0025, "output_per_1k": 0.01},
@@ -170,7 +170,7 @@ async def test_a_trusted_header_the_proxy_did_not_send_is_a_400(
     assert resp.status == 400
     assert resp.content_type == "application/problem+json"
     assert (await resp.json())["field"] == missing
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 async def test_a_method_header_that_is_no_method_is_a_400(
@@ -181,7 +181,7 @@ async def test_a_method_header_that_is_no_method_is_a_400(
     resp = await client.get("/ext_authz", headers=headers)
     assert resp.status == 400
     assert (await resp.json())["field"] == "x-forwarded-method"
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 @pytest.mark.parametrize(
@@ -204,7 +204,7 @@ async def test_options_passes_and_holds_nothing_by_default(
     assert resp.status == 200
     assert resp.headers["x-budget-action"] == "pass"
     assert "x-budget-reservation-id" not in resp.headers
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 METHOD_ROUTES = [
@@ -435,7 +435,7 @@ async def test_a_bad_header_is_a_400_naming_it_and_holds_nothing(
     assert body["field"] == field
     assert body["detail"].startswith(f"{field}: ")
     assert json.loads(resp.headers["x-budget-denial"]) == body
-    assert redis_client.dbsize() == 0
+    assert data_keys(redis_client) == []
 
 
 @pytest.mark.parametrize(("fail_mode", "status"), [("closed", 503), ("open", 200)])
