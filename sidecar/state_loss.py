@@ -174,9 +174,12 @@ class StateWatch:
         )  # fmt: skip
         for tenant in tenants:
             tk = keys.tenant_keys(tenant)
+            # g: the marker the lost slot holds now, the same on every replica that noticed
+            # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
+            marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
             await self.client.xadd(
                 tk.alerts,
-                {"k": ALERT_KIND, "g": self._epochs.get(keys.state_marker(tenant), ""),
+                {"k": ALERT_KIND, "g": self._epochs.get(marker, ""),
                  "s": "", "e": keys.escape(tenant), "r": message, "at": now},
                 maxlen=ALERTS_MAX,
                 approximate=True,

@@ -79,9 +79,9 @@ X_BUDGET = {"id": "x-cap", "name": "X cap", "scope": "team", "scope_id": "tx",
 Y_BUDGET = {**X_BUDGET, "id": "y-cap", "name": "Y cap", "scope_id": "ty"}
 
 
-async def app_over(url: str) -> TestClient[Any, Any]:
+async def app_over(url: str, now_ms: int = T0_MS) -> TestClient[Any, Any]:
     store = RedisStore.from_url(url, timeout_ms=2000)
-    app = create_app(make_config(STOP_DOC), store, clock=FakeClock(T0_MS))
+    app = create_app(make_config(STOP_DOC), store, clock=FakeClock(now_ms))
     client = TestClient(TestServer(app))
     await client.start_server()
     return client
@@ -208,3 +208,35 @@ async def test_the_definitions_watcher_survives_a_store_timeout_in_its_loss_chec
         if task is not None:
             task.cancel()
         await client.close()
+
+
+async def test_one_loss_noticed_by_two_replicas_is_one_alert_id(server: RedisServer) -> None:
+    """Each replica that notices a loss appends its alert (both are in the stream); the
+    webhooks contract is that receivers deduplicate on the alert id. Each entry's id ended
+    in its own replica's clock reading, so a receiver paged once per replica: the ids of
+    one loss must be one id (the marker both replicas found after it)."""
+    # Two replicas whose clocks read apart by a millisecond, as two hosts' do.
+    clients = [await app_over(server.url), await app_over(server.url, T0_MS + 1)]
+    watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
+    try:
+        for w in watches:
+            await w.check()
+        with server.client() as rc:
+            rc.flushall()
+        for w in watches:
+            assert await w.check()
+        status, alerts = await call(clients[0], "GET", "/v1/alerts")
+        lost = [a for a in alerts["alerts"] if a["alert_type"] == "store_state_lost"]
+        assert len(lost) == 2, alerts
+        assert lost[0]["id"] == lost[1]["id"], lost
+        # A second loss is another alert, with an id of its own.
+        with server.client() as rc:
+            rc.flushall()
+        assert await watches[0].check()
+        status, alerts = await call(clients[0], "GET", "/v1/alerts")
+        assert status == 200
+        again = [a["id"] for a in alerts["alerts"] if a["alert_type"] == "store_state_lost"]
+        assert len(again) == 1 and again[0] != lost[0]["id"], (again, lost)
+    finally:
+        for c in clients:
+            await c.close()
