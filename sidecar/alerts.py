@@ -167,8 +167,12 @@ def _guard_entry(
     message = f"{what} on {on}" + (f": {reason}" if reason else "")
     if kind == "lost":
         message = reason  # it says what was lost and what was put back
+    parts = (keys.escape(tenant), kind, keys.escape(guard), raw_entity)
     return Alert(
-        id="/".join((keys.escape(tenant), kind, keys.escape(guard), raw_entity, str(at))),
+        # A loss's id is its marker's: every replica that notices one loss appends an
+        # entry, and receivers deduplicate on the id (their clocks differ); a trip's own
+        # instant tells its trips apart.
+        id="/".join(parts if kind == "lost" else (*parts, str(at))),
         budget_id=guard,
         alert_type=alert_type,
         threshold=0,

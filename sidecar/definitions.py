@@ -23,6 +23,7 @@ from sidecar.config import PriceSpec, RateLimitSpec
 from sidecar.engine import Engine
 from sidecar.model import Budget, OnExceed, Period, Price, RateLimit, Scope, TenantDefinitions
 from sidecar.money import usd_to_micro
+from sidecar.store import StoreError
 
 log = logging.getLogger("sidecar.definitions")
 
@@ -227,25 +228,37 @@ class DefinitionWatcher:
         self.suspect: Callable[[], Awaitable[object]] | None = None
 
     async def refresh(self) -> None:
-        """Reload now (after a local write, or when the version moved)."""
+        """Reload now (after a local write, or when the version moved). A version that
+        did not grow past the one last seen is asked about first (`suspect`): it only grows
+        (a local write moved it at least once since), so Redis lost its state, and a local
+        write right after the loss moved it up from zero; its reload would otherwise take
+        what was left (that write only) as the definitions to put back. (Two local writes
+        at once may ask once for nothing: one check more.)"""
+        if (
+            self.suspect is not None
+            and self._seen is not None
+            and await self.store.version() <= self._seen
+        ):
+            await self.suspect()
+        await self.reload()
+
+    async def reload(self) -> None:
+        """Reload now, asking nothing (sidecar.state_loss, once it put back what it could)."""
         version = await self.store.version()
         self._engine.set_definitions(await self.store.load())
         self._seen = version
 
     async def poll_once(self) -> None:
-        version = await self.store.version()
-        if version == self._seen:
-            return
-        if self.suspect is not None and self._seen is not None and version < self._seen:
-            await self.suspect()
-        await self.refresh()
+        if await self.store.version() != self._seen:
+            await self.refresh()
 
     async def run(self) -> None:
         while True:
             try:
                 await self.poll_once()
-            except (RedisError, OSError) as exc:
-                # Keep enforcing what we have; the next poll tries again.
+            except (RedisError, OSError, StoreError) as exc:
+                # Keep enforcing what we have; the next poll tries again. (StoreError: the
+                # loss check `suspect` runs scripts, which time out as the store's errors.)
                 log.warning("cannot read definitions from redis: %s", exc)
             await asyncio.sleep(POLL_S)
 

@@ -20,8 +20,10 @@ than the one this sidecar saw, means that slot lost its state. Then the sidecar
 - appends an alert (kind `lost`, alert_type store_state_lost) to each tenant's alerts
   stream, delivered like every alert (webhooks);
 - puts back the stops it saw in force at its last check, as they were (same id, expiry,
-  reason): a stop that silently disappears is a safety problem, and a stop lifted on
-  another replica within the last check interval coming back is the safe error;
+  reason), with the stops made or lifted through this sidecar since (it knows of those:
+  one lifted here on purpose stays lifted): a stop that silently disappears is a safety
+  problem, and a stop lifted on another replica within the last check interval coming
+  back is the safe error;
 - puts back the admin API's definitions as it last loaded them (only those absent: the
   first replica to notice writes them, the others find them there);
 - makes a settle or release of a reservation the loss took answer 404 saying so.
@@ -83,6 +85,8 @@ class StateWatch:
     _epochs: dict[str, str] = field(default_factory=dict)
     # tenant -> the stops in force at the last check that found its marker intact
     _stops: dict[str, list[Stop]] = field(default_factory=dict)
+    # this sidecar's own stop changes since the running check began (see stop_changed)
+    _changes: list[tuple[str, Stop | None, str | None]] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _soon: asyncio.Task[None] | None = None
 
@@ -92,6 +96,7 @@ class StateWatch:
     async def check(self) -> bool:
         """One check; True when it found (and handled) a loss."""
         async with self._lock:
+            self._changes.clear()
             tenants = self._tenants()
             now = self.engine.now_ms()
             # The stops are read before the markers: a loss after this read is caught by
@@ -120,8 +125,20 @@ class StateWatch:
                 await self._lost(lost, now)
             for tenant in tenants:
                 if tenant not in lost:
-                    self._stops[tenant] = seen[tenant]
+                    kept = seen[tenant]
+                    # A change made here while this check read: `seen` may predate it.
+                    for changed, made, lifted in self._changes:
+                        if changed == tenant:
+                            kept = _changed(kept, made, lifted)
+                    self._stops[tenant] = kept
             return bool(lost)
+
+    def stop_changed(self, tenant: str, made: Stop | None, lifted: str | None) -> None:
+        """A stop made or lifted through this sidecar (Stops.on_change): what a loss would
+        put back follows at once, since a loss before the next check must neither bring
+        back a stop lifted here on purpose nor lose one made here."""
+        self._stops[tenant] = _changed(self._stops.get(tenant, []), made, lifted)
+        self._changes.append((tenant, made, lifted))
 
     async def _lost(self, lost: set[str], now: int) -> None:
         # "" is the definitions' own slot: losing it loses them for every tenant.
@@ -132,7 +149,7 @@ class StateWatch:
                 if await self.stops.restore(tenant, stop, now):
                     restored_stops += 1
         restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
-        await self.definitions.refresh()
+        await self.definitions.reload()  # (refresh would ask this check again: the lock)
         self.losses += 1
         self.last_loss = LossView(
             at=iso(now),
@@ -157,9 +174,12 @@ class StateWatch:
         )  # fmt: skip
         for tenant in tenants:
             tk = keys.tenant_keys(tenant)
+            # g: the marker the lost slot holds now, the same on every replica that noticed
+            # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
+            marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
             await self.client.xadd(
                 tk.alerts,
-                {"k": ALERT_KIND, "g": self._epochs.get(keys.state_marker(tenant), ""),
+                {"k": ALERT_KIND, "g": self._epochs.get(marker, ""),
                  "s": "", "e": keys.escape(tenant), "r": message, "at": now},
                 maxlen=ALERTS_MAX,
                 approximate=True,
@@ -198,3 +218,13 @@ class StateWatch:
         yield
         pending = [task] if self._soon is None else [task, self._soon]
         await tasks.stop(pending, what="state marker checks")
+
+
+def _changed(stops: list[Stop], made: Stop | None, lifted: str | None) -> list[Stop]:
+    """`stops` after one change; one stop per entity, so a stop made replaces its entity's."""
+    kept = [
+        s
+        for s in stops
+        if s.id != lifted and (made is None or (s.scope, s.scope_id) != (made.scope, made.scope_id))
+    ]
+    return [*kept, made] if made is not None else kept

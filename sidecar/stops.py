@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar import keys
@@ -68,12 +69,19 @@ def parse(field: str, value: str) -> Stop | None:
         return None
 
 
+# (tenant, the stop made or None, the id of the stop lifted or None).
+StopChange = Callable[[str, Stop | None, str | None], None]
+
+
 class Stops:
     """Stops of every tenant over one store."""
 
     def __init__(self, store: Store, script: Script) -> None:
         self._store = store
         self._script = script
+        # Told of each stop made or lifted through this replica: sidecar.state_loss keeps
+        # what it would put back after a loss in step at once, not at its next check.
+        self.on_change: StopChange | None = None
 
     async def _run(self, tenant: str, *args: str | int) -> list[str]:
         tk = keys.tenant_keys(tenant)
@@ -105,6 +113,8 @@ class Stops:
             stop.scope, keys.escape(scope_id),
         )  # fmt: skip
         replaced = reply[1] or None
+        if self.on_change is not None:
+            self.on_change(tenant, stop, None)
         log.info(
             "stop made",
             extra={"tenant": tenant, "stop_id": stop.id, "scope": stop.scope,
@@ -121,6 +131,8 @@ class Stops:
         lifted = (await self._run(tenant, "delete", now_ms, stop_id))[0] == "1"
         if lifted:
             log.info("stop lifted", extra={"tenant": tenant, "stop_id": stop_id})
+            if self.on_change is not None:
+                self.on_change(tenant, None, stop_id)
         return lifted
 
     async def restore(self, tenant: str, stop: Stop, now_ms: int) -> bool:

@@ -386,6 +386,7 @@ def create_app(
     )
     app[STATE_WATCH] = state_watch
     watcher.suspect = state_watch.check
+    stops.on_change = state_watch.stop_changed
     inner = getattr(store, "inner", store)  # under metrics.MeteredStore
     if hasattr(inner, "on_noscript"):
         inner.on_noscript = state_watch.check_soon
