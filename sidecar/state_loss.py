@@ -132,7 +132,7 @@ class StateWatch:
                 if await self.stops.restore(tenant, stop, now):
                     restored_stops += 1
         restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
-        await self.definitions.refresh()
+        await self.definitions.reload()  # refresh would check again, under our lock
         self.losses += 1
         self.last_loss = LossView(
             at=iso(now),
