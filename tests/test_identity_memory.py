@@ -2,9 +2,9 @@
 
 A sidecar memoises per identity (sidecar/resolution.py's resolution memo, the parsed
 counters of sidecar/rendering.py, sidecar/guards.py's log throttle, the metrics' label
-children, sidecar/pricing.py's provider memo, sidecar/resp.py's encoded chunks, the key caches of sidecar/keys.py). Each has
-a cap; a structure without one would grow with every new user_id, agent_id, run_id,
-fingerprint or model until the pod is OOM-killed.
+children, sidecar/pricing.py's provider memo, sidecar/resp.py's encoded chunks, the key
+caches of sidecar/keys.py). Each has a cap; a structure without one would grow with every
+new user_id, agent_id, run_id, fingerprint or model until the pod is OOM-killed.
 
 1. In-process, over a real redis-server, with the caps lowered (so a few hundred
    identities cross each of them): every container the process holds is looked at after
@@ -116,4 +116,3 @@ def test_a_real_sidecars_metrics_series_do_not_grow_with_identities(
         assert sidecar.process is not None and sidecar.process.poll() is None
     finally:
         sidecar.cleanup()
-
