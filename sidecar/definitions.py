@@ -222,35 +222,32 @@ class DefinitionWatcher:
         self.store = store
         self._engine = engine
         self._seen: int | None = None
-        # Called before reloading when the version went backwards (it only ever grows, so
-        # Redis lost its state): sidecar.state_loss checks and puts the definitions back
-        # first, so this replica never swaps in the empty set.
+        # Called before every reload: sidecar.state_loss checks the state markers and, if
+        # a slot lost its state, puts the definitions back first, so this replica never
+        # swaps in (and forgets) an emptied set. Not only when the version went backwards:
+        # in a Redis Cluster one tenant's slot can be lost while the version, in another
+        # slot, moves on with a write for another tenant; a load then would read the lost
+        # tenant's definitions as none and leave restore nothing to put back.
         self.suspect: Callable[[], Awaitable[object]] | None = None
 
     async def refresh(self) -> None:
-        """Reload now (after a local write, or when the version moved). A version that
-        did not grow past the one last seen is asked about first (`suspect`): it only grows
-        (a local write moved it at least once since), so Redis lost its state, and a local
-        write right after the loss moved it up from zero; its reload would otherwise take
-        what was left (that write only) as the definitions to put back. (Two local writes
-        at once may ask once for nothing: one check more.)"""
-        if (
-            self.suspect is not None
-            and self._seen is not None
-            and await self.store.version() <= self._seen
-        ):
+        """Check the store's state (`suspect`: always, see above), then reload (after a
+        local write, or when the version moved)."""
+        if self.suspect is not None:
             await self.suspect()
         await self.reload()
 
     async def reload(self) -> None:
-        """Reload now, asking nothing (sidecar.state_loss, once it put back what it could)."""
+        """Reload now, without the state check (what the check itself calls)."""
         version = await self.store.version()
         self._engine.set_definitions(await self.store.load())
         self._seen = version
 
     async def poll_once(self) -> None:
-        if await self.store.version() != self._seen:
-            await self.refresh()
+        version = await self.store.version()
+        if version == self._seen:
+            return
+        await self.refresh()
 
     async def run(self) -> None:
         while True:

@@ -61,18 +61,8 @@ class RedisCluster:
         if cli is None:
             missing("redis-cli (Debian redis-tools) for building a cluster")
         for port in self.ports:
-            node_dir = self.dir / str(port)
-            node_dir.mkdir()
-            self.processes[port] = subprocess.Popen(
-                [
-                    redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
-                    "--cluster-enabled", "yes",
-                    "--cluster-config-file", str(node_dir / "nodes.conf"),
-                    "--cluster-node-timeout", str(self.node_timeout_ms),
-                    "--dir", str(node_dir), "--save", "", "--appendonly", "no",
-                ],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )  # fmt: skip
+            (self.dir / str(port)).mkdir()
+            self._spawn(port)
         for port in self.ports:
             wait_until(lambda p=port: self._answers(p), what=f"cluster node {port}")
         assert cli is not None
@@ -87,6 +77,26 @@ class RedisCluster:
         for port in self.ports:
             wait_until(lambda p=port: self._synced(p), timeout_s=30, what=f"replica {port}")
         return self
+
+    def _spawn(self, port: int) -> None:
+        node_dir = self.dir / str(port)
+        self.processes[port] = subprocess.Popen(
+            [
+                redis_binary(), "--port", str(port), "--bind", "127.0.0.1",
+                "--cluster-enabled", "yes",
+                "--cluster-config-file", str(node_dir / "nodes.conf"),
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+            ],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def restart_empty(self, port: int) -> None:
+        """Kill one node and start it again on its nodes.conf: it rejoins with the slots
+        it served and no data (no persistence), as a node restarted without its dump."""
+        self.kill(port)
+        self._spawn(port)
+        wait_until(lambda: self._ok(port), timeout_s=30, what=f"cluster_state:ok {port}")
 
     def _synced(self, port: int) -> bool:
         info = self.client(port).info("replication")
