@@ -92,7 +92,8 @@ class SidecarClient:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         async with self._session.request(method, self._base + path, json=body) as resp:
-            if resp.status != 200:
+            # 202: the settle of a fail-open grant, queued until Redis answers.
+            if resp.status not in (200, 202):
                 raise SidecarError(resp.status, _error_body(await resp.read()))
             return await resp.json(content_type=None)
 
@@ -135,7 +136,7 @@ class SidecarClient:
         decision = await self.authorize(**fields)
         if not decision["allowed"]:
             raise BudgetDenied(decision)
-        if decision.get("reservation_id") is None:  # fail-open degraded: nothing to settle
+        if decision.get("reservation_id") is None:  # fail-open past its cap: nothing to settle
             yield Reservation({**decision, "reservation_id": ""})
             return
         reservation = Reservation(decision)
@@ -188,7 +189,7 @@ class SyncSidecarClient:
                 self.close()
                 if attempt == 2:
                     raise
-        if resp.status != 200:
+        if resp.status not in (200, 202):  # 202: a fail-open grant's queued settle
             raise SidecarError(resp.status, _error_body(raw))
         return json.loads(raw or b"null")
 

@@ -294,6 +294,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     max_lease_ms: Annotated[int, Meta(ge=100, le=86_400_000)] = 3_600_000
     keep_finished_ms: Annotated[int, Meta(ge=60_000, le=30 * 86_400_000)] = 3_600_000
     fail_mode: FailMode = FailMode.CLOSED
+    fail_open_max_pending: Annotated[int, Meta(ge=0, le=1_000_000)] = 10_000
     redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
@@ -340,6 +341,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             max_lease_ms=self.max_lease_ms,
             keep_finished_ms=self.keep_finished_ms,
             fail_mode=self.fail_mode,
+            fail_open_max_pending=self.fail_open_max_pending,
             redis_timeout_ms=self.redis_timeout_ms,
             max_body_bytes=self.max_body_bytes,
             usage_max_records=self.usage_max_records,

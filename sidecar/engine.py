@@ -14,7 +14,9 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from sidecar import estimates, keys, learned, rendering, tasks
+from msgspec.structs import replace as with_fields
+
+from sidecar import estimates, fail_open, keys, learned, rendering, tasks
 from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied
@@ -37,7 +39,14 @@ from sidecar.model import (
 )
 from sidecar.money import micro_to_usd, usd_to_micro
 from sidecar.periods import iso
-from sidecar.reservations import SEP, fingerprint, loop_fingerprint, meta, new_reservation_id
+from sidecar.reservations import (
+    SEP,
+    fingerprint,
+    loop_fingerprint,
+    meta,
+    meta_head,
+    new_reservation_id,
+)
 from sidecar.resolution import (
     COUNTER_GRACE_MS,
     Resolved,
@@ -114,6 +123,11 @@ class Engine:
         # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
         # or release of a reservation it took says so.
         self.state_lost_at: str | None = None
+        # Decisions allowed by fail mode open, charged once Redis answers (sidecar.fail_open).
+        self.fail_open = fail_open.FailOpenBook(
+            clock, self.events, self._record_charge, self._estimate_charge
+        )
+        self._bound_fail_open(config)
 
     # ---- definitions ------------------------------------------------------------------
 
@@ -128,6 +142,7 @@ class Engine:
         self._ledger = _ledger_config(config)
         self._learn_config = learned.settle_config(config.settings)
         self._learns = learned.anywhere(config)
+        self._bound_fail_open(config)
         self._rebuild_tenants()
 
     def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
@@ -300,7 +315,20 @@ class Engine:
             # hold exists, so make that true.
             self._cancel_later(tenant, rid, now + lease_ms)
             self.events.store_unavailable("authorize")
-            return self._degraded(applied, est)
+            degraded = self._degraded(applied, est)
+            grant = fail_open.Grant(
+                tenant, req, price, est, now + lease_ms, req.on_expiry == "charge"
+            )
+            bound_to = fingerprint(req, asked) if key else ""
+            granted, again = self.fail_open.add(fail_open.grant_id(tenant, key, bound_to), grant)
+            if granted is not None:
+                # Nothing held, but the settle of this id is charged when Redis answers.
+                degraded.reservation_id, degraded.replayed = granted, again
+                degraded.message = (
+                    "redis unavailable; allowed by fail mode open without a hold: settle "
+                    "or release reservation_id as usual, it is charged once Redis answers"
+                )
+            return degraded
         except asyncio.CancelledError:
             # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
             # the script may have been sent: Redis may still run it, and nobody is told.
@@ -402,6 +430,12 @@ class Engine:
         Tokens given with a cost are recorded and correct the token limiters;
         `provider_model` replaces the reservation's in its usage record (the gateway's
         audit names the model only after the call)."""
+        if fail_open.is_grant_id(rid):
+            granted = await self._settle_grant(
+                tenant, rid, cost_micro, tokens, latency_ms, success, provider_model, priced_here
+            )
+            if granted is not None:
+                return granted
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         args: list[str | int] = [
@@ -427,6 +461,10 @@ class Engine:
         )
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
+        if fail_open.is_grant_id(reservation_id):
+            released = self._release_grant(tenant, reservation_id)
+            if released is not None:
+                return released
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
         args: list[str | int] = [
@@ -597,6 +635,8 @@ class Engine:
         idempotency key is free for the retry. A replayed decision's hold was handed out
         before: left (release.lua leaves a claimed reservation alone anyway)."""
         rid = decision.reservation_id
+        if rid is not None and decision.degraded and not decision.replayed:
+            self.fail_open.forget(tenant, rid)  # a fail-open grant: nobody will settle it
         if rid is None or decision.replayed or decision.lease_expires_at is None:
             return
         # The lease's end bounds the retries; the longest lease is a safe bound.
@@ -629,8 +669,9 @@ class Engine:
         return len(self._cancels)
 
     async def close(self) -> None:
-        """Stop retrying cancels (the leases return those holds)."""
+        """Stop retrying cancels (the leases return those holds) and the fail-open drain."""
         await tasks.stop(self._cancels, what="cancels of timed-out authorizes")
+        await self.fail_open.close()
 
     # ---- helpers ------------------------------------------------------------------------
 
@@ -693,6 +734,161 @@ class Engine:
             self.events.store_unavailable(script.name)
             raise Unavailable(str(exc)) from exc
         return reply
+
+    # ---- fail-open grants (sidecar.fail_open) -------------------------------------------
+
+    def _bound_fail_open(self, config: Config) -> None:
+        self.fail_open.cap = config.settings.fail_open_max_pending
+        # A queued charge waits as long as a finished reservation is remembered.
+        self.fail_open.max_age_ms = config.settings.keep_finished_ms
+
+    async def _settle_grant(
+        self,
+        tenant: str,
+        rid: str,
+        cost_micro: int | None,
+        tokens: tuple[int, int] | None,
+        latency_ms: int | None,
+        success: bool,
+        provider_model: tuple[str, str] | None,
+        priced_here: bool,
+    ) -> SettleResult | None:
+        """The settle of a fail-open grant, charged as a record (None: not one of this
+        process's grants; Redis is asked as for any reservation)."""
+        done = self.fail_open.answered(tenant, rid)
+        if done is not None:
+            return with_fields(done, replayed=True)
+        grant = self.fail_open.grant(tenant, rid)
+        if grant is None:
+            return None
+        if grant.charge is not None:  # settled before, its charge still queued
+            return with_fields(grant.charge.answer, replayed=True)
+        # The same pricing as settle.lua's modes (estimates.settle_mode).
+        if cost_micro == CHARGE_ESTIMATE:
+            cost, priced_by = grant.estimate_micro, "estimate"
+        elif cost_micro is not None:
+            cost, priced_by = cost_micro, "tokens" if priced_here else "cost"
+        elif grant.price is not None and tokens is not None:
+            cost, priced_by = estimates.estimate(grant.price, None, *tokens), "tokens"
+        else:
+            cost, priced_by = grant.estimate_micro, "estimate"
+        charge = self._grant_charge(
+            rid, grant, cost, priced_by, tokens, latency_ms, success, provider_model
+        )
+        return await self.fail_open.settle(rid, grant, charge)
+
+    def _release_grant(self, tenant: str, rid: str) -> SettleResult | None:
+        done = self.fail_open.answered(tenant, rid)
+        if done is not None:
+            return with_fields(done, replayed=True)
+        grant = self.fail_open.grant(tenant, rid)
+        if grant is None:
+            return None
+        if grant.charge is not None:  # settled before: the charge stands
+            return with_fields(grant.charge.answer, replayed=True)
+        answer = SettleResult(
+            reservation_id=rid,
+            state="released",
+            cost_usd=0.0,
+            estimated_usd=micro_to_usd(grant.estimate_micro),
+            overshoot_usd=0.0,
+            estimate_error_usd=0.0,
+            priced_by="none",
+            lease_expired=self._clock.now_ms() >= grant.lease_end_ms,
+            replayed=False,
+            provider=grant.req.provider,
+            model=grant.req.model,
+            tokens_in=0,
+            tokens_out=0,
+            budgets=[],
+        )
+        self.fail_open.release(rid, answer)
+        return answer
+
+    def _grant_charge(
+        self,
+        rid: str,
+        grant: fail_open.Grant,
+        cost: int,
+        priced_by: str,
+        tokens: tuple[int, int] | None,
+        latency_ms: int | None,
+        success: bool,
+        provider_model: tuple[str, str] | None,
+    ) -> fail_open.Charge:
+        """record.lua's call for a grant's charge, as _record builds it, with the grant's id
+        as idempotency key; built now, so the charge lands in the period of its settle."""
+        settings = self._snapshot.config.settings
+        now = self._clock.now_ms()
+        req = grant.req
+        resolved = self.resolve(grant.tenant, req, req.provider, req.model, now)
+        provider, model = provider_model or (req.provider, req.model)
+        head = (
+            resolved.meta_head
+            if provider_model is None
+            else meta_head(provider, model, self.identity(req))
+        )
+        tokens_in, tokens_out = tokens or (0, 0)
+        args: list[str | int] = [
+            now,
+            cost,
+            rid,
+            settings.keep_finished_ms,
+            meta(head, req.step_id, req.run_id),
+            tokens_in,
+            tokens_out,
+            self._ledger,
+            "" if latency_ms is None else latency_ms,
+            "1" if success else "0",
+        ]
+        for a in resolved.budgets:
+            args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
+        answer = SettleResult(
+            reservation_id=rid,
+            state="queued",
+            cost_usd=micro_to_usd(cost),
+            estimated_usd=micro_to_usd(grant.estimate_micro),
+            overshoot_usd=0.0,
+            estimate_error_usd=micro_to_usd(max(0, cost - grant.estimate_micro)),
+            priced_by=priced_by,
+            lease_expired=now >= grant.lease_end_ms,
+            replayed=False,
+            provider=provider,
+            model=model,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            budgets=[],
+        )
+        return fail_open.Charge(
+            grant.tenant,
+            self._charging_keys(grant.tenant, now),
+            tuple(args),
+            tuple(resolved.budgets),
+            answer,
+            now,
+        )
+
+    def _estimate_charge(self, rid: str, grant: fail_open.Grant) -> fail_open.Charge:
+        """A grant with on_expiry charge whose lease ended unsettled: its estimate."""
+        return self._grant_charge(
+            rid, grant, grant.estimate_micro, "estimate", None, None, True, None
+        )
+
+    async def _record_charge(self, charge: fail_open.Charge) -> SettleResult:
+        """Run a grant's charge (StoreUnavailable while Redis is away). A charge Redis saw
+        before (a retry, another replica) answers replayed and charges nothing."""
+        script, tenant = self._scripts.record, charge.tenant
+        reply = await self._call(script, tenant, charge.args, charge.script_keys)
+        values = [int(v) for v in reply[1:]]
+        return with_fields(
+            charge.answer,
+            state="settled",
+            replayed=int(reply[0]) == 2,
+            budgets=[
+                rendering.budget_state(a, values[2 * i], values[2 * i + 1])
+                for i, a in enumerate(charge.applied)
+            ],
+        )
 
     def _degraded(self, applied: Sequence[Applied], est: int) -> Decision:
         """Redis did not answer in time: apply the fail mode (invariant 8).

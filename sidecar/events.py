@@ -41,6 +41,15 @@ class EngineEvents(Protocol):
         """`count` reservations' leases ended unsettled and their estimate was charged
         (on_expiry charge); each is reported exactly once."""
 
+    def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
+        """A fail-open grant's charge (sidecar.fail_open): "queued" (Redis away: kept until
+        it answers), "recorded" (at its settle), "recorded_later" (a queued one, now; with
+        its result, whose spend no other event reported)."""
+
+    def fail_open_dropped(self, reason: str) -> None:
+        """A fail-open grant or queued charge was let go: "full", "lease_ended",
+        "expired" (see sidecar.fail_open)."""
+
 
 class NoEvents:
     def decided(self, operation: str, decision: Decision, seconds: float) -> None:
@@ -67,4 +76,10 @@ class NoEvents:
         pass
 
     def charged_at_lease_end(self, count: int) -> None:
+        pass
+
+    def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
+        pass
+
+    def fail_open_dropped(self, reason: str) -> None:
         pass

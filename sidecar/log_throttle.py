@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 EVERY_S = 10.0
 # The loggers of loops that retry Redis on a fixed period.
-LOGGERS = frozenset({"sidecar.definitions"})
+LOGGERS = frozenset({"sidecar.definitions", "sidecar.fail_open"})
 
 
 class Throttle(logging.Filter):

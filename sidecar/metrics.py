@@ -140,6 +140,30 @@ class Metrics:
             ["operation"],
             registry=reg,
         )
+        self.fail_open_charges = Counter(
+            f"{PREFIX}_fail_open_charges",
+            "Settles of decisions allowed by fail mode open, charged as a record: event "
+            "queued (Redis away: kept in memory until it answers), recorded (at the settle), "
+            "recorded_later (a queued one, once Redis answered).",
+            ["event"],
+            registry=reg,
+        )
+        self.fail_open_drops = Counter(
+            f"{PREFIX}_fail_open_dropped",
+            "Fail-open grants or queued charges let go, whose spend is not charged: reason "
+            "full (settings.fail_open_max_pending reached: allowed without an id), "
+            "lease_ended (never settled nor released within its lease), expired (queued "
+            "longer than settings.keep_finished_ms).",
+            ["reason"],
+            registry=reg,
+        )
+        self.fail_open_pending = Gauge(
+            f"{PREFIX}_fail_open_pending",
+            "Fail-open grants waiting for their settle, and settles waiting for Redis, held "
+            "in this process's memory (lost if it is killed).",
+            registry=reg,
+            multiprocess_mode="livesum",
+        )
         self.reservations = Counter(
             f"{PREFIX}_reservations",
             "Reservation lifecycle events seen by this sidecar: held (authorize), settled, "
@@ -308,6 +332,8 @@ class Metrics:
     def refresh(self) -> None:
         """At scrape time: a budget whose period ended since its last answer reads 0."""
         now_ms = self._clock.now_ms()
+        if self._engine is not None:
+            self.fail_open_pending.set(self._engine.fail_open.pending)
         for entry in self._ratios.values():
             if now_ms >= entry[1]:
                 entry[0] = entry[4] = 0.0
@@ -361,8 +387,8 @@ class Metrics:
 
     def finished(self, operation: str, result: SettleResult, seconds: float) -> None:
         self._observe_duration(operation, seconds)
-        if result.replayed:
-            return  # the first answer already counted it
+        if result.replayed or result.state == "queued":
+            return  # the first answer counted it; a queued charge counts once recorded
         if result.state == "settled":
             self._settled.inc()
             self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
@@ -396,6 +422,18 @@ class Metrics:
 
     def charged_at_lease_end(self, count: int) -> None:
         self._charged_at_end.inc(count)
+
+    def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
+        self.fail_open_charges.labels(event).inc()
+        if result is not None and not result.replayed:
+            # Recorded later: no settle answer reported this spend.
+            self._settled.inc()
+            self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
+            if result.budgets:
+                self._observe_ratios(result.budgets)
+
+    def fail_open_dropped(self, reason: str) -> None:
+        self.fail_open_drops.labels(reason).inc()
 
     def store_unavailable(self, operation: str) -> None:
         now = time.monotonic()

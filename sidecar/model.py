@@ -218,6 +218,10 @@ class Settings:
     # reservation kept a day cost more Redis than every counter of its entity (issue 16).
     keep_finished_ms: int = 3_600_000
     fail_mode: FailMode = FailMode.CLOSED
+    # Fail mode open: how many allowed decisions (and their settles waiting for Redis) are
+    # remembered in memory at once, so their spend is charged once Redis answers
+    # (sidecar.fail_open); past it a decision is allowed without an id, counted as dropped.
+    fail_open_max_pending: int = 10_000
     # Redis's time to answer, counted while the sidecar runs (its own scheduling lag is
     # not Redis's); a decision waits at most twice this of wall-clock time (sidecar.resp).
     redis_timeout_ms: int = 500

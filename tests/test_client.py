@@ -245,18 +245,21 @@ async def test_reserve_raises_budget_denied_with_the_decision(
     assert redis_client.hlen(RES) == 0
 
 
-async def test_reserve_in_fail_open_yields_without_a_reservation(
+async def test_reserve_in_fail_open_settles_a_grant(
     write_config: WriteConfig,
 ) -> None:
-    """Redis unreachable, fail mode open: the block runs, nothing is settled or released."""
+    """Redis unreachable, fail mode open: the block runs on a fail-open grant, whose settle
+    is queued (202) until Redis answers (sidecar.fail_open); an error releases it."""
     doc = {**DOC, "settings": {"fail_mode": "open"}}
     proc = start_sidecar(f"redis://127.0.0.1:{free_port()}/0", write_config(doc))
     try:
         async with SidecarClient(proc.url) as sc:
             async with sc.reserve(user_id="u1", estimated_usd=0.01) as r:
-                assert (r.id, r.decision["degraded"], r.decision["allowed"]) == ("", True, True)
+                assert (r.decision["degraded"], r.decision["allowed"]) == (True, True)
+                assert r.id.startswith("fa11")
                 r.usage(cost_usd=0.01)
-            assert r.settlement is None
+            assert r.settlement is not None
+            assert (r.settlement["state"], r.settlement["cost_usd"]) == ("queued", 0.01)
             with pytest.raises(Boom):
                 async with sc.reserve(user_id="u1", estimated_usd=0.01):
                     raise Boom

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.api.app import create_app
 from sidecar.clock import FakeClock
+from sidecar.fail_open import MARK
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
@@ -96,11 +97,18 @@ def assert_unavailable(status: int, ctype: str, body: dict[str, Any]) -> None:
     assert "field" not in body
 
 
-def assert_degraded_allow(status: int, body: dict[str, Any], estimated_usd: float) -> None:
+def assert_degraded_allow(
+    status: int, body: dict[str, Any], estimated_usd: float, *, grant: bool = True
+) -> None:
+    """`grant`: an authorize's, which gets a fail-open grant id to settle (sidecar.fail_open;
+    tests/test_fail_open_accounting.py); a check's has none."""
     assert status == 200, body
     assert body["allowed"] is True and body["action"] == "allow"
     assert body["degraded"] is True
-    assert body["reservation_id"] is None
+    if grant:
+        assert body["reservation_id"].startswith(MARK), body
+    else:
+        assert body["reservation_id"] is None
     assert body["lease_expires_at"] is None
     assert body["estimated_usd"] == estimated_usd
     assert body["budget_info"] is None and body["budgets"] == []
@@ -183,7 +191,7 @@ async def test_fail_open_allows_and_flags_degraded(
     server.stop()
     status, ctype, body = await call(client, "POST", path, AUTH)
     assert ctype == "application/json"
-    assert_degraded_allow(status, body, 0.1)
+    assert_degraded_allow(status, body, 0.1, grant=path == "/v1/authorize")
 
 
 async def test_fail_open_with_no_applicable_budget(

@@ -92,13 +92,16 @@ class PreCheckResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     degraded: bool = False
 
 
-class AuditResult(msgspec.Struct, kw_only=True):
+class AuditResult(msgspec.Struct, kw_only=True, omit_defaults=True):
     success: bool
     audit_id: str
     # Beyond the SDK's fields (it ignores them): what was charged and how it was priced
     # ("estimate": the model has no price, so the held estimate was charged).
     cost_usd: float
     priced_by: str
+    # Only when true: the audit of a fail-open pre-check, kept until Redis answers and
+    # charged then (answered 202; the SDK reads any 2xx JSON body).
+    queued: bool = False
 
 
 _pre_check_body = msgspec.json.Decoder(PreCheckRequest).decode
@@ -191,7 +194,9 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             approved_data["degraded"] = True
         allowed = json_response(
             PreCheckResult(
-                # Fail-open without Redis holds nothing: an id no audit will find.
+                # Fail-open without Redis holds nothing, but its audit is charged once
+                # Redis answers (sidecar.fail_open); with none (the book full) an id no
+                # audit will find.
                 context_id=decision.reservation_id or new_reservation_id(),
                 approved=True,
                 requires_redaction=False,
@@ -237,13 +242,16 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
             raise ProblemError(
                 err.status, f"no pre-check {body.context_id!r}", field="context_id"
             ) from None
+        queued = result.state == "queued"
         return json_response(
             AuditResult(
-                success=result.state == "settled",
+                success=result.state == "settled" or queued,
                 audit_id=body.context_id,
                 cost_usd=result.cost_usd,
                 priced_by=result.priced_by,
-            )
+                queued=queued,
+            ),
+            status=202 if queued else 200,
         )
 
     app.router.add_post("/api/policy/pre-check", pre_check)

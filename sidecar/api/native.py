@@ -25,6 +25,7 @@ from sidecar.schemas import (
     RecordRequest,
     ReleaseRequest,
     SettleRequest,
+    SettleResult,
 )
 
 _encode = msgspec.json.Encoder().encode
@@ -67,6 +68,14 @@ def _decision_body(decision: Decision) -> bytes | Headed:
     return _encode(decision)
 
 
+def _settled(result: SettleResult) -> bytes | web.Response:
+    """200, or 202 Accepted for the settle of a fail-open grant that waits for Redis
+    (state "queued": charged once Redis answers; sidecar.fail_open)."""
+    if result.state == "queued":
+        return web.Response(status=202, body=_encode(result), content_type="application/json")
+    return _encode(result)
+
+
 def _as_handler(body_handler: BodyHandler) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handler(request: web.Request) -> web.Response:
         answer = await body_handler(request)
@@ -99,13 +108,13 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     async def settle(request: web.Request) -> bytes | web.Response:
         require(request, _AGENT)
         req = _settle.decode(await request.read())
-        return _encode(await request.app[engine_key].settle(tenant_of(request), req))
+        return _settled(await request.app[engine_key].settle(tenant_of(request), req))
 
     async def release(request: web.Request) -> bytes | web.Response:
         require(request, _AGENT)
         req = _release.decode(await request.read())
         engine = request.app[engine_key]
-        return _encode(await engine.release(tenant_of(request), req.reservation_id))
+        return _settled(await engine.release(tenant_of(request), req.reservation_id))
 
     async def record(request: web.Request) -> web.Response:
         require(request, _AGENT)
