@@ -7,7 +7,7 @@ caches of sidecar/keys.py). Each has a cap; a structure without one would grow w
 new user_id, agent_id, run_id, fingerprint or model until the pod is OOM-killed.
 
 1. In-process, over a real redis-server, with the caps lowered (so a few hundred
-   identities cross each of them): every container the process holds is looked at after
+   identities cross each of them): every container the app reaches is looked at after
    two equal batches of new identities; none may grow by a third of a batch (what a
    per-identity structure does) unless it is a bounded functools.lru_cache, and each
    known cache stays at or under its cap.
@@ -21,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import gc
+import sys
+import types
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -40,16 +42,26 @@ CAP = 50  # every lowered cap
 BATCH = 200  # identities per batch: past each cap, and a third of it (66) past CAP too
 
 
-def containers() -> dict[int, tuple[int, Any]]:
-    """Every dict, set and list of the process with at least CAP // 2 items. The
-    collector tracks only containers that may hold containers (a dict of str keys and
-    float values is untracked): those are found as what the tracked ones refer to."""
+def containers(*roots: object) -> dict[int, tuple[int, Any]]:
+    """Every dict, set and list with at least CAP // 2 items reachable from `roots` (the
+    app, its metrics) and from the sidecar's own modules. Not the whole process: other
+    tests' libraries (litellm's background threads importing lazily) grow their own
+    caches meanwhile. The walk does not enter other packages' modules, nor classes."""
     gc.collect()
-    tracked = gc.get_objects()
+    ours = [m for name, m in sys.modules.items() if name.partition(".")[0] == "sidecar"]
+    stack: list[object] = [*roots, *(vars(m) for m in ours)]
+    seen: set[int] = set()
     found = {}
-    for o in (*tracked, *gc.get_referents(*tracked)):
+    while stack:
+        o = stack.pop()
+        if id(o) in seen:
+            continue
+        seen.add(id(o))
+        if isinstance(o, types.ModuleType | type):
+            continue
         if isinstance(o, dict | set | list) and len(o) >= CAP // 2:
             found[id(o)] = (len(o), o)
+        stack.extend(gc.get_referents(o))
     return found
 
 
@@ -78,9 +90,9 @@ async def test_nothing_in_process_grows_with_identities_past_its_cap(
     url = str(client.make_url("")).rstrip("/")
     try:
         await identities.drive(url, 0, BATCH)
-        first = containers()
+        first = containers(app, events, store)
         await identities.drive(url, BATCH, 2 * BATCH)
-        second = containers()
+        second = containers(app, events, store)
         grown = []
         for key, (n, o) in second.items():
             n_first = first.get(key, (0, None))[0]

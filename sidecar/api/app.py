@@ -346,8 +346,9 @@ def create_app(
     app[WATCHER] = watcher
 
     async def definitions_lifecycle(app: web.Application) -> AsyncIterator[None]:
-        # Start enforcing what the admin API stored before serving, if Redis answers.
-        with contextlib.suppress(RedisError, OSError):
+        # Start enforcing what the admin API stored before serving, if Redis answers
+        # (StoreError: the state check the reload asks first runs a script).
+        with contextlib.suppress(RedisError, OSError, StoreError):
             await watcher.refresh()
         async for _ in watcher.lifecycle():
             yield
