@@ -29,7 +29,7 @@ from tests.conftest import T0_MS, ClientFactory
 # cannot turn a slow answer into a 503 (after which the script may still have run).
 STORE_TIMEOUT_MS = 60_000
 SEED = 20_260_310
-N_OPS = 10_000
+N_OPS = 6_000
 RECLAIM_BATCH = 32  # lua/_lib.lua reclaim(): at most this many ended leases per script call
 COMPARE_EVERY = 250
 CTR = "bs:{default}:ctr"
