@@ -49,7 +49,7 @@ from sidecar.definitions import StoredBudget
 from tests.harness import RedisServer, SidecarProcess, data_keys, flush_data, missing
 
 SEED = os.environ.get("SIDECAR_FUZZ_SEED", "1")
-EXAMPLES = os.environ.get("SIDECAR_FUZZ_EXAMPLES", "20")
+EXAMPLES = os.environ.get("SIDECAR_FUZZ_EXAMPLES", "15")
 # Two workers: the time goes to generating cases in schemathesis, not to the sidecar.
 WORKERS = os.environ.get("SIDECAR_FUZZ_WORKERS", "2")
 CHECKS = (
