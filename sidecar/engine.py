@@ -3,7 +3,9 @@
 Each operation reads as its sequence: resolve what applies (sidecar/resolution.py), price
 the estimate (sidecar/estimates.py), build the script's KEYS/ARGV, run exactly one script,
 and render the reply (sidecar/rendering.py). Definitions come from the in-memory snapshot
-only; nothing is read from Redis except through the one script call (invariant 5).
+only; nothing is read from Redis except through the one script call (invariant 5). A
+decision allowed by fail mode open gets a grant whose spend is charged later
+(sidecar/grant_charges.py).
 """
 
 from __future__ import annotations
@@ -14,15 +16,14 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from msgspec.structs import replace as with_fields
-
 from sidecar import estimates, fail_open, keys, learned, rendering, tasks
 from sidecar.auth import OPEN
 from sidecar.clock import Clock
 from sidecar.decision import Applied
 from sidecar.errors import IdempotencyConflict, RequestError, Unavailable
-from sidecar.estimates import CHARGE_ESTIMATE
+from sidecar.estimates import CHARGE_ESTIMATE, Settlement
 from sidecar.events import EngineEvents, NoEvents
+from sidecar.grant_charges import GrantCharges
 from sidecar.learned import NO_HINT, EstimateHint
 from sidecar.model import (
     Action,
@@ -44,7 +45,6 @@ from sidecar.reservations import (
     fingerprint,
     loop_fingerprint,
     meta,
-    meta_head,
     new_reservation_id,
 )
 from sidecar.resolution import (
@@ -123,11 +123,9 @@ class Engine:
         # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
         # or release of a reservation it took says so.
         self.state_lost_at: str | None = None
-        # Decisions allowed by fail mode open, charged once Redis answers (sidecar.fail_open).
-        self.fail_open = fail_open.FailOpenBook(
-            clock, self.events, self._record_charge, self._estimate_charge
-        )
-        self._bound_fail_open(config)
+        # Decisions allowed by fail mode open, charged once Redis answers.
+        self.grants = GrantCharges(self, config)
+        self.fail_open = self.grants.book
 
     # ---- definitions ------------------------------------------------------------------
 
@@ -142,7 +140,7 @@ class Engine:
         self._ledger = _ledger_config(config)
         self._learn_config = learned.settle_config(config.settings)
         self._learns = learned.anywhere(config)
-        self._bound_fail_open(config)
+        self.grants.bound(config)
         self._rebuild_tenants()
 
     def set_definitions(self, definitions: dict[str, TenantDefinitions]) -> None:
@@ -193,6 +191,15 @@ class Engine:
     def store_client(self) -> Any:
         """The store's redis-py client, for reads off the hot path (ledger, alerts)."""
         return self._store.client
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @property
+    def ledger(self) -> str:
+        """settle.lua's and record.lua's ledger argument (see _ledger_config)."""
+        return self._ledger
 
     def now_ms(self) -> int:
         return self._clock.now_ms()
@@ -309,26 +316,15 @@ class Engine:
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
-            reply = await self._call(self._scripts.authorize, tenant, args, script_keys)
+            reply = await self.run_script(self._scripts.authorize, tenant, args, script_keys)
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
             self._cancel_later(tenant, rid, now + lease_ms)
             self.events.store_unavailable("authorize")
+            # Nothing held, but what the call spends is charged once Redis answers.
             degraded = self._degraded(applied, est)
-            grant = fail_open.Grant(
-                tenant, req, price, est, now + lease_ms, req.on_expiry == "charge"
-            )
-            bound_to = fingerprint(req, asked) if key else ""
-            granted, again = self.fail_open.add(fail_open.grant_id(tenant, key, bound_to), grant)
-            if granted is not None:
-                # Nothing held, but the settle of this id is charged when Redis answers.
-                degraded.reservation_id, degraded.replayed = granted, again
-                degraded.message = (
-                    "redis unavailable; allowed by fail mode open without a hold: settle "
-                    "or release reservation_id as usual, it is charged once Redis answers"
-                )
-            return degraded
+            return self.grants.grant(degraded, tenant, req, price, asked, est, now + lease_ms)
         except asyncio.CancelledError:
             # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
             # the script may have been sent: Redis may still run it, and nobody is told.
@@ -399,7 +395,7 @@ class Engine:
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
-            reply = await self._call(self._scripts.check, tenant, args, script_keys)
+            reply = await self.run_script(self._scripts.check, tenant, args, script_keys)
         except StoreUnavailable:
             self.events.store_unavailable("check")
             return self._degraded(applied, est)
@@ -413,48 +409,31 @@ class Engine:
         )
         return decision
 
-    async def _settle(
-        self,
-        tenant: str,
-        rid: str,
-        cost_micro: int | None,
-        tokens: tuple[int, int] | None,
-        latency_ms: int | None,
-        success: bool,
-        provider_model: tuple[str, str] | None = None,
-        *,
-        priced_here: bool = False,
-    ) -> SettleResult:
-        """Settle at `cost_micro`, or (None) at `tokens` priced as the reservation was
-        (`priced_here`: the cost is the tokens priced by the sidecar, not the caller's).
-        Tokens given with a cost are recorded and correct the token limiters;
-        `provider_model` replaces the reservation's in its usage record (the gateway's
-        audit names the model only after the call)."""
+    async def _settle(self, tenant: str, rid: str, settled: Settlement) -> SettleResult:
         if fail_open.is_grant_id(rid):
-            granted = await self._settle_grant(
-                tenant, rid, cost_micro, tokens, latency_ms, success, provider_model, priced_here
-            )
+            granted = await self.grants.settle(tenant, rid, settled)
             if granted is not None:
                 return granted
         settings = self._snapshot.config.settings
         now = self._clock.now_ms()
+        tokens = settled.tokens
         args: list[str | int] = [
             now,
             rid,
             settings.keep_finished_ms,
-            estimates.settle_mode(cost_micro, priced_here),
+            settled.mode,
             "" if tokens is None else tokens[0],
             "" if tokens is None else tokens[1],
-            max(cost_micro or 0, 0),
+            max(settled.cost_micro or 0, 0),
             self._clock.limiter_ms(),
             self._ledger,
-            "" if latency_ms is None else latency_ms,
-            "1" if success else "0",
-            "" if provider_model is None else SEP.join(provider_model),
+            "" if settled.latency_ms is None else settled.latency_ms,
+            "1" if settled.success else "0",
+            "" if settled.provider_model is None else SEP.join(settled.provider_model),
             self._learn_config,
         ]
         reply = await self._run(
-            self._scripts.settle, tenant, args, self._charging_keys(tenant, now, self._learns)
+            self._scripts.settle, tenant, args, self.charging_keys(tenant, now, self._learns)
         )
         return rendering.settle_result(
             self.snapshot(tenant), rid, reply, "tokens_in", self.state_lost_at
@@ -462,7 +441,7 @@ class Engine:
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         if fail_open.is_grant_id(reservation_id):
-            released = self._release_grant(tenant, reservation_id)
+            released = self.grants.release(tenant, reservation_id)
             if released is not None:
                 return released
         settings = self._snapshot.config.settings
@@ -505,9 +484,7 @@ class Engine:
         ]
         for a in applied:
             args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
-        reply = await self._run(
-            self._scripts.record, tenant, args, self._charging_keys(tenant, now)
-        )
+        reply = await self._run(self._scripts.record, tenant, args, self.charging_keys(tenant, now))
         values = [int(v) for v in reply[1:]]
         return RecordResult(
             cost_usd=micro_to_usd(cost),
@@ -560,14 +537,13 @@ class Engine:
     async def settle(self, tenant: str, req: SettleRequest) -> SettleResult:
         start = time.perf_counter()
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
-        result = await self._settle(
-            tenant,
-            req.reservation_id,
+        settled = Settlement(
             None if req.cost_usd is None else usd_to_micro(req.cost_usd),
             ((req.tokens_in or 0), (req.tokens_out or 0)) if has_tokens else None,
             req.latency_ms,
             req.success,
         )
+        result = await self._settle(tenant, req.reservation_id, settled)
         self.events.finished("settle", result, time.perf_counter() - start)
         return result
 
@@ -594,9 +570,7 @@ class Engine:
             cost = usd_to_micro(fallback_cost_usd)
         else:
             cost = CHARGE_ESTIMATE  # no price anywhere: the held estimate, never $0
-        result = await self._settle(
-            tenant,
-            reservation_id,
+        settled = Settlement(
             cost,
             (tokens_in, tokens_out),
             latency_ms,
@@ -604,6 +578,7 @@ class Engine:
             (provider, model),
             priced_here=price is not None,
         )
+        result = await self._settle(tenant, reservation_id, settled)
         self.events.finished("settle", result, time.perf_counter() - start)
         return result
 
@@ -658,7 +633,7 @@ class Engine:
             keep = self._snapshot.config.settings.keep_finished_ms
             args: list[str | int] = [self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms()]
             try:
-                await self._call(self._scripts.release, tenant, args)
+                await self.run_script(self._scripts.release, tenant, args)
                 return
             except StoreUnavailable:
                 await asyncio.sleep(delay_s)
@@ -675,7 +650,7 @@ class Engine:
 
     # ---- helpers ------------------------------------------------------------------------
 
-    async def _call(
+    async def run_script(
         self,
         script: Script,
         tenant: str,
@@ -690,7 +665,7 @@ class Engine:
         BACKLOG: the holds are returned in batches (reclaim.lua) and the script runs again,
         so no answer counts a hold whose lease has ended."""
         if script_keys is None:
-            script_keys = self._charging_keys(tenant, self._clock.now_ms())
+            script_keys = self.charging_keys(tenant, self._clock.now_ms())
         for _ in range(_BACKLOG_ROUNDS):
             reply: list[Any] = await self._store.run(script, script_keys, args)
             self._expired(reply)
@@ -704,7 +679,7 @@ class Engine:
         keep = self._snapshot.config.settings.keep_finished_ms
         while True:
             now = self._clock.now_ms()
-            script_keys = self._charging_keys(tenant, now)
+            script_keys = self.charging_keys(tenant, now)
             args = (now, keep, RECLAIM_BATCH)
             reply: list[Any] = await self._store.run(self._scripts.reclaim, script_keys, args)
             self._expired(reply)
@@ -729,166 +704,11 @@ class Engine:
         script_keys: Sequence[str] | None = None,
     ) -> list[Any]:
         try:
-            reply = await self._call(script, tenant, args, script_keys)
+            reply = await self.run_script(script, tenant, args, script_keys)
         except StoreUnavailable as exc:
             self.events.store_unavailable(script.name)
             raise Unavailable(str(exc)) from exc
         return reply
-
-    # ---- fail-open grants (sidecar.fail_open) -------------------------------------------
-
-    def _bound_fail_open(self, config: Config) -> None:
-        self.fail_open.cap = config.settings.fail_open_max_pending
-        # A queued charge waits as long as a finished reservation is remembered.
-        self.fail_open.max_age_ms = config.settings.keep_finished_ms
-
-    async def _settle_grant(
-        self,
-        tenant: str,
-        rid: str,
-        cost_micro: int | None,
-        tokens: tuple[int, int] | None,
-        latency_ms: int | None,
-        success: bool,
-        provider_model: tuple[str, str] | None,
-        priced_here: bool,
-    ) -> SettleResult | None:
-        """The settle of a fail-open grant, charged as a record (None: not one of this
-        process's grants; Redis is asked as for any reservation)."""
-        done = self.fail_open.answered(tenant, rid)
-        if done is not None:
-            return with_fields(done, replayed=True)
-        grant = self.fail_open.grant(tenant, rid)
-        if grant is None:
-            return None
-        if grant.charge is not None:  # settled before, its charge still queued
-            return with_fields(grant.charge.answer, replayed=True)
-        # The same pricing as settle.lua's modes (estimates.settle_mode).
-        if cost_micro == CHARGE_ESTIMATE:
-            cost, priced_by = grant.estimate_micro, "estimate"
-        elif cost_micro is not None:
-            cost, priced_by = cost_micro, "tokens" if priced_here else "cost"
-        elif grant.price is not None and tokens is not None:
-            cost, priced_by = estimates.estimate(grant.price, None, *tokens), "tokens"
-        else:
-            cost, priced_by = grant.estimate_micro, "estimate"
-        charge = self._grant_charge(
-            rid, grant, cost, priced_by, tokens, latency_ms, success, provider_model
-        )
-        return await self.fail_open.settle(rid, grant, charge)
-
-    def _release_grant(self, tenant: str, rid: str) -> SettleResult | None:
-        done = self.fail_open.answered(tenant, rid)
-        if done is not None:
-            return with_fields(done, replayed=True)
-        grant = self.fail_open.grant(tenant, rid)
-        if grant is None:
-            return None
-        if grant.charge is not None:  # settled before: the charge stands
-            return with_fields(grant.charge.answer, replayed=True)
-        answer = SettleResult(
-            reservation_id=rid,
-            state="released",
-            cost_usd=0.0,
-            estimated_usd=micro_to_usd(grant.estimate_micro),
-            overshoot_usd=0.0,
-            estimate_error_usd=0.0,
-            priced_by="none",
-            lease_expired=self._clock.now_ms() >= grant.lease_end_ms,
-            replayed=False,
-            provider=grant.req.provider,
-            model=grant.req.model,
-            tokens_in=0,
-            tokens_out=0,
-            budgets=[],
-        )
-        self.fail_open.release(rid, answer)
-        return answer
-
-    def _grant_charge(
-        self,
-        rid: str,
-        grant: fail_open.Grant,
-        cost: int,
-        priced_by: str,
-        tokens: tuple[int, int] | None,
-        latency_ms: int | None,
-        success: bool,
-        provider_model: tuple[str, str] | None,
-    ) -> fail_open.Charge:
-        """record.lua's call for a grant's charge, as _record builds it, with the grant's id
-        as idempotency key; built now, so the charge lands in the period of its settle."""
-        settings = self._snapshot.config.settings
-        now = self._clock.now_ms()
-        req = grant.req
-        resolved = self.resolve(grant.tenant, req, req.provider, req.model, now)
-        provider, model = provider_model or (req.provider, req.model)
-        head = (
-            resolved.meta_head
-            if provider_model is None
-            else meta_head(provider, model, self.identity(req))
-        )
-        tokens_in, tokens_out = tokens or (0, 0)
-        args: list[str | int] = [
-            now,
-            cost,
-            rid,
-            settings.keep_finished_ms,
-            meta(head, req.step_id, req.run_id),
-            tokens_in,
-            tokens_out,
-            self._ledger,
-            "" if latency_ms is None else latency_ms,
-            "1" if success else "0",
-        ]
-        for a in resolved.budgets:
-            args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
-        answer = SettleResult(
-            reservation_id=rid,
-            state="queued",
-            cost_usd=micro_to_usd(cost),
-            estimated_usd=micro_to_usd(grant.estimate_micro),
-            overshoot_usd=0.0,
-            estimate_error_usd=micro_to_usd(max(0, cost - grant.estimate_micro)),
-            priced_by=priced_by,
-            lease_expired=now >= grant.lease_end_ms,
-            replayed=False,
-            provider=provider,
-            model=model,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            budgets=[],
-        )
-        return fail_open.Charge(
-            grant.tenant,
-            self._charging_keys(grant.tenant, now),
-            tuple(args),
-            tuple(resolved.budgets),
-            answer,
-            now,
-        )
-
-    def _estimate_charge(self, rid: str, grant: fail_open.Grant) -> fail_open.Charge:
-        """A grant with on_expiry charge whose lease ended unsettled: its estimate."""
-        return self._grant_charge(
-            rid, grant, grant.estimate_micro, "estimate", None, None, True, None
-        )
-
-    async def _record_charge(self, charge: fail_open.Charge) -> SettleResult:
-        """Run a grant's charge (StoreUnavailable while Redis is away). A charge Redis saw
-        before (a retry, another replica) answers replayed and charges nothing."""
-        script, tenant = self._scripts.record, charge.tenant
-        reply = await self._call(script, tenant, charge.args, charge.script_keys)
-        values = [int(v) for v in reply[1:]]
-        return with_fields(
-            charge.answer,
-            state="settled",
-            replayed=int(reply[0]) == 2,
-            budgets=[
-                rendering.budget_state(a, values[2 * i], values[2 * i + 1])
-                for i, a in enumerate(charge.applied)
-            ],
-        )
 
     def _degraded(self, applied: Sequence[Applied], est: int) -> Decision:
         """Redis did not answer in time: apply the fail mode (invariant 8).
@@ -914,7 +734,7 @@ class Engine:
         estimates' hash when this call learns. A key is named only where it is used: a
         Redis Cluster slot in migration runs a multi-key script only when every key it
         names has moved."""
-        charging = self._charging_keys(tenant, now_ms, learning)
+        charging = self.charging_keys(tenant, now_ms, learning)
         if not loop_keys:
             return charging
         if learning:
@@ -929,7 +749,7 @@ class Engine:
             return ()
         return tuple(keys.loop_key(tenant, a.guard.id, a.entity) for a in resolved.loops)
 
-    def _charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
+    def charging_keys(self, tenant: str, now_ms: int, learning: bool = False) -> tuple[str, ...]:
         """settle's and record's KEYS: the aggregate key names the UTC day, so the tuples
         are built once per tenant and day, not per call (settle is on the hot path).
         `learning`: with the learned estimates' hash as KEYS[9] (settle's), named only

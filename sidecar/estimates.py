@@ -7,6 +7,8 @@ figures a request gives.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from sidecar.errors import RequestError
 from sidecar.model import Price, UnpricedModel
 from sidecar.money import cost_micro, usd_to_micro
@@ -91,11 +93,29 @@ def downgrade(
     return down, max(min(scaled, est), floor)
 
 
-def settle_mode(cost_micro: int | None, priced_here: bool) -> str:
-    """settle.lua's ARGV[4]: price the tokens ('t'), charge the estimate ('e'), or charge a
-    cost given by the caller ('c') or priced from tokens by the sidecar ('p')."""
-    if cost_micro is None:
-        return "t"
-    if cost_micro == CHARGE_ESTIMATE:
-        return "e"
-    return "p" if priced_here else "c"
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a settle says of a finished call.
+
+    `cost_micro`: the cost to charge; None: price `tokens` as the reservation was priced;
+    CHARGE_ESTIMATE: charge the held estimate. `priced_here`: the cost is `tokens` priced
+    by the sidecar, not the caller's figure. Tokens given with a cost are recorded and
+    correct the token limiters. `provider_model` replaces the reservation's in its usage
+    record (the gateway's audit names the model only after the call)."""
+
+    cost_micro: int | None
+    tokens: tuple[int, int] | None
+    latency_ms: int | None
+    success: bool
+    provider_model: tuple[str, str] | None = None
+    priced_here: bool = False
+
+    @property
+    def mode(self) -> str:
+        """settle.lua's ARGV[4]: price the tokens ('t'), charge the estimate ('e'), or
+        charge a cost given by the caller ('c') or priced from tokens by the sidecar ('p')."""
+        if self.cost_micro is None:
+            return "t"
+        if self.cost_micro == CHARGE_ESTIMATE:
+            return "e"
+        return "p" if self.priced_here else "c"

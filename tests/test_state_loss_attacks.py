@@ -256,3 +256,45 @@ async def test_redis_losing_its_state_is_noticed_said_and_what_can_be_is_put_bac
     finally:
         for c in clients:
             await c.close()
+
+
+# ---- 3. a check over many tenants ----------------------------------------------------------
+
+
+async def test_a_check_reads_many_tenants_stops_a_batch_at_once(server: RedisServer) -> None:
+    """The check reads every tenant's stops before the markers: one tenant after the other
+    made a check over many tenants a round trip per tenant. They are read STOP_READS at a
+    time, and every tenant's stops are read (and none mixed up with another's)."""
+    from sidecar import state_loss
+    from sidecar.model import Scope
+    from sidecar.scripts import Scripts
+    from sidecar.stops import Stop, Stops
+
+    store = RedisStore.from_url(server.url, timeout_ms=2000)
+    stops = Stops(store, Scripts.load_all().stops)
+    tenants = [f"t{i:02d}" for i in range(40)]
+    for t in tenants:
+        await stops.create(t, Scope.AGENT, f"agent-of-{t}", f"stopped {t}", None, T0_MS)
+    in_flight = most = calls = 0
+    read = stops.list
+
+    async def counting(tenant: str, now_ms: int) -> list[Stop]:
+        nonlocal in_flight, most, calls
+        in_flight, calls = in_flight + 1, calls + 1
+        most = max(most, in_flight)
+        try:
+            return await read(tenant, now_ms)
+        finally:
+            in_flight -= 1
+
+    stops.list = counting  # type: ignore[method-assign]
+    watch = StateWatch(store.client, None, stops, None)  # type: ignore[arg-type]
+    try:
+        seen = await watch._read_stops(tenants, T0_MS + 1)
+    finally:
+        await store.close()
+    assert calls == 40
+    assert most == state_loss.STOP_READS
+    assert sorted(seen) == tenants
+    for t in tenants:
+        assert [(s.scope_id, s.reason) for s in seen[t]] == [(f"agent-of-{t}", f"stopped {t}")]
