@@ -3,6 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# The suite runs on this many pytest-xdist workers, one test file per worker at a time
+# (a file's fixtures and servers stay in one process). Most tests wait on servers they
+# start, so two workers halve the suite's time on two cores. WORKERS=0: one process.
+WORKERS ?= 2
 
 .PHONY: run test lint bench bench-peers bench-memory check-config clean
 
@@ -18,7 +22,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check sidecar tests bench
 	$(PY) -m mypy
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check sidecar tests bench
