@@ -243,6 +243,16 @@ local function done(out)
   return out
 end
 
+-- The state marker (sidecar/state_loss.py): a decision names it as its last KEY, after
+-- its `named` others, once the sidecar has seen it written. Gone means Redis lost its state
+-- (restarted empty, flushed) since: the decision answers LOST (alone) and changes nothing,
+-- and the sidecar puts back what it can (the stops, which live in ctr) before it asks
+-- again, so no call passes a stop in the seconds before the background check would notice.
+local LOST = -8
+local function state_lost(named)
+  return #KEYS > named and redis.call('EXISTS', KEYS[#KEYS]) == 0
+end
+
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same
 -- script as the HINCRBY). Bounded per call (RECLAIM_BATCH) so that no decision pays for a
 -- backlog; returns true when ended leases are left over. Scripts that decide or report

@@ -5,7 +5,8 @@
 --   lease's end by reclaim, and the alerts for guard trips)
 -- KEYS[9..8+ng] one per loop guard: its key for this call's entity (see _lib.lua,
 --   loop_read); then KEYS[9+ng] est, the learned estimates, named only when this call
---   learns (see _lib.lua learned())
+--   learns (see _lib.lua learned()); last, the tenant's state marker once the sidecar
+--   has seen it written (see _lib.lua state_lost)
 -- Returns: {verdict, reservation id, state, held estimate, budget figures..., rate
 --   figures...}: below.
 -- ARGV[1] now_ms
@@ -70,6 +71,7 @@
 --   3: this reservation id was cancelled before this call ran (see release.lua); 4: the key was made by a different
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
+--   LOST (-8, alone): the state marker is gone, nothing changed (see _lib.lua state_lost).
 --   u, h: settled and held micro-USD of each budget counter before this call.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
@@ -86,6 +88,7 @@ local nl, ns, ng = tonumber(ARGV[23]), tonumber(ARGV[24]), tonumber(ARGV[25])
 local rnow = 0  -- read only if a rate limit applies
 local FIRST_BUDGET = 32
 
+if state_lost(8 + ng + (ARGV[20] ~= '' and 1 or 0)) then return done({LOST}) end
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
 if reclaim(ctr, lease, res, gc, now, keep) then return done({BACKLOG}) end
 collect(ctr, res, gc, now)

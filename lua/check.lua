@@ -4,11 +4,12 @@
 --   value; '' '' = none); then per loop guard: would_deny, its calls in the window}:
 --   verdict 1 if authorize would hold now (held: what it would hold, ARGV[2] or the
 --   learned figure or, downgraded, ARGV[7]), else 0; weighed as authorize's; or BACKLOG
---   (-9, alone) as authorize. Writes nothing but expiries.
+--   (-9, alone) or LOST (-8, alone) as authorize. Writes nothing but expiries.
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua; for holds charged at
 --   lease's end by reclaim)
--- KEYS[9..8+ng] one per loop guard, then KEYS[9+ng] est when learning (as authorize.lua)
+-- KEYS[9..8+ng] one per loop guard, then KEYS[9+ng] est when learning, then the state
+--   marker when named (as authorize.lua)
 -- ARGV[1] now_ms
 -- ARGV[2] estimate, micro-USD (> 0; the sidecar applies its floor)
 -- ARGV[3] keep_ms
@@ -31,6 +32,7 @@ local now = tonumber(ARGV[1])
 local est = tonumber(ARGV[2])
 local nb = tonumber(ARGV[5])
 local nl, ns, ng = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
+if state_lost(8 + ng + (ARGV[8] ~= '' and 1 or 0)) then return done({LOST}) end
 if reclaim(ctr, lease, res, gc, now, tonumber(ARGV[3])) then return done({BACKLOG}) end
 
 if ARGV[8] ~= '' then

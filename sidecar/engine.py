@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from sidecar import estimates, fail_open, keys, learned, rendering, tasks
 from sidecar.auth import OPEN
@@ -68,7 +70,7 @@ from sidecar.schemas import (
     SettleResult,
 )
 from sidecar.scripts import Script, Scripts
-from sidecar.store import Store, StoreUnavailable
+from sidecar.store import Store, StoreError, StoreUnavailable
 
 # Re-exported: the API modules and tests import these from here.
 __all__ = [
@@ -87,11 +89,15 @@ __all__ = [
 _MAX_PENDING_CANCELS = 10_000
 # The scripts' answer when more ended leases wait than one call returns (lua/_lib.lua).
 BACKLOG = -9
+# A decision's answer when the state marker it names is gone (lua/_lib.lua state_lost).
+LOST = -8
 # Leases reclaim.lua returns per call while draining a backlog: about 5 ms of Redis time
 # each, so other clients' calls interleave with a drain of any size.
 RECLAIM_BATCH = 500
 # A decision that meets a backlog drains it and asks again, this many times at most.
 _BACKLOG_ROUNDS = 4
+# How long a decision that found the state marker gone waits for the state check.
+_AFTER_LOSS_S = 2.0
 _NONE_DEFINED = TenantDefinitions()
 
 
@@ -123,6 +129,11 @@ class Engine:
         # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
         # or release of a reservation it took says so.
         self.state_lost_at: str | None = None
+        # Tenants whose state marker the state check has seen written, and its key: their
+        # decisions name it (lua/_lib.lua state_lost), and one that finds it gone awaits
+        # `after_loss` (the check, which puts back the stops) before it asks again.
+        self.marked: dict[str, str] = {}
+        self.after_loss: Callable[[], Awaitable[None]] | None = None
         # Decisions allowed by fail mode open, charged once Redis answers.
         self.grants = GrantCharges(self, config)
         self.fail_open = self.grants.book
@@ -669,10 +680,26 @@ class Engine:
         for _ in range(_BACKLOG_ROUNDS):
             reply: list[Any] = await self._store.run(script, script_keys, args)
             self._expired(reply)
+            if reply[0] == LOST:
+                # Redis lost its state since the last check: let the check see it and put
+                # back the stops, then decide on what is there (the marker is the last key).
+                await self._after_loss()
+                script_keys = script_keys[:-1]
+                continue
             if reply[0] != BACKLOG:
                 return reply
             await self._drain(tenant)
         raise StoreUnavailable(f"{script.name}: ended leases pile up faster than they return")
+
+    async def _after_loss(self) -> None:
+        if self.after_loss is None:
+            return
+        try:
+            async with asyncio.timeout(_AFTER_LOSS_S):
+                await self.after_loss()
+        except (TimeoutError, RedisError, OSError, StoreError) as exc:
+            # The stops could not be put back: no decision as if they were.
+            raise StoreUnavailable(f"redis lost its state; checking it failed: {exc}") from exc
 
     async def _drain(self, tenant: str) -> None:
         """Return every hold whose lease has ended, RECLAIM_BATCH leases per script call."""
@@ -730,16 +757,16 @@ class Engine:
     def _deciding_keys(
         self, tenant: str, now_ms: int, loop_keys: tuple[str, ...], learning: bool
     ) -> tuple[str, ...]:
-        """authorize's and check's KEYS: the charging keys, the loop keys, and the learned
-        estimates' hash when this call learns. A key is named only where it is used: a
-        Redis Cluster slot in migration runs a multi-key script only when every key it
-        names has moved."""
+        """authorize's and check's KEYS: the charging keys, the loop keys, the learned
+        estimates' hash when this call learns, and the tenant's state marker once seen. A
+        key is named only where it is used: a Redis Cluster slot in migration runs a
+        multi-key script only when every key it names has moved."""
         charging = self.charging_keys(tenant, now_ms, learning)
+        marker = self.marked.get(tenant)
         if not loop_keys:
-            return charging
-        if learning:
-            return (*charging[:8], *loop_keys, charging[8])
-        return (*charging, *loop_keys)
+            return charging if marker is None else (*charging, marker)
+        named = (*charging[:8], *loop_keys, charging[8]) if learning else (*charging, *loop_keys)
+        return named if marker is None else (*named, marker)
 
     @staticmethod
     def _loop_keys(tenant: str, resolved: Resolved, text: str | None) -> tuple[str, ...]:

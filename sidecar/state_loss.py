@@ -90,6 +90,9 @@ class StateWatch:
     _changes: list[tuple[str, Stop | None, str | None]] = field(default_factory=list)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _soon: asyncio.Task[None] | None = None
+    # Decisions that found a marker gone, waiting for a check begun after they did.
+    _waiting: list[asyncio.Future[None]] = field(default_factory=list)
+    _serving: asyncio.Task[None] | None = None
 
     def _tenants(self) -> list[str]:
         return sorted(self.engine.tenants() | set(self.definitions.store.loaded) | set(self._stops))
@@ -122,6 +125,8 @@ class StateWatch:
                     lost.add(tenant)
                 if value is not None:
                     self._epochs[key] = str(value)
+            # What decisions name from now on (the marker of each slot seen written).
+            self.engine.marked = {t: k for k, t in markers.items() if t and k in self._epochs}
             if lost:
                 await self._lost(lost, now)
             for tenant in tenants:
@@ -199,6 +204,30 @@ class StateWatch:
         if self.on_loss is not None:
             self.on_loss()
 
+    async def after_loss(self) -> None:
+        """A decision found its tenant's marker gone: wait for a check that begins after
+        that (one check for every decision waiting when it begins: a check running already
+        may have read the marker before it went). Raises what the check raised."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiting.append(waiter)
+        if self._serving is None or self._serving.done():
+            self._serving = asyncio.get_running_loop().create_task(self._serve_waiting())
+        await waiter  # a decision cancelled meanwhile cancels only its own waiter
+
+    async def _serve_waiting(self) -> None:
+        while self._waiting:
+            waiting, self._waiting = self._waiting, []
+            try:
+                await self.check()
+            except Exception as exc:
+                for waiter in waiting:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                continue
+            for waiter in waiting:
+                if not waiter.done():
+                    waiter.set_result(None)
+
     def check_soon(self) -> None:
         """Check now, in the background (a NOSCRIPT: perhaps a restarted Redis)."""
         if self._soon is None or self._soon.done():
@@ -228,7 +257,7 @@ class StateWatch:
             log.warning("the budget store's state marker is not written yet: Redis is slow")
         task = asyncio.get_running_loop().create_task(self.run())
         yield
-        pending = [task] if self._soon is None else [task, self._soon]
+        pending = [task, *(t for t in (self._soon, self._serving) if t is not None)]
         await tasks.stop(pending, what="state marker checks")
 
 

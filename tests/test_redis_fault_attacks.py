@@ -505,7 +505,14 @@ async def test_a_flaky_link_to_redis_keeps_the_cap_each_charge_once_and_the_answ
             for phase in range(2 * len(FAULTS)):  # each fault twice
                 proxy.mode, proxy.delay_s = FAULTS[phase % len(FAULTS)], 0.3
                 faults_seen.append(proxy.mode)
+                cuts = proxy.cuts
                 await asyncio.sleep(0.15)
+                # On a loaded machine no reply may pass in 0.15 s: a cut phase lasts until
+                # it has cut one (bounded), so the faults always bite.
+                for _ in range(40):
+                    if proxy.mode != "cut" or proxy.cuts > cuts:
+                        break
+                    await asyncio.sleep(0.05)
         finally:
             proxy.mode = "forward"
             load.faults_over.set()

@@ -387,6 +387,7 @@ def create_app(
     )
     app[STATE_WATCH] = state_watch
     watcher.suspect = state_watch.check
+    engine.after_loss = state_watch.after_loss
     stops.on_change = state_watch.stop_changed
     inner = getattr(store, "inner", store)  # under metrics.MeteredStore
     if hasattr(inner, "on_noscript"):

@@ -1,0 +1,117 @@
+"""A stop holds through Redis losing its state, from the very next call.
+
+Stops live in Redis (in the counters hash) and are read inside the decision's script. When
+Redis restarts empty or is flushed, they are gone; the state check (sidecar.state_loss)
+puts them back, but it runs every few seconds, and until then a stopped agent could spend.
+So a decision names its tenant's state marker: a marker gone answers LOST, the decision
+waits for a check begun after that (which puts the stops back), and only then is decided.
+
+Two sidecars in-process over one real redis-server; no sleep between the loss and the calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.api.app import STATE_WATCH, create_app
+from sidecar.clock import FakeClock
+from sidecar.keys import tenant_keys
+from sidecar.state_loss import StateWatch
+from sidecar.store import RedisStore
+from tests.conftest import T0_MS, make_config
+from tests.harness import RedisServer
+
+TENANT = tenant_keys("default")
+DOC = {
+    "budgets": [{"id": "org", "name": "Org", "scope": "organization", "period": "monthly",
+                 "limit_usd": 100, "on_exceed": "block", "alert_thresholds": []}],
+    "settings": {"fail_mode": "closed"},
+}  # fmt: skip
+CALLERS = 20
+
+
+@pytest.fixture
+def server() -> Iterator[RedisServer]:
+    srv = RedisServer().start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+async def post(client: TestClient[Any, Any], path: str, body: Any) -> tuple[int, dict[str, Any]]:
+    resp = await asyncio.wait_for(client.post(path, json=body), 10)
+    text = await resp.text()
+    assert resp.status != 500 and "Traceback" not in text, text
+    return resp.status, json.loads(text)
+
+
+@pytest.mark.parametrize("how", ["restart", "flushall"])
+async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
+    server: RedisServer, how: str
+) -> None:
+    clients = []
+    for _ in range(2):
+        store = RedisStore.from_url(server.url, timeout_ms=2000)
+        app = create_app(make_config(DOC), store, clock=FakeClock(T0_MS))
+        c = TestClient(TestServer(app))
+        await c.start_server()
+        clients.append(c)
+    a, b = clients
+    watch: StateWatch = b.app[STATE_WATCH]  # type: ignore[index]
+    checks = 0
+    check = watch.check
+
+    async def counted() -> bool:
+        nonlocal checks
+        checks += 1
+        return await check()
+
+    try:
+        status, stop = await post(
+            a, "/v1/stops", {"scope": "agent", "scope_id": "runaway", "reason": "loop"}
+        )
+        assert status == 201, stop
+        await watch.check()  # b's check has seen the stop (its marker, since start-up)
+        watch.check = counted  # type: ignore[method-assign]
+
+        if how == "restart":
+            server.stop()
+            server.start()
+        else:
+            with server.client() as rc:
+                rc.flushall()
+        # At once, on the other sidecar: every call of the stopped agent is denied.
+        answers = await asyncio.gather(*(
+            post(b, "/v1/authorize", {"agent_id": "runaway", "estimated_usd": 0.01})
+            for _ in range(CALLERS)
+        ))  # fmt: skip
+        for status, decision in answers:
+            assert status == 200 and not decision["allowed"], decision
+            assert "loop" in decision["message"], decision
+        status, checked = await post(b, "/v1/check", {"agent_id": "runaway"})
+        assert status == 200 and not checked["allowed"], checked
+        # Another agent passes, held once: the decision was asked again, not twice.
+        status, other = await post(b, "/v1/authorize", {"agent_id": "ok", "estimated_usd": 0.25})
+        assert status == 200 and other["allowed"], other
+        with server.client() as rc:
+            counters = rc.hgetall(TENANT.counters)
+        held = {f: v for f, v in counters.items() if f.startswith("h:")}
+        assert list(held.values()) == ["250000"], counters
+        assert any(f.startswith("s:agent:") for f in counters), counters  # the stop, back
+        assert watch.engine.marked == {"default": "bs:{default}:epoch"}  # named from now on
+        # Noticed by the decisions (the background check runs every 5 s), once.
+        assert watch.losses == 1
+        assert watch.last_loss is not None and watch.last_loss.restored_stops == 1
+        # The callers share checks: one for those waiting when it began, the next for those
+        # who came while it ran (4 measured for 20 callers; one each would be 20).
+        assert 1 <= checks < CALLERS // 2, checks
+    finally:
+        for c in clients:
+            await c.close()
