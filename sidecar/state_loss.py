@@ -112,23 +112,33 @@ class StateWatch:
             for key in markers:
                 pipe.getex(key, ex=MARKER_TTL_S)
             values = await pipe.execute()
-            lost: set[str] = set()
-            for (key, tenant), value in zip(markers.items(), values, strict=True):
-                known = self._epochs.get(key)
+            found = dict(zip(markers, values, strict=True))
+            lost = {
+                tenant
+                for key, tenant in markers.items()
+                if key in self._epochs and found[key] != self._epochs[key]
+            }
+            # The stops go back before a gone marker is written again: a decision (here or
+            # on another replica) that finds the marker gone waits for a check, one that
+            # finds it written is decided on the stops there. Written first, the calls in
+            # between passed every stop the loss took.
+            restored = await self._restore_stops(lost, now) if lost else 0
+            for key, value in found.items():
                 if value is None:
                     fresh = f"ep_{secrets.token_hex(8)}"
                     if await self.client.set(key, fresh, nx=True, ex=MARKER_TTL_S):
                         value = fresh
                     else:  # another replica wrote one first
                         value = await self.client.get(key)
-                if known is not None and value != known:
-                    lost.add(tenant)
                 if value is not None:
                     self._epochs[key] = str(value)
-            # What decisions name from now on (the marker of each slot seen written).
-            self.engine.marked = {t: k for k, t in markers.items() if t and k in self._epochs}
+            # What decisions name from now on (the marker of each slot seen written). Not
+            # from `markers`: a tenant named "defs" has the definitions' marker as its own.
+            self.engine.marked = {
+                t: keys.state_marker(t) for t in tenants if keys.state_marker(t) in self._epochs
+            }
             if lost:
-                await self._lost(lost, now)
+                await self._lost(lost, now, restored)
             for tenant in tenants:
                 if tenant not in lost:
                     kept = seen[tenant]
@@ -146,7 +156,16 @@ class StateWatch:
         seen: dict[str, list[Stop]] = {}
         for i in range(0, len(tenants), STOP_READS):
             batch = tenants[i : i + STOP_READS]
-            found = await asyncio.gather(*(self.stops.list(t, now) for t in batch))
+            reads = [asyncio.ensure_future(self.stops.list(t, now)) for t in batch]
+            try:
+                found = await asyncio.gather(*reads)
+            except BaseException:
+                # One failed (or the check was cancelled): gather leaves the others
+                # running past the check's end (and its lock); end them here.
+                for read in reads:
+                    read.cancel()
+                await asyncio.gather(*reads, return_exceptions=True)
+                raise
             seen.update(zip(batch, found, strict=True))
         return seen
 
@@ -157,14 +176,21 @@ class StateWatch:
         self._stops[tenant] = _changed(self._stops.get(tenant, []), made, lifted)
         self._changes.append((tenant, made, lifted))
 
-    async def _lost(self, lost: set[str], now: int) -> None:
+    def _lost_tenants(self, lost: set[str]) -> list[str]:
         # "" is the definitions' own slot: losing it loses them for every tenant.
-        tenants = sorted(t for t in lost if t) or self._tenants()
-        restored_stops = 0
-        for tenant in tenants:
+        return sorted(t for t in lost if t) or self._tenants()
+
+    async def _restore_stops(self, lost: set[str], now: int) -> int:
+        """Put back the stops seen in force at the last check; how many went back."""
+        restored = 0
+        for tenant in self._lost_tenants(lost):
             for stop in self._stops.get(tenant, []):
                 if await self.stops.restore(tenant, stop, now):
-                    restored_stops += 1
+                    restored += 1
+        return restored
+
+    async def _lost(self, lost: set[str], now: int, restored_stops: int) -> None:
+        tenants = self._lost_tenants(lost)
         restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
         await self.definitions.reload()  # (refresh would ask this check again: the lock)
         self.losses += 1
@@ -220,6 +246,8 @@ class StateWatch:
             try:
                 await self.check()
             except Exception as exc:
+                if not isinstance(exc, (RedisError, OSError, StoreError)):
+                    log.exception("state marker check error")
                 for waiter in waiting:
                     if not waiter.done():
                         waiter.set_exception(exc)
