@@ -123,6 +123,7 @@ class StateWatch:
             # finds it written is decided on the stops there. Written first, the calls in
             # between passed every stop the loss took.
             restored = await self._restore_stops(lost, now) if lost else 0
+            before = dict(self._epochs)
             for key, value in found.items():
                 if value is None:
                     fresh = f"ep_{secrets.token_hex(8)}"
@@ -138,7 +139,14 @@ class StateWatch:
                 t: keys.state_marker(t) for t in tenants if keys.state_marker(t) in self._epochs
             }
             if lost:
-                await self._lost(lost, now, restored)
+                try:
+                    await self._lost(lost, now, restored)
+                except BaseException:
+                    # Not said (no alert, /readyz, count): the next check must find this
+                    # loss again, not the markers it wrote as if they were always there.
+                    self._epochs.update((k, before[k]) for k, t in markers.items()
+                                        if t in lost and k in before)  # fmt: skip
+                    raise
             for tenant in tenants:
                 if tenant not in lost:
                     kept = seen[tenant]
