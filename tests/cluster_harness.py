@@ -3,6 +3,7 @@ binaries, built with `redis-cli --cluster create`, stopped by process id."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -24,11 +25,19 @@ def _free(port: int) -> bool:
     return True
 
 
-def cluster_ports(count: int, start: int = 21000) -> list[int]:
-    """Ports whose bus port (+10000) is free too; a low range so the bus stays < 65536."""
+def cluster_ports(count: int, start: int = 11000) -> list[int]:
+    """Ports whose bus port (+10000) is free too, both below the kernel's ephemeral range
+    (32768 on): the ports the kernel hands out meanwhile (free_port, every outgoing
+    connection; on two pytest-xdist workers another worker's too) never take a port
+    between its check here and the node's bind. Where in the range: by the clock (other
+    processes building clusters), and 8 apart for the xdist workers of one run (the
+    same millisecond on both)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    shift = 8 * (int(worker[2:]) % 2 if worker[2:].isdigit() else 0)
     ports: list[int] = []
-    port = start + (int(time.time() * 1000) % 500) * 16
+    port = start + (int(time.time() * 1000) % 700) * 16 + shift
     while len(ports) < count:
+        assert port + 10000 < 32768, "no free cluster ports below the ephemeral range"
         if _free(port) and _free(port + 10000):
             ports.append(port)
         port += 1
