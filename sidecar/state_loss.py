@@ -34,8 +34,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -49,6 +50,7 @@ from sidecar.stops import Stop, Stops
 from sidecar.store import StoreError
 
 log = logging.getLogger("sidecar.state_loss")
+T = TypeVar("T")
 
 # Every this often (a restart or failover is noticed at once, by its NOSCRIPT; a FLUSHALL,
 # which keeps the scripts, by this check or by the definitions' version going back).
@@ -118,21 +120,16 @@ class StateWatch:
                 for key, tenant in markers.items()
                 if key in self._epochs and found[key] != self._epochs[key]
             }
+            if "" in lost:  # a tenant named "defs" has the definitions' marker as its own
+                lost |= {t for t in tenants if keys.state_marker(t) == keys.DEFS_EPOCH}
             # The stops go back before a gone marker is written again: a decision (here or
             # on another replica) that finds the marker gone waits for a check, one that
             # finds it written is decided on the stops there. Written first, the calls in
             # between passed every stop the loss took.
             restored = await self._restore_stops(lost, now) if lost else 0
             before = dict(self._epochs)
-            for key, value in found.items():
-                if value is None:
-                    fresh = f"ep_{secrets.token_hex(8)}"
-                    if await self.client.set(key, fresh, nx=True, ex=MARKER_TTL_S):
-                        value = fresh
-                    else:  # another replica wrote one first
-                        value = await self.client.get(key)
-                if value is not None:
-                    self._epochs[key] = str(value)
+            await self._write_markers(found)
+            self._epochs.update((k, str(v)) for k, v in found.items() if v is not None)
             # What decisions name from now on (the marker of each slot seen written). Not
             # from `markers`: a tenant named "defs" has the definitions' marker as its own.
             self.engine.marked = {
@@ -161,21 +158,28 @@ class StateWatch:
         """Every tenant's stops, STOP_READS tenants' reads in flight at once: a check over
         many tenants takes a few round trips, not one after the other per tenant, and
         opens no more than STOP_READS connections for it."""
-        seen: dict[str, list[Stop]] = {}
-        for i in range(0, len(tenants), STOP_READS):
-            batch = tenants[i : i + STOP_READS]
-            reads = [asyncio.ensure_future(self.stops.list(t, now)) for t in batch]
-            try:
-                found = await asyncio.gather(*reads)
-            except BaseException:
-                # One failed (or the check was cancelled): gather leaves the others
-                # running past the check's end (and its lock); end them here.
-                for read in reads:
-                    read.cancel()
-                await asyncio.gather(*reads, return_exceptions=True)
-                raise
-            seen.update(zip(batch, found, strict=True))
-        return seen
+        found = await _batched(tenants, lambda t: self.stops.list(t, now))
+        return dict(zip(tenants, found, strict=True))
+
+    async def _write_markers(self, found: dict[str, str | None]) -> None:
+        """Write a new marker where `found` has none (SET NX: where another replica wrote
+        one first, read it), in two pipelines, and note it in `found`."""
+        gone = [k for k, v in found.items() if v is None]
+        if not gone:
+            return
+        fresh = {k: f"ep_{secrets.token_hex(8)}" for k in gone}
+        pipe = self.client.pipeline(transaction=False)
+        for key in gone:
+            pipe.set(key, fresh[key], nx=True, ex=MARKER_TTL_S)
+        wrote = await pipe.execute()
+        theirs = [k for k, ok in zip(gone, wrote, strict=True) if not ok]
+        for key in gone:
+            found[key] = fresh[key]
+        if theirs:
+            pipe = self.client.pipeline(transaction=False)
+            for key in theirs:
+                pipe.get(key)
+            found.update(zip(theirs, await pipe.execute(), strict=True))
 
     def stop_changed(self, tenant: str, made: Stop | None, lifted: str | None) -> None:
         """A stop made or lifted through this sidecar (Stops.on_change): what a loss would
@@ -189,13 +193,18 @@ class StateWatch:
         return sorted(t for t in lost if t) or self._tenants()
 
     async def _restore_stops(self, lost: set[str], now: int) -> int:
-        """Put back the stops seen in force at the last check; how many went back."""
-        restored = 0
-        for tenant in self._lost_tenants(lost):
+        """Put back the stops seen in force at the last check in the tenants' slots that
+        lost their state; how many went back. Not for the definitions' slot ("") alone:
+        no stop lives there, and the tenants' slots kept theirs (on a Redis Cluster), so
+        putting them back would only bring back a stop lifted on another replica since."""
+
+        async def each(tenant: str) -> int:
+            restored = 0
             for stop in self._stops.get(tenant, []):
-                if await self.stops.restore(tenant, stop, now):
-                    restored += 1
-        return restored
+                restored += await self.stops.restore(tenant, stop, now)
+            return restored
+
+        return sum(await _batched(sorted(t for t in lost if t), each))
 
     async def _lost(self, lost: set[str], now: int, restored_stops: int) -> None:
         tenants = self._lost_tenants(lost)
@@ -223,18 +232,20 @@ class StateWatch:
             extra={"tenants": tenants, "restored_stops": restored_stops,
                    "restored_definitions": restored_defs},
         )  # fmt: skip
+        pipe = self.client.pipeline(transaction=False)  # one round trip, not one a tenant
         for tenant in tenants:
             tk = keys.tenant_keys(tenant)
             # g: the marker the lost slot holds now, the same on every replica that noticed
             # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
             marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
-            await self.client.xadd(
+            pipe.xadd(
                 tk.alerts,
                 {"k": ALERT_KIND, "g": self._epochs.get(marker, ""),
                  "s": "", "e": keys.escape(tenant), "r": message, "at": now},
                 maxlen=ALERTS_MAX,
                 approximate=True,
             )  # fmt: skip
+        await pipe.execute()
         if self.on_loss is not None:
             self.on_loss()
 
@@ -295,6 +306,24 @@ class StateWatch:
         yield
         pending = [task, *(t for t in (self._soon, self._serving) if t is not None)]
         await tasks.stop(pending, what="state marker checks")
+
+
+async def _batched(tenants: list[str], each: Callable[[str], Awaitable[T]]) -> list[T]:
+    """`each` of every tenant, STOP_READS at once (a round trip per batch, not per tenant,
+    and no more connections than that); the results in `tenants`' order. One that fails
+    (or the check cancelled) ends the rest of its batch before it raises: gather alone
+    leaves them running past the check's end (and its lock)."""
+    out: list[T] = []
+    for i in range(0, len(tenants), STOP_READS):
+        batch = [asyncio.ensure_future(each(t)) for t in tenants[i : i + STOP_READS]]
+        try:
+            out += await asyncio.gather(*batch)
+        except BaseException:
+            for task in batch:
+                task.cancel()
+            await asyncio.gather(*batch, return_exceptions=True)
+            raise
+    return out
 
 
 def _changed(stops: list[Stop], made: Stop | None, lifted: str | None) -> list[Stop]:
