@@ -19,7 +19,6 @@ import asyncio
 import base64
 import contextlib
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,8 +30,8 @@ from sidecar.state_loss import StateWatch
 from sidecar.store import open_store
 from tests.cluster_harness import RedisCluster
 from tests.conftest import T0_MS, make_config
-from tests.harness import collect_dead_sockets, wait_until
-from tests.test_sentinel import Setup
+from tests.harness import wait_until
+from tests.sentinel_harness import RedisSentinel
 
 pytestmark = pytest.mark.slow
 
@@ -80,14 +79,6 @@ def doc(tenants: list[str]) -> dict[str, Any]:
             ]
         },
     }
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster().start()
-    yield c
-    c.stop()
-    collect_dead_sockets()
 
 
 class Sidecar:
@@ -299,17 +290,9 @@ SENTINEL_DOC: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def sentinel() -> Iterator[Setup]:
-    s = Setup()
-    try:
-        yield s.start()
-    finally:
-        s.stop()
-        collect_dead_sockets()
-
-
-async def test_sentinel_failing_over_to_a_replica_that_never_synced(sentinel: Setup) -> None:
+async def test_sentinel_failing_over_to_a_replica_that_never_synced(
+    sentinel: RedisSentinel,
+) -> None:
     """How an empty replica is made, honestly: the replica restarts without persistence
     (its data gone) and asks the primary for a full sync, which the primary delays
     (repl-diskless-sync-delay: it waits for more replicas before streaming one snapshot
