@@ -432,3 +432,35 @@ def test_charges_round_up_but_float_noise_costs_nothing() -> None:
     assert charge_to_micro(0) == 0 and charge_to_micro(-0.0) == 0
     # Limits keep rounding half up (rounding a cap up would raise it).
     assert usd_to_micro(0.0000014) == 1
+
+
+# ---- 5. leases, stops and thresholds at their edges ------------------------------------
+
+
+async def test_lease_stop_ttl_and_threshold_edges(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """lease_ms 100..settings.max_lease_ms, a stop's ttl_s 1..30 days, thresholds 1..1000
+    percent (above 100: an alert past the cap); past either end a 400 naming the field."""
+    c = await make_client({"settings": {**FLOOR_1_MICRO, "max_lease_ms": 86_400_000}})
+    for lease in (100, 86_400_000):
+        assert (await post(c, "/v1/authorize", {"estimated_usd": 0.01, "lease_ms": lease}))[
+            "allowed"
+        ]
+    before = snapshot(redis_client)
+    for lease in (0, 99, 86_400_001, 2**63, -1, 1.5):
+        await refused(c, "POST", "/v1/authorize", {"estimated_usd": 0.01, "lease_ms": lease},
+                      "lease_ms")  # fmt: skip
+    stop = {"scope": "agent", "scope_id": "a", "reason": "r"}
+    for ttl in (0, 30 * 86_400 + 1, 2**63, -1):
+        await refused(c, "POST", "/v1/stops", {**stop, "ttl_s": ttl}, "ttl_s")
+    new = {"id": "b", "name": "B", "scope": "team", "limit_usd": 1, "period": "monthly",
+           "on_exceed": "block"}  # fmt: skip
+    for bad in (0, 1001, -1):
+        await refused(c, "POST", "/api/v1/budgets", {**new, "alert_thresholds": [bad]},
+                      "alert_thresholds[0]")  # fmt: skip
+    assert snapshot(redis_client) == before
+    resp = await c.post("/v1/stops", json={**stop, "ttl_s": 30 * 86_400})
+    assert resp.status in (200, 201), await resp.text()
+    resp = await c.post("/api/v1/budgets", json={**new, "alert_thresholds": [100, 1000]})
+    assert resp.status == 201 and (await resp.json())["alert_thresholds"] == [100, 1000]
