@@ -322,6 +322,10 @@ async def test_the_shortest_window_and_the_largest_token_calls(
     d = await post(c, "/v1/authorize", {**call, "estimated_tokens_out": MAX_TOKENS})
     assert d["allowed"] is False and d["reason"] == "rate_limit"
     assert d["rate_limit"]["retry_after_ms"] == -1  # the limiter's own: never by waiting
+    assert d["retry_after_ms"] is None  # and so the decision's (it said 1000: retry in 1 s)
+    resp = await c.post("/v1/authorize", json={**call, "estimated_tokens_out": MAX_TOKENS})
+    assert resp.status == 200 and "Retry-After" not in resp.headers, resp.headers
+    assert "RateLimit" in resp.headers  # what denied is still named
     d = await post(c, "/v1/authorize", call)
     assert d["allowed"] is True, d
     d2 = await post(c, "/v1/authorize", {**call, "estimated_tokens_in": 1})
