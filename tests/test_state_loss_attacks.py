@@ -167,7 +167,9 @@ async def test_redis_losing_its_state_is_noticed_said_and_what_can_be_is_put_bac
         # Said: a metric, an error log line, /readyz detail, one alert per noticing sidecar.
         for c in clients:
             resp = await c.get("/metrics")
-            assert "budget_sidecar_store_state_lost_total 1.0" in await resp.text()
+            text = await resp.text()
+            assert 'budget_sidecar_store_state_lost_total{kind="lost"} 1.0' in text, text
+            assert 'budget_sidecar_store_state_lost_total{kind="rolled_back"} 0.0' in text
             status, ready = await call(c, "GET", "/readyz")
             assert status == 200 and ready["state_lost"]["tenants"] == ["default"], ready
         assert any(
