@@ -95,6 +95,9 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             raise ValueError(f"timezone: unknown IANA time zone {self.timezone!r}") from None
         if self.limit_usd is None and self.limit_calls is None:
             raise ValueError("limit_usd: give limit_usd, limit_calls, or both")
+        if self.limit_usd and usd_to_micro(self.limit_usd) == 0:
+            # It would be kept as $0: a budget that denies every call, not the one meant.
+            raise ValueError("limit_usd: at least $0.000001 (one micro-USD), or 0 to deny all")
         if self.forecast_alert and (self.period is Period.TOTAL or self.limit_usd is None):
             raise ValueError(
                 "forecast_alert: needs a calendar period and limit_usd (a forecast projects"
@@ -266,11 +269,22 @@ class LoopGuardSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
+def check_price(input_per_1k: float, output_per_1k: float) -> None:
+    """A nonzero price below one pico-USD per token ($0.000000001 per 1k) would be kept as
+    0: a priced model charged nothing. ValueError naming the field."""
+    for name, value in (("input_per_1k", input_per_1k), ("output_per_1k", output_per_1k)):
+        if value and price_to_pico(value) == 0:
+            raise ValueError(f"{name}: at least 0.000000001 (one pico-USD per token), or 0")
+
+
 class PriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     provider: Id
     model: ModelName
     input_per_1k: PricePer1k
     output_per_1k: PricePer1k
+
+    def __post_init__(self) -> None:
+        check_price(self.input_per_1k, self.output_per_1k)
 
     def to_price(self) -> Price:
         return Price(
@@ -284,6 +298,9 @@ class PriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
 class FallbackPriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     input_per_1k: PricePer1k
     output_per_1k: PricePer1k
+
+    def __post_init__(self) -> None:
+        check_price(self.input_per_1k, self.output_per_1k)
 
 
 class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):

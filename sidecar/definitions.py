@@ -200,19 +200,44 @@ class DefinitionStore:
         return out
 
     async def restore(self, tenants: set[str] | None = None) -> int:
-        """Put back, after Redis lost its state, the definitions the last load read (of
-        `tenants`; None: all): only those absent (another replica may have put them back,
-        or a client made a new one since). Returns how many this call wrote."""
+        """Put back, after Redis lost its state or went back to an older one, the
+        definitions the last load read (of `tenants`; None: all). One absent is written
+        (another replica may have put it back, or a client made a new one since: those
+        stand). One present but different is written only if it is a budget whose stored
+        updated_at is older than the loaded one's: an older dump holds the budget as it
+        was then (a limit lowered since would be raised again), while a newer updated_at
+        is a change made since (on another replica, or after the rollback) and stands, as
+        does a replica's copy that lags. Rate limits and prices carry no time: the dump's
+        version stands. Returns how many this call wrote."""
         written = 0
         for tenant, fields in self.loaded.items():
             if tenants is not None and tenant not in tenants:
                 continue
+            key = keys.definitions(tenant)
             for field, raw in fields.items():
-                written += int(await self._client.hsetnx(keys.definitions(tenant), field, raw))
+                if await self._client.hsetnx(key, field, raw):
+                    written += 1
+                    continue
+                present = await self._client.hget(key, field)
+                if present is not None and _older_budget(str(present), raw):
+                    # Only if still the value read (lua/definition_put.lua).
+                    put = await self._client.eval(_PUT, 1, key, field, str(present), raw)
+                    written += int(put) == 1
             if fields:
                 await self._client.sadd(keys.DEFS_TENANTS, tenant)
         await self._client.incr(keys.DEFS_VERSION)
         return written
+
+
+def _older_budget(present: str, loaded: str) -> bool:
+    """Whether the stored budget `present` is an older version than `loaded` (RFC 3339
+    UTC strings of one form compare in time order); False for anything else."""
+    if present == loaded:
+        return False
+    try:
+        return _decode_budget(present).updated_at < _decode_budget(loaded).updated_at
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return False
 
 
 class DefinitionWatcher:

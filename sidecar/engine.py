@@ -38,7 +38,7 @@ from sidecar.model import (
     Settings,
     TenantDefinitions,
 )
-from sidecar.money import micro_to_usd, usd_to_micro
+from sidecar.money import charge_to_micro, micro_to_usd
 from sidecar.periods import iso
 from sidecar.reservations import (
     SEP,
@@ -547,7 +547,7 @@ class Engine:
         start = time.perf_counter()
         has_tokens = req.tokens_in is not None or req.tokens_out is not None
         settled = Settlement(
-            None if req.cost_usd is None else usd_to_micro(req.cost_usd),
+            None if req.cost_usd is None else charge_to_micro(req.cost_usd),
             ((req.tokens_in or 0), (req.tokens_out or 0)) if has_tokens else None,
             req.latency_ms,
             req.success,
@@ -576,7 +576,7 @@ class Engine:
         if price is not None:
             cost = estimates.estimate(price, None, tokens_in, tokens_out)
         elif fallback_cost_usd is not None:
-            cost = usd_to_micro(fallback_cost_usd)
+            cost = charge_to_micro(fallback_cost_usd)
         else:
             cost = CHARGE_ESTIMATE  # no price anywhere: the held estimate, never $0
         settled = Settlement(

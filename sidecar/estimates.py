@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from sidecar.errors import RequestError
 from sidecar.model import Price, UnpricedModel
-from sidecar.money import cost_micro, usd_to_micro
+from sidecar.money import charge_to_micro, cost_micro
 from sidecar.resolution import Resolved, Snapshot
 from sidecar.schemas import AuthorizeRequest, CheckRequest
 
@@ -52,7 +52,7 @@ def estimate(
 ) -> int:
     """micro-USD: the dollar figure if given, else the tokens at the price (0: unpriced)."""
     if usd is not None:
-        return usd_to_micro(usd)
+        return charge_to_micro(usd)
     if price is None:
         return 0
     return cost_micro(tokens_in or 0, price.input_pico) + cost_micro(

@@ -42,9 +42,11 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           "<stop id>|<expires_at ms, 0 = never>|<created ms>|<reason>"
                           (reason last, may hold '|'); "#<stop id>" -> that field.
                           An ended stop goes with its mirror (lua/sweep.lua) or a list
-    bs:{T}:epoch   string the store's state marker for this tenant's slot (sidecar.state_loss):
-                          a random id written once; gone or another id means Redis lost
-                          what it held (refreshed to a 30-day expiry by every check)
+    bs:{T}:epoch   hash   the store's state marker for this tenant's slot (sidecar.state_loss,
+                          lua/state_marker.lua): id -> a random id written once; gone or
+                          another id means Redis lost what it held; gen -> one more at every
+                          check, lower than one a sidecar saw means Redis went back to an
+                          older state (refreshed to a 30-day expiry by every check)
     bs:{T}:defs    hash   admin-API definitions, "rl:<id>" / "b:<id>" / "p:<provider>/<model>"
                           -> JSON (off the hot path)
 

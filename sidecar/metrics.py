@@ -213,10 +213,15 @@ class Metrics:
         self._axonflow: AxonFlowSpend | None = None
         self.state_losses = Counter(
             f"{PREFIX}_store_state_lost",
-            "Times this sidecar found Redis had lost its state (restarted empty, flushed, "
-            "failed over to an empty replica): counters restarted at zero (sidecar.state_loss).",
+            "Times this sidecar found Redis had lost its state, by kind: lost (restarted "
+            "empty, flushed, failed over to an empty replica: counters restarted at zero) or "
+            "rolled_back (restored from an older dump, failed over to a replica far behind: "
+            "counters went back to that dump's) (sidecar.state_loss).",
+            ["kind"],
             registry=reg,
         )
+        for kind in ("lost", "rolled_back"):  # both at 0 from the start, for rate() rules
+            self.state_losses.labels(kind)
         self.reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Config file reloads by result (success, failure: the last good config stays).",
@@ -292,9 +297,10 @@ class Metrics:
 
     # ---- wiring -------------------------------------------------------------------------
 
-    def state_lost(self) -> None:
-        """Redis was found to have lost its state (sidecar.state_loss)."""
-        self.state_losses.inc()
+    def state_lost(self, kind: str = "lost") -> None:
+        """Redis was found to have lost its state, or gone back to an older one (kind:
+        sidecar.state_loss.LOST / ROLLED_BACK)."""
+        self.state_losses.labels(kind).inc()
 
     def alert_attempt(self, ok: bool) -> None:
         """One webhook POST of an alert: delivered (2xx) or failed (retried later)."""

@@ -134,9 +134,9 @@ def decision(
         retry_after_ms = _retry_of(applied[outcome.binding], now)
     elif denying:
         reason = "velocity" if denying[0].metric == _USD else "rate_limit"
-        retry_after_ms = max(
-            r.retry_after_ms if r.retry_after_ms >= 0 else _SLOT_RETRY_MS for r in denying
-        )
+        waits = [_limit_wait(r) for r in denying]
+        # A call larger than a token or dollar limit ever admits passes by no waiting.
+        retry_after_ms = None if None in waits else max(w for w in waits if w is not None)
         message = limit_message(denying[0])
     return Decision(
         allowed=allowed,
@@ -180,6 +180,15 @@ def _retry_of(a: Applied, now: int) -> int | None:
     if a.budget.period is _TOTAL:
         return None
     return a.window_end_ms - now
+
+
+def _limit_wait(r: RateLimitState) -> int | None:
+    """When a denying limit admits again: its figure, a slot's hint for a concurrency limit
+    (-1: when some reservation ends), or None for -1 of any other (never: the call is larger
+    than the limit ever admits)."""
+    if r.retry_after_ms >= 0:
+        return r.retry_after_ms
+    return _SLOT_RETRY_MS if r.metric == _CONCURRENT else None
 
 
 def _until(expires_at_ms: int | None, now: int) -> int | None:

@@ -27,6 +27,25 @@ than the one this sidecar saw, means that slot lost its state. Then the sidecar
 - puts back the admin API's definitions as it last loaded them (only those absent: the
   first replica to notice writes them, the others find them there);
 - makes a settle or release of a reservation the loss took answer 404 saying so.
+
+Redis restored from an OLDER dump (last night's backup, a replica far behind promoted, a
+stale dump.rdb loaded after a persistence failure) keeps the markers' ids: they were
+written before the dump. So each marker also holds a generation (lua/state_marker.lua),
+one more at every check of every sidecar, and each sidecar remembers the one it saw last:
+a check that finds the same id with a generation not above it knows the store went back
+to before that check, a rollback (kind `rolled_back`; `lost` for the rest). Generations
+only grow, so another replica's checks never look like one; the sidecar that notices
+first replaces the id (with an `rb_` one, only if it is still the rolled-back one), so
+every other sidecar finds it changed, and a changed id starting `rb_` is a rollback too.
+It is handled as a loss, with two differences, since the store holds old state rather than
+none: the stops this sidecar knows were lifted (through it, or gone between two of its
+checks) and the old dump brought back are lifted again, before the ones it saw are put
+back; and an admin API budget the dump holds in an older version (its updated_at) than
+the one this sidecar last loaded is written back at that version.
+
+A rollback is seen only when a check of this sidecar ran after the dump was taken: a dump
+younger than every sidecar's last check looks like no rollback (it loses at most the
+spend of one check interval).
 """
 
 from __future__ import annotations
@@ -42,7 +61,7 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from sidecar import keys, tasks
+from sidecar import keys, scripts, tasks
 from sidecar.definitions import DefinitionWatcher
 from sidecar.engine import Engine
 from sidecar.periods import iso
@@ -62,6 +81,13 @@ STARTUP_CHECK_S = 2.0  # how long start-up waits for the first check
 ALERTS_MAX = 10_000  # as lua/_lib.lua's
 STOP_READS = 16  # tenants whose stops a check reads at once
 ALERT_KIND = "lost"
+LIFTED_MAX = 1_000  # stop ids a sidecar remembers as lifted, per tenant (newest kept)
+# What kind of loss a check found (LossView.kind, the metric's label).
+LOST = "lost"
+ROLLED_BACK = "rolled_back"
+# The id a rollback's first noticer gives the marker: others tell a rollback by it.
+ROLLBACK_PREFIX = "rb_"
+_MARKER = scripts.standalone("state_marker")
 
 
 class LossView(msgspec.Struct):
@@ -72,6 +98,11 @@ class LossView(msgspec.Struct):
     restored_stops: int
     restored_definitions: int
     count: int
+    # LOST: the slot's marker was gone or changed; ROLLED_BACK: the store went back to an
+    # older state (an older dump), its marker's generation below one this sidecar saw.
+    kind: str = LOST
+    # Stops this sidecar knew were lifted that the older state brought back, lifted again.
+    lifted_stops: int = 0
 
 
 @dataclass
@@ -80,12 +111,16 @@ class StateWatch:
     engine: Engine
     stops: Stops
     definitions: DefinitionWatcher
-    on_loss: Callable[[], None] | None = None
+    on_loss: Callable[[str], None] | None = None  # told the kind (LOST, ROLLED_BACK)
     interval_s: float = CHECK_S
     last_loss: LossView | None = None
     losses: int = 0
     # marker key -> the id this sidecar saw there
     _epochs: dict[str, str] = field(default_factory=dict)
+    # marker key -> the generation this sidecar saw there last (after its own increment)
+    _gens: dict[str, int] = field(default_factory=dict)
+    # tenant -> ids of stops this sidecar knows were lifted (oldest first, LIFTED_MAX)
+    _lifted: dict[str, list[str]] = field(default_factory=dict)
     # tenant -> the stops in force at the last check that found its marker intact
     _stops: dict[str, list[Stop]] = field(default_factory=dict)
     # this sidecar's own stop changes since the running check began (see stop_changed)
@@ -110,49 +145,95 @@ class StateWatch:
             seen = await self._read_stops(tenants, now)
             markers = {keys.state_marker(t): t for t in tenants}
             markers[keys.DEFS_EPOCH] = ""  # the definitions' own slot
+            # One script per marker, all in one pipeline (one round trip per node).
             pipe = self.client.pipeline(transaction=False)
             for key in markers:
-                pipe.getex(key, ex=MARKER_TTL_S)
-            values = await pipe.execute()
-            found = dict(zip(markers, values, strict=True))
-            lost = {
-                tenant
-                for key, tenant in markers.items()
-                if key in self._epochs and found[key] != self._epochs[key]
+                # A marker this sidecar knew, gone: not written again before the stops are
+                # back (below), so every decision that names it meanwhile, here or on
+                # another replica, finds it gone and waits for a check. Written first, the
+                # calls in between passed every stop the loss took.
+                keep_gone = "1" if key in self._epochs else ""
+                pipe.eval(
+                    _MARKER, 1, key, MARKER_TTL_S, f"ep_{secrets.token_hex(8)}", "", keep_gone
+                )
+            replies = await pipe.execute()
+            found: dict[str, str] = {}  # tenant ("" the definitions) -> LOST / ROLLED_BACK
+            gone: list[str] = []
+            # What this sidecar knew, back if saying the loss fails (see below).
+            knew = {k: (self._epochs[k], self._gens.get(k)) for k in markers if k in self._epochs}
+            for (key, tenant), reply in zip(markers.items(), replies, strict=True):
+                if not reply[0]:  # gone (a marker this sidecar knew): a loss
+                    found[tenant] = LOST
+                    gone.append(key)
+                    continue
+                value, gen = str(reply[0]), int(reply[1])
+                known, saw = self._epochs.get(key), self._gens.get(key)
+                if known is not None and value != known:
+                    # Gone (a fresh one written), or replaced by a rollback's first noticer.
+                    found[tenant] = ROLLED_BACK if value.startswith(ROLLBACK_PREFIX) else LOST
+                elif known is not None and saw is not None and gen <= saw:
+                    # The same id, a generation this sidecar's own last check passed: the
+                    # store is older than that check. Tell the others by a new id (only if
+                    # still this one: a second noticer keeps the first's).
+                    fresh = f"{ROLLBACK_PREFIX}{secrets.token_hex(8)}"
+                    reply = await self.client.eval(_MARKER, 1, key, MARKER_TTL_S, fresh, value)
+                    value, gen = str(reply[0]), int(reply[1])
+                    found[tenant] = ROLLED_BACK
+                self._epochs[key] = value
+                self._gens[key] = gen
+            if "" in found:  # a tenant named "defs" has the definitions' marker as its own
+                found.update(
+                    {t: found[""] for t in tenants if keys.state_marker(t) == keys.DEFS_EPOCH}
+                )
+            kinds = {
+                kind: {t for t, k in found.items() if k == kind} for kind in (LOST, ROLLED_BACK)
             }
-            if "" in lost:  # a tenant named "defs" has the definitions' marker as its own
-                lost |= {t for t in tenants if keys.state_marker(t) == keys.DEFS_EPOCH}
-            # The stops go back before a gone marker is written again: a decision (here or
-            # on another replica) that finds the marker gone waits for a check, one that
-            # finds it written is decided on the stops there. Written first, the calls in
-            # between passed every stop the loss took.
-            restored = await self._restore_stops(lost, now) if lost else 0
-            before = dict(self._epochs)
-            await self._write_markers(found)
-            self._epochs.update((k, str(v)) for k, v in found.items() if v is not None)
+            put_back = {kind: await self._put_back(of_kind, now) for kind, of_kind in kinds.items()}
+            if gone:  # the stops back: the markers again
+                pipe = self.client.pipeline(transaction=False)
+                for key in gone:
+                    pipe.eval(_MARKER, 1, key, MARKER_TTL_S, f"ep_{secrets.token_hex(8)}", "")
+                for key, reply in zip(gone, await pipe.execute(), strict=True):
+                    self._epochs[key], self._gens[key] = str(reply[0]), int(reply[1])
             # What decisions name from now on (the marker of each slot seen written). Not
             # from `markers`: a tenant named "defs" has the definitions' marker as its own.
             self.engine.marked = {
                 t: keys.state_marker(t) for t in tenants if keys.state_marker(t) in self._epochs
             }
-            if lost:
-                try:
-                    await self._lost(lost, now, restored)
-                except BaseException:
-                    # Not said (no alert, /readyz, count): the next check must find this
-                    # loss again, not the markers it wrote as if they were always there.
-                    self._epochs.update((k, before[k]) for k, t in markers.items()
-                                        if t in lost and k in before)  # fmt: skip
-                    raise
+            try:
+                for kind, of_kind in kinds.items():
+                    if of_kind:
+                        await self._lost(of_kind, now, kind, *put_back[kind])
+            except BaseException:
+                # Not said (no alert, /readyz, count): the next check must find this loss
+                # again, not the markers it wrote as if they were always there.
+                for key, (epoch, had) in knew.items():
+                    if markers[key] in found:
+                        self._epochs[key] = epoch
+                        if had is not None:
+                            self._gens[key] = had
+                raise
             for tenant in tenants:
-                if tenant not in lost:
+                if tenant not in found:
                     kept = seen[tenant]
                     # A change made here while this check read: `seen` may predate it.
                     for changed, made, lifted in self._changes:
                         if changed == tenant:
                             kept = _changed(kept, made, lifted)
+                    # Gone since the last check (lifted elsewhere, replaced, or ended): an
+                    # older state brought back must not bring these back in force.
+                    ids = {s.id for s in kept}
+                    self._forget([s.id for s in self._stops.get(tenant, []) if s.id not in ids],
+                                 tenant)  # fmt: skip
                     self._stops[tenant] = kept
-            return bool(lost)
+            return bool(found)
+
+    def _forget(self, ids: list[str], tenant: str) -> None:
+        """Remember stop ids as lifted (the newest LIFTED_MAX per tenant)."""
+        if ids:
+            lifted = self._lifted.setdefault(tenant, [])
+            lifted.extend(i for i in ids if i not in lifted)
+            del lifted[:-LIFTED_MAX]
 
     async def _read_stops(self, tenants: list[str], now: int) -> dict[str, list[Stop]]:
         """Every tenant's stops, STOP_READS tenants' reads in flight at once: a check over
@@ -161,53 +242,50 @@ class StateWatch:
         found = await _batched(tenants, lambda t: self.stops.list(t, now))
         return dict(zip(tenants, found, strict=True))
 
-    async def _write_markers(self, found: dict[str, str | None]) -> None:
-        """Write a new marker where `found` has none (SET NX: where another replica wrote
-        one first, read it), in two pipelines, and note it in `found`."""
-        gone = [k for k, v in found.items() if v is None]
-        if not gone:
-            return
-        fresh = {k: f"ep_{secrets.token_hex(8)}" for k in gone}
-        pipe = self.client.pipeline(transaction=False)
-        for key in gone:
-            pipe.set(key, fresh[key], nx=True, ex=MARKER_TTL_S)
-        wrote = await pipe.execute()
-        theirs = [k for k, ok in zip(gone, wrote, strict=True) if not ok]
-        for key in gone:
-            found[key] = fresh[key]
-        if theirs:
-            pipe = self.client.pipeline(transaction=False)
-            for key in theirs:
-                pipe.get(key)
-            found.update(zip(theirs, await pipe.execute(), strict=True))
-
     def stop_changed(self, tenant: str, made: Stop | None, lifted: str | None) -> None:
         """A stop made or lifted through this sidecar (Stops.on_change): what a loss would
         put back follows at once, since a loss before the next check must neither bring
         back a stop lifted here on purpose nor lose one made here."""
-        self._stops[tenant] = _changed(self._stops.get(tenant, []), made, lifted)
+        before = self._stops.get(tenant, [])
+        # Lifted, or replaced by the one made: remembered, a rollback may bring it back.
+        replaced = [
+            s.id
+            for s in before
+            if made is not None and (s.scope, s.scope_id) == (made.scope, made.scope_id)
+        ]
+        self._forget([*replaced, *([lifted] if lifted is not None else [])], tenant)  # fmt: skip
+        self._stops[tenant] = _changed(before, made, lifted)
         self._changes.append((tenant, made, lifted))
 
-    def _lost_tenants(self, lost: set[str]) -> list[str]:
-        # "" is the definitions' own slot: losing it loses them for every tenant.
-        return sorted(t for t in lost if t) or self._tenants()
+    async def _put_back(self, lost: set[str], now: int) -> tuple[int, int]:
+        """The stops of the tenants' slots that lost their state (or went back) as seen at
+        the last check, STOP_READS tenants at once; (put back, lifted again). Not for the
+        definitions' slot ("") alone: no stop lives there, and the tenants' slots kept
+        theirs (on a Redis Cluster), so putting them back would only bring back a stop
+        lifted on another replica since."""
 
-    async def _restore_stops(self, lost: set[str], now: int) -> int:
-        """Put back the stops seen in force at the last check in the tenants' slots that
-        lost their state; how many went back. Not for the definitions' slot ("") alone:
-        no stop lives there, and the tenants' slots kept theirs (on a Redis Cluster), so
-        putting them back would only bring back a stop lifted on another replica since."""
-
-        async def each(tenant: str) -> int:
-            restored = 0
+        async def each(tenant: str) -> tuple[int, int]:
+            restored = lifted = 0
+            known_lifted = set(self._lifted.get(tenant, []))
+            if known_lifted:
+                # An older state brings back stops lifted since: lift those this sidecar
+                # knows were lifted (ids are never reused, so none is a new stop), before
+                # putting back the ones it saw, which may be of the same entities.
+                for stop in await self.stops.list(tenant, now):
+                    if stop.id in known_lifted and await self.stops.delete(tenant, stop.id, now):
+                        lifted += 1
             for stop in self._stops.get(tenant, []):
                 restored += await self.stops.restore(tenant, stop, now)
-            return restored
+            return restored, lifted
 
-        return sum(await _batched(sorted(t for t in lost if t), each))
+        done = await _batched(sorted(t for t in lost if t), each)
+        return sum(r for r, _ in done), sum(lifted for _, lifted in done)
 
-    async def _lost(self, lost: set[str], now: int, restored_stops: int) -> None:
-        tenants = self._lost_tenants(lost)
+    async def _lost(
+        self, lost: set[str], now: int, kind: str, restored_stops: int, lifted_stops: int
+    ) -> None:
+        # "" is the definitions' own slot: losing it loses them for every tenant.
+        tenants = sorted(t for t in lost if t) or self._tenants()
         restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
         await self.definitions.reload()  # (refresh would ask this check again: the lock)
         self.losses += 1
@@ -217,20 +295,37 @@ class StateWatch:
             restored_stops=restored_stops,
             restored_definitions=restored_defs,
             count=self.losses,
+            kind=kind,
+            lifted_stops=lifted_stops,
         )
         self.engine.state_lost_at = iso(now)
-        message = (
-            "Redis lost its state (restarted empty, flushed, or failed over to an empty "
-            "replica): counters, holds, rate-limit windows, idempotency keys and learned "
-            "estimates restart from zero, so spend before the loss is not counted against "
-            f"the caps; this sidecar put back {restored_stops} stops and "
-            f"{restored_defs} admin API definitions"
+        put_back = (
+            f"this sidecar put back {restored_stops} stops and {restored_defs} admin API "
+            "definitions"
         )
+        if kind == ROLLED_BACK:
+            message = (
+                "Redis rolled back to an older state (restored from an older dump or "
+                "backup, or failed over to a replica far behind): counters, holds, "
+                "rate-limit windows, idempotency keys, the usage ledger, stops and admin "
+                "API definitions went back to what they were when that dump was taken, so "
+                "spend since then is not counted against the caps; " + put_back
+                + f" and lifted again {lifted_stops} stops lifted since"
+            )  # fmt: skip
+            what = "budget store rolled back to an older state; %s"
+        else:
+            message = (
+                "Redis lost its state (restarted empty, flushed, or failed over to an empty "
+                "replica): counters, holds, rate-limit windows, idempotency keys and learned "
+                "estimates restart from zero, so spend before the loss is not counted against "
+                "the caps; " + put_back
+            )
+            what = "budget store lost its state; %s"
         log.error(
-            "budget store lost its state; %s",
+            what,
             message,
-            extra={"tenants": tenants, "restored_stops": restored_stops,
-                   "restored_definitions": restored_defs},
+            extra={"tenants": tenants, "kind": kind, "restored_stops": restored_stops,
+                   "restored_definitions": restored_defs, "lifted_stops": lifted_stops},
         )  # fmt: skip
         pipe = self.client.pipeline(transaction=False)  # one round trip, not one a tenant
         for tenant in tenants:
@@ -247,7 +342,7 @@ class StateWatch:
             )  # fmt: skip
         await pipe.execute()
         if self.on_loss is not None:
-            self.on_loss()
+            self.on_loss(kind)
 
     async def after_loss(self) -> None:
         """A decision found its tenant's marker gone: wait for a check that begins after

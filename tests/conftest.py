@@ -17,7 +17,9 @@ from sidecar.api.app import create_app
 from sidecar.clock import FakeClock
 from sidecar.model import Config
 from sidecar.store import RedisStore
-from tests.harness import RedisServer
+from tests.cluster_harness import RedisCluster
+from tests.harness import RedisServer, collect_dead_sockets
+from tests.sentinel_harness import RedisSentinel
 
 # 2026-03-10T12:00:00Z: a fixed, unremarkable instant for tests with a fake clock.
 T0_MS = 1_773_144_000_000
@@ -39,6 +41,28 @@ def server() -> Iterator[RedisServer]:
         yield srv
     finally:
         srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster (tests/cluster_harness.py) per test module that asks for one: its
+    tests share it (building one takes seconds) and may kill or flush its nodes."""
+    c = RedisCluster().start()
+    yield c
+    c.stop()
+    collect_dead_sockets()
+
+
+@pytest.fixture
+def sentinel() -> Iterator[RedisSentinel]:
+    """A primary, its replica and a Sentinel of the test's own (tests/sentinel_harness.py):
+    tests kill the primary and let Sentinel fail over."""
+    s = RedisSentinel()
+    try:
+        yield s.start()
+    finally:
+        s.stop()
+        collect_dead_sockets()
 
 
 @pytest.fixture

@@ -17,38 +17,32 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import RedisServer, SidecarProcess, missing
+from tests.harness import RedisServer, SidecarProcess
+from tests.llm_clients import (
+    HAVE_STACK,
+    LLM_CLIENT_WARNINGS,
+    AxonFlow,
+    AxonFlowError,
+    AxonFlowLogger,
+    AxonFlowLoggerConfig,
+    BudgetExceededError,
+    PolicyDeniedError,
+    RetryConfig,
+    SdkConnectionError,
+    SdkTimeoutError,
+    TokenUsage,
+    httpx,
+    litellm,
+    require_stack,
+)
 
-os.environ["AXONFLOW_TELEMETRY"] = "off"
-os.environ.pop("AXONFLOW_TRY", None)
-os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-
-try:
-    import httpx
-    import litellm
-    from axonflow import AxonFlow
-    from axonflow.exceptions import AxonFlowError, BudgetExceededError
-    from axonflow.exceptions import ConnectionError as SdkConnectionError
-    from axonflow.exceptions import TimeoutError as SdkTimeoutError
-    from axonflow.types import RetryConfig, TokenUsage
-    from axonflow_litellm import AxonFlowLogger, AxonFlowLoggerConfig, PolicyDeniedError
-
-    HAVE_STACK = True
-except ImportError:  # pragma: no cover - the dev extra installs them
-    HAVE_STACK = False
-
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-]
+pytestmark = LLM_CLIENT_WARNINGS
 
 # The clients' own timeout in these tests (seconds), and the guard that turns a hang into
 # a failure: generous, never a timing assertion.
@@ -87,8 +81,7 @@ def redis_own() -> Iterator[RedisServer]:
 def start(
     write_config: Callable[..., Path],
 ) -> Iterator[Callable[..., SidecarProcess]]:
-    if not HAVE_STACK:
-        missing("axonflow, litellm and axonflow-litellm (pip install -e '.[dev]')")
+    require_stack()
     procs: list[SidecarProcess] = []
 
     def run(redis: RedisServer, config: dict[str, Any]) -> SidecarProcess:
@@ -133,18 +126,23 @@ def kill(proc: Any) -> None:
     proc.wait()
 
 
+async def outcome(call: Awaitable[Any], what: str, *, also: type[BaseException] = Exception) -> Any:
+    """The call's result, or the exception it raised (an Exception, or `also`); a hang
+    past GUARD_S fails the test instead of hanging it."""
+    try:
+        return await asyncio.wait_for(call, GUARD_S)
+    except (Exception, also) as exc:
+        assert not isinstance(exc, asyncio.TimeoutError), f"{what} hung past the guard"
+        return exc
+
+
 async def sdk_pre_check(url: str, retry: Any = NO_RETRY, agent: str = "agent-1") -> Any:
     """The raw SDK's pre_check: its result or the exception it raised (never a hang)."""
     client = AxonFlow(endpoint=url, client_id="outage-test", timeout=CLIENT_TIMEOUT_S,
                       retry_config=retry)  # fmt: skip
     try:
-        return await asyncio.wait_for(
-            client.pre_check(user_token="", query="q", context={"agent_id": agent}),
-            GUARD_S,
-        )
-    except (Exception, asyncio.CancelledError) as exc:
-        assert not isinstance(exc, asyncio.TimeoutError), "the SDK hung past the guard"
-        return exc
+        call = client.pre_check(user_token="", query="q", context={"agent_id": agent})
+        return await outcome(call, "the SDK", also=asyncio.CancelledError)
     finally:
         await client.close()
 
@@ -155,15 +153,10 @@ async def sdk_audit(url: str, context_id: str) -> Any:
                       retry_config=NO_RETRY)  # fmt: skip
     usage = TokenUsage(prompt_tokens=10, completion_tokens=20, total_tokens=30)
     try:
-        return await asyncio.wait_for(
-            client.audit_llm_call(context_id=context_id, response_summary="ok",
-                                  provider="openai", model="gpt-4o", token_usage=usage,
-                                  latency_ms=1),
-            GUARD_S,
-        )  # fmt: skip
-    except Exception as exc:
-        assert not isinstance(exc, asyncio.TimeoutError), "the SDK hung past the guard"
-        return exc
+        call = client.audit_llm_call(context_id=context_id, response_summary="ok",
+                                     provider="openai", model="gpt-4o", token_usage=usage,
+                                     latency_ms=1)  # fmt: skip
+        return await outcome(call, "the SDK")
     finally:
         await client.close()
 
@@ -176,14 +169,9 @@ async def governed(url: str, fail_open: bool, agent: str = "agent-1") -> Any:
                              extra_context={"agent_id": agent})
     )  # fmt: skip
     try:
-        return await asyncio.wait_for(
-            logger.acompletion(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
-                               mock_response="ok"),
-            GUARD_S,
-        )  # fmt: skip
-    except Exception as exc:
-        assert not isinstance(exc, asyncio.TimeoutError), "the wrapper hung past the guard"
-        return exc
+        call = logger.acompletion(model="gpt-4o", messages=[{"role": "user", "content": "hi"}],
+                                  mock_response="ok")  # fmt: skip
+        return await outcome(call, "the wrapper")
     finally:
         await logger.aclose()
 

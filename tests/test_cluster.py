@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import pytest
 import redis
@@ -20,7 +19,6 @@ from sidecar.schemas import AuthorizeRequest, SettleRequest
 from sidecar.scripts import Scripts
 from sidecar.store import ClusterStore, open_store
 from tests.cluster_harness import RedisCluster
-from tests.harness import collect_dead_sockets
 
 pytestmark = pytest.mark.slow
 
@@ -34,14 +32,6 @@ CONFIG = config_mod.parse(
     },
     "<cluster>",
 )  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster().start()
-    yield c
-    c.stop()
-    collect_dead_sockets()
 
 
 def engine_on(url: str) -> tuple[Engine, ClusterStore]:

@@ -18,21 +18,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
-import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 
 from sidecar import keys
-from sidecar.api.app import STATE_WATCH, WATCHER, create_app
-from sidecar.clock import FakeClock
+from sidecar.api.app import STATE_WATCH, WATCHER
 from sidecar.state_loss import StateWatch
-from sidecar.store import open_store
+from tests import inprocess
 from tests.cluster_harness import RedisCluster
-from tests.conftest import T0_MS, make_config
-from tests.harness import collect_dead_sockets, wait_until
-from tests.test_sentinel import Setup
+from tests.harness import wait_until
+from tests.sentinel_harness import RedisSentinel
 
 pytestmark = pytest.mark.slow
 
@@ -82,23 +79,17 @@ def doc(tenants: list[str]) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisCluster]:
-    c = RedisCluster().start()
-    yield c
-    c.stop()
-    collect_dead_sockets()
-
-
 class Sidecar:
     """One in-process app over the cluster (aiohttp TestClient)."""
 
-    def __init__(self, url: str, tenants: list[str]) -> None:
-        from aiohttp.test_utils import TestClient, TestServer
+    def __init__(self, client: TestClient[Any, Any]) -> None:
+        self.client = client
+        self.app = client.app
 
-        store = open_store(url, timeout_ms=2000)
-        self.app = create_app(make_config(doc(tenants)), store, clock=FakeClock(T0_MS))
-        self.client: TestClient[Any, Any] = TestClient(TestServer(self.app))
+    @classmethod
+    async def over(cls, url: str, tenants: list[str]) -> Sidecar:
+        """Started; the test closes its client."""
+        return cls(await inprocess.app_over(url, doc(tenants)))
 
     @property
     def watch(self) -> StateWatch:
@@ -108,15 +99,9 @@ class Sidecar:
         self, tenant: str, method: str, path: str, body: Any = None
     ) -> tuple[int, dict[str, Any]]:
         """(status, JSON body); a 500 or a stack trace fails the test wherever it appears."""
-
-        async def go() -> tuple[int, dict[str, Any]]:
-            resp = await self.client.request(method, path, json=body, headers=auth(tenant))
-            text = await resp.text()
-            assert "Traceback" not in text, text
-            assert resp.status != 500, text
-            return resp.status, json.loads(text) if text else {}
-
-        return await asyncio.wait_for(go(), GUARD_S)
+        return await inprocess.call(
+            self.client, method, path, body, headers=auth(tenant), guard_s=GUARD_S
+        )
 
 
 def pick_tenants(cluster: RedisCluster) -> tuple[int, list[str], list[str]]:
@@ -189,9 +174,7 @@ async def test_one_primary_losing_its_state_is_noticed_for_exactly_its_tenants(
     for port in cluster.alive():
         if cluster.client(port).info("replication")["role"] == "master":
             cluster.client(port).flushall()
-    sides = [Sidecar(cluster.url, tenants), Sidecar(cluster.url, tenants)]
-    for s in sides:
-        await s.client.start_server()
+    sides = [await Sidecar.over(cluster.url, tenants) for _ in range(2)]
     a, b = sides
     try:
         stop_ids: dict[str, str] = {}
@@ -299,36 +282,20 @@ SENTINEL_DOC: dict[str, Any] = {
 }
 
 
-@pytest.fixture
-def sentinel() -> Iterator[Setup]:
-    s = Setup()
-    try:
-        yield s.start()
-    finally:
-        s.stop()
-        collect_dead_sockets()
-
-
-async def test_sentinel_failing_over_to_a_replica_that_never_synced(sentinel: Setup) -> None:
+async def test_sentinel_failing_over_to_a_replica_that_never_synced(
+    sentinel: RedisSentinel,
+) -> None:
     """How an empty replica is made, honestly: the replica restarts without persistence
     (its data gone) and asks the primary for a full sync, which the primary delays
     (repl-diskless-sync-delay: it waits for more replicas before streaming one snapshot
     to all). The primary dies in that wait; Sentinel knows the replica (the primary listed
     it, state wait_bgsave) and its link was never up (master_link_down_since_seconds -1),
     so it may promote it: the sidecar's store is now a primary with nothing in it."""
-    from aiohttp.test_utils import TestClient, TestServer
-
-    store = open_store(sentinel.url, timeout_ms=1000)
-    app = create_app(make_config(SENTINEL_DOC), store, clock=FakeClock(T0_MS))
-    client: TestClient[Any, Any] = TestClient(TestServer(app))
-    await client.start_server()
-    watch: StateWatch = app[STATE_WATCH]
+    client = await inprocess.app_over(sentinel.url, SENTINEL_DOC)
+    watch: StateWatch = client.app[STATE_WATCH]
 
     async def call(method: str, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
-        resp = await asyncio.wait_for(client.request(method, path, json=body), GUARD_S)
-        text = await resp.text()
-        assert resp.status != 500 and "Traceback" not in text, text
-        return resp.status, json.loads(text) if text else {}
+        return await inprocess.call(client, method, path, body, guard_s=GUARD_S)
 
     try:
         status, _ = await call("POST", "/api/v1/budgets", API_BUDGET)

@@ -293,10 +293,13 @@ async def test_pipelined_decisions_with_rate_limit_fields_answer_in_order(serve:
     assert [status(a) for a in answers] == [200] * 24
     allowed = [b'"allowed":true' in a for a in answers]
     assert allowed == [i % 3 != 0 for i in range(24)]
-    for a, ok in zip(answers, allowed, strict=True):
+    for a in answers:
         head = a.split(b"\r\n\r\n", 1)[0]
         assert b"\r\nRateLimit-Policy: " in head
-        assert (b"\r\nRetry-After: " in head) is not ok
+        # The user's calls are larger than its token limit ever admits: no Retry-After,
+        # nothing to wait for (a limit that admits later has one: tests/test_rate_limits).
+        assert b"\r\nRetry-After: " not in head
+        assert b'"retry_after_ms":null' in a
     assert fast_server(srv).served == 24 and fast_server(srv).handed_off == 0
 
 

@@ -15,12 +15,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 from typing import Any
 
 import pytest
 import redis
-from aiohttp.test_utils import TestServer
 
 from sidecar.api.connection import SidecarRequestHandler
 from sidecar.api.fast import FastProtocol
@@ -34,7 +32,7 @@ from tests.test_transport_attacks import (
     TENANT,
     as_deployed,
     connections,
-    end,
+    ends_while_deciding,
     held_micro,
     read_answer,
     records,
@@ -195,33 +193,6 @@ def end_seen(protocol: Any) -> bool:
     return protocol._half_closed
 
 
-async def ends_while_deciding(
-    srv: TestServer, rc: redis.Redis, raw: bytes, how: str, *, handed: bool
-) -> tuple[socket.socket, Any]:
-    """Send `raw` while Redis holds its script, end the connection `how` once the
-    script waits in Redis, let the server see it; then Redis runs it. `handed`: a
-    /healthz first, so the connection is aiohttp's (on the fast path)."""
-    sock = socket.create_connection(("127.0.0.1", srv.port))
-    sock.settimeout(10)
-    if handed:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-        assert status(await asyncio.to_thread(read_answer, sock)) == 200
-    rc.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
-    try:
-        sock.sendall(raw)
-
-        def blocked() -> bool:
-            return int(rc.info("clients")["blocked_clients"]) >= 1
-
-        await asyncio.to_thread(wait_until, blocked, 10, "the script paused in Redis")
-        (protocol,) = connections(srv)
-        end(sock, how)
-        await asyncio.to_thread(wait_until, lambda: end_seen(protocol), 10, "the end seen")
-    finally:
-        rc.execute_command("CLIENT", "UNPAUSE")
-    return sock, protocol
-
-
 # (fast_http, the connection handed to aiohttp first)
 PATHS = [(False, False), (True, True), (True, False)]
 
@@ -236,7 +207,7 @@ async def test_a_client_that_half_closes_gets_its_answer_and_keeps_its_hold(
     the hold stays, for the caller to settle."""
     srv = as_deployed(await serve(fast=fast))
     sock, _ = await ends_while_deciding(
-        srv, redis_client, HOLDING[route], "half-close", handed=handed
+        srv, redis_client, HOLDING[route], "half-close", handed=handed, seen=end_seen
     )
     try:
         answer = await asyncio.to_thread(read_answer, sock)
@@ -283,7 +254,9 @@ async def test_a_client_that_closed_for_good_has_its_hold_taken_back(
     is written, the client's kernel resets it (nobody reads it), and the hold is taken
     back: released, not charged, the lease index empty."""
     srv = as_deployed(await serve(fast=fast))
-    sock, _ = await ends_while_deciding(srv, redis_client, HOLDING[route], "close", handed=handed)
+    sock, _ = await ends_while_deciding(
+        srv, redis_client, HOLDING[route], "close", handed=handed, seen=end_seen
+    )
     sock.close()
     await asyncio.to_thread(wait_until, lambda: taken_back(redis_client), 10, "taken back")
     (record,) = records(redis_client).values()

@@ -11,34 +11,22 @@ test prices gpt-4o so that one call costs exactly $0.01, the pre-check's default
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import RedisServer, SidecarProcess, missing
+from tests.harness import RedisServer, SidecarProcess
+from tests.llm_clients import (
+    LLM_CLIENT_WARNINGS,
+    AxonFlowLogger,
+    AxonFlowLoggerConfig,
+    litellm,
+    require_stack,
+)
 
-os.environ["AXONFLOW_TELEMETRY"] = "off"
-os.environ.pop("AXONFLOW_TRY", None)
-os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
-os.environ["NO_PROXY"] = "127.0.0.1,localhost"
-
-try:
-    import litellm
-    from axonflow_litellm import AxonFlowLogger, AxonFlowLoggerConfig
-
-    HAVE_STACK = True
-except ImportError:  # pragma: no cover - the dev extra installs them
-    HAVE_STACK = False
-
-# litellm and pydantic warn about their own types at import and first use; not ours.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::UserWarning"),
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
-]
+pytestmark = LLM_CLIENT_WARNINGS
 
 PER_CALL_USD = 0.01
 TASKS = 50
@@ -70,8 +58,7 @@ AGENT_BUDGET = {
 def start(
     redis_server: RedisServer, redis_client: Any, write_config: Callable[[dict[str, Any]], Path]
 ) -> Iterator[Callable[[dict[str, Any]], SidecarProcess]]:
-    if not HAVE_STACK:
-        missing("litellm and axonflow-litellm (pip install -e '.[dev]')")
+    require_stack()
     procs: list[SidecarProcess] = []
 
     def run(config: dict[str, Any]) -> SidecarProcess:
@@ -217,8 +204,7 @@ def _get(url: str) -> str:
 
 
 def test_the_stack_is_pinned() -> None:
-    if not HAVE_STACK:
-        missing("litellm and axonflow-litellm (pip install -e '.[dev]')")
+    require_stack()
     from importlib.metadata import version
 
     assert version("litellm") != "1.107.0"  # a known compromised release

@@ -164,7 +164,7 @@ async def test_a_call_during_the_checks_restore_does_not_pass_the_stop(
     assert watch.losses == 1 and watch.last_loss is not None
     assert watch.last_loss.restored_stops == 1
     with server.client() as rc:
-        assert rc.get(state_marker("default")) is not None  # written, after the stop
+        assert rc.hget(state_marker("default"), "id") is not None  # written, after the stop
         assert not [f for f in rc.hgetall(TENANT.counters) if f.startswith("h:")]
 
 
@@ -506,7 +506,7 @@ async def test_a_loss_over_many_tenants_is_handled_in_a_few_round_trips(
     assert watch.last_loss is not None and watch.last_loss.restored_stops == len(tenants)
     with server.client() as rc:
         for t in tenants:
-            assert rc.get(state_marker(t)) == watch._epochs[state_marker(t)]
+            assert rc.hget(state_marker(t), "id") == watch._epochs[state_marker(t)]
             alerts = [f for _, f in rc.xrange(tenant_keys(t).alerts) if f["k"] == "lost"]
             assert [a["g"] for a in alerts] == [watch._epochs[state_marker(t)]], alerts
     for t in tenants:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
 import redis
 import uvloop
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 
 from sidecar.api.app import STATE_WATCH, create_app
 from sidecar.clock import FakeClock
@@ -18,6 +17,7 @@ from sidecar.state_loss import StateWatch
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
+from tests.inprocess import app_over, call
 from tests.test_fast_path import DOC
 from tests.test_http_edge_attacks import PATHS
 from tests.test_http_edge_attacks import (
@@ -72,38 +72,17 @@ def test_uvloop_closed_for_good_takes_the_hold_back(
 
 # ---- state loss: what this sidecar itself changed before the loss ----------------------------
 
-GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the suite
-STOP_DOC = {"budgets": [], "settings": {"fail_mode": "closed"}}
+STOP_DOC = {"budgets": [], "settings": {"fail_mode": "closed", "redis_timeout_ms": 2000}}
 X_BUDGET = {"id": "x-cap", "name": "X cap", "scope": "team", "scope_id": "tx",
             "limit_usd": 1.0, "period": "monthly", "alert_thresholds": []}  # fmt: skip
 Y_BUDGET = {**X_BUDGET, "id": "y-cap", "name": "Y cap", "scope_id": "ty"}
-
-
-async def app_over(url: str, now_ms: int = T0_MS) -> TestClient[Any, Any]:
-    store = RedisStore.from_url(url, timeout_ms=2000)
-    app = create_app(make_config(STOP_DOC), store, clock=FakeClock(now_ms))
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client
-
-
-async def call(
-    client: TestClient[Any, Any], method: str, path: str, body: Any = None
-) -> tuple[int, dict[str, Any]]:
-    async def go() -> tuple[int, dict[str, Any]]:
-        resp = await client.request(method, path, json=body)
-        text = await resp.text()
-        assert resp.status != 500, text
-        return resp.status, json.loads(text) if text else {}
-
-    return await asyncio.wait_for(go(), GUARD_S)
 
 
 async def test_a_stop_lifted_here_does_not_come_back_after_a_loss(server: RedisServer) -> None:
     """One sidecar (the single-node setup): an operator lifts a stop through it, then
     Redis restarts empty before its next check. The sidecar knows the stop was lifted:
     the restore must not bring it back (before: it put back the stop its last check saw)."""
-    client = await app_over(server.url)
+    client = await app_over(server.url, STOP_DOC)
     watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
     try:
         status, stop = await call(
@@ -129,7 +108,7 @@ async def test_a_stop_made_here_is_put_back_after_a_loss(server: RedisServer) ->
     """The other way: a stop made through this sidecar just before the loss (its check has
     not run since) is one it knows of; a stop that silently disappears is the safety
     problem the restore exists for."""
-    client = await app_over(server.url)
+    client = await app_over(server.url, STOP_DOC)
     watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
     try:
         await watch.check()
@@ -153,7 +132,7 @@ async def test_an_admin_write_right_after_a_loss_does_not_drop_the_definitions(
     check (or its definitions poll). The write's own reload read what was left (only the
     new budget) as 'the definitions as last loaded', so the check that then noticed the
     loss put back nothing: the budget made before the loss was gone for good."""
-    client = await app_over(server.url)
+    client = await app_over(server.url, STOP_DOC)
     watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
     try:
         status, _ = await call(client, "POST", "/api/v1/budgets", X_BUDGET)
@@ -179,7 +158,7 @@ async def test_the_definitions_watcher_survives_a_store_timeout_in_its_loss_chec
     its first script: the store's timeout is a StoreUnavailable, which the watcher's loop
     (it kept only RedisError and OSError) did not catch: the task died, and this replica
     never learned of a definition change again."""
-    client = await app_over(server.url)
+    client = await app_over(server.url, STOP_DOC)
     watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
     task: asyncio.Task[None] | None = None
     try:
@@ -216,7 +195,10 @@ async def test_one_loss_noticed_by_two_replicas_is_one_alert_id(server: RedisSer
     in its own replica's clock reading, so a receiver paged once per replica: the ids of
     one loss must be one id (the marker both replicas found after it)."""
     # Two replicas whose clocks read apart by a millisecond, as two hosts' do.
-    clients = [await app_over(server.url), await app_over(server.url, T0_MS + 1)]
+    clients = [
+        await app_over(server.url, STOP_DOC),
+        await app_over(server.url, STOP_DOC, clock=FakeClock(T0_MS + 1)),
+    ]
     watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
     try:
         for w in watches:

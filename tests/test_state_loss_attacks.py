@@ -15,59 +15,21 @@ or flushes as it likes.
 from __future__ import annotations
 
 import asyncio
-import json
 import threading
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
 import redis
-from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.api.app import STATE_WATCH, create_app
-from sidecar.clock import FakeClock
+from sidecar.api.app import STATE_WATCH
 from sidecar.keys import tenant_keys
 from sidecar.metrics import Metrics
 from sidecar.state_loss import StateWatch
 from sidecar.store import RedisStore
-from tests.conftest import T0_MS, make_config
+from tests.conftest import T0_MS
 from tests.harness import RedisServer
+from tests.inprocess import app_over, call
 
-GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the suite
 TENANT = tenant_keys("default")
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
-async def app_over(url: str, document: Any, clock: FakeClock | None = None) -> TestClient[Any, Any]:
-    cfg = make_config(document)
-    store = RedisStore.from_url(url, timeout_ms=cfg.settings.redis_timeout_ms)
-    app = create_app(cfg, store, clock=clock or FakeClock(T0_MS))
-    client = TestClient(TestServer(app))
-    await client.start_server()
-    return client
-
-
-async def call(
-    client: TestClient[Any, Any], method: str, path: str, body: Any = None
-) -> tuple[int, dict[str, Any]]:
-    """(status, JSON body); a 500 or a stack trace fails the test wherever it appears."""
-
-    async def go() -> tuple[int, dict[str, Any]]:
-        resp = await client.request(method, path, json=body)
-        text = await resp.text()
-        assert "Traceback" not in text, text
-        assert resp.status != 500, text
-        return resp.status, json.loads(text) if text else {}
-
-    return await asyncio.wait_for(go(), GUARD_S)
 
 
 # ---- 1. SCRIPT KILL of our script ---------------------------------------------------------
@@ -148,7 +110,7 @@ ORG_CAP = {"id": "org", "name": "The org", "scope": "organization", "limit_usd":
 API_BUDGET = {"id": "api-cap", "name": "API cap", "scope": "team", "scope_id": "t1",
               "limit_usd": 1.0, "period": "monthly", "on_exceed": "block",
               "alert_thresholds": []}  # fmt: skip
-LOSS_DOC = {"budgets": [ORG_CAP], "settings": {"fail_mode": "closed"}}
+LOSS_DOC = {"budgets": [ORG_CAP], "settings": {"fail_mode": "closed", "redis_timeout_ms": 2000}}
 
 
 def lose_state(server: RedisServer, how: str) -> None:
@@ -173,14 +135,7 @@ async def noticed(watch: StateWatch) -> None:
 async def test_redis_losing_its_state_is_noticed_said_and_what_can_be_is_put_back(
     server: RedisServer, how: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    metrics = [Metrics(), Metrics()]
-    clients = []
-    for m in metrics:
-        store = RedisStore.from_url(server.url, timeout_ms=2000)
-        app = create_app(make_config(LOSS_DOC), store, clock=FakeClock(T0_MS), events=m)
-        c = TestClient(TestServer(app))
-        await c.start_server()
-        clients.append(c)
+    clients = [await app_over(server.url, LOSS_DOC, events=Metrics()) for _ in range(2)]
     a, b = clients
     watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
     try:
@@ -212,7 +167,9 @@ async def test_redis_losing_its_state_is_noticed_said_and_what_can_be_is_put_bac
         # Said: a metric, an error log line, /readyz detail, one alert per noticing sidecar.
         for c in clients:
             resp = await c.get("/metrics")
-            assert "budget_sidecar_store_state_lost_total 1.0" in await resp.text()
+            text = await resp.text()
+            assert 'budget_sidecar_store_state_lost_total{kind="lost"} 1.0' in text, text
+            assert 'budget_sidecar_store_state_lost_total{kind="rolled_back"} 0.0' in text
             status, ready = await call(c, "GET", "/readyz")
             assert status == 200 and ready["state_lost"]["tenants"] == ["default"], ready
         assert any(

@@ -12,57 +12,29 @@ Two sidecars in-process over one real redis-server; no sleep between the loss an
 from __future__ import annotations
 
 import asyncio
-import json
-from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar.api.app import STATE_WATCH, create_app
-from sidecar.clock import FakeClock
+from sidecar.api.app import STATE_WATCH
 from sidecar.keys import tenant_keys
 from sidecar.state_loss import StateWatch
-from sidecar.store import RedisStore
-from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
+from tests.inprocess import app_over, call
 
 TENANT = tenant_keys("default")
 DOC = {
     "budgets": [{"id": "org", "name": "Org", "scope": "organization", "period": "monthly",
                  "limit_usd": 100, "on_exceed": "block", "alert_thresholds": []}],
-    "settings": {"fail_mode": "closed"},
+    "settings": {"fail_mode": "closed", "redis_timeout_ms": 2000},
 }  # fmt: skip
 CALLERS = 20
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
-async def post(client: TestClient[Any, Any], path: str, body: Any) -> tuple[int, dict[str, Any]]:
-    resp = await asyncio.wait_for(client.post(path, json=body), 10)
-    text = await resp.text()
-    assert resp.status != 500 and "Traceback" not in text, text
-    return resp.status, json.loads(text)
 
 
 @pytest.mark.parametrize("how", ["restart", "flushall"])
 async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
     server: RedisServer, how: str
 ) -> None:
-    clients = []
-    for _ in range(2):
-        store = RedisStore.from_url(server.url, timeout_ms=2000)
-        app = create_app(make_config(DOC), store, clock=FakeClock(T0_MS))
-        c = TestClient(TestServer(app))
-        await c.start_server()
-        clients.append(c)
+    clients = [await app_over(server.url, DOC) for _ in range(2)]
     a, b = clients
     watch: StateWatch = b.app[STATE_WATCH]  # type: ignore[index]
     checks = 0
@@ -74,8 +46,8 @@ async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
         return await check()
 
     try:
-        status, stop = await post(
-            a, "/v1/stops", {"scope": "agent", "scope_id": "runaway", "reason": "loop"}
+        status, stop = await call(
+            a, "POST", "/v1/stops", {"scope": "agent", "scope_id": "runaway", "reason": "loop"}
         )
         assert status == 201, stop
         await watch.check()  # b's check has seen the stop (its marker, since start-up)
@@ -89,16 +61,17 @@ async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
                 rc.flushall()
         # At once, on the other sidecar: every call of the stopped agent is denied.
         answers = await asyncio.gather(*(
-            post(b, "/v1/authorize", {"agent_id": "runaway", "estimated_usd": 0.01})
+            call(b, "POST", "/v1/authorize", {"agent_id": "runaway", "estimated_usd": 0.01})
             for _ in range(CALLERS)
         ))  # fmt: skip
         for status, decision in answers:
             assert status == 200 and not decision["allowed"], decision
             assert "loop" in decision["message"], decision
-        status, checked = await post(b, "/v1/check", {"agent_id": "runaway"})
+        status, checked = await call(b, "POST", "/v1/check", {"agent_id": "runaway"})
         assert status == 200 and not checked["allowed"], checked
         # Another agent passes, held once: the decision was asked again, not twice.
-        status, other = await post(b, "/v1/authorize", {"agent_id": "ok", "estimated_usd": 0.25})
+        body = {"agent_id": "ok", "estimated_usd": 0.25}
+        status, other = await call(b, "POST", "/v1/authorize", body)
         assert status == 200 and other["allowed"], other
         with server.client() as rc:
             counters = rc.hgetall(TENANT.counters)

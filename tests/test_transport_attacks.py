@@ -16,6 +16,7 @@ import re
 import resource
 import socket
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -112,12 +113,25 @@ def read_answer(sock: socket.socket) -> bytes:
     return head + b"\r\n\r\n" + body
 
 
-async def gone_while_deciding(
-    srv: TestServer, rc: redis.Redis, raw: bytes, how: str, *, handed: bool
-) -> None:
+def gone(protocol: Any) -> bool:
+    """The server saw the connection gone: its transport let go."""
+    return transport_of(protocol) is None
+
+
+async def ends_while_deciding(
+    srv: TestServer,
+    rc: redis.Redis,
+    raw: bytes,
+    how: str,
+    *,
+    handed: bool,
+    seen: Callable[[Any], bool] = gone,
+) -> tuple[socket.socket, Any]:
     """Send `raw` while Redis holds its script (CLIENT PAUSE WRITE), end the connection
-    `how`, let the server see it gone, then let Redis run the script. `handed`: a request
-    for another route first, so the connection is aiohttp's when `raw` comes."""
+    `how` once the script waits in Redis, wait until the server has `seen` the end (by
+    default: the connection gone), then let Redis run the script. `handed`: a request for
+    another route first, so the connection is aiohttp's when `raw` comes (on the fast
+    path). (the socket, for the caller to read and close; the server's protocol)"""
     sock = socket.create_connection(("127.0.0.1", srv.port))
     sock.settimeout(10)
     try:
@@ -134,13 +148,21 @@ async def gone_while_deciding(
             await asyncio.to_thread(wait_until, blocked, 10, "the script paused in Redis")
             (protocol,) = connections(srv)
             end(sock, how)
-            await asyncio.to_thread(
-                wait_until, lambda: transport_of(protocol) is None, 10, "the end seen"
-            )
+            await asyncio.to_thread(wait_until, lambda: seen(protocol), 10, "the end seen")
         finally:
             rc.execute_command("CLIENT", "UNPAUSE")
-    finally:
+    except BaseException:
         sock.close()
+        raise
+    return sock, protocol
+
+
+async def gone_while_deciding(
+    srv: TestServer, rc: redis.Redis, raw: bytes, how: str, *, handed: bool
+) -> None:
+    """ends_while_deciding, the client not reading its answer."""
+    sock, _ = await ends_while_deciding(srv, rc, raw, how, handed=handed)
+    sock.close()
 
 
 # (fast_http, the connection handed to aiohttp first, how the client goes): a reset.

@@ -26,7 +26,7 @@ from sidecar.alerts import Alert, read_alerts
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
-from sidecar.config import BudgetId, PricePer1k, PriceSpec
+from sidecar.config import BudgetId, PricePer1k, PriceSpec, check_price
 from sidecar.definitions import DefinitionWatcher, MergeConflict, StoredBudget
 from sidecar.engine import Engine, RequestError
 from sidecar.learned import EstimateHint
@@ -99,6 +99,9 @@ class AxAlertList(msgspec.Struct, kw_only=True):
 class AxPrice(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     input_per_1k: PricePer1k
     output_per_1k: PricePer1k
+
+    def __post_init__(self) -> None:
+        check_price(self.input_per_1k, self.output_per_1k)
 
 
 class AxPricingInfo(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -41,7 +41,10 @@ def headers(decision: Decision) -> dict[str, str]:
         reset_s = seconds(limit.window_ms) if limit.window_ms else 1
         return _limit_fields(limit, reset_s)
     retry_s = seconds(decision.retry_after_ms) if decision.retry_after_ms else 1
-    out = {"Retry-After": str(retry_s)}
+    # None: nothing admits it by waiting (a call larger than a limit ever admits, a spent
+    # period-total budget, a stop with no end): no Retry-After, so that no client retries
+    # every second for ever.
+    out = {} if decision.retry_after_ms is None else {"Retry-After": str(retry_s)}
     limit, info = decision.rate_limit, decision.budget_info
     if limit is not None and limit.would_deny and limit.mode == "enforce":
         out.update(_limit_fields(limit, retry_s))
