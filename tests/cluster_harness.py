@@ -12,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from tests.harness import missing, redis_binary, wait_until
+from tests.harness import missing, redis_binary, wait_until, xdist_worker
 
 
 def _free(port: int) -> bool:
@@ -27,7 +27,8 @@ def _free(port: int) -> bool:
 def cluster_ports(count: int, start: int = 21000) -> list[int]:
     """Ports whose bus port (+10000) is free too; a low range so the bus stays < 65536."""
     ports: list[int] = []
-    port = start + (int(time.time() * 1000) % 500) * 16
+    # Each xdist worker its own stretch (tests.harness.free_port), then a time offset.
+    port = start + (xdist_worker() % 4) * 2_000 + (int(time.time() * 1000) % 120) * 16
     while len(ports) < count:
         if _free(port) and _free(port + 10000):
             ports.append(port)
