@@ -3,7 +3,6 @@ binaries, built with `redis-cli --cluster create`, stopped by process id."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import socket
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import redis
 
-from tests.harness import missing, redis_binary, wait_until
+from tests.harness import missing, redis_binary, wait_until, xdist_worker
 
 
 def _free(port: int) -> bool:
@@ -25,17 +24,14 @@ def _free(port: int) -> bool:
     return True
 
 
-def cluster_ports(count: int, start: int = 11000) -> list[int]:
+def cluster_ports(count: int, start: int = 20_000) -> list[int]:
     """Ports whose bus port (+10000) is free too, both below the kernel's ephemeral range
-    (32768 on): the ports the kernel hands out meanwhile (free_port, every outgoing
-    connection; on two pytest-xdist workers another worker's too) never take a port
-    between its check here and the node's bind. Where in the range: by the clock (other
-    processes building clusters), and 8 apart for the xdist workers of one run (the
-    same millisecond on both)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    shift = 8 * (int(worker[2:]) % 2 if worker[2:].isdigit() else 0)
+    (32768 on; tests.harness.free_port's ranges end at 20,000): bus ports from 31,000 on,
+    as before, lay inside it, where another worker's connections take ports at any moment
+    between the check here and the node's bind."""
     ports: list[int] = []
-    port = start + (int(time.time() * 1000) % 700) * 16 + shift
+    # Each xdist worker its own stretch (as tests.harness.free_port), then a time offset.
+    port = start + (xdist_worker() % 4) * 680 + (int(time.time() * 1000) % 40) * 16
     while len(ports) < count:
         assert port + 10000 < 32768, "no free cluster ports below the ephemeral range"
         if _free(port) and _free(port + 10000):

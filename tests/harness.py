@@ -8,6 +8,7 @@ import contextlib
 import gc
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -61,7 +62,14 @@ def stop_process(process: subprocess.Popen[bytes], timeout_s: float = 10) -> Non
 def data_keys(client: redis.Redis) -> list[str]:
     """Every key but the state markers (bs:{T}:epoch, bs:{defs}:epoch) each sidecar writes
     before it serves (sidecar.state_loss): what "wrote nothing" is about."""
-    return sorted(str(k) for k in client.scan_iter(count=1000) if not str(k).endswith(":epoch"))
+    names = (k.decode() if isinstance(k, bytes) else str(k) for k in client.scan_iter(count=1000))
+    return sorted(k for k in names if not k.endswith(":epoch"))
+
+
+def data_dump(client: redis.Redis) -> dict[str, Any]:
+    """Every key but the state markers, as DUMP serializes it: equal before and after means
+    nothing was written. (Each state check advances a marker's generation, at any time.)"""
+    return {k: client.dump(k) for k in data_keys(client)}
 
 
 # Every key but the markers, in one script: a background check between a read of the
@@ -81,11 +89,34 @@ def flush_data(client: redis.Redis) -> None:
     client.eval(_DELETE_ALL_BUT_MARKERS, 0)
 
 
+def xdist_worker() -> int:
+    """This pytest-xdist worker's number (gw3 -> 3), 0 without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name[2:]) if name[2:].isdigit() else 0
+
+
+# Each xdist worker picks ports from its own range, below the kernel's ephemeral ports
+# (32768 on): a port 0 bind hands out a port that is free *now*, and two workers could get
+# the same one between one's pick and its server's bind (CI saw a sidecar that failed to
+# bind pass its readiness check on another worker's sidecar, then vanish mid-test). Below
+# the cluster harness's 21,000; a random start keeps two separate runs apart too.
+_PORT_BASE, _PORTS_PER_WORKER = 10_000, 2_500
+_next_port = random.randrange(_PORTS_PER_WORKER)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
+    global _next_port
+    base = _PORT_BASE + (xdist_worker() % 4) * _PORTS_PER_WORKER
+    for _ in range(_PORTS_PER_WORKER):
+        port = base + _next_port % _PORTS_PER_WORKER
+        _next_port += 1
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
         return port
+    raise RuntimeError(f"no free port in {base}..{base + _PORTS_PER_WORKER - 1}")
 
 
 def redis_binary() -> str:

@@ -15,6 +15,7 @@ from sidecar import config as config_mod
 from sidecar.api import openapi
 from sidecar.api.auth import OPEN_PATHS
 from tests.conftest import ClientFactory
+from tests.harness import data_dump
 
 
 def basic(client_id: str, secret: str) -> dict[str, str]:
@@ -66,8 +67,7 @@ PATH_VALUES = {
 }
 
 
-def dump(client: redis.Redis) -> dict[str, Any]:
-    return {str(k): client.dump(k) for k in sorted(client.keys("*"))}
+dump = data_dump  # every key but the state markers (tests.harness)
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from sidecar.resolution import Resolver, Snapshot, read_with_run
 from sidecar.schemas import IdentityFields
 from sidecar.store import RedisStore
 from tests.conftest import ClientFactory, make_config
-from tests.harness import RedisServer, sidecars, wait_until
+from tests.harness import RedisServer, data_dump, sidecars, wait_until
 
 TENANT = keys.tenant_keys("default")
 
@@ -639,7 +639,7 @@ async def test_stops_edge_values_are_400_naming_the_field_and_unknown_ids_404(
         ("reason", {**ok, "reason": "a\r\nX-Forged: 1"}),
         ("reason", {**ok, "reason": "tab\there"}),
     ]  # fmt: skip
-    before = {k: redis_client.dump(k) for k in redis_client.keys("*")}
+    before = data_dump(redis_client)
     for field, body in bad:
         r = await client.post("/v1/stops", json=body)
         problem = await r.json(content_type=None)
@@ -653,6 +653,6 @@ async def test_stops_edge_values_are_400_naming_the_field_and_unknown_ids_404(
         assert (r.status, r.content_type) == (404, "application/problem+json"), stop_id
         r = await client.get(f"/v1/stops/{stop_id}")
         assert r.status == 404, stop_id
-    assert {k: redis_client.dump(k) for k in redis_client.keys("*")} == before
+    assert data_dump(redis_client) == before
     _, d = await post(client, "/v1/authorize", {"run_id": "keep", "estimated_usd": 0.01})
     assert d["reason"] == "stop"

@@ -17,7 +17,7 @@ import redis
 from sidecar import keys
 from sidecar.clock import FakeClock
 from tests.conftest import ClientFactory
-from tests.harness import RedisServer, SidecarProcess, sidecars
+from tests.harness import RedisServer, SidecarProcess, data_dump, sidecars
 
 CONFIG: dict[str, Any] = {
     "rate_limits": [
@@ -30,8 +30,7 @@ API_LIMIT = {"id": "per-user", "scope": "user", "metric": "requests", "limit": 1
              "window": "10s"}  # fmt: skip
 
 
-def dump(client: redis.Redis) -> dict[str, Any]:
-    return {k: client.dump(k) for k in sorted(client.keys("*"))}
+dump = data_dump  # every key but the state markers (tests.harness)
 
 
 async def test_create_read_list_replace_delete(
