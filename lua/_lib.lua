@@ -248,9 +248,13 @@ end
 -- (restarted empty, flushed) since: the decision answers LOST (alone) and changes nothing,
 -- and the sidecar puts back what it can (the stops, which live in ctr) before it asks
 -- again, so no call passes a stop in the seconds before the background check would notice.
+-- Only a key named as a marker is one: a caller may pass the learned estimates' hash to
+-- a call that does not learn (keys.TenantKeys.learning), and that key must stay unread.
 local LOST = -8
 local function state_lost(named)
-  return #KEYS > named and redis.call('EXISTS', KEYS[#KEYS]) == 0
+  local marker = KEYS[named + 1]
+  return marker ~= nil and string.sub(marker, -6) == ':epoch'
+    and redis.call('EXISTS', marker) == 0
 end
 
 -- Return the holds of leases that have ended, each exactly once (the ZREM is in the same

@@ -16,8 +16,9 @@ import asyncio
 import pytest
 
 from sidecar.api.app import STATE_WATCH
-from sidecar.keys import tenant_keys
+from sidecar.keys import state_marker, tenant_keys
 from sidecar.state_loss import StateWatch
+from tests.conftest import T0_MS
 from tests.harness import RedisServer
 from tests.inprocess import app_over, call
 
@@ -88,3 +89,31 @@ async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
     finally:
         for c in clients:
             await c.close()
+
+
+def test_only_a_marker_is_taken_for_one(server: RedisServer) -> None:
+    """A caller may pass the learned estimates' hash (KEYS[9]) to an authorize that does not
+    learn (bench.run does): that key is no marker, and the call holds. A marker named after
+    the keys the call uses, and gone, answers LOST and holds nothing."""
+    from bench.run import BENCH_CIDS, budget_argv
+    from sidecar.engine import LOST
+    from sidecar.scripts import Scripts
+
+    authorize = Scripts.load_all().authorize
+    tk = tenant_keys("t")
+    args = (
+        T0_MS, "", 600_000, 10_000, "", 2_500_000, 10_000_000, 86_400_000,
+        "openai\x1fgpt-4o\x1forg-1\x1fteam-1\x1fagent-1\x1f\x1fuser-1\x1f\x1f",
+        30, 3, "", "", "", "", "", "", "", "1:1:1:1", "", "", "", 0, 0, 0,
+        *budget_argv(BENCH_CIDS, []),
+    )  # fmt: skip
+    learning = tk.learning("20260101")  # 9 keys: the 8 an authorize that does not learn uses
+    with server.client() as rc:
+        sha = rc.script_load(authorize.source)
+        held = rc.evalsha(sha, 9, *learning, *(f"{1:032x}" if i == 1 else a
+                                               for i, a in enumerate(args)))  # fmt: skip
+        assert int(held[0]) == 1, held
+        gone = rc.evalsha(sha, 9, *learning[:8], state_marker("t"),
+                          *(f"{2:032x}" if i == 1 else a for i, a in enumerate(args)))  # fmt: skip
+        assert int(gone[0]) == LOST, gone
+        assert rc.hget(tk.counters, f"h:{BENCH_CIDS[0]}") == "10000"  # the first hold only
