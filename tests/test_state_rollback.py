@@ -19,26 +19,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestClient
 from redis.exceptions import RedisError
 
-from sidecar.api.app import STATE_WATCH, create_app
+from sidecar.api.app import STATE_WATCH
 from sidecar.clock import FakeClock
 from sidecar.keys import state_marker, tenant_keys
 from sidecar.metrics import Metrics
 from sidecar.state_loss import StateWatch
-from sidecar.store import RedisStore, StoreError
-from tests.conftest import T0_MS, make_config
+from sidecar.store import StoreError
+from tests.conftest import T0_MS
 from tests.harness import RedisServer
+from tests.inprocess import app_over, call
 
-GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the suite
 TENANT = tenant_keys("default")
 ORG_CAP = {"id": "org", "name": "The org", "scope": "organization", "limit_usd": 5.0,
            "period": "daily"}  # fmt: skip
@@ -46,31 +44,7 @@ API_BUDGET = {"id": "api-cap", "name": "API cap", "scope": "team", "scope_id": "
               "limit_usd": 1.0, "period": "monthly", "on_exceed": "block",
               "alert_thresholds": []}  # fmt: skip
 LATE_BUDGET = {**API_BUDGET, "id": "late-cap", "name": "Made after the dump", "scope_id": "t2"}
-DOC = {"budgets": [ORG_CAP], "settings": {"fail_mode": "closed"}}
-
-
-@pytest.fixture
-def server() -> Iterator[RedisServer]:
-    srv = RedisServer().start()
-    try:
-        yield srv
-    finally:
-        srv.cleanup()
-
-
-async def call(
-    client: TestClient[Any, Any], method: str, path: str, body: Any = None
-) -> tuple[int, dict[str, Any]]:
-    """(status, JSON body); a 500 or a stack trace fails the test wherever it appears."""
-
-    async def go() -> tuple[int, dict[str, Any]]:
-        resp = await client.request(method, path, json=body)
-        text = await resp.text()
-        assert "Traceback" not in text, text
-        assert resp.status != 500, text
-        return resp.status, json.loads(text) if text else {}
-
-    return await asyncio.wait_for(go(), GUARD_S)
+DOC = {"budgets": [ORG_CAP], "settings": {"fail_mode": "closed", "redis_timeout_ms": 2000}}
 
 
 async def spend(client: TestClient[Any, Any], usd: float) -> None:
@@ -112,13 +86,7 @@ async def test_redis_restored_from_an_older_dump_is_noticed_as_a_rollback(
 ) -> None:
     metrics = [Metrics(), Metrics()]
     clock = FakeClock(T0_MS)
-    clients = []
-    for m in metrics:
-        store = RedisStore.from_url(server.url, timeout_ms=2000)
-        app = create_app(make_config(DOC), store, clock=clock, events=m)
-        c = TestClient(TestServer(app))
-        await c.start_server()
-        clients.append(c)
+    clients = [await app_over(server.url, DOC, clock=clock, events=m) for m in metrics]
     a, b = clients
     watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
     try:
@@ -233,12 +201,7 @@ async def test_replicas_checking_at_once_never_take_each_other_for_a_rollback(
     a string) is taken over keeping its id: no loss either."""
     with server.client() as rc:
         rc.set(state_marker("default"), "ep_older_sidecar")
-    clients = []
-    for _ in range(3):
-        store = RedisStore.from_url(server.url, timeout_ms=2000)
-        c = TestClient(TestServer(create_app(make_config(DOC), store, clock=FakeClock(T0_MS))))
-        await c.start_server()
-        clients.append(c)
+    clients = [await app_over(server.url, DOC) for _ in range(3)]
     watches: list[StateWatch] = [c.app[STATE_WATCH] for c in clients]  # type: ignore[index]
     marker = state_marker("default")
     try:
@@ -268,9 +231,7 @@ async def test_a_dump_younger_than_the_last_check_is_not_seen(
     sidecar's last check. A dump taken after that check (and restored before the next)
     looks like no rollback; what it forgets is the spend between the dump and the moment
     Redis stopped, less than one check interval (state_loss.CHECK_S) of spend."""
-    store = RedisStore.from_url(server.url, timeout_ms=2000)
-    client = TestClient(TestServer(create_app(make_config(DOC), store, clock=FakeClock(T0_MS))))
-    await client.start_server()
+    client = await app_over(server.url, DOC)
     watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
     try:
         await spend(client, 1.0)
