@@ -316,3 +316,34 @@ async def test_a_charge_at_lease_end_is_counted_as_spend(
     key = (("model", "gpt-4o"), ("provider", "openai"))
     assert micro(ax[("axonflow_gateway_llm_cost_usd_total", key)]) == 250_000
     await check_books(client, redis_client, 250_000)
+
+
+async def test_a_hold_settled_after_its_period_ended_lands_where_readme_says(
+    metered: MakeApp, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """Authorized at 23:59:59 on the month's last day, settled after midnight: the budget
+    charges the window the hold was taken in (README, Configuration), the usage record is
+    created at the settle and counts in the UTC period of its creation (sidecar/ledger.py:
+    usage periods are UTC windows of the charge), and the metrics count it once."""
+    client, _ = await metered(DOC)
+    april_ms = 1_775_001_600_000  # 2026-04-01T00:00:00Z
+    clock.advance(april_ms - 1000 - clock.now_ms())
+    r = await client.post("/v1/authorize", json={"org_id": "acme", "estimated_usd": 0.5,
+                                                 "lease_ms": 60_000})  # fmt: skip
+    d = await r.json()
+    assert d["allowed"] is True
+    clock.advance(2000)
+    r = await client.post(
+        "/v1/settle", json={"reservation_id": d["reservation_id"], "cost_usd": 0.3}
+    )
+    assert (await r.json())["state"] == "settled"
+    raw: dict[str, str] = redis_client.hgetall(CTR)  # type: ignore[assignment]
+    assert int(raw["u:all/acme/m20260301"]) == 300_000
+    assert "u:all/acme/m20260401" not in raw and "h:all/acme/m20260301" not in raw
+    (rec,) = await all_records(client)
+    assert rec["created_at"].startswith("2026-04-01T00:00:01")
+    summary = await (await client.get("/api/v1/usage?period=monthly")).json()
+    assert summary["period_start"].startswith("2026-04-01")
+    assert micro(summary["total_cost_usd"]) == 300_000
+    cost, _ = await scrape_spend(client)
+    assert sum(micro(v) for v in cost.values()) == 300_000
