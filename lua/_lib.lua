@@ -3,7 +3,9 @@
 -- Returns: nothing; defines the functions below. Every operation's reply ends with two
 -- extra elements, after those its header lists: how many leases this call found ended with
 -- their hold still in place, and how many of those it charged (record field 22), each
--- counted exactly once, for the expiry metrics.
+-- counted exactly once, for the expiry metrics. When it charged some, one more element comes
+-- before those two: an array of "provider\31model\31cost" (micro-USD), one per charge, so
+-- the spend metrics count what a lease's end charged as they count a settle.
 --   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD,
 --                        "c:<cid>" calls (budgets with a call cap);
 --                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
@@ -235,9 +237,11 @@ end
 
 local reclaimed_now = 0  -- leases this call found ended (see the header)
 local charged_now = 0  -- of those, the ones charged their estimate
+local charged_costs = {}  -- and what each charged (see the header)
 
 -- Every reply goes out through done(): the expiry counts are its last two elements.
 local function done(out)
+  if charged_now > 0 then out[#out + 1] = charged_costs end
   out[#out + 1] = reclaimed_now
   out[#out + 1] = charged_now
   return out
@@ -701,6 +705,8 @@ charge_at_end = function(ctr, rid, r, now)
   r[12], r[13], r[20], r[21] = '0', '0', int(overshoot), 'e'
   ledger(KEYS[5], KEYS[7], r[23] or '', 'x', r[11] or '', rid, 0, 0, est, '', '1', now, 'e')
   charged_now = charged_now + 1
+  charged_costs[charged_now] = (string.match(r[11] or '', '^[^\31]*\31[^\31]*') or '\31')
+    .. '\31' .. int(est)
 end
 
 

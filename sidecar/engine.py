@@ -720,7 +720,9 @@ class Engine:
         if expired:
             self.events.expired(expired - charged)
         if charged:
-            self.events.charged_at_lease_end(charged)
+            # Before the counts: what each charged, so the spend metrics count it as spend.
+            costs = [str(c).split(SEP) for c in reply.pop()]
+            self.events.charged_at_lease_end(charged, [(p, m, int(c)) for p, m, c in costs])
 
     async def _run(
         self,

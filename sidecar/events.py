@@ -6,6 +6,7 @@ must not raise. The default does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from sidecar.schemas import Decision, RecordResult, SettleResult
@@ -37,9 +38,10 @@ class EngineEvents(Protocol):
         """`count` reservations' leases ended with their hold in place; each is reported
         exactly once, by the script call that returned the hold."""
 
-    def charged_at_lease_end(self, count: int) -> None:
+    def charged_at_lease_end(self, count: int, charges: Sequence[tuple[str, str, int]]) -> None:
         """`count` reservations' leases ended unsettled and their estimate was charged
-        (on_expiry charge); each is reported exactly once."""
+        (on_expiry charge); each is reported exactly once, with what it charged:
+        (provider, model, micro-USD), "" where the call named none."""
 
     def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
         """A fail-open grant's charge (sidecar.fail_open): "queued" (Redis away: kept until
@@ -75,7 +77,7 @@ class NoEvents:
     def expired(self, count: int) -> None:
         pass
 
-    def charged_at_lease_end(self, count: int) -> None:
+    def charged_at_lease_end(self, count: int, charges: Sequence[tuple[str, str, int]]) -> None:
         pass
 
     def fail_open_charge(self, event: str, result: SettleResult | None) -> None:

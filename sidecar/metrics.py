@@ -43,6 +43,7 @@ from sidecar.engine import Engine
 from sidecar.guards import GUARD_REASONS, guards_of, log_trip
 from sidecar.logs import decision_log, log_decision
 from sidecar.model import Action, Budget, Config
+from sidecar.money import micro_to_usd
 from sidecar.periods import WindowCache
 from sidecar.schemas import BudgetState, Decision, RecordResult, SettleResult
 from sidecar.scripts import Script
@@ -205,7 +206,8 @@ class Metrics:
         )
         self.cost = Counter(
             f"{PREFIX}_llm_cost_usd",
-            "USD charged by settle and record, by provider and model.",
+            "USD charged by settle, record and a hold's charge at its lease end (on_expiry "
+            "charge), by provider and model.",
             ["provider", "model"],
             registry=reg,
         )
@@ -426,8 +428,12 @@ class Metrics:
     def expired(self, count: int) -> None:
         self._expired.inc(count)
 
-    def charged_at_lease_end(self, count: int) -> None:
+    def charged_at_lease_end(self, count: int, charges: Sequence[tuple[str, str, int]]) -> None:
         self._charged_at_end.inc(count)
+        for provider, model, cost_micro in charges:
+            # Spend like a settle's (the held estimate, no tokens): the cost counters agree
+            # with the usage ledger, whose kind "expiry" records these.
+            self._spend(provider or None, model or None, micro_to_usd(cost_micro), 0, 0)
 
     def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
         self.fail_open_charges.labels(event).inc()
