@@ -340,6 +340,17 @@ class Engine:
             self._cancel_later(tenant, rid, now + lease_ms)
             raise
         verdict = int(reply[0])
+        if verdict == 1 and self._clock.now_ms() >= now + lease_ms:
+            # The reply was in time by the sidecar's running time (invariant 10), but the
+            # process was stopped (SIGSTOP, a frozen VM) until past the hold's lease: another
+            # replica may have reclaimed it and granted the same dollars again. Allowing
+            # now would let this caller spend what others hold: answer as for a timed-out
+            # authorize, and cancel (which frees its idempotency key for the retry).
+            self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms)
+            self.events.store_unavailable("authorize")
+            fresh_end = self._clock.now_ms() + lease_ms
+            degraded = self._degraded(applied, est)
+            return self.grants.grant(degraded, tenant, req, price, asked, est, fresh_end)
         if verdict == 3:  # cancelled before it ran: only possible for a reused id
             raise Unavailable("the reservation was cancelled before Redis ran it")
         if verdict in (4, 5):
