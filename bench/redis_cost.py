@@ -199,16 +199,21 @@ _PAIR = re.compile(r"PAIR decisions=(\d+) settles=(\d+) denials=(\d+)")
 
 
 def measure_running(
-    client: Any, base: str, seconds: int, authorize_script: str = "wrk_authorize.lua"
+    client: Any,
+    base: str,
+    seconds: int,
+    authorize_script: str = "wrk_authorize.lua",
+    watch: dict[str, int] | None = None,
 ) -> RedisCost:
     """Authorize, authorize+settle pairs and check against a running sidecar at `base`, 64
-    connections each, with Redis deltas around each run.
+    connections each, with Redis deltas around each run; `watch`: the processes whose CPU
+    per authorize the authorize run reports (bench.load.wrk).
 
     Settle is what the pair run spent beyond its authorizes: (pair CPU - decisions x
     authorize) / settles; a pair is authorize + settle.
     """
     a64, s_auth = during(
-        client, lambda: wrk(base + "/v1/authorize", BENCH / authorize_script, 64, seconds)
+        client, lambda: wrk(base + "/v1/authorize", BENCH / authorize_script, 64, seconds, watch)
     )
     pair, s_pair = during(client, lambda: wrk(base + "/", BENCH / "wrk_pair.lua", 64, seconds))
     check, s_check = during(

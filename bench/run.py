@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -204,8 +205,10 @@ def wait_for_workers(url: str, count: int) -> None:
 
 
 @contextlib.contextmanager
-def serving(server: RedisServer, config: Path, *, workers: int = 1) -> Iterator[str]:
-    """A sidecar on `config` (every worker answering), warmed up: its base URL."""
+def serving(
+    server: RedisServer, config: Path, *, workers: int = 1
+) -> Iterator[tuple[str, int]]:
+    """A sidecar on `config` (every worker answering), warmed up: its base URL and pid."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     extra = ("--workers", str(workers)) if workers > 1 else ()
@@ -214,14 +217,14 @@ def serving(server: RedisServer, config: Path, *, workers: int = 1) -> Iterator[
         if workers > 1:
             wait_for_workers(base + "/healthz", workers)
         warm_up(base)
-        yield base
+        yield base, sidecar.pid
     finally:
         stop(sidecar)
 
 
 def authorize_64(server: RedisServer, config: Path, seconds: int, *, workers: int = 1) -> WrkResult:
     """POST /v1/authorize at 64 connections on a sidecar of its own."""
-    with serving(server, config, workers=workers) as base:
+    with serving(server, config, workers=workers) as (base, _):
         return wrk(base + "/v1/authorize", BENCH / "wrk_authorize.lua", 64, seconds)
 
 
@@ -237,7 +240,7 @@ def measure_bare(
     try:
         wrk(url, BENCH / "wrk_authorize.lua", 64, 1)  # warm-up
         calls0 = int(server.client().info("stats")["total_commands_processed"])
-        at64 = wrk(url, BENCH / "wrk_authorize.lua", 64, seconds)
+        at64 = wrk(url, BENCH / "wrk_authorize.lua", 64, seconds, watch={"server": bare.pid})
         calls = int(server.client().info("stats")["total_commands_processed"]) - calls0
         at1 = wrk(url, BENCH / "wrk_authorize.lua", 1, seconds)
     finally:
@@ -336,6 +339,33 @@ def report(f: dict[str, float], seconds: int, pair_counts: str) -> None:
     )
 
 
+def cpu_report(f: dict[str, float]) -> None:
+    """Where each request's CPU went, per process (user + system, from /proc; wrk's from its
+    rusage), and what authorize at bare's rate would need of this machine: the sidecar's
+    one thread and the cores it shares with Redis and wrk."""
+    cores = os.cpu_count() or 1
+    print("CPU per request, 64 connections (µs, user + system):")
+
+    def per_request(prefix: str, names: tuple[str, ...]) -> float:
+        parts, total = [], 0.0
+        for name in names:
+            user, system = f[f"{prefix}_cpu_{name}_user_us"], f[f"{prefix}_cpu_{name}_sys_us"]
+            parts.append(f"{name} {user:.1f} + {system:.1f}")
+            total += user + system
+        label = "bare aiohttp+msgspec POST" if prefix == "bare" else "sidecar authorize"
+        print(f"  {label:<30} {'   '.join(parts)}   = {total:.1f}")
+        return total
+
+    per_request("bare", ("server", "wrk"))
+    total = per_request("authorize", ("server", "redis", "wrk"))
+    own = f["authorize_cpu_server_user_us"] + f["authorize_cpu_server_sys_us"]
+    rate = f["bare_64_per_s"]
+    print(
+        f"  authorize at bare's rate ({rate:,.0f}/s) would need {own * rate / 1e6:.2f} of the "
+        f"sidecar's one thread and {total * rate / 1e6:.2f} of the machine's {cores} cores"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
@@ -374,10 +404,12 @@ def main() -> None:
         figures["bare_redis_commands_per_request"] = calls / (r64.requests_per_s * s)
         server.client().flushall()
 
-        with serving(server, config) as base:
+        with serving(server, config) as (base, pid):
             # authorize, pairs and check at 64 connections, with Redis's CPU and
-            # commandstats deltas around each run (bench.redis_cost)
-            cost = redis_cost.measure_running(server.client(), base, s)
+            # commandstats deltas around each run (bench.redis_cost), and the CPU the
+            # sidecar, Redis and wrk spent per authorize
+            watch = {"server": pid, "redis": server.process.pid}  # type: ignore[union-attr]
+            cost = redis_cost.measure_running(server.client(), base, s, watch=watch)
             a64, pair, check = (cost.runs[k] for k in ("authorize_64", "pair_64", "check_64"))
             figures["redis_cpu_us_per_decision"] = cost.authorize.cpu_us
             figures["redis_commands_per_decision"] = cost.authorize_commands
@@ -423,11 +455,16 @@ def main() -> None:
         workers2_64_per_s=workers2.requests_per_s, workers2_64_p50_ms=workers2.p50_ms,
         workers2_64_p99_ms=workers2.p99_ms,
     )  # fmt: skip
+    for prefix, run in (("bare", b64), ("authorize", a64)):
+        for name, (user_us, sys_us) in run.cpu_us.items():
+            figures[f"{prefix}_cpu_{name}_user_us"] = user_us
+            figures[f"{prefix}_cpu_{name}_sys_us"] = sys_us
     figures.update(cost.figures())
     figures.update(redis_floor_cpu_us=floor_op.cpu_us, redis_floor_script_us=floor_op.script_us)
     if guarded is not None:
         figures.update(guarded.figures("guarded_"))
     report(figures, s, pair.extra.strip())
+    cpu_report(figures)
     redis_cost.report(cost, floor_op, guarded)
     if args.instructions:
         counted = instructions.measure(config)
