@@ -45,10 +45,21 @@ def _unauthorized(detail: str) -> ProblemError:
     return ProblemError(401, detail, headers=dict(_CHALLENGE))
 
 
+def _single(request: web.Request, name: str) -> str | None:
+    """The header's one value; 401 when it is given twice. Which of two credentials counts
+    is not ours to pick: a proxy or log in front may take the other (the last, where this
+    would take the first), so a request would be checked as one client and acted on, or
+    recorded, as another."""
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise _unauthorized(f"{name}: given {len(values)} times; send one")
+    return values[0] if values else None
+
+
 def _presented(request: web.Request) -> tuple[str | None, str | None]:
     """(client id, secret) from the request; raises 401 when they contradict or are garbled."""
-    header_id = request.headers.get("X-Client-ID")
-    auth = request.headers.get("Authorization")
+    header_id = _single(request, "X-Client-ID")
+    auth = _single(request, "Authorization")
     if auth is None:
         return header_id, None
     scheme, _, value = auth.partition(" ")
