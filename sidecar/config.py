@@ -146,7 +146,9 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)\Z")
+# [0-9], not \d: \d (and int()) take every script's digits, so "\uff11m" (fullwidth) passed as 1m
+# and were stored as given, a spelling no other reader of the definitions expects.
+_DURATION = re.compile(r"^([0-9]+)(ms|s|m|h|d)\Z")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # Limiter debts are integers of limit x window units inside Lua's doubles (2^53).
 MAX_LIMIT_TIMES_WINDOW = 10**15
