@@ -254,6 +254,11 @@ class DefinitionWatcher:
         # slot, moves on with a write for another tenant; a load then would read the lost
         # tenant's definitions as none and leave restore nothing to put back.
         self.suspect: Callable[[], Awaitable[object]] | None = None
+        # One reload at a time: the last to finish is what the engine keeps, so a reload
+        # that read before an admin write (the poll's) and finished after the write's own
+        # reload put the old definitions back, after the write had answered, until the
+        # next poll. Serialized, a reload that starts after a write reads it.
+        self._reloading = asyncio.Lock()
 
     async def refresh(self) -> None:
         """Check the store's state (`suspect`: always, see above), then reload (after a
@@ -264,9 +269,10 @@ class DefinitionWatcher:
 
     async def reload(self) -> None:
         """Reload now, without the state check (what the check itself calls)."""
-        version = await self.store.version()
-        self._engine.set_definitions(await self.store.load())
-        self._seen = version
+        async with self._reloading:
+            version = await self.store.version()
+            self._engine.set_definitions(await self.store.load())
+            self._seen = version
 
     async def poll_once(self) -> None:
         version = await self.store.version()
