@@ -81,16 +81,17 @@ def authenticator(engine_key: web.AppKey[Engine]) -> Callable[[web.Request], Non
     """The check every request passes before its handler: sets the request's PRINCIPAL,
     or raises 401. A plain function, called by the app's one middleware (api.app.guard):
     a middleware layer of its own costs more than the check itself."""
-    cache: dict[int, dict[str, Client]] = {}
+    # (the config the map was built from, its clients by id). The config itself, not its
+    # id(): a freed config's id() is reused by the next object allocated in its memory,
+    # which may be a later config, so a reload that removed a client could go unseen.
+    cache: list[tuple[object, dict[str, Client]]] = []
 
     def clients_of(engine: Engine) -> dict[str, Client]:
-        # Rebuilt when a reload swaps the config (keyed by the config object's identity).
+        # Rebuilt when a reload swaps the config.
         config = engine.config
-        found = cache.get(id(config))
-        if found is None:
-            cache.clear()
-            found = cache[id(config)] = {c.client_id: c for c in config.clients}
-        return found
+        if not cache or cache[0][0] is not config:
+            cache[:] = [(config, {c.client_id: c for c in config.clients})]
+        return cache[0][1]
 
     def authenticate(request: web.Request) -> None:
         clients = clients_of(request.app[engine_key])
