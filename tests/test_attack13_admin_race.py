@@ -2,7 +2,8 @@
 redis-server: the PUT's answer is the line. Every authorize sent after it is decided on
 the new limit (each shows it, and none that holds takes used + held past it), those in
 flight meanwhile on one limit or the other, and what is held at the end is exactly what
-the allowed decisions held: nothing lost, nothing extra."""
+the allowed decisions held: nothing lost, nothing extra. A stop made, or lifted, amid 30
+authorizes of its entity likewise holds for every authorize sent after its answer."""
 
 from __future__ import annotations
 
@@ -82,3 +83,35 @@ async def test_calls_sent_after_a_lowering_put_answers_are_held_to_the_new_limit
         room = max(0, round(NEW_USD * 1e6) - allowed * EST_MICRO) // EST_MICRO
         late = await asyncio.gather(*(authorize(agent) for _ in range(CALLERS)))
         assert sum(d["allowed"] for d in late) == min(room, CALLERS), (r, allowed)
+
+
+async def test_a_stop_made_or_lifted_amid_30_authorizes_holds_from_its_answer(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    client = await make_client({"budgets": [{"id": "org", "name": "Org", "scope": "organization",
+                                             "limit_usd": 1000, "period": "monthly"}]})  # fmt: skip
+
+    async def authorize(agent: str) -> bool:
+        body = {"agent_id": agent, "estimated_usd": 0.01}
+        resp = await client.post("/v1/authorize", json=body)
+        assert resp.status == 200, await resp.text()
+        allowed: bool = (await resp.json())["allowed"]
+        return allowed
+
+    for r in range(3):
+        agent = f"agent-{r}"
+        during = [asyncio.ensure_future(authorize(agent)) for _ in range(CALLERS)]
+        made = await client.post("/v1/stops", json={"scope": "agent", "scope_id": agent,
+                                                    "reason": "runaway"})  # fmt: skip
+        assert made.status == 201
+        after = await asyncio.gather(*(authorize(agent) for _ in range(CALLERS)))
+        assert sum(after) == 0, (r, after)  # every one sent after the answer is stopped
+        other = await asyncio.gather(*(authorize(f"other-{r}") for _ in range(CALLERS)))
+        assert all(other)  # another entity is not
+        await asyncio.gather(*during)
+        lifting = [asyncio.ensure_future(authorize(agent)) for _ in range(CALLERS)]
+        lifted = await client.delete(f"/v1/stops/{(await made.json())['id']}")
+        assert lifted.status == 204
+        after = await asyncio.gather(*(authorize(agent) for _ in range(CALLERS)))
+        assert all(after), (r, after)  # every one sent after the lift passes
+        await asyncio.gather(*lifting)
