@@ -47,8 +47,7 @@ def hostile_page(target: str) -> str:
         for path, body in calls
     )
     return (
-        "<!doctype html><script>(async () => {" + sends + "document.title = 'sent';})();"
-        "</script>"
+        "<!doctype html><script>(async () => {" + sends + "document.title = 'sent';})();</script>"
     )
 
 
