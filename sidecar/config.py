@@ -146,7 +146,9 @@ class BudgetSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         )
 
 
-_DURATION = re.compile(r"^(\d+)(ms|s|m|h|d)\Z")
+# [0-9], not \d: \d (and int()) take every script's digits, so "\uff11m" (fullwidth) passed as 1m
+# and were stored as given, a spelling no other reader of the definitions expects.
+_DURATION = re.compile(r"^([0-9]+)(ms|s|m|h|d)\Z")
 _UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 # Limiter debts are integers of limit x window units inside Lua's doubles (2^53).
 MAX_LIMIT_TIMES_WINDOW = 10**15
@@ -314,6 +316,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     fail_open_max_pending: Annotated[int, Meta(ge=0, le=1_000_000)] = 10_000
     redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
+    max_api_definitions: Annotated[int, Meta(ge=1, le=10_000)] = 200
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
     usage_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 400
@@ -361,6 +364,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             fail_open_max_pending=self.fail_open_max_pending,
             redis_timeout_ms=self.redis_timeout_ms,
             max_body_bytes=self.max_body_bytes,
+            max_api_definitions=self.max_api_definitions,
             usage_max_records=self.usage_max_records,
             usage_max_age_days=self.usage_max_age_days,
             usage_aggregate_days=self.usage_aggregate_days,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Literal
 
 import msgspec
 import redis.asyncio as aioredis
@@ -70,6 +71,11 @@ _decode_price = msgspec.json.Decoder(PriceSpec).decode
 
 # Replace one definition if still there (and still the value read): lua/definition_put.lua.
 _PUT = scripts.standalone("definition_put")
+# Store a new one unless its id exists or the tenant has the most: lua/definition_create.lua.
+_CREATE = scripts.standalone("definition_create")
+# What a create did: stored, refused as the id exists, refused as the tenant has the most.
+Created = Literal["created", "exists", "full"]
+_CREATED: dict[int, Created] = {1: "created", 0: "exists", -1: "full"}
 # How often a merge is retried when another write lands between its read and its write;
 # each lost round means another write succeeded, so this bounds only a pathological storm.
 MERGE_ATTEMPTS = 50
@@ -93,10 +99,10 @@ class DefinitionStore:
     # The definition, the tenant and the version live in different slots (a Redis Cluster
     # refuses MULTI across them), so the writes are ordered instead: the version moves
     # last, after what it announces is in place.
-    async def create_rate_limit(self, tenant: str, spec: RateLimitSpec) -> bool:
-        """Store a new rate limit; False (nothing written) if the tenant has one of that id:
-        two replicas creating the same id at once cannot both succeed."""
-        return await self._create(tenant, f"rl:{spec.id}", _encode(spec))
+    async def create_rate_limit(self, tenant: str, spec: RateLimitSpec, most: int) -> Created:
+        """Store a new rate limit; nothing written if the tenant has one of that id (two
+        replicas creating the same id at once cannot both succeed) or `most` of them."""
+        return await self._create(tenant, "rl:", spec.id, _encode(spec), most)
 
     async def replace_rate_limit(self, tenant: str, spec: RateLimitSpec) -> bool:
         """Replace a stored rate limit; False (nothing written) if it is gone: a replica
@@ -129,10 +135,10 @@ class DefinitionStore:
                 return merged
         raise MergeConflict(budget_id)
 
-    async def create_budget(self, tenant: str, budget: StoredBudget) -> bool:
-        """Store a new budget; False (nothing written) if the tenant has one of that id:
-        two replicas creating the same id at once cannot both succeed."""
-        return await self._create(tenant, f"b:{budget.id}", _encode(budget))
+    async def create_budget(self, tenant: str, budget: StoredBudget, most: int) -> Created:
+        """Store a new budget; nothing written if the tenant has one of that id (two
+        replicas creating the same id at once cannot both succeed) or `most` of them."""
+        return await self._create(tenant, "b:", budget.id, _encode(budget), most)
 
     async def delete_budget(self, tenant: str, budget_id: str) -> bool:
         return await self._delete(tenant, f"b:{budget_id}")
@@ -143,12 +149,17 @@ class DefinitionStore:
     async def delete_price(self, tenant: str, provider: str, model: str) -> bool:
         return await self._delete(tenant, _price_field(provider, model))
 
-    async def _create(self, tenant: str, field: str, value: bytes) -> bool:
-        created = await self._client.hsetnx(keys.definitions(tenant), field, value)
-        if created:
+    async def _create(
+        self, tenant: str, prefix: str, def_id: str, value: bytes, most: int
+    ) -> Created:
+        # One key, so one script is atomic in a Redis Cluster too.
+        key = keys.definitions(tenant)
+        done = _CREATED[int(await self._client.eval(_CREATE, 1, key, prefix + def_id, value,
+                                                    prefix, most))]  # fmt: skip
+        if done == "created":
             await self._client.sadd(keys.DEFS_TENANTS, tenant)
             await self._client.incr(keys.DEFS_VERSION)
-        return bool(created)
+        return done
 
     async def _replace(self, tenant: str, field: str, value: bytes) -> bool:
         # One key, so one script is atomic in a Redis Cluster too.
@@ -254,6 +265,11 @@ class DefinitionWatcher:
         # slot, moves on with a write for another tenant; a load then would read the lost
         # tenant's definitions as none and leave restore nothing to put back.
         self.suspect: Callable[[], Awaitable[object]] | None = None
+        # One reload at a time: the last to finish is what the engine keeps, so a reload
+        # that read before an admin write (the poll's) and finished after the write's own
+        # reload put the old definitions back, after the write had answered, until the
+        # next poll. Serialized, a reload that starts after a write reads it.
+        self._reloading = asyncio.Lock()
 
     async def refresh(self) -> None:
         """Check the store's state (`suspect`: always, see above), then reload (after a
@@ -264,9 +280,10 @@ class DefinitionWatcher:
 
     async def reload(self) -> None:
         """Reload now, without the state check (what the check itself calls)."""
-        version = await self.store.version()
-        self._engine.set_definitions(await self.store.load())
-        self._seen = version
+        async with self._reloading:
+            version = await self.store.version()
+            self._engine.set_definitions(await self.store.load())
+            self._seen = version
 
     async def poll_once(self) -> None:
         version = await self.store.version()

@@ -226,6 +226,9 @@ class Settings:
     # not Redis's); a decision waits at most twice this of wall-clock time (sidecar.resp).
     redis_timeout_ms: int = 500
     max_body_bytes: int = 65_536
+    # The most budgets, and the most rate limits, one tenant may make through the admin
+    # API: each decision evaluates them all in one script, which blocks Redis meanwhile.
+    max_api_definitions: int = 200
     # The usage ledger: at most this many records, none older than the age; per-day
     # aggregates kept this many days (a yearly summary reads up to 366 of them).
     usage_max_records: int = 100_000

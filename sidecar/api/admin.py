@@ -66,6 +66,13 @@ def view(limit: RateLimit) -> RateLimitView:
     )
 
 
+def full(kind: str, most: int) -> str:
+    return (
+        f"the tenant has {most} {kind} made through the API, the most "
+        "settings.max_api_definitions allows; delete one first"
+    )
+
+
 def _json(body: object, status: int = 200) -> web.Response:
     return web.Response(body=_encode(body), status=status, content_type="application/json")
 
@@ -105,7 +112,11 @@ def add_routes(
             raise ProblemError(409, f"rate limit {spec.id!r} exists; PUT replaces it", field="id")
         watcher = request.app[watcher_key]
         # Another replica may have made this id since this one last loaded: one wins.
-        if not await watcher.store.create_rate_limit(tenant_of(request), spec):
+        most = request.app[engine_key].config.settings.max_api_definitions
+        done = await watcher.store.create_rate_limit(tenant_of(request), spec, most)
+        if done == "full":
+            raise ProblemError(409, full("rate limits", most), field="id")
+        if done == "exists":
             raise ProblemError(409, f"rate limit {spec.id!r} exists; PUT replaces it", field="id")
         await watcher.refresh()
         return _json(view(spec.to_rate_limit("api")), status=201)

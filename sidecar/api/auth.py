@@ -45,10 +45,21 @@ def _unauthorized(detail: str) -> ProblemError:
     return ProblemError(401, detail, headers=dict(_CHALLENGE))
 
 
+def _single(request: web.Request, name: str) -> str | None:
+    """The header's one value; 401 when it is given twice. Which of two credentials counts
+    is not ours to pick: a proxy or log in front may take the other (the last, where this
+    would take the first), so a request would be checked as one client and acted on, or
+    recorded, as another."""
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise _unauthorized(f"{name}: given {len(values)} times; send one")
+    return values[0] if values else None
+
+
 def _presented(request: web.Request) -> tuple[str | None, str | None]:
     """(client id, secret) from the request; raises 401 when they contradict or are garbled."""
-    header_id = request.headers.get("X-Client-ID")
-    auth = request.headers.get("Authorization")
+    header_id = _single(request, "X-Client-ID")
+    auth = _single(request, "Authorization")
     if auth is None:
         return header_id, None
     scheme, _, value = auth.partition(" ")
@@ -70,16 +81,17 @@ def authenticator(engine_key: web.AppKey[Engine]) -> Callable[[web.Request], Non
     """The check every request passes before its handler: sets the request's PRINCIPAL,
     or raises 401. A plain function, called by the app's one middleware (api.app.guard):
     a middleware layer of its own costs more than the check itself."""
-    cache: dict[int, dict[str, Client]] = {}
+    # (the config the map was built from, its clients by id). The config itself, not its
+    # id(): a freed config's id() is reused by the next object allocated in its memory,
+    # which may be a later config, so a reload that removed a client could go unseen.
+    cache: list[tuple[object, dict[str, Client]]] = []
 
     def clients_of(engine: Engine) -> dict[str, Client]:
-        # Rebuilt when a reload swaps the config (keyed by the config object's identity).
+        # Rebuilt when a reload swaps the config.
         config = engine.config
-        found = cache.get(id(config))
-        if found is None:
-            cache.clear()
-            found = cache[id(config)] = {c.client_id: c for c in config.clients}
-        return found
+        if not cache or cache[0][0] is not config:
+            cache[:] = [(config, {c.client_id: c for c in config.clients})]
+        return cache[0][1]
 
     def authenticate(request: web.Request) -> None:
         clients = clients_of(request.app[engine_key])

@@ -23,6 +23,7 @@ from aiohttp import web
 from msgspec import Meta
 
 from sidecar.alerts import Alert, read_alerts
+from sidecar.api.admin import full
 from sidecar.api.auth import require, tenant_of
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
@@ -293,7 +294,11 @@ def add_routes(
             updated_at=now,
         )
         watcher = request.app[watcher_key]
-        if not await watcher.store.create_budget(tenant, stored):
+        most = engine.config.settings.max_api_definitions
+        done = await watcher.store.create_budget(tenant, stored, most)
+        if done == "full":
+            raise ProblemError(409, full("budgets", most), field="id")
+        if done == "exists":
             raise ProblemError(409, f"budget {body.id!r} exists already", field="id")
         await watcher.refresh()
         return json_response(ax_budget(stored.to_budget(), tenant), status=201)

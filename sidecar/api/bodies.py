@@ -6,10 +6,12 @@ place (the `guard` middleware in sidecar.api.app calls them):
 - a Content-Type other than JSON is refused (415). JSON is `application/json` or any
   `application/<x>+json`, with any parameters. A request with NO Content-Type is read as
   JSON: minimal clients (HAProxy's Lua httpclient, `nc`, some webhooks) send none, and
-  there is nothing else it could mean. What common clients send on their own: the AxonFlow
-  SDK and `requests(json=)`/`aiohttp(json=)`/httpx `application/json`; `curl -d` and
-  urllib `application/x-www-form-urlencoded`, aiohttp `data=bytes`
-  `application/octet-stream`: those get 415, so set the header;
+  there is nothing else it could mean. Not from a browser (an `Origin` header): a page
+  of another site can send a typeless body cross-origin without a CORS preflight.
+  What common clients send on their own: the AxonFlow SDK and
+  `requests(json=)`/`aiohttp(json=)`/httpx `application/json`; `curl -d` and urllib
+  `application/x-www-form-urlencoded`, aiohttp `data=bytes` `application/octet-stream`:
+  those get 415, so set the header;
 - a JSON object with the same key twice is refused (400 naming the key). msgspec (like
   most JSON decoders) keeps the last value, so `{"estimated_usd":0.1,"estimated_usd":9e5}`
   would be judged at 900,000 while a proxy or log that kept the first saw 0.1.
@@ -48,9 +50,20 @@ def declared_too_large(request: web.Request, limit: int) -> ProblemError | None:
 
 
 def unsupported_type(request: web.Request) -> ProblemError | None:
-    """415 for a declared Content-Type that is not JSON (none declared: read as JSON)."""
+    """415 for a declared Content-Type that is not JSON (none declared: read as JSON,
+    unless a browser sent it)."""
     declared = request.headers.get(hdrs.CONTENT_TYPE)
     if not declared:
+        if hdrs.ORIGIN in request.headers:
+            # A browser (it sends Origin on every POST and PUT): a page of any other site
+            # can send a typeless body (a Blob without a type, `mode: "no-cors"`) with no
+            # CORS preflight, which would make stops, budgets or charges. The sidecar's own
+            # status page writes nothing.
+            return ProblemError(
+                415,
+                "Content-Type: required from a browser; send application/json",
+                field="Content-Type",
+            )
         return None
     media = declared.partition(";")[0].strip().lower()
     if media == "application/json" or (

@@ -450,7 +450,10 @@ def _paths(config: Config) -> dict[str, dict[str, Any]]:
                 "responses": {
                     "201": _json("RateLimitView", "Created; enforced within a second."),
                     "400": BAD_INPUT,
-                    "409": _problem("The id exists (PUT replaces it), or is the config file's."),
+                    "409": _problem(
+                        "The id exists (PUT replaces it), or is the config file's, or the "
+                        "tenant has settings.max_api_definitions rate limits."
+                    ),
                     "408": TOO_SLOW,
                     "413": TOO_LARGE,
                     "503": UNAVAILABLE,
@@ -599,7 +602,10 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
                 "requestBody": _body("AxCreateBudget"),
                 "responses": {
                     "201": _json("AxBudget", "Created; enforced within a second."),
-                    "409": _problem("The id exists (in this tenant or the config file)."),
+                    "409": _problem(
+                        "The id exists (in this tenant or the config file), or the tenant "
+                        "has settings.max_api_definitions budgets."
+                    ),
                     **writes,
                 },
             },
