@@ -205,9 +205,7 @@ def wait_for_workers(url: str, count: int) -> None:
 
 
 @contextlib.contextmanager
-def serving(
-    server: RedisServer, config: Path, *, workers: int = 1
-) -> Iterator[tuple[str, int]]:
+def serving(server: RedisServer, config: Path, *, workers: int = 1) -> Iterator[tuple[str, int]]:
     """A sidecar on `config` (every worker answering), warmed up: its base URL and pid."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
