@@ -38,6 +38,7 @@ import hmac
 import logging
 import os
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -110,7 +111,9 @@ class WebhookDeliverer:
     BATCH = 100
     BACKOFF_INITIAL_S = 0.5
     BACKOFF_MAX_S = 60.0
-    # Entries held in memory at once (deliveries and retries); beyond it, reading pauses.
+    # Entries held in memory at once per webhook (deliveries and retries); beyond it,
+    # reading for that webhook pauses (the stream keeps its alerts). Per webhook, not in
+    # all: a receiver that hangs or fails for good fills only its own.
     MAX_IN_FLIGHT = 1000
     # Concurrent POSTs per webhook: a slow or dead receiver cannot starve the others.
     MAX_CONCURRENT_PER_WEBHOOK = 16
@@ -138,6 +141,8 @@ class WebhookDeliverer:
         # Groups this process has read from (their consumer is removed at shutdown).
         self._used: set[_Group] = set()
         self._tasks: dict[_Key, asyncio.Task[None]] = {}
+        # Entries of self._tasks per webhook name (the MAX_IN_FLIGHT of each).
+        self._in_flight: dict[str, int] = {}
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._failing_since: float | None = None
         self._stopping = False
@@ -234,7 +239,7 @@ class WebhookDeliverer:
         try:
             if group not in self._created:
                 await self._create(group)
-            room = self.MAX_IN_FLIGHT - len(self._tasks)
+            room = self._room(group)
             if room <= 0:
                 return  # the stream keeps them; read once deliveries drain
             self._used.add(group)
@@ -243,7 +248,7 @@ class WebhookDeliverer:
             )
             for entry_id, fields in _entries(reply):
                 if entry_id is not None and fields is not None:
-                    await self._start(group, entry_id, fields)
+                    await self._start_guarded(group, entry_id, fields)
             if claim:
                 await self._claim(group)
         except ResponseError as exc:
@@ -256,6 +261,10 @@ class WebhookDeliverer:
                     "webhook group %s on %s: %s", group.name, group.stream, exc,
                     extra={"webhook": group.webhook, "tenant": group.tenant},
                 )  # fmt: skip
+
+    def _room(self, group: _Group) -> int:
+        """How many more entries the group's webhook may take into memory now."""
+        return self.MAX_IN_FLIGHT - self._in_flight.get(group.webhook, 0)
 
     async def _create(self, group: _Group) -> None:
         try:
@@ -271,7 +280,7 @@ class WebhookDeliverer:
         """Take over entries left pending by a consumer presumed dead."""
         cursor = "0-0"
         for _ in range(10):  # bounded per pass; the next pass goes on from the start
-            room = self.MAX_IN_FLIGHT - len(self._tasks)
+            room = self._room(group)
             if room <= 0:
                 return
             reply = await self._client.xautoclaim(
@@ -291,7 +300,7 @@ class WebhookDeliverer:
                 if fields is None:
                     await self._client.xack(group.stream, group.name, entry_id)
                     continue
-                await self._start(group, entry_id, fields)
+                await self._start_guarded(group, entry_id, fields)
             if cursor in ("0-0", "0"):
                 return
 
@@ -332,6 +341,20 @@ class WebhookDeliverer:
                     group.stream, group.name, self.consumer, 0, keep, justid=True
                 )
 
+    async def _start_guarded(self, group: _Group, entry_id: str, fields: Mapping[str, str]) -> None:
+        """_start, where a bug met on one entry is logged and leaves it pending (claimed
+        again later) instead of aborting the batch: the entries read or claimed with it
+        are still delivered. Redis errors go up to the loop, as before."""
+        try:
+            await self._start(group, entry_id, fields)
+        except (RedisError, OSError):
+            raise
+        except Exception:
+            log.exception(
+                "alert %s in %s could not be prepared for delivery", entry_id, group.stream,
+                extra={"webhook": group.webhook, "tenant": group.tenant},
+            )  # fmt: skip
+
     async def _start(self, group: _Group, entry_id: str, fields: Mapping[str, str]) -> None:
         key = (group, entry_id)
         if key in self._tasks:
@@ -346,16 +369,18 @@ class WebhookDeliverer:
             )  # fmt: skip
             await self._client.xack(group.stream, group.name, entry_id)
             return
-        body = msgspec.json.encode(alert)
+        body = _encode(alert)
         task = asyncio.create_task(
             self._deliver(group, entry_id, alert.id, body), name=f"webhook {alert.id}"
         )
         self._tasks[key] = task
+        self._in_flight[group.webhook] = self._in_flight.get(group.webhook, 0) + 1
         task.add_done_callback(lambda t: self._finished(key, t))
 
     def _finished(self, key: _Key, task: asyncio.Task[None]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
+            self._in_flight[key[0].webhook] -= 1
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery failed", exc_info=task.exception())
 
@@ -442,6 +467,23 @@ class WebhookDeliverer:
             self._failing_since = None
             self._last_warning = 0.0
             log.info("webhook delivery reaches Redis again")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encode(alert: alerts.Alert) -> bytes:
+    """The alert's JSON body. Text no UTF-8 can carry (a lone surrogate, which a YAML
+    "\\ud800" escape lets into a budget's name) becomes U+FFFD: the receiver still gets
+    the alert, as valid JSON, instead of an entry that fails to encode on every try."""
+    try:
+        return msgspec.json.encode(alert)
+    except UnicodeEncodeError:
+        fields = {
+            f: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v
+            for f, v in msgspec.structs.asdict(alert).items()
+        }
+        return msgspec.json.encode(msgspec.structs.replace(alert, **fields))
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:
