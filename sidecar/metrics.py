@@ -284,6 +284,7 @@ class Metrics:
         self._charged_at_end = count(self.reservations.labels("charged_at_lease_end"))
         self.alerts_delivered = self.alerts.labels("delivered")
         self.alerts_failed = self.alerts.labels("failed")
+        self.alerts_dropped = self.alerts.labels("dropped")
         self._reload_ok = self.reloads.labels("success")
         self._reload_failed = self.reloads.labels("failure")
         self._redis_children: dict[str, tuple[Observable, Any, Any]] = {}
@@ -307,6 +308,10 @@ class Metrics:
     def alert_attempt(self, ok: bool) -> None:
         """One webhook POST of an alert: delivered (2xx) or failed (retried later)."""
         (self.alerts_delivered if ok else self.alerts_failed).inc()
+
+    def alerts_trimmed(self, count: int) -> None:
+        """Alerts the stream's cap trimmed before any webhook delivered them."""
+        self.alerts_dropped.inc(count)
 
     def add_routes(self, app: web.Application, engine: Engine) -> None:
         """Serve /metrics and /prometheus (the same page) and learn the engine's config."""

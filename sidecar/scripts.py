@@ -12,7 +12,7 @@ OPERATIONS = (
     "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops"
 )  # fmt: skip
 # Scripts run alone (no _lib.lua), off the hot path, through redis-py.
-STANDALONE = ("definition_create", "definition_put", "state_marker")
+STANDALONE = ("alert_drops", "definition_create", "definition_put", "state_marker")
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,10 @@ delivers them again, and a 2xx whose XACK was lost is delivered again too. Recei
 deduplicate on X-Budget-Alert-Id (equivalently the body's `id`). A newly configured
 webhook receives the alerts still in the stream (it is capped, see lua/_lib.lua), not
 only the ones raised after it was added. Alerts trimmed from the stream before anyone
-delivered them are dropped.
+delivered them are dropped: logged as an error and counted (on_dropped), once over all
+replicas (lua/alert_drops.lua). One this replica is delivering when trimmed is finished
+from the body in memory. Memory is bounded per webhook (MAX_IN_FLIGHT): a stuck receiver
+fills only its own.
 
 Redis access is cluster-safe and never blocks a shared connection: one key per command,
 no blocking reads (XREADGROUP is polled every POLL_INTERVAL_S), and a Redis error only
@@ -38,6 +41,7 @@ import hmac
 import logging
 import os
 import random
+import re
 import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -49,12 +53,15 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError, ResponseError
 from redis.typing import StreamIdT
 
-from sidecar import alerts, keys, tasks
+from sidecar import alerts, keys, scripts, tasks
 from sidecar.model import Webhook
 
 log = logging.getLogger("sidecar.webhooks")
 
 GROUP_PREFIX = "webhook:"
+# Counts (once, over all replicas) the alerts the stream's cap trimmed before a group
+# read them: lua/alert_drops.lua.
+_DROPS = scripts.standalone("alert_drops")
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +117,9 @@ class WebhookDeliverer:
     BATCH = 100
     BACKOFF_INITIAL_S = 0.5
     BACKOFF_MAX_S = 60.0
-    # Entries held in memory at once (deliveries and retries); beyond it, reading pauses.
+    # Entries held in memory at once per webhook (deliveries and retries); beyond it,
+    # reading for that webhook pauses (the stream keeps its alerts). Per webhook, not in
+    # all: a receiver that hangs or fails for good fills only its own.
     MAX_IN_FLIGHT = 1000
     # Concurrent POSTs per webhook: a slow or dead receiver cannot starve the others.
     MAX_CONCURRENT_PER_WEBHOOK = 16
@@ -124,9 +133,12 @@ class WebhookDeliverer:
         tenants: Callable[[], Iterable[str]],
         name_of: Callable[[str, str], str | None],
         on_attempt: Callable[[bool], None] | None = None,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
-        """`on_attempt(ok)` is told of every POST: answered 2xx or not (for metrics)."""
+        """`on_attempt(ok)` is told of every POST: answered 2xx or not (for metrics);
+        `on_dropped(n)` of alerts the stream's cap trimmed before any delivery."""
         self._on_attempt = on_attempt
+        self._on_dropped = on_dropped
         self._client = client
         self._webhooks = webhooks
         self._tenants = tenants
@@ -138,6 +150,11 @@ class WebhookDeliverer:
         # Groups this process has read from (their consumer is removed at shutdown).
         self._used: set[_Group] = set()
         self._tasks: dict[_Key, asyncio.Task[None]] = {}
+        # Entries of self._tasks per webhook name (the MAX_IN_FLIGHT of each).
+        self._in_flight: dict[str, int] = {}
+        # Deliveries whose entry the stream's cap trimmed while they ran: no longer in the
+        # group (no one else can take them over), finished here from the body in hand.
+        self._trimmed: set[_Key] = set()
         self._slots: dict[str, asyncio.Semaphore] = {}
         self._failing_since: float | None = None
         self._stopping = False
@@ -234,18 +251,21 @@ class WebhookDeliverer:
         try:
             if group not in self._created:
                 await self._create(group)
-            room = self.MAX_IN_FLIGHT - len(self._tasks)
-            if room <= 0:
-                return  # the stream keeps them; read once deliveries drain
-            self._used.add(group)
-            reply = await self._client.xreadgroup(
-                group.name, self.consumer, {group.stream: ">"}, count=min(self.BATCH, room)
-            )
-            for entry_id, fields in _entries(reply):
-                if entry_id is not None and fields is not None:
-                    await self._start(group, entry_id, fields)
+            room = self._room(group)
+            # No room: the stream keeps them; read once deliveries drain.
+            if room > 0:
+                self._used.add(group)
+                reply = await self._client.xreadgroup(
+                    group.name, self.consumer, {group.stream: ">"}, count=min(self.BATCH, room)
+                )
+                for entry_id, fields in _entries(reply):
+                    if entry_id is not None and fields is not None:
+                        await self._start_guarded(group, entry_id, fields)
             if claim:
-                await self._claim(group)
+                await self._claim(group)  # bounded by the room itself
+                # Checked while the bound is full too: that is when the cap trims unread.
+                dropped = await self._client.eval(_DROPS, 1, group.stream, group.name)
+                self._dropped(group, int(dropped))
         except ResponseError as exc:
             # One group's trouble (e.g. its stream was deleted with the group) must not
             # stop the others.
@@ -256,6 +276,23 @@ class WebhookDeliverer:
                     "webhook group %s on %s: %s", group.name, group.stream, exc,
                     extra={"webhook": group.webhook, "tenant": group.tenant},
                 )  # fmt: skip
+
+    def _dropped(self, group: _Group, count: int) -> None:
+        """Alerts of `group` trimmed from the stream before they were delivered."""
+        if count <= 0:
+            return
+        log.error(
+            "%d alerts trimmed from %s before webhook %s delivered them: they are lost "
+            "(the stream keeps the newest %s or so per tenant)",
+            count, group.stream, group.webhook, "10,000",
+            extra={"webhook": group.webhook, "tenant": group.tenant, "dropped": count},
+        )  # fmt: skip
+        if self._on_dropped is not None:
+            self._on_dropped(count)
+
+    def _room(self, group: _Group) -> int:
+        """How many more entries the group's webhook may take into memory now."""
+        return self.MAX_IN_FLIGHT - self._in_flight.get(group.webhook, 0)
 
     async def _create(self, group: _Group) -> None:
         try:
@@ -271,7 +308,7 @@ class WebhookDeliverer:
         """Take over entries left pending by a consumer presumed dead."""
         cursor = "0-0"
         for _ in range(10):  # bounded per pass; the next pass goes on from the start
-            room = self.MAX_IN_FLIGHT - len(self._tasks)
+            room = self._room(group)
             if room <= 0:
                 return
             reply = await self._client.xautoclaim(
@@ -284,14 +321,18 @@ class WebhookDeliverer:
             )
             cursor, claimed = reply[0], reply[1]
             # Redis 7 drops trimmed entries from the group itself and lists them in
-            # reply[2]; Redis 6.2 returns them with no fields: acknowledge those.
+            # reply[2]; Redis 6.2 returns them with no fields: acknowledge those. Either
+            # way a dead consumer's alert was trimmed before delivery: counted, logged.
+            lost = len(reply[2]) if len(reply) > 2 and reply[2] else 0
             for entry_id, fields in claimed:
                 if entry_id is None:
                     continue
                 if fields is None:
                     await self._client.xack(group.stream, group.name, entry_id)
+                    lost += 1
                     continue
-                await self._start(group, entry_id, fields)
+                await self._start_guarded(group, entry_id, fields)
+            self._dropped(group, lost)
             if cursor in ("0-0", "0"):
                 return
 
@@ -321,16 +362,37 @@ class WebhookDeliverer:
                 pending = []
             held = {str(p["message_id"]) for p in pending}
             for entry_id in ids:
-                if entry_id not in held:
+                if entry_id not in held and (group, entry_id) not in self._trimmed:
                     task = self._tasks.get((group, entry_id))
                     if task is not None:
                         task.cancel()
             keep: list[StreamIdT] = [i for i in ordered if i in held]
             if keep:
                 # JUSTID: resets the idle time without counting as another delivery.
-                await self._client.xclaim(
+                renewed = await self._client.xclaim(
                     group.stream, group.name, self.consumer, 0, keep, justid=True
                 )
+                # Redis 7 drops an entry the cap trimmed from the group at this XCLAIM
+                # and leaves it out of the reply: nobody can take it over any more, so
+                # its delivery goes on here (the body is in memory) instead of ending.
+                got = {str(i) for i in renewed or ()}
+                for kept in ordered:
+                    if kept in held and kept not in got:
+                        self._trimmed.add((group, kept))
+
+    async def _start_guarded(self, group: _Group, entry_id: str, fields: Mapping[str, str]) -> None:
+        """_start, where a bug met on one entry is logged and leaves it pending (claimed
+        again later) instead of aborting the batch: the entries read or claimed with it
+        are still delivered. Redis errors go up to the loop, as before."""
+        try:
+            await self._start(group, entry_id, fields)
+        except (RedisError, OSError):
+            raise
+        except Exception:
+            log.exception(
+                "alert %s in %s could not be prepared for delivery", entry_id, group.stream,
+                extra={"webhook": group.webhook, "tenant": group.tenant},
+            )  # fmt: skip
 
     async def _start(self, group: _Group, entry_id: str, fields: Mapping[str, str]) -> None:
         key = (group, entry_id)
@@ -346,16 +408,19 @@ class WebhookDeliverer:
             )  # fmt: skip
             await self._client.xack(group.stream, group.name, entry_id)
             return
-        body = msgspec.json.encode(alert)
+        body = _encode(alert)
         task = asyncio.create_task(
             self._deliver(group, entry_id, alert.id, body), name=f"webhook {alert.id}"
         )
         self._tasks[key] = task
+        self._in_flight[group.webhook] = self._in_flight.get(group.webhook, 0) + 1
         task.add_done_callback(lambda t: self._finished(key, t))
 
     def _finished(self, key: _Key, task: asyncio.Task[None]) -> None:
         if self._tasks.get(key) is task:
             del self._tasks[key]
+            self._in_flight[key[0].webhook] -= 1
+            self._trimmed.discard(key)
         if not task.cancelled() and task.exception() is not None:
             log.error("webhook delivery failed", exc_info=task.exception())
 
@@ -442,6 +507,23 @@ class WebhookDeliverer:
             self._failing_since = None
             self._last_warning = 0.0
             log.info("webhook delivery reaches Redis again")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _encode(alert: alerts.Alert) -> bytes:
+    """The alert's JSON body. Text no UTF-8 can carry (a lone surrogate, which a YAML
+    "\\ud800" escape lets into a budget's name) becomes U+FFFD: the receiver still gets
+    the alert, as valid JSON, instead of an entry that fails to encode on every try."""
+    try:
+        return msgspec.json.encode(alert)
+    except UnicodeEncodeError:
+        fields = {
+            f: _SURROGATE.sub("\ufffd", v) if isinstance(v, str) else v
+            for f, v in msgspec.structs.asdict(alert).items()
+        }
+        return msgspec.json.encode(msgspec.structs.replace(alert, **fields))
 
 
 def _id_order(entry_id: str) -> tuple[int, int]:

@@ -360,6 +360,7 @@ def create_app(
         engine.tenants,
         engine.budget_name,
         on_attempt=events.alert_attempt if isinstance(events, Metrics) else None,
+        on_dropped=events.alerts_trimmed if isinstance(events, Metrics) else None,
     )
 
     async def webhooks_lifecycle(app: web.Application) -> AsyncIterator[None]:
