@@ -59,7 +59,9 @@ class Step:
     walked: bool  # this call finished a walk over the whole counters hash
     leases_left: bool  # ended leases still wait (the next call returns more)
     deleted: int  # counter and limiter fields deleted
-    due_left: int  # finished reservations past their retention still waiting
+    # finished reservations past their retention still waiting (+1 while ledger records
+    # past their age may)
+    due_left: int
 
 
 def cutoffs(now_ms: int, grace_ms: int) -> list[str]:
@@ -102,6 +104,11 @@ class Sweeper:
             grace += ZONE_MARGIN_MS
         return grace
 
+    def _ledger_age_ms(self) -> int:
+        """sweep.lua's ARGV[12]: the ledger's age bound, applied with no traffic too (also
+        with usage_max_records 0: records kept before that still age out)."""
+        return self._engine.config.settings.usage_max_age_days * 86_400_000
+
     async def sweep_once(self, tenant: str) -> Step:
         """One bounded sweep.lua call for `tenant`."""
         engine = self._engine
@@ -115,6 +122,7 @@ class Sweeper:
             self._leases,
             self._members,
             *cutoffs(now, self.grace_ms(tenant)),
+            self._ledger_age_ms(),
         )
         reply: list[Any] = await self._store.run(
             engine.scripts.sweep, keys.tenant_keys(tenant).sweeping(day), args
