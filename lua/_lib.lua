@@ -335,7 +335,11 @@ local function collect(ctr, res, gc, now, batch)
       local rec = redis.call('HGET', res, id)
       if rec then
         local key = string.match(rec, '^[^|]*|[^|]*|[^|]*|[^|]*|[^|]*|([^|]*)') or ''
-        if key ~= '' then redis.call('HDEL', res, 'k:' .. key) end
+        -- Only while the key still names this reservation: a cancel frees the key
+        -- (release.lua), and a retry's reservation may hold it by now.
+        if key ~= '' and redis.call('HGET', res, 'k:' .. key) == id then
+          redis.call('HDEL', res, 'k:' .. key)
+        end
         redis.call('HDEL', res, id)
       end
     end

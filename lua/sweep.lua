@@ -10,14 +10,19 @@
 -- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' clock ('' = Redis TIME)
 -- ARGV[4] fields per HSCAN step   ARGV[5] leases per call   ARGV[6] gc members per call
 -- ARGV[7..11] per period letter d, w, m, q, y: the start date (yyyymmdd) of the oldest
---   window whose counters are kept (counters of windows that start earlier go; see below)
+--   window whose counters are kept (see below)   ARGV[12] the ledger's max age, ms (below)
 -- Returns: {walked, leases_left, deleted, due_left}: walked 1 when this call finished a
 --   walk over the whole of ctr; leases_left 1 when ended leases still wait; deleted:
 --   counter and limiter fields deleted by this call; due_left: gc members (finished
---   reservations, idempotency keys) past their time still waiting.
+--   reservations, idempotency keys) past their time still waiting, plus one while ledger
+--   records past their age may still wait.
 -- The sidecar computes ARGV[7..11] so that a window goes only once its end, in any time
 -- zone, lies further back than the longest a late settle can still charge it
 -- (sidecar/sweep.py).
+--
+-- The usage ledger's records older than ARGV[12] ('' = none) by their stream ids (Redis
+-- time) go here too, at most ARGV[4] whole stream nodes' entries per call: each charge's
+-- own entry applies the bound (_lib.lua ledger()), and an idle tenant writes none.
 --
 -- What goes, found by walking ctr (counters and limiters have no index, which would cost
 -- more than what it indexes):
@@ -28,7 +33,7 @@
 --   s:<stop field>  a stop's mirror past its ttl (lua/stops.lua), and the stop's record
 --                  in KEYS[10] with its "#<id>" (a list collects them too, but none may
 --                  come)
---   u:/h:/a:/w:<cid>  when the cid's window key starts before its letter's cutoff
+--   u:/h:/a:/c:/w:<cid> when the cid's window key starts before its letter's cutoff
 --                  (w:<cid> sooner: once both its buckets are past, it says nothing),
 --                  and no reservation holds it any more (no "h:<cid>" above 0)
 --   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
@@ -51,7 +56,7 @@ for i = 1, #fields, 2 do
   local kind, id = string.sub(name, 1, 1), string.sub(name, 3)
   if kind == 'w' and stale_window(value, now) then
     deleted = deleted + redis.call('HDEL', ctr, name)
-  elseif kind == 'u' or kind == 'h' or kind == 'a' or kind == 'w' then
+  elseif kind == 'u' or kind == 'h' or kind == 'a' or kind == 'c' or kind == 'w' then
     local window = string.match(id, '/([^/]*)$') or ''
     local letter, start = string.sub(window, 1, 1), string.sub(window, 2)
     local keep_from = cutoff[letter]
@@ -103,4 +108,19 @@ else
   redis.call('SET', sweep, next_cursor)
 end
 local due_left = redis.call('ZCOUNT', gc, '-inf', now)
+if ARGV[12] and ARGV[12] ~= '' then
+  -- Whole stream nodes first (at most ARGV[4] entries), then, once no whole node is past
+  -- the age, the old entries of the node holding the boundary: bounded by a node's size.
+  local t = redis.call('TIME')
+  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[12])
+  if oldest > 0 then
+    local minid = int(oldest)
+    local trimmed = redis.call('XTRIM', KEYS[5], 'MINID', '~', minid, 'LIMIT', ARGV[4])
+    if trimmed == 0 then
+      redis.call('XTRIM', KEYS[5], 'MINID', minid)
+    else
+      due_left = due_left + 1
+    end
+  end
+end
 return done({next_cursor == '0' and 1 or 0, left and 1 or 0, deleted, due_left})

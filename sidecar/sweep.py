@@ -16,6 +16,13 @@ max_lease_ms, is reclaimed within a sweep interval of its lease end, and is reme
 keep_finished_ms after that, during which a late settle is still charged. A counter that a
 settle recreates after all (Redis was away longer than that) is found again by the next
 walk: nothing leaks.
+
+A tenant that leaves the config (its clients removed, or open mode's "default" given
+credentials instead) sends nothing more and is no longer among the engine's tenants, but
+what it wrote must go all the same. So each round also takes one step of a SCAN over the
+keyspace (read only: ORPHAN_SCAN keys), and a tenant found with counters, leases,
+reservations or a gc index that is not configured is swept after the configured ones
+until none of those is left.
 """
 
 from __future__ import annotations
@@ -42,6 +49,7 @@ INTERVAL_S = 1.0
 FIELDS_PER_CALL = 1000  # one HSCAN step: about a millisecond of Redis time
 LEASES_PER_CALL = 100
 MEMBERS_PER_CALL = 200
+ORPHAN_SCAN = 1000  # keys looked at per round in the search for unconfigured tenants
 # Slack past the longest a late settle can charge a counter (a reclaim delayed by a busy
 # Redis, clocks of replicas a little apart).
 SLACK_MS = 3_600_000
@@ -59,7 +67,9 @@ class Step:
     walked: bool  # this call finished a walk over the whole counters hash
     leases_left: bool  # ended leases still wait (the next call returns more)
     deleted: int  # counter and limiter fields deleted
-    due_left: int  # finished reservations past their retention still waiting
+    # finished reservations past their retention still waiting (+1 while ledger records
+    # past their age may)
+    due_left: int
 
 
 def cutoffs(now_ms: int, grace_ms: int) -> list[str]:
@@ -93,6 +103,8 @@ class Sweeper:
         self.calls = 0
         self.last_error: Exception | None = None
         self.idle = False
+        self._orphans: set[str] = set()  # tenants found with keys, no longer configured
+        self._scan: AsyncIterator[Any] | None = None  # the SCAN that finds them, mid-way
 
     def grace_ms(self, tenant: str) -> int:
         """How long after its window's end (in UTC) a counter of `tenant` stays."""
@@ -102,8 +114,14 @@ class Sweeper:
             grace += ZONE_MARGIN_MS
         return grace
 
-    async def sweep_once(self, tenant: str) -> Step:
-        """One bounded sweep.lua call for `tenant`."""
+    def _ledger_age_ms(self) -> int:
+        """sweep.lua's ARGV[12]: the ledger's age bound, applied with no traffic too (also
+        with usage_max_records 0: records kept before that still age out)."""
+        return self._engine.config.settings.usage_max_age_days * 86_400_000
+
+    async def sweep_once(self, tenant: str, *, report: bool = True) -> Step:
+        """One bounded sweep.lua call for `tenant` (`report`: it counts in calls and idle,
+        which say how the configured tenants' sweep goes)."""
         engine = self._engine
         now = engine.now_ms()
         day = time.strftime("%Y%m%d", time.gmtime(now // 1000))
@@ -115,19 +133,21 @@ class Sweeper:
             self._leases,
             self._members,
             *cutoffs(now, self.grace_ms(tenant)),
+            self._ledger_age_ms(),
         )
         reply: list[Any] = await self._store.run(
             engine.scripts.sweep, keys.tenant_keys(tenant).sweeping(day), args
         )
         engine.report_expired(reply)
-        self.calls += 1
         step = Step(
             walked=int(reply[0]) == 1,
             leases_left=int(reply[1]) == 1,
             deleted=int(reply[2]),
             due_left=int(reply[3]),
         )
-        self.idle = step.walked and not step.leases_left and step.due_left == 0
+        if report:
+            self.calls += 1
+            self.idle = step.walked and not step.leases_left and step.due_left == 0
         return step
 
     async def sweep_until_done(self, tenant: str, max_calls: int = 1_000_000) -> int:
@@ -141,11 +161,54 @@ class Sweeper:
                 return calls
         raise RuntimeError(f"sweep of {tenant!r} not done after {max_calls} calls")
 
+    @property
+    def orphans(self) -> frozenset[str]:
+        """The unconfigured tenants being swept now (for tests and logs)."""
+        return frozenset(self._orphans)
+
+    async def find_orphans(self, configured: set[str]) -> None:
+        """One step (ORPHAN_SCAN keys) of the SCAN for tenants that are not configured
+        but hold keys only the sweep collects; a finished SCAN starts again next round."""
+        # Taken out while in use: a round run meanwhile (a test's, beside the loop's)
+        # starts a SCAN of its own instead of stepping a generator already running.
+        scan, self._scan = self._scan, None
+        if scan is None:
+            scan = self._store.client.scan_iter(match=keys.TENANT_KEYS_MATCH, count=ORPHAN_SCAN)
+        for _ in range(ORPHAN_SCAN):
+            try:
+                key = await anext(scan)
+            except StopAsyncIteration:
+                scan = None
+                break
+            tenant = keys.collected_tenant(key if isinstance(key, str) else key.decode())
+            if tenant is not None and tenant not in configured:
+                self._orphans.add(tenant)
+        self._scan = scan
+        self._orphans -= configured
+
+    async def _sweep_orphan(self, tenant: str) -> None:
+        """One call for a tenant no longer configured; it is forgotten once nothing the
+        sweep collects is left of it (the SCAN finds it again if it writes anew)."""
+        step = await self.sweep_once(tenant, report=False)
+        if step.walked and not step.leases_left and step.due_left == 0:
+            t = keys.tenant_keys(tenant)
+            if await self._store.client.exists(t.counters, t.leases, t.reservations, t.gc) == 0:
+                self._orphans.discard(tenant)
+
     async def sweep_round(self) -> None:
         """One call per tenant. Redis away: this round is skipped, the next one tries."""
-        for tenant in sorted(self._engine.tenants()):
+        configured = self._engine.tenants()
+        try:
+            await self.find_orphans(configured)
+        except (StoreError, RedisError, OSError) as exc:
+            self._scan = None  # the configured tenants are swept all the same
+            self.last_error = exc
+        for tenant in [*sorted(configured), *sorted(self._orphans)]:
             try:
-                await self.sweep_once(tenant)
+                if tenant in configured:
+                    await self.sweep_once(tenant)
+                else:
+                    await self._sweep_orphan(tenant)
             except (StoreError, RedisError, OSError) as exc:
                 self.last_error = exc
                 if not self._failing:  # once per outage, not once a second
