@@ -111,3 +111,47 @@ async def test_a_repeated_payer_or_route_header_changes_nothing(
     assert await org_held(stack, "other") == 0.0
     assert len(stack.seen) == 2
     assert all("x-org-id" not in s.headers for s in stack.seen)
+
+
+# Estimates a client might hope a proxy or the sidecar reads as nothing, or as less.
+BAD_ESTIMATES = ["NaN", "1e309", "-1", "-0", "1" * 300, "0x10", "0.5,0.5", "5e-7"]
+
+
+async def test_hostile_estimates_are_refused_by_every_proxy_and_tiny_ones_hold_the_floor(
+    make_stack: Any, proxy_kind: str
+) -> None:
+    """Through each real proxy: every spelling above is a 400 naming the header with
+    nothing upstream or held; 0 and a millionth hold settings.min_estimate_usd (the
+    default $0.01), never a zero-cost pass of a priced call; spaces around a value are
+    the proxy's to strip."""
+    config = {**doc(routes=ROUTES), "budgets": [USER_BUDGET]}
+    stack = await make_stack(config, proxy_kind)
+    for value in BAD_ESTIMATES:
+        status, body = await send_raw(stack, [*identity_lines(), f"x-budget-estimate-usd: {value}"])
+        assert status == 400, (value, body, stack.proxy.output()[-2000:])
+        assert json.loads(body)["field"] == "x-budget-estimate-usd", value
+    assert stack.seen == []
+    assert await user_held(stack, "u1") == 0.0
+    for value in ["0", "0.000001", "  0.25\t"]:
+        status, body = await send_raw(stack, [*identity_lines(), f"x-budget-estimate-usd: {value}"])
+        assert status == 200, (value, body)
+    assert await user_held(stack, "u1") == 0.27
+
+
+async def test_an_obs_folded_identity_never_charges_the_first_line(
+    make_stack: Any, proxy_kind: str
+) -> None:
+    """`X-User-ID: victim` continued on the next line (obs-fold): nginx refuses the
+    request, Envoy, Traefik, Caddy and HAProxy pass "victim u1" and the check refuses it;
+    nobody is charged and nothing goes upstream."""
+    config = {**doc(routes=ROUTES), "budgets": [USER_BUDGET]}
+    stack = await make_stack(config, proxy_kind)
+    lines = [*identity_lines(without="x-user-id"), "X-User-ID: victim", " u1"]
+    status, body = await send_raw(stack, lines)
+    assert status == 400, (status, body)
+    if proxy_kind != "nginx":  # nginx refuses the folded line itself (its HTML 400)
+        # The others join it into "victim u1", which no identifier matches.
+        assert json.loads(body)["field"] == "x-user-id"
+    assert stack.seen == []
+    assert await user_held(stack, "victim") == 0.0
+    assert await user_held(stack, "u1") == 0.0
