@@ -155,3 +155,36 @@ async def test_an_obs_folded_identity_never_charges_the_first_line(
     assert stack.seen == []
     assert await user_held(stack, "victim") == 0.0
     assert await user_held(stack, "u1") == 0.0
+
+
+PRICED_ROUTES = [
+    {"prefix": "/v1/chat/completions", "defaults": {"estimated_usd": 0.05}},
+    {"prefix": "/v1/models", "hold": False},
+]
+# The header each example's check names the original path in (Envoy: its check's path).
+PATH_FIELD = {"envoy": "path", "nginx": "x-original-uri"}
+
+
+async def test_an_encoded_or_dotted_path_is_checked_as_the_upstream_reads_it(
+    make_stack: Any, proxy_kind: str
+) -> None:
+    """`/%76%31/chat/completions` holds the /v1/chat/completions route's $0.05 behind
+    every proxy (it held the $0.01 default behind nginx, Caddy and HAProxy: no route
+    matched the spelling). `/v1/models/../chat/completions` passed with nothing held as
+    the `hold: false` /v1/models behind all but Traefik (which cleans the path itself,
+    for the check and the upstream alike): now a 400 naming the path's header."""
+    config = {**doc(routes=PRICED_ROUTES), "budgets": [USER_BUDGET]}
+    stack = await make_stack(config, proxy_kind)
+    status, body = await send_raw(stack, identity_lines(), "/%76%31/chat/completions")
+    assert status == 200, body
+    assert await user_held(stack, "u1") == 0.05
+    status, body = await send_raw(stack, identity_lines(), "/v1/models/../chat/completions")
+    if proxy_kind == "traefik":
+        assert status == 200, body
+        assert stack.seen[-1].path == "/v1/chat/completions"
+        assert await user_held(stack, "u1") == 0.1
+    else:
+        assert status == 400, body
+        assert json.loads(body)["field"] == PATH_FIELD.get(proxy_kind, "x-forwarded-uri")
+        assert len(stack.seen) == 1
+        assert await user_held(stack, "u1") == 0.05

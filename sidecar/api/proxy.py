@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -119,13 +120,30 @@ def _trusted(request: web.Request, name: str) -> str:
 
 
 def original_path(spec: ProxySpec, request: web.Request) -> str:
-    """The client's path without its query: from the header the proxy owns
-    (`proxy.trusted.uri_header`), else what follows /ext_authz in Envoy's check path."""
+    """The client's path without its query, percent-decoded: from the header the proxy
+    owns (`proxy.trusted.uri_header`), else what follows /ext_authz in Envoy's check path
+    (which aiohttp has decoded already)."""
     name = spec.trusted.uri_header
     if name is not None:
-        return _trusted(request, name).split("?", 1)[0]
-    path = request.path[len(PREFIX) :]
-    return path or "/"
+        raw = _trusted(request, name).split("?", 1)[0]
+        return _unambiguous(name, urllib.parse.unquote(raw))
+    return _unambiguous("path", request.path[len(PREFIX) :] or "/")
+
+
+def _unambiguous(name: str, path: str) -> str:
+    """`path`, or 400 naming where it came from when routes could read it as another.
+    Routes match the decoded path, as every upstream router reads it: nginx, Caddy and
+    HAProxy pass `/%76%31/chat/completions` on as sent, and the upstream serves
+    /v1/chat/completions. An empty, `.` or `..` segment is refused rather than resolved:
+    upstreams differ on whether `/v1/models/../chat/completions` is /v1/chat/completions
+    (a free call if read as the `hold: false` /v1/models) or a path of its own under
+    /v1/models (a free call if resolved)."""
+    segments = path.split("/")[1:]
+    if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1:] in ([".."], ["."]):
+        raise ProblemError(
+            400, f"{name}: an empty, . or .. path segment: {path[:100]!r}", field=name
+        )
+    return path
 
 
 def original_method(spec: ProxySpec, request: web.Request) -> str:
