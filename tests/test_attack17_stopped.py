@@ -1,4 +1,5 @@
-"""A real sidecar process SIGSTOPped behind each real proxy, then continued.
+"""A real sidecar process SIGSTOPped behind each real proxy, then continued; then killed
+and started again.
 
 tests/test_transport_attacks.py answers the sidecar's port with a stand-in listener; here
 the sidecar is `python -m sidecar serve` itself, so what it does with the check the proxy
@@ -76,7 +77,7 @@ def sidecar_of(
         p.cleanup()
 
 
-async def test_a_stopped_sidecar_is_refused_charges_nothing_and_passes_once_continued(
+async def test_a_stopped_or_killed_sidecar_is_refused_charges_nothing_and_passes_once_back(
     make_stack: Any, sidecar_of: Any, redis_client: redis.Redis, kind: str
 ) -> None:
     sidecar = sidecar_of(kind)
@@ -118,3 +119,18 @@ async def test_a_stopped_sidecar_is_refused_charges_nothing_and_passes_once_cont
     # read once it ran again: released, nothing spent.
     assert 2 <= len(records(redis_client)) <= 2 + TRIES.get(kind, 1), records(redis_client)
     assert used_micro(redis_client) == 0
+
+    # kill -9, then started again on its port: refused as a sidecar down, nothing held,
+    # and the next call passes through the proxy's pooled connections to the dead one.
+    made = len(records(redis_client))
+    sidecar.process.kill()
+    sidecar.process.wait(10)
+    sidecar.process = None
+    refused = await asyncio.wait_for(stack.send(headers=IDENTITY), 20)
+    assert refused[0] == test_proxy_servers.DOWN_STATUS[kind], refused
+    sidecar.start()
+    again = await stack.send(headers=IDENTITY)
+    assert again[0] == 200, (again, stack.proxy.output()[-2000:])
+    assert len(stack.seen) == 3
+    assert held_micro(redis_client) == 3 * ESTIMATE_MICRO
+    assert len(records(redis_client)) == made + 1
