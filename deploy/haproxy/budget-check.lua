@@ -11,7 +11,9 @@
 --        Retry-After and the JSON decision, 403, 400 problem+json, 503);
 --   no answer from the sidecar (down, or slower than CHECK_TIMEOUT_MS): 503
 --        problem+json with Retry-After: 1, as the nginx example answers; nothing
---        reaches the upstream.
+--        reaches the upstream. HAProxy 2.6's httpclient re-sends a check that got no
+--        answer in time, up to 3 more times on new connections: a stopped or hung
+--        sidecar costs the client about 4 x CHECK_TIMEOUT_MS.
 
 local SIDECAR = "http://127.0.0.1:8787/ext_authz"
 local CHECK_TIMEOUT_MS = 1000

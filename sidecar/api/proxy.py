@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+import urllib.parse
 from typing import Any
 
 import msgspec
@@ -96,9 +97,21 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine]) -> None:
     app.router.add_route("*", PREFIX + r"/{tail:[\s\S]*}", ext_authz)
 
 
+def _one(request: web.Request, name: str) -> str | None:
+    """The value of header `name`, or None when absent; 400 naming it when the check
+    carries it more than once. nginx, Traefik, Caddy and HAProxy pass a client's
+    duplicates on as they came, and which copy counts differs between hops (the sidecar
+    would charge the first while an upstream reads the last): the identity is ambiguous,
+    and no copy is chosen for the client."""
+    values = request.headers.getall(name, ())
+    if len(values) > 1:
+        raise ProblemError(400, f"{name}: sent {len(values)} times; send it once", field=name)
+    return values[0] if values else None
+
+
 def _trusted(request: web.Request, name: str) -> str:
     """The value of a header the proxy must set; 400 naming it when it did not."""
-    value = request.headers.get(name)
+    value = _one(request, name)
     if not value:
         raise ProblemError(
             400, f"{name}: missing: proxy.trusted says the proxy sets it", field=name
@@ -107,13 +120,30 @@ def _trusted(request: web.Request, name: str) -> str:
 
 
 def original_path(spec: ProxySpec, request: web.Request) -> str:
-    """The client's path without its query: from the header the proxy owns
-    (`proxy.trusted.uri_header`), else what follows /ext_authz in Envoy's check path."""
+    """The client's path without its query, percent-decoded: from the header the proxy
+    owns (`proxy.trusted.uri_header`), else what follows /ext_authz in Envoy's check path
+    (which aiohttp has decoded already)."""
     name = spec.trusted.uri_header
     if name is not None:
-        return _trusted(request, name).split("?", 1)[0]
-    path = request.path[len(PREFIX) :]
-    return path or "/"
+        raw = _trusted(request, name).split("?", 1)[0]
+        return _unambiguous(name, urllib.parse.unquote(raw))
+    return _unambiguous("path", request.path[len(PREFIX) :] or "/")
+
+
+def _unambiguous(name: str, path: str) -> str:
+    """`path`, or 400 naming where it came from when routes could read it as another.
+    Routes match the decoded path, as every upstream router reads it: nginx, Caddy and
+    HAProxy pass `/%76%31/chat/completions` on as sent, and the upstream serves
+    /v1/chat/completions. An empty, `.` or `..` segment is refused rather than resolved:
+    upstreams differ on whether `/v1/models/../chat/completions` is /v1/chat/completions
+    (a free call if read as the `hold: false` /v1/models) or a path of its own under
+    /v1/models (a free call if resolved)."""
+    segments = path.split("/")[1:]
+    if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1:] in ([".."], ["."]):
+        raise ProblemError(
+            400, f"{name}: an empty, . or .. path segment: {path[:100]!r}", field=name
+        )
+    return path
 
 
 def original_method(spec: ProxySpec, request: web.Request) -> str:
@@ -156,16 +186,16 @@ def authorize_request(
     defaults = spec.route(path, method)
     fields: dict[str, Any] = {}
     for name in _FIELDS:
-        value = request.headers.get(getattr(h, name))
+        value = _one(request, getattr(h, name))
         if value is None and defaults is not None:
             value = getattr(defaults, name)
         if value is not None:
             fields[name] = value
     for name in ("run_id", "fingerprint"):
-        value = request.headers.get(getattr(h, name))
+        value = _one(request, getattr(h, name))
         if value is not None:
             fields[name] = value
-    raw = request.headers.get(h.estimate_usd)
+    raw = _one(request, h.estimate_usd)
     if raw is not None:
         fields["estimated_usd"] = parse_usd(h.estimate_usd, raw)
     elif defaults is not None and defaults.estimated_usd is not None:
@@ -173,7 +203,7 @@ def authorize_request(
     else:
         fields["estimated_usd"] = spec.default_estimate_usd
     # No request-id header configured: a client's copy is not read at all.
-    request_id = request.headers.get(h.request_id) if h.request_id is not None else None
+    request_id = _one(request, h.request_id) if h.request_id is not None else None
     if request_id is not None:
         fields["idempotency_key"] = request_id
     if spec.lease_ms is not None:
