@@ -19,10 +19,10 @@ walk: nothing leaks.
 
 A tenant that leaves the config (its clients removed, or open mode's "default" given
 credentials instead) sends nothing more and is no longer among the engine's tenants, but
-what it wrote must go all the same. So each round also takes one step of a SCAN over the
-keyspace (read only: ORPHAN_SCAN keys), and a tenant found with counters, leases,
-reservations or a gc index that is not configured is swept after the configured ones
-until none of those is left.
+what it wrote must go all the same. So every ORPHAN_EVERY rounds the sweep also takes one
+step of a SCAN over the keyspace (read only: ORPHAN_SCAN keys), and a tenant found with
+counters, leases, reservations or a gc index that is not configured is swept after the
+configured ones until none of those is left.
 """
 
 from __future__ import annotations
@@ -49,7 +49,11 @@ INTERVAL_S = 1.0
 FIELDS_PER_CALL = 1000  # one HSCAN step: about a millisecond of Redis time
 LEASES_PER_CALL = 100
 MEMBERS_PER_CALL = 200
-ORPHAN_SCAN = 1000  # keys looked at per round in the search for unconfigured tenants
+ORPHAN_SCAN = 1000  # keys looked at per search step for unconfigured tenants
+# One search step every this many rounds (the first round included): every replica runs
+# it, so a fleet of 100 costs Redis 10 SCAN steps a second, not 100, and what a gone
+# tenant left is found within ORPHAN_EVERY * keys / ORPHAN_SCAN seconds (1M keys: ~3 h).
+ORPHAN_EVERY = 10
 # Slack past the longest a late settle can charge a counter (a reclaim delayed by a busy
 # Redis, clocks of replicas a little apart).
 SLACK_MS = 3_600_000
@@ -105,6 +109,7 @@ class Sweeper:
         self.idle = False
         self._orphans: set[str] = set()  # tenants found with keys, no longer configured
         self._scan: AsyncIterator[Any] | None = None  # the SCAN that finds them, mid-way
+        self._rounds = 0
 
     def grace_ms(self, tenant: str) -> int:
         """How long after its window's end (in UTC) a counter of `tenant` stays."""
@@ -198,8 +203,11 @@ class Sweeper:
     async def sweep_round(self) -> None:
         """One call per tenant. Redis away: this round is skipped, the next one tries."""
         configured = self._engine.tenants()
+        searching = self._rounds % ORPHAN_EVERY == 0
+        self._rounds += 1
         try:
-            await self.find_orphans(configured)
+            if searching:
+                await self.find_orphans(configured)
         except (StoreError, RedisError, OSError) as exc:
             self._scan = None  # the configured tenants are swept all the same
             self.last_error = exc
