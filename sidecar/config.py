@@ -519,12 +519,40 @@ def _split(text: str) -> tuple[str, str]:
     return path, message
 
 
+def _not_unicode(data: Any, path: str = "$") -> str | None:
+    """The path of the first text in `data` that is not valid Unicode (a lone surrogate,
+    which YAML's "\\ud800" escape makes): nothing could send or show it (JSON encoding a
+    name that holds one raises), so it is refused with the file, not met by every answer
+    that names it."""
+    if isinstance(data, str):
+        try:
+            data.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            found = _not_unicode(key, path) or _not_unicode(value, f"{path}.{key}")
+            if found is not None:
+                return found
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            found = _not_unicode(value, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def parse(data: Any, source: str) -> Config:
     """Validate an already-parsed document (YAML or JSON) into a Config."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, "$", "the top level must be a mapping")
+    bad_text = _not_unicode(data)
+    if bad_text is not None:
+        raise ConfigError(
+            source, bad_text, "not valid Unicode text (a lone surrogate such as \\ud800)"
+        )
     try:
         spec = msgspec.convert(data, ConfigFile)
     except msgspec.ValidationError as exc:

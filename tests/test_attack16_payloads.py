@@ -14,7 +14,6 @@ from typing import Any
 
 import redis
 
-from sidecar import config as config_mod
 from sidecar import keys
 from sidecar.model import Webhook
 from sidecar.webhooks import signature
@@ -37,16 +36,11 @@ def names(tenant: str, by_budget: dict[str, str]) -> Any:
 
 
 async def test_hostile_names_arrive_as_exact_valid_json_and_a_lone_surrogate_holds_up_nothing(
-    aclient: Any, redis_client: redis.Redis, tmp_path: Any
+    aclient: Any, redis_client: redis.Redis
 ) -> None:
-    # A config file can give a budget a name with a lone surrogate (YAML's "\ud800").
-    path = tmp_path / "budgets.yaml"
-    path.write_text(
-        'budgets:\n  - id: bad\n    name: "Cap \\ud800 end"\n'
-        "    scope: team\n    limit_usd: 1\n    period: monthly\n"
-    )
-    surrogate_name = config_mod.load(path).budgets[0].name
-    assert "\ud800" in surrogate_name
+    # A config file's name with a lone surrogate (YAML's "\ud800") is refused at load
+    # (tests/test_config.py); should one reach the deliverer all the same, it is sent.
+    surrogate_name = "Cap \ud800 end"
     tenant = "payloads"
     stream = keys.tenant_keys(tenant).alerts
     bad = {**entry("t1", 50), "cid": keys.counter_id("bad", "t1", "m202603")}

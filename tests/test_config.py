@@ -273,6 +273,28 @@ def test_not_yaml_names_the_file(tmp_path: Path, name: str, content: bytes) -> N
     assert str(caught.value).startswith(f"{path}: $: ")
 
 
+@pytest.mark.parametrize(
+    ("yaml_text", "field"),
+    [
+        ('budgets:\n  - {id: b, name: "Cap \\ud800 end", scope: team, limit_usd: 1, '
+         "period: monthly}\n", "$.budgets[0].name"),
+        ('webhooks:\n  - {name: "ops\\udfff", url: "http://127.0.0.1:9/"}\n',
+         "$.webhooks[0].name"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_refused_naming_its_field(
+    tmp_path: Path, yaml_text: str, field: str
+) -> None:
+    """YAML's \\ud800 escape makes text no UTF-8 can carry: before, a budget so named
+    loaded, and every JSON answer and alert naming it failed to encode (attack16)."""
+    path = tmp_path / "surrogate.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(ConfigError) as caught:
+        config_mod.load(path)
+    assert (caught.value.source, caught.value.path) == (str(path), field)
+    assert "lone surrogate" in str(caught.value)
+
+
 def test_missing_file_names_the_file(tmp_path: Path) -> None:
     path = tmp_path / "nope.yaml"
     with pytest.raises(ConfigError) as caught:
