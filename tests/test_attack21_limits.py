@@ -159,7 +159,7 @@ async def test_tokens_past_the_whole_limit_exactly_at_it_and_zero(
     assert not big["allowed"] and big["reason"] == "rate_limit"
     assert big["retry_after_ms"] is None and "Retry-After" not in resp.headers
     assert redis_client.hget(CTR, "d:tpm/default") is None  # charged nothing
-    # Exactly limit + burst: admitted on an empty limiter (debt 121... no: 120 x 1000).
+    # Exactly limit + burst: admitted on an empty limiter (debt 120 x 1000).
     at = await authorize(a, **toks(120))
     assert at["allowed"], at
     assert int(redis_client.hget(CTR, "d:tpm/default")) == 120 * 1000
