@@ -11,6 +11,7 @@ decision allowed by fail mode open gets a grant whose spend is charged later
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -85,6 +86,9 @@ __all__ = [
 ]
 
 _MAX_PENDING_CANCELS = 10_000
+# lua/settle.lua and settle_lost.lua: a finished reservation's first result, whose charge
+# this answer is the first to count in the spend metrics (its charging answer was lost).
+LATE_CHARGE = 4
 # The scripts' answer when more ended leases wait than one call returns (lua/_lib.lua).
 BACKLOG = -9
 # A decision's answer when the state marker it names is gone (lua/_lib.lua state_lost).
@@ -124,6 +128,7 @@ class Engine:
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
+        self._lost_settles: set[asyncio.Task[None]] = set()
         # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
         # or release of a reservation it took says so.
         self.state_lost_at: str | None = None
@@ -451,13 +456,29 @@ class Engine:
             "1" if settled.success else "0",
             "" if settled.provider_model is None else SEP.join(settled.provider_model),
             self._learn_config,
+            attempt := secrets.token_hex(4),
         ]
-        reply = await self._run(
-            self._scripts.settle, tenant, args, self.charging_keys(tenant, now, self._learns)
-        )
-        return rendering.settle_result(
+        script_keys = self.charging_keys(tenant, now, self._learns)
+        try:
+            reply = await self.run_script(self._scripts.settle, tenant, args, script_keys)
+        except StoreUnavailable as exc:
+            # Redis may have run it and only its answer was lost: the caller is told 503
+            # and repeats it, and the repeat answers "replayed", which the spend metrics
+            # skip. Found in the background, the charge is counted here, once.
+            self._find_lost_settle_later(tenant, rid, attempt)
+            self.events.store_unavailable("settle")
+            raise Unavailable(str(exc)) from exc
+        except asyncio.CancelledError:
+            self._find_lost_settle_later(tenant, rid, attempt)
+            raise
+        result = rendering.settle_result(
             self.snapshot(tenant), rid, reply, "tokens_in", self.state_lost_at
         )
+        if int(reply[0]) == LATE_CHARGE:
+            # The attempt that charged it had its answer lost before its sidecar knew it
+            # had charged: this answer is the first to count it (lua/settle.lua status 4).
+            self.events.late_charge(result)
+        return result
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         if fail_open.is_grant_id(reservation_id):
@@ -659,13 +680,47 @@ class Engine:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
 
+    def _find_lost_settle_later(self, tenant: str, rid: str, attempt: str) -> None:
+        if len(self._lost_settles) >= _MAX_PENDING_CANCELS:
+            return  # past this many, those go uncounted in the metrics (the books have them)
+        task = asyncio.get_running_loop().create_task(self._find_lost_settle(tenant, rid, attempt))
+        self._lost_settles.add(task)
+        task.add_done_callback(self._lost_settles.discard)
+
+    async def _find_lost_settle(self, tenant: str, rid: str, attempt: str) -> None:
+        """A settle call whose answer was lost: if it charged the reservation, count that
+        charge in the metrics (lua/settle_lost.lua), retrying until Redis answers. Bounded
+        like a cancel: past the longest lease, the attempt is left uncounted."""
+        delay_s = 0.05
+        until_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
+        script_keys = (keys.tenant_keys(tenant).reservations,)
+        while self._clock.now_ms() < until_ms:
+            try:
+                reply = await self.run_script(
+                    self._scripts.settle_lost, tenant, (rid, attempt), script_keys
+                )
+            except StoreUnavailable:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+                continue
+            if int(reply[0]) == LATE_CHARGE:
+                result = rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
+                self.events.late_charge(result)
+            return
+
     @property
     def pending_cancels(self) -> int:
         return len(self._cancels)
 
+    @property
+    def pending_lost_settles(self) -> int:
+        """Settles whose answer was lost, not yet looked for (see _find_lost_settle)."""
+        return len(self._lost_settles)
+
     async def close(self) -> None:
         """Stop retrying cancels (the leases return those holds) and the fail-open drain."""
         await tasks.stop(self._cancels, what="cancels of timed-out authorizes")
+        await tasks.stop(self._lost_settles, what="searches for settles whose answer was lost")
         await self.fail_open.close()
 
     # ---- helpers ------------------------------------------------------------------------
