@@ -89,6 +89,8 @@ _MAX_PENDING_CANCELS = 10_000
 # lua/settle.lua and settle_lost.lua: a finished reservation's first result, whose charge
 # this answer is the first to count in the spend metrics (its charging answer was lost).
 LATE_CHARGE = 4
+# Decision.__dict__'s entry for what a cancel of that answer names (see take_back).
+_HANDOUT = "handout"
 # The scripts' answer when more ended leases wait than one call returns (lua/_lib.lua).
 BACKLOG = -9
 # A decision's answer when the state marker it names is gone (lua/_lib.lua state_lost).
@@ -334,7 +336,7 @@ class Engine:
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
-            self._cancel_later(tenant, rid, now + lease_ms)
+            self._cancel_later(tenant, rid, key, now + lease_ms)
             self.events.store_unavailable("authorize")
             # Nothing held, but what the call spends is charged once Redis answers.
             degraded = self._degraded(applied, est)
@@ -342,7 +344,7 @@ class Engine:
         except asyncio.CancelledError:
             # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
             # the script may have been sent: Redis may still run it, and nobody is told.
-            self._cancel_later(tenant, rid, now + lease_ms)
+            self._cancel_later(tenant, rid, key, now + lease_ms)
             raise
         verdict = int(reply[0])
         if verdict == 1 and self._clock.now_ms() >= now + lease_ms:
@@ -351,7 +353,7 @@ class Engine:
             # replica may have reclaimed it and granted the same dollars again. Allowing
             # now would let this caller spend what others hold: answer as for a timed-out
             # authorize, and cancel (which frees its idempotency key for the retry).
-            self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms)
+            self._cancel_later(tenant, rid, key, self._clock.now_ms() + settings.max_lease_ms)
             self.events.store_unavailable("authorize")
             fresh_end = self._clock.now_ms() + lease_ms
             degraded = self._degraded(applied, est)
@@ -380,6 +382,9 @@ class Engine:
         decision.reservation_id = str(reply[1])
         decision.lease_expires_at = iso(now + lease_ms) if held else None
         decision.replayed = verdict == 2
+        # What a cancel of this answer names (take_back): this call's own reservation id,
+        # which a retry's handout is known by (lua/release.lua), and its key.
+        decision.__dict__[_HANDOUT] = (rid, key or "")
         return decision
 
     async def _check(
@@ -648,31 +653,43 @@ class Engine:
         """Release, in the background, the hold of a decision its caller never received (the
         connection was gone before the answer was written): the cancel of a timed-out
         authorize, so a hold nobody was told of does not sit until its lease ends, and its
-        idempotency key is free for the retry. A replayed decision's hold was handed out
-        before: left (release.lua leaves a claimed reservation alone anyway)."""
+        idempotency key is free for the retry. A replayed decision takes back only its own
+        handout of the hold: release.lua releases it once no handout of it stands."""
         rid = decision.reservation_id
         if rid is not None and decision.degraded and not decision.replayed:
             self.fail_open.forget(tenant, rid)  # a fail-open grant: nobody will settle it
-        if rid is None or decision.replayed or decision.lease_expires_at is None:
+        if rid is None or (not decision.replayed and decision.lease_expires_at is None):
+            return
+        # A decision made elsewhere than _authorize names its reservation only.
+        handout: tuple[str, str] | None = decision.__dict__.get(
+            _HANDOUT, None if decision.replayed else (rid, "")
+        )
+        if handout is None:
             return
         # The lease's end bounds the retries; the longest lease is a safe bound.
         lease_end_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
-        self._cancel_later(tenant, rid, lease_end_ms)
+        self._cancel_later(tenant, handout[0], handout[1], lease_end_ms)
 
-    def _cancel_later(self, tenant: str, rid: str, lease_end_ms: int) -> None:
+    def _cancel_later(self, tenant: str, rid: str, key: str | None, lease_end_ms: int) -> None:
         if len(self._cancels) >= _MAX_PENDING_CANCELS:
             return  # past this many, the leases returning the holds will have to do
-        task = asyncio.get_running_loop().create_task(self._cancel(tenant, rid, lease_end_ms))
+        task = asyncio.get_running_loop().create_task(
+            self._cancel(tenant, rid, key or "", lease_end_ms)
+        )
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
-    async def _cancel(self, tenant: str, rid: str, lease_end_ms: int) -> None:
-        """Release (or tombstone) a reservation whose authorize timed out, retrying until
+    async def _cancel(self, tenant: str, rid: str, key: str, lease_end_ms: int) -> None:
+        """Take back the handout of an authorize that sent `rid` and whose answer never
+        reached its caller (lua/release.lua's cancel: the reservation is released once no
+        handout of it stands, or tombstoned if the authorize has not run), retrying until
         it succeeds or the lease has ended (then the hold is back by itself)."""
         delay_s = 0.05
         while self._clock.now_ms() < lease_end_ms:
             keep = self._snapshot.config.settings.keep_finished_ms
-            args: list[str | int] = [self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms()]
+            args: list[str | int] = [
+                self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms(), key
+            ]  # fmt: skip
             try:
                 await self.run_script(self._scripts.release, tenant, args)
                 return

@@ -255,6 +255,7 @@ class FaultProxy:
         self._let_go.set()
         self._holding: bytes | None = None
         self.held = 0  # commands' chunks held so far
+        self.held_ports: list[int] = []  # the local ports, towards Redis, of the held ones
 
     def hold(self, containing: bytes) -> None:
         self._let_go.clear()
@@ -290,6 +291,7 @@ class FaultProxy:
                     dead = dead or self.mode == "blackhole"
                     if self._holding is not None and self._holding in data:
                         self.held += 1
+                        self.held_ports.append(up_writer.get_extra_info("sockname")[1])
                         await self._let_go.wait()
                     if not dead:
                         up_writer.write(data)
