@@ -11,7 +11,6 @@ decision allowed by fail mode open gets a grant whose spend is charged later
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -46,6 +45,7 @@ from sidecar.reservations import (
     fingerprint,
     loop_fingerprint,
     meta,
+    new_attempt_id,
     new_reservation_id,
 )
 from sidecar.resolution import (
@@ -461,7 +461,7 @@ class Engine:
             "1" if settled.success else "0",
             "" if settled.provider_model is None else SEP.join(settled.provider_model),
             self._learn_config,
-            attempt := secrets.token_hex(4),
+            attempt := new_attempt_id(),
         ]
         script_keys = self.charging_keys(tenant, now, self._learns)
         try:

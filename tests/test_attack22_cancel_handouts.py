@@ -362,3 +362,30 @@ async def test_a_replay_whose_answer_was_not_delivered_is_taken_back(world: Worl
     await run(first)
     assert record(w.rc, first.rid)[0] == "R" and held_micro(w.rc) == 0
     await nothing_charged_at_lease_end(w, 0)
+
+
+# ---- a reservation handed out past what its record counts ---------------------------------
+
+
+async def test_past_sixteen_handouts_no_cancel_releases_the_hold(world: World) -> None:
+    """A client repeating one authorize: the record counts 16 handouts (the authorize and 15
+    retries); the 16th retry makes it stop counting, and from then on no cancel releases it
+    (its lease does), so no retry ever handed it can lose it to a cancel."""
+    w = world
+    key = "many-retries"
+    first = await lost(w, 0, key)
+    for i in range(15):
+        d = await delivered(w, key)
+        assert d["replayed"] is True and d["reservation_id"] == first.rid
+        assert len(handouts(w.rc, key)) == i + 2
+    d = await delivered(w, key)
+    assert d["replayed"] is True
+    r = record(w.rc, first.rid)
+    assert (r[0], r[18], r[26]) == ("H", "1", "")
+    await run(first)
+    assert record(w.rc, first.rid)[0] == "H" and held_micro(w.rc) == EST
+    status, s = await post(w.direct, "/v1/settle", {"reservation_id": first.rid,
+                                                    "cost_usd": 0.1})  # fmt: skip
+    assert status == 200 and s["state"] == "settled", s
+    assert (held_micro(w.rc), used_micro(w.rc)) == (0, 100_000)
+    await nothing_charged_at_lease_end(w, 100_000)
