@@ -8,7 +8,9 @@
 -- the spend metrics count what a lease's end charged as they count a settle.
 --   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD,
 --                        "c:<cid>" calls (budgets with a call cap);
---                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
+--                        rate limiters: "d:<rf>/<limit>/<window_ms>" debt and
+--                        "l:<rf>/<limit>/<window_ms>" last update (ms), one pair per
+--                        definition (sidecar/keys.py limiter_state),
 --                        "n:<rf>" reservations in flight, "x:<rf>" (usd limiters) ms
 --                        until which a trip is not alerted again
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
@@ -187,8 +189,9 @@ local function rate_args(first, fields, count)
       fields[#fields + 1] = 'n:' .. rf
       fields[#fields + 1] = 'n:' .. rf
     else
-      fields[#fields + 1] = 'd:' .. rf
-      fields[#fields + 1] = 'l:' .. rf
+      local state = rf .. '/' .. ARGV[i + 2] .. '/' .. ARGV[i + 3]  -- as correct_tokens
+      fields[#fields + 1] = 'd:' .. state
+      fields[#fields + 1] = 'l:' .. state
     end
   end
   return rates
@@ -211,12 +214,17 @@ local function unhold(ctr, cid, est)
 end
 
 -- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate);
--- the usd limiters the same way, by `diff` USD units.
+-- the usd limiters the same way, by `diff` USD units. Each entry is "rf:limit:window_ms"
+-- as authorize charged it, and the fields corrected are that definition's own
+-- ("d:<rf>/<limit>/<window_ms>", sidecar/keys.py limiter_state): a debt is in units of
+-- its window and paid back at its limit, so a hold made before its limit was changed
+-- corrects the old limiter, at the scale it was charged, and never the changed one.
 local function correct_tokens(ctr, entries, diff, now)
   if entries == nil or entries == '' or diff == 0 then return end
   for _, entry in ipairs(split(entries, ',')) do
     local parts = split(entry, ':')
     local rf, limit, window = parts[1], tonumber(parts[2]), tonumber(parts[3])
+    rf = rf .. '/' .. parts[2] .. '/' .. parts[3]
     local raw = redis.call('HMGET', ctr, 'd:' .. rf, 'l:' .. rf)
     local last = tonumber(raw[2]) or now
     local debt = decayed(tonumber(raw[1]) or 0, last, now, limit)
