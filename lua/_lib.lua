@@ -278,6 +278,24 @@ local RECLAIM_BATCH = 32
 local RECLAIM_LIMIT = '33'  -- RECLAIM_BATCH + 1, as text
 local BACKLOG = -9
 local charge_at_end  -- defined after ledger(), which it uses
+
+-- End one held reservation (record `r`, parsed) whose lease has ended, as reclaim does:
+-- its slots freed, its hold returned (state E) or, asked for (record field 22), charged
+-- (state S); `r` is updated in place. The caller removes its lease entry.
+local function end_lease(ctr, res, gc, rid, r, now, keep)
+  free_slots(ctr, r[14])
+  reclaimed_now = reclaimed_now + 1
+  if r[22] == 'c' and KEYS[7] then
+    charge_at_end(ctr, rid, r, now)
+  else
+    local est = tonumber(r[3])
+    for _, cid in ipairs(split(r[7], ',')) do unhold(ctr, cid, est) end
+    r[1] = 'E'
+  end
+  redis.call('HSET', res, rid, table.concat(r, '|'))
+  redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+end
+
 local function reclaim(ctr, lease, res, gc, now, keep, batch)
   batch = batch or RECLAIM_BATCH
   local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now_text(now), 'LIMIT', '0',
@@ -287,23 +305,22 @@ local function reclaim(ctr, lease, res, gc, now, keep, batch)
     local rec = redis.call('HGET', res, rid)
     if rec then
       local r = parse_record(rec)
-      if r[1] == 'H' then
-        free_slots(ctr, r[14])
-        reclaimed_now = reclaimed_now + 1
-        if r[22] == 'c' and KEYS[7] then
-          charge_at_end(ctr, rid, r, now)
-        else
-          local est = tonumber(r[3])
-          for _, cid in ipairs(split(r[7], ',')) do unhold(ctr, cid, est) end
-          r[1] = 'E'
-        end
-        redis.call('HSET', res, rid, table.concat(r, '|'))
-        redis.call('ZADD', gc, now + keep, 'r:' .. rid)
-      end
+      if r[1] == 'H' then end_lease(ctr, res, gc, rid, r, now, keep) end
     end
     redis.call('ZREM', lease, rid)
   end
   return false
+end
+
+-- A release of a hold whose lease ended and asked to be charged (record field 22), that
+-- reclaim has not come to yet (it takes RECLAIM_BATCH a call): charged now, as reclaim
+-- would have, so what a release finds does not depend on the backlog ahead of it.
+-- Returns true when it ended the hold (the release then answers its first result).
+local function charge_if_ended(ctr, lease, res, gc, rid, r, now, keep)
+  if r[1] ~= 'H' or r[22] ~= 'c' or not KEYS[7] or tonumber(r[2]) > now then return false end
+  end_lease(ctr, res, gc, rid, r, now, keep)
+  redis.call('ZREM', lease, rid)
+  return true
 end
 
 -- Delete what has outlived its use: counters of long-past windows, finished reservations

@@ -288,3 +288,90 @@ async def test_concurrency_lowered_with_holds_out_keeps_its_count(
     assert field(redis_client, "n:conc/default") is None
     again = [await authorize(a, {"estimated_usd": 0.01}) for _ in range(3)]
     assert [d["allowed"] for d in again] == [True, False, False]
+
+
+# ---- 2. a hold whose lease ended: its tokens go back once ------------------------------
+
+TPM_200 = {"pricing": PRICING, "rate_limits": [rate("tpm", "tokens", 200, "10s", burst=100)]}
+DEBT = "d:tpm/default/200/10000"
+
+
+async def _ended(
+    a: Any, rc: redis.Redis, ending: str, on_expiry: str = "release"
+) -> tuple[int, int]:
+    """Hold A (100 tokens, lease 1 s, `on_expiry`) and B (100, a minute) at T0 on 200
+    tokens / 10 s; at T0 + 2 s A ends by `ending`: 'release' in time (its lease made long
+    enough), 'late-release' or 'late-settle' (100 tokens, its estimate) after a call
+    reclaimed its lease, or 'none'. Then 100-token calls offered twice every 500 ms to
+    T0 + 15 s: (the debt right after A's end, the calls admitted)."""
+    lease = 60_000 if ending == "release" else 1_000
+    first = await authorize(a, toks(100, lease_ms=lease, on_expiry=on_expiry))
+    await authorize(a, toks(100, lease_ms=60_000))
+    advance([a], 2_000)
+    if ending != "release":
+        # Denied, and it reclaims A's ended lease on its way (charges it, on_expiry charge).
+        assert not (await authorize(a, toks(100)))["allowed"]
+    rid = first["reservation_id"]
+    if ending in ("release", "late-release"):
+        await release(a, rid)
+        await release(a, rid)  # a replay changes nothing
+    elif ending.startswith("late-settle"):
+        tokens = int(ending.partition(":")[2] or 100)
+        await settle(a, rid, tokens)
+        await settle(a, rid, tokens)
+    debt = field(rc, DEBT) or 0
+    return debt, await admitted([a], toks(100), steps=26, step_ms=500)
+
+
+# Burst 100: a call passes while the debt is at most 100 x 10,000. A and B: 2,000,000 at
+# T0; 2 s on, 1,600,000 less A's 1,000,000 given back once: 600,000, one call passes at
+# once and one each 5 s from T0 + 5 s (3 to T0 + 15 s; given back twice: 4). A kept (its
+# settle at its estimate writes nothing, the denied call neither): the debt as B's
+# authorize wrote it, a call each 5 s from T0 + 5 s (2).
+@pytest.mark.parametrize(
+    ("ending", "on_expiry", "debt", "calls"),
+    [
+        ("release", "release", 600_000, 3),  # in time
+        ("late-release", "release", 600_000, 3),  # after its lease was reclaimed: the same
+        ("late-settle", "release", 2_000_000, 2),  # settled at its estimate
+        ("late-settle:0", "release", 600_000, 3),  # no tokens: as a release
+        # 300 tokens: 1,600,000 + 200 x 10,000 more, 13 s to pay down: none to T0 + 15 s
+        ("late-settle:300", "release", 3_600_000, 0),
+        ("none", "release", 2_000_000, 2),  # a lease's end gives no tokens back
+        ("late-release", "charge", 2_000_000, 2),  # charged at its lease's end: kept
+        ("late-settle", "charge", 2_000_000, 2),
+    ],
+)
+async def test_tokens_of_an_ended_lease_go_back_once(
+    replicas: Replicas,
+    redis_client: redis.Redis,
+    ending: str,
+    on_expiry: str,
+    debt: int,
+    calls: int,
+) -> None:
+    (a,) = await replicas(TPM_200)
+    assert await _ended(a, redis_client, ending, on_expiry) == (debt, calls)
+
+
+async def test_a_charge_hold_released_after_its_lease_behind_a_backlog_is_charged(
+    replicas: Replicas, redis_client: redis.Redis
+) -> None:
+    """`on_expiry: charge`: a hold unsettled at its lease's end is charged its estimate,
+    whether or not reclaim has come to it when a late release arrives (reclaim takes 32
+    ended leases a call). Behind 40 ended leases, as with none: the release finds it
+    settled (charged $0.10), and its 100 tokens stay on the limiter."""
+    org = {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 10,
+           "period": "daily", "on_exceed": "block"}  # fmt: skip
+    doc = {**TPM_200, "budgets": [org]}
+    (a,) = await replicas(doc)
+    for _ in range(40):
+        await authorize(a, {"estimated_usd": 0.01, "lease_ms": 100})
+    charged = await authorize(a, toks(100, lease_ms=200, on_expiry="charge"))
+    assert charged["allowed"]
+    advance([a], 1_000)
+    out = await release(a, charged["reservation_id"])
+    assert (out["state"], out["cost_usd"], out["replayed"]) == ("settled", 0.1, True)
+    assert field(redis_client, DEBT) == 100 * 10_000
+    status, budget = await call(a, "GET", "/v1/budgets/org/status")
+    assert status == 200 and budget["used_usd"] == 0.1, budget
