@@ -8,7 +8,9 @@
 -- the spend metrics count what a lease's end charged as they count a settle.
 --   KEYS[1] ctr    hash  "u:<cid>" settled micro-USD, "h:<cid>" held micro-USD,
 --                        "c:<cid>" calls (budgets with a call cap);
---                        rate limiters: "d:<rf>" debt, "l:<rf>" last update (ms),
+--                        rate limiters: "d:<rf>/<limit>/<window_ms>" debt and
+--                        "l:<rf>/<limit>/<window_ms>" last update (ms), one pair per
+--                        definition (sidecar/keys.py limiter_state),
 --                        "n:<rf>" reservations in flight, "x:<rf>" (usd limiters) ms
 --                        until which a trip is not alerted again
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
@@ -201,8 +203,9 @@ local function rate_args(first, fields, count)
       fields[#fields + 1] = 'n:' .. rf
       fields[#fields + 1] = 'n:' .. rf
     else
-      fields[#fields + 1] = 'd:' .. rf
-      fields[#fields + 1] = 'l:' .. rf
+      local state = rf .. '/' .. ARGV[i + 2] .. '/' .. ARGV[i + 3]  -- as correct_tokens
+      fields[#fields + 1] = 'd:' .. state
+      fields[#fields + 1] = 'l:' .. state
     end
   end
   return rates
@@ -225,12 +228,17 @@ local function unhold(ctr, cid, est)
 end
 
 -- Correct the token limiters a reservation charged by `diff` tokens (actual - estimate);
--- the usd limiters the same way, by `diff` USD units.
+-- the usd limiters the same way, by `diff` USD units. Each entry is "rf:limit:window_ms"
+-- as authorize charged it, and the fields corrected are that definition's own
+-- ("d:<rf>/<limit>/<window_ms>", sidecar/keys.py limiter_state): a debt is in units of
+-- its window and paid back at its limit, so a hold made before its limit was changed
+-- corrects the old limiter, at the scale it was charged, and never the changed one.
 local function correct_tokens(ctr, entries, diff, now)
   if entries == nil or entries == '' or diff == 0 then return end
   for _, entry in ipairs(split(entries, ',')) do
     local parts = split(entry, ':')
     local rf, limit, window = parts[1], tonumber(parts[2]), tonumber(parts[3])
+    rf = rf .. '/' .. parts[2] .. '/' .. parts[3]
     local raw = redis.call('HMGET', ctr, 'd:' .. rf, 'l:' .. rf)
     local last = tonumber(raw[2]) or now
     local debt = decayed(tonumber(raw[1]) or 0, last, now, limit)
@@ -284,6 +292,24 @@ local RECLAIM_BATCH = 32
 local RECLAIM_LIMIT = '33'  -- RECLAIM_BATCH + 1, as text
 local BACKLOG = -9
 local charge_at_end  -- defined after ledger(), which it uses
+
+-- End one held reservation (record `r`, parsed) whose lease has ended, as reclaim does:
+-- its slots freed, its hold returned (state E) or, asked for (record field 22), charged
+-- (state S); `r` is updated in place. The caller removes its lease entry.
+local function end_lease(ctr, res, gc, rid, r, now, keep)
+  free_slots(ctr, r[14])
+  reclaimed_now = reclaimed_now + 1
+  if r[22] == 'c' and KEYS[7] then
+    charge_at_end(ctr, rid, r, now)
+  else
+    local est = tonumber(r[3])
+    for _, cid in ipairs(split(r[7], ',')) do unhold(ctr, cid, est) end
+    r[1] = 'E'
+  end
+  redis.call('HSET', res, rid, table.concat(r, '|'))
+  redis.call('ZADD', gc, now + keep, 'r:' .. rid)
+end
+
 local function reclaim(ctr, lease, res, gc, now, keep, batch)
   batch = batch or RECLAIM_BATCH
   local due = redis.call('ZRANGEBYSCORE', lease, '-inf', now_text(now), 'LIMIT', '0',
@@ -293,23 +319,22 @@ local function reclaim(ctr, lease, res, gc, now, keep, batch)
     local rec = redis.call('HGET', res, rid)
     if rec then
       local r = parse_record(rec)
-      if r[1] == 'H' then
-        free_slots(ctr, r[14])
-        reclaimed_now = reclaimed_now + 1
-        if r[22] == 'c' and KEYS[7] then
-          charge_at_end(ctr, rid, r, now)
-        else
-          local est = tonumber(r[3])
-          for _, cid in ipairs(split(r[7], ',')) do unhold(ctr, cid, est) end
-          r[1] = 'E'
-        end
-        redis.call('HSET', res, rid, table.concat(r, '|'))
-        redis.call('ZADD', gc, now + keep, 'r:' .. rid)
-      end
+      if r[1] == 'H' then end_lease(ctr, res, gc, rid, r, now, keep) end
     end
     redis.call('ZREM', lease, rid)
   end
   return false
+end
+
+-- A release of a hold whose lease ended and asked to be charged (record field 22), that
+-- reclaim has not come to yet (it takes RECLAIM_BATCH a call): charged now, as reclaim
+-- would have, so what a release finds does not depend on the backlog ahead of it.
+-- Returns true when it ended the hold (the release then answers its first result).
+local function charge_if_ended(ctr, lease, res, gc, rid, r, now, keep)
+  if r[1] ~= 'H' or r[22] ~= 'c' or not KEYS[7] or tonumber(r[2]) > now then return false end
+  end_lease(ctr, res, gc, rid, r, now, keep)
+  redis.call('ZREM', lease, rid)
+  return true
 end
 
 -- Delete what has outlived its use: counters of long-past windows, finished reservations

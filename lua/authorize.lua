@@ -48,7 +48,8 @@
 -- then six per loop guard: guard id, repeats, window_ms, shadow, scope, entity
 -- then the ctr fields the decision reads, in this order (one HMGET; the sidecar names
 --           them, so the script builds no field name to read): "u:<cid>" "h:<cid>" per
---           budget; per rate limit "d:<rf>" "l:<rf>" (concurrent: "n:<rf>" twice); "c:<cid>"
+--           budget; per rate limit "d:<st>" "l:<st>" (st: keys.limiter_state; concurrent: "n:<rf>"
+--           twice); "c:<cid>"
 --           per budget with a call cap; the ns stop fields "s:<scope>:<entity>"; "w:<cid>"
 --           per budget
 -- and last, when ng > 0, the call's fingerprint (a hash, hex)

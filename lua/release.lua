@@ -26,7 +26,10 @@
 --   status 1: released now; 2: already finished, the first result unchanged;
 --   0: no such reservation; 3: a cancel that left a claimed reservation standing (another
 --   handout of it stands, or its handouts are not known). A hold whose
---   lease ended was returned then; releasing it afterwards changes no counter.
+--   lease ended was returned then (its budgets, its slots); releasing it afterwards gives
+--   back only what a lease's end keeps: its tokens and dollars to the rate limiters and
+--   its call to the call caps, once. One that asked to be charged at its lease's end
+--   (on_expiry charge) is charged (status 2, settled), whether or not reclaim came to it.
 local ctr, lease, res, gc = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local now = tonumber(ARGV[1])
 local rid = ARGV[2]
@@ -83,6 +86,9 @@ if cancel then
   end
 end
 
+if not cancel and charge_if_ended(ctr, lease, res, gc, rid, r, now, keep) then
+  return done(first_result(r))
+end
 local est, held = tonumber(r[3]), r[1] == 'H'
 -- The call did not happen: free its concurrency slots (unless expiry did) and give its
 -- estimated tokens back to the token limiters. A request limiter keeps the request.

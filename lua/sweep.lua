@@ -36,9 +36,11 @@
 --   u:/h:/a:/c:/w:<cid> when the cid's window key starts before its letter's cutoff
 --                  (w:<cid> sooner: once both its buckets are past, it says nothing),
 --                  and no reservation holds it any more (no "h:<cid>" above 0)
---   d:/l:<rf>      a rate limiter back at zero: its debt has been paid back. A limiter pays
---                  back `limit` units per ms (limit >= 1), so a debt of D is zero at the
---                  latest D ms after its last update (and after IDLE_MS in any case)
+--   d:/l:<st>      a rate limiter back at zero (st: "<rf>/<limit>/<window_ms>", one pair per
+--                  definition: that of a changed limit goes the same way once paid back):
+--                  its debt has been paid back. A limiter pays back `limit` units per
+--                  ms (limit >= 1), so a debt of D is zero at the latest D ms after its
+--                  last update (and after IDLE_MS in any case)
 --   n:<rf>         a concurrency count at zero or below (release deletes it at zero too)
 local ctr, lease, res, gc, sweep = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[9]
 local now, keep = tonumber(ARGV[1]), tonumber(ARGV[2])

@@ -51,7 +51,8 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           -> JSON (off the hot path)
 
 A counter id (cid) is `<budget id>/<entity>/<window key>`, e.g. `b1/team-1/m20261101`;
-a rate limiter's fields ("d:", "l:", "n:" in the same hash) end in `<limit id>/<entity>`.
+a rate limiter's fields ("n:", "x:" in the same hash) end in `<limit id>/<entity>`, its
+debt and last update ("d:", "l:") in `<limit id>/<entity>/<limit>/<window_ms>`.
 Keeping all counters of a tenant in one hash is what lets settle name every key it touches
 in KEYS without a read first: the reservation record lists the cids, which are fields, not
 keys.
@@ -193,8 +194,20 @@ def ctr_field(kind: str, ident: str) -> str:
 
 
 def rate_id(limit_id: str, entity: str) -> str:
-    """The field suffix of one rate limiter (rolling: no window key)."""
+    """The id of one rate limit's limiter for one entity (rolling: no window key): what a
+    reservation record names, the suffix of its concurrency count ("n:") and of a usd
+    limiter's alert mark ("x:")."""
     return f"{escape(limit_id)}/{escape(entity)}"
+
+
+def limiter_state(rate: str, limit: int, window_ms: int) -> str:
+    """The suffix of a windowed limiter's debt and last-update fields ("d:", "l:"):
+    `<rate id>/<limit>/<window_ms>`. A debt is counted in units of its window and paid
+    back at its limit, so it means something only for that definition: a limit whose
+    limit or window changes gets new fields and starts over, and a settle or release of
+    a hold made before the change corrects the fields it was charged to (lua/_lib.lua
+    correct_tokens builds the same name from the record), never the new ones."""
+    return f"{rate}/{limit}/{window_ms}"
 
 
 @lru_cache(maxsize=4096)

@@ -396,7 +396,9 @@ def read_fields(
         if x.args[1] == "c":
             out += (keys.ctr_field("n", rf), keys.ctr_field("n", rf))
         else:
-            out += (keys.ctr_field("d", rf), keys.ctr_field("l", rf))
+            # As the record names it (record_parts): correct_tokens finds the same fields.
+            state = keys.limiter_state(rf, int(x.args[2]), int(x.args[3]))
+            out += (keys.ctr_field("d", state), keys.ctr_field("l", state))
     out += (keys.ctr_field("c", a.cid) for a in budgets if a.budget.limit_calls is not None)
     out += stop_fields
     out += (keys.ctr_field("w", a.cid) for a in budgets)

@@ -158,11 +158,11 @@ async def test_tokens_past_the_whole_limit_exactly_at_it_and_zero(
     big = await resp.json()
     assert not big["allowed"] and big["reason"] == "rate_limit"
     assert big["retry_after_ms"] is None and "Retry-After" not in resp.headers
-    assert redis_client.hget(CTR, "d:tpm/default") is None  # charged nothing
+    assert redis_client.hget(CTR, "d:tpm/default/100/1000") is None  # charged nothing
     # Exactly limit + burst: admitted on an empty limiter (debt 120 x 1000).
     at = await authorize(a, **toks(120))
     assert at["allowed"], at
-    assert int(redis_client.hget(CTR, "d:tpm/default")) == 120 * 1000
+    assert int(redis_client.hget(CTR, "d:tpm/default/100/1000")) == 120 * 1000
     # Debt 120000 over the allowance 20000: 1000 ms to wait, even for a call of 0 tokens.
     zero = await authorize(a, **toks(0))
     assert not zero["allowed"] and zero["retry_after_ms"] == 1000
@@ -172,11 +172,11 @@ async def test_tokens_past_the_whole_limit_exactly_at_it_and_zero(
     zero = await authorize(a, **toks(0))
     assert zero["allowed"], zero
     # A 0-token call charges nothing: the debt is the allowance, as paid back.
-    assert int(redis_client.hget(CTR, "d:tpm/default")) == 20 * 1000
+    assert int(redis_client.hget(CTR, "d:tpm/default/100/1000")) == 20 * 1000
     # Settled with its real tokens, it is charged them.
     await call(a, "POST", "/v1/settle", {"reservation_id": zero["reservation_id"],
                                          "tokens_in": 5, "tokens_out": 0})  # fmt: skip
-    assert int(redis_client.hget(CTR, "d:tpm/default")) == 25 * 1000
+    assert int(redis_client.hget(CTR, "d:tpm/default/100/1000")) == 25 * 1000
 
 
 # ---- a window's edge, two replicas a few ms apart --------------------------------------
@@ -210,7 +210,7 @@ async def test_window_edge_judged_by_replicas_whose_clocks_differ(
     a.clock.advance(1)
     d = await authorize(a)
     assert not d["allowed"] and d["retry_after_ms"] == 999
-    assert int(redis_client.hget(CTR, "l:rps/default")) == T0_MS + 1000
+    assert int(redis_client.hget(CTR, "l:rps/default/1/1000")) == T0_MS + 1000
     # Exactly one call in any window of 1000 ms by the limiter's clock.
     assert admitted == [T0_MS, T0_MS + 1000]
 
@@ -238,7 +238,7 @@ async def test_shadow_limits_never_deny_and_count_only_what_they_would_admit(
     assert all(d["retry_after_ms"] is None and d["reason"] is None for d in decided)
     # The shadow concurrency limit counted only the call it would have admitted.
     assert slots(redis_client) == 1
-    assert int(redis_client.hget(CTR, "d:rps/default")) == 1000
+    assert int(redis_client.hget(CTR, "d:rps/default/1/1000")) == 1000
     for d in [first, *decided]:
         await call(b, "POST", "/v1/settle", {"reservation_id": d["reservation_id"],
                                              "cost_usd": 0.01})  # fmt: skip

@@ -252,7 +252,7 @@ async def test_velocity_is_corrected_to_the_settled_cost(
     make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
 ) -> None:
     client = await make_client(guard_doc(rate_limits=[{**VELOCITY, "limit": 1, "burst": 0.1}]))
-    rf = "agent-burn/a1"
+    rf = "agent-burn/a1/1000/10000"  # $1 in $0.001 units, per 10 s
     _, d = await post(client, "/v1/authorize", {"agent_id": "a1", "estimated_usd": 0.05})
     debt_held = int(redis_client.hget(TENANT.counters, f"d:{rf}") or 0)
     assert debt_held == 50 * 10_000  # 50 units of $0.001 x the 10 s window
@@ -628,7 +628,7 @@ def test_velocity_holds_across_two_sidecar_processes_under_50_concurrent_callers
         answers = asyncio.run(run())
     assert sum(d["allowed"] for d in answers) == 5
     assert {d["reason"] for d in answers if not d["allowed"]} == {"velocity"}
-    debt = int(redis_client.hget(TENANT.counters, "d:agent-burn/a1") or 0)
+    debt = int(redis_client.hget(TENANT.counters, "d:agent-burn/a1/200/3600000") or 0)
     # 5 calls x 10 units x the 3,600,000 ms window, less what the debt paid back since.
     assert 5 * 10 * 3_600_000 - debt < 10 * 3_600_000, debt
 
@@ -753,7 +753,7 @@ async def test_redis_frozen_mid_decision_with_guards_in_force_holds_and_counts_n
             counters = ctr(rc)
             assert int(counters.get("h:per-run/r1/t", 0)) == 0, counters
             assert int(counters.get("c:per-run/r1/t", 0)) == 0, counters
-            assert int(counters.get("d:agent-burn/a1", 0)) == 0, counters
+            assert int(counters.get("d:agent-burn/a1/200/10000", 0)) == 0, counters
             records = rc.hgetall(TENANT.reservations)
             held = [v for v in records.values() if v.startswith("H|")]
             assert len(held) == 1 and "per-run/r0/t" in held[0], records  # the warm call's
