@@ -336,7 +336,7 @@ class Engine:
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
-            self._cancel_later(tenant, rid, key, now + lease_ms)
+            self._cancel_later(tenant, rid, now + lease_ms, key)
             self.events.store_unavailable("authorize")
             # Nothing held, but what the call spends is charged once Redis answers.
             degraded = self._degraded(applied, est)
@@ -344,7 +344,7 @@ class Engine:
         except asyncio.CancelledError:
             # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
             # the script may have been sent: Redis may still run it, and nobody is told.
-            self._cancel_later(tenant, rid, key, now + lease_ms)
+            self._cancel_later(tenant, rid, now + lease_ms, key)
             raise
         verdict = int(reply[0])
         if verdict == 1 and self._clock.now_ms() >= now + lease_ms:
@@ -353,7 +353,7 @@ class Engine:
             # replica may have reclaimed it and granted the same dollars again. Allowing
             # now would let this caller spend what others hold: answer as for a timed-out
             # authorize, and cancel (which frees its idempotency key for the retry).
-            self._cancel_later(tenant, rid, key, self._clock.now_ms() + settings.max_lease_ms)
+            self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms, key)
             self.events.store_unavailable("authorize")
             fresh_end = self._clock.now_ms() + lease_ms
             degraded = self._degraded(applied, est)
@@ -668,18 +668,20 @@ class Engine:
             return
         # The lease's end bounds the retries; the longest lease is a safe bound.
         lease_end_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
-        self._cancel_later(tenant, handout[0], handout[1], lease_end_ms)
+        self._cancel_later(tenant, handout[0], lease_end_ms, handout[1])
 
-    def _cancel_later(self, tenant: str, rid: str, key: str | None, lease_end_ms: int) -> None:
+    def _cancel_later(
+        self, tenant: str, rid: str, lease_end_ms: int, key: str | None = None
+    ) -> None:
         if len(self._cancels) >= _MAX_PENDING_CANCELS:
             return  # past this many, the leases returning the holds will have to do
         task = asyncio.get_running_loop().create_task(
-            self._cancel(tenant, rid, key or "", lease_end_ms)
+            self._cancel(tenant, rid, lease_end_ms, key or "")
         )
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
-    async def _cancel(self, tenant: str, rid: str, key: str, lease_end_ms: int) -> None:
+    async def _cancel(self, tenant: str, rid: str, lease_end_ms: int, key: str = "") -> None:
         """Take back the handout of an authorize that sent `rid` and whose answer never
         reached its caller (lua/release.lua's cancel: the reservation is released once no
         handout of it stands, or tombstoned if the authorize has not run), retrying until

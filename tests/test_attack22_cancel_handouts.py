@@ -91,7 +91,11 @@ async def world(server: RedisServer) -> AsyncIterator[World]:
         engine: Engine = client.server.app[ENGINE]
 
         def record(
-            tenant: str, rid: str, key: str | None, lease_end_ms: int, engine: Engine = engine
+            tenant: str,
+            rid: str,
+            lease_end_ms: int,
+            key: str | None = None,
+            engine: Engine = engine,
         ) -> None:
             assert tenant == "default"
             w.cancels.append(Cancel(engine, rid, key or ""))
@@ -176,7 +180,7 @@ async def lost(w: World, i: int, key: str) -> Cancel:
 
 async def run(cancel: Cancel) -> None:
     await asyncio.wait_for(
-        cancel.engine._cancel("default", cancel.rid, cancel.key, T0_MS + 10**12), GUARD_S
+        cancel.engine._cancel("default", cancel.rid, T0_MS + 10**12, cancel.key), GUARD_S
     )
 
 
