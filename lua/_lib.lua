@@ -63,6 +63,20 @@
 --   25 the cids whose call count this call raised, ',' joined (release lowers them)
 --   26 usd rate limiters it charged, 'rf:limit:window_ms' joined by ',' (settle corrects
 --      them to the cost, release gives the estimate back), in USD_UNIT micro-USD units
+--   27 the handouts of this reservation whose answer may have been delivered, ',' joined:
+--      '*' its authorize, and the last 12 hex digits of each retry's own reservation id
+--      that was handed it (authorize.lua verdict 2); a cancel (release.lua ARGV[4]) takes
+--      its handout out, and the last one out releases it. '' = '*' alone (no retry was
+--      handed it), or, with field 19 set, a record whose handouts are not known: a retry
+--      was handed it by a version that kept none, or by more retries than it counts
+--      (MAX_HANDOUTS): then no cancel releases it.
+--   28 the spend metrics' count of this reservation's charge (settle.lua ARGV[14], each
+--      settle call's attempt id): before the settle, the attempts whose answers were lost
+--      before Redis ran them (settle_lost.lua), each as '~<id>', ',' joined; once settled
+--      by settle.lua (a charge at the lease's end leaves it as it was), the attempt whose
+--      answer counts the charge ('' = the answer counts it, a record of a version that kept
+--      no attempt), that id and '!' when its answer was lost and its own sidecar counts it
+--      (settle_lost.lua), '?' when nobody has counted it yet: the next settle of it does.
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)
@@ -79,11 +93,11 @@ local function split(s, sep)
   end
 end
 
--- A reservation record's fields (see the record layout above): one pattern of 26
+-- A reservation record's fields (see the record layout above): one pattern of 28
 -- captures (a literal: built at run time it would cost each call) instead of a split: a decision parses a record at every settle, release and
--- ended lease, and a split of 26 fields costs more than the rest of a settle's Lua. A
+-- ended lease, and a split of 28 fields costs more than the rest of a settle's Lua. A
 -- record of another length (a cancel's placeholder) is split.
-local RECORD_PATTERN = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'  -- RECORD_FIELDS captures
+local RECORD_PATTERN = '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$'  -- RECORD_FIELDS captures
 local function parse_record(rec)
   local r = {string.match(rec, RECORD_PATTERN)}
   if #r == 0 then return split(rec, '|') end

@@ -67,8 +67,10 @@
 --   not alerted yet (a limit lowered under the spend: see _lib.lua alert_at_denial); 1: held and charged everywhere (held = ARGV[4], or
 --   ARGV[14] when downgraded); 2: a retry: this idempotency key's reservation, made by
 --   the same request and still held, returned as it is (counters as they are now, no rate
---   figures, nor anything after them) and marked claimed so that no cancel releases it (a
---   retry while a stop of the call's entities is in force is a 0 instead, like any call);
+--   figures, nor anything after them) and marked claimed: its handout (the last 12 hex
+--   digits of ARGV[2]) is added to record field 27, so that a cancel releases it only once
+--   every handout of it was cancelled (see release.lua; a retry while a stop of the call's
+--   entities is in force is a 0 instead, like any call);
 --   3: this reservation id was cancelled before this call ran (see release.lua); 4: the key was made by a different
 --   request; 5: the key's reservation is no longer held (state E, S or R): nothing
 --   changed in 4 and 5. BACKLOG (-9, alone): more ended leases than one call returns.
@@ -88,6 +90,7 @@ local est_down = tonumber(ARGV[14])
 local nl, ns, ng = tonumber(ARGV[23]), tonumber(ARGV[24]), tonumber(ARGV[25])
 local rnow = 0  -- read only if a rate limit applies
 local FIRST_BUDGET = 32
+local MAX_HANDOUTS = 16  -- handouts a record counts (record field 27)
 
 if state_lost(8 + ng + (ARGV[20] ~= '' and 1 or 0)) then return done({LOST}) end
 if redis.call('HEXISTS', res, rid) == 1 then return done({3, rid, 'R', 0}) end
@@ -138,10 +141,22 @@ if idem ~= '' then
     if (r[18] or '') ~= fingerprint then return done({4, prior, r[1], 0}) end
     if r[1] ~= 'H' or tonumber(r[2]) <= now then return done({5, prior, r[1], 0}) end
     if stop_field == '' then
-      if r[19] ~= '1' then
-        r[19] = '1'
-        redis.call('HSET', res, prior, table.concat(r, '|'))
+      -- This handout is counted in the record (field 27: '*' stands for the authorize that
+      -- made it), so that only the cancel of every handout releases it: a background cancel
+      -- never undoes what a retry was handed. Past MAX_HANDOUTS the record stops counting
+      -- ('' with field 19 set): no cancel releases it then, its lease ends it.
+      for i = #r + 1, 28 do r[i] = '' end
+      local handouts = r[19] == '1' and r[27] or '*'
+      if handouts ~= '' then
+        local _, commas = string.gsub(handouts, ',', ',')
+        if commas + 1 >= MAX_HANDOUTS then
+          handouts = ''
+        else
+          handouts = handouts .. ',' .. string.sub(rid, -12)
+        end
       end
+      r[19], r[27] = '1', handouts
+      redis.call('HSET', res, prior, table.concat(r, '|'))
       local out = {2, prior, 'H', tonumber(r[3]), tonumber(r[3])}
       for i = 1, 2 * nb do out[#out + 1] = tonumber(raw[i]) or 0 end
       for i = 1, nb do out[#out + 1] = raw[wfirst + i] or '' end
@@ -349,7 +364,7 @@ end
 redis.call('HSET', res, rid, table.concat(
   {'H', lease_end, est_text, price_in, price_out, idem, ARGV[26], '', '', '', meta, '',
    '', slots, token_limiters, ARGV[10], ARGV[27], idem ~= '' and fingerprint or '', '', '', '',
-   ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20], ARGV[28], usd_limiters},
+   ARGV[18], ARGV[18] == 'c' and ARGV[19] or '', ARGV[20], ARGV[28], usd_limiters, '', ''},
   '|'))
 redis.call('ZADD', lease, lease_end, rid)
 if idem ~= '' then redis.call('HSET', res, 'k:' .. idem, rid) end

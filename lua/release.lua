@@ -6,20 +6,26 @@
 -- ARGV[1] now_ms
 -- ARGV[2] reservation id
 -- ARGV[3] keep_ms
--- ARGV[4] '1' to cancel: the sidecar gave up waiting for this reservation's authorize
---         (Redis timed out), so its caller was told no hold exists. If the authorize ran,
---         release it and forget its idempotency key (only while the key still names this
---         reservation); if it has not run yet, leave a released record so that it holds
---         nothing when it does. A reservation that a retry was handed (record field 19),
---         or that is already finished, is left as it is: the cancel is only for the hold
---         nobody was told of.
+-- ARGV[4] '1' to cancel: the sidecar gave up waiting for the authorize that sent ARGV[2]
+--         as its reservation id (Redis timed out, or its answer never reached the caller),
+--         so its caller was told no hold exists. That authorize's handout is taken out of
+--         the reservation it made or, a retry, was handed (record field 27; with ARGV[6]);
+--         when no handout is left, the reservation is released and its idempotency key
+--         forgotten (only while the key still names it). An authorize that has not run yet
+--         gets a released record under its id, so that it holds and is handed nothing when
+--         it does. A reservation some handout of which stands, or whose handouts are not
+--         known (field 19 set, field 27 ''), or that is already finished, is left as it is:
+--         the cancel is only for the hold nobody was told of.
 -- ARGV[5] the rate limiters' clock, ms ('' = Redis TIME)
+-- ARGV[6] with a cancel: the authorize's idempotency key ('' = none); a retry's own
+--         reservation id names no record, the reservation the key names holds its handout
 -- Returns: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in, tokens_out,
 --           overshoot, priced_by, u1, h1, u2, h2, ...} (as settle.lua)
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
 --   meta: what authorize stored with the reservation.
 --   status 1: released now; 2: already finished, the first result unchanged;
---   0: no such reservation; 3: a cancel that left a claimed reservation alone. A hold whose
+--   0: no such reservation; 3: a cancel that left a claimed reservation standing (another
+--   handout of it stands, or its handouts are not known). A hold whose
 --   lease ended was returned then (its budgets, its slots); releasing it afterwards gives
 --   back only what a lease's end keeps: its tokens and dollars to the rate limiters and
 --   its call to the call caps, once. One that asked to be charged at its lease's end
@@ -34,6 +40,27 @@ collect(ctr, res, gc, now)
 local cancel = ARGV[4] == '1'
 local rec = redis.call('HGET', res, rid)
 if string.sub(rid, 1, 2) == 'k:' then return done({0}) end
+
+-- A handout's place in record field 27, and the list without it.
+local function without(list, handout)
+  local left, found = {}, false
+  for _, h in ipairs(split(list, ',')) do
+    if h == handout and not found then found = true else left[#left + 1] = h end
+  end
+  return table.concat(left, ','), found
+end
+
+-- The handout this cancel takes back: the authorize's own ('*'), or a retry's.
+local handout = '*'
+if not rec and cancel and (ARGV[6] or '') ~= '' then
+  local prior = redis.call('HGET', res, 'k:' .. ARGV[6])
+  local prec = prior and redis.call('HGET', res, prior)
+  if prec then
+    local tag = string.sub(rid, -12)
+    local _, found = without(parse_record(prec)[27] or '', tag)
+    if found then rid, rec, handout = prior, prec, tag end
+  end
+end
 if not rec then
   if not cancel then return done({0}) end
   redis.call('HSET', res, rid, 'R|0|0||||||0|')
@@ -43,7 +70,17 @@ end
 local r = parse_record(rec)
 if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
 if cancel then
-  if r[19] == '1' then return done({3, r[1], 0, tonumber(r[3]), 0, r[7], r[11] or '', 0, 0, 0, ''}) end
+  if r[19] == '1' then
+    local left, found = without(r[27] or '', handout)
+    if not found or left ~= '' then
+      if found then
+        r[27] = left
+        redis.call('HSET', res, rid, table.concat(r, '|'))
+      end
+      return done({3, r[1], 0, tonumber(r[3]), 0, r[7], r[11] or '', 0, 0, 0, ''})
+    end
+    r[27] = ''  -- the last handout: released below
+  end
   if r[6] ~= '' and redis.call('HGET', res, 'k:' .. r[6]) == rid then
     redis.call('HDEL', res, 'k:' .. r[6])
   end

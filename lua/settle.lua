@@ -20,6 +20,9 @@
 -- ARGV[13] the learned estimates' config "ttl_s:max_series" ('' = teach nothing): a cost
 --          that was measured (priced tokens or a given cost, not the held estimate)
 --          teaches the series the reservation names (record field 24)
+-- ARGV[14] this settle call's attempt id, new for each call the sidecar sends ('' = none:
+--          the answer counts the charge, as ever): kept in record field 28, so that the
+--          spend metrics count a charge whose answer was lost once (see settle_lost.lua)
 -- The result: {status, state, cost, estimate, lease_ended, cids, meta, tokens_in,
 --           tokens_out, overshoot, priced_by, u1, h1, u2, h2, ...}
 --   cids: the record's counter ids joined by ',' (u, h follow in the same order);
@@ -29,6 +32,9 @@
 --   after this charge less what it already had before, so summed over every settle it is
 --   exactly the settled spend past the cap; priced_by: 't' | 'c' | 'e' (record field 21).
 --   status 1: settled now; 2: already finished, the first result returned unchanged;
+--   4: as 2, and this answer counts the charge in the spend metrics: the attempt that
+--   charged it had its answer lost (record field 28 '?'), and nobody counted it yet (the
+--   first settle to find it so counts it, and marks it, so no other does);
 --   0: no such reservation.
 --   A reservation whose lease ended is still charged (the call did spend); its hold had
 --   already gone back, so only the cost is added, and lease_ended says so.
@@ -42,7 +48,16 @@ collect(ctr, res, gc, now)
 local rec = redis.call('HGET', res, rid)
 if not rec or string.sub(rid, 1, 2) == 'k:' then return done({0}) end
 local r = parse_record(rec)
-if r[1] == 'S' or r[1] == 'R' then return done(first_result(r)) end
+local attempt = ARGV[14] or ''
+if r[1] == 'S' or r[1] == 'R' then
+  local out = first_result(r)
+  if r[1] == 'S' and r[28] == '?' and attempt ~= '' then
+    r[28] = attempt
+    redis.call('HSET', res, rid, table.concat(r, '|'))
+    out[1] = 4
+  end
+  return done(out)
+end
 
 local cost, priced_by = 0, ARGV[4]
 local tokens_in, tokens_out = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -84,8 +99,13 @@ if ARGV[12] ~= '' then
 end
 r[1], r[8], r[9], r[10] = 'S', int(cost), ended and '1' or '0', snapshot_text(figures)
 r[11], r[12], r[13] = meta, int(tokens_in), int(tokens_out)
-for i = #r + 1, 19 do r[i] = '' end
+for i = #r + 1, 27 do r[i] = '' end
 r[20], r[21] = int(overshoot), priced_by
+-- Who counts this charge in the spend metrics: this answer, unless it was already known
+-- lost (settle_lost.lua ran before this call did): then the next settle that finds it.
+local lost = false
+for _, a in ipairs(split(r[28] or '', ',')) do lost = lost or a == '~' .. attempt end
+r[28] = (lost and attempt ~= '') and '?' or attempt
 redis.call('HSET', res, rid, table.concat(r, '|'))
 redis.call('ZADD', gc, int(now + keep), 'r:' .. rid)
 if priced_by ~= 'e' then learn(KEYS[9], r[24], cost, ARGV[13] or '') end

@@ -45,6 +45,7 @@ from sidecar.reservations import (
     fingerprint,
     loop_fingerprint,
     meta,
+    new_attempt_id,
     new_reservation_id,
 )
 from sidecar.resolution import (
@@ -85,6 +86,11 @@ __all__ = [
 ]
 
 _MAX_PENDING_CANCELS = 10_000
+# lua/settle.lua and settle_lost.lua: a finished reservation's first result, whose charge
+# this answer is the first to count in the spend metrics (its charging answer was lost).
+LATE_CHARGE = 4
+# Decision.__dict__'s entry for what a cancel of that answer names (see take_back).
+_HANDOUT = "handout"
 # The scripts' answer when more ended leases wait than one call returns (lua/_lib.lua).
 BACKLOG = -9
 # A decision's answer when the state marker it names is gone (lua/_lib.lua state_lost).
@@ -124,6 +130,7 @@ class Engine:
         self._charging_day = -1
         self._charging: dict[str, tuple[str, ...]] = {}
         self._cancels: set[asyncio.Task[None]] = set()
+        self._lost_settles: set[asyncio.Task[None]] = set()
         # When Redis was last seen losing its state (sidecar.state_loss sets it): a settle
         # or release of a reservation it took says so.
         self.state_lost_at: str | None = None
@@ -329,7 +336,7 @@ class Engine:
         except StoreUnavailable:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
-            self._cancel_later(tenant, rid, now + lease_ms)
+            self._cancel_later(tenant, rid, now + lease_ms, key)
             self.events.store_unavailable("authorize")
             # Nothing held, but what the call spends is charged once Redis answers.
             degraded = self._degraded(applied, est)
@@ -337,7 +344,7 @@ class Engine:
         except asyncio.CancelledError:
             # Cancelled (aiohttp past its shutdown timeout, or on a lost connection) after
             # the script may have been sent: Redis may still run it, and nobody is told.
-            self._cancel_later(tenant, rid, now + lease_ms)
+            self._cancel_later(tenant, rid, now + lease_ms, key)
             raise
         verdict = int(reply[0])
         if verdict == 1 and self._clock.now_ms() >= now + lease_ms:
@@ -346,7 +353,7 @@ class Engine:
             # replica may have reclaimed it and granted the same dollars again. Allowing
             # now would let this caller spend what others hold: answer as for a timed-out
             # authorize, and cancel (which frees its idempotency key for the retry).
-            self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms)
+            self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms, key)
             self.events.store_unavailable("authorize")
             fresh_end = self._clock.now_ms() + lease_ms
             degraded = self._degraded(applied, est)
@@ -375,6 +382,9 @@ class Engine:
         decision.reservation_id = str(reply[1])
         decision.lease_expires_at = iso(now + lease_ms) if held else None
         decision.replayed = verdict == 2
+        # What a cancel of this answer names (take_back): this call's own reservation id,
+        # which a retry's handout is known by (lua/release.lua), and its key.
+        decision.__dict__[_HANDOUT] = (rid, key or "")
         return decision
 
     async def _check(
@@ -451,13 +461,29 @@ class Engine:
             "1" if settled.success else "0",
             "" if settled.provider_model is None else SEP.join(settled.provider_model),
             self._learn_config,
+            attempt := new_attempt_id(),
         ]
-        reply = await self._run(
-            self._scripts.settle, tenant, args, self.charging_keys(tenant, now, self._learns)
-        )
-        return rendering.settle_result(
+        script_keys = self.charging_keys(tenant, now, self._learns)
+        try:
+            reply = await self.run_script(self._scripts.settle, tenant, args, script_keys)
+        except StoreUnavailable as exc:
+            # Redis may have run it and only its answer was lost: the caller is told 503
+            # and repeats it, and the repeat answers "replayed", which the spend metrics
+            # skip. Found in the background, the charge is counted here, once.
+            self._find_lost_settle_later(tenant, rid, attempt)
+            self.events.store_unavailable("settle")
+            raise Unavailable(str(exc)) from exc
+        except asyncio.CancelledError:
+            self._find_lost_settle_later(tenant, rid, attempt)
+            raise
+        result = rendering.settle_result(
             self.snapshot(tenant), rid, reply, "tokens_in", self.state_lost_at
         )
+        if int(reply[0]) == LATE_CHARGE:
+            # The attempt that charged it had its answer lost before its sidecar knew it
+            # had charged: this answer is the first to count it (lua/settle.lua status 4).
+            self.events.late_charge(result)
+        return result
 
     async def _release(self, tenant: str, reservation_id: str) -> SettleResult:
         if fail_open.is_grant_id(reservation_id):
@@ -627,31 +653,45 @@ class Engine:
         """Release, in the background, the hold of a decision its caller never received (the
         connection was gone before the answer was written): the cancel of a timed-out
         authorize, so a hold nobody was told of does not sit until its lease ends, and its
-        idempotency key is free for the retry. A replayed decision's hold was handed out
-        before: left (release.lua leaves a claimed reservation alone anyway)."""
+        idempotency key is free for the retry. A replayed decision takes back only its own
+        handout of the hold: release.lua releases it once no handout of it stands."""
         rid = decision.reservation_id
         if rid is not None and decision.degraded and not decision.replayed:
             self.fail_open.forget(tenant, rid)  # a fail-open grant: nobody will settle it
-        if rid is None or decision.replayed or decision.lease_expires_at is None:
+        if rid is None or (not decision.replayed and decision.lease_expires_at is None):
+            return
+        # A decision made elsewhere than _authorize names its reservation only.
+        handout: tuple[str, str] | None = decision.__dict__.get(
+            _HANDOUT, None if decision.replayed else (rid, "")
+        )
+        if handout is None:
             return
         # The lease's end bounds the retries; the longest lease is a safe bound.
         lease_end_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
-        self._cancel_later(tenant, rid, lease_end_ms)
+        self._cancel_later(tenant, handout[0], lease_end_ms, handout[1])
 
-    def _cancel_later(self, tenant: str, rid: str, lease_end_ms: int) -> None:
+    def _cancel_later(
+        self, tenant: str, rid: str, lease_end_ms: int, key: str | None = None
+    ) -> None:
         if len(self._cancels) >= _MAX_PENDING_CANCELS:
             return  # past this many, the leases returning the holds will have to do
-        task = asyncio.get_running_loop().create_task(self._cancel(tenant, rid, lease_end_ms))
+        task = asyncio.get_running_loop().create_task(
+            self._cancel(tenant, rid, lease_end_ms, key or "")
+        )
         self._cancels.add(task)
         task.add_done_callback(self._cancels.discard)
 
-    async def _cancel(self, tenant: str, rid: str, lease_end_ms: int) -> None:
-        """Release (or tombstone) a reservation whose authorize timed out, retrying until
+    async def _cancel(self, tenant: str, rid: str, lease_end_ms: int, key: str = "") -> None:
+        """Take back the handout of an authorize that sent `rid` and whose answer never
+        reached its caller (lua/release.lua's cancel: the reservation is released once no
+        handout of it stands, or tombstoned if the authorize has not run), retrying until
         it succeeds or the lease has ended (then the hold is back by itself)."""
         delay_s = 0.05
         while self._clock.now_ms() < lease_end_ms:
             keep = self._snapshot.config.settings.keep_finished_ms
-            args: list[str | int] = [self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms()]
+            args: list[str | int] = [
+                self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms(), key
+            ]  # fmt: skip
             try:
                 await self.run_script(self._scripts.release, tenant, args)
                 return
@@ -659,13 +699,47 @@ class Engine:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 1.0)
 
+    def _find_lost_settle_later(self, tenant: str, rid: str, attempt: str) -> None:
+        if len(self._lost_settles) >= _MAX_PENDING_CANCELS:
+            return  # past this many, those go uncounted in the metrics (the books have them)
+        task = asyncio.get_running_loop().create_task(self._find_lost_settle(tenant, rid, attempt))
+        self._lost_settles.add(task)
+        task.add_done_callback(self._lost_settles.discard)
+
+    async def _find_lost_settle(self, tenant: str, rid: str, attempt: str) -> None:
+        """A settle call whose answer was lost: if it charged the reservation, count that
+        charge in the metrics (lua/settle_lost.lua), retrying until Redis answers. Bounded
+        like a cancel: past the longest lease, the attempt is left uncounted."""
+        delay_s = 0.05
+        until_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
+        script_keys = (keys.tenant_keys(tenant).reservations,)
+        while self._clock.now_ms() < until_ms:
+            try:
+                reply = await self.run_script(
+                    self._scripts.settle_lost, tenant, (rid, attempt), script_keys
+                )
+            except StoreUnavailable:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
+                continue
+            if int(reply[0]) == LATE_CHARGE:
+                result = rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
+                self.events.late_charge(result)
+            return
+
     @property
     def pending_cancels(self) -> int:
         return len(self._cancels)
 
+    @property
+    def pending_lost_settles(self) -> int:
+        """Settles whose answer was lost, not yet looked for (see _find_lost_settle)."""
+        return len(self._lost_settles)
+
     async def close(self) -> None:
         """Stop retrying cancels (the leases return those holds) and the fail-open drain."""
         await tasks.stop(self._cancels, what="cancels of timed-out authorizes")
+        await tasks.stop(self._lost_settles, what="searches for settles whose answer was lost")
         await self.fail_open.close()
 
     # ---- helpers ------------------------------------------------------------------------

@@ -31,6 +31,12 @@ class EngineEvents(Protocol):
     ) -> None:
         """/v1/record charged (or replayed) a cost after the fact."""
 
+    def late_charge(self, result: SettleResult) -> None:
+        """A settle's charge whose answer no caller received (Redis ran it, its answer came
+        after the timeout: the caller was told 503), found by a later settle of the same
+        reservation (answered replayed) or in the background by the sidecar that timed
+        out: reported once, here; `finished` skipped it (a replay, or no answer)."""
+
     def store_unavailable(self, operation: str) -> None:
         """Redis did not answer an operation in time (the fail mode then applies)."""
 
@@ -69,6 +75,9 @@ class NoEvents:
         tokens_out: int,
         seconds: float,
     ) -> None:
+        pass
+
+    def late_charge(self, result: SettleResult) -> None:
         pass
 
     def store_unavailable(self, operation: str) -> None:

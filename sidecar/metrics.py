@@ -440,6 +440,16 @@ class Metrics:
             # with the usage ledger, whose kind "expiry" records these.
             self._spend(provider or None, model or None, micro_to_usd(cost_micro), 0, 0)
 
+    def late_charge(self, result: SettleResult) -> None:
+        # A settle's charge no answer reported (see EngineEvents.late_charge): counted as
+        # finished() counts one answered at once.
+        self._settled.inc()
+        self._spend(result.provider, result.model, result.cost_usd, *_tokens(result))
+        if result.overshoot_usd:
+            self.overshoot.inc(result.overshoot_usd)
+        if result.priced_by == "estimate":
+            self.estimate_charges.inc()
+
     def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
         self.fail_open_charges.labels(event).inc()
         if result is not None and not result.replayed:

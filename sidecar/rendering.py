@@ -308,7 +308,7 @@ def settle_result(
         estimate_error_usd=micro_to_usd(max(0, cost - est)) if settled else 0.0,
         priced_by=_PRICED_BY.get(priced_by, "none") if settled else "none",
         lease_expired=str(reply[4]) == "1",
-        replayed=status == 2,
+        replayed=status in (2, 4),  # 4: a first result this answer counts (see engine)
         provider=provider,
         model=model,
         tokens_in=tokens_in,

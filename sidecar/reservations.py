@@ -37,6 +37,17 @@ def new_reservation_id() -> str:
     return _random[at : at + 16].hex()
 
 
+def new_attempt_id() -> str:
+    """32 random bits in hex: one settle call's id (lua/settle.lua ARGV[14]); it only tells
+    apart the few calls that settle one reservation. From the same chunks as the ids."""
+    global _random, _random_at
+    at = _random_at
+    if at + 4 > len(_random):
+        _random, at = bytearray(os.urandom(_RANDOM_CHUNK)), 0
+    _random_at = at + 4
+    return _random[at : at + 4].hex()
+
+
 # The ledger tuple's separator. Identifiers are validated, so the unit separator cannot
 # occur in them (nor '|', the record's own).
 SEP = "\x1f"

@@ -243,7 +243,9 @@ class EstimateSource(enum.StrEnum):
     FLOOR = "floor"  # settings.min_estimate_usd: what the request gave was less
 
 
-class Decision(Struct, kw_only=True, omit_defaults=False):
+# dict=True: the engine keeps on a decision, off the wire (msgspec encodes only the fields),
+# what a cancel of its answer names (Engine.take_back).
+class Decision(Struct, kw_only=True, omit_defaults=False, dict=True):
     allowed: bool
     action: str
     reservation_id: str | None = None

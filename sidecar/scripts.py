@@ -9,7 +9,8 @@ from importlib import resources
 from pathlib import Path
 
 OPERATIONS = (
-    "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops"
+    "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops",
+    "settle_lost",
 )  # fmt: skip
 # Scripts run alone (no _lib.lua), off the hot path, through redis-py.
 STANDALONE = ("alert_drops", "definition_create", "definition_put", "state_marker")
@@ -54,6 +55,7 @@ class Scripts:
     reclaim: Script
     sweep: Script
     stops: Script  # the stop switch (sidecar.stops): off the hot path
+    settle_lost: Script  # a settle whose answer was lost, counted once (off the hot path)
 
     @classmethod
     def load_all(cls) -> Scripts:
@@ -71,5 +73,6 @@ class Scripts:
                 self.reclaim,
                 self.sweep,
                 self.stops,
+                self.settle_lost,
             )
         )

@@ -236,7 +236,10 @@ class FaultProxy:
     mode "forward": bytes both ways; "delay": replies held `delay_s` before they go on
     (the commands reach Redis at once: it runs them, the sidecar gives up on the answer);
     "cut": the next reply chunk goes half-way, then the connection closes (a reply cut in
-    the middle); "blackhole": accepts, reads, forwards nothing either way."""
+    the middle); "blackhole": accepts, reads, forwards nothing either way. `hold()` keeps
+    the commands read from then on that contain its bytes (and everything after them on
+    their connection) from Redis until `let_go()`: a command that reaches Redis only after
+    its sidecar gave up on it and sent what follows on a new connection."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
@@ -248,6 +251,19 @@ class FaultProxy:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: list[asyncio.StreamWriter] = []
+        self._let_go = asyncio.Event()
+        self._let_go.set()
+        self._holding: bytes | None = None
+        self.held = 0  # commands' chunks held so far
+        self.held_ports: list[int] = []  # the local ports, towards Redis, of the held ones
+
+    def hold(self, containing: bytes) -> None:
+        self._let_go.clear()
+        self._holding = containing
+
+    def let_go(self) -> None:
+        self._holding = None
+        self._let_go.set()
 
     async def start(self) -> FaultProxy:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -273,6 +289,10 @@ class FaultProxy:
                 while data := await reader.read(65536):
                     self.bytes_in += len(data)
                     dead = dead or self.mode == "blackhole"
+                    if self._holding is not None and self._holding in data:
+                        self.held += 1
+                        self.held_ports.append(up_writer.get_extra_info("sockname")[1])
+                        await self._let_go.wait()
                     if not dead:
                         up_writer.write(data)
             up_writer.close()

@@ -38,7 +38,7 @@ HELD: web.RequestKey[tuple[Engine, str, Decision]] = web.RequestKey("held", tupl
 
 def note(request: Any, engine: Engine, tenant: str, decision: Decision) -> None:
     """Remember a decision that holds: its answer is about to be written."""
-    if decision.reservation_id is not None and not decision.replayed:
+    if decision.reservation_id is not None:  # a replay too: its handout is taken back
         request[HELD] = (engine, tenant, decision)
 
 
