@@ -57,6 +57,7 @@ async def test_tenants_spread_and_each_stays_atomic(cluster: RedisCluster) -> No
 
         await asyncio.gather(*(storm(t) for t in tenants))
     finally:
+        await engine.close()  # its cancels of timed-out authorizes, before their store
         await store.close()
 
     primaries = {cluster.primary_of(keys.tenant_keys(t).counters) for t in tenants}
@@ -117,6 +118,7 @@ async def test_a_call_to_a_slot_in_migration_follows_ask(cluster: RedisCluster) 
         held = {k: int(v) for k, v in raw.items() if k.startswith("h:")}
         assert list(held.values()) == [250_000], raw
     finally:
+        await engine.close()  # its cancels of timed-out authorizes, before their store
         await store.close()
         for key in charging:  # leave the slot as the other tests expect
             pipe = cluster.client(target).pipeline(transaction=False)
@@ -179,6 +181,7 @@ async def test_a_primary_failover_under_load(cluster: RedisCluster) -> None:
 
         await asyncio.gather(worker(), worker(), worker(), kill_later())
     finally:
+        await engine.close()  # its cancels of timed-out authorizes, before their store
         await store.close()
 
     assert killed_at and resumed, "decisions never resumed after the failover"
