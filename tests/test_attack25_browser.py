@@ -501,3 +501,17 @@ async def test_a_browser_behind_each_real_proxy_still_holds_and_passes(
         assert (status, body) == (200, b'{"ok": true}'), (host, stack.proxy.output()[-2000:])
     assert len(stack.seen) == len(hosts)
     assert (await stack.budget())["held_usd"] == round(0.1 * len(hosts), 6)
+
+
+async def test_the_openapi_document_names_both_answers(serve: Serve) -> None:
+    srv = await serve(True)
+    status, spec = await ask(srv, "GET", "/openapi.json", "localhost")
+    assert status == 200 and spec is not None
+    operations = [
+        (path, op) for path, item in spec["paths"].items() for op in item.values()
+        if isinstance(op, dict) and "responses" in op
+    ]  # fmt: skip
+    assert [p for p, op in operations if "421" not in op["responses"]] == []
+    hooks = [op for p, op in operations if p.startswith("/ext_authz")]
+    assert len(hooks) == 2 * 8  # every method, on /ext_authz and below it
+    assert [op for op in hooks if "403" not in op["responses"]] == []
