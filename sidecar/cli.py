@@ -286,7 +286,7 @@ async def _run_app(
 
     metrics = Metrics()
     store = metrics.wrap(open_store(redis_url, timeout_ms=cfg.settings.redis_timeout_ms))
-    app = create_app(cfg, store, events=metrics)
+    app = create_app(cfg, store, events=metrics, listen_host=args.host)
     if args.config:
         watcher = ConfigWatcher(args.config, app[ENGINE], on_result=metrics.config_reloaded)
         app.cleanup_ctx.append(watcher.lifecycle)

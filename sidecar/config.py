@@ -305,6 +305,16 @@ class FallbackPriceSpec(Struct, forbid_unknown_fields=True, kw_only=True):
         check_price(self.input_per_1k, self.output_per_1k)
 
 
+# A Host name (no port), `*.` and a name for every name under it, or `*` for any Host.
+AllowedHost = Annotated[
+    str,
+    Meta(
+        pattern=r"^(\*|(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?)\Z",
+        max_length=253,
+    ),
+]
+
+
 class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     unpriced_model: UnpricedModel = UnpricedModel.REFUSE
     fallback_price: FallbackPriceSpec | None = None
@@ -331,6 +341,8 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     estimate_stats_days: Annotated[int, Meta(ge=1, le=3660)] = 7
     estimate_max_series: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
     fast_http: bool = True
+    # Host names the sidecar answers to besides its built-in ones (sidecar.api.origin).
+    allowed_hosts: Annotated[tuple[AllowedHost, ...], Meta(max_length=100)] = ()
 
     def __post_init__(self) -> None:
         if usd_to_micro(self.estimate_ceiling_usd) < usd_to_micro(self.min_estimate_usd):
@@ -378,6 +390,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             estimate_stats_days=self.estimate_stats_days,
             estimate_max_series=self.estimate_max_series,
             fast_http=self.fast_http,
+            allowed_hosts=tuple(h.lower() for h in self.allowed_hosts),
         )
 
 

@@ -254,6 +254,8 @@ class Settings:
     axonflow_metrics: bool = False
     # The hot routes on sidecar.api.fast's protocol (False: aiohttp serves every route).
     fast_http: bool = True
+    # Host names accepted besides the built-in ones, lower-case (sidecar.api.origin).
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -362,6 +362,11 @@ def test_check_config_missing_file(tmp_path: Path) -> None:
         (with_budget(limit_usd="ten"), "$.budgets[0].limit_usd"),
         ({"settings": {"unpriced_model": "fallback"}}, "$.settings.fallback_price"),
         ({"budgets": [BUDGET], "rate_limits": [{"rpm": 1}]}, "$.rate_limits"),
+        # A Host name, not host:port (the port is never part of the rule).
+        (
+            {"settings": {"allowed_hosts": ["ok.example", "x.example:8787"]}},
+            "$.settings.allowed_hosts[1]",
+        ),
     ],
 )
 def test_serve_refuses_a_bad_config(

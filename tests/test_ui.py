@@ -13,7 +13,7 @@ import json
 import shutil
 import subprocess
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from itertools import count
 from pathlib import Path
 from typing import Any
@@ -73,6 +73,8 @@ class Page:
     def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
         self._ws = ws
         self._ids = count(1)
+        # The events received while waiting for answers (Network.* once enabled).
+        self.events: list[dict[str, Any]] = []
 
     async def send(self, method: str, **params: Any) -> dict[str, Any]:
         call_id = next(self._ids)
@@ -83,6 +85,8 @@ class Page:
                 assert "error" not in message, message
                 result: dict[str, Any] = message["result"]
                 return result
+            if "method" in message:
+                self.events.append(message)
 
     async def eval(self, expression: str) -> Any:
         result = await self.send(
@@ -111,13 +115,15 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def chromium(profile: Path) -> AsyncIterator[Page]:
+async def chromium(profile: Path, flags: Sequence[str] = ()) -> AsyncIterator[Page]:
+    """A headless Chromium tab; `flags` are added to CHROMIUM_FLAGS (e.g.
+    --host-resolver-rules)."""
     binary = shutil.which("chromium")
     if binary is None:
         missing("chromium (apt-get install chromium)")
     assert binary is not None
     proc = subprocess.Popen(
-        [binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *DEVTOOLS, "about:blank"],
+        [binary, *CHROMIUM_FLAGS, *flags, f"--user-data-dir={profile}", *DEVTOOLS, "about:blank"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

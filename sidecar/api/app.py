@@ -26,6 +26,7 @@ from sidecar.api import (
     gateway,
     native,
     openapi,
+    origin,
     proxy,
     ui,
     undelivered,
@@ -128,12 +129,17 @@ LINGER_S = 2.0
 
 
 def guard(
-    authenticate: Callable[[web.Request], None], body_timeout_s: float, max_body: int
+    authenticate: Callable[[web.Request], None],
+    body_timeout_s: float,
+    max_body: int,
+    screen: Callable[[web.Request], None],
 ) -> tuple[Middleware, fast.Whole]:
     """The one middleware every request passes (one layer, not three: each layer is a
     coroutine frame on every request and every resumption of it):
 
-    - credentials (api.auth), before anything is read;
+    - what a browser was tricked into sending (api.origin: a Host the sidecar does not
+      answer to, a page's own call to /ext_authz), then credentials (api.auth), before
+      anything is read;
     - the body rules of sidecar.api.bodies: a declared length over `max_body` is 413 at
       once; on a route's POST/PUT/PATCH a Content-Type other than JSON is 415 and an object
       with a key given twice is 400;
@@ -157,6 +163,7 @@ def guard(
             raise ProblemError(
                 400, "http_version: HTTP/0.9 is not served; use HTTP/1.1", field="http_version"
             )
+        screen(request)
         authenticate(request)
         if request.can_read_body and not request.path.startswith(proxy.PREFIX):
             too_large = bodies.declared_too_large(request, max_body)
@@ -297,13 +304,18 @@ def create_app(
     events: EngineEvents | None = None,
     header_timeout_s: float = HEADER_TIMEOUT_S,
     body_timeout_s: float = BODY_TIMEOUT_S,
+    listen_host: str | None = None,
 ) -> web.Application:
     """The application over a store. The store is closed with the app. With `events` a
     Metrics, /metrics and /prometheus serve it. A connection that has not sent a whole
     request head within `header_timeout_s` (or stays idle that long) is closed; a body not
-    received within `body_timeout_s` is answered 408."""
+    received within `body_timeout_s` is answered 408. `listen_host` (serve --host) is a Host
+    name it answers to (api.origin)."""
     checks, whole = guard(
-        api_auth.authenticator(ENGINE), body_timeout_s, config.settings.max_body_bytes
+        api_auth.authenticator(ENGINE),
+        body_timeout_s,
+        config.settings.max_body_bytes,
+        origin.screener(ENGINE, listen_host),
     )
     # settings.fast_http: the hot routes on sidecar.api.fast's protocol, the rest on aiohttp.
     # Both answer what aiohttp refuses before any handler as problem+json, and a client

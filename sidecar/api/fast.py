@@ -115,7 +115,7 @@ class FastRequest(dict[str, Any]):
     mapping (the principal is stored in it)."""
 
     __slots__ = ("_body", "app", "headers", "keep_alive", "match_info", "method", "path",
-                 "raw_path")  # fmt: skip
+                 "raw_path", "transport")  # fmt: skip
 
     version = HttpVersion11
 
@@ -129,6 +129,7 @@ class FastRequest(dict[str, Any]):
         body: bytes,
         keep_alive: bool,
         match_info: MatchInfo,
+        transport: asyncio.Transport | None = None,
     ) -> None:
         # (dict's own __init__ is not called: the mapping starts empty without it.)
         self.app = app
@@ -139,6 +140,7 @@ class FastRequest(dict[str, Any]):
         self._body = body
         self.keep_alive = keep_alive
         self.match_info = match_info
+        self.transport = transport  # as aiohttp's (api.origin reads its local port)
 
     # Body: received whole before the handler runs.
     @property
@@ -469,6 +471,7 @@ class FastProtocol(asyncio.Protocol):
             body,
             self._parser.should_keep_alive(),
             MatchInfo(self._app) if proxied else self._post_match,
+            self._transport,
         )
         if proxied and len(path) > len(proxy.PREFIX):
             request.match_info["tail"] = path[len(proxy.PREFIX) + 1 :]

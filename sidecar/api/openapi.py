@@ -211,6 +211,11 @@ def _problem(description: str) -> dict[str, Any]:
 BAD_INPUT = _problem("Bad input: the body or a parameter, named in `field`. Nothing written.")
 TOO_SLOW = _problem("The body did not arrive in time; the connection is closed. Nothing written.")
 TOO_LARGE = _problem("The body is larger than settings.max_body_bytes. Nothing written.")
+BROWSER = _problem(
+    "A browser's own request: Origin or Sec-Fetch-* without a header a proxy adds "
+    "(X-Forwarded-*, X-Original-*, x-envoy-*, Via, Forwarded, a proxy.headers name). "
+    "Nothing held."
+)
 NOT_JSON = _problem("A Content-Type other than JSON (none is read as JSON). Nothing written.")
 UNAVAILABLE = _problem("Redis is away and the fail mode is closed (`degraded: true`).")
 REDIS_AWAY = _problem("Redis does not answer (`degraded: true`). Nothing written.")
@@ -307,15 +312,17 @@ def _ext_authz_op(proxy: ProxySpec, tail: bool) -> dict[str, Any]:
         params.insert(0, _path_param("tail", "Envoy appends the client's path"))
     deny = _json("Decision", "Denied by a budget or rate limit.")
     deny["headers"] = RATE_LIMIT_HEADERS
+    responses = {
+        "200": {"description": "Allowed; empty body, `x-budget-*` headers for upstream."},
+        str(proxy.deny_status): deny,
+        "400": _problem("A header's value is unusable; `field` names the header."),
+        "503": UNAVAILABLE,
+    }
+    responses.setdefault("403", BROWSER)
     return {
         "summary": "Proxy hook (Envoy ext_authz HTTP, nginx auth_request, forward auth)",
         "parameters": params,
-        "responses": {
-            "200": {"description": "Allowed; empty body, `x-budget-*` headers for upstream."},
-            str(proxy.deny_status): deny,
-            "400": _problem("A header's value is unusable; `field` names the header."),
-            "503": UNAVAILABLE,
-        },
+        "responses": responses,
     }
 
 
@@ -324,7 +331,10 @@ def _pass_op(tail: bool) -> dict[str, Any]:
     return {
         "summary": "Proxy hook: passes with nothing held (proxy.pass_methods)",
         "parameters": [_path_param("tail", "Envoy appends the client's path")] if tail else [],
-        "responses": {"200": {"description": "Passes; `x-budget-action: pass`, nothing held."}},
+        "responses": {
+            "200": {"description": "Passes; `x-budget-action: pass`, nothing held."},
+            "403": BROWSER,
+        },
     }
 
 
@@ -798,6 +808,21 @@ def _with_media_type(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, An
     return paths
 
 
+MISDIRECTED = _problem(
+    "A Host the sidecar does not answer to (a page whose name was pointed at it: DNS "
+    "rebinding); name it in settings.allowed_hosts. Nothing read or written."
+)
+
+
+def _with_host(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every operation answers 421 to a Host it does not answer to (sidecar.api.origin)."""
+    for item in paths.values():
+        for operation in item.values():
+            if isinstance(operation, dict) and "responses" in operation:
+                operation["responses"].setdefault("421", MISDIRECTED)
+    return paths
+
+
 def document(config: Config) -> dict[str, Any]:
     """The whole document for this config (proxy header names, deny status and whether
     credentials are required are its)."""
@@ -817,7 +842,9 @@ def document(config: Config) -> dict[str, Any]:
                 f"application/problem+json. {mode}"
             ),
         },
-        "paths": _with_auth(_with_media_type({**_paths(config), **_axonflow_paths()}), config),
+        "paths": _with_auth(
+            _with_host(_with_media_type({**_paths(config), **_axonflow_paths()})), config
+        ),
         "components": {
             "schemas": _components(),
             "securitySchemes": {
