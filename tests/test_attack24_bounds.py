@@ -1,0 +1,198 @@
+"""Attack 24: amounts at the edges of what Redis and Lua can count, on a real redis-server.
+
+Redis's HINCRBY counts in signed 64 bits and answers an error past 2^63 - 1; a Lua script
+that has written something before such an error is not rolled back (a partial write,
+against invariant 7). Lua's numbers are doubles, exact to 2^53 only. A spend counter of a
+budget that never blocks (warn), a /v1/record, a usage aggregate, can grow without any
+cap, so every counter that sums spend or tokens saturates at lua/_lib.lua COUNTER_MAX
+(8 x 10^15 micro-USD, $8,000,000,000; README "Limits of the numbers"): a charge that
+would carry one past it leaves it at the maximum, and applies everything else whole.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+
+from sidecar import keys
+from sidecar.clock import FakeClock
+from tests.conftest import ClientFactory
+
+T = keys.tenant_keys("default")
+COUNTER_MAX = 8 * 10**15
+NEAR_2_63 = 2**63 - 1000  # 1,000 micro-USD from HINCRBY's overflow
+WARN2 = {
+    "budgets": [
+        {"id": "org", "name": "Org", "scope": "organization", "limit_usd": 1000,
+         "period": "yearly", "on_exceed": "warn", "alert_thresholds": [50, 100]},
+        {"id": "team", "name": "Team", "scope": "team", "limit_usd": 1000,
+         "period": "yearly", "on_exceed": "warn", "alert_thresholds": [50, 100]},
+    ],
+}  # fmt: skip
+WHO = {"team_id": "t1"}
+
+
+async def post(client: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    r = await client.post(path, json=body)
+    data: dict[str, Any] = await r.json(content_type=None)
+    return r.status, data
+
+
+def spend_fields(rc: redis.Redis) -> dict[str, int]:
+    return {f: int(v) for f, v in rc.hgetall(T.counters).items() if f[:2] in ("u:", "h:")}
+
+
+def cids_of(rc: redis.Redis, rid: str) -> list[str]:
+    return str(rc.hget(T.reservations, rid)).split("|")[6].split(",")
+
+
+def usage_day_key(rc: redis.Redis, prefix: str) -> str:
+    found = [k for k in rc.scan_iter(f"{prefix}*")]
+    assert len(found) == 1, found
+    return str(found[0])
+
+
+async def test_a_settle_onto_a_counter_near_2_63_applies_whole(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """Two warn budgets; the second's counter is 1,000 micro-USD from 2^63 and a settle
+    charges 10,000. Before: HINCRBY overflowed on the second counter after the first was
+    charged and both holds dropped: 500, the reservation still held, and its lease's end
+    later returned the holds a second time (negative holds). Now: 200, the first counter
+    charged exactly, the second at COUNTER_MAX, no hold left, the reservation settled,
+    and nothing more happens at its lease's end."""
+    c = await make_client(WARN2)
+    st, d = await post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+    assert st == 200 and d["allowed"], d
+    rid = d["reservation_id"]
+    org, team = cids_of(redis_client, rid)
+    assert team.startswith("team/")
+    redis_client.hset(T.counters, f"u:{team}", NEAR_2_63)
+    st, s = await post(c, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.01})
+    assert st == 200, s
+    assert s["state"] == "settled" and s["cost_usd"] == 0.01
+    assert spend_fields(redis_client) == {f"u:{org}": 10_000, f"u:{team}": COUNTER_MAX}
+    assert str(redis_client.hget(T.reservations, rid)).startswith("S|")
+    # Its threshold alerts: the team's two (its counter is past both), none for the org.
+    alerted = sorted(f["cid"] + ":" + f["t"] for _, f in redis_client.xrange(T.alerts))
+    assert alerted == [f"{team}:100", f"{team}:50"]
+    # The lease's end (and a decision that reclaims) changes no hold: none is left.
+    clock.advance(120_000)
+    st, d2 = await post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+    assert st == 200 and d2["allowed"], d2
+    assert spend_fields(redis_client) == {f"u:{org}": 10_000, f"u:{team}": COUNTER_MAX,
+                                          f"h:{org}": 10_000, f"h:{team}": 10_000}  # fmt: skip
+
+
+async def test_a_record_onto_a_counter_near_2_63_applies_whole(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """/v1/record charges every budget of the call: before, the overflow on the team's
+    counter came after the org's was charged: 500, the org charged with no ledger entry,
+    no aggregate and the idempotency key taken (its retry then charged nothing). Now: 200,
+    both charged (the team's at COUNTER_MAX), one ledger entry, the day's total exact."""
+    c = await make_client(WARN2)
+    st, r = await post(c, "/v1/record", {**WHO, "cost_usd": 0.01})
+    assert st == 200, r
+    org, team = sorted(f[2:] for f in spend_fields(redis_client))
+    redis_client.hset(T.counters, f"u:{team}", NEAR_2_63)
+    st, r = await post(c, "/v1/record", {**WHO, "cost_usd": 0.01, "idempotency_key": "k1"})
+    assert st == 200, r
+    assert spend_fields(redis_client) == {f"u:{org}": 20_000, f"u:{team}": COUNTER_MAX}
+    assert redis_client.xlen(T.usage) == 2
+    agg = usage_day_key(redis_client, T.usage_day(""))
+    costs = {f: int(v) for f, v in redis_client.hgetall(agg).items() if f.startswith("c|")}
+    assert list(costs.values()) == [20_000]
+    # The key was taken with the charge: its retry charges nothing.
+    st, r = await post(c, "/v1/record", {**WHO, "cost_usd": 0.01, "idempotency_key": "k1"})
+    assert st == 200, r
+    assert spend_fields(redis_client) == {f"u:{org}": 20_000, f"u:{team}": COUNTER_MAX}
+
+
+async def test_the_days_aggregates_near_2_63_saturate_instead_of_failing_the_settle(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """The day's usage totals are written after the counters and the ledger entry: an
+    aggregate 1,000 micro-USD from 2^63 made the settle fail after those (500, the spend
+    charged, the reservation still held: charged again... and its hold returned twice).
+    A per-user total that far made Lua's '%d' of a double past 2^63 write garbage. Now
+    both saturate at COUNTER_MAX and the settle is whole."""
+    c = await make_client(WARN2)
+    who = {**WHO, "user_id": "u1", "provider": "p", "model": "m"}
+    st, d = await post(c, "/v1/authorize", {**who, "estimated_usd": 0.01})
+    st, s = await post(c, "/v1/settle", {"reservation_id": d["reservation_id"],
+                                         "cost_usd": 0.01})  # fmt: skip
+    assert st == 200, s
+    agg = usage_day_key(redis_client, T.usage_day(""))
+    uagg = usage_day_key(redis_client, T.user_day(""))
+    (cfield,) = [f for f in redis_client.hkeys(agg) if f.startswith("c|")]
+    (ufield,) = redis_client.hkeys(uagg)
+    redis_client.hset(agg, cfield, NEAR_2_63)
+    redis_client.hset(uagg, ufield, f"{NEAR_2_63}:1:0:0")
+    st, d = await post(c, "/v1/authorize", {**who, "estimated_usd": 0.01})
+    rid = d["reservation_id"]
+    st, s = await post(c, "/v1/settle", {"reservation_id": rid, "cost_usd": 0.01})
+    assert st == 200, s
+    assert str(redis_client.hget(T.reservations, rid)).startswith("S|")
+    assert int(redis_client.hget(agg, cfield)) == COUNTER_MAX  # type: ignore[arg-type]
+    assert redis_client.hget(uagg, ufield) == f"{COUNTER_MAX}:2:0:0"
+    assert sorted(spend_fields(redis_client).values()) == [20_000, 20_000]
+    assert redis_client.xlen(T.usage) == 2
+
+
+async def test_a_lease_charged_at_its_end_near_2_63_does_not_stop_the_tenant(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """A hold that asks to be charged at its lease's end (on_expiry: charge) is charged by
+    whichever script of the tenant reclaims it. Before, on a counter near 2^63 the charge
+    failed every time, and so did every decision of the tenant after it (each one
+    reclaims the same lease first): 500 for all. Now the charge saturates once."""
+    c = await make_client(WARN2)
+    body = {**WHO, "estimated_usd": 0.01, "lease_ms": 500, "on_expiry": "charge"}
+    st, d = await post(c, "/v1/authorize", body)
+    assert st == 200 and d["allowed"], d
+    org, team = cids_of(redis_client, d["reservation_id"])
+    redis_client.hset(T.counters, f"u:{team}", NEAR_2_63)
+    clock.advance(1000)
+    statuses = []
+    for _ in range(3):
+        st, d2 = await post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+        statuses.append(st)
+        if st == 200:
+            await post(c, "/v1/release", {"reservation_id": d2["reservation_id"]})
+    assert statuses == [200, 200, 200]
+    assert spend_fields(redis_client) == {f"u:{org}": 10_000, f"u:{team}": COUNTER_MAX}
+    assert str(redis_client.hget(T.reservations, d["reservation_id"])).startswith("S|")
+
+
+MAX_PRICE = {"provider": "p", "model": "max", "input_per_1k": 1000, "output_per_1k": 1000}
+BIGGEST = 2 * 10**14  # the most one settle can cost: 2 x 10^8 tokens at $1 a token
+
+
+async def test_the_largest_charges_saturate_a_warn_counter_exactly_at_its_maximum(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """With no preset past the maximum: a warn budget 1.5 of the largest charges under
+    COUNTER_MAX, then three settles of the largest charge (10^8 tokens in and out at $1 a
+    token). The counter reads 7.7e15, then COUNTER_MAX twice: never past it, so Lua reads
+    every figure exactly (the settle's answer says $8,000,000,000.000000 to the micro-USD)
+    and every charge is whole in the ledger (the ledger keeps each call's full cost)."""
+    doc = {"budgets": [WARN2["budgets"][0]], "pricing": [MAX_PRICE]}
+    c = await make_client(doc)
+    big = {"provider": "p", "model": "max"}
+    st, d = await post(c, "/v1/authorize", {**big, "estimated_usd": 1})
+    (org,) = cids_of(redis_client, d["reservation_id"])
+    start = COUNTER_MAX - BIGGEST - BIGGEST // 2
+    redis_client.hset(T.counters, f"u:{org}", start)
+    used = []
+    for i in range(3):
+        if i:
+            st, d = await post(c, "/v1/authorize", {**big, "estimated_usd": 1})
+        st, s = await post(c, "/v1/settle", {"reservation_id": d["reservation_id"],
+                                             "tokens_in": 10**8, "tokens_out": 10**8})  # fmt: skip
+        assert st == 200 and s["cost_usd"] == BIGGEST / 10**6, s
+        used.append(int(redis_client.hget(T.counters, f"u:{org}")))  # type: ignore[arg-type]
+        assert s["budgets"][0]["used_usd"] == used[-1] / 10**6
+    assert used == [start + BIGGEST, COUNTER_MAX, COUNTER_MAX]
+    assert [int(f["c"]) for _, f in redis_client.xrange(T.usage)] == [BIGGEST] * 3
