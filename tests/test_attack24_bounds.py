@@ -196,3 +196,66 @@ async def test_the_largest_charges_saturate_a_warn_counter_exactly_at_its_maximu
         assert s["budgets"][0]["used_usd"] == used[-1] / 10**6
     assert used == [start + BIGGEST, COUNTER_MAX, COUNTER_MAX]
     assert [int(f["c"]) for _, f in redis_client.xrange(T.usage)] == [BIGGEST] * 3
+
+
+# ---- prices made through the admin API: at most settings.max_api_definitions ----------
+
+
+def price(i: int, input_per_1k: float = 0.5) -> dict[str, Any]:
+    return {"provider": "acme", "model": f"m{i}",
+            "pricing": {"input_per_1k": input_per_1k, "output_per_1k": 1.0}}  # fmt: skip
+
+
+async def test_prices_made_through_the_api_are_capped_per_tenant_like_budgets(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """PUT /api/v1/pricing made a price per (provider, model) without end: every one is
+    loaded into each replica's memory and its snapshot (one tenant's admin could fill the
+    sidecar). Before: all 12 of 12 concurrent PUTs 200. Now, like budgets and rate limits:
+    at most settings.max_api_definitions per tenant, 409 naming the setting past it with
+    nothing written, the other tenant and the other kinds unaffected; a PUT of a price the
+    tenant has already set replaces it even at the most; a delete makes room."""
+    from tests.harness import data_dump
+    from tests.test_auth import ADMIN, ADMIN_B, DOC
+
+    client = await make_client({**DOC, "settings": {"max_api_definitions": 5}})
+
+    async def put(body: dict[str, Any], headers: dict[str, str]) -> int:
+        return (await client.put("/api/v1/pricing", json=body, headers=headers)).status
+
+    import asyncio
+
+    statuses = await asyncio.gather(
+        *(put(price(i), ADMIN) for i in range(12)),
+        *(put(price(100 + i), ADMIN_B) for i in range(3)),
+    )
+    assert sorted(statuses[:12]) == [200] * 5 + [409] * 7, statuses
+    assert statuses[12:] == [200] * 3
+    listed = await (await client.get("/api/v1/pricing?source=api", headers=ADMIN)).json()
+    made = sorted(p["model"] for p in listed["pricing"])
+    assert len(made) == 5
+    # Full: a new one refused naming the setting, nothing written.
+    before = data_dump(redis_client)
+    r = await client.put("/api/v1/pricing", json=price(50), headers=ADMIN)
+    answer = await r.json(content_type=None)
+    assert (r.status, answer["field"]) == (409, "model"), answer
+    assert "settings.max_api_definitions" in answer["detail"]
+    assert r.content_type == "application/problem+json"
+    assert data_dump(redis_client) == before
+    # One already set is replaced at the most.
+    n = int(made[0][1:])
+    assert await put(price(n, input_per_1k=0.25), ADMIN) == 200
+    got = await (await client.get(f"/api/v1/pricing?provider=acme&model={made[0]}",
+                                  headers=ADMIN)).json()  # fmt: skip
+    assert got["pricing"]["input_per_1k"] == 0.25
+    # The other kinds have their own count: 5 budgets still fit beside 5 prices.
+    for i in range(5):
+        body = {"id": f"b{i}", "name": "B", "scope": "organization", "limit_usd": 10,
+                "period": "monthly"}  # fmt: skip
+        r = await client.post("/api/v1/budgets", json=body, headers=ADMIN)
+        assert r.status == 201, await r.text()
+    # A delete makes room for one.
+    r = await client.delete(f"/api/v1/pricing?provider=acme&model={made[0]}", headers=ADMIN)
+    assert r.status == 204
+    assert await put(price(50), ADMIN) == 200
+    assert await put(price(51), ADMIN) == 409
