@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from sidecar import keys
+from sidecar.api.app import SWEEPER
 from sidecar.clock import FakeClock
 from tests.conftest import ClientFactory
 
@@ -33,8 +34,10 @@ WARN2 = {
 WHO = {"team_id": "t1"}
 
 
-async def post(client: Any, path: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    r = await client.post(path, json=body)
+async def post(
+    client: Any, path: str, body: dict[str, Any], **kw: Any
+) -> tuple[int, dict[str, Any]]:
+    r = await client.post(path, json=body, **kw)
     data: dict[str, Any] = await r.json(content_type=None)
     return r.status, data
 
@@ -259,3 +262,139 @@ async def test_prices_made_through_the_api_are_capped_per_tenant_like_budgets(
     assert r.status == 204
     assert await put(price(50), ADMIN) == 200
     assert await put(price(51), ADMIN) == 409
+
+
+# ---- the usage and alerts streams of a tenant gone idle or out of the config ----------
+
+DAY_MS = 86_400_000
+
+
+def redis_ms(rc: redis.Redis) -> int:
+    seconds, micros = rc.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def rounds_with_a_search(sweeper: Any) -> None:
+    """Sweep rounds enough that one of them searches for tenants out of the config (every
+    sweep.ORPHAN_EVERY rounds; the app's own loop runs rounds too), and two more."""
+    from sidecar.sweep import ORPHAN_EVERY
+
+    for _ in range(ORPHAN_EVERY + 2):
+        await sweeper.sweep_round()
+
+
+def add_entries(rc: redis.Redis, stream: str, ages_ms: list[int]) -> list[str]:
+    """Entries `ages_ms` old in Redis time (the streams' ids are Redis time), oldest first."""
+    now = redis_ms(rc)
+    ids = [f"{now - age}-0" for age in sorted(ages_ms, reverse=True)]
+    for entry_id in ids:
+        rc.xadd(stream, {"k": "x", "at": "0"}, id=entry_id)
+    return ids
+
+
+async def test_a_tenant_out_of_the_config_leaves_no_usage_or_alerts_stream_for_ever(
+    make_client: ClientFactory, redis_client: redis.Redis, clock: FakeClock
+) -> None:
+    """Open mode's tenant spends and alerts, then the deployment gets credentials: the
+    sweep collected its counters and forgot it, but its usage ledger and alerts streams
+    (no TTL, capped by count only) stayed for ever (before: both pttl -1 after the sweep,
+    the tenant forgotten). Now each expires when its newest entry passes its age (30 days
+    by default), and only then is the tenant forgotten."""
+    from tests.test_auth import AGENT_A
+    from tests.test_auth import DOC as AUTH_DOC
+
+    doc = {"budgets": [{"id": "user", "name": "U", "scope": "user", "limit_usd": 1,
+                        "period": "daily", "alert_thresholds": [50]}]}  # fmt: skip
+    first = await make_client(doc)
+    for i in range(3):
+        st, d = await post(first, "/v1/authorize", {"user_id": f"u{i}", "estimated_usd": 0.6})
+        st, s = await post(first, "/v1/settle", {"reservation_id": d["reservation_id"],
+                                                 "cost_usd": 0.6})  # fmt: skip
+        assert st == 200, s
+    assert (redis_client.xlen(T.usage), redis_client.xlen(T.alerts)) == (3, 3)
+    await first.close()
+    second = await make_client(AUTH_DOC)
+    st, _ = await post(second, "/v1/authorize", {"estimated_usd": 0.01}, headers=AGENT_A)
+    sweeper = second.server.app[SWEEPER]
+    clock.advance(2 * DAY_MS)
+    for _ in range(3):
+        await sweeper.sweep_round()
+    assert not redis_client.exists(T.counters, T.leases)
+    clock.advance(3_600_000 + 1)
+    for _ in range(3):
+        await sweeper.sweep_round()
+    assert redis_client.exists(T.counters, T.leases, T.reservations, T.gc) == 0
+    assert sweeper.orphans == set()
+    month = 30 * DAY_MS
+    for stream in (T.usage, T.alerts):
+        assert redis_client.xlen(stream) == 3  # younger than their age: all kept
+        assert month - 600_000 < redis_client.pttl(stream) <= month, stream
+
+
+async def test_a_tenant_found_by_its_streams_alone_has_them_trimmed_and_expiring(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A tenant out of the config whose only keys left are its streams was never found by
+    the sweep's search (it looked for counters, leases, reservations, gc): its entries past
+    their age stayed, for ever. Now: the old ones trimmed, the stream expiring when the
+    newest is past its age, a stream of old entries only deleted at once."""
+    client = await make_client({"budgets": [], "settings": {"usage_max_age_days": 1,
+                                                          "alerts_max_age_days": 2}})  # fmt: skip
+    gone = keys.tenant_keys("gone")
+    old_too = keys.tenant_keys("old")
+    kept = add_entries(redis_client, gone.usage, [3 * DAY_MS, DAY_MS + 60_000, DAY_MS // 2])
+    add_entries(redis_client, gone.alerts, [3 * DAY_MS, DAY_MS])
+    add_entries(redis_client, old_too.usage, [2 * DAY_MS, 3 * DAY_MS])
+    sweeper = client.server.app[SWEEPER]
+    await rounds_with_a_search(sweeper)
+    assert [i for i, _ in redis_client.xrange(gone.usage)] == kept[2:]
+    assert redis_client.xlen(gone.alerts) == 1
+    assert DAY_MS // 2 - 600_000 < redis_client.pttl(gone.usage) <= DAY_MS // 2
+    assert DAY_MS - 600_000 < redis_client.pttl(gone.alerts) <= DAY_MS
+    assert not redis_client.exists(old_too.usage)
+    assert sweeper.orphans == set()
+
+
+async def test_a_webhooks_alerts_past_their_age_are_trimmed_and_counted_as_dropped(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A configured tenant's alerts stream read by a webhook's group: entries past
+    alerts_max_age_days are trimmed (before: kept, up to the cap of ~10,000, for ever),
+    the stream and its group stay (no TTL: expiring it would delete the group with what
+    it has not read), and alert_drops.lua counts the trimmed unread exactly: the group
+    had read 1 of the 3 old ones, so 2 dropped; the young one still to be read."""
+    from sidecar import scripts
+
+    client = await make_client({"budgets": [], "settings": {"alerts_max_age_days": 1}})
+    ids = add_entries(redis_client, T.alerts, [3 * DAY_MS, 2 * DAY_MS, DAY_MS + 60_000, 60_000])
+    group = "webhook:w"
+    redis_client.xgroup_create(T.alerts, group, id="0")
+    read = redis_client.xreadgroup(group, "c1", {T.alerts: ">"}, count=1)
+    redis_client.xack(T.alerts, group, read[0][1][0][0])
+    await client.server.app[SWEEPER].sweep_until_done("default")
+    assert [i for i, _ in redis_client.xrange(T.alerts)] == ids[3:]
+    assert redis_client.pttl(T.alerts) == -1
+    drops = redis_client.eval(scripts.standalone("alert_drops"), 1, T.alerts, group)
+    assert drops == 2
+    assert redis_client.xinfo_groups(T.alerts)[0]["lag"] == 1
+
+
+async def test_an_orphans_unread_alerts_go_with_their_stream_and_are_counted(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """A tenant out of the config with a webhook's group on its alerts: nobody reads them
+    any more. Once every alert is past its age the stream goes with its groups, and what
+    they had not read is counted (the dropped metric) and logged: 3 alerts, one group had
+    read 1, another none: 2 + 3 dropped. Before: the stream stayed, for ever."""
+    client = await make_client({"budgets": [], "settings": {"alerts_max_age_days": 1}})
+    gone = keys.tenant_keys("gone")
+    add_entries(redis_client, gone.alerts, [3 * DAY_MS, 2 * DAY_MS, DAY_MS + 60_000])
+    redis_client.xgroup_create(gone.alerts, "webhook:a", id="0")
+    redis_client.xgroup_create(gone.alerts, "webhook:b", id="0")
+    read = redis_client.xreadgroup("webhook:a", "c1", {gone.alerts: ">"}, count=1)
+    redis_client.xack(gone.alerts, "webhook:a", read[0][1][0][0])
+    sweeper = client.server.app[SWEEPER]
+    await rounds_with_a_search(sweeper)
+    assert not redis_client.exists(gone.alerts)
+    assert sweeper.alerts_dropped == 5
+    assert sweeper.orphans == set()
