@@ -33,7 +33,17 @@
 -- counter, which has no forecast, keeps none).
 --
 -- Units: money in integer micro-USD, prices in integer pico-USD per token, time in Unix
--- milliseconds. Lua numbers are doubles: every integer here stays below 2^53.
+-- milliseconds. Lua numbers are doubles, exact below 2^53 (9.007e15). What keeps them there:
+-- the sidecar bounds each amount (a cost or an estimate given in dollars at most 1e12, one
+-- priced from tokens at most 2e14: 1e8 tokens each way at 1e12 pico-USD a token; limits at
+-- most 1e15); the sums nothing caps (the settled spend of a warn budget or of /v1/record,
+-- the usage aggregates, the recent-spend windows) saturate at COUNTER_MAX (add_capped);
+-- rate limiter debts are bounded (see the GCRA note). Not bounded here: a warn budget's
+-- held amount, the sum of the estimates in flight, which Redis keeps exact (HINCRBY of
+-- integer text) and Lua reads rounded once over 2^53 (more than 40 holds of the largest
+-- estimate at once), for the figures it reports only; and the products a comparison makes
+-- (a threshold times a limit in check_alerts, a forecast), which may pass 2^53 and then
+-- decide within a relative 1e-16.
 --
 -- Why Lua and not MULTI: a decision reads counters and writes holds depending on what it
 -- read; MULTI cannot branch on a read, and WATCH retries collapse under contention.
@@ -107,6 +117,29 @@ end
 -- '%d' because tostring() of a double past 1e14 gives "1e+14", which HINCRBY refuses.
 local function int(n)
   return string.format('%d', n)
+end
+
+-- Every sum of spend or tokens that nothing caps (a warn budget's or a /v1/record's
+-- counter, the usage aggregates, a recent-spend window) saturates at COUNTER_MAX
+-- micro-USD ($8e9; tokens likewise): past every limit (at most $1e9) and below 2^53 with
+-- any one charge on top (at most 2e14: 2 x 1e8 tokens at $1 a token), so Lua reads it
+-- exactly; and far below 2^63, where HINCRBY answers an error, which in a script that has
+-- written something already is a partial write. README "Limits of the numbers".
+local COUNTER_MAX = 8000000000000000
+local COUNTER_MAX_TEXT = '8000000000000000'
+
+-- HINCRBY of a non-negative `amount` that saturates at COUNTER_MAX: the field ends at
+-- min(value + amount, COUNTER_MAX), and no overflow error can stop the script half-way
+-- (one written before this version past the maximum is brought back to it). Returns the
+-- value after. pcall only to catch the overflow: any other error is raised as it was.
+local function add_capped(key, field, amount)
+  local v = redis.pcall('HINCRBY', key, field, amount)
+  if type(v) == 'table' and not string.find(v.err or '', 'overflow', 1, true) then
+    error(v)
+  end
+  if type(v) == 'number' and v <= COUNTER_MAX then return v end
+  redis.call('HSET', key, field, COUNTER_MAX_TEXT)
+  return COUNTER_MAX
 end
 
 -- The cost of `tokens` at `pico` pico-USD per token, rounded up to a micro-USD, exactly:
@@ -537,7 +570,9 @@ local function window_next(raw, cost, now)
     local k0, c0, p0 = string.match(raw, '^([^:]*):([^:]*):([^:]*)')
     local k = tonumber(k0) or 0
     -- This bucket (or a replica's whose clock is ahead): the texts it keeps are reused.
-    if k >= k_now then return k0 .. ':' .. int((tonumber(c0) or 0) + cost) .. ':' .. p0 end
+    if k >= k_now then
+      return k0 .. ':' .. int(math.min((tonumber(c0) or 0) + cost, COUNTER_MAX)) .. ':' .. p0
+    end
     if k == k_now - 1 then return int(k_now) .. ':' .. int(cost) .. ':' .. c0 end
   end
   return int(k_now) .. ':' .. int(cost) .. ':0'
@@ -620,12 +655,12 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
   local tuple, user, step =
     string.match(meta, '^([^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*\31[^\31]*)\31?([^\31]*)\31?([^\31]*)')
   if not tuple then tuple, user, step = meta, '', '' end
-  redis.call('HINCRBY', agg, 'c|' .. tuple, cost_text)
+  add_capped(agg, 'c|' .. tuple, cost_text)
   -- A day's hash gets its time to live once, with its first field: kept aggregate_ttl_s
-  -- from the day's first charge.
+  -- from the day's first charge. (A count of calls: one a call, it cannot near 2^53.)
   if redis.call('HINCRBY', agg, 'n|' .. tuple, '1') == 1 then redis.call('EXPIRE', agg, agg_ttl) end
-  if tin ~= 0 then redis.call('HINCRBY', agg, 'i|' .. tuple, tin_text) end
-  if tout ~= 0 then redis.call('HINCRBY', agg, 'o|' .. tuple, tout_text) end
+  if tin ~= 0 then add_capped(agg, 'i|' .. tuple, tin_text) end
+  if tout ~= 0 then add_capped(agg, 'o|' .. tuple, tout_text) end
   local uagg = KEYS[8]
   if uagg and (user ~= '' or step ~= '') then
     local who = user .. '\31' .. step
@@ -635,8 +670,9 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
       c0, n0, i0, o0 = string.match(was, '^([^:]*):([^:]*):([^:]*):([^:]*)')
       c0, n0, i0, o0 = tonumber(c0), tonumber(n0), tonumber(i0), tonumber(o0)
     end
-    redis.call('HSET', uagg, who, int(c0 + cost) .. ':' .. int(n0 + 1) .. ':' .. int(i0 + tin)
-      .. ':' .. int(o0 + tout))
+    local m = COUNTER_MAX
+    redis.call('HSET', uagg, who, int(math.min(c0 + cost, m)) .. ':' .. int(n0 + 1) .. ':'
+      .. int(math.min(i0 + tin, m)) .. ':' .. int(math.min(o0 + tout, m)))
     if not was then
       -- Kept user_aggregate_ttl_s counted from the end of its day (the day's key lives the
       -- rest of today plus that): a retention of 2 days is today and yesterday. The same
@@ -709,7 +745,7 @@ local function charge(ctr, r, cost, held, now)
     else
       h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
     end
-    local u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost_text)
+    local u = add_capped(ctr, 'u:' .. cid, cost_text)
     local limit, thresholds, mode, fstart, fend = parse_spec(specs[i])
     check_alerts(ctr, KEYS[6], cid, limit, thresholds, u - cost, u, now)
     if at[i] then

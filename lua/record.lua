@@ -46,7 +46,7 @@ if status == 1 and cost > 0 then recent, at = read_windows(ctr, cids) end
 for i, cid in ipairs(cids) do
   local u, h = values[2 * i - 1], values[2 * i]
   if status == 1 then
-    u = redis.call('HINCRBY', ctr, 'u:' .. cid, cost)
+    u = add_capped(ctr, 'u:' .. cid, ARGV[2])
     if idles[i] then redis.call('ZADD', gc, int(now + idles[i]), 'c:' .. cid) end
     check_alerts(ctr, KEYS[6], cid, limits[i], thresholds[i], u - cost, u, now)
     if at[i] then

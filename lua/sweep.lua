@@ -10,19 +10,32 @@
 -- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' clock ('' = Redis TIME)
 -- ARGV[4] fields per HSCAN step   ARGV[5] leases per call   ARGV[6] gc members per call
 -- ARGV[7..11] per period letter d, w, m, q, y: the start date (yyyymmdd) of the oldest
---   window whose counters are kept (see below)   ARGV[12] the ledger's max age, ms (below)
--- Returns: {walked, leases_left, deleted, due_left}: walked 1 when this call finished a
---   walk over the whole of ctr; leases_left 1 when ended leases still wait; deleted:
+--   window whose counters are kept   ARGV[12] the ledger's max age, ms   ARGV[13] the
+--   alerts' max age, ms ('' = none)   ARGV[14] '1': the tenant is not configured (below)
+-- Returns: {walked, leases_left, deleted, due_left, alerts_dropped}: walked 1 when this
+--   call finished a walk over the whole of ctr; leases_left 1 when ended leases still wait; deleted:
 --   counter and limiter fields deleted by this call; due_left: gc members (finished
 --   reservations, idempotency keys) past their time still waiting, plus one while ledger
---   records past their age may still wait.
+--   records past their age may still wait; alerts_dropped: alerts of a tenant that is not
+--   configured that no webhook's group had read when their stream went (see below).
 -- The sidecar computes ARGV[7..11] so that a window goes only once its end, in any time
 -- zone, lies further back than the longest a late settle can still charge it
 -- (sidecar/sweep.py).
 --
 -- The usage ledger's records older than ARGV[12] ('' = none) by their stream ids (Redis
 -- time) go here too, at most ARGV[4] whole stream nodes' entries per call: each charge's
--- own entry applies the bound (_lib.lua ledger()), and an idle tenant writes none.
+-- own entry applies the bound (_lib.lua ledger()), and an idle tenant writes none. The
+-- alerts older than ARGV[13] the same way. And the streams themselves, so that a tenant
+-- gone idle or out of the config leaves no key for ever (a trimmed stream stays, empty):
+-- a stream no consumer group reads (the ledger; the alerts of a tenant without webhooks)
+-- expires when its newest entry passes the age (PEXPIRE, set again when it is a minute
+-- or more short: new entries keep it on), or goes at once when empty. The alerts that
+-- webhooks' groups read are never expired whole (it would delete the groups with what
+-- they have not read): past their age they are trimmed, which lua/alert_drops.lua counts
+-- as dropped for the groups that had not read them, as it counts the cap's trims. Only a
+-- tenant no longer configured, whose groups nobody reads, loses its alerts stream with
+-- its groups, whole, once its newest entry is past the age: what its groups had not read
+-- is returned as alerts_dropped (the sidecar counts and logs it).
 --
 -- What goes, found by walking ctr (counters and limiters have no index, which would cost
 -- more than what it indexes):
@@ -110,19 +123,67 @@ else
   redis.call('SET', sweep, next_cursor)
 end
 local due_left = redis.call('ZCOUNT', gc, '-inf', now)
-if ARGV[12] and ARGV[12] ~= '' then
-  -- Whole stream nodes first (at most ARGV[4] entries), then, once no whole node is past
-  -- the age, the old entries of the node holding the boundary: bounded by a node's size.
+
+-- Trim `stream`'s entries older than `age` ms of Redis time `rtime`: whole stream nodes
+-- first (at most ARGV[4] entries), then, once no whole node is past the age, the old
+-- entries of the node holding the boundary: bounded by a node's size. True while more
+-- may wait.
+local function trim_by_age(stream, age, rtime)
+  local oldest = rtime - age
+  if oldest <= 0 then return false end
+  local minid = int(oldest)
+  if redis.call('XTRIM', stream, 'MINID', '~', minid, 'LIMIT', ARGV[4]) > 0 then return true end
+  redis.call('XTRIM', stream, 'MINID', minid)
+  return false
+end
+
+-- The stream goes when its newest entry is `age` ms old (see the header): gone now if
+-- empty, else a time to live set to that (again once it is a minute or more short).
+local function expire_by_age(stream, age, rtime)
+  local newest = redis.call('XREVRANGE', stream, '+', '-', 'COUNT', 1)[1]
+  if not newest then
+    redis.call('DEL', stream)
+    return
+  end
+  local ttl = math.max(tonumber(string.match(newest[1], '^(%d+)')) + age - rtime, 1)
+  local kept = redis.call('PTTL', stream)
+  if kept < 0 or kept < ttl - 60000 then redis.call('PEXPIRE', stream, int(ttl)) end
+end
+
+local alerts_dropped = 0
+local usage_age, alerts_age = tonumber(ARGV[12] or ''), tonumber(ARGV[13] or '')
+if (usage_age or alerts_age) then
   local t = redis.call('TIME')
-  local oldest = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) - tonumber(ARGV[12])
-  if oldest > 0 then
-    local minid = int(oldest)
-    local trimmed = redis.call('XTRIM', KEYS[5], 'MINID', '~', minid, 'LIMIT', ARGV[4])
-    if trimmed == 0 then
-      redis.call('XTRIM', KEYS[5], 'MINID', minid)
+  local rtime = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if usage_age and redis.call('EXISTS', KEYS[5]) == 1 then
+    if trim_by_age(KEYS[5], usage_age, rtime) then due_left = due_left + 1 end
+    expire_by_age(KEYS[5], usage_age, rtime)
+  end
+  if alerts_age and redis.call('EXISTS', KEYS[6]) == 1 then
+    local groups = redis.call('XINFO', 'GROUPS', KEYS[6])
+    if #groups > 0 and ARGV[14] == '1' then
+      -- Nobody reads these groups any more: the stream is kept whole (a partial trim would
+      -- leave Redis unable to say what a group that never read had not read) until its
+      -- newest entry is past the age, then goes with its groups, and what each had not read
+      -- is told, as lua/alert_drops.lua tells it per group.
+      local newest = redis.call('XREVRANGE', KEYS[6], '+', '-', 'COUNT', 1)[1]
+      if not newest or tonumber(string.match(newest[1], '^(%d+)')) <= rtime - alerts_age then
+        for _, g in ipairs(groups) do
+          local f = {}
+          for i = 1, #g, 2 do f[g[i]] = g[i + 1] end
+          if type(f['lag']) == 'number' then
+            alerts_dropped = alerts_dropped + f['lag']
+          else
+            alerts_dropped = alerts_dropped
+              + #redis.call('XRANGE', KEYS[6], '(' .. f['last-delivered-id'], '+')
+          end
+        end
+        redis.call('DEL', KEYS[6])
+      end
     else
-      due_left = due_left + 1
+      if trim_by_age(KEYS[6], alerts_age, rtime) then due_left = due_left + 1 end
+      if #groups == 0 then expire_by_age(KEYS[6], alerts_age, rtime) end
     end
   end
 end
-return done({next_cursor == '0' and 1 or 0, left and 1 or 0, deleted, due_left})
+return done({next_cursor == '0' and 1 or 0, left and 1 or 0, deleted, due_left, alerts_dropped})

@@ -329,6 +329,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     max_api_definitions: Annotated[int, Meta(ge=1, le=10_000)] = 200
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
+    alerts_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
     usage_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 400
     usage_user_aggregate_days: Annotated[int, Meta(ge=1, le=3660)] = 2
     pre_check_estimate_usd: Annotated[float, Meta(ge=0, le=1_000_000)] = 0.01
@@ -379,6 +380,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             max_api_definitions=self.max_api_definitions,
             usage_max_records=self.usage_max_records,
             usage_max_age_days=self.usage_max_age_days,
+            alerts_max_age_days=self.alerts_max_age_days,
             usage_aggregate_days=self.usage_aggregate_days,
             usage_user_aggregate_days=self.usage_user_aggregate_days,
             pre_check_estimate_usd=self.pre_check_estimate_usd,

@@ -74,8 +74,8 @@ _PUT = scripts.standalone("definition_put")
 # Store a new one unless its id exists or the tenant has the most: lua/definition_create.lua.
 _CREATE = scripts.standalone("definition_create")
 # What a create did: stored, refused as the id exists, refused as the tenant has the most.
-Created = Literal["created", "exists", "full"]
-_CREATED: dict[int, Created] = {1: "created", 0: "exists", -1: "full"}
+Created = Literal["created", "exists", "replaced", "full"]
+_CREATED: dict[int, Created] = {1: "created", 0: "exists", 2: "replaced", -1: "full"}
 # How often a merge is retried when another write lands between its read and its write;
 # each lost round means another write succeeded, so this bounds only a pathological storm.
 MERGE_ATTEMPTS = 50
@@ -143,20 +143,27 @@ class DefinitionStore:
     async def delete_budget(self, tenant: str, budget_id: str) -> bool:
         return await self._delete(tenant, f"b:{budget_id}")
 
-    async def put_price(self, tenant: str, spec: PriceSpec) -> None:
-        await self._put(tenant, _price_field(spec.provider, spec.model), _encode(spec))
+    async def put_price(self, tenant: str, spec: PriceSpec, most: int) -> Created:
+        """Set a price: replaced if the tenant has set one for that provider and model,
+        else stored unless the tenant has `most` of them (each is held in every replica's
+        memory, like budgets and rate limits)."""
+        field = _price_field(spec.provider, spec.model)
+        return await self._create(tenant, "p:", field[len("p:") :], _encode(spec), most,
+                                  replace=True)  # fmt: skip
 
     async def delete_price(self, tenant: str, provider: str, model: str) -> bool:
         return await self._delete(tenant, _price_field(provider, model))
 
     async def _create(
-        self, tenant: str, prefix: str, def_id: str, value: bytes, most: int
-    ) -> Created:
+        self, tenant: str, prefix: str, def_id: str, value: bytes, most: int,
+        *, replace: bool = False,
+    ) -> Created:  # fmt: skip
         # One key, so one script is atomic in a Redis Cluster too.
         key = keys.definitions(tenant)
+        upsert = "1" if replace else ""
         done = _CREATED[int(await self._client.eval(_CREATE, 1, key, prefix + def_id, value,
-                                                    prefix, most))]  # fmt: skip
-        if done == "created":
+                                                    prefix, most, upsert))]  # fmt: skip
+        if done in ("created", "replaced"):
             await self._client.sadd(keys.DEFS_TENANTS, tenant)
             await self._client.incr(keys.DEFS_VERSION)
         return done
@@ -167,11 +174,6 @@ class DefinitionStore:
         if replaced == 1:
             await self._client.incr(keys.DEFS_VERSION)
         return replaced == 1
-
-    async def _put(self, tenant: str, field: str, value: bytes) -> None:
-        await self._client.hset(keys.definitions(tenant), field, value)
-        await self._client.sadd(keys.DEFS_TENANTS, tenant)
-        await self._client.incr(keys.DEFS_VERSION)
 
     async def _delete(self, tenant: str, field: str) -> bool:
         """Delete one definition; False (nothing written, not even the version) if absent."""

@@ -167,12 +167,13 @@ DEFS_EPOCH = f"{PREFIX}:{{defs}}:epoch"
 
 # The keys of a tenant that only the background sweep collects (no TTL): what it looks
 # for to find a tenant that left the config (sidecar/sweep.py).
-_COLLECTED = re.compile(rf"^{PREFIX}:\{{([^{{}}]*)\}}:(?:ctr|lease|res|gc)\Z")
+_COLLECTED = re.compile(rf"^{PREFIX}:\{{([^{{}}]*)\}}:(?:ctr|lease|res|gc|usage|alerts)\Z")
 TENANT_KEYS_MATCH = f"{PREFIX}:{{*}}:*"  # a SCAN pattern over every tenant's keys
 
 
 def collected_tenant(key: str) -> str | None:
-    """The tenant whose counters, leases, reservations or gc index `key` is, else None."""
+    """The tenant whose counters, leases, reservations, gc index, usage ledger or alerts
+    `key` is, else None."""
     found = _COLLECTED.match(key)
     return _unescape(found.group(1)) if found else None
 

@@ -233,6 +233,9 @@ class Settings:
     # aggregates kept this many days (a yearly summary reads up to 366 of them).
     usage_max_records: int = 100_000
     usage_max_age_days: int = 30
+    # Alerts older than this leave the alerts stream (the sweep; those no webhook had
+    # delivered count as dropped), beside its cap of about 10,000.
+    alerts_max_age_days: int = 30
     usage_aggregate_days: int = 400
     # The per-(user, step) daily totals: users and steps are many, so kept shorter. Older
     # days still count in every total; a breakdown by user or step shows them under "".

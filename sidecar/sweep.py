@@ -23,6 +23,14 @@ what it wrote must go all the same. So every ORPHAN_EVERY rounds the sweep also 
 step of a SCAN over the keyspace (read only: ORPHAN_SCAN keys), and a tenant found with
 counters, leases, reservations or a gc index that is not configured is swept after the
 configured ones until none of those is left.
+
+The usage ledger and the alerts streams are bounded by count, and by age too: the sweep
+trims their entries past usage_max_age_days and alerts_max_age_days, and a stream no
+webhook reads expires once its newest entry is that old, so a tenant gone idle or out of
+the config leaves none behind. A webhook's alerts are trimmed, never expired whole (that
+would delete its group): what it had not read counts as dropped, as the stream's cap
+does. A tenant out of the config, whose groups nobody reads, loses them with the stream
+once every alert is past its age, and what they had not read is counted and logged.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -72,8 +80,10 @@ class Step:
     leases_left: bool  # ended leases still wait (the next call returns more)
     deleted: int  # counter and limiter fields deleted
     # finished reservations past their retention still waiting (+1 while ledger records
-    # past their age may)
+    # or alerts past their age may)
     due_left: int
+    # alerts no webhook had read, gone with the stream of a tenant out of the config
+    alerts_dropped: int = 0
 
 
 def cutoffs(now_ms: int, grace_ms: int) -> list[str]:
@@ -94,6 +104,7 @@ class Sweeper:
         fields_per_call: int = FIELDS_PER_CALL,
         leases_per_call: int = LEASES_PER_CALL,
         members_per_call: int = MEMBERS_PER_CALL,
+        on_dropped: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._store = store
@@ -101,6 +112,9 @@ class Sweeper:
         self._fields = fields_per_call
         self._leases = leases_per_call
         self._members = members_per_call
+        self._on_dropped = on_dropped
+        # Alerts of tenants out of the config that went unread (for tests and logs).
+        self.alerts_dropped = 0
         self._failing = False
         # For tests and logs: sweep.lua calls made, and whether the last one found its
         # tenant with nothing left to do.
@@ -124,9 +138,14 @@ class Sweeper:
         with usage_max_records 0: records kept before that still age out)."""
         return self._engine.config.settings.usage_max_age_days * 86_400_000
 
-    async def sweep_once(self, tenant: str, *, report: bool = True) -> Step:
+    def _alerts_age_ms(self) -> int:
+        """sweep.lua's ARGV[13]: the alerts' age bound."""
+        return self._engine.config.settings.alerts_max_age_days * 86_400_000
+
+    async def sweep_once(self, tenant: str, *, report: bool = True, orphan: bool = False) -> Step:
         """One bounded sweep.lua call for `tenant` (`report`: it counts in calls and idle,
-        which say how the configured tenants' sweep goes)."""
+        which say how the configured tenants' sweep goes; `orphan`: the tenant is no longer
+        configured, and no webhook reads its alerts)."""
         engine = self._engine
         now = engine.now_ms()
         day = time.strftime("%Y%m%d", time.gmtime(now // 1000))
@@ -139,6 +158,8 @@ class Sweeper:
             self._members,
             *cutoffs(now, self.grace_ms(tenant)),
             self._ledger_age_ms(),
+            self._alerts_age_ms(),
+            "1" if orphan else "",
         )
         reply: list[Any] = await self._store.run(
             engine.scripts.sweep, keys.tenant_keys(tenant).sweeping(day), args
@@ -149,7 +170,19 @@ class Sweeper:
             leases_left=int(reply[1]) == 1,
             deleted=int(reply[2]),
             due_left=int(reply[3]),
+            alerts_dropped=int(reply[4]),
         )
+        if step.alerts_dropped:
+            self.alerts_dropped += step.alerts_dropped
+            if self._on_dropped is not None:
+                self._on_dropped(step.alerts_dropped)
+            log.warning(
+                "%d alerts of tenant %s, which is no longer configured, went past "
+                "alerts_max_age_days before any webhook delivered them: they are lost",
+                step.alerts_dropped,
+                tenant,
+                extra={"tenant": tenant, "dropped": step.alerts_dropped},
+            )
         if report:
             self.calls += 1
             self.idle = step.walked and not step.leases_left and step.due_left == 0
@@ -193,11 +226,17 @@ class Sweeper:
 
     async def _sweep_orphan(self, tenant: str) -> None:
         """One call for a tenant no longer configured; it is forgotten once nothing the
-        sweep collects is left of it (the SCAN finds it again if it writes anew)."""
-        step = await self.sweep_once(tenant, report=False)
+        sweep collects is left of it, its streams gone or expiring by themselves (the SCAN
+        finds it again if it writes anew)."""
+        step = await self.sweep_once(tenant, report=False, orphan=True)
         if step.walked and not step.leases_left and step.due_left == 0:
             t = keys.tenant_keys(tenant)
-            if await self._store.client.exists(t.counters, t.leases, t.reservations, t.gc) == 0:
+            client = self._store.client
+            # pttl -1: a key that lasts for ever (-2: none, else expiring).
+            lasting = [await client.pttl(stream) == -1 for stream in (t.usage, t.alerts)]
+            if await client.exists(t.counters, t.leases, t.reservations, t.gc) == 0 and not any(
+                lasting
+            ):
                 self._orphans.discard(tenant)
 
     async def sweep_round(self) -> None:

@@ -381,7 +381,9 @@ def create_app(
 
     app.cleanup_ctx.append(webhooks_lifecycle)
     # Collects what tenants wrote after its retention, idle tenants too (issue 16).
-    sweeper = Sweeper(engine, store)
+    sweeper = Sweeper(
+        engine, store, on_dropped=events.alerts_trimmed if isinstance(events, Metrics) else None
+    )
     app[SWEEPER] = sweeper
 
     async def sweep_lifecycle(app: web.Application) -> AsyncIterator[None]:

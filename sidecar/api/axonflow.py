@@ -474,7 +474,9 @@ def add_routes(
             output_per_1k=body.pricing.output_per_1k,
         )
         watcher = request.app[watcher_key]
-        await watcher.store.put_price(tenant_of(request), spec)
+        most = request.app[engine_key].config.settings.max_api_definitions
+        if await watcher.store.put_price(tenant_of(request), spec, most) == "full":
+            raise ProblemError(409, full("prices", most), field="model")
         await watcher.refresh()
         return json_response(body)
 

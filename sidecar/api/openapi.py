@@ -729,8 +729,14 @@ def _axonflow_paths() -> dict[str, dict[str, Any]]:
             "put": {
                 "summary": "Set a model's price for the tenant (over the config file's)",
                 "requestBody": _body("AxPricingInfo"),
-                "responses": {"200": _json("AxPricingInfo", "Set; applies within a second."),
-                              **writes},
+                "responses": {
+                    "200": _json("AxPricingInfo", "Set; applies within a second."),
+                    "409": _problem(
+                        "A new price, and the tenant has settings.max_api_definitions prices "
+                        "set through the API."
+                    ),
+                    **writes,
+                },
             },
             "delete": {
                 "summary": "Drop a price set through the API (the config file's applies again)",
