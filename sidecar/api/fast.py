@@ -294,6 +294,7 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._singletons: set[bytes] = set()  # of _SINGLETONS, seen in this request's head
+        self._last_name = 0  # the length of the last header name of this request's head
         self._body: list[bytes] = []
         self._in_message = False
         self._completed = 0  # requests completed in the read being parsed
@@ -397,6 +398,7 @@ class FastProtocol(asyncio.Protocol):
         self._in_message = True
         self._url = b""
         self._headers = []
+        self._last_name = 0
         if self._singletons:
             self._singletons = set()
         self._body = []
@@ -424,11 +426,14 @@ class FastProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         server = self._server
-        limit = server.max_field_size
         lower = name.lower()
+        # aiohttp's parser measures a name with the name before it, and the first
+        # header's value with its name, against max_field_size: a head near the limit is
+        # aiohttp's to take or refuse (what it measures of a later value, too).
+        near = self._last_name + len(name) + len(value) > server.max_field_size
+        self._last_name = len(name)
         if (
-            len(name) > limit
-            or len(value) > limit
+            near
             or not name.isascii()
             or not value.isascii()
             or lower in _HANDED_OFF_HEADERS
