@@ -199,3 +199,48 @@ async def test_a_half_close_after_a_request_in_a_later_read_gets_every_answer(
     assert len(told) == (1 if then == "healthz" else 2)
     assert held_micro(redis_client) == (HALF_MICRO if then == "healthz" else 750_000)
     assert used_micro(redis_client) == 0
+
+
+async def test_a_client_that_does_not_read_its_answers_is_not_read_from(
+    serve: Serve, redis_client: redis.Redis
+) -> None:
+    """40 authorizes pipelined in one read fill the queue (reading stops at 32), the first
+    of them held in Redis; the transport then reports the client's window full
+    (pause_writing: the client does not read its answers) and 20 more arrive. Once the
+    queue drains the fast path reads on only when the client reads again (resume_writing):
+    it resumed at a short queue whatever the writes did (the 20 were read and answered
+    into a buffer nobody drained). Every answer comes; 60 holds, exactly."""
+    srv = as_deployed(await serve())
+    await warm(srv, redis_client)
+    small = post("/v1/authorize", b'{"org_id":"org-1","estimated_usd":0.01}')
+    reader, writer = await asyncio.open_connection("127.0.0.1", srv.port)
+    redis_client.execute_command("CLIENT", "PAUSE", 20_000, "WRITE")
+    try:
+        writer.write(small * 40)
+        await writer.drain()
+        await asyncio.to_thread(wait_until, lambda: paused_in_redis(redis_client), 10, "paused")
+        (protocol,) = connections(srv)
+        assert isinstance(protocol, FastProtocol)
+        server = test_fast_path.fast_server(srv)
+        await asyncio.to_thread(wait_until, lambda: server.served == 41, 10, "40 read")
+        protocol.pause_writing()  # as the transport does past its high-water mark
+        writer.write(small * 20)
+        await writer.drain()
+    finally:
+        redis_client.execute_command("CLIENT", "UNPAUSE")
+    await asyncio.to_thread(wait_until, lambda: protocol._task is None, 10, "the queue drained")
+    await asyncio.sleep(0.05)  # (a read had its chance; not an assertion on time)
+    assert server.served == 41  # the warm-up's and the 40: the 20 wait in the kernel
+    protocol.resume_writing()
+    try:
+        bodies = []
+        for _ in range(60):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            assert head.startswith(b"HTTP/1.1 200 "), head
+            bodies.append(json.loads(await reader.readexactly(length)))
+    finally:
+        writer.close()
+    assert server.served == 61 and server.handed_off == 0
+    assert sorted(records(redis_client)) == sorted(b["reservation_id"] for b in bodies)
+    assert held_micro(redis_client) == 60 * 10_000
