@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 from typing import Any
 
 import pytest
@@ -263,3 +265,54 @@ async def test_head_on_a_hot_route_is_a_405_without_a_body(
     assert head.startswith(b"HTTP/1.1 405 ") and b"\r\nAllow: POST\r\n" in head, head
     assert status(after) == 200, after
     assert len(records(redis_client)) == 1 and held_micro(redis_client) == 500_000
+
+
+# Cases that reach the app's middlewares on one path or both, and ones aiohttp refuses.
+WITH_IDS = [
+    "two unequal Content-Lengths",
+    "xchunked",
+    "a chunk extension",
+    "a trailer Authorization without a header one",
+    "the same Authorization as a header",
+    "a CR inside an /ext_authz identity",
+    "GET on /v1/authorize",
+    "a fragment",
+    "a name a byte longer",
+    "a later value of the limit",
+    "HTTP/1.0 kept alive, two requests",
+]
+
+
+@pytest.mark.parametrize("name", WITH_IDS)
+async def test_with_request_ids_both_paths_answer_alike(
+    serve: Serve, redis_client: redis.Redis, name: str
+) -> None:
+    """Debug logs on (the request-id middleware in front): the same case with an
+    X-Request-ID gets the same answers on both paths; each carries an X-Request-ID, the
+    client's where the request reached the middlewares (401 and 405 included), one made
+    by the sidecar for a head aiohttp refused (every 400 here) and for a request that
+    carried none."""
+    from sidecar.logs import decision_log
+
+    doc, raw, expected, holds = CASES[name]
+    raw = raw.replace(b"\r\n", b"\r\nX-Request-ID: rid-22\r\n", 1)
+    level = decision_log.level
+    decision_log.setLevel(logging.DEBUG)
+    try:
+        servers = [await serve(fast=True, doc=doc), await serve(fast=False, doc=doc)]
+    finally:
+        decision_log.setLevel(level)
+    seen = []
+    for srv in servers:
+        flush_data(redis_client)
+        answers = await test_fast_path.exchange(srv, raw, len(expected))
+        assert [status(a) for a in answers] == [s for s, _ in expected]
+        for i, (answer, (code, _)) in enumerate(zip(answers, expected, strict=True)):
+            ids = re.findall(rb"\r\nX-Request-ID: ([^\r]*)\r\n", answer.partition(b"\r\n\r\n")[0])
+            # (Only the first request carries the client's id.)
+            made = code == 400 or i > 0
+            assert len(ids) == 1 and (ids[0] != b"rid-22") == made, answer[:400]
+        tenant = "team-a" if doc is AUTH_DOC else "default"
+        assert len(reservations(redis_client, tenant)) == holds
+        seen.append(([comparable(a) for a in answers], redis_state(redis_client)))
+    assert seen[0] == seen[1]
