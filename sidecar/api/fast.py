@@ -17,6 +17,8 @@ What stays the same, by construction rather than by copy:
   limit, a non-ASCII header, HTTP/1.0, a percent-encoded or dot-segment path, a head
   aiohttp's limits refuse); and anything httptools cannot parse. aiohttp then answers it as
   it always did: slow clients, 408, 413 with lingering, parse errors.
+  What arrives for aiohttp while a hot request of the connection is still being answered
+  waits for it (at most _MAX_PENDING bytes read), with the client's end of file if one came.
 
 `settings.fast_http: false` turns it off (aiohttp serves everything).
 """
