@@ -17,6 +17,8 @@ What stays the same, by construction rather than by copy:
   limit, a non-ASCII header, HTTP/1.0, a percent-encoded or dot-segment path, a head
   aiohttp's limits refuse); and anything httptools cannot parse. aiohttp then answers it as
   it always did: slow clients, 408, 413 with lingering, parse errors.
+  What arrives for aiohttp while a hot request of the connection is still being answered
+  waits for it (at most _MAX_PENDING bytes read), with the client's end of file if one came.
 
 `settings.fast_http: false` turns it off (aiohttp serves everything).
 """
@@ -72,6 +74,9 @@ HOT_POSTS = ("/v1/authorize", "/v1/check", "/v1/settle", "/v1/release")
 _PREFIX = proxy.PREFIX.encode()
 # Pipelined requests waiting before the connection stops reading (aiohttp's bound too).
 _MAX_QUEUED = 32
+# Bytes left for aiohttp that wait while a hot request is answered, before the connection
+# stops reading (what aiohttp would read ahead of its parser: its payload's high water).
+_MAX_PENDING = 64 * 1024
 # Headers whose presence sends a hot request to aiohttp: it decodes, continues, upgrades.
 # Sec-WebSocket-Key1 too: aiohttp refuses it (the old websocket spec) with a 400.
 _HANDED_OFF_HEADERS = frozenset(
@@ -293,10 +298,13 @@ class FastProtocol(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[str, str]] = []
         self._singletons: set[bytes] = set()  # of _SINGLETONS, seen in this request's head
+        self._last_name = 0  # the length of the last header name of this request's head
         self._body: list[bytes] = []
         self._in_message = False
         self._completed = 0  # requests completed in the read being parsed
         self._pending: list[bytes] | None = None  # set: bytes for aiohttp, once idle
+        self._pending_size = 0
+        self._pending_full = False  # reading paused: _MAX_PENDING bytes wait for aiohttp
         self._closing = False
         self._eof = False  # the client half-closed: close once what it sent is answered
         self._paused = False  # reading paused: too many pipelined requests queued
@@ -352,23 +360,24 @@ class FastProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
-        if not self._paused:
+        if not self._paused and not self._pending_full:
             self._transport.resume_reading()  # type: ignore[union-attr]
 
     def eof_received(self) -> bool | None:
         """A client may shut down its sending side after its last request (RFC 9112 §9.6)
         and still read the answers: keep the transport open for them, then close. (The
         transport's default, which aiohttp keeps, closes at once: a request whose decision
-        was already held in Redis then goes unanswered.) A connection that is aiohttp's
-        from here on, or a request cut off mid-way, closes as aiohttp closes it."""
-        if self._task is None or self._pending is not None or self._in_message:
+        was already held in Redis then goes unanswered.) Bytes left for aiohttp get the
+        end of file with them, once it has the connection: it answers what is whole of
+        them and closes as it closes (a request cut off mid-way: at once)."""
+        if self._task is None:
             return None
         self._eof = True
         return True
 
     def data_received(self, data: bytes) -> None:
         if self._pending is not None:
-            self._pending.append(data)
+            self._wait_for_aiohttp(data)
             return
         self._completed = 0
         try:
@@ -393,6 +402,7 @@ class FastProtocol(asyncio.Protocol):
         self._in_message = True
         self._url = b""
         self._headers = []
+        self._last_name = 0
         if self._singletons:
             self._singletons = set()
         self._body = []
@@ -420,11 +430,14 @@ class FastProtocol(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         server = self._server
-        limit = server.max_field_size
         lower = name.lower()
+        # aiohttp's parser measures a name with the name before it, and the first
+        # header's value with its name, against max_field_size: a head near the limit is
+        # aiohttp's to take or refuse (what it measures of a later value, too).
+        near = self._last_name + len(name) + len(value) > server.max_field_size
+        self._last_name = len(name)
         if (
-            len(name) > limit
-            or len(value) > limit
+            near
             or not name.isascii()
             or not value.isascii()
             or lower in _HANDED_OFF_HEADERS
@@ -487,6 +500,7 @@ class FastProtocol(asyncio.Protocol):
     async def _serve(self) -> None:
         queue = self._queue
         prepare = self._app.on_response_prepare
+        last = False  # an answer after which the connection closes was written
         while queue:
             request, handler = queue.popleft()
             response: web.StreamResponse | bytes | native.Headed
@@ -514,8 +528,7 @@ class FastProtocol(asyncio.Protocol):
                         # After the client's FIN: half-closed, or closed for good?
                         await undelivered.confirm(transport, request)
                     if self._paused and len(queue) < _MAX_QUEUED // 2:
-                        self._paused = False
-                        transport.resume_reading()
+                        self._resume_reading()
                     continue
                 response = web.Response(body=body, content_type="application/json")
                 if own:
@@ -528,25 +541,31 @@ class FastProtocol(asyncio.Protocol):
                 await undelivered.confirm(self._transport, request)
             if not keep_alive:
                 queue.clear()
+                last = True
                 break
             if self._paused and len(queue) < _MAX_QUEUED // 2 and self._transport is not None:
-                self._paused = False
-                self._transport.resume_reading()
+                self._resume_reading()
         self._task = None
         self._idle_since = self._loop.time()
         if self._transport is None:
             return
-        if self._transport.is_closing():
-            # Closed after its last answer (`Connection: close`, a 500): what came after
-            # that is not read by anyone, as aiohttp does not either.
+        if self._transport.is_closing() or last:
+            # Closed after its last answer (`Connection: close`, a 500; after the client's
+            # FIN, _write left that to here): what came after it is not read by anyone,
+            # as aiohttp does not either.
             self._pending = None
-            return
-        if self._eof:
             self._transport.close()
         elif self._pending is not None:
             self._give_to_aiohttp()
-        elif self._closing:
+        elif self._eof or self._closing:
             self._transport.close()
+
+    def _resume_reading(self) -> None:
+        """The queue has room again: read on, unless the client does not read its answers
+        or the bytes that wait for aiohttp fill their bound."""
+        self._paused = False
+        if not self._write_paused and not self._pending_full and self._transport is not None:
+            self._transport.resume_reading()
 
     def _write(self, request: FastRequest, response: web.StreamResponse) -> bool:
         """Send `response` as aiohttp would; False when the connection closes after it."""
@@ -607,9 +626,28 @@ class FastProtocol(asyncio.Protocol):
         """From the request being parsed on, the connection is aiohttp's: its bytes start
         after the requests of `data` already complete (queued here, answered first)."""
         start = 0 if self._completed == 0 else _end_of_requests(data, self._completed)
-        self._pending = [data[start:]]
+        self._pending = []
+        self._pending_size = 0
+        self._wait_for_aiohttp(data[start:])
         if self._task is None:
             self._give_to_aiohttp()
+
+    def _wait_for_aiohttp(self, data: bytes) -> None:
+        """Keep `data` for aiohttp, which takes the connection once the requests queued
+        here are answered; past _MAX_PENDING bytes, stop reading until then (the client's
+        TCP window closes), so a client cannot make the wait hold what it likes while a
+        decision is in Redis."""
+        assert self._pending is not None
+        self._pending.append(data)
+        self._pending_size += len(data)
+        if (
+            self._pending_size >= _MAX_PENDING
+            and not self._pending_full
+            and self._task is not None
+            and self._transport is not None
+        ):
+            self._pending_full = True
+            self._transport.pause_reading()
 
     def _unqueue(self, count: int) -> None:
         """Take back the last `count` requests queued (not started: this read's)."""
@@ -632,12 +670,18 @@ class FastProtocol(asyncio.Protocol):
         protocol = self._server.aiohttp_protocol()
         transport.set_protocol(protocol)
         protocol.connection_made(transport)
-        if self._paused or self._write_paused:
+        if self._paused or self._write_paused or self._pending_full:
             # aiohttp's protocol does its own flow control from here on.
-            self._paused = self._write_paused = False
+            self._paused = self._write_paused = self._pending_full = False
             transport.resume_reading()
         if data:
             protocol.data_received(data)
+        # The client's FIN came after these bytes: tell aiohttp's protocol (the sidecar's
+        # keeps the transport open for the answers of whole requests), and do what the
+        # transport does when it does not.
+        eof_received = cast(asyncio.Protocol, protocol).eof_received
+        if self._eof and not transport.is_closing() and not eof_received():
+            transport.close()
 
 
 class _Counter:
