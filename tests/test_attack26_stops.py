@@ -15,8 +15,9 @@ import pytest
 import redis
 
 from sidecar import keys
-from sidecar.api.app import ENGINE
+from sidecar.api.app import ENGINE, STATE_WATCH, STORE
 from sidecar.definitions import DefinitionWatcher
+from sidecar.resp import ConnectionLost, PipelinedConnection
 from sidecar.scripts import Scripts
 from sidecar.state_loss import StateWatch
 from sidecar.sweep import Sweeper
@@ -558,3 +559,109 @@ def test_a_stop_put_back_after_a_loss_with_its_expiry_past_or_now_stays_ended(
     assert got == [[0], [0], [1], [1], [1]]
     mirrors = sorted(f for f in redis_client.hkeys(TK.counters) if f.startswith("s:"))
     assert mirrors == ["s:agent:ahead", "s:agent:far", "s:agent:never"]
+
+
+# ---- a connect in flight when the store closes ---------------------------------------------
+
+
+def clients_of(server: RedisServer) -> int:
+    """Connections redis-server has open, the asking one left out."""
+    with server.client() as rc:
+        return len(rc.client_list()) - 1
+
+
+class GatedConnects:
+    """loop.create_connection held at a gate: a connect "in flight" for as long as a test
+    wants (the real connect runs once the gate opens)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.create_connection
+        self.gate = asyncio.Event()
+        self.reached = asyncio.Event()
+
+        async def held(*args: Any, **kw: Any) -> Any:
+            self.reached.set()
+            await self.gate.wait()
+            return await real(*args, **kw)
+
+        monkeypatch.setattr(loop, "create_connection", held)
+
+
+async def test_a_connect_whose_caller_was_cancelled_is_closed_with_the_connection(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot connection's connect runs shielded (its callers share it): a caller cancelled
+    meanwhile (a background check stopped at shutdown, a start-up check past its bound)
+    left it running, and a close() before any other caller claimed it closed nothing, so
+    the socket stayed open after the store closed, found by the garbage collector later as
+    a ResourceWarning ("unclosed <socket.socket ...>") in whatever test ran then."""
+    gated = GatedConnects(monkeypatch)
+    for gate_first in (False, True):
+        conn = PipelinedConnection(server.url, timeout_s=2.0)
+        gated.gate.clear()
+        gated.reached.clear()
+        caller = asyncio.ensure_future(conn.call(("PING",)))
+        await gated.reached.wait()
+        caller.cancel()
+        assert (await asyncio.gather(caller, return_exceptions=True))[0].__class__ is (
+            asyncio.CancelledError
+        )
+        if gate_first:  # the connect done, unclaimed, when close() comes
+            gated.gate.set()
+            for _ in range(200):
+                if clients_of(server) == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert clients_of(server) == 1
+        await conn.close()
+        gated.gate.set()
+        await asyncio.sleep(0.1)  # a connect close() left running would be done by now
+        assert clients_of(server) == 0, gate_first
+    # Used after a close, it connects again, as before.
+    conn = PipelinedConnection(server.url, timeout_s=2.0)
+    assert await conn.call(("PING",)) == "PONG"
+    await conn.close()
+    assert await conn.call(("PING",)) == "PONG"
+    await conn.close()
+    assert clients_of(server) == 0
+
+
+async def test_an_app_closed_while_its_store_reconnects_leaves_no_connection(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tests/test_stop_after_loss.py's shape: a replica whose hot connection died (Redis
+    restarted) reconnects from a background call (a sweep, a state check) and is closed
+    meanwhile. Nothing of it may stay connected once it is closed."""
+    client = await app_over(server.url, RDOC)
+    store = client.app[STORE]
+    hot = store._hot  # type: ignore[attr-defined]
+    assert await decide(client, ASK, 1) == [True]
+    hot._protocol.close()  # as a restart does (the next call reconnects)
+    await hot._protocol.closed
+    gated = GatedConnects(monkeypatch)
+    background = asyncio.ensure_future(client.app[STATE_WATCH].check())
+    await gated.reached.wait()
+    background.cancel()
+    await asyncio.gather(background, return_exceptions=True)
+    await client.close()
+    gated.gate.set()
+    await asyncio.sleep(0.1)
+    assert clients_of(server) == 0
+
+
+async def test_a_caller_waiting_on_a_connect_that_close_ends_is_told_connection_lost(
+    server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not a CancelledError it never asked for (a request handler would take it for its
+    own cancellation): the store's ConnectionLost, which the fail mode answers."""
+    gated = GatedConnects(monkeypatch)
+    conn = PipelinedConnection(server.url, timeout_s=30.0)  # no connect timeout meanwhile
+    caller = asyncio.ensure_future(conn.call(("PING",)))
+    await gated.reached.wait()
+    await conn.close()
+    [outcome] = await asyncio.wait_for(asyncio.gather(caller, return_exceptions=True), 10)
+    assert isinstance(outcome, ConnectionLost), repr(outcome)
+    gated.gate.set()
+    await asyncio.sleep(0.1)
+    assert clients_of(server) == 0
