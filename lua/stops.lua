@@ -9,13 +9,14 @@
 -- ARGV[1] op: 'create' | 'get' | 'delete' | 'list' | 'restore'
 -- ARGV[2] now_ms: a stop with 0 < expires_at <= now is over (ignored and collected)
 -- create: ARGV[3] field  ARGV[4] id  ARGV[5] expires_at ms (0 never)  ARGV[6] reason
---         ARGV[7] scope  ARGV[8] escaped entity
--- get, delete: ARGV[3] id
--- restore: ARGV[3] field  ARGV[4] its stored value, a stop seen before a loss (state_loss)
--- Returns: create {1, id it replaced or ''}; get {field, value} or {} (none or over);
---   delete {1} if a stop in force was lifted, else {0}; list {field1, value1, ...} of
---   every stop in force; restore {1} put back, {0} the entity has a stop again (made
---   since the loss: it stands) or this one ended. No lease is touched (no expiry counts).
+--   ARGV[7] scope  ARGV[8] escaped entity  ARGV[9] the most in force (settings.max_stops)
+-- get, delete: ARGV[3] id;  restore: ARGV[3] field  ARGV[4] its value (state_loss)
+-- Returns: create {1, id it replaced or ''}, or {-1, ''} when the entity has no stop in
+--   force and the tenant has ARGV[9] already (nothing written); get {field, value} or {}
+--   (none or over); delete {1} if a stop in force was lifted, else {0}; list {field1,
+--   value1, ...} of every stop in force; restore {1} put back, {0} the entity has a stop
+--   again (made since the loss: it stands) or this one ended. No lease is touched (no
+--   expiry counts).
 -- One stop per entity: a new one replaces the old (whose "#id" goes). Each call is one
 -- script, so no reader ever sees half a stop.
 local stops, alerts, ctr = KEYS[1], KEYS[2], KEYS[3]
@@ -46,9 +47,40 @@ local function forget(field, value)
   end
 end
 
+-- Whether the tenant has `most` stops in force (collecting the ended ones it meets). Each
+-- stop is two fields (its record and its "#id"), so below 2 * most fields it cannot have
+-- them: the common case is one HLEN. Otherwise HSCAN steps until `most` are found in
+-- force, or the walk ends: the work is the stops in force up to `most` plus the ended ones
+-- met (each collected once), not the whole hash of a tenant that had more before the cap.
+local function full(most)
+  if redis.call('HLEN', stops) < 2 * most then return false end
+  local cursor, live = '0', 0
+  repeat
+    local step = redis.call('HSCAN', stops, cursor, 'COUNT', 200)
+    cursor = step[1]
+    local fields = step[2]
+    for i = 1, #fields, 2 do
+      local field, value = fields[i], fields[i + 1]
+      if string.sub(field, 1, 1) ~= '#' then
+        if ended(select(2, parts(value))) then
+          forget(field, value)
+        else
+          live = live + 1
+          if live >= most then return true end
+        end
+      end
+    end
+  until cursor == '0'
+  return false
+end
+
 if op == 'create' then
   local field, id, expires, reason = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
   local old = redis.call('HGET', stops, field)
+  -- A stop replacing the entity's own in force adds none: allowed at the cap.
+  if not (old and not ended(select(2, parts(old)))) and full(tonumber(ARGV[9])) then
+    return {-1, ''}
+  end
   local replaced = ''
   if old then
     local old_id, old_expires = parts(old)

@@ -327,6 +327,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     redis_timeout_ms: Annotated[int, Meta(ge=1, le=60_000)] = 500
     max_body_bytes: Annotated[int, Meta(ge=1024, le=16 * 1024 * 1024)] = 65_536
     max_api_definitions: Annotated[int, Meta(ge=1, le=10_000)] = 200
+    max_stops: Annotated[int, Meta(ge=1, le=10_000)] = 1_000
     usage_max_records: Annotated[int, Meta(ge=0, le=100_000_000)] = 100_000
     usage_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
     alerts_max_age_days: Annotated[int, Meta(ge=1, le=3660)] = 30
@@ -378,6 +379,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             redis_timeout_ms=self.redis_timeout_ms,
             max_body_bytes=self.max_body_bytes,
             max_api_definitions=self.max_api_definitions,
+            max_stops=self.max_stops,
             usage_max_records=self.usage_max_records,
             usage_max_age_days=self.usage_max_age_days,
             alerts_max_age_days=self.alerts_max_age_days,

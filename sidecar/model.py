@@ -229,6 +229,11 @@ class Settings:
     # The most budgets, and the most rate limits, one tenant may make through the admin
     # API: each decision evaluates them all in one script, which blocks Redis meanwhile.
     max_api_definitions: int = 200
+    # The most stops one tenant may have in force (409 past it): every state check of
+    # every replica reads them all (sidecar.state_loss, every few seconds), and a list
+    # reads them all in one script, which blocks Redis meanwhile (about 13 ms per 1,000
+    # stops, measured: README "Stops").
+    max_stops: int = 1_000
     # The usage ledger: at most this many records, none older than the age; per-day
     # aggregates kept this many days (a yearly summary reads up to 366 of them).
     usage_max_records: int = 100_000

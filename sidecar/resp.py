@@ -319,16 +319,20 @@ class PipelinedConnection:
                 context = ssl.create_default_context() if a.tls else None
                 host = a.host or "127.0.0.1"
                 _, protocol = await loop.create_connection(factory, host, a.port, ssl=context)
-            handshake = []
-            if a.password is not None:
-                auth = (a.username, a.password) if a.username else (a.password,)
-                handshake.append(protocol.send(_pack(("AUTH", *auth))))
-            if a.db:
-                handshake.append(protocol.send(_pack(("SELECT", a.db))))
-            for reply in await asyncio.gather(*handshake):
-                if isinstance(reply, hiredis.ReplyError):
-                    protocol.close()
-                    raise ConnectionLost(f"Redis refused the handshake: {reply}")
+            try:
+                handshake = []
+                if a.password is not None:
+                    auth = (a.username, a.password) if a.username else (a.password,)
+                    handshake.append(protocol.send(_pack(("AUTH", *auth))))
+                if a.db:
+                    handshake.append(protocol.send(_pack(("SELECT", a.db))))
+                for reply in await asyncio.gather(*handshake):
+                    if isinstance(reply, hiredis.ReplyError):
+                        raise ConnectionLost(f"Redis refused the handshake: {reply}")
+            except BaseException:
+                # Refused, timed out or cancelled mid-handshake: the socket goes with it.
+                protocol.close()
+                raise
         return protocol
 
     async def _protocol_ready(self) -> _Protocol:
@@ -337,12 +341,19 @@ class PipelinedConnection:
         # One connect at a time; concurrent callers wait for the same attempt.
         if self._connecting is None:
             self._connecting = asyncio.ensure_future(self._connect())
+        connecting = self._connecting
         try:
-            self._protocol = await asyncio.shield(self._connecting)
+            self._protocol = await asyncio.shield(connecting)
         except (OSError, TimeoutError) as exc:
             raise ConnectionLost(f"cannot connect to Redis: {exc}") from exc
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if connecting.cancelled() and (task is None or task.cancelling() == 0):
+                # The connect was ended by close(), not this caller: a lost connection.
+                raise ConnectionLost("connection to Redis closed while connecting") from None
+            raise
         finally:
-            if self._connecting is not None and self._connecting.done():
+            if self._connecting is connecting and connecting.done():
                 self._connecting = None
         return self._protocol
 
@@ -399,6 +410,18 @@ class PipelinedConnection:
             raise
 
     async def close(self) -> None:
+        # A connect in flight goes too: it runs shielded from its callers (they share it),
+        # so one whose callers were all cancelled (a background check stopped at shutdown,
+        # a start-up check past its bound) still runs, or holds its open protocol until a
+        # next caller claims it; closed only through self._protocol, its socket would stay
+        # open after the store closed, for the garbage collector to find.
+        connecting, self._connecting = self._connecting, None
+        if connecting is not None:
+            connecting.cancel()  # asyncio closes a socket its cancelled connect made
+            (made,) = await asyncio.gather(connecting, return_exceptions=True)
+            if isinstance(made, _Protocol) and made is not self._protocol:
+                made.close()
+                await made.closed
         if self._protocol is not None:
             self._protocol.close()
             await self._protocol.closed

@@ -77,8 +77,14 @@ def run(args: argparse.Namespace) -> int:
                 body["ttl_s"] = args.ttl
             print(json.dumps(_call(args, "POST", "/v1/stops", body)))
         elif args.command == "stops":
-            for stop in _call(args, "GET", "/v1/stops")["stops"]:
-                print(json.dumps(stop))
+            path = "/v1/stops"
+            while True:  # every page (a tenant may have more stops than one holds)
+                page = _call(args, "GET", path)
+                for stop in page["stops"]:
+                    print(json.dumps(stop))
+                if not page.get("next_cursor"):
+                    break
+                path = "/v1/stops?cursor=" + quote(page["next_cursor"], safe="")
         else:
             _call(args, "DELETE", "/v1/stops/" + quote(args.stop_id, safe=""))
             print(f"lifted {args.stop_id}")

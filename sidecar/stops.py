@@ -69,6 +69,11 @@ def parse(field: str, value: str) -> Stop | None:
         return None
 
 
+class StopsFull(Exception):
+    """The tenant has the most stops in force settings.max_stops allows, and the entity
+    has none of its own to replace: nothing was written."""
+
+
 # (tenant, the stop made or None, the id of the stop lifted or None).
 StopChange = Callable[[str, Stop | None, str | None], None]
 
@@ -96,9 +101,11 @@ class Stops:
         reason: str,
         ttl_s: int | None,
         now_ms: int,
+        most: int = 1_000,  # settings.max_stops (its default)
     ) -> tuple[Stop, str | None]:
         """Make a stop (replacing the entity's stop in force); (the stop, the replaced
-        stop's id or None)."""
+        stop's id or None). Raises StopsFull when the tenant has `most` stops in force and
+        the entity none (a new stop of a stopped entity replaces it, at the cap too)."""
         stop = Stop(
             id=new_id(),
             scope=scope.value,
@@ -110,8 +117,10 @@ class Stops:
         field = keys.stop_field(stop.scope, scope_id)
         reply = await self._run(
             tenant, "create", now_ms, field, stop.id, stop.expires_ms, reason,
-            stop.scope, keys.escape(scope_id),
+            stop.scope, keys.escape(scope_id), most,
         )  # fmt: skip
+        if reply[0] == "-1":
+            raise StopsFull(f"the tenant has {most} stops in force")
         replaced = reply[1] or None
         if self.on_change is not None:
             self.on_change(tenant, stop, None)

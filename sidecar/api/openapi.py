@@ -513,8 +513,18 @@ def _stop_paths() -> dict[str, dict[str, Any]]:
     return {
         "/v1/stops": {
             "get": {
-                "summary": "Every stop in force",
-                "responses": {"200": _json("StopList", "The stops."), "503": REDIS_AWAY},
+                "summary": "The stops in force, oldest first, a page at a time",
+                "parameters": [
+                    _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000},
+                           "stops per page, default 1000"),
+                    _query("cursor", {"type": "string"},
+                           "next_cursor of the page before (absent: the first page)"),
+                ],
+                "responses": {
+                    "200": _json("StopList", "A page of stops; next_cursor when more follow."),
+                    "400": BAD_INPUT,
+                    "503": REDIS_AWAY,
+                },
             },
             "post": {
                 "summary": "Stop every decision of an entity and what lies below it",
@@ -523,6 +533,8 @@ def _stop_paths() -> dict[str, dict[str, Any]]:
                     "201": _json("StopView", "Made (replacing the entity's stop in force); "
                                  "every replica denies from the next decision on."),
                     "400": BAD_INPUT,
+                    "409": _problem("The tenant has settings.max_stops stops in force and "
+                                    "the entity none to replace: nothing written."),
                     "408": TOO_SLOW,
                     "413": TOO_LARGE,
                     "503": REDIS_AWAY,

@@ -8,6 +8,7 @@ at the very next decision on every replica: the decision scripts read it from Re
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 from typing import Annotated, TypeVar
 
@@ -15,15 +16,15 @@ import msgspec
 from aiohttp import web
 from msgspec import Meta
 
-from sidecar import alerts
+from sidecar import alerts, keys
 from sidecar.api.auth import require, tenant_of
-from sidecar.api.axonflow import int_query, json_response
+from sidecar.api.axonflow import int_query, json_response, raw_query
 from sidecar.api.problems import ProblemError
 from sidecar.auth import Role
 from sidecar.engine import Engine
 from sidecar.model import Scope
 from sidecar.schemas import Id
-from sidecar.stops import MAX_REASON, MAX_TTL_S, Stop, Stops
+from sidecar.stops import MAX_REASON, MAX_TTL_S, Stop, Stops, StopsFull
 from sidecar.store import StoreUnavailable
 
 T = TypeVar("T")
@@ -57,8 +58,42 @@ class StopView(msgspec.Struct, kw_only=True):
     expires_at: str | None  # null: until lifted
 
 
-class StopList(msgspec.Struct, kw_only=True):
+class StopList(msgspec.Struct, kw_only=True, omit_defaults=True):
     stops: list[StopView]
+    # Present when more stops follow: pass it as `cursor` for the next page.
+    next_cursor: str | None = None
+
+
+# A page of GET /v1/stops: at most this many (the default: every stop of a tenant at the
+# default settings.max_stops comes in one answer).
+PAGE_MAX = 1_000
+# A cursor names the last stop of a page by its place in the list's order (created, scope,
+# entity): "<created ms>.<scope>:<escaped entity>". The next page is what comes after that
+# place, so stops made or lifted between pages neither repeat nor push others out.
+_CURSOR = re.compile(r"^([0-9]{1,16})\.([a-z]{1,32}):([A-Za-z0-9._~@+%\-]{1,1024})\Z")
+SortKey = tuple[int, str, str]
+
+
+def sort_key(stop: Stop) -> SortKey:
+    return (stop.created_ms, stop.scope, stop.scope_id)
+
+
+def cursor_of(stop: Stop) -> str:
+    return f"{stop.created_ms}.{keys.stop_field(stop.scope, stop.scope_id)}"
+
+
+def parse_cursor(raw: str) -> SortKey:
+    """The place a cursor names; 400 naming `cursor` for anything this sidecar did not
+    make (a cursor is opaque to clients)."""
+    match = _CURSOR.match(raw)
+    scopes = {s.value for s in Scope}
+    if match is None or match.group(2) not in scopes:
+        raise ProblemError(400, "cursor: not a cursor this API gave", field="cursor")
+    try:
+        entity = keys.unescape(match.group(3))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProblemError(400, "cursor: not a cursor this API gave", field="cursor") from exc
+    return int(match.group(1)), match.group(2), entity
 
 
 class AlertList(msgspec.Struct, kw_only=True):
@@ -99,19 +134,35 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stop
         require(request, Role.ADMIN)
         body = _decode(await request.read())
         engine = request.app[engine_key]
-        stop, _replaced = await _stored(
-            stops.create(
-                tenant_of(request), body.scope, body.scope_id, body.reason, body.ttl_s,
-                engine.now_ms(),
-            )
-        )  # fmt: skip
+        most = engine.config.settings.max_stops
+        try:
+            stop, _replaced = await _stored(
+                stops.create(
+                    tenant_of(request), body.scope, body.scope_id, body.reason, body.ttl_s,
+                    engine.now_ms(), most,
+                )
+            )  # fmt: skip
+        except StopsFull as exc:
+            raise ProblemError(
+                409,
+                f"the tenant has {most} stops in force, the most settings.max_stops allows; "
+                "lift one first",
+                field="scope_id",
+            ) from exc
         return json_response(view(stop), status=201)
 
     async def list_stops(request: web.Request) -> web.Response:
         require(request, Role.READ)
+        limit = int_query(request, "limit", PAGE_MAX, 1, PAGE_MAX)
+        raw = raw_query(request).get("cursor")
+        after = parse_cursor(raw) if raw is not None else None
         now = request.app[engine_key].now_ms()
         found = await _stored(stops.list(tenant_of(request), now))
-        return json_response(StopList(stops=[view(s) for s in found]))
+        if after is not None:
+            found = [s for s in found if sort_key(s) > after]
+        page = found[:limit]
+        more = cursor_of(page[-1]) if len(found) > limit else None
+        return json_response(StopList(stops=[view(s) for s in page], next_cursor=more))
 
     async def read(request: web.Request) -> web.Response:
         require(request, Role.READ)
