@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sidecar.api.app import SWEEPER
 from tests.conftest import T0_MS, ClientFactory
 
 MAX_BODY = 16_384
@@ -130,7 +131,11 @@ async def app(make_client: ClientFactory, redis_client: redis.Redis) -> AsyncIte
     await _ok(client, "/v1/release", {"reservation_id": released["reservation_id"]})
     await _ok(client, "/v1/record", {"user_id": "u3", "cost_usd": 0.05, "idempotency_key": "rec-1"})
     assert held["allowed"] and priced["allowed"]
+    # One sweep first, as the background one would do during the test: it gives the usage
+    # stream its time to live (lua/sweep.lua), which no bad request may be blamed for.
+    await client.app[SWEEPER].sweep_once("default")
     before = snapshot(redis_client)
+    assert before["bs:{default}:usage"][2], "the sweep gave the usage stream no time to live"
     # The seed touched every kind of key: counters, leases, reservations, collection, the
     # usage ledger and the day's usage aggregates (and the state markers the sidecar wrote
     # before serving: sidecar.state_loss).

@@ -432,7 +432,10 @@ async def test_2000_stops_ending_together_let_their_entities_pass_and_are_listed
     remove both their records and their mirrors in the counters."""
     budget = {"id": "agent-day", "name": "Agent day", "scope": "agent", "period": "daily",
               "limit_usd": 1}  # fmt: skip
-    client = await make_client(guard_doc(budgets=[budget]))
+    # 2,000 stops in force at once: past the default cap (settings.max_stops, 1,000).
+    doc = guard_doc(budgets=[budget])
+    doc["settings"]["max_stops"] = 2000
+    client = await make_client(doc)
     agents = [f"a{i}" for i in range(2000)]
 
     async def each(path: str, body: Callable[[str], dict[str, Any]]) -> list[tuple[int, Any]]:
@@ -449,8 +452,11 @@ async def test_2000_stops_ending_together_let_their_entities_pass_and_are_listed
     call = {"estimated_usd": 0.01}
     denied = await each("/v1/authorize", lambda a: {**call, "agent_id": a})
     assert {(d["allowed"], d["reason"]) for _, d in denied} == {(False, "stop")}
-    listed = await (await client.get("/v1/stops")).json()
-    assert len(listed["stops"]) == 2000
+    # Listed in pages (at most 1,000 a page): two, and the second says none follows.
+    first = await (await client.get("/v1/stops")).json()
+    second = await (await client.get("/v1/stops", params={"cursor": first["next_cursor"]})).json()
+    assert len(first["stops"]) == len(second["stops"]) == 1000 and "next_cursor" not in second
+    assert {s["scope_id"] for s in first["stops"] + second["stops"]} == set(agents)
     clock.advance(60_000)
     assert await (await client.get("/v1/stops")).json() == {"stops": []}
     passed = await each("/v1/authorize", lambda a: {**call, "agent_id": a})
