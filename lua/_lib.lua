@@ -596,8 +596,10 @@ local function ledger(usage, agg, cfg, kind, meta, request_id, tin, tout, cost, 
       c0, n0, i0, o0 = string.match(was, '^([^:]*):([^:]*):([^:]*):([^:]*)')
       c0, n0, i0, o0 = tonumber(c0), tonumber(n0), tonumber(i0), tonumber(o0)
     end
-    redis.call('HSET', uagg, who, int(c0 + cost) .. ':' .. int(n0 + 1) .. ':' .. int(i0 + tin)
-      .. ':' .. int(o0 + tout))
+    -- One format of the four ('%d' as int() writes each): a format per figure and the
+    -- joins cost twice as much.
+    redis.call('HSET', uagg, who, string.format('%d:%d:%d:%d', c0 + cost, n0 + 1, i0 + tin,
+      o0 + tout))
     if not was then
       -- Kept user_aggregate_ttl_s counted from the end of its day (the day's key lives the
       -- rest of today plus that): a retention of 2 days is today and yesterday. The same
