@@ -112,7 +112,7 @@ if priced_by ~= 'e' then learn(KEYS[9], r[24], cost, ARGV[13] or '') end
 ledger(KEYS[5], KEYS[7], ARGV[9], 's', meta, rid, tokens_in, tokens_out, cost, ARGV[10],
   ARGV[11], now, priced_by)
 
-local out = {1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out, overshoot,
-  priced_by}
-for _, v in ipairs(figures) do out[#out + 1] = v end
-return done(out)
+-- The figures unpacked into the one table constructor: the reply is made at its size, not
+-- grown (a rehash at each power of two) one figure at a time.
+return done({1, 'S', cost, est, tonumber(r[9]), r[7], r[11], tokens_in, tokens_out, overshoot,
+  priced_by, unpack(figures)})

@@ -28,7 +28,6 @@ import redis
 from sidecar.clock import FakeClock
 from sidecar.forecast import WINDOW_S, Forecast, forecast, parse_window
 from sidecar.periods import iso
-from sidecar.scripts import load
 from tests.harness import RedisServer, SidecarProcess, request_json, sidecars
 from tests.test_webhooks import QUIET_S, SECRET, Receiver, eventually, verify
 
@@ -126,7 +125,7 @@ def test_exhausted_at_is_set_exactly_when_the_forecast_reaches_the_limit() -> No
 
 
 _LUA_FORECAST = (
-    load("status").source.split("\n-- status.lua")[0]
+    (Path(__file__).resolve().parent.parent / "lua" / "_lib.lua").read_text()
     + """
 -- capped: past 2^63 a Lua number does not convert to a Redis integer at all
 return math.min(forecast_of(tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4]),

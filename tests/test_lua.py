@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from sidecar.decision import over
 from sidecar.money import cost_micro
-from sidecar.scripts import OPERATIONS, STANDALONE, Scripts
+from sidecar.scripts import _HELPER, OPERATIONS, STANDALONE, Scripts, library_for
 from tests.conftest import ClientFactory
 from tests.harness import REPO, RedisServer
 
@@ -69,12 +69,39 @@ def test_computed_sha_is_what_script_load_returns(redis_client: redis.Redis) -> 
     scripts = list(Scripts.load_all())
     assert [s.name for s in scripts] == list(OPERATIONS)
     for s in scripts:
-        assert s.source.startswith(LIB)
-        assert s.source.endswith((LUA / f"{s.name}.lua").read_text())
+        operation = (LUA / f"{s.name}.lua").read_text()
+        assert s.source == library_for(LIB, operation) + "\n" + operation
         assert redis_client.script_exists(s.sha) == [False]
         assert redis_client.script_load(s.source) == s.sha, s.name
     assert redis_client.script_exists(*(s.sha for s in scripts)) == [True] * len(scripts)
     assert len({s.sha for s in scripts}) == len(scripts)
+
+
+def _helpers(text: str) -> set[str]:
+    return {m.group(1) or m.group(2) for m in _HELPER.finditer(text)}
+
+
+def test_each_script_keeps_every_helper_it_names_and_only_those() -> None:
+    """A script carries the helpers of _lib.lua it calls (sidecar.scripts.library_for): none
+    it names is left out (Redis would fail the call that reaches it), and the lines that
+    are not helpers (the constants) are all kept."""
+    every = _helpers(LIB)
+    assert len(every) >= 40  # the pattern finds the helpers at all
+    kept_by = {}
+    for s in Scripts.load_all():
+        kept = _helpers(s.source)
+        # every helper name in the script's code (its comments and the bare declaration
+        # "local charge_at_end" left out) is defined in it
+        code = re.sub(r"(?m)^local [A-Za-z_]\w*$", "", re.sub(r"[ \t]*--[^\n]*", "", s.source))
+        named = set(re.findall(r"[A-Za-z_]\w*", code))
+        assert (named & every) <= kept, (s.name, sorted((named & every) - kept))
+        for line in LIB.splitlines():
+            if line.startswith(("local ", "charge_at_end")) and "function" not in line:
+                assert line in s.source, (s.name, line)
+        kept_by[s.name] = kept
+    # What a settle does not call is not made at every settle: the guards' helpers.
+    assert {"loop_read", "loop_write", "rate_eval", "active_stop"} <= every - kept_by["settle"]
+    assert kept_by["settle"] >= {"charge", "ledger", "learn", "reclaim", "collect", "check_alerts"}
 
 
 DOC: dict[str, Any] = {
