@@ -130,7 +130,8 @@ end
 
 -- The stop switch, read before the idempotency key: a retry sent after a stop is a call
 -- sent after it, denied below like any other.
-local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
+local stop_field, stop_value =
+  active_stop(F + first_stop, raw, first_stop + 1, ns, ARGV[12], #rates > 0 and rnow or nil)
 
 if idem ~= '' then
   local prior = redis.call('HGET', res, 'k:' .. idem)

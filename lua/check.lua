@@ -116,7 +116,8 @@ for i = 1, nb do
   end
   out[#out + 1] = n
 end
-local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
+local stop_field, stop_value =
+  active_stop(F + first_stop, raw, first_stop + 1, ns, ARGV[6], #rates > 0 and rnow or nil)
 if stop_field ~= '' then out[1] = 0 end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
