@@ -100,6 +100,16 @@ async def allowed(client: Any, n: int = N, path: str = "/v1/authorize") -> int:
     return got
 
 
+async def retry_after(client: Any) -> list[int | None]:
+    """The denial's retry_after_ms on authorize and check (the stop's time left)."""
+    out = []
+    for path in ("/v1/authorize", "/v1/check"):
+        status, decision = await call(client, "POST", path, ASK)
+        assert status == 200 and decision["reason"] == "stop", decision
+        out.append(decision["retry_after_ms"])
+    return out
+
+
 async def listed(client: Any) -> list[tuple[str, str | None]]:
     status, body = await call(client, "GET", "/v1/stops")
     assert status == 200, body
@@ -120,7 +130,8 @@ async def test_a_stop_ends_at_its_expiry_on_redis_clock_whatever_each_replicas_c
 ) -> None:
     """A 3 s stop made on A (or on B, the skewed one): while Redis's clock is short of its
     expiry, 0 of 10 calls pass on either replica (authorize and check); from its expiry on,
-    10 of 10. GET /v1/stops shows the same expires_at on both (Redis's clock + ttl)."""
+    10 of 10. GET /v1/stops shows the same expires_at on both (Redis's clock + ttl), and a
+    denial the same retry_after_ms (the ms left on Redis's clock)."""
     redis = FakeClock(T0_MS)
     a, b = await replicas(server, redis, skew_ms)
     try:
@@ -130,11 +141,14 @@ async def test_a_stop_ends_at_its_expiry_on_redis_clock_whatever_each_replicas_c
         assert counts == [0, 0, 0], counts
         expires_at = iso(T0_MS + TTL_S * 1000)
         assert stop["expires_at"] == expires_at and stop["created_at"] == iso(T0_MS), stop
+        # The time left, on Redis's clock too (not expires_at minus the replica's clock).
+        assert await retry_after(a) == await retry_after(b) == [3_000, 3_000]
         assert await listed(a) == await listed(b) == [("runaway", expires_at)]
         redis.advance(TTL_S * 1000 - 1)  # 1 ms short of the expiry on Redis's clock
         counts = [await allowed(a), await allowed(b), await allowed(b, path="/v1/check")]
         assert counts == [0, 0, 0], counts
         assert await listed(b) == [("runaway", expires_at)]
+        assert await retry_after(a) == await retry_after(b) == [1, 1]
         redis.advance(1)  # at the expiry: over on every replica
         counts = [await allowed(a), await allowed(b), await allowed(b, path="/v1/check")]
         assert counts == [N, N, N], counts
