@@ -803,17 +803,25 @@ end
 -- The stop switch: the first stop in force among the call's `n` stop fields, named from
 -- ARGV[first_name] on (the sidecar names them among the fields a decision reads) and read
 -- with its counters into `raw` from raw[first_value] on. Returns the field and its value,
--- or '' and ''. A value is "<stop id>|<expires ms, 0 never>|<created ms>|<reason>"
--- (lua/stops.lua writes them).
-local function active_stop(first_name, raw, first_value, n, now)
+-- or '' and '', and the ms left until its expiry on the stops' clock ('' = never, or none:
+-- the sidecar's Retry-After, which the replica's own clock would skew). A value is
+-- "<stop id>|<expires ms, 0 never>|<created ms>|<reason>" (lua/stops.lua writes them). The
+-- expiry is a time on the stops' clock, the limiters'
+-- one (limiter_now: Redis TIME, or `clock` from the sidecar in tests), so every replica
+-- ends a stop at the same moment whatever its own clock says. That clock is read only
+-- when a stop with an expiry is met (stops are rare: the call without one pays no TIME),
+-- and not again when the call read it already (`rnow`, nil: not read).
+local function active_stop(first_name, raw, first_value, n, clock, rnow)
   for i = 0, n - 1 do
     local value = raw[first_value + i]
     if value then
       local expires = tonumber(string.match(value, '^[^|]*|([^|]*)|')) or 0
-      if expires == 0 or expires > now then return ARGV[first_name + i], value end
+      if expires == 0 then return ARGV[first_name + i], value, '' end
+      rnow = rnow or limiter_now(clock)
+      if expires > rnow then return ARGV[first_name + i], value, expires - rnow end
     end
   end
-  return '', ''
+  return '', '', ''
 end
 
 -- A loop guard's memory of one entity: a hash per (guard, entity), one field per

@@ -55,8 +55,8 @@
 -- and last, when ng > 0, the call's fingerprint (a hash, hex)
 -- The reply: {verdict, reservation id, state, held, weighed, u1, h1, ..., w1, ..., then per
 --           rate limit: would_deny (0/1), remaining, retry_after_ms (-1: unknown); then per budget
---           its calls before this one; then the stop in force ('' '' = none: its field
---           and value); then per loop guard: would_deny (0/1), its calls in the window}
+--           its calls before this one; then the stop in force ('' '' '' = none: its field,
+--           value and ms left, '' never: _lib.lua active_stop); then per loop guard: would_deny (0/1), its calls in the window}
 --   weighed: the estimate the budgets were weighed against before any downgrade: ARGV[4],
 --   or the series' learned figure where that is larger (whether held or denied)
 --   w: each budget counter's recent-spend window "k:cur:prev" ('' = none; see _lib.lua
@@ -130,7 +130,8 @@ end
 
 -- The stop switch, read before the idempotency key: a retry sent after a stop is a call
 -- sent after it, denied below like any other.
-local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
+local stop_field, stop_value, stop_left =
+  active_stop(F + first_stop, raw, first_stop + 1, ns, ARGV[12], #rates > 0 and rnow or nil)
 
 if idem ~= '' then
   local prior = redis.call('HGET', res, 'k:' .. idem)
@@ -248,6 +249,7 @@ end
 if stop_field ~= '' then deny = true end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
+out[#out + 1] = stop_left
 local loops = {}
 local fp = ng > 0 and ARGV[#ARGV] or ''
 for g = 1, ng do

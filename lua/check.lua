@@ -1,7 +1,7 @@
 -- check.lua: the pre-flight decision of authorize.lua without holding or charging anything.
 -- Returns: {verdict, held, weighed, u1, h1, ..., w1, ..., then per rate limit: would_deny,
 --   remaining, retry_after_ms; then per budget its calls; then the stop in force (field,
---   value; '' '' = none); then per loop guard: would_deny, its calls in the window}:
+--   value, ms left; '' '' '' = none); then per loop guard: would_deny, its calls in the window}:
 --   verdict 1 if authorize would hold now (held: what it would hold, ARGV[2] or the
 --   learned figure or, downgraded, ARGV[7]), else 0; weighed as authorize's; or BACKLOG
 --   (-9, alone) or LOST (-8, alone) as authorize. Writes nothing but expiries.
@@ -116,10 +116,12 @@ for i = 1, nb do
   end
   out[#out + 1] = n
 end
-local stop_field, stop_value = active_stop(F + first_stop, raw, first_stop + 1, ns, now)
+local stop_field, stop_value, stop_left =
+  active_stop(F + first_stop, raw, first_stop + 1, ns, ARGV[6], #rates > 0 and rnow or nil)
 if stop_field ~= '' then out[1] = 0 end
 out[#out + 1] = stop_field
 out[#out + 1] = stop_value
+out[#out + 1] = stop_left
 for g = 1, ng do
   local i = first_loop + 6 * (g - 1)
   local state = loop_read(KEYS[8 + g], now, tonumber(ARGV[i + 2]), ARGV[#ARGV])

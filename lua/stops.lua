@@ -7,20 +7,31 @@
 -- KEYS[3] ctr    hash  the tenant's counters: each stop in force is mirrored there as
 --                      "s:<field>" -> the same value, where the decision scripts read it
 -- ARGV[1] op: 'create' | 'get' | 'delete' | 'list' | 'restore'
--- ARGV[2] now_ms: a stop with 0 < expires_at <= now is over (ignored and collected)
--- create: ARGV[3] field  ARGV[4] id  ARGV[5] expires_at ms (0 never)  ARGV[6] reason
+-- ARGV[2] the stops' clock, ms ('' = Redis TIME; below): a stop with 0 < expires_at <= it
+--   is over (ignored and collected)
+-- create: ARGV[3] field  ARGV[4] id  ARGV[5] ttl ms (0 never)  ARGV[6] reason
 --   ARGV[7] scope  ARGV[8] escaped entity  ARGV[9] the most in force (settings.max_stops)
 -- get, delete: ARGV[3] id;  restore: ARGV[3] field  ARGV[4] its value (state_loss)
--- Returns: create {1, id it replaced or ''}, or {-1, ''} when the entity has no stop in
---   force and the tenant has ARGV[9] already (nothing written); get {field, value} or {}
---   (none or over); delete {1} if a stop in force was lifted, else {0}; list {field1,
---   value1, ...} of every stop in force; restore {1} put back, {0} the entity has a stop
---   again (made since the loss: it stands) or this one ended. No lease is touched (no
---   expiry counts).
+-- Returns: create {1, id it replaced or '', created ms, expires_at ms (0 never)}, or
+--   {-1, ''} when the entity has no stop in force and the tenant has ARGV[9] already
+--   (nothing written); get {field, value} or {} (none or over); delete {1} if a stop in
+--   force was lifted, else {0}; list {field1, value1, ...} of every stop in force; restore
+--   {1} put back, {0} the entity has a stop again (made since the loss: it stands) or this
+--   one ended. No lease is touched (no expiry counts).
+-- The stops' clock is the limiters' one (limiter_now: Redis TIME, or the sidecar's reading
+-- in tests), and a stop's times (created, expires_at = created + ttl) are on it: every
+-- decision compares the expiry with the same clock (_lib.lua active_stop), so a replica
+-- whose own clock is off by the ttl or more neither ignores a stop another made nor keeps
+-- one that ended. It is read only when needed (a create; a stop with an expiry met).
 -- One stop per entity: a new one replaces the old (whose "#id" goes). Each call is one
 -- script, so no reader ever sees half a stop.
 local stops, alerts, ctr = KEYS[1], KEYS[2], KEYS[3]
-local op, now = ARGV[1], tonumber(ARGV[2])
+local op = ARGV[1]
+local clock_now  -- the stops' clock, once read
+local function now()
+  if not clock_now then clock_now = limiter_now(ARGV[2]) end
+  return clock_now
+end
 -- At most this many ended stops collected by one list: a list after a long quiet spell
 -- must not block Redis for every stop ever made (the next lists go on).
 local COLLECT_MAX = 100
@@ -34,7 +45,7 @@ local function parts(value)
 end
 
 local function ended(expires)
-  return expires > 0 and expires <= now
+  return expires > 0 and expires <= now()
 end
 
 -- Remove the stop held in `field` (value `value`) and its "#id".
@@ -75,7 +86,7 @@ local function full(most)
 end
 
 if op == 'create' then
-  local field, id, expires, reason = ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+  local field, id, ttl, reason = ARGV[3], ARGV[4], tonumber(ARGV[5]), ARGV[6]
   local old = redis.call('HGET', stops, field)
   -- A stop replacing the entity's own in force adds none: allowed at the cap.
   if not (old and not ended(select(2, parts(old)))) and full(tonumber(ARGV[9])) then
@@ -87,13 +98,15 @@ if op == 'create' then
     if not ended(old_expires) then replaced = old_id end
     forget(field, old)
   end
-  local value = id .. '|' .. expires .. '|' .. ARGV[2] .. '|' .. reason
+  local created = now()
+  local expires = ttl > 0 and created + ttl or 0
+  local value = id .. '|' .. int(expires) .. '|' .. int(created) .. '|' .. reason
   redis.call('HSET', stops, field, value, '#' .. id, field)
   redis.call('HSET', ctr, 's:' .. field, value)
   redis.call('XADD', alerts, 'MAXLEN', '~', ALERTS_MAX, '*',
-    'k', 'stop', 'g', id, 's', ARGV[7], 'e', ARGV[8], 'r', reason, 'x', expires,
-    'at', ARGV[2])
-  return {1, replaced}
+    'k', 'stop', 'g', id, 's', ARGV[7], 'e', ARGV[8], 'r', reason, 'x', int(expires),
+    'at', int(created))
+  return {1, replaced, created, expires}
 end
 
 if op == 'get' or op == 'delete' then

@@ -7,7 +7,7 @@
 --   their lease's end by reclaim)
 -- KEYS[9] sweep  string  where the walk over ctr is: the HSCAN cursor ('0' or absent: start)
 -- KEYS[10] stops  hash  the stop switch's records (lua/stops.lua; see the s: mirror below)
--- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' clock ('' = Redis TIME)
+-- ARGV[1] now_ms   ARGV[2] keep_ms   ARGV[3] the rate limiters' and stops' clock ('' = Redis TIME)
 -- ARGV[4] fields per HSCAN step   ARGV[5] leases per call   ARGV[6] gc members per call
 -- ARGV[7..11] per period letter d, w, m, q, y: the start date (yyyymmdd) of the oldest
 --   window whose counters are kept   ARGV[12] the ledger's max age, ms   ARGV[13] the
@@ -104,7 +104,7 @@ for i = 1, #fields, 2 do
     -- entity has another value, and stays).
     local id, expires = string.match(value, '^([^|]*)|([^|]*)|')
     expires = tonumber(expires) or 0
-    if expires > 0 and expires <= now then
+    if expires > 0 and expires <= rnow then  -- the stops' clock (_lib.lua active_stop)
       deleted = deleted + redis.call('HDEL', ctr, name)
       local field = string.sub(name, 3)
       if redis.call('HGET', KEYS[10], field) == value then

@@ -1,8 +1,9 @@
 """Time, injected: production reads the system clock, tests move a fake one.
 
 The clock's reading is passed to every script (ARGV now_ms), so lease ends and period
-windows follow one source. Rate limiters read Redis TIME instead (see limiter_ms): they
-need the order in which Redis runs calls from many replicas, not each replica's view.
+windows follow one source. Rate limiters, and stops' expiries, read Redis TIME instead
+(see limiter_ms): they need the order in which Redis runs calls from many replicas, not
+each replica's view (a stop made on one replica must end at the same moment on all).
 Replicas on different hosts need NTP-synced clocks; a skew of d ms moves a lease end by
 at most d ms.
 """

@@ -85,12 +85,16 @@ def decision(
             binding_limit = max(denying, key=lambda r: r.retry_after_ms)
         elif limits:
             binding_limit = min(limits, key=lambda r: r.remaining)
-    stop, stop_ends, loops = None, None, []
+    stop, stop_left, loops = None, None, []
     if fresh:
-        found = stop_state(str(values_raw[guards_at + nb]), str(values_raw[guards_at + nb + 1]))
+        found = stop_state(
+            str(values_raw[guards_at + nb]),
+            str(values_raw[guards_at + nb + 1]),
+            str(values_raw[guards_at + nb + 2]),
+        )
         if found is not None:
-            stop, stop_ends = found
-        loop_raw: list[int] = values_raw[guards_at + nb + 2 :]
+            stop, stop_left = found
+        loop_raw: list[int] = values_raw[guards_at + nb + 3 :]
         if len(loop_raw) == 2 * len(resolved.loops):
             loops = [
                 loop_state(loop, loop_raw[2 * g : 2 * g + 2])
@@ -119,7 +123,7 @@ def decision(
                 info = binding_info(states[warned], b, _WARN)
     elif stop is not None:
         reason, message = "stop", stop_message(stop)
-        retry_after_ms = _until(stop_ends, now)
+        retry_after_ms = stop_left
     elif looping is not None:
         reason, message = "loop", loop_message(looping)
         retry_after_ms = looping.window_ms
@@ -189,10 +193,6 @@ def _limit_wait(r: RateLimitState) -> int | None:
     if r.retry_after_ms >= 0:
         return r.retry_after_ms
     return _SLOT_RETRY_MS if r.metric == _CONCURRENT else None
-
-
-def _until(expires_at_ms: int | None, now: int) -> int | None:
-    return None if expires_at_ms is None else max(expires_at_ms - now, 0)
 
 
 def budget_state(
@@ -384,9 +384,10 @@ def limit_message(state: RateLimitState) -> str:
     return f"Rate limit '{state.rate_limit_id}' reached: {state.limit} {state.metric} per {per}"
 
 
-def stop_state(field: str, value: str) -> tuple[StopState, int | None] | None:
-    """The stop in force the script found (its stops-hash field and value), and when it
-    ends (ms; None: never)."""
+def stop_state(field: str, value: str, left: str) -> tuple[StopState, int | None] | None:
+    """The stop in force the script found (its stops-hash field, value, and the ms left
+    until its expiry on the stops' clock, Redis's: '' never), and those ms (None: never).
+    Not its expires_at minus this replica's clock, which is off by the replica's skew."""
     if not field:
         return None
     scope, entity = keys.parse_stop_field(field.removeprefix("s:"))
@@ -399,7 +400,7 @@ def stop_state(field: str, value: str) -> tuple[StopState, int | None] | None:
         reason=reason,
         expires_at=iso(expires_ms) if expires_ms is not None else None,
     )
-    return state, expires_ms
+    return state, int(left) if left.isdigit() else None
 
 
 def stop_message(stop: StopState) -> str:

@@ -20,7 +20,8 @@ than the one this sidecar saw, means that slot lost its state. Then the sidecar
 - appends an alert (kind `lost`, alert_type store_state_lost) to each tenant's alerts
   stream, delivered like every alert (webhooks);
 - puts back the stops it saw in force at its last check, as they were (same id, expiry,
-  reason), with the stops made or lifted through this sidecar since (it knows of those:
+  reason; one whose expiry has passed on the stops' clock, Redis TIME, stays ended),
+  with the stops made or lifted through this sidecar since (it knows of those:
   one lifted here on purpose stays lifted): a stop that silently disappears is a safety
   problem, and a stop lifted on another replica within the last check interval coming
   back is the safe error;
@@ -142,7 +143,7 @@ class StateWatch:
             now = self.engine.now_ms()
             # The stops are read before the markers: a loss after this read is caught by
             # the markers, so what is kept below was read before any loss.
-            seen = await self._read_stops(tenants, now)
+            seen = await self._read_stops(tenants)
             markers = {keys.state_marker(t): t for t in tenants}
             markers[keys.DEFS_EPOCH] = ""  # the definitions' own slot
             # One script per marker, all in one pipeline (one round trip per node).
@@ -188,7 +189,7 @@ class StateWatch:
             kinds = {
                 kind: {t for t, k in found.items() if k == kind} for kind in (LOST, ROLLED_BACK)
             }
-            put_back = {kind: await self._put_back(of_kind, now) for kind, of_kind in kinds.items()}
+            put_back = {kind: await self._put_back(of_kind) for kind, of_kind in kinds.items()}
             if gone:  # the stops back: the markers again
                 pipe = self.client.pipeline(transaction=False)
                 for key in gone:
@@ -235,11 +236,11 @@ class StateWatch:
             lifted.extend(i for i in ids if i not in lifted)
             del lifted[:-LIFTED_MAX]
 
-    async def _read_stops(self, tenants: list[str], now: int) -> dict[str, list[Stop]]:
+    async def _read_stops(self, tenants: list[str]) -> dict[str, list[Stop]]:
         """Every tenant's stops, STOP_READS tenants' reads in flight at once: a check over
         many tenants takes a few round trips, not one after the other per tenant, and
         opens no more than STOP_READS connections for it."""
-        found = await _batched(tenants, lambda t: self.stops.list(t, now))
+        found = await _batched(tenants, lambda t: self.stops.list(t))
         return dict(zip(tenants, found, strict=True))
 
     def stop_changed(self, tenant: str, made: Stop | None, lifted: str | None) -> None:
@@ -257,7 +258,7 @@ class StateWatch:
         self._stops[tenant] = _changed(before, made, lifted)
         self._changes.append((tenant, made, lifted))
 
-    async def _put_back(self, lost: set[str], now: int) -> tuple[int, int]:
+    async def _put_back(self, lost: set[str]) -> tuple[int, int]:
         """The stops of the tenants' slots that lost their state (or went back) as seen at
         the last check, STOP_READS tenants at once; (put back, lifted again). Not for the
         definitions' slot ("") alone: no stop lives there, and the tenants' slots kept
@@ -271,11 +272,11 @@ class StateWatch:
                 # An older state brings back stops lifted since: lift those this sidecar
                 # knows were lifted (ids are never reused, so none is a new stop), before
                 # putting back the ones it saw, which may be of the same entities.
-                for stop in await self.stops.list(tenant, now):
-                    if stop.id in known_lifted and await self.stops.delete(tenant, stop.id, now):
+                for stop in await self.stops.list(tenant):
+                    if stop.id in known_lifted and await self.stops.delete(tenant, stop.id):
                         lifted += 1
             for stop in self._stops.get(tenant, []):
-                restored += await self.stops.restore(tenant, stop, now)
+                restored += await self.stops.restore(tenant, stop)
             return restored, lifted
 
         done = await _batched(sorted(t for t in lost if t), each)

@@ -11,6 +11,11 @@ a guard alert (`k` = stop) to the tenant's alerts stream, delivered like every a
 One stop per entity: a new stop of an entity replaces the one in force. A stop with a ttl
 ends by itself: decisions ignore it from its `expires_at` on, and the lists that meet it
 collect it.
+
+A stop's times (made, expires) are on the stops' clock: Redis TIME, the one clock every
+replica shares, as the rate limiters' (sidecar.clock limiter_ms; a test's FakeClock passes
+its own). The script sets them and every decision compares with the same clock: a replica
+whose own clock is off by the ttl or more still ends the stop when every other does.
 """
 
 from __future__ import annotations
@@ -81,16 +86,19 @@ StopChange = Callable[[str, Stop | None, str | None], None]
 class Stops:
     """Stops of every tenant over one store."""
 
-    def __init__(self, store: Store, script: Script) -> None:
+    def __init__(self, store: Store, script: Script, clock: Callable[[], str]) -> None:
         self._store = store
         self._script = script
+        # The stops' clock, as a script argument (Clock.limiter_ms: '' = Redis TIME).
+        self._clock = clock
         # Told of each stop made or lifted through this replica: sidecar.state_loss keeps
         # what it would put back after a loss in step at once, not at its next check.
         self.on_change: StopChange | None = None
 
-    async def _run(self, tenant: str, *args: str | int) -> list[str]:
+    async def _run(self, tenant: str, op: str, *args: str | int) -> list[str]:
         tk = keys.tenant_keys(tenant)
-        reply = await self._store.run(self._script, (tk.stops, tk.alerts, tk.counters), args)
+        argv = (op, self._clock(), *args)
+        reply = await self._store.run(self._script, (tk.stops, tk.alerts, tk.counters), argv)
         return [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
 
     async def create(
@@ -100,28 +108,29 @@ class Stops:
         scope_id: str,
         reason: str,
         ttl_s: int | None,
-        now_ms: int,
         most: int = 1_000,  # settings.max_stops (its default)
     ) -> tuple[Stop, str | None]:
         """Make a stop (replacing the entity's stop in force); (the stop, the replaced
         stop's id or None). Raises StopsFull when the tenant has `most` stops in force and
-        the entity none (a new stop of a stopped entity replaces it, at the cap too)."""
-        stop = Stop(
-            id=new_id(),
-            scope=scope.value,
-            scope_id=scope_id,
-            reason=reason,
-            created_ms=now_ms,
-            expires_ms=now_ms + ttl_s * 1000 if ttl_s else 0,
-        )
-        field = keys.stop_field(stop.scope, scope_id)
+        the entity none (a new stop of a stopped entity replaces it, at the cap too). Its
+        times are the script's, on the stops' clock (the module's docstring)."""
+        stop_id = new_id()
+        field = keys.stop_field(scope.value, scope_id)
         reply = await self._run(
-            tenant, "create", now_ms, field, stop.id, stop.expires_ms, reason,
-            stop.scope, keys.escape(scope_id), most,
+            tenant, "create", field, stop_id, ttl_s * 1000 if ttl_s else 0, reason,
+            scope.value, keys.escape(scope_id), most,
         )  # fmt: skip
         if reply[0] == "-1":
             raise StopsFull(f"the tenant has {most} stops in force")
         replaced = reply[1] or None
+        stop = Stop(
+            id=stop_id,
+            scope=scope.value,
+            scope_id=scope_id,
+            reason=reason,
+            created_ms=int(reply[2]),
+            expires_ms=int(reply[3]),
+        )
         if self.on_change is not None:
             self.on_change(tenant, stop, None)
         log.info(
@@ -131,29 +140,29 @@ class Stops:
         )  # fmt: skip
         return stop, replaced
 
-    async def get(self, tenant: str, stop_id: str, now_ms: int) -> Stop | None:
-        reply = await self._run(tenant, "get", now_ms, stop_id)
+    async def get(self, tenant: str, stop_id: str) -> Stop | None:
+        reply = await self._run(tenant, "get", stop_id)
         return parse(reply[0], reply[1]) if reply else None
 
-    async def delete(self, tenant: str, stop_id: str, now_ms: int) -> bool:
+    async def delete(self, tenant: str, stop_id: str) -> bool:
         """Lift a stop; False when there was none in force with this id."""
-        lifted = (await self._run(tenant, "delete", now_ms, stop_id))[0] == "1"
+        lifted = (await self._run(tenant, "delete", stop_id))[0] == "1"
         if lifted:
             log.info("stop lifted", extra={"tenant": tenant, "stop_id": stop_id})
             if self.on_change is not None:
                 self.on_change(tenant, None, stop_id)
         return lifted
 
-    async def restore(self, tenant: str, stop: Stop, now_ms: int) -> bool:
+    async def restore(self, tenant: str, stop: Stop) -> bool:
         """Put back a stop seen in force before Redis lost its state, as it was; False
         when the entity has a stop again (made since: it stands) or this one has ended."""
         field = keys.stop_field(stop.scope, stop.scope_id)
         value = f"{stop.id}|{stop.expires_ms}|{stop.created_ms}|{stop.reason}"
-        return (await self._run(tenant, "restore", now_ms, field, value))[0] == "1"
+        return (await self._run(tenant, "restore", field, value))[0] == "1"
 
-    async def list(self, tenant: str, now_ms: int) -> list[Stop]:
+    async def list(self, tenant: str) -> list[Stop]:
         """Every stop in force, oldest first (then by scope and entity)."""
-        reply = await self._run(tenant, "list", now_ms)
+        reply = await self._run(tenant, "list")
         found = [parse(reply[i], reply[i + 1]) for i in range(0, len(reply), 2)]
         return sorted(
             (s for s in found if s is not None), key=lambda s: (s.created_ms, s.scope, s.scope_id)

@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar.api.app import create_app
-from sidecar.clock import FakeClock
+from sidecar.clock import Clock, FakeClock
 from sidecar.metrics import Metrics
 from sidecar.store import open_store
 from tests.conftest import T0_MS, make_config
@@ -24,7 +24,7 @@ async def app_over(
     url: str,
     document: dict[str, Any],
     *,
-    clock: FakeClock | None = None,
+    clock: Clock | None = None,
     events: Metrics | None = None,
 ) -> TestClient[Any, Any]:
     """A started TestClient of the app for `document` over the store at `url` (any URL

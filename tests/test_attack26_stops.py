@@ -38,7 +38,7 @@ def doc(**settings: Any) -> dict[str, Any]:
     return {"budgets": [BUDGET], "settings": settings}
 
 
-def seed(r: redis.Redis, n: int, *, prefix: str = "seed", expires_ms: int = 0) -> None:
+def seed(r: redis.Redis, n: int, *, prefix: str = "seed", ttl_ms: int = 0) -> None:
     """`n` stops written by stops.lua itself (as a sidecar before the cap would have),
     one script call each, no cap."""
     script = Scripts.load_all().stops
@@ -48,7 +48,7 @@ def seed(r: redis.Redis, n: int, *, prefix: str = "seed", expires_ms: int = 0) -
         entity = f"{prefix}-{i:05d}"
         pipe.evalsha(sha, 3, TK.stops, TK.alerts, TK.counters, "create", T0_MS,
                      keys.stop_field("agent", entity), f"stop_{prefix}{i:011x}"[:21],
-                     expires_ms, "seeded", "agent", entity, 10**6)  # fmt: skip
+                     ttl_ms, "seeded", "agent", entity, 10**6)  # fmt: skip
     pipe.execute()
 
 

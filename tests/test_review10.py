@@ -313,7 +313,7 @@ async def test_a_tenant_named_defs_names_its_marker_too(
     c = await start(doc)
     watch = watch_of(c)
     engine: Engine = c.app[ENGINE]  # type: ignore[index]
-    await watch.stops.create("defs", Scope.AGENT, "runaway", "loop", None, engine.now_ms())
+    await watch.stops.create("defs", Scope.AGENT, "runaway", "loop", None)
     stop = AuthorizeRequest(agent_id="runaway", estimated_usd=0.01)
     assert not (await engine.authorize("defs", stop)).allowed  # (authorize.lua loaded)
     await watch.check()
@@ -341,20 +341,19 @@ async def test_a_failed_batch_of_stop_reads_ends_every_read_and_keeps_the_last_w
         for t in tenants]}}  # fmt: skip
     c = await start(doc)
     watch = watch_of(c)
-    engine: Engine = c.app[ENGINE]  # type: ignore[index]
     for t in tenants:
-        await watch.stops.create(t, Scope.AGENT, "runaway", f"stopped {t}", None, engine.now_ms())
+        await watch.stops.create(t, Scope.AGENT, "runaway", f"stopped {t}", None)
     await watch.check()
     read = watch.stops.list
     started: list[asyncio.Task[Any]] = []
     never = asyncio.Event()
 
-    async def failing(tenant: str, now_ms: int) -> list[Stop]:
+    async def failing(tenant: str) -> list[Stop]:
         started.append(asyncio.current_task())  # type: ignore[arg-type]
         if tenant == "t03":
             raise StoreUnavailable("read failed")
         await never.wait()
-        return await read(tenant, now_ms)
+        return await read(tenant)
 
     watch.stops.list = failing  # type: ignore[method-assign]
     with pytest.raises(StoreUnavailable):
@@ -367,7 +366,7 @@ async def test_a_failed_batch_of_stop_reads_ends_every_read_and_keeps_the_last_w
     assert await watch.check() is True
     assert watch.last_loss is not None and watch.last_loss.restored_stops == len(tenants)
     for t in tenants:
-        assert [s.reason for s in await read(t, engine.now_ms())] == [f"stopped {t}"]
+        assert [s.reason for s in await read(t)] == [f"stopped {t}"]
 
 
 # ---- 8. a loss whose handling failed half way ---------------------------------------------

@@ -228,26 +228,26 @@ async def test_a_check_reads_many_tenants_stops_a_batch_at_once(server: RedisSer
     from sidecar.stops import Stop, Stops
 
     store = RedisStore.from_url(server.url, timeout_ms=2000)
-    stops = Stops(store, Scripts.load_all().stops)
+    stops = Stops(store, Scripts.load_all().stops, lambda: str(T0_MS))
     tenants = [f"t{i:02d}" for i in range(40)]
     for t in tenants:
-        await stops.create(t, Scope.AGENT, f"agent-of-{t}", f"stopped {t}", None, T0_MS)
+        await stops.create(t, Scope.AGENT, f"agent-of-{t}", f"stopped {t}", None)
     in_flight = most = calls = 0
     read = stops.list
 
-    async def counting(tenant: str, now_ms: int) -> list[Stop]:
+    async def counting(tenant: str) -> list[Stop]:
         nonlocal in_flight, most, calls
         in_flight, calls = in_flight + 1, calls + 1
         most = max(most, in_flight)
         try:
-            return await read(tenant, now_ms)
+            return await read(tenant)
         finally:
             in_flight -= 1
 
     stops.list = counting  # type: ignore[method-assign]
     watch = StateWatch(store.client, None, stops, None)  # type: ignore[arg-type]
     try:
-        seen = await watch._read_stops(tenants, T0_MS + 1)
+        seen = await watch._read_stops(tenants)
     finally:
         await store.close()
     assert calls == 40

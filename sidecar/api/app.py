@@ -391,7 +391,7 @@ def create_app(
             yield
 
     app.cleanup_ctx.append(sweep_lifecycle)
-    stops = Stops(store, engine.scripts.stops)
+    stops = Stops(store, engine.scripts.stops, engine.limiter_ms)
     # Notices Redis losing its state and puts back the stops and definitions it can.
     state_watch = StateWatch(
         store.client,

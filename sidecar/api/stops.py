@@ -138,8 +138,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stop
         try:
             stop, _replaced = await _stored(
                 stops.create(
-                    tenant_of(request), body.scope, body.scope_id, body.reason, body.ttl_s,
-                    engine.now_ms(), most,
+                    tenant_of(request), body.scope, body.scope_id, body.reason, body.ttl_s, most
                 )
             )  # fmt: skip
         except StopsFull as exc:
@@ -156,8 +155,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stop
         limit = int_query(request, "limit", PAGE_MAX, 1, PAGE_MAX)
         raw = raw_query(request).get("cursor")
         after = parse_cursor(raw) if raw is not None else None
-        now = request.app[engine_key].now_ms()
-        found = await _stored(stops.list(tenant_of(request), now))
+        found = await _stored(stops.list(tenant_of(request)))
         if after is not None:
             found = [s for s in found if sort_key(s) > after]
         page = found[:limit]
@@ -167,8 +165,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stop
     async def read(request: web.Request) -> web.Response:
         require(request, Role.READ)
         stop_id = request.match_info["stop_id"]
-        now = request.app[engine_key].now_ms()
-        found = await _stored(stops.get(tenant_of(request), stop_id, now))
+        found = await _stored(stops.get(tenant_of(request), stop_id))
         if found is None:
             raise not_found(stop_id)
         return json_response(view(found))
@@ -176,8 +173,7 @@ def add_routes(app: web.Application, engine_key: web.AppKey[Engine], stops: Stop
     async def delete(request: web.Request) -> web.Response:
         require(request, Role.ADMIN)
         stop_id = request.match_info["stop_id"]
-        now = request.app[engine_key].now_ms()
-        if not await _stored(stops.delete(tenant_of(request), stop_id, now)):
+        if not await _stored(stops.delete(tenant_of(request), stop_id)):
             raise not_found(stop_id)
         return web.Response(status=204)
 
