@@ -210,3 +210,27 @@ async def settle_statuses(
         assert status == 200, s
     monkeypatch.setattr(e, "run_script", real)
     return out
+
+
+async def test_a_lost_attempt_of_a_hold_charged_at_its_lease_end_counts_nothing_more(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """on_expiry charge: attempt a is noted lost on the hold ('~a'); the lease ends and the
+    next call charges the estimate (the lease's end counts it). Then a runs, and a
+    repeat: both answer 2 (the first result), the searches for them 2; the charge is the
+    estimate, once."""
+    w = world
+    (e, _), app = w.engines, w.apps[0]
+    rid = await authorize(app, on_expiry="charge", lease_ms=1000)
+    assert await search(e, rid, "0000000a") == 3
+    w.clock.advance(1001)
+    await authorize(app)  # reclaims it: charged at its lease's end
+    r = fields(w.rc, rid)
+    assert (r[0], r[27]) == ("S", "~0000000a")
+    assert used_micro(w.rc) == 250_000
+    statuses = await settle_statuses(monkeypatch, e, app, rid, ["0000000a", "0000000b"])
+    assert statuses == [2, 2]
+    assert await search(e, rid, "0000000a") == 2
+    assert await search(e, rid, "0000000b") == 2
+    assert fields(w.rc, rid) == r
+    assert used_micro(w.rc) == 250_000
