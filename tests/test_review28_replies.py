@@ -408,3 +408,21 @@ async def test_a_retry_handed_by_the_old_version_after_the_new_one_counted_is_no
     await cancel(e0, handout(first))
     await cancel(e1, handout(new_retry))
     assert fields(w.rc, rid)[0] == "H" and held_micro(w.rc) == EST
+
+
+async def test_a_new_record_a_retry_of_the_old_version_was_handed_is_left_by_every_cancel(
+    world: World,
+) -> None:
+    """A rolling upgrade: the new authorize makes P (field 27 '': its authorize alone),
+    then an old replica's retry is handed it (field 19 '1', field 27 left ''): handouts
+    not known, so the cancel of the new authorize's answer, repeated, leaves it held."""
+    w = world
+    e0, _ = w.engines
+    first = await authorize(e0, "K")
+    rid = first.reservation_id
+    assert rid is not None
+    assert w.rc.eval(OLD_RETRY, 1, RES, rid) == 28
+    assert (fields(w.rc, rid)[18], fields(w.rc, rid)[26]) == ("1", "")
+    await cancel(e0, handout(first))
+    await cancel(e0, handout(first))
+    assert fields(w.rc, rid)[0] == "H" and held_micro(w.rc) == EST and named(w.rc, "K") == rid
