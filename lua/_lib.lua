@@ -86,7 +86,8 @@
 --      by settle.lua (a charge at the lease's end leaves it as it was), the attempt whose
 --      answer counts the charge ('' = the answer counts it, a record of a version that kept
 --      no attempt), that id and '!' when its answer was lost and its own sidecar counts it
---      (settle_lost.lua), '?' when nobody has counted it yet: the next settle of it does.
+--      (settle_lost.lua), '?' when nobody has counted it yet: the next settle of it does, or
+--      the search for a lost one (settle_lost.lua).
 -- Identifiers are validated and escaped by the sidecar, so none contains '|' or ','.
 
 local function split(s, sep)

@@ -8,7 +8,11 @@
 -- Returns: {status, ...}
 --   4 then the settle.lua result (its first result): that attempt charged it, nobody counted
 --     it: the caller counts it now (record field 28 becomes "<id>!", so that a repeat of
---     this call, whose own answer was lost, answers 4 again and no other call does);
+--     this call, whose own answer was lost, answers 4 again and no other call does); or
+--     charged by an attempt known lost that nobody counted yet ('?'): this lost attempt,
+--     a repeat of the settle, would have counted it had Redis run it first, and may run
+--     after this search or never, so the search counts it (a settle that finds "<id>!"
+--     answers 2);
 --   3: not charged yet (held, or its lease ended unsettled): the attempt is noted lost
 --     (record field 28 '~<id>'), so that if Redis runs it later, the next settle of the
 --     reservation counts its charge (settle.lua status 4);
@@ -24,8 +28,8 @@ local rec = redis.call('HGET', res, rid)
 if not rec or string.sub(rid, 1, 2) == 'k:' or attempt == '' then return done({0}) end
 local r = parse_record(rec)
 for i = #r + 1, 28 do r[i] = '' end
-if r[1] == 'S' and (r[28] == attempt or r[28] == attempt .. '!') then
-  if r[28] == attempt then
+if r[1] == 'S' and (r[28] == attempt or r[28] == attempt .. '!' or r[28] == '?') then
+  if r[28] ~= attempt .. '!' then
     r[28] = attempt .. '!'
     redis.call('HSET', res, rid, table.concat(r, '|'))
   end
