@@ -289,7 +289,12 @@ class StateWatch:
         tenants = sorted(t for t in lost if t) or self._tenants()
         restored_defs = await self.definitions.store.restore(None if "" in lost else set(tenants))
         await self.definitions.reload()  # (refresh would ask this check again: the lock)
+        # Counted with `losses`, before the alerts' round trip: a Redis that fails that
+        # write must not leave a loss noticed (and logged) but never counted, and whoever
+        # sees `losses` sees the metric too.
         self.losses += 1
+        if self.on_loss is not None:
+            self.on_loss(kind)
         self.last_loss = LossView(
             at=iso(now),
             tenants=tenants,
@@ -342,8 +347,6 @@ class StateWatch:
                 approximate=True,
             )  # fmt: skip
         await pipe.execute()
-        if self.on_loss is not None:
-            self.on_loss(kind)
 
     async def after_loss(self) -> None:
         """A decision found its tenant's marker gone: wait for a check that begins after

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Any
 
 import pytest
 import redis
@@ -255,3 +256,42 @@ async def test_a_check_reads_many_tenants_stops_a_batch_at_once(server: RedisSer
     assert sorted(seen) == tenants
     for t in tenants:
         assert [(s.scope_id, s.reason) for s in seen[t]] == [(f"agent-of-{t}", f"stopped {t}")]
+
+
+async def test_a_loss_whose_alerts_cannot_be_written_is_still_counted(server: RedisServer) -> None:
+    """The check noticed a loss, but Redis failed the alerts' write that follows: the loss
+    is counted in the metric all the same (and counted when `losses` says it was
+    noticed), never logged and left out of budget_sidecar_store_state_lost_total."""
+    client = await app_over(server.url, LOSS_DOC, events=Metrics())
+    watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
+    try:
+        await watch.check()
+        assert watch.losses == 0
+        lose_state(server, "flushall")
+        real = watch.client.pipeline
+
+        class FailingPipeline:
+            def __init__(self, inner: Any) -> None:
+                self.inner, self.alerts = inner, False
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+            def xadd(self, *args: Any, **kwargs: Any) -> Any:
+                self.alerts = True
+                return self.inner.xadd(*args, **kwargs)
+
+            async def execute(self) -> Any:
+                if self.alerts:  # only the alerts' write fails; the check's reads do not
+                    raise redis.ConnectionError("the alerts' write was cut")
+                return await self.inner.execute()
+
+        watch.client.pipeline = lambda **kw: FailingPipeline(real(**kw))  # type: ignore[method-assign]
+        with pytest.raises(redis.ConnectionError):
+            await watch.check()
+        watch.client.pipeline = real  # type: ignore[method-assign]
+        assert watch.losses == 1
+        text = await (await client.get("/metrics")).text()
+        assert 'budget_sidecar_store_state_lost_total{kind="lost"} 1.0' in text
+    finally:
+        await client.close()
