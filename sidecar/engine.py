@@ -686,18 +686,15 @@ class Engine:
         reached its caller (lua/release.lua's cancel: the reservation is released once no
         handout of it stands, or tombstoned if the authorize has not run), retrying until
         it succeeds or the lease has ended (then the hold is back by itself)."""
-        delay_s = 0.05
-        while self._clock.now_ms() < lease_end_ms:
+
+        async def once() -> None:
             keep = self._snapshot.config.settings.keep_finished_ms
             args: list[str | int] = [
                 self._clock.now_ms(), rid, keep, "1", self._clock.limiter_ms(), key
             ]  # fmt: skip
-            try:
-                await self.run_script(self._scripts.release, tenant, args)
-                return
-            except StoreUnavailable:
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 1.0)
+            await self.run_script(self._scripts.release, tenant, args)
+
+        await self._retry_until(lease_end_ms, once)
 
     def _find_lost_settle_later(self, tenant: str, rid: str, attempt: str) -> None:
         if len(self._lost_settles) >= _MAX_PENDING_CANCELS:
@@ -710,22 +707,32 @@ class Engine:
         """A settle call whose answer was lost: if it charged the reservation, count that
         charge in the metrics (lua/settle_lost.lua), retrying until Redis answers. Bounded
         like a cancel: past the longest lease, the attempt is left uncounted."""
-        delay_s = 0.05
-        until_ms = self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms
         script_keys = (keys.tenant_keys(tenant).reservations,)
-        while self._clock.now_ms() < until_ms:
-            try:
-                reply = await self.run_script(
-                    self._scripts.settle_lost, tenant, (rid, attempt), script_keys
-                )
-            except StoreUnavailable:
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, 1.0)
-                continue
+
+        async def once() -> None:
+            reply = await self.run_script(
+                self._scripts.settle_lost, tenant, (rid, attempt), script_keys
+            )
             if int(reply[0]) == LATE_CHARGE:
                 result = rendering.settle_result(self.snapshot(tenant), rid, reply, "tokens_in")
                 self.events.late_charge(result)
-            return
+
+        await self._retry_until(
+            self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms, once
+        )
+
+    async def _retry_until(self, until_ms: int, once: Callable[[], Awaitable[None]]) -> None:
+        """Run `once` until Redis answers it, backing off (50 ms doubling to 1 s) while it is
+        unavailable, and give up at `until_ms` (the background work of a cancel or a lost
+        settle's search: past the longest lease nothing is left to do)."""
+        delay_s = 0.05
+        while self._clock.now_ms() < until_ms:
+            try:
+                await once()
+                return
+            except StoreUnavailable:
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 1.0)
 
     @property
     def pending_cancels(self) -> int:

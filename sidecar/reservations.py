@@ -27,25 +27,26 @@ def _forget_random() -> None:
 os.register_at_fork(after_in_child=_forget_random)
 
 
-def new_reservation_id() -> str:
-    """128 random bits in hex (the ReservationId format)."""
+def _random_hex(n: int) -> str:
+    """`n` random bytes in hex, from a chunk of os.urandom read once per many ids (one
+    syscall per _RANDOM_CHUNK bytes, not one per id)."""
     global _random, _random_at
     at = _random_at
-    if at + 16 > len(_random):
+    if at + n > len(_random):
         _random, at = bytearray(os.urandom(_RANDOM_CHUNK)), 0
-    _random_at = at + 16
-    return _random[at : at + 16].hex()
+    _random_at = at + n
+    return _random[at : at + n].hex()
+
+
+def new_reservation_id() -> str:
+    """128 random bits in hex (the ReservationId format)."""
+    return _random_hex(16)
 
 
 def new_attempt_id() -> str:
     """32 random bits in hex: one settle call's id (lua/settle.lua ARGV[14]); it only tells
-    apart the few calls that settle one reservation. From the same chunks as the ids."""
-    global _random, _random_at
-    at = _random_at
-    if at + 4 > len(_random):
-        _random, at = bytearray(os.urandom(_RANDOM_CHUNK)), 0
-    _random_at = at + 4
-    return _random[at : at + 4].hex()
+    apart the few calls that settle one reservation."""
+    return _random_hex(4)
 
 
 # The ledger tuple's separator. Identifiers are validated, so the unit separator cannot
