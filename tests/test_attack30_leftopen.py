@@ -1,0 +1,220 @@
+"""Attack 30: defects the ninth sitting's note left open.
+
+Spend metrics that missed a charge the books have (a /v1/record whose answer was lost,
+then repeated with its key; a fail-open grant's queued charge whose answer was lost), on a
+real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from sidecar.api.app import ENGINE, create_app
+from sidecar.clock import FakeClock
+from sidecar.metrics import Metrics
+from sidecar.store import RedisStore
+from tests.conftest import T0_MS, make_config
+from tests.harness import RedisServer
+from tests.test_attack15_fault_books import (
+    DOC,
+    GUARD_S,
+    SCRIPTS,
+    post,
+    proxy,
+    searches_done,
+    spend_counted,
+)
+from tests.test_redis_fault_attacks import TENANT, FaultProxy, ledger_micro, used_micro
+
+__all__ = ["proxy"]  # fixtures
+
+# 1000 tokens in and 500 out of gpt-4o: 0.0025 + 0.005 = 7500 micro-USD.
+RECORD = {"provider": "openai", "model": "gpt-4o", "tokens_in": 1000, "tokens_out": 500}
+COUNTED = (7500, 1000, 500)
+TOKENS = {"tokens_in": 1000, "tokens_out": 500}
+
+
+async def metered(url: str, doc: dict[str, Any] = DOC) -> TestClient[Any, Any]:
+    clock = FakeClock(T0_MS)
+    metrics = Metrics(clock=clock)
+    cfg = make_config(doc)
+    store = metrics.wrap(RedisStore.from_url(url, timeout_ms=cfg.settings.redis_timeout_ms))
+    client = TestClient(TestServer(create_app(cfg, store, clock=clock, events=metrics)))
+    await client.start_server()
+    return client
+
+
+def key_field(rc: redis.Redis, key: str) -> str | None:
+    """A /v1/record idempotency key's field (lua/record.lua ARGV[11]): who counts it."""
+    value = rc.hget(TENANT.reservations, f"q:{key}")
+    assert value is None or isinstance(value, str)
+    return value
+
+
+async def until(check: Any, what: str) -> None:
+    for _ in range(int(GUARD_S / 0.05)):
+        if check():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(what)
+
+
+async def warm_record(flaky: Any) -> None:
+    """One record through `flaky`, so that record.lua is loaded (a NOSCRIPT held or delayed
+    by the proxy would run nothing): 1000 micro-USD, counted under no model."""
+    status, r = await post(flaky, "/v1/record", {"cost_usd": 0.001})
+    assert status == 200 and r["replayed"] is False, r
+
+
+# ---- 1. /v1/record: a charge whose answer was lost --------------------------------------
+
+
+async def test_a_record_whose_answer_was_lost_then_repeated_with_its_key_is_counted_once(
+    server: RedisServer, proxy: FaultProxy
+) -> None:
+    """Redis ran the record, its answer came after the timeout (503); the client repeats it
+    with its key on another replica: replayed, nothing charged. The sidecar that timed out
+    finds its attempt charged it: counted once over both replicas, and no later repeat
+    counts it again."""
+    flaky, direct = await metered(proxy.url), await metered(server.url)
+    rc = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        await warm_record(flaky)
+        body = {**RECORD, "idempotency_key": "lost-answer"}
+        proxy.mode, proxy.delay_s = "delay", 0.5
+        status, r = await post(flaky, "/v1/record", body)
+        assert status == 503, r
+        proxy.mode = "forward"
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+        status, r = await post(direct, "/v1/record", body)
+        assert status == 200 and r["replayed"] is True, r
+        await asyncio.sleep(proxy.delay_s)
+        await searches_done(flaky, direct)
+        assert (key_field(rc, "lost-answer") or "").endswith("!")
+        assert await spend_counted(flaky, direct) == COUNTED
+        for app in (flaky, direct):
+            status, r = await post(app, "/v1/record", body)
+            assert status == 200 and r["replayed"] is True, r
+        await searches_done(flaky, direct)
+        assert await spend_counted(flaky, direct) == COUNTED
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+    finally:
+        rc.close()
+        proxy.mode = "forward"
+        for app in (flaky, direct):
+            await app.close()
+
+
+async def test_a_record_redis_ran_after_its_search_is_counted_by_the_repeat(
+    server: RedisServer, proxy: FaultProxy
+) -> None:
+    """The record is held on its way to Redis past the timeout, and its sidecar's search
+    runs first: nothing charged, the attempt is noted lost. Then the record reaches Redis
+    and charges (its answer goes nowhere): nobody counted it ('?'). The client's repeat
+    with the key, on the other replica, counts it; every later repeat is a plain replay."""
+    flaky, direct = await metered(proxy.url), await metered(server.url)
+    rc = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        await warm_record(flaky)
+        body = {**RECORD, "idempotency_key": "held"}
+        proxy.hold(SCRIPTS.record.sha.encode())
+        status, r = await post(flaky, "/v1/record", body)
+        assert status == 503, r
+        await searches_done(flaky)
+        noted = key_field(rc, "held") or ""
+        assert noted.startswith("~") and len(noted) == 9, noted
+        assert used_micro(rc) == 1000
+        proxy.let_go()
+        await until(lambda: used_micro(rc) == 8500, "the held record never ran")
+        assert key_field(rc, "held") == "?" and ledger_micro(rc) == (2, 8500)
+        assert await spend_counted(flaky, direct) == (0, 0, 0)
+        status, r = await post(direct, "/v1/record", body)
+        assert status == 200 and r["replayed"] is True, r
+        assert await spend_counted(flaky, direct) == COUNTED
+        for app in (flaky, direct):
+            status, r = await post(app, "/v1/record", body)
+            assert status == 200 and r["replayed"] is True, r
+        await searches_done(flaky, direct)
+        assert await spend_counted(flaky, direct) == COUNTED
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+    finally:
+        rc.close()
+        proxy.let_go()
+        proxy.mode = "forward"
+        for app in (flaky, direct):
+            await app.close()
+
+
+async def test_a_record_whose_search_ran_first_and_that_never_ran_is_charged_by_the_repeat(
+    server: RedisServer, proxy: FaultProxy
+) -> None:
+    """The record is held and its search notes the attempt lost; the client's repeat
+    charges (the key had charged nothing) and counts it. Then the held one reaches Redis:
+    the key is charged already, nothing more, in the books or the metrics."""
+    flaky, direct = await metered(proxy.url), await metered(server.url)
+    rc = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        await warm_record(flaky)
+        body = {**RECORD, "idempotency_key": "never-ran"}
+        proxy.hold(SCRIPTS.record.sha.encode())
+        status, r = await post(flaky, "/v1/record", body)
+        assert status == 503, r
+        await searches_done(flaky)
+        status, r = await post(direct, "/v1/record", body)
+        assert status == 200 and r["replayed"] is False, r
+        assert used_micro(rc) == 8500 and await spend_counted(flaky, direct) == COUNTED
+        proxy.let_go()
+        held = proxy.held
+        assert held == 1
+        await asyncio.sleep(0.2)  # not a timing assertion: the held record's turn
+        status, r = await post(direct, "/v1/record", body)
+        assert status == 200 and r["replayed"] is True, r
+        assert await spend_counted(flaky, direct) == COUNTED
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+    finally:
+        rc.close()
+        proxy.let_go()
+        proxy.mode = "forward"
+        for app in (flaky, direct):
+            await app.close()
+
+
+# ---- 1. fail open: a queued charge whose answer was lost --------------------------------
+
+OPEN_DOC: dict[str, Any] = {**DOC, "settings": {"redis_timeout_ms": 100, "fail_mode": "open"}}
+
+
+async def test_a_fail_open_charge_whose_answer_was_lost_is_counted_once(
+    server: RedisServer, proxy: FaultProxy
+) -> None:
+    """An authorize allowed by fail mode open (its answer lost) gets a grant; its settle's
+    record runs in Redis but the answer is lost (queued); the drain sends it again once
+    Redis answers, and that send is the first answer of the charge: counted once."""
+    flaky = await metered(proxy.url, OPEN_DOC)
+    rc = redis.Redis(port=server.port, decode_responses=True)
+    try:
+        await warm_record(flaky)
+        engine = flaky.server.app[ENGINE]
+        proxy.mode, proxy.delay_s = "delay", 0.5
+        status, d = await post(flaky, "/v1/authorize", {"provider": "openai", "model": "gpt-4o",
+                                                         "estimated_usd": 0.5})  # fmt: skip
+        assert status == 200 and d["degraded"] is True, d
+        rid = d["reservation_id"]
+        status, s = await post(flaky, "/v1/settle", {"reservation_id": rid, **TOKENS})
+        assert status == 202 and s["state"] == "queued", s
+        proxy.mode = "forward"
+        await until(lambda: engine.fail_open.pending == 0, "the queued charge was never sent")
+        await until(lambda: engine.pending_cancels == 0, "the authorize's cancel never ended")
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+        assert await spend_counted(flaky) == COUNTED
+        status, s = await post(flaky, "/v1/settle", {"reservation_id": rid, **TOKENS})
+        assert status == 200 and s["replayed"] is True, s
+        assert await spend_counted(flaky) == COUNTED
+        assert used_micro(rc) == 8500 and ledger_micro(rc) == (2, 8500)
+    finally:
+        rc.close()
+        proxy.mode = "forward"
+        await flaky.close()
