@@ -1,14 +1,18 @@
 """Attack 30: defects the ninth sitting's note left open.
 
-Spend metrics that missed a charge the books have (a /v1/record whose answer was lost,
-then repeated with its key; a fail-open grant's queued charge whose answer was lost), on a
-real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up)."""
+1. Spend metrics that missed a charge the books have (a /v1/record whose answer was lost,
+   then repeated with its key; a fail-open grant's queued charge whose answer was lost), on
+   a real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up).
+2. A request line naming HTTP/2.0 (or 0.9, 1.2, 3.0), on the fast path and on aiohttp."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from typing import Any
 
+import pytest
 import redis
 from aiohttp.test_utils import TestClient, TestServer
 
@@ -27,9 +31,18 @@ from tests.test_attack15_fault_books import (
     searches_done,
     spend_counted,
 )
-from tests.test_redis_fault_attacks import TENANT, FaultProxy, ledger_micro, used_micro
+from tests.test_fast_path import AUTHORIZE, exchange, fast_server, serve
+from tests.test_fast_path import post as fp_post
+from tests.test_fast_path import status as fp_status
+from tests.test_redis_fault_attacks import (
+    TENANT,
+    FaultProxy,
+    held_micro,
+    ledger_micro,
+    used_micro,
+)
 
-__all__ = ["proxy"]  # fixtures
+__all__ = ["proxy", "serve"]  # fixtures
 
 # 1000 tokens in and 500 out of gpt-4o: 0.0025 + 0.005 = 7500 micro-USD.
 RECORD = {"provider": "openai", "model": "gpt-4o", "tokens_in": 1000, "tokens_out": 500}
@@ -218,3 +231,51 @@ async def test_a_fail_open_charge_whose_answer_was_lost_is_counted_once(
         rc.close()
         proxy.mode = "forward"
         await flaky.close()
+
+
+# ---- 2. a request line that names another HTTP version ---------------------------------
+
+
+def holds(rc: redis.Redis) -> tuple[int, int]:
+    """(micro-USD held, reservation records) of the default tenant."""
+    records = [k for k in rc.hkeys(TENANT.reservations) if not str(k).startswith(("k:", "q:"))]
+    return held_micro(rc), len(records)
+
+
+def normalized(answer: bytes) -> bytes:
+    return re.sub(rb"\r\nDate: [^\r]*", b"", answer)
+
+
+@pytest.mark.parametrize("version", ["2.0", "0.9", "1.2", "3.0"])
+async def test_a_request_line_of_another_http_version_is_refused_on_both_paths(
+    serve: Any, redis_client: redis.Redis, version: str
+) -> None:
+    """HTTP/2.0 (and 0.9) in a request line was served as 1.1, on both paths, and held
+    spend. Every version but 1.0 and 1.1 answers the same 400 problem+json naming
+    `http_version` (what aiohttp's parser answers for 1.2 or 3.0), byte for byte on the
+    fast path and on aiohttp alone, through /v1/authorize and /ext_authz; nothing is held.
+    HTTP/1.0 is served (and holds) on both."""
+    answers: dict[tuple[bool, str], bytes] = {}
+    for fast_http in (True, False):
+        srv = await serve(fast=fast_http)
+        for path, body in (("/v1/authorize", AUTHORIZE), ("/ext_authz/v1/chat", b"")):
+            request = fp_post(path, body).replace(b"HTTP/1.1", f"HTTP/{version}".encode(), 1)
+            [answer] = await exchange(srv, request, 1)
+            head, _, text = answer.partition(b"\r\n\r\n")
+            assert fp_status(answer) == 400, answer
+            assert b"\r\nContent-Type: application/problem+json" in head, answer
+            problem = json.loads(text)
+            assert problem["field"] == "http_version", problem
+            assert holds(redis_client) == (0, 0)
+            answers[(fast_http, path)] = normalized(answer)
+        if fast_http:
+            assert fast_server(srv).served == 0
+    for path in ("/v1/authorize", "/ext_authz/v1/chat"):
+        assert answers[(True, path)] == answers[(False, path)]
+    # The control: HTTP/1.0 is served on both paths, and its holds are seen.
+    for fast_http in (True, False):
+        srv = await serve(fast=fast_http)
+        request = fp_post("/v1/authorize", AUTHORIZE).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+        [answer] = await exchange(srv, request, 1)
+        assert fp_status(answer) == 200, answer
+    assert holds(redis_client)[1] == 2
