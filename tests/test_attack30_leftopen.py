@@ -3,22 +3,28 @@
 1. Spend metrics that missed a charge the books have (a /v1/record whose answer was lost,
    then repeated with its key; a fail-open grant's queued charge whose answer was lost), on
    a real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up).
-2. A request line naming HTTP/2.0 (or 0.9, 1.2, 3.0), on the fast path and on aiohttp."""
+2. A request line naming HTTP/2.0 (or 0.9, 1.2, 3.0), on the fast path and on aiohttp.
+3. A reload that changes settings.allowed_hosts."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import re
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
+import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
+from sidecar import config
 from sidecar.api.app import ENGINE, create_app
 from sidecar.clock import FakeClock
 from sidecar.metrics import Metrics
+from sidecar.reload import ConfigWatcher
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
@@ -279,3 +285,55 @@ async def test_a_request_line_of_another_http_version_is_refused_on_both_paths(
         [answer] = await exchange(srv, request, 1)
         assert fp_status(answer) == 200, answer
     assert holds(redis_client)[1] == 2
+
+
+# ---- 3. a reload that changes settings.allowed_hosts -----------------------------------
+
+
+def hosts_doc(*allowed: str, fast_http: bool) -> dict[str, Any]:
+    return {
+        "budgets": [{"id": "org", "name": "Org", "scope": "organization", "limit_usd": 10.0,
+                     "period": "monthly"}],
+        "settings": {"allowed_hosts": list(allowed), "fast_http": fast_http},
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("fast_http", [True, False])
+async def test_a_reload_that_changes_allowed_hosts_takes_effect_at_once(
+    tmp_path: Path, redis_server: RedisServer, redis_client: redis.Redis, fast_http: bool
+) -> None:
+    """allowed_hosts [old.example.com] reloaded as [new.example.com]: new is 421 before
+    the reload and answered after it; old is answered before and 421 after; on the fast
+    path and on aiohttp alone. The refused calls hold nothing."""
+    path = tmp_path / "budgets.yaml"
+    path.write_text(yaml.safe_dump(hosts_doc("old.example.com", fast_http=fast_http)))
+    store = RedisStore.from_url(redis_server.url, timeout_ms=2000)
+    client = TestClient(TestServer(create_app(config.load(path), store), host="127.0.0.1"))
+    await client.start_server()
+    watcher = ConfigWatcher(path, client.server.app[ENGINE])
+
+    async def statuses() -> tuple[int, int]:
+        out = []
+        for host in ("old.example.com", "new.example.com"):
+            r = await client.post("/v1/authorize", json={"estimated_usd": 0.01},
+                                  headers={"Host": host})  # fmt: skip
+            text = await r.text()
+            if r.status == 421:
+                assert json.loads(text)["field"] == "Host", text
+            else:
+                assert r.status == 200 and json.loads(text)["allowed"] is True, text
+            out.append(r.status)
+        return out[0], out[1]
+
+    try:
+        assert await statuses() == (200, 421)
+        assert holds(redis_client) == (10_000, 1)
+        time.sleep(0.01)  # a distinct mtime even on coarse-timestamp filesystems
+        path.write_text(yaml.safe_dump(hosts_doc("new.example.com", fast_http=fast_http)))
+        assert await watcher.check() is None  # changed: it waits one tick for it to settle
+        assert await watcher.check() is True
+        assert client.server.app[ENGINE].config.settings.allowed_hosts == ("new.example.com",)
+        assert await statuses() == (421, 200)
+        assert holds(redis_client) == (20_000, 2)
+    finally:
+        await client.close()
