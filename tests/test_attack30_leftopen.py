@@ -4,7 +4,8 @@
    then repeated with its key; a fail-open grant's queued charge whose answer was lost), on
    a real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up).
 2. A request line naming HTTP/2.0 (or 0.9, 1.2, 3.0), on the fast path and on aiohttp.
-3. A reload that changes settings.allowed_hosts."""
+3. A reload that changes settings.allowed_hosts.
+4. A warn budget's hold near 2^63 (tests/test_attack24_bounds.py's pattern)."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from sidecar.clock import FakeClock
 from sidecar.metrics import Metrics
 from sidecar.reload import ConfigWatcher
 from sidecar.store import RedisStore
-from tests.conftest import T0_MS, make_config
+from tests.conftest import T0_MS, ClientFactory, make_config
 from tests.harness import RedisServer
 from tests.test_attack15_fault_books import (
     DOC,
@@ -37,6 +38,9 @@ from tests.test_attack15_fault_books import (
     searches_done,
     spend_counted,
 )
+from tests.test_attack24_bounds import COUNTER_MAX as BOUNDS_MAX
+from tests.test_attack24_bounds import NEAR_2_63, WARN2, WHO, cids_of, spend_fields
+from tests.test_attack24_bounds import post as bounds_post
 from tests.test_fast_path import AUTHORIZE, exchange, fast_server, serve
 from tests.test_fast_path import post as fp_post
 from tests.test_fast_path import status as fp_status
@@ -337,3 +341,38 @@ async def test_a_reload_that_changes_allowed_hosts_takes_effect_at_once(
         assert holds(redis_client) == (20_000, 2)
     finally:
         await client.close()
+
+
+# ---- 4. a warn budget's hold at COUNTER_MAX -------------------------------------------
+
+
+async def test_a_warn_budgets_hold_saturates_at_counter_max_and_never_goes_negative(
+    make_client: ClientFactory, redis_client: redis.Redis
+) -> None:
+    """Two warn budgets; the team's hold is 1,000 micro-USD from 2^63 and an authorize
+    holds 10,000. Before: HINCRBY overflowed on the team's hold after the org's was written:
+    500, and the org's hold stayed with no reservation to give it back. Now: 200, the org
+    holding exactly 10,000, the team COUNTER_MAX; the release gives back 10,000 to each.
+    A hold that saturated got less than its holds' sum: given back, it ends at zero, not
+    below."""
+    c = await make_client(WARN2)
+    st, d = await bounds_post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+    assert st == 200, d
+    org, team = cids_of(redis_client, d["reservation_id"])
+    st, r = await bounds_post(c, "/v1/release", {"reservation_id": d["reservation_id"]})
+    assert st == 200 and spend_fields(redis_client) == {}, r
+    redis_client.hset(TENANT.counters, f"h:{team}", NEAR_2_63)
+    st, d = await bounds_post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+    assert st == 200 and d["allowed"] is True, d
+    assert spend_fields(redis_client) == {f"h:{org}": 10_000, f"h:{team}": BOUNDS_MAX}
+    st, r = await bounds_post(c, "/v1/release", {"reservation_id": d["reservation_id"]})
+    assert st == 200 and r["state"] == "released", r
+    assert spend_fields(redis_client) == {f"h:{team}": BOUNDS_MAX - 10_000}
+    # The holds the saturated counter stood for end (here: set by hand), then this one.
+    st, d = await bounds_post(c, "/v1/authorize", {**WHO, "estimated_usd": 0.01})
+    assert st == 200, d
+    redis_client.hset(TENANT.counters, f"h:{team}", 4_000)
+    st, s = await bounds_post(c, "/v1/settle", {"reservation_id": d["reservation_id"],
+                                                "cost_usd": 0.01})  # fmt: skip
+    assert st == 200 and s["state"] == "settled", s
+    assert spend_fields(redis_client) == {f"u:{org}": 10_000, f"u:{team}": 10_000}
