@@ -5,7 +5,8 @@
    a real redis-server behind a FaultProxy (tests/test_attack15_fault_books.py's set-up).
 2. A request line naming HTTP/2.0 (or 0.9, 1.2, 3.0), on the fast path and on aiohttp.
 3. A reload that changes settings.allowed_hosts.
-4. A warn budget's hold near 2^63 (tests/test_attack24_bounds.py's pattern)."""
+4. A warn budget's hold near 2^63 (tests/test_attack24_bounds.py's pattern).
+5. A state loss whose alert write failed (tests/test_state_loss_attacks.py's pattern)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ import redis
 import yaml
 from aiohttp.test_utils import TestClient, TestServer
 
-from sidecar import config
-from sidecar.api.app import ENGINE, create_app
+from sidecar import config, keys
+from sidecar.api.app import ENGINE, STATE_WATCH, create_app
 from sidecar.clock import FakeClock
 from sidecar.metrics import Metrics
 from sidecar.reload import ConfigWatcher
+from sidecar.state_loss import ALERT_KIND, StateWatch
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, ClientFactory, make_config
 from tests.harness import RedisServer
+from tests.inprocess import app_over as inprocess_app
 from tests.test_attack15_fault_books import (
     DOC,
     GUARD_S,
@@ -51,6 +54,7 @@ from tests.test_redis_fault_attacks import (
     ledger_micro,
     used_micro,
 )
+from tests.test_state_loss_attacks import LOSS_DOC, lose_state
 
 __all__ = ["proxy", "serve"]  # fixtures
 
@@ -376,3 +380,70 @@ async def test_a_warn_budgets_hold_saturates_at_counter_max_and_never_goes_negat
                                                 "cost_usd": 0.01})  # fmt: skip
     assert st == 200 and s["state"] == "settled", s
     assert spend_fields(redis_client) == {f"u:{org}": 10_000, f"u:{team}": 10_000}
+
+
+# ---- 5. a state loss whose alert could not be written -----------------------------------
+
+
+class FailingAlerts:
+    """A pipeline whose execute fails when it carries an XADD (the alerts' write) while
+    `failing` is set; the check's reads go through (test_state_loss_attacks' pattern)."""
+
+    failing = True
+    applied = False  # the write reaches Redis, only its answer is lost
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.alerts = inner, False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def xadd(self, *args: Any, **kwargs: Any) -> Any:
+        self.alerts = True
+        return self.inner.xadd(*args, **kwargs)
+
+    async def execute(self) -> Any:
+        if self.alerts and FailingAlerts.failing:
+            if FailingAlerts.applied:
+                await self.inner.execute()
+            raise redis.ConnectionError("the alerts' write was cut")
+        return await self.inner.execute()
+
+
+def loss_alerts(rc: redis.Redis) -> list[dict[str, str]]:
+    entries: list[Any] = rc.xrange(TENANT.alerts)  # type: ignore[assignment]
+    return [f for _, f in entries if f.get("k") == ALERT_KIND]
+
+
+@pytest.mark.parametrize("applied", [False, True])
+async def test_a_loss_whose_alert_write_failed_is_alerted_at_the_next_check_once(
+    server: RedisServer, applied: bool
+) -> None:
+    """Redis lost its state; the check that noticed it failed to write the alert (or wrote
+    it and lost the answer: `applied`). The next check writes it if it is not there (one
+    alert, the loss's id); the loss is counted once, in `losses` and the metric, and no
+    later check writes it again. Before: the failed check was undone, the next one found
+    the loss again and counted it twice (and with `applied`, alerted it twice)."""
+    client = await inprocess_app(server.url, LOSS_DOC, events=Metrics())
+    watch: StateWatch = client.app[STATE_WATCH]  # type: ignore[index]
+    rc = redis.Redis(port=server.port, decode_responses=True)
+    real = watch.client.pipeline
+    try:
+        await watch.check()
+        lose_state(server, "flushall")
+        FailingAlerts.failing, FailingAlerts.applied = True, applied
+        watch.client.pipeline = lambda **kw: FailingAlerts(real(**kw))  # type: ignore[method-assign]
+        assert await watch.check() is True  # the loss handled, its alert left for later
+        assert watch.losses == 1 and len(loss_alerts(rc)) == int(applied)
+        FailingAlerts.failing = False
+        for _ in range(3):
+            await watch.check()
+        [alert] = loss_alerts(rc)
+        assert alert["g"] == watch._epochs[keys.state_marker("default")], alert
+        assert watch.losses == 1
+        text = await (await client.get("/metrics")).text()
+        assert 'budget_sidecar_store_state_lost_total{kind="lost"} 1.0' in text
+    finally:
+        watch.client.pipeline = real  # type: ignore[method-assign]
+        rc.close()
+        await client.close()
