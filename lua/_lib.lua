@@ -15,7 +15,8 @@
 --                        until which a trip is not alerted again
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
 --   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
---                        "q:<idempotency key>" -> its attempt (record.lua's own key space)
+--                        "q:<idempotency key>" -> its attempt, "w:<idempotency key>" ->
+--                        attempts lost before it charged (record.lua's own key space)
 --   KEYS[4] gc     zset  "r:<rid>" | "q:<key>" -> ms after which it may go; "c:<cid>"
 --                        a period-total counter, due its idle time after its last call.
 --                        Calendar counters and
@@ -408,7 +409,7 @@ local function collect(ctr, res, gc, now, batch)
         redis.call('ZREM', gc, member)
       end
     elseif kind == 'q' then
-      redis.call('HDEL', res, 'q:' .. id)
+      redis.call('HDEL', res, 'q:' .. id, 'w:' .. id)
     else
       local rec = redis.call('HGET', res, id)
       if rec then

@@ -21,9 +21,9 @@
 --         that came later counted it (its first was lost: a re-send of the same attempt,
 --         or record_lost.lua), '?' when charged by an attempt already known lost that
 --         nobody counted yet (the next call with the key counts it, status 4), or
---         'recorded' (a version that kept no attempt); before the charge, only the
---         attempts whose answers were lost before Redis ran them, each as '~<id>', ','
---         joined (record_lost.lua): a call of the key then still charges.
+--         'recorded' (a version that kept no attempt). Before the charge, the attempts
+--         whose answers were lost before Redis ran them are in "w:<key>", ',' joined
+--         (record_lost.lua); the charge deletes that field.
 -- ARGV[12..] four per budget: cid, the forecast alert's period window "start_ms:end_ms"
 --           ('' = none; a number without ':' = a period-total counter's idle ms: a charge
 --           collects it that long after, as authorize does), limit (micro-USD), alert
@@ -53,13 +53,19 @@ if idem ~= '' then
   local mark = attempt ~= '' and attempt or 'recorded'
   if seen and attempt ~= '' and (seen == attempt or seen == attempt .. '!' or seen == '?') then
     status, mark = 4, attempt .. '!'
-  elseif seen and string.sub(seen, 1, 1) == '~' then
-    -- Not charged yet; if this attempt was noted lost, its answer goes nowhere: '?'.
-    for _, a in ipairs(split(seen, ',')) do
-      if a == '~' .. attempt then mark = '?' end
-    end
   elseif seen then
     status = 2
+  else
+    -- Not charged yet. If this attempt was noted lost (record_lost.lua, in "w:<key>"),
+    -- its answer goes nowhere: '?'. The notes stay out of "q:<key>", where a previous
+    -- version's HSETNX would read them as "charged" and skip a retry's charge.
+    local lost = redis.call('HGET', res, 'w:' .. idem)
+    if lost then
+      for _, a in ipairs(split(lost, ',')) do
+        if a == attempt then mark = '?' end
+      end
+      redis.call('HDEL', res, 'w:' .. idem)
+    end
   end
   if status ~= 2 then redis.call('HSET', res, 'q:' .. idem, mark) end
 end

@@ -12,8 +12,9 @@
 --      lost that nobody counted ('?'): the caller counts it now (the field becomes
 --      "<id>!", so that a repeat of this search, whose own answer was lost, answers 4 again
 --      and no other call does);
---   3: not charged yet: the attempt is noted lost ('~<id>'), so that if Redis runs it later,
---      the next call with the key counts its charge (record.lua status 4);
+--   3: not charged yet: the attempt is noted lost (in the field "w:<key>"), so that if
+--      Redis runs it later, the next call with the key counts its charge (record.lua
+--      status 4);
 --   2: charged by another attempt (whose answer counts it): nothing to count here.
 local res, gc = KEYS[1], KEYS[2]
 local field, attempt = 'q:' .. ARGV[1], ARGV[2]
@@ -26,16 +27,15 @@ if seen == attempt or seen == attempt .. '!' or seen == '?' then
   if seen ~= attempt .. '!' then redis.call('HSET', res, field, attempt .. '!') end
   return done({4})
 end
-if not seen or string.sub(seen, 1, 1) == '~' then
-  local lost = split(seen or '', ',')
-  for _, a in ipairs(lost) do
-    if a == '~' .. attempt then return done({3}) end
-  end
-  lost[#lost + 1] = '~' .. attempt
-  if #lost > MAX_LOST then table.remove(lost, 1) end
-  redis.call('HSET', res, field, table.concat(lost, ','))
-  -- Collected as a charged key is (a key nobody charges must not stay).
-  if not seen then redis.call('ZADD', gc, tonumber(ARGV[3]) + tonumber(ARGV[4]), field) end
-  return done({3})
+if seen then return done({2}) end
+local noted = redis.call('HGET', res, 'w:' .. ARGV[1])
+local lost = split(noted or '', ',')
+for _, a in ipairs(lost) do
+  if a == attempt then return done({3}) end
 end
-return done({2})
+lost[#lost + 1] = attempt
+if #lost > MAX_LOST then table.remove(lost, 1) end
+redis.call('HSET', res, 'w:' .. ARGV[1], table.concat(lost, ','))
+-- Collected with the key's "q:" (collect() deletes both): a key nobody charges must not stay.
+if not noted then redis.call('ZADD', gc, tonumber(ARGV[3]) + tonumber(ARGV[4]), field) end
+return done({3})
