@@ -15,7 +15,8 @@
 --                        until which a trip is not alerted again
 --   KEYS[2] lease  zset  reservation id -> lease end (ms)
 --   KEYS[3] res    hash  reservation id -> record; "k:<idempotency key>" -> reservation id;
---                        "q:<idempotency key>" -> 'recorded' (record.lua's own key space)
+--                        "q:<idempotency key>" -> its attempt, "w:<idempotency key>" ->
+--                        attempts lost before it charged (record.lua's own key space)
 --   KEYS[4] gc     zset  "r:<rid>" | "q:<key>" -> ms after which it may go; "c:<cid>"
 --                        a period-total counter, due its idle time after its last call.
 --                        Calendar counters and
@@ -121,7 +122,7 @@ local function int(n)
 end
 
 -- Every sum of spend or tokens that nothing caps (a warn budget's or a /v1/record's
--- counter, the usage aggregates, a recent-spend window) saturates at COUNTER_MAX
+-- counter, a warn budget's hold, the usage aggregates, a recent-spend window) saturates at COUNTER_MAX
 -- micro-USD ($8e9; tokens likewise): past every limit (at most $1e9) and below 2^53 with
 -- any one charge on top (at most 2e14: 2 x 1e8 tokens at $1 a token), so Lua reads it
 -- exactly; and far below 2^63, where HINCRBY answers an error, which in a script that has
@@ -254,10 +255,15 @@ local function free_slots(ctr, fields)
 end
 
 -- Take `est` off a counter's hold; a hold back at zero is deleted (absent reads as 0), so
--- a settled counter is one field, not two. Returns the hold left.
+-- a settled counter is one field, not two. Returns the hold left. A hold that saturated at
+-- COUNTER_MAX (a warn budget's, authorize.lua) got less than its holds' sum: it ends at
+-- zero, never below.
 local function unhold(ctr, cid, est)
   local h = redis.call('HINCRBY', ctr, 'h:' .. cid, int(-est))  -- int: -0 prints "-0"
-  if h == 0 then redis.call('HDEL', ctr, 'h:' .. cid) end
+  if h <= 0 then
+    redis.call('HDEL', ctr, 'h:' .. cid)
+    h = 0
+  end
   return h
 end
 
@@ -403,7 +409,7 @@ local function collect(ctr, res, gc, now, batch)
         redis.call('ZREM', gc, member)
       end
     elseif kind == 'q' then
-      redis.call('HDEL', res, 'q:' .. id)
+      redis.call('HDEL', res, 'q:' .. id, 'w:' .. id)
     else
       local rec = redis.call('HGET', res, id)
       if rec then
@@ -744,7 +750,10 @@ local function charge(ctr, r, cost, held, now)
     if held then
       local field = 'h:' .. cid
       h = redis.call('HINCRBY', ctr, field, minus_est)
-      if h == 0 then redis.call('HDEL', ctr, field) end  -- as unhold()
+      if h <= 0 then  -- as unhold()
+        redis.call('HDEL', ctr, field)
+        h = 0
+      end
     else
       h = tonumber(redis.call('HGET', ctr, 'h:' .. cid)) or 0
     end

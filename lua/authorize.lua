@@ -316,7 +316,8 @@ end
 local est_text = (est == tonumber(ARGV[4])) and ARGV[4] or int(est)
 local at_cap = F + first_calls
 for i = 1, nb do
-  redis.call('HINCRBY', ctr, ARGV[F + 2 * i - 1], est_text)
+  -- A warn budget's hold has no cap but COUNTER_MAX (a block budget's is below its limit).
+  add_capped(ctr, ARGV[F + 2 * i - 1], est_text)
   local calls_field
   if caps[i] then
     calls_field = ARGV[at_cap]

@@ -3,7 +3,9 @@
 -- KEYS[1] ctr  KEYS[2] lease  KEYS[3] res  KEYS[4] gc
 -- KEYS[5] usage  KEYS[6] alerts  KEYS[7] agg  KEYS[8] uagg  (see _lib.lua)
 -- Returns: {status, u1, h1, u2, h2, ...}: status 1 charged now, 2 key seen before (nothing
--- charged; the counters as they are now).
+-- charged; the counters as they are now), 4 key seen before and charged by a call whose
+-- answer no caller counted in the spend metrics: nothing charged, the caller counts it
+-- (this attempt's own earlier call, re-sent because its answer was lost; or '?' below).
 -- ARGV[1] now_ms
 -- ARGV[2] cost, micro-USD
 -- ARGV[3] idempotency key ('' = none): a repeated key charges nothing the second time
@@ -13,7 +15,16 @@
 -- ARGV[6] tokens in   ARGV[7] tokens out
 -- ARGV[8] ledger config (see settle.lua)   ARGV[9] latency ms ('' = unknown)
 -- ARGV[10] success '1' | '0'
--- ARGV[11..] four per budget: cid, the forecast alert's period window "start_ms:end_ms"
+-- ARGV[11] this call's attempt id ('' = none; with a key only): who counts the charge in
+--         the spend metrics. The key's field "q:<key>" holds, once charged, the attempt
+--         that charged it (its answer counts it), that id and '!' once an answer of it
+--         that came later counted it (its first was lost: a re-send of the same attempt,
+--         or record_lost.lua), '?' when charged by an attempt already known lost that
+--         nobody counted yet (the next call with the key counts it, status 4), or
+--         'recorded' (a version that kept no attempt). Before the charge, the attempts
+--         whose answers were lost before Redis ran them are in "w:<key>", ',' joined
+--         (record_lost.lua); the charge deletes that field.
+-- ARGV[12..] four per budget: cid, the forecast alert's period window "start_ms:end_ms"
 --           ('' = none; a number without ':' = a period-total counter's idle ms: a charge
 --           collects it that long after, as authorize does), limit (micro-USD), alert
 --           thresholds ('.'-joined percent, '' = none)
@@ -26,7 +37,8 @@ reclaim(ctr, lease, res, gc, now, keep)
 collect(ctr, res, gc, now)
 
 local cids, limits, thresholds, windows, idles = {}, {}, {}, {}, {}
-for i = 11, #ARGV, 4 do
+local attempt = ARGV[11]
+for i = 12, #ARGV, 4 do
   cids[#cids + 1] = ARGV[i]
   idles[#cids] = tonumber(ARGV[i + 1])  -- nil for '' and "start:end"
   limits[#limits + 1] = tonumber(ARGV[i + 2])
@@ -37,7 +49,25 @@ local values = read_counters(ctr, cids)
 
 local status = 1
 if idem ~= '' then
-  if redis.call('HSETNX', res, 'q:' .. idem, 'recorded') == 0 then status = 2 end
+  local seen = redis.call('HGET', res, 'q:' .. idem)
+  local mark = attempt ~= '' and attempt or 'recorded'
+  if seen and attempt ~= '' and (seen == attempt or seen == attempt .. '!' or seen == '?') then
+    status, mark = 4, attempt .. '!'
+  elseif seen then
+    status = 2
+  else
+    -- Not charged yet. If this attempt was noted lost (record_lost.lua, in "w:<key>"),
+    -- its answer goes nowhere: '?'. The notes stay out of "q:<key>", where a previous
+    -- version's HSETNX would read them as "charged" and skip a retry's charge.
+    local lost = redis.call('HGET', res, 'w:' .. idem)
+    if lost then
+      for _, a in ipairs(split(lost, ',')) do
+        if a == attempt then mark = '?' end
+      end
+      redis.call('HDEL', res, 'w:' .. idem)
+    end
+  end
+  if status ~= 2 then redis.call('HSET', res, 'q:' .. idem, mark) end
 end
 local out = {status}
 -- The counters' recent-spend windows: one HMGET, one HSET (see read_windows).

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -527,18 +527,49 @@ class Engine:
             self._ledger,
             "" if req.latency_ms is None else req.latency_ms,
             "1" if req.success else "0",
+            # Who counts the charge in the spend metrics (lua/record.lua ARGV[11]): only a
+            # key's charge can be found again after its answer was lost.
+            attempt := new_attempt_id() if req.idempotency_key else "",
         ]
         for a in applied:
             args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
-        reply = await self._run(self._scripts.record, tenant, args, self.charging_keys(tenant, now))
+        key = req.idempotency_key
+        try:
+            reply = await self.run_script(
+                self._scripts.record, tenant, args, self.charging_keys(tenant, now)
+            )
+        except StoreUnavailable as exc:
+            # Redis may have run it and only its answer was lost: the caller repeats it
+            # with its key, and the repeat answers "replayed", which the spend metrics
+            # skip. Found in the background, the charge is counted here, once.
+            if key:
+                self._find_lost_record_later(tenant, key, attempt, req, cost)
+            self.events.store_unavailable("record")
+            raise Unavailable(str(exc)) from exc
+        except asyncio.CancelledError:
+            if key:
+                self._find_lost_record_later(tenant, key, attempt, req, cost)
+            raise
+        status = int(reply[0])
         values = [int(v) for v in reply[1:]]
+        if status == LATE_CHARGE:
+            # Charged by a call of this key whose answer was lost and that nobody counted
+            # (lua/record.lua status 4): this answer is the first to count it.
+            self._late_record(req, cost)
         return RecordResult(
             cost_usd=micro_to_usd(cost),
-            replayed=int(reply[0]) == 2,
+            replayed=status in (2, LATE_CHARGE),
             budgets=[
                 rendering.budget_state(a, values[2 * i], values[2 * i + 1])
                 for i, a in enumerate(applied)
             ],
+        )
+
+    def _late_record(self, req: RecordRequest, cost: int) -> None:
+        """Count in the spend metrics a record's charge whose answer no caller received."""
+        late = RecordResult(cost_usd=micro_to_usd(cost), replayed=False, budgets=[])
+        self.events.late_record(
+            late, req.provider, req.model, req.tokens_in or 0, req.tokens_out or 0
         )
 
     async def status(self, tenant: str, budget_id: str, scope_id: str | None) -> BudgetStatus:
@@ -697,11 +728,40 @@ class Engine:
         await self._retry_until(lease_end_ms, once)
 
     def _find_lost_settle_later(self, tenant: str, rid: str, attempt: str) -> None:
+        self._search_later(lambda: self._find_lost_settle(tenant, rid, attempt))
+
+    def _find_lost_record_later(
+        self, tenant: str, key: str, attempt: str, req: RecordRequest, cost: int
+    ) -> None:
+        self._search_later(lambda: self._find_lost_record(tenant, key, attempt, req, cost))
+
+    def _search_later(self, search: Callable[[], Coroutine[Any, Any, None]]) -> None:
+        """Run a search for a settle's or a record's lost answer in the background."""
         if len(self._lost_settles) >= _MAX_PENDING_CANCELS:
             return  # past this many, those go uncounted in the metrics (the books have them)
-        task = asyncio.get_running_loop().create_task(self._find_lost_settle(tenant, rid, attempt))
+        task = asyncio.get_running_loop().create_task(search())
         self._lost_settles.add(task)
         task.add_done_callback(self._lost_settles.discard)
+
+    async def _find_lost_record(
+        self, tenant: str, key: str, attempt: str, req: RecordRequest, cost: int
+    ) -> None:
+        """A record call with an idempotency key whose answer was lost: if it charged, count
+        that charge in the metrics (lua/record_lost.lua), retrying until Redis answers;
+        bounded as a lost settle's search."""
+        t = keys.tenant_keys(tenant)
+        script_keys = (t.reservations, t.gc)
+
+        async def once() -> None:
+            keep = self._snapshot.config.settings.keep_finished_ms
+            args = (key, attempt, self._clock.now_ms(), keep)
+            reply = await self.run_script(self._scripts.record_lost, tenant, args, script_keys)
+            if int(reply[0]) == LATE_CHARGE:
+                self._late_record(req, cost)
+
+        await self._retry_until(
+            self._clock.now_ms() + self._snapshot.config.settings.max_lease_ms, once
+        )
 
     async def _find_lost_settle(self, tenant: str, rid: str, attempt: str) -> None:
         """A settle call whose answer was lost: if it charged the reservation, count that
@@ -740,7 +800,8 @@ class Engine:
 
     @property
     def pending_lost_settles(self) -> int:
-        """Settles whose answer was lost, not yet looked for (see _find_lost_settle)."""
+        """Settles and records whose answer was lost, not yet looked for (see
+        _find_lost_settle, _find_lost_record)."""
         return len(self._lost_settles)
 
     async def close(self) -> None:

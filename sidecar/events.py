@@ -37,6 +37,19 @@ class EngineEvents(Protocol):
         reservation (answered replayed) or in the background by the sidecar that timed
         out: reported once, here; `finished` skipped it (a replay, or no answer)."""
 
+    def late_record(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        """A /v1/record charge whose answer no caller received (Redis ran it, its answer
+        came after the timeout), found by a later record with the same idempotency key
+        (answered replayed) or in the background by the sidecar that timed out: reported
+        once, here; `recorded` skipped it (a replay, or no answer)."""
+
     def store_unavailable(self, operation: str) -> None:
         """Redis did not answer an operation in time (the fail mode then applies)."""
 
@@ -78,6 +91,16 @@ class NoEvents:
         pass
 
     def late_charge(self, result: SettleResult) -> None:
+        pass
+
+    def late_record(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
         pass
 
     def store_unavailable(self, operation: str) -> None:

@@ -16,7 +16,7 @@ from sidecar import estimates, fail_open, rendering
 from sidecar.estimates import CHARGE_ESTIMATE, Settlement
 from sidecar.model import Config, Price
 from sidecar.money import micro_to_usd
-from sidecar.reservations import fingerprint, meta, meta_head
+from sidecar.reservations import fingerprint, meta, meta_head, new_attempt_id
 from sidecar.resolution import record_slot
 from sidecar.schemas import AuthorizeRequest, Decision, SettleResult
 
@@ -154,6 +154,9 @@ class GrantCharges:
             engine.ledger,
             "" if settled.latency_ms is None else settled.latency_ms,
             "1" if settled.success else "0",
+            # One attempt per charge, the same on every re-send: a re-send of one whose
+            # answer was lost answers 4 (lua/record.lua), and is counted then.
+            new_attempt_id(),
         ]
         for a in resolved.budgets:
             args += (a.cid, record_slot(a), a.budget.limit_micro, a.thresholds)
@@ -198,6 +201,7 @@ class GrantCharges:
         return with_fields(
             charge.answer,
             state="settled",
+            # 4: this charge's own earlier send ran, its answer was lost: counted now.
             replayed=int(reply[0]) == 2,
             budgets=[
                 rendering.budget_state(a, values[2 * i], values[2 * i + 1])

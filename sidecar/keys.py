@@ -9,7 +9,9 @@ Redis Cluster slot and a script may touch all of them atomically, invariant 6):
                           HMGET, so it names no key that may not exist
     bs:{T}:lease   zset   reservation id -> lease end (Unix ms)
     bs:{T}:res     hash   reservation id -> record; "k:<idempotency key>" -> reservation id;
-                          "q:<idempotency key>" -> 'recorded' (keys of /v1/record)
+                          "q:<idempotency key>" -> who counts its charge, "w:<key>" ->
+                          attempts lost before it charged (keys of /v1/record:
+                          lua/record.lua ARGV[11])
     bs:{T}:gc      zset   "r:<rid>" / "q:<key>" -> Unix ms after which it may go (counters
                           and limiters have no index: the sweep walks ctr, sweep.lua)
     bs:{T}:usage   stream the usage ledger: one entry per settle and record (bounded by

@@ -450,6 +450,17 @@ class Metrics:
         if result.priced_by == "estimate":
             self.estimate_charges.inc()
 
+    def late_record(
+        self,
+        result: RecordResult,
+        provider: str | None,
+        model: str | None,
+        tokens_in: int,
+        tokens_out: int,
+    ) -> None:
+        # A record's charge no answer reported (see EngineEvents.late_record).
+        self._spend(provider, model, result.cost_usd, tokens_in, tokens_out)
+
     def fail_open_charge(self, event: str, result: SettleResult | None) -> None:
         self.fail_open_charges.labels(event).inc()
         if result is not None and not result.replayed:

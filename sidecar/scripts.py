@@ -12,7 +12,7 @@ from pathlib import Path
 
 OPERATIONS = (
     "authorize", "check", "settle", "release", "record", "status", "reclaim", "sweep", "stops",
-    "settle_lost",
+    "settle_lost", "record_lost",
 )  # fmt: skip
 # Scripts run alone (no _lib.lua), off the hot path, through redis-py.
 STANDALONE = ("alert_drops", "definition_create", "definition_put", "state_marker")
@@ -100,6 +100,7 @@ class Scripts:
     sweep: Script
     stops: Script  # the stop switch (sidecar.stops): off the hot path
     settle_lost: Script  # a settle whose answer was lost, counted once (off the hot path)
+    record_lost: Script  # a record whose answer was lost, counted once (off the hot path)
 
     @classmethod
     def load_all(cls) -> Scripts:
@@ -118,5 +119,6 @@ class Scripts:
                 self.sweep,
                 self.stops,
                 self.settle_lost,
+                self.record_lost,
             )
         )

@@ -56,7 +56,7 @@ import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
@@ -131,6 +131,8 @@ class StateWatch:
     # Decisions that found a marker gone, waiting for a check begun after they did.
     _waiting: list[asyncio.Future[None]] = field(default_factory=list)
     _serving: asyncio.Task[None] | None = None
+    # Loss alerts whose write failed: (alerts stream, entry), written at the next check.
+    _unsent: list[tuple[str, dict[str, str | int]]] = field(default_factory=list)
 
     def _tenants(self) -> list[str]:
         return sorted(self.engine.tenants() | set(self.definitions.store.loaded) | set(self._stops))
@@ -138,6 +140,8 @@ class StateWatch:
     async def check(self) -> bool:
         """One check; True when it found (and handled) a loss."""
         async with self._lock:
+            if self._unsent:
+                await self._send_alerts(self._unsent, again=True)
             self._changes.clear()
             tenants = self._tenants()
             now = self.engine.now_ms()
@@ -333,20 +337,49 @@ class StateWatch:
             extra={"tenants": tenants, "kind": kind, "restored_stops": restored_stops,
                    "restored_definitions": restored_defs, "lifted_stops": lifted_stops},
         )  # fmt: skip
-        pipe = self.client.pipeline(transaction=False)  # one round trip, not one a tenant
+        alerts: list[tuple[str, dict[str, str | int]]] = []
         for tenant in tenants:
-            tk = keys.tenant_keys(tenant)
             # g: the marker the lost slot holds now, the same on every replica that noticed
             # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
             marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
-            pipe.xadd(
-                tk.alerts,
-                {"k": ALERT_KIND, "g": self._epochs.get(marker, ""),
-                 "s": "", "e": keys.escape(tenant), "r": message, "at": now},
-                maxlen=ALERTS_MAX,
-                approximate=True,
-            )  # fmt: skip
-        await pipe.execute()
+            alerts.append((keys.tenant_keys(tenant).alerts,
+                           {"k": ALERT_KIND, "g": self._epochs.get(marker, ""), "s": "",
+                            "e": keys.escape(tenant), "r": message, "at": now}))  # fmt: skip
+        await self._send_alerts(alerts, again=False)
+
+    async def _send_alerts(
+        self, alerts: list[tuple[str, dict[str, str | int]]], *, again: bool
+    ) -> None:
+        """Write loss alerts in one round trip. A write that fails leaves them for the next
+        check (the loss is counted and logged once all the same: the check does not find it
+        again). Written again (`again`), an alert whose id (g) the stream's newest entries
+        already hold is not added: the failed write may have been applied, its answer lost."""
+        try:
+            todo = alerts
+            if again:
+                pipe = self.client.pipeline(transaction=False)
+                for stream, _ in alerts:
+                    pipe.xrevrange(stream, count=_RESEND_LOOKBACK)
+                newest = await pipe.execute()
+                todo = [
+                    (stream, entry)
+                    for (stream, entry), seen in zip(alerts, newest, strict=True)
+                    if not any(_same_alert(f, entry) for _, f in seen)
+                ]
+            pipe = self.client.pipeline(transaction=False)  # one round trip, not one a tenant
+            for stream, entry in todo:
+                pipe.xadd(stream, entry, maxlen=ALERTS_MAX, approximate=True)  # type: ignore[arg-type]
+            if todo:
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            self._unsent = list(alerts)
+            log.warning(
+                "the alert of a state loss could not be written (%s); the next check writes it",
+                exc,
+                extra={"alerts": len(alerts)},
+            )
+            return
+        self._unsent = []
 
     async def after_loss(self) -> None:
         """A decision found its tenant's marker gone: wait for a check that begins after
@@ -405,6 +438,19 @@ class StateWatch:
         yield
         pending = [task, *(t for t in (self._soon, self._serving) if t is not None)]
         await tasks.stop(pending, what="state marker checks")
+
+
+# How many of an alerts stream's newest entries a loss alert written again is looked for
+# in (the check that failed was at most a few checks ago).
+_RESEND_LOOKBACK = 1_000
+
+
+def _same_alert(found: dict[Any, Any], entry: dict[str, str | int]) -> bool:
+    def text(v: Any) -> str:
+        return v.decode() if isinstance(v, bytes) else str(v)
+
+    got = {text(k): text(v) for k, v in found.items()}
+    return got.get("k") == ALERT_KIND and got.get("g") == str(entry["g"])
 
 
 async def _batched(tenants: list[str], each: Callable[[str], Awaitable[T]]) -> list[T]:

@@ -10,7 +10,7 @@ from typing import cast
 
 import msgspec
 from aiohttp import web
-from aiohttp.http import HttpVersion10
+from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
@@ -157,11 +157,16 @@ def guard(
     def admit(request: web.Request) -> web.StreamResponse | None:
         """Credentials and the rules on what the head declares: an answer to give at
         once (the request goes no further), else None."""
-        if request.version < HttpVersion10:
+        version = request.version
+        if version < HttpVersion10 or version > HttpVersion11:
             # aiohttp serves "GET /path" with no version as HTTP/0.9, headers and all
-            # (an /ext_authz hold nobody can read): refused, and nothing is charged.
+            # (an /ext_authz hold nobody can read), and a request line that says HTTP/2.0
+            # as if it were 1.1: refused as its parser refuses HTTP/1.2 or 3.0 (the fast
+            # path hands every version but 1.1 to aiohttp), and nothing is charged.
             raise ProblemError(
-                400, "http_version: HTTP/0.9 is not served; use HTTP/1.1", field="http_version"
+                400,
+                f"http_version: HTTP/{version.major}.{version.minor} is not served; use HTTP/1.1",
+                field="http_version",
             )
         screen(request)
         authenticate(request)
