@@ -22,11 +22,13 @@ import pytest
 import redis
 
 from sidecar.api.app import STATE_WATCH
-from sidecar.keys import DEFS_EPOCH, state_marker, tenant_keys
+from sidecar.keys import DEFS_EPOCH, escape, state_marker, tenant_keys
 from sidecar.metrics import Metrics
 from sidecar.state_loss import StateWatch
+from tests.cluster_harness import RedisCluster
 from tests.harness import RedisServer
 from tests.inprocess import app_over, call
+from tests.test_cluster_state_loss import Sidecar, pick_tenants
 
 EVICTED = "evicted"  # state_loss.EVICTED, the kind an eviction is said as
 TENANT = tenant_keys("default")
@@ -342,3 +344,64 @@ async def test_an_eviction_that_took_the_marker_is_said_as_an_eviction_once(
     finally:
         rc.close()
         await client.close()
+
+
+# ---- 5. a Redis Cluster: one primary evicts ----------------------------------------------
+
+
+@pytest.mark.slow
+async def test_one_cluster_primary_evicting_is_a_loss_of_exactly_its_tenants(
+    cluster: RedisCluster,
+) -> None:
+    """Each primary's INFO is read: an eviction on one (its policy, its evicted_keys) is
+    a possible loss of the tenants whose slots it serves, not of the others'."""
+    victim, lost, kept = pick_tenants(cluster)
+    for port in cluster.alive():
+        if cluster.client(port).info("replication")["role"] == "master":
+            cluster.client(port).flushall()
+    side = await Sidecar.over(cluster.url, lost + kept)
+    rc = cluster.client(victim)
+    try:
+        for t in lost + kept:  # every tenant known to the engine, its marker written
+            status, got = await side.call(t, "POST", "/v1/check", {"org_id": "o1"})
+            assert status == 200, got
+        assert await side.watch.check() is False
+        assert side.watch.eviction == []
+        before = evicted_keys(rc)
+        used = int(rc.info("memory")["used_memory"])  # type: ignore[index]
+        rc.config_set("maxmemory-samples", 64)
+        rc.config_set("maxmemory-policy", "allkeys-lru")
+        rc.config_set("maxmemory", used + HEADROOM)
+        tag = escape(lost[0])  # the slot of one of the victim's tenants
+        written = 0
+        while evicted_keys(rc) == before and written < BALLAST_MAX:
+            rc.set(f"ballast:{{{tag}}}:{written}", BALLAST)
+            written += 1
+        assert evicted_keys(rc) > before, written
+        rc.config_set("maxmemory", used + 500 * HEADROOM)
+
+        assert await side.watch.check() is True
+        loss = side.watch.last_loss
+        assert loss is not None and loss.kind == EVICTED and loss.count == 1, loss
+        assert loss.tenants == sorted(lost), (loss, kept)
+        assert side.watch.losses == 1
+        status, ready = await side.call(lost[0], "GET", "/readyz")
+        assert status == 200, ready
+        assert [(n["node"], n["policy"]) for n in ready["redis_eviction"]] == [
+            (f"127.0.0.1:{victim}", "allkeys-lru")
+        ], ready
+        assert ready["redis_eviction"][0]["evicted_keys"] == evicted_keys(rc)
+        for t in kept:  # no alert where nothing was evicted
+            status, alerts = await side.call(t, "GET", "/v1/alerts")
+            assert [a for a in alerts["alerts"] if a["alert_type"] == "store_state_lost"] == []
+        status, alerts = await side.call(lost[0], "GET", "/v1/alerts")
+        assert len([a for a in alerts["alerts"] if a["alert_type"] == "store_state_lost"]) == 1
+
+        rc.config_set("maxmemory-policy", "noeviction")
+        rc.config_set("maxmemory", 0)
+        assert await side.watch.check() is False
+        assert side.watch.eviction == [] and side.watch.losses == 1
+    finally:
+        rc.config_set("maxmemory-policy", "noeviction")
+        rc.config_set("maxmemory", 0)
+        await side.client.close()
