@@ -300,6 +300,7 @@ class StateWatch:
     async def _infos(self) -> dict[str, dict[str, Any]]:
         """INFO (its default sections: memory, stats, server) of every primary."""
         if isinstance(self.client, RedisCluster):
+            await self.client.initialize()  # once (the first check may come first)
             nodes = self.client.get_primaries()
             replies = await asyncio.gather(
                 *(self.client.execute_command("INFO", target_nodes=node) for node in nodes)
