@@ -16,8 +16,9 @@
 --   {-1, ''} when the entity has no stop in force and the tenant has ARGV[9] already
 --   (nothing written); get {field, value} or {} (none or over); delete {1} if a stop in
 --   force was lifted, else {0}; list {field1, value1, ...} of every stop in force; restore
---   {1} put back, {0} the entity has a stop again (made since the loss: it stands) or this
---   one ended. No lease is touched (no expiry counts).
+--   {1} put back (or the entity's stop, whose record stayed, mirrored into ctr again: its
+--   mirror alone was gone), {0} the entity has a stop again (made since the loss: it
+--   stands, mirrored) or this one ended. No lease is touched (no expiry counts).
 -- The stops' clock is the limiters' one (limiter_now: Redis TIME, or the sidecar's reading
 -- in tests), and a stop's times (created, expires_at = created + ttl) are on it: every
 -- decision compares the expiry with the same clock (_lib.lua active_stop), so a replica
@@ -150,7 +151,18 @@ if op == 'restore' then
   -- As it was (its id, expiry, creation and reason), without a new alert: the loss's
   -- own alert names what was put back.
   local field, value = ARGV[3], ARGV[4]
-  if redis.call('HEXISTS', stops, field) == 1 or ended(select(2, parts(value))) then
+  local current = redis.call('HGET', stops, field)
+  if current then
+    -- The entity has a stop (this one, or one made since: it stands). Its mirror alone
+    -- may be gone (Redis evicted the counters hash at its maxmemory, the record kept), and
+    -- decisions read only the mirror: written again from the record.
+    if redis.call('HEXISTS', ctr, 's:' .. field) == 0 and not ended(select(2, parts(current))) then
+      redis.call('HSET', ctr, 's:' .. field, current)
+      return {1}
+    end
+    return {0}
+  end
+  if ended(select(2, parts(value))) then
     return {0}
   end
   redis.call('HSET', stops, field, value, '#' .. parts(value), field)

@@ -218,12 +218,22 @@ class Metrics:
             "Times this sidecar found Redis had lost its state, by kind: lost (restarted "
             "empty, flushed, failed over to an empty replica: counters restarted at zero) or "
             "rolled_back (restored from an older dump, failed over to a replica far behind: "
-            "counters went back to that dump's) (sidecar.state_loss).",
+            "counters went back to that dump's) or evicted (Redis deleted keys at its "
+            "maxmemory since the last check: any of them may have been counters) "
+            "(sidecar.state_loss).",
             ["kind"],
             registry=reg,
         )
-        for kind in ("lost", "rolled_back"):  # both at 0 from the start, for rate() rules
+        for kind in ("lost", "rolled_back", "evicted"):  # at 0 from the start, for rate()
             self.state_losses.labels(kind)
+        self.store_evicting = Gauge(
+            f"{PREFIX}_store_evicting",
+            "1 while a Redis primary this sidecar uses has maxmemory set with a "
+            "maxmemory-policy other than noeviction (it deletes keys at that limit, "
+            "counters included: set noeviction), as its last state check read INFO.",
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.reloads = Counter(
             f"{PREFIX}_config_reloads",
             "Config file reloads by result (success, failure: the last good config stays).",
@@ -304,6 +314,10 @@ class Metrics:
         """Redis was found to have lost its state, or gone back to an older one (kind:
         sidecar.state_loss.LOST / ROLLED_BACK)."""
         self.state_losses.labels(kind).inc()
+
+    def evicting(self, evicts: bool) -> None:
+        """Whether a Redis primary's policy evicts keys (sidecar.state_loss, every check)."""
+        self.store_evicting.set(1.0 if evicts else 0.0)
 
     def alert_attempt(self, ok: bool) -> None:
         """One webhook POST of an alert: delivered (2xx) or failed (retried later)."""

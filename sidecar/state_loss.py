@@ -47,6 +47,19 @@ the one this sidecar last loaded is written back at that version.
 A rollback is seen only when a check of this sidecar ran after the dump was taken: a dump
 younger than every sidecar's last check looks like no rollback (it loses at most the
 spend of one check interval).
+
+A Redis that EVICTS (maxmemory set, maxmemory-policy anything but noeviction) deletes
+keys at its memory limit without telling anyone: a tenant's counters hash (allkeys-*),
+holds, stops, loop guards' memory, learned estimates, the markers themselves (volatile-*
+too: they carry expiries). The markers cannot see that: an idle tenant's counters go
+first while its marker, touched by every check, stays. So the same check reads INFO of
+each primary (one call per node per check; INFO works where a managed Redis disables
+CONFIG): an evicting policy is said at once (an error line naming the setting and its
+fix, a gauge, /readyz `redis_eviction`), and its evicted_keys rising since the last
+check is a possible loss of every tenant on that node, since nobody can know which keys
+went (kind `evicted`, handled as a loss: counted once per check, stops and definitions
+put back). A node's count is remembered with its run_id: a restarted or failed-over
+server starts a count of its own (its markers say whether it lost anything).
 """
 
 from __future__ import annotations
@@ -60,7 +73,8 @@ from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
 
 from sidecar import keys, scripts, tasks
 from sidecar.definitions import DefinitionWatcher
@@ -86,6 +100,16 @@ LIFTED_MAX = 1_000  # stop ids a sidecar remembers as lifted, per tenant (newest
 # What kind of loss a check found (LossView.kind, the metric's label).
 LOST = "lost"
 ROLLED_BACK = "rolled_back"
+# Redis evicted keys at its maxmemory since the last check (its INFO's evicted_keys rose).
+EVICTED = "evicted"
+KINDS = (LOST, ROLLED_BACK, EVICTED)
+# The policy that keeps every key (a write past maxmemory is refused: OOM, the fail mode),
+# and the fix every line about an evicting Redis names.
+NO_EVICTION = "noeviction"
+FIX = (
+    f"set maxmemory-policy {NO_EVICTION} (redis.conf, CONFIG SET, or the managed "
+    "service's parameter group)"
+)
 # The id a rollback's first noticer gives the marker: others tell a rollback by it.
 ROLLBACK_PREFIX = "rb_"
 _MARKER = scripts.standalone("state_marker")
@@ -106,13 +130,30 @@ class LossView(msgspec.Struct):
     lifted_stops: int = 0
 
 
+class EvictionView(msgspec.Struct):
+    """One Redis primary whose maxmemory-policy evicts keys at maxmemory, as /readyz shows
+    it (redis_eviction)."""
+
+    node: str
+    policy: str
+    maxmemory: int
+    evicted_keys: int
+
+
+def evicts(policy: str, maxmemory: int) -> bool:
+    """Whether Redis deletes keys at its memory limit: any policy but noeviction, with a
+    limit (maxmemory 0 is none on a 64-bit server)."""
+    return maxmemory > 0 and policy != NO_EVICTION
+
+
 @dataclass
 class StateWatch:
     client: aioredis.Redis
     engine: Engine
     stops: Stops
     definitions: DefinitionWatcher
-    on_loss: Callable[[str], None] | None = None  # told the kind (LOST, ROLLED_BACK)
+    on_loss: Callable[[str], None] | None = None  # told the kind (LOST, ROLLED_BACK, EVICTED)
+    on_evicting: Callable[[bool], None] | None = None  # told, at each check, whether any evicts
     interval_s: float = CHECK_S
     last_loss: LossView | None = None
     losses: int = 0
@@ -133,6 +174,13 @@ class StateWatch:
     _serving: asyncio.Task[None] | None = None
     # Loss alerts whose write failed: (alerts stream, entry), written at the next check.
     _unsent: list[tuple[str, dict[str, str | int]]] = field(default_factory=list)
+    # The primaries whose policy evicts, as the last INFO read found them.
+    eviction: list[EvictionView] = field(default_factory=list)
+    # node -> (its run_id, its evicted_keys) at the last check: a rise is an eviction
+    _evicted: dict[str, tuple[str, int]] = field(default_factory=dict)
+    # node -> (policy, maxmemory) last said in an error line (said again when they change)
+    _said: dict[str, tuple[str, int]] = field(default_factory=dict)
+    _info_refused: bool = False  # INFO refused (renamed, an ACL): said once
 
     def _tenants(self) -> list[str]:
         return sorted(self.engine.tenants() | set(self.definitions.store.loaded) | set(self._stops))
@@ -148,6 +196,9 @@ class StateWatch:
             # The stops are read before the markers: a loss after this read is caught by
             # the markers, so what is kept below was read before any loss.
             seen = await self._read_stops(tenants)
+            # After the stops too: an eviction after this read is the next check's, so
+            # the stops kept below were read before any eviction this check misses.
+            evicted = await self._read_eviction()
             markers = {keys.state_marker(t): t for t in tenants}
             markers[keys.DEFS_EPOCH] = ""  # the definitions' own slot
             # One script per marker, all in one pipeline (one round trip per node).
@@ -190,9 +241,13 @@ class StateWatch:
                 found.update(
                     {t: found[""] for t in tenants if keys.state_marker(t) == keys.DEFS_EPOCH}
                 )
-            kinds = {
-                kind: {t for t, k in found.items() if k == kind} for kind in (LOST, ROLLED_BACK)
-            }
+            if evicted:
+                # Every slot of a node that evicted may have lost keys: said as an eviction
+                # (a marker gone with them was most likely evicted too), a rollback kept.
+                for key, tenant in markers.items():
+                    if self._node_of(key) in evicted and found.get(tenant) != ROLLED_BACK:
+                        found[tenant] = EVICTED
+            kinds = {kind: {t for t, k in found.items() if k == kind} for kind in KINDS}
             put_back = {kind: await self._put_back(of_kind) for kind, of_kind in kinds.items()}
             if gone:  # the stops back: the markers again
                 pipe = self.client.pipeline(transaction=False)
@@ -232,6 +287,88 @@ class StateWatch:
                                  tenant)  # fmt: skip
                     self._stops[tenant] = kept
             return bool(found)
+
+    def _node_of(self, key: str) -> str:
+        """The node (as _read_eviction names it) that holds `key`."""
+        if isinstance(self.client, RedisCluster):
+            node = self.client.get_node_from_key(key)
+            return str(node.name) if node is not None else ""
+        return self._standalone_name()
+
+    def _standalone_name(self) -> str:
+        kwargs = self.client.connection_pool.connection_kwargs
+        if "host" in kwargs:
+            return f"{kwargs['host']}:{kwargs['port']}"
+        return str(kwargs.get("path") or "primary")  # a unix socket; Sentinel's primary
+
+    async def _infos(self) -> dict[str, dict[str, Any]]:
+        """INFO (its default sections: memory, stats, server) of every primary."""
+        if isinstance(self.client, RedisCluster):
+            await self.client.initialize()  # once (the first check may come first)
+            nodes = self.client.get_primaries()
+            replies = await asyncio.gather(
+                *(self.client.execute_command("INFO", target_nodes=node) for node in nodes)
+            )
+            out: dict[str, dict[str, Any]] = {}
+            for node, reply in zip(nodes, replies, strict=True):
+                # redis-py answers one node's INFO as {name: info} or as the info itself.
+                out[str(node.name)] = reply if "run_id" in reply else reply.get(node.name, reply)
+            return out
+        return {self._standalone_name(): await self.client.info()}
+
+    async def _read_eviction(self) -> set[str]:
+        """Reads each primary's maxmemory, maxmemory_policy and evicted_keys; says an
+        evicting policy (once per change) and returns the nodes whose evicted_keys rose
+        since the last check. A Redis that refuses INFO is said once and not read."""
+        if self._info_refused:
+            return set()
+        try:
+            infos = await self._infos()
+        except ResponseError as exc:
+            self._info_refused = True
+            log.warning(
+                "cannot read INFO from Redis (%s): keys it evicts at maxmemory will not be "
+                "noticed; %s",
+                exc,
+                FIX,
+            )
+            return set()
+        rose: set[str] = set()
+        views: list[EvictionView] = []
+        for node, info in sorted(infos.items()):
+            policy = str(info.get("maxmemory_policy", NO_EVICTION))
+            maxmemory = int(info.get("maxmemory", 0) or 0)
+            count = int(info.get("evicted_keys", 0) or 0)
+            run_id = str(info.get("run_id", ""))
+            before = self._evicted.get(node)
+            # Another server (restarted, failed over) counts from its own start.
+            if before is not None and before[0] == run_id and count > before[1]:
+                rose.add(node)
+            self._evicted[node] = (run_id, count)
+            if evicts(policy, maxmemory):
+                views.append(EvictionView(node, policy, maxmemory, count))
+                if self._said.get(node) != (policy, maxmemory):
+                    self._said[node] = (policy, maxmemory)
+                    log.error(
+                        "Redis at %s runs maxmemory-policy %s with maxmemory %d bytes: at "
+                        "that limit it deletes keys (budget counters, holds, stops, rate-limit "
+                        "windows, idempotency keys, loop guards, learned estimates), which "
+                        "lets spend past the caps; %s. Evictions are reported as a state "
+                        "loss (%d keys evicted so far).",
+                        node, policy, maxmemory, FIX, count,
+                        extra={"node": node, "maxmemory_policy": policy,
+                               "maxmemory": maxmemory, "evicted_keys": count},
+                    )  # fmt: skip
+            elif node in self._said:
+                del self._said[node]
+                log.warning(
+                    "Redis at %s no longer evicts (maxmemory-policy %s, maxmemory %d)",
+                    node, policy, maxmemory,
+                )  # fmt: skip
+        self.eviction = views
+        if self.on_evicting is not None:
+            self.on_evicting(bool(views))
+        return rose
 
     def _forget(self, ids: list[str], tenant: str) -> None:
         """Remember stop ids as lifted (the newest LIFTED_MAX per tenant)."""
@@ -313,7 +450,17 @@ class StateWatch:
             f"this sidecar put back {restored_stops} stops and {restored_defs} admin API "
             "definitions"
         )
-        if kind == ROLLED_BACK:
+        if kind == EVICTED:
+            message = (
+                "Redis evicted keys at its maxmemory (maxmemory-policy "
+                + ", ".join(sorted({f"{v.policy} on {v.node}" for v in self.eviction}) or {"?"})
+                + "): any of the counters, holds, rate-limit windows, idempotency keys, "
+                "stops, loop guards and learned estimates of these tenants may be gone, so "
+                "spend before the eviction may not be counted against the caps; "
+                + put_back + "; " + FIX
+            )  # fmt: skip
+            what = "budget store evicted keys; %s"
+        elif kind == ROLLED_BACK:
             message = (
                 "Redis rolled back to an older state (restored from an older dump or "
                 "backup, or failed over to a replica far behind): counters, holds, "
@@ -342,8 +489,13 @@ class StateWatch:
             # g: the marker the lost slot holds now, the same on every replica that noticed
             # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
             marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
+            alert_id = self._epochs.get(marker, "")
+            if kind == EVICTED:
+                # The marker stays through an eviction: the node's count tells one apart
+                # from the next (replicas that read the same count share the id).
+                alert_id += f".ev{self._evicted.get(self._node_of(marker), ('', 0))[1]}"
             alerts.append((keys.tenant_keys(tenant).alerts,
-                           {"k": ALERT_KIND, "g": self._epochs.get(marker, ""), "s": "",
+                           {"k": ALERT_KIND, "g": alert_id, "s": "",
                             "e": keys.escape(tenant), "r": message, "at": now}))  # fmt: skip
         await self._send_alerts(alerts, again=False)
 

@@ -155,7 +155,9 @@ class Stops:
 
     async def restore(self, tenant: str, stop: Stop) -> bool:
         """Put back a stop seen in force before Redis lost its state, as it was; False
-        when the entity has a stop again (made since: it stands) or this one has ended."""
+        when the entity has a stop again (made since: it stands) or this one has ended.
+        An entity whose record stayed but whose mirror in the counters hash went (an
+        eviction of that hash alone) gets the mirror back from the record: True."""
         field = keys.stop_field(stop.scope, stop.scope_id)
         value = f"{stop.id}|{stop.expires_ms}|{stop.created_ms}|{stop.reason}"
         return (await self._run(tenant, "restore", field, value))[0] == "1"

@@ -38,7 +38,7 @@ def test_promtool_check_rules() -> None:
     out = subprocess.run([promtool(), "check", "rules", str(RULES)], capture_output=True,
                          text=True, timeout=60)  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "SUCCESS: 6 rules found" in out.stdout
+    assert "SUCCESS: 8 rules found" in out.stdout
 
 
 def test_promtool_rule_unit_tests() -> None:
@@ -57,6 +57,8 @@ def test_rules_cover_what_the_issue_asks() -> None:
         "BudgetSidecarDenialSpike",
         "BudgetSidecarFailOpen",
         "BudgetSidecarRedisErrors",
+        "BudgetSidecarRedisEvicts",
+        "BudgetSidecarStoreStateLost",
     ]
 
 

@@ -293,10 +293,14 @@ async def readyz(request: web.Request) -> web.Response:
     ok = await request.app[STORE].ping()
     status = 200 if ok else 503
     body: dict[str, object] = {"ready": ok, "redis": "ok" if ok else "unreachable"}
-    loss = request.app[STATE_WATCH].last_loss
+    watch = request.app[STATE_WATCH]
+    loss = watch.last_loss
     if loss is not None:
         # Still ready (every replica shares the store): the detail an operator needs.
         body["state_lost"] = msgspec.to_builtins(loss)
+    if watch.eviction:
+        # Still ready too: a Redis that may delete counters at its maxmemory (state_loss).
+        body["redis_eviction"] = msgspec.to_builtins(watch.eviction)
     return web.json_response(body, status=status)
 
 
@@ -404,6 +408,7 @@ def create_app(
         stops,
         watcher,
         on_loss=events.state_lost if isinstance(events, Metrics) else None,
+        on_evicting=events.evicting if isinstance(events, Metrics) else None,
     )
     app[STATE_WATCH] = state_watch
     watcher.suspect = state_watch.check
