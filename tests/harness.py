@@ -104,6 +104,38 @@ _PORT_BASE, _PORTS_PER_WORKER = 10_000, 2_500
 _next_port = random.randrange(_PORTS_PER_WORKER)
 
 
+def _process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers listen, not the supervisor)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        for task in Path(f"/proc/{p}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo += [int(c) for c in task.read_text().split()]
+    return out
+
+
+def listens_on(port: int, pid: int) -> bool:
+    """Whether a process of `pid`'s tree holds a socket listening on `port` (Linux /proc;
+    elsewhere, True: the connect that succeeded is all there is to go on)."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{fields[9]}]")
+    except OSError:
+        return True
+    for p in _process_tree(pid):
+        for fd in Path(f"/proc/{p}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                if os.readlink(fd) in inodes:
+                    return True
+    return False
+
+
 def free_port() -> int:
     global _next_port
     base = _PORT_BASE + (xdist_worker() % 4) * _PORTS_PER_WORKER
@@ -260,7 +292,10 @@ class SidecarProcess:
             contextlib.suppress(OSError),
             socket.create_connection(("127.0.0.1", self.port), timeout=0.2),
         ):
-            return True
+            # Ours, not another test run's on the same port (a second pytest on this
+            # machine counts ports from the same base): until ours has bound it, the port
+            # may answer for someone else's sidecar, with another config.
+            return listens_on(self.port, self.process.pid)
         return False
 
     def output(self) -> str:
