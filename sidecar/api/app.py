@@ -344,6 +344,7 @@ def create_app(
         config, store, clock or SystemClock(), scripts or Scripts.load_all(), events=events
     )
     app[ENGINE] = engine
+    app[connection.MAX_CONNECTIONS] = lambda: engine.config.settings.max_connections
     if list(app.middlewares) == [checks]:
         # The fast path may run the guard and a hot handler in one frame (with the
         # request-id middleware of debug logging in front, it runs the chain instead).
