@@ -6,6 +6,7 @@ descriptor limit too low for them.
 - At most `settings.max_connections` are open at once: past it a new connection closes
   the idle one open longest; when every one is in a request, the new one is closed
   unanswered, and the requests in flight are answered and hold exactly once.
+- A flood of malformed requests is one log line (no traceback), not 1.5 KB each.
 - A real sidecar under RLIMIT_NOFILE 128 flooded with 300 connections keeps descriptors
   for Redis: its Redis connections killed mid-flood are made again and decisions are
   allowed (before the bound, every one answered the fail mode: no descriptor was free),
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import resource
 import socket
@@ -33,6 +35,7 @@ import redis
 import yaml
 from aiohttp.test_utils import TestServer
 
+from sidecar.api import connection
 from sidecar.api.app import create_app
 from sidecar.api.connection import SidecarServer
 from sidecar.keys import tenant_keys
@@ -196,6 +199,47 @@ async def test_when_every_connection_is_in_a_request_a_new_one_is_refused(
     assert (a := await answer(late, HEALTH)) is not None and status(a) == 200
     assert (server.evicted, server.refused) == (1, 1)
     await close_all([*busy, extra, late])
+
+
+# ---- the log under a flood of malformed requests ----------------------------------------
+
+
+MALFORMED = {
+    "bad chunk size": (
+        b"POST /v1/authorize HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"
+    ),
+    "header too long": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-A: " + b"a" * 20_000 + b"\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("fast", [True, False])
+async def test_a_flood_of_malformed_requests_is_one_log_line_not_one_each(
+    serve: Serve,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    fast: bool,
+) -> None:
+    """100 of each malformed request, each on its own connection: 200 answers 400
+    problem+json, nothing written, and one warning line without a traceback (the period
+    is set past the test's length, so the count holds however slow the machine). aiohttp
+    alone logs each one at ERROR with a traceback of about 1.5 KB."""
+    monkeypatch.setattr(connection, "_MALFORMED", connection._Malformed())
+    monkeypatch.setattr(connection, "MALFORMED_LOG_EVERY_S", 3600.0)
+    srv = await serve(fast)
+    caplog.set_level(logging.DEBUG)
+    answers = []
+    for _ in range(100):
+        for data in MALFORMED.values():
+            conn = await connect(srv)
+            answers.append(await answer(conn, data))
+            await close_all([conn])
+    assert [status(a) if a else None for a in answers] == [400] * 200
+    assert all(b"application/problem+json" in a for a in answers if a)
+    logged = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [(r.name, r.exc_info) for r in logged] == [("sidecar.http", None)]
+    assert "refused a malformed request" in logged[0].getMessage()
+    assert records(redis_client) == {}
 
 
 # ---- a real sidecar under a low descriptor limit ----------------------------------------

@@ -141,11 +141,19 @@ class SidecarRequestHandler(RequestHandler):
         """aiohttp's own answer (it logs as it always did, and refuses when an answer was
         already started), as problem+json."""
         request_id = uuid.uuid4().hex if _request_ids(self) else None
-        token = logs.REQUEST_ID.set(request_id)
-        try:
-            super().handle_error(request, status, exc, message)  # logs; may raise
-        finally:
-            logs.REQUEST_ID.reset(token)
+        if status < 500:
+            # The client's malformed request, answered 400 naming what was wrong: one line
+            # without a traceback (aiohttp logs 1.5 KB of one at ERROR for each), at most
+            # one each MALFORMED_LOG_EVERY_S, so that a flood of them cannot fill a disk.
+            if request.writer.output_size > 0:
+                raise ConnectionError("an answer was started already: no other can be sent")
+            _MALFORMED.note(request.remote, exc)
+        else:
+            token = logs.REQUEST_ID.set(request_id)
+            try:
+                super().handle_error(request, status, exc, message)  # logs; may raise
+            finally:
+                logs.REQUEST_ID.reset(token)
         if status == 400:
             try:
                 field, detail = refused(exc, self.max_line_size)
@@ -188,6 +196,36 @@ class SidecarRequestHandler(RequestHandler):
             if not self._messages:
                 self.close()  # the last answer written: start() closes the transport
         return result
+
+
+MALFORMED_LOG_EVERY_S = 10.0
+
+
+class _Malformed:
+    """The log of malformed requests: the first one, then at most one a period, saying
+    how many came in between."""
+
+    def __init__(self) -> None:
+        self.logged_at: float | None = None
+        self.since = 0  # malformed requests not logged since the last line
+
+    def note(self, remote: str | None, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < MALFORMED_LOG_EVERY_S:
+            self.since += 1
+            return
+        more = f" ({self.since} more since the last line)" if self.since else ""
+        first = str(exc or "").strip().splitlines()
+        log.warning(
+            "refused a malformed request from %s: %s%s",
+            remote,
+            " ".join(first[:2])[:200] if first else "not valid HTTP/1.1",
+            more,
+        )
+        self.logged_at, self.since = now, 0
+
+
+_MALFORMED = _Malformed()
 
 
 def _request_ids(handler: RequestHandler) -> bool:
