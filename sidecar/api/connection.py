@@ -16,7 +16,7 @@
 
 - **A bound on connections** (`settings.max_connections`, and never more than the
   process's descriptor limit leaves beside RESERVED_FDS for Redis, the config file and
-  logs): a connection past it makes room by closing the connection idle longest-open (one
+  logs): a connection past it makes room by closing the idle connection open longest (one
   between requests, or that has not sent a whole head), as nginx reuses its keep-alive
   connections; when every one is in a request, the new one is closed unanswered. So
   neither idle connections nor a flood of them can take the memory (about 6.6 KB each)
@@ -138,8 +138,9 @@ class SidecarRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """aiohttp's own answer (it logs as it always did, and refuses when an answer was
-        already started), as problem+json."""
+        """aiohttp's own answer, as problem+json: a 5xx logged as aiohttp does, a 400 (the
+        client's) in one throttled line (_Malformed); refused when an answer was already
+        started."""
         request_id = uuid.uuid4().hex if _request_ids(self) else None
         if status < 500:
             # The client's malformed request, answered 400 naming what was wrong: one line
