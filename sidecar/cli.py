@@ -284,6 +284,7 @@ async def _run_app(
     from sidecar.reload import ConfigWatcher
     from sidecar.store import masked_url, open_store
 
+    _descriptors_for(cfg.settings.max_connections)
     metrics = Metrics()
     store = metrics.wrap(open_store(redis_url, timeout_ms=cfg.settings.redis_timeout_ms))
     app = create_app(cfg, store, events=metrics, listen_host=args.host)
@@ -355,6 +356,35 @@ async def _run_app(
     finally:
         await runner.cleanup()
     return 1 if fatal.reason is not None else 0
+
+
+def _descriptors_for(connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE toward the hard one (as Go's runtime does at start),
+    to what `connections` and the descriptors kept beside them need; say so when the
+    limit still holds the connections below `connections` (settings.max_connections)."""
+    import resource
+
+    from sidecar.api.connection import RESERVED_FDS, descriptor_bound
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + RESERVED_FDS
+    if soft != resource.RLIM_INFINITY and soft < want:
+        raised = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if raised > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+    bound = descriptor_bound()
+    if bound is not None and bound < connections:
+        log.warning(
+            "RLIMIT_NOFILE is %d (hard limit %d): at most %d client connections at once, "
+            "not settings.max_connections %d (%d descriptors are kept for Redis and files)",
+            soft,
+            hard,
+            bound,
+            connections,
+            RESERVED_FDS,
+        )
 
 
 async def _unreachable(client: Any) -> str | None:

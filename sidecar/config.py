@@ -345,6 +345,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
     fast_http: bool = True
     # Host names the sidecar answers to besides its built-in ones (sidecar.api.origin).
     allowed_hosts: Annotated[tuple[AllowedHost, ...], Meta(max_length=100)] = ()
+    max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 4_096
 
     def __post_init__(self) -> None:
         if usd_to_micro(self.estimate_ceiling_usd) < usd_to_micro(self.min_estimate_usd):
@@ -395,6 +396,7 @@ class SettingsSpec(Struct, forbid_unknown_fields=True, kw_only=True):
             estimate_max_series=self.estimate_max_series,
             fast_http=self.fast_http,
             allowed_hosts=tuple(h.lower() for h in self.allowed_hosts),
+            max_connections=self.max_connections,
         )
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger("sidecar.embedded")
 _RDB_VERSIONS = ((2, 6, 6), (3, 2, 7), (4, 0, 8), (5, 0, 9), (7, 0, 10), (7, 2, 11), (7, 4, 12))
 RESTART_ATTEMPTS = 3
 WATCH_EVERY_S = 0.05
+PERSIST_CHECK_EVERY_S = 1.0
 
 
 class EmbeddedError(RuntimeError):
@@ -137,6 +138,31 @@ def check_data(data_dir: Path, binary: str, version: tuple[int, int, int]) -> No
             )
 
 
+def _has_aof(data_dir: Path) -> bool:
+    """Whether the data dir holds an append-only file (Redis 7's appendonlydir/ or an
+    older single appendonly.aof), which a server with appendonly on reads."""
+    aof_dir = data_dir / "appendonlydir"
+    return (aof_dir.is_dir() and any(aof_dir.iterdir())) or (data_dir / "appendonly.aof").is_file()
+
+
+def _last_words(log_file: Path, pid: int, most: int = 2) -> str:
+    """The last warnings (`#` lines) process `pid` wrote to its log before it exited, the
+    generic ones left out: why it exited, in its own words ("Wrong RDB checksum ...",
+    "Bad file format reading the append only file ...")."""
+    try:
+        lines = log_file.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    mine = [line for line in lines if line.startswith(f"{pid}:")]
+    words = []
+    for line in mine:
+        _, sep, text = line.partition(" # ")
+        generic = ("WARNING", "oO0O", "Redis version", "Configuration", "Server initialized")
+        if sep and not text.startswith(generic):
+            words.append(text.strip())
+    return " / ".join(words[-most:])
+
+
 def default_data_dir() -> Path:
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "budget-sidecar" / "redis"
@@ -155,6 +181,9 @@ class EmbeddedRedis:
         self.binary: str | None = None
         self.version: tuple[int, int, int] | None = None
         self.restarts = 0
+        # Redis's MISCONF while it cannot write the data dir (None: it writes).
+        self.write_error: str | None = None
+        self._client: redis.Redis | None = None  # the watcher's, for _check_writes
 
     @property
     def url(self) -> str:
@@ -216,7 +245,15 @@ class EmbeddedRedis:
             self.binary = find_binary()
             self.version = binary_version(self.binary)
             check_data(self.data_dir, self.binary, self.version)
-            self._spawn(timeout_s)
+            rdb = self.data_dir / "dump.rdb"
+            if rdb.is_file() and not _has_aof(self.data_dir):
+                # With appendonly on, Redis reads only the append-only file: it would start
+                # empty beside this snapshot. Read it (appendonly off), then write it out
+                # as the append-only file every later start reads.
+                self._spawn(timeout_s, appendonly=False)
+                self._adopt_rdb(rdb, timeout_s)
+            else:
+                self._spawn(timeout_s)
         except BaseException:
             self._release_lock()
             raise
@@ -225,8 +262,43 @@ class EmbeddedRedis:
         )
         self._watcher.start()
 
-    def _spawn(self, timeout_s: float) -> None:
+    def _adopt_rdb(self, rdb: Path, timeout_s: float) -> None:
+        """The server read `rdb` (appendonly off): turn the append-only file on, which
+        rewrites what it holds into it, and wait for that rewrite."""
+        client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=timeout_s)
+        try:
+            keys = int(client.dbsize())
+            client.config_set("appendonly", "yes")
+            deadline = time.monotonic() + timeout_s
+            while True:
+                info = client.info("persistence")
+                done = info.get("aof_enabled") == 1 and not info.get("aof_rewrite_in_progress")
+                if done and not info.get("aof_rewrite_scheduled"):
+                    break
+                if time.monotonic() > deadline:
+                    raise EmbeddedError(
+                        f"embedded redis-server did not write {rdb} into its append-only "
+                        f"file within {timeout_s}s; see {self.data_dir / 'redis.log'}"
+                    )
+                time.sleep(0.02)
+            if info.get("aof_last_bgrewrite_status") != "ok":
+                raise EmbeddedError(
+                    f"embedded redis-server could not write {rdb} into its append-only file "
+                    f"in {self.data_dir}; see {self.data_dir / 'redis.log'}"
+                )
+        except redis.RedisError as exc:
+            self._terminate()
+            raise EmbeddedError(f"embedded redis-server, reading {rdb}: {exc}") from exc
+        except EmbeddedError:
+            self._terminate()
+            raise
+        finally:
+            client.close()
+        log.info("read %d keys from %s into the append-only file", keys, rdb)
+
+    def _spawn(self, timeout_s: float, *, appendonly: bool = True) -> None:
         assert self.binary is not None
+        log_file = self.data_dir / "redis.log"
         self._process = subprocess.Popen(
             [
                 self.binary,
@@ -239,7 +311,7 @@ class EmbeddedRedis:
                 "--dir",
                 str(self.data_dir),
                 "--appendonly",
-                "yes",
+                "yes" if appendonly else "no",
                 "--appendfsync",
                 "everysec",
                 "--save",
@@ -247,7 +319,7 @@ class EmbeddedRedis:
                 "--daemonize",
                 "no",
                 "--logfile",
-                str(self.data_dir / "redis.log"),
+                str(log_file),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -255,10 +327,20 @@ class EmbeddedRedis:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
-                code = self._process.returncode
+                code, pid = self._process.returncode, self._process.pid
                 self._process = None
+                reading = "" if appendonly else f" reading {self.data_dir / 'dump.rdb'}"
+                why = _last_words(log_file, pid)
                 raise EmbeddedError(
-                    f"embedded redis-server exited with {code}; see {self.data_dir / 'redis.log'}"
+                    f"embedded redis-server exited with {code}{reading}"
+                    + (f": {why}" if why else "")
+                    + f"; see {log_file}"
+                    + (
+                        "; it was not started empty over it: restore a good copy, or move "
+                        "it out of the data dir to start without its data"
+                        if reading
+                        else ""
+                    )
                 )
             if self.socket.exists() and self._answers():
                 return
@@ -268,10 +350,17 @@ class EmbeddedRedis:
 
     def _watch(self) -> None:
         """Restart the server when it dies (its data is on disk: AOF written before each
-        reply, fsynced every second); give up after RESTART_ATTEMPTS failures in a row."""
+        reply, fsynced every second); give up after RESTART_ATTEMPTS failures in a row.
+        Every PERSIST_CHECK_EVERY_S, say (once) when it cannot write its data dir."""
+        next_check = time.monotonic() + PERSIST_CHECK_EVERY_S
         while not self._stopping.wait(WATCH_EVERY_S):
             process = self._process
-            if process is None or process.poll() is None:
+            if process is not None and process.poll() is None:
+                if time.monotonic() >= next_check:
+                    next_check = time.monotonic() + PERSIST_CHECK_EVERY_S
+                    self._check_writes()
+                continue
+            if process is None:
                 continue
             log.error(
                 "embedded redis-server (pid %d) exited with %d; restarting it on %s",
@@ -298,6 +387,34 @@ class EmbeddedRedis:
                     self._on_failure(f"embedded redis-server cannot be restarted: {error}")
                 return
 
+    def _check_writes(self) -> None:
+        """Redis refuses every write (and PING) with MISCONF once it cannot write its
+        append-only file (a full disk, a directory gone read-only): the sidecar's decisions
+        then answer by the fail mode, whose log lines do not know of a directory. Say which
+        one, once, and again when it takes writes."""
+        try:
+            if self._client is None:
+                self._client = redis.Redis(unix_socket_path=str(self.socket), socket_timeout=1.0)
+            self._client.ping()
+        except redis.ResponseError as exc:
+            if str(exc).startswith("MISCONF") and self.write_error is None:
+                self.write_error = str(exc)
+                log.error(
+                    "embedded redis-server cannot write its data in %s (%s): it refuses "
+                    "every write until it can, so decisions answer by the fail mode and "
+                    "settles 503; free space or make the directory writable (it resumes "
+                    "by itself); see %s",
+                    self.data_dir,
+                    exc,
+                    self.data_dir / "redis.log",
+                )
+            return
+        except (redis.RedisError, OSError):
+            return  # (down or restarting: the watch loop's business)
+        if self.write_error is not None:
+            self.write_error = None
+            log.info("embedded redis-server writes its data in %s again", self.data_dir)
+
     def _terminate(self) -> None:
         process, self._process = self._process, None
         if process is None:
@@ -314,4 +431,7 @@ class EmbeddedRedis:
         if self._watcher is not None and self._watcher is not threading.current_thread():
             self._watcher.join(timeout=30)
         self._terminate()
+        if self._client is not None:
+            self._client.close()
+            self._client = None
         self._release_lock()

@@ -333,11 +333,11 @@ class Engine:
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
             reply = await self.run_script(self._scripts.authorize, tenant, args, script_keys)
-        except StoreUnavailable:
+        except StoreUnavailable as exc:
             # Redis may still run this authorize when it recovers; the caller is told no
             # hold exists, so make that true.
             self._cancel_later(tenant, rid, now + lease_ms, key)
-            self.events.store_unavailable("authorize")
+            self.events.store_unavailable("authorize", str(exc))
             # Nothing held, but what the call spends is charged once Redis answers.
             degraded = self._degraded(applied, est)
             return self.grants.grant(degraded, tenant, req, price, asked, est, now + lease_ms)
@@ -354,7 +354,7 @@ class Engine:
             # now would let this caller spend what others hold: answer as for a timed-out
             # authorize, and cancel (which frees its idempotency key for the retry).
             self._cancel_later(tenant, rid, self._clock.now_ms() + settings.max_lease_ms, key)
-            self.events.store_unavailable("authorize")
+            self.events.store_unavailable("authorize", "its answer came after the lease ended")
             fresh_end = self._clock.now_ms() + lease_ms
             degraded = self._degraded(applied, est)
             return self.grants.grant(degraded, tenant, req, price, asked, est, fresh_end)
@@ -426,8 +426,8 @@ class Engine:
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
         try:
             reply = await self.run_script(self._scripts.check, tenant, args, script_keys)
-        except StoreUnavailable:
-            self.events.store_unavailable("check")
+        except StoreUnavailable as exc:
+            self.events.store_unavailable("check", str(exc))
             return self._degraded(applied, est)
         weighed = int(reply[2])
         decision = rendering.decision(
@@ -471,7 +471,7 @@ class Engine:
             # and repeats it, and the repeat answers "replayed", which the spend metrics
             # skip. Found in the background, the charge is counted here, once.
             self._find_lost_settle_later(tenant, rid, attempt)
-            self.events.store_unavailable("settle")
+            self.events.store_unavailable("settle", str(exc))
             raise Unavailable(str(exc)) from exc
         except asyncio.CancelledError:
             self._find_lost_settle_later(tenant, rid, attempt)
@@ -544,7 +544,7 @@ class Engine:
             # skip. Found in the background, the charge is counted here, once.
             if key:
                 self._find_lost_record_later(tenant, key, attempt, req, cost)
-            self.events.store_unavailable("record")
+            self.events.store_unavailable("record", str(exc))
             raise Unavailable(str(exc)) from exc
         except asyncio.CancelledError:
             if key:
@@ -887,7 +887,7 @@ class Engine:
         try:
             reply = await self.run_script(script, tenant, args, script_keys)
         except StoreUnavailable as exc:
-            self.events.store_unavailable(script.name)
+            self.events.store_unavailable(script.name, str(exc))
             raise Unavailable(str(exc)) from exc
         return reply
 

@@ -50,8 +50,10 @@ class EngineEvents(Protocol):
         (answered replayed) or in the background by the sidecar that timed out: reported
         once, here; `recorded` skipped it (a replay, or no answer)."""
 
-    def store_unavailable(self, operation: str) -> None:
-        """Redis did not answer an operation in time (the fail mode then applies)."""
+    def store_unavailable(self, operation: str, reason: str = "") -> None:
+        """Redis did not answer an operation in time, or answered "not now" (MISCONF, OOM,
+        LOADING...), or could not be reached: the fail mode then applies. `reason` says
+        which, in the store's words."""
 
     def expired(self, count: int) -> None:
         """`count` reservations' leases ended with their hold in place; each is reported
@@ -103,7 +105,7 @@ class NoEvents:
     ) -> None:
         pass
 
-    def store_unavailable(self, operation: str) -> None:
+    def store_unavailable(self, operation: str, reason: str = "") -> None:
         pass
 
     def expired(self, count: int) -> None:

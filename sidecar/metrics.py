@@ -487,15 +487,17 @@ class Metrics:
     def fail_open_dropped(self, reason: str) -> None:
         self.fail_open_drops.labels(reason).inc()
 
-    def store_unavailable(self, operation: str) -> None:
+    def store_unavailable(self, operation: str, reason: str = "") -> None:
         now = time.monotonic()
         if now - self._last_unavailable_log >= 1.0:
             # An outage at thousands of calls per second is one line a second, not one
-            # per call; the counter has every one.
+            # per call; the counter has every one. The reason tells a Redis too slow from
+            # one refusing writes (MISCONF: its disk) or out of reach (no descriptor free).
             self._last_unavailable_log = now
             log.error(
-                "redis did not answer %s in time; the fail mode applies",
+                "redis unavailable for %s (%s); the fail mode applies",
                 operation,
+                reason or "no answer in time",
                 extra={"operation": operation},
             )
         child = self._unavailable_children.get(operation)

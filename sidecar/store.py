@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, cast
 from urllib.parse import quote, unquote, urlsplit
@@ -90,7 +91,7 @@ async def run_script(
         raise StoreUnavailable(str(exc)) from exc
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
-        if text.startswith(_TRANSIENT) or _KILLED in text:
+        if transient_reply(text):
             raise StoreUnavailable(f"{script.name}.lua: {text}")
         if not text.startswith(("MOVED", "ASK")):
             raise StoreError(f"{script.name}.lua failed: {text}")
@@ -107,7 +108,9 @@ async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) 
 # Error replies that mean "not now" rather than "never": a cluster mid-failover, a replica
 # still loading its data, a server refusing writes it cannot persist, a server busy with
 # another client's long script (BUSY: ours did not run), a server at maxmemory with
-# noeviction (OOM: Redis refuses a script's first write, so nothing of it was written).
+# noeviction (OOM: Redis refuses a script's first write, so nothing of it was written), a
+# primary short of the replicas `min-replicas-to-write` asks for (NOREPLICAS: refused the
+# same way, at the first write).
 _TRANSIENT = (
     "CLUSTERDOWN",
     "TRYAGAIN",
@@ -117,12 +120,22 @@ _TRANSIENT = (
     "MISCONF",
     "BUSY ",
     "OOM ",
+    "NOREPLICAS",
 )
 # A SCRIPT KILL (an operator's, redis-cli's) of our script while it ran: Redis allows it
 # only before the script's first write, so nothing of it was written. Redis 7 answers
 # "ERR Script killed by user with SCRIPT KILL... script: <sha>, on @user_script:<line>."
 # (Redis 6 wraps the same words in "ERR Error running script ..."): matched inside.
 _KILLED = "Script killed by user with SCRIPT KILL"
+# redis-py's words before the error reply of one command of a pipeline.
+_PIPELINE_ERROR = re.compile(r"^Command # \d+ \(.*?\) of pipeline caused error: \(?'?", re.DOTALL)
+
+
+def transient_reply(text: str) -> bool:
+    """Whether an error reply (hiredis's, or the text of redis-py's ResponseError, one of a
+    pipeline's included) means "not now": the fail mode applies, as to a Redis away."""
+    text = _PIPELINE_ERROR.sub("", text, count=1)
+    return text.startswith(_TRANSIENT) or _KILLED in text
 
 
 async def _ping(client: aioredis.Redis | RedisCluster, timeout_s: float) -> bool:

@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.http import HttpVersion10, HttpVersion11
 from aiohttp.typedefs import Middleware
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sidecar import __version__, logs
@@ -44,7 +44,7 @@ from sidecar.model import Config
 from sidecar.scripts import Scripts
 from sidecar.state_loss import StateWatch
 from sidecar.stops import Stops
-from sidecar.store import Store, StoreError
+from sidecar.store import Store, StoreError, transient_reply
 from sidecar.sweep import Sweeper
 from sidecar.webhooks import WebhookDeliverer
 
@@ -102,6 +102,10 @@ def problem_of(request: web.Request, exc: Exception) -> web.Response | None:
     if isinstance(exc, (RedisConnectionError, RedisTimeoutError)):
         # Reads and writes off the decision path (definitions, usage, alerts) use redis-py
         # directly: Redis away is a 503 there too, not an internal error.
+        return response(ProblemError(503, f"budget store unavailable: {exc}", degraded=True))
+    if isinstance(exc, ResponseError) and transient_reply(str(exc)):
+        # Redis refusing writes it cannot persist (MISCONF: its disk), or for want of
+        # replicas (NOREPLICAS), or still loading: "not now", as for a Redis away.
         return response(ProblemError(503, f"budget store unavailable: {exc}", degraded=True))
     request_id = logs.request_id_of(request)
     store = isinstance(exc, StoreError)
@@ -349,6 +353,7 @@ def create_app(
         config, store, clock or SystemClock(), scripts or Scripts.load_all(), events=events
     )
     app[ENGINE] = engine
+    app[connection.MAX_CONNECTIONS] = lambda: engine.config.settings.max_connections
     if list(app.middlewares) == [checks]:
         # The fast path may run the guard and a hot handler in one frame (with the
         # request-id middleware of debug logging in front, it runs the chain instead).

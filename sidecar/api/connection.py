@@ -14,15 +14,28 @@
   same. A client that closed for good sends the same FIN; its kernel answers the answer
   with a reset, which `undelivered.confirm` waits for to take the hold back.
 
+- **A bound on connections** (`settings.max_connections`, and never more than the
+  process's descriptor limit leaves beside RESERVED_FDS for Redis, the config file and
+  logs): a connection past it makes room by closing the idle connection open longest (one
+  between requests, or that has not sent a whole head), as nginx reuses its keep-alive
+  connections; when every one is in a request, the new one is closed unanswered. So
+  neither idle connections nor a flood of them can take the memory (about 6.6 KB each)
+  or the descriptors the Redis connection needs to be made again.
+
 `SidecarApplication` is the application class for `fast_http: false`; the fast path's
 `FastApplication` derives from it, and its hand-offs start this protocol too.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import resource
+import time
 import uuid
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import http_exceptions, web
@@ -84,6 +97,25 @@ def refused(exc: BaseException | None, max_line_size: int) -> tuple[str, str]:
     return field, f"{field}: {reason}"
 
 
+log = logging.getLogger("sidecar.http")
+
+# Descriptors kept from connections: the Redis connections (one for decisions, a pool for
+# the rest), the config file and its reloads, the embedded server's socket, logs.
+RESERVED_FDS = 64
+# settings.max_connections, read per connection (a reload changes it).
+MAX_CONNECTIONS: web.AppKey[Callable[[], int]] = web.AppKey("max_connections")
+_LOG_EVERY_S = 10.0
+
+
+def descriptor_bound() -> int | None:
+    """The most connections the descriptor limit (RLIMIT_NOFILE, soft) leaves room for,
+    RESERVED_FDS kept; None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(soft - RESERVED_FDS, 1)
+
+
 class SidecarRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection; see the module's docstring."""
 
@@ -93,6 +125,12 @@ class SidecarRequestHandler(RequestHandler):
         super().__init__(*args, **kwargs)
         self._half_closed = False
 
+    def idle(self) -> bool:
+        """Between requests (or before a whole first head): what aiohttp's keep-alive
+        timer would close."""
+        waiter = self._waiter
+        return waiter is not None and not waiter.done() and not self._messages
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -100,14 +138,23 @@ class SidecarRequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        """aiohttp's own answer (it logs as it always did, and refuses when an answer was
-        already started), as problem+json."""
+        """aiohttp's own answer, as problem+json: a 5xx logged as aiohttp does, a 400 (the
+        client's) in one throttled line (_Malformed); refused when an answer was already
+        started."""
         request_id = uuid.uuid4().hex if _request_ids(self) else None
-        token = logs.REQUEST_ID.set(request_id)
-        try:
-            super().handle_error(request, status, exc, message)  # logs; may raise
-        finally:
-            logs.REQUEST_ID.reset(token)
+        if status < 500:
+            # The client's malformed request, answered 400 naming what was wrong: one line
+            # without a traceback (aiohttp logs 1.5 KB of one at ERROR for each), at most
+            # one each MALFORMED_LOG_EVERY_S, so that a flood of them cannot fill a disk.
+            if request.writer.output_size > 0:
+                raise ConnectionError("an answer was started already: no other can be sent")
+            _MALFORMED.note(request.remote, exc)
+        else:
+            token = logs.REQUEST_ID.set(request_id)
+            try:
+                super().handle_error(request, status, exc, message)  # logs; may raise
+            finally:
+                logs.REQUEST_ID.reset(token)
         if status == 400:
             try:
                 field, detail = refused(exc, self.max_line_size)
@@ -152,6 +199,36 @@ class SidecarRequestHandler(RequestHandler):
         return result
 
 
+MALFORMED_LOG_EVERY_S = 10.0
+
+
+class _Malformed:
+    """The log of malformed requests: the first one, then at most one a period, saying
+    how many came in between."""
+
+    def __init__(self) -> None:
+        self.logged_at: float | None = None
+        self.since = 0  # malformed requests not logged since the last line
+
+    def note(self, remote: str | None, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        if self.logged_at is not None and now - self.logged_at < MALFORMED_LOG_EVERY_S:
+            self.since += 1
+            return
+        more = f" ({self.since} more since the last line)" if self.since else ""
+        first = str(exc or "").strip().splitlines()
+        log.warning(
+            "refused a malformed request from %s: %s%s",
+            remote,
+            " ".join(first[:2])[:200] if first else "not valid HTTP/1.1",
+            more,
+        )
+        self.logged_at, self.since = now, 0
+
+
+_MALFORMED = _Malformed()
+
+
 def _request_ids(handler: RequestHandler) -> bool:
     """Whether answers carry X-Request-ID (the request-id middleware is on)."""
     manager = handler._manager
@@ -159,20 +236,87 @@ def _request_ids(handler: RequestHandler) -> bool:
 
 
 class SidecarServer(web.Server):
-    """aiohttp's Server whose connections run SidecarRequestHandler. Made from the Server
-    aiohttp built (same handler, kwargs and connection registry), by `adopt`."""
+    """aiohttp's Server whose connections run SidecarRequestHandler, at most
+    `max_connections()` of them (see the module's docstring). Made from the Server aiohttp
+    built (same handler, kwargs and connection registry), by `adopt`."""
 
     request_ids: bool
+    max_connections: Callable[[], int] | None
+    descriptor_bound: int | None
+    # The open connections by transport, oldest first: a fast-path connection handed to
+    # aiohttp keeps its place (the same transport, another protocol).
+    open: dict[asyncio.Transport, Any]
+    evicted: int  # idle connections closed to make room
+    refused: int  # new connections closed unanswered (every open one in a request)
+    _logged_at: float
 
     @classmethod
     def adopt(cls, server: web.Server, app: web.Application) -> SidecarServer:
         adopted = cls.__new__(cls)
         adopted.__dict__.update(server.__dict__)
         adopted.request_ids = logs.request_ids in app.middlewares
+        adopted.max_connections = app.get(MAX_CONNECTIONS)
+        adopted.descriptor_bound = descriptor_bound()
+        adopted.open = {}
+        adopted.evicted = adopted.refused = 0
+        adopted._logged_at = -_LOG_EVERY_S
         return adopted
 
     def __call__(self) -> RequestHandler:
         return SidecarRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def bound(self) -> int | None:
+        configured = self.max_connections() if self.max_connections is not None else None
+        if configured is None or self.descriptor_bound is None:
+            return configured if configured is not None else self.descriptor_bound
+        return min(configured, self.descriptor_bound)
+
+    def connection_made(self, handler: RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        handed_off = transport in self.open
+        self.open[transport] = handler
+        if handed_off:
+            return
+        bound = self.bound()
+        if bound is not None and len(self.open) > bound:
+            self._make_room(transport, bound)
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        transport = self._connections.get(handler) or getattr(handler, "transport", None)
+        super().connection_lost(handler, exc)
+        if transport is not None and self.open.get(transport) is handler:
+            del self.open[transport]
+
+    def _make_room(self, new: asyncio.Transport, bound: int) -> None:
+        """Close the oldest idle connection for `new`, or `new` itself if none is idle."""
+        victim = None
+        for transport, handler in self.open.items():
+            if transport is new or transport.is_closing():
+                continue
+            idle = getattr(handler, "idle", None)
+            if idle is not None and idle():
+                victim = transport
+                break
+        if victim is not None:
+            self.evicted += 1
+            what = "closed the idle connection open longest to make room"
+        else:
+            victim = new
+            self.refused += 1
+            what = "every one is in a request: closed the new one unanswered"
+        del self.open[victim]  # (its connection_lost comes on a later turn of the loop)
+        victim.close()
+        now = time.monotonic()
+        if now - self._logged_at >= _LOG_EVERY_S:
+            self._logged_at = now
+            log.warning(
+                "%d connections open, the most allowed (settings.max_connections, or what "
+                "RLIMIT_NOFILE leaves): %s (%d idle closed, %d refused so far)",
+                bound,
+                what,
+                self.evicted,
+                self.refused,
+            )
 
 
 with warnings.catch_warnings():

@@ -317,6 +317,17 @@ class FastProtocol(asyncio.Protocol):
     def _task_handler(self) -> asyncio.Task[None] | None:
         return self._task
 
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    def idle(self) -> bool:
+        """Between requests (no request queued, answered or arriving with its body; a head
+        not whole yet counts as idle, as aiohttp's keep-alive timer has it): a connection
+        the bound on connections may close to make room (connection.SidecarServer)."""
+        receiving = self._in_message and bool(self._body)
+        return self._task is None and not self._queue and self._pending is None and not receiving
+
     def close(self) -> None:
         """Close once the requests received are answered (aiohttp's pre-shutdown)."""
         self._closing = True
