@@ -300,6 +300,10 @@ class PipelinedConnection:
         self._address = Address.parse(url)
         self._timeout_s = timeout_s
         self.breaker = CircuitBreaker()
+        # Whether the server may have Redis 7 functions (sidecar.store.run_script calls
+        # FCALL while so): cleared by a server that has none, set again at each connect
+        # (the server behind an address may be another one by then).
+        self.functions = True
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
 
@@ -309,6 +313,8 @@ class PipelinedConnection:
 
         def factory() -> _Protocol:
             return _Protocol(self._timeout_s, self.breaker)
+
+        self.functions = True
 
         # Wall-clock, as the reply's own bound (twice the timeout): connects are rare (a
         # start, the probe after an outage), so a generous bound costs little.

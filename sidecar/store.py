@@ -5,9 +5,18 @@ connection (sidecar.resp): the script calls of one event-loop tick share one wri
 round trip, each still its own atomic script. redis-py serves what is off the hot path
 (readiness, later the admin routes).
 
-Scripts are not loaded ahead of time: a NOSCRIPT reply (a fresh server, a SCRIPT FLUSH, a
-failover to a replica that never saw them) repeats that call once as EVAL with the script's
-source, which also caches it for the next EVALSHAs, so the store heals by itself.
+Each operation runs as a function of this version's library (sidecar.scripts.Library,
+FCALL) where the server has Redis 7 functions, and as its script (EVALSHA) where it has not
+(Redis 6.2, or FCALL refused by the server's ACL): the first FCALL a connection's server
+does not know as a command tells it, and that connection uses EVALSHA from then on.
+
+Neither is loaded ahead of time. A function the server does not have ("Function not
+found": a fresh server, a FUNCTION FLUSH, a replica or Cluster primary that never saw the
+library) loads the library and repeats the call once; a NOSCRIPT reply repeats the call
+once as EVAL with the script's source, which also caches it for the next EVALSHAs. A call
+refused so did not run, so the repeat cannot charge twice; and the repeat of a function
+that is missing again (a flush between the load and the repeat) is an EVAL, which needs
+nothing loaded. So the store heals by itself.
 """
 
 from __future__ import annotations
@@ -29,7 +38,7 @@ from redis.exceptions import RedisError
 
 from sidecar import tasks
 from sidecar.resp import ConnectionLost, PipelinedConnection
-from sidecar.scripts import Script
+from sidecar.scripts import LIBRARY_PREFIX, Script
 
 
 class StoreError(Exception):
@@ -71,16 +80,33 @@ async def run_script(
     asking: bool = False,
     on_noscript: Callable[[], None] | None = None,
 ) -> Any:
-    """EVALSHA on one connection; NOSCRIPT repeats the call once as EVAL of the source.
-    Other error replies are returned for the caller to judge (MOVED, ASK...).
+    """FCALL of the script's function (EVALSHA where the server has no functions) on one
+    connection; a function or script the server lacks is loaded and the call repeated
+    once (see the module's note). Other error replies are returned for the caller to judge
+    (MOVED, ASK...).
     `asking`: each script call goes right after an ASKING (Redis Cluster, a slot importing).
-    `on_noscript`: told of a NOSCRIPT (a restarted Redis may have lost its state too:
-    sidecar.state_loss checks its marker then, off this call's path).
+    `on_noscript`: told of a NOSCRIPT or a missing function (a restarted Redis may have lost
+    its state too: sidecar.state_loss checks its marker then, off this call's path).
 
     EVAL, not SCRIPT LOAD then EVALSHA again: another client's SCRIPT FLUSH (or a second
     failover) between the load and the repeat would answer NOSCRIPT again, a 500."""
-    call = ("EVALSHA", script.sha, len(keys), *keys, *args)
     try:
+        if script.function and conn.functions:
+            call = ("FCALL", script.function, len(keys), *keys, *args)
+            reply = await (_after_asking(conn, call) if asking else conn.call(call))
+            if not isinstance(reply, hiredis.ReplyError):
+                return reply
+            text = str(reply)
+            if text.startswith((_NO_FCALL, _NOT_COMMAND)):
+                conn.functions = False  # Redis 6.2, or FCALL not allowed: EVALSHA below
+            elif text.startswith(_NO_FUNCTION):
+                if on_noscript is not None:
+                    on_noscript()
+                reply = await _load_and_repeat(conn, script, keys, args, asking)
+                return _judged(script, reply)
+            else:
+                return _judged(script, reply)
+        call = ("EVALSHA", script.sha, len(keys), *keys, *args)
         reply = await (_after_asking(conn, call) if asking else conn.call(call))
         if isinstance(reply, hiredis.ReplyError) and str(reply).startswith("NOSCRIPT"):
             if on_noscript is not None:
@@ -89,6 +115,62 @@ async def run_script(
             reply = await (_after_asking(conn, call) if asking else conn.call(call))
     except ConnectionLost as exc:
         raise StoreUnavailable(str(exc)) from exc
+    return _judged(script, reply)
+
+
+async def _load_and_repeat(
+    conn: PipelinedConnection,
+    script: Script,
+    keys: Sequence[str],
+    args: Sequence[str | int],
+    asking: bool,
+) -> Any:
+    """Load the library the function is missing from, then repeat the call once: as FCALL
+    when the library is there now (loaded here, or by another sidecar just before), else
+    as EVAL of its script (a load this server refuses, or a flush since the load)."""
+    assert script.library is not None
+    loaded = await conn.call(("FUNCTION", "LOAD", script.library.source))
+    if isinstance(loaded, hiredis.ReplyError):
+        text = str(loaded)
+        if text.startswith((_NO_FCALL, _NOT_COMMAND)):
+            conn.functions = False  # FCALL answers but the library may not be loaded here
+    if not isinstance(loaded, hiredis.ReplyError) or _LOADED_BEFORE in str(loaded):
+        call: tuple[str | int, ...] = ("FCALL", script.function, len(keys), *keys, *args)
+        reply = await (_after_asking(conn, call) if asking else conn.call(call))
+        if not isinstance(loaded, hiredis.ReplyError):
+            await _collect_libraries(conn, script.library.name)
+        if not (isinstance(reply, hiredis.ReplyError) and str(reply).startswith(_NO_FUNCTION)):
+            return reply
+    call = ("EVAL", script.source, len(keys), *keys, *args)
+    return await (_after_asking(conn, call) if asking else conn.call(call))
+
+
+# Libraries of sidecar versions a server keeps (each about 300 KB of its memory): every
+# version loads its own, and nothing tells one a version has gone. Past this many, the
+# version that loads its library deletes every other one; a version still running loads
+# its own again at its next call (one more round trip, once), so while at most this many
+# versions run side by side no load deletes one of them twice.
+MAX_LIBRARIES = 4
+
+
+async def _collect_libraries(conn: PipelinedConnection, own: str) -> None:
+    """After this version loaded `own`: the other versions' libraries deleted if, with it,
+    there are more than MAX_LIBRARIES (invariant 11: what is written is collected). Best
+    effort: an error reply or a lost connection leaves them for the next load."""
+    with contextlib.suppress(ConnectionLost):
+        listed = await conn.call(("FUNCTION", "LIST", "LIBRARYNAME", f"{LIBRARY_PREFIX}*"))
+        if isinstance(listed, hiredis.ReplyError):
+            return
+        names = [lib[lib.index("library_name") + 1] for lib in listed]
+        if len(names) <= MAX_LIBRARIES:
+            return
+        for name in names:
+            if name != own and name.startswith(LIBRARY_PREFIX):
+                await conn.call(("FUNCTION", "DELETE", name))
+
+
+def _judged(script: Script, reply: Any) -> Any:
+    """The reply, or the StoreError an error reply means (MOVED and ASK returned)."""
     if isinstance(reply, hiredis.ReplyError):
         text = str(reply)
         if transient_reply(text):
@@ -96,6 +178,16 @@ async def run_script(
         if not text.startswith(("MOVED", "ASK")):
             raise StoreError(f"{script.name}.lua failed: {text}")
     return reply
+
+
+# FCALL of a function no library of the server defines (Redis 7.0: "ERR Function not
+# found"); a server without functions (Redis 6.2: "ERR unknown command 'FCALL'...", in
+# quotes or backticks by version), or one whose ACL refuses FCALL or FUNCTION ("NOPERM");
+# FUNCTION LOAD of a library another sidecar of this version loaded first.
+_NO_FUNCTION = "ERR Function not found"
+_NOT_COMMAND = "ERR unknown command"
+_NO_FCALL = "NOPERM"
+_LOADED_BEFORE = "already exists"
 
 
 async def _after_asking(conn: PipelinedConnection, call: tuple[str | int, ...]) -> Any:
@@ -122,7 +214,7 @@ _TRANSIENT = (
     "OOM ",
     "NOREPLICAS",
 )
-# A SCRIPT KILL (an operator's, redis-cli's) of our script while it ran: Redis allows it
+# A SCRIPT KILL or FUNCTION KILL (an operator's, redis-cli's) of ours while it ran: Redis allows it
 # only before the script's first write, so nothing of it was written. Redis 7 answers
 # "ERR Script killed by user with SCRIPT KILL... script: <sha>, on @user_script:<line>."
 # (Redis 6 wraps the same words in "ERR Error running script ..."): matched inside.

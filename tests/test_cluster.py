@@ -215,3 +215,32 @@ async def test_a_primary_failover_under_load(cluster: RedisCluster) -> None:
 def _is_primary(cluster: RedisCluster, port: int) -> bool:
     role = cluster.client(port).execute_command("ROLE")[0]
     return (role if isinstance(role, str) else role.decode()) == "master"
+
+
+async def test_every_primary_loads_the_function_library_at_its_first_call(
+    cluster: RedisCluster,
+) -> None:
+    """The library is loaded by the first call each primary gets (no load step, no
+    broadcast): with it flushed from every primary, one authorize per tenant over
+    tenants of all three primaries leaves it on each, every call held once."""
+    tenants = [f"fn-{n}" for n in range(12)]
+    owners = {cluster.primary_of(keys.tenant_keys(t).counters) for t in tenants}
+    assert len(owners) == 3
+    for port in owners:
+        cluster.client(port).execute_command("FUNCTION", "FLUSH")
+    engine, _ = engine_on(cluster.url)
+    try:
+        for t in tenants:
+            d = await engine.authorize(t, AuthorizeRequest(estimated_usd=0.01))
+            assert d.allowed
+    finally:
+        await engine.close()
+    lib = Scripts.load_all().authorize.library
+    assert lib is not None
+    for port in owners:
+        client = cluster.client(port)
+        assert [found[1] for found in client.function_list()] == [lib.name]
+    for t in tenants:
+        tk = keys.tenant_keys(t)
+        held = cluster.client(cluster.primary_of(tk.counters)).hgetall(tk.counters)
+        assert [v for k, v in held.items() if k.startswith("h:")] == ["10000"], (t, held)

@@ -112,6 +112,12 @@ DOC: dict[str, Any] = {
 U1 = "user/u1/d20260310"  # the fake clock's day, conftest.T0_MS
 
 
+def _flush(client: redis.Redis) -> None:
+    """Both caches gone: the scripts' (SCRIPT FLUSH) and the function library's."""
+    client.script_flush()
+    client.execute_command("FUNCTION", "FLUSH")
+
+
 async def test_every_operation_recovers_after_script_flush(
     make_client: ClientFactory, redis_client: redis.Redis
 ) -> None:
@@ -126,7 +132,7 @@ async def test_every_operation_recovers_after_script_flush(
     ]
     rids = []
     for method, path, body in calls:
-        redis_client.script_flush()
+        _flush(redis_client)
         r = await (client.get(path) if method == "GET" else client.post(path, json=body))
         assert r.status == 200, (path, await r.text())
         d = await r.json()
@@ -135,21 +141,19 @@ async def test_every_operation_recovers_after_script_flush(
             rids.append(d["reservation_id"])
     assert redis_client.hget(ctr, f"h:{U1}") == "700000"
 
-    redis_client.script_flush()
+    _flush(redis_client)
     r = await client.post("/v1/settle", json={"reservation_id": rids[0], "cost_usd": 0.3})
     assert r.status == 200 and (await r.json())["replayed"] is False
-    redis_client.script_flush()
+    _flush(redis_client)
     r = await client.post("/v1/release", json={"reservation_id": rids[1]})
     assert r.status == 200 and (await r.json())["replayed"] is False
     # Each call ran once: nothing was charged or returned twice by a retried script.
     assert redis_client.hget(ctr, f"u:{U1}") == "310000"
     assert redis_client.hget(ctr, f"h:{U1}") is None  # a hold back at zero is deleted
-    # Only the last script called is loaded again; but stops.lua, which a NOSCRIPT's state
-    # check runs in the background (sidecar.state_loss), may have run after the flush too.
-    cached = redis_client.script_exists(*(s.sha for s in Scripts.load_all()))
-    assert [c for c, name in zip(cached, OPERATIONS, strict=True) if name != "stops"] == [
-        name == "release" for name in OPERATIONS if name != "stops"
-    ]
+    # Every call loaded the library again (Redis 7), none went by EVAL: no script cached.
+    every = Scripts.load_all()
+    assert redis_client.script_exists(*(s.sha for s in every)) == [False] * len(OPERATIONS)
+    assert [lib[1] for lib in redis_client.function_list()] == [every.settle.library.name]
 
 
 # ---- cost_micro -------------------------------------------------------------------------------

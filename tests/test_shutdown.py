@@ -77,8 +77,13 @@ def _refuses(port: int) -> bool:
     return False
 
 
+# The decision's call, blocked by the pause: FCALL (Redis 7), EVALSHA (6.2), or the load of
+# the function library its first FCALL found missing.
+_DECISION_CALLS = ("fcall", "evalsha", "function|load")
+
+
 def _evalsha_waiting(client: redis.Redis) -> bool:
-    return any(c["cmd"] == "evalsha" and "b" in c["flags"] for c in client.client_list())
+    return any(c["cmd"] in _DECISION_CALLS and "b" in c["flags"] for c in client.client_list())
 
 
 def test_a_request_in_flight_at_sigterm_completes_and_settles(
