@@ -72,8 +72,9 @@ def _total(out_prefix: str, pid: int) -> int:
     return total
 
 
-def _control(option: str, pid: int) -> None:
-    subprocess.run(["callgrind_control", option, str(pid)], check=True, capture_output=True)
+def _control(option: str, pid: int, value: str | None = None) -> None:
+    opt = option if value is None else f"{option}={value}"
+    subprocess.run(["callgrind_control", opt, str(pid)], check=True, capture_output=True)
 
 
 def count(cmd: list[str], port: int, ready: str, requests: int, idle_s: float = 10.0) -> float:

@@ -57,6 +57,7 @@ from sidecar.resolution import (
     read_with_run,
     record_slot,
 )
+from sidecar.resp import Packed
 from sidecar.schemas import (
     AuthorizeRequest,
     BudgetStatus,
@@ -325,9 +326,7 @@ class Engine:
             len(resolved.limits),
             stop_count,
             len(loop_keys),
-            *resolved.script_args,
-            *(resolved.loop_args if loop_keys else ()),
-            *read_fields,
+            *_tail(resolved, resolved.script_args, resolved.authorize_tail, loop_keys, read_fields),
             *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
@@ -418,9 +417,7 @@ class Engine:
             len(resolved.limits),
             stop_count,
             len(loop_keys),
-            *resolved.check_args,
-            *(resolved.loop_args if loop_keys else ()),
-            *read_fields,
+            *_tail(resolved, resolved.check_args, resolved.check_tail, loop_keys, read_fields),
             *((loop_fingerprint(req.fingerprint or ""),) if loop_keys else ()),
         )
         script_keys = self._deciding_keys(tenant, now, loop_keys, learning[0] != "")
@@ -944,6 +941,22 @@ class Engine:
             yyyymmdd = time.strftime("%Y%m%d", time.gmtime(day * 86_400))
             found = self._charging[tenant] = keys.tenant_keys(tenant).learning(yyyymmdd)
         return found if learning else found[:8]
+
+
+def _tail(
+    resolved: Resolved,
+    budget_args: tuple[str | int, ...],
+    packed: Packed,
+    loop_keys: tuple[str, ...],
+    read_fields: tuple[str, ...],
+) -> tuple[str | int | Packed, ...]:
+    """authorize.lua's (check.lua's) arguments from the budgets' on: `budget_args`, the
+    loop guards' (with loop keys), then `read_fields`. When they are the memo entry's own
+    (no loop guard, no run's stop field added), they are its Packed tail: packed once, the
+    last of the command."""
+    if not loop_keys and read_fields is resolved.read_fields:
+        return (packed,)
+    return (*budget_args, *(resolved.loop_args if loop_keys else ()), *read_fields)
 
 
 def _ledger_config(config: Config) -> str:

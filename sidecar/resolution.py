@@ -34,6 +34,7 @@ from sidecar.model import (
 from sidecar.periods import WindowCache
 from sidecar.pricing import Prices, catalogue
 from sidecar.reservations import meta_head
+from sidecar.resp import Packed
 from sidecar.schemas import IdentityFields
 
 # A counter outlives its window by this much before garbage collection may delete it; it
@@ -163,6 +164,15 @@ class Resolved:
     # Some budget caps calls: only then does a decision look for one past its cap (the
     # look cost two generator passes a decision, 16k instructions, callgrind).
     calls_capped: bool = False
+    # authorize.lua's and check.lua's last arguments when the call adds none of its own
+    # (no loop guard's, no run's stop field): script_args or check_args, then read_fields,
+    # packed as RESP once (sidecar.resp.Packed). Set in __post_init__.
+    authorize_tail: Packed = dataclasses.field(init=False, repr=False, compare=False)
+    check_tail: Packed = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "authorize_tail", Packed((*self.script_args, *self.read_fields)))
+        object.__setattr__(self, "check_tail", Packed((*self.check_args, *self.read_fields)))
 
 
 def identity_of(fields: IdentityFields, default_org_id: str) -> Identity:

@@ -53,18 +53,56 @@ class _NotCached(Exception):
     pass
 
 
-def _pack(args: tuple[str | int | bytes, ...]) -> bytes:
-    """The command as RESP, byte for byte what hiredis.pack_command makes of it. Only
-    str, int and bytes are cached; str and bytes keys never equal each other or an int,
-    and callers pass no floats or bools (the type says so), which could equal an int."""
+class Packed:
+    """A command's last arguments packed once, for arguments that stay the same from call
+    to call (a memo entry's budget arguments and fields, sidecar.resolution): as the last
+    element of a command it stands for its `values`, and `_pack` copies their RESP instead
+    of looking up each one (an authorize's ~40 constant arguments were most of its
+    packing). Only this module's `_pack` reads one: every store sends through it."""
+
+    __slots__ = ("data", "values")
+
+    def __init__(self, values: tuple[str | int, ...]) -> None:
+        self.values = values
+        self.data = b"".join([_bulk(v) for v in values])
+
+
+def _bulk(arg: str | int) -> bytes:
+    if type(arg) is str:
+        data = arg.encode()
+    elif type(arg) is int:
+        data = str(arg).encode()
+    else:  # what _pack does not cache (a float, a bool): hiredis' own bulk string of it
+        packed: bytes = hiredis.pack_command((arg,))
+        return packed[len(b"*1\r\n") :]
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+Arg = str | int | bytes | Packed
+
+
+def _pack(args: tuple[Arg, ...]) -> bytes:
+    """The command as RESP, byte for byte what hiredis.pack_command makes of it (a Packed
+    last element: of the command with its values in its place). Only str, int and bytes
+    are cached; str and bytes keys never equal each other or an int, and callers pass no
+    floats or bools (the type says so), which could equal an int."""
     get = _CHUNKS.get
+    last = args[-1] if args else None
+    if type(last) is Packed:
+        tail = last
+        head = args[:-1]
+        n = len(head) + len(tail.values)
+    else:
+        tail, head, n = None, args, len(args)
     try:
-        body = b"".join([get(arg) or _chunk(arg) for arg in args])
+        body = b"".join([get(arg) or _chunk(arg) for arg in head])  # type: ignore[arg-type]
     except _NotCached:
+        flat = head if tail is None else (*head, *tail.values)
         # hiredis' stub types the argument as a 1-tuple; it takes any tuple of arguments.
-        packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+        packed: bytes = hiredis.pack_command(flat)  # type: ignore[arg-type]
         return packed
-    n = len(args)
+    if tail is not None:
+        body += tail.data
     return (_ARRAY_HEADS[n] if n < 256 else b"*%d\r\n" % n) + body
 
 
@@ -367,7 +405,7 @@ class PipelinedConnection:
         """call() with the command's words as arguments."""
         return self.call(args)
 
-    def call(self, args: tuple[str | int | bytes, ...]) -> Awaitable[Any]:
+    def call(self, args: tuple[Arg, ...]) -> Awaitable[Any]:
         """Send one command; await the result for its reply (a hiredis.ReplyError is
         returned, not raised, so callers can tell NOSCRIPT from a broken script).
 
@@ -388,7 +426,7 @@ class PipelinedConnection:
         then go out in the order they are made, in one write."""
         await self._protocol_ready()
 
-    async def _connect_and_execute(self, args: tuple[str | int | bytes, ...]) -> Any:
+    async def _connect_and_execute(self, args: tuple[Arg, ...]) -> Any:
         loop = asyncio.get_running_loop()
         breaker = self.breaker
         probe = breaker.is_open  # allowed while open: this call is the half-open probe

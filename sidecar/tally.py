@@ -15,7 +15,7 @@ flush: there every write goes straight to the child (`direct=True`).
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_right
 from typing import Any, Protocol, TypeVar, cast
 
 
@@ -46,24 +46,45 @@ class _Count:
 
 
 class _Observations:
-    """A histogram child's observations since the last flush: a count per bucket and the
-    sum, exactly what the child itself keeps."""
+    """A histogram child's observations since the last flush, kept as they came and
+    counted into buckets in bulk (sorted once, one bisect per bucket bound) when
+    _FOLD_AT of them wait or a scrape flushes: a bisect and a list write per observation
+    cost more than the append. The child gets a count per bucket and the sum, exactly what
+    its own observe() keeps."""
 
-    __slots__ = ("_bounds", "_child", "_counts", "_sum")
+    __slots__ = ("_bounds", "_child", "_counts", "_pending", "_sum")
 
     def __init__(self, child: Any) -> None:
         self._child = child
-        # The child's upper bounds, +Inf last: bisect_left finds the first bound >= the
-        # amount, the bucket prometheus-client's own observe() picks.
+        # The child's upper bounds, +Inf last: the bucket of an amount is the first bound
+        # >= it, the one prometheus-client's own observe() picks.
         self._bounds: list[float] = list(child._upper_bounds)
         self._counts = [0] * len(self._bounds)
         self._sum = 0.0
+        self._pending: list[float] = []
 
     def observe(self, amount: float) -> None:
-        self._counts[bisect_left(self._bounds, amount)] += 1
-        self._sum += amount
+        pending = self._pending
+        pending.append(amount)
+        if len(pending) >= _FOLD_AT:
+            self._fold()
+
+    def _fold(self) -> None:
+        pending = self._pending
+        # In arrival order, as the child's own observe() adds them (the same float sum).
+        self._sum = sum(pending, self._sum)
+        pending.sort()
+        counts = self._counts
+        below = 0  # amounts at or under the previous bound
+        for i, bound in enumerate(self._bounds):
+            upto = bisect_right(pending, bound)
+            counts[i] += upto - below
+            below = upto
+        pending.clear()
 
     def flush(self) -> None:
+        if self._pending:
+            self._fold()
         counts = self._counts
         if not any(counts):
             return
@@ -75,6 +96,11 @@ class _Observations:
                 counts[i] = 0
         self._child._sum.inc(self._sum)
         self._sum = 0.0
+
+
+# Observations a histogram's writer keeps before it counts them into buckets (a bound on
+# what waits for a scrape: a few tens of KiB per histogram child).
+_FOLD_AT = 1024
 
 
 _Tally = _Count | _Observations

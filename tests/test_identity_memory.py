@@ -2,8 +2,9 @@
 
 A sidecar memoises per identity (sidecar/resolution.py's resolution memo, the parsed
 counters of sidecar/rendering.py, sidecar/guards.py's log throttle, the metrics' label
-children, sidecar/pricing.py's provider memo, sidecar/resp.py's encoded chunks, the key
-caches of sidecar/keys.py). Each has a cap; a structure without one would grow with every
+children, sidecar/pricing.py's provider memo, sidecar/resp.py's encoded chunks, the
+histograms' observations waiting for their bulk count (sidecar/tally.py), the key caches
+of sidecar/keys.py). Each has a cap; a structure without one would grow with every
 new user_id, agent_id, run_id, fingerprint or model until the pod is OOM-killed.
 
 1. In-process, over a real redis-server, with the caps lowered (so a few hundred
@@ -31,7 +32,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from bench import identities
-from sidecar import guards, metrics, pricing, rendering, resolution, resp
+from sidecar import guards, metrics, pricing, rendering, resolution, resp, tally
 from sidecar.api.app import ENGINE, create_app
 from sidecar.metrics import Metrics
 from sidecar.store import RedisStore
@@ -79,7 +80,8 @@ async def test_nothing_in_process_grows_with_identities_past_its_cap(
 ) -> None:
     for module, name in ((resolution, "_MEMO_SIZE"), (rendering, "_APPLIED_MAX"),
                          (guards, "_LOGGED_MAX"), (pricing, "_MEMO_SIZE"),
-                         (metrics, "_LABEL_CACHE_SIZE"), (resp, "_CHUNKS_MAX")):  # fmt: skip
+                         (metrics, "_LABEL_CACHE_SIZE"), (resp, "_CHUNKS_MAX"),
+                         (tally, "_FOLD_AT")):  # fmt: skip
         monkeypatch.setattr(module, name, CAP)
     # The guards' warnings kept from pytest's log capture (which keeps every record).
     monkeypatch.setattr(guards.guard_log, "propagate", False)

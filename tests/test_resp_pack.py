@@ -51,3 +51,22 @@ def test_random_commands_match_and_the_cache_stays_bounded() -> None:
         args = tuple(arg() for _ in range(rng.randrange(1, 12)))
         assert resp._pack(args) == hiredis_pack(args)
         assert len(resp._CHUNKS) <= resp._CHUNKS_MAX
+
+
+@pytest.mark.parametrize("args", CASES[1:])
+@pytest.mark.parametrize("cut", [0, 1, 3])
+def test_a_packed_tail_packs_as_its_values_in_its_place(
+    args: tuple[str | int | bytes, ...], cut: int
+) -> None:
+    """A Packed last element (a memo entry's constant arguments) stands for its values."""
+    head, values = args[:cut], tuple(a for a in args[cut:] if not isinstance(a, bytes))
+    assert resp._pack((*head, resp.Packed(values))) == hiredis_pack((*head, *values))
+
+
+def test_a_packed_tail_after_a_float_and_with_one_in_it() -> None:
+    assert resp._pack(("SET", 1.5, resp.Packed(("k", 2)))) == hiredis_pack(  # type: ignore[arg-type]
+        ("SET", 1.5, "k", 2)
+    )
+    assert resp._pack(("SET", resp.Packed(("k", 2.5)))) == hiredis_pack(  # type: ignore[arg-type]
+        ("SET", "k", 2.5)
+    )

@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.metrics import LATENCY_BUCKETS
-from sidecar.tally import Tallies
+from sidecar.tally import _FOLD_AT, Tallies
 
 # Amounts on every bucket bound exactly, between them, past the last, and zero.
 AMOUNTS = st.lists(
@@ -94,3 +94,27 @@ def test_one_writer_per_child_and_direct_mode_writes_through() -> None:
     assert direct.observations(histogram.labels("x")) is histogram.labels("x")
     direct.count(child).inc(2)
     assert registry.get_sample_value("c_total", {"op": "x"}) == 2
+
+
+def test_observations_counted_in_bulk_past_the_fold_bound_match_direct_ones() -> None:
+    """More observations than a writer keeps (sidecar.tally._FOLD_AT) before a scrape:
+    counted into buckets in bulk on the way, they expose what direct observe() gives."""
+    direct_registry, direct_h, _ = _pair()
+    tallied_registry, tallied_h, _ = _pair()
+    tallies = Tallies(direct=False)
+    observe = tallies.observations(tallied_h.labels("authorize"))
+    amounts = [*LATENCY_BUCKETS, 0.0, 3.0] * 200  # every bound exactly, 3,200 in all
+    assert len(amounts) > 3 * _FOLD_AT
+    for amount in amounts:
+        direct_h.labels("authorize").observe(amount)
+        observe.observe(amount)
+    assert tallied_registry.get_sample_value("h_seconds_count", {"op": "authorize"}) == 0
+    tallies.flush()
+    tallied, direct = _samples(tallied_registry), _samples(direct_registry)
+    assert tallied.keys() == direct.keys()
+    for key, value in direct.items():
+        if key[0].endswith("_sum"):
+            assert math.isclose(tallied[key], value, rel_tol=1e-12), key
+        else:
+            assert tallied[key] == value, key
+    assert direct_registry.get_sample_value("h_seconds_count", {"op": "authorize"}) == 3200

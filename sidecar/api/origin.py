@@ -177,14 +177,17 @@ def screener(
                     field="Host",
                 )
         if ext_authz:
-            for browser in _BROWSER:
-                if browser in headers and not rules.proxied(request):
-                    raise ProblemError(
-                        403,
-                        f"{browser}: a browser's own request; /ext_authz answers a proxy's "
-                        "check (which carries X-Forwarded-*, X-Original-*, x-envoy-*, Via, "
-                        "Forwarded or a proxy.headers name)",
-                        field=str(browser),
-                    )
+            # The first browser header present, then one walk of the headers for a proxy's
+            # (a proxied browser call, the usual one behind Envoy, carried several browser
+            # headers, and the walk ran once for each).
+            browser = next((b for b in _BROWSER if b in headers), None)
+            if browser is not None and not rules.proxied(request):
+                raise ProblemError(
+                    403,
+                    f"{browser}: a browser's own request; /ext_authz answers a proxy's "
+                    "check (which carries X-Forwarded-*, X-Original-*, x-envoy-*, Via, "
+                    "Forwarded or a proxy.headers name)",
+                    field=str(browser),
+                )
 
     return screen
