@@ -148,8 +148,18 @@ async def test_figures_after_known_operations(metered: MakeApp) -> None:
     assert value(found, "budget_sidecar_config_reloads_total", result="success") == 0
     assert value(found, "budget_sidecar_config_reloads_total", result="failure") == 0
 
-    # /prometheus is the same page.
-    assert await scrape(client, "/prometheus") == found
+    # /prometheus is the same page: the same series, the same figures, but for the Redis
+    # timings of the sidecar's own background work (state checks, sweeps), which may run
+    # between the two scrapes.
+    def ours(page: Samples) -> Samples:
+        driven = {"authorize", "settle", "release", "record", "check"}
+        return {k: v for k, v in page.items()
+                if not (k[0].startswith("budget_sidecar_redis_duration_seconds")
+                        and dict(k[1]).get("script") not in driven)}  # fmt: skip
+
+    again = await scrape(client, "/prometheus")
+    assert again.keys() >= found.keys()
+    assert ours(again) == ours(found)
 
 
 async def test_labels_never_name_entities(metered: MakeApp) -> None:
