@@ -190,6 +190,7 @@ class StateWatch:
     # node -> (policy, maxmemory) last said in an error line (said again when they change)
     _said: dict[str, tuple[str, int]] = field(default_factory=dict)
     _info_refused: bool = False  # INFO refused (renamed, an ACL): said once
+    _info_failing: bool = False  # the last INFO read of some primary timed out: said once
     # tenant -> the EVICTION_ALERT_MS window of its last eviction alert from this sidecar
     _evict_alerted: dict[str, int] = field(default_factory=dict)
 
@@ -313,20 +314,40 @@ class StateWatch:
             return f"{kwargs['host']}:{kwargs['port']}"
         return str(kwargs.get("path") or "primary")  # a unix socket; Sentinel's primary
 
-    async def _infos(self) -> dict[str, dict[str, Any]]:
-        """INFO (its default sections: memory, stats, server) of every primary."""
+    async def _infos(self) -> tuple[dict[str, dict[str, Any]], dict[str, Exception]]:
+        """INFO (its default sections: memory, stats, server) of every primary; and the
+        primaries whose INFO timed out or could not be sent, with why. Raises the
+        ResponseError of a primary that refuses INFO."""
+        out: dict[str, dict[str, Any]] = {}
+        failed: dict[str, Exception] = {}
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()  # once (the first check may come first)
             nodes = self.client.get_primaries()
             replies = await asyncio.gather(
-                *(self.client.execute_command("INFO", target_nodes=node) for node in nodes)
+                *(self.client.execute_command("INFO", target_nodes=node) for node in nodes),
+                return_exceptions=True,
             )
-            out: dict[str, dict[str, Any]] = {}
             for node, reply in zip(nodes, replies, strict=True):
-                # redis-py answers one node's INFO as {name: info} or as the info itself.
-                out[str(node.name)] = reply if "run_id" in reply else reply.get(node.name, reply)
-            return out
-        return {self._standalone_name(): await self.client.info()}
+                if isinstance(reply, ResponseError):
+                    raise reply
+                if isinstance(reply, (RedisError, OSError)):
+                    failed[str(node.name)] = reply
+                elif isinstance(reply, BaseException):
+                    raise reply
+                else:
+                    # redis-py answers one node's INFO as {name: info} or as the info itself.
+                    out[str(node.name)] = (
+                        reply if "run_id" in reply else reply.get(node.name, reply)
+                    )
+            return out, failed
+        name = self._standalone_name()
+        try:
+            out[name] = await self.client.info()
+        except ResponseError:
+            raise
+        except (RedisError, OSError) as exc:
+            failed[name] = exc
+        return out, failed
 
     async def _read_eviction(self) -> set[str]:
         """Reads each primary's maxmemory, maxmemory_policy and evicted_keys; says an
@@ -335,7 +356,7 @@ class StateWatch:
         if self._info_refused:
             return set()
         try:
-            infos = await self._infos()
+            infos, failed = await self._infos()
         except ResponseError as exc:
             self._info_refused = True
             log.warning(
@@ -345,8 +366,23 @@ class StateWatch:
                 FIX,
             )
             return set()
+        # A primary whose INFO timed out or dropped (slow, or out of reach while the others
+        # answer): this check cannot tell whether it evicted; the markers and the stops go
+        # on all the same (INFO is this watch's alone). Its count stays as last read, so
+        # the next read that answers sees an eviction of meanwhile.
+        if failed and not self._info_failing:
+            log.warning(
+                "cannot read INFO from Redis at %s (%s): its evictions are looked for at "
+                "the next check that reads it",
+                ", ".join(sorted(failed)),
+                "; ".join(str(failed[n]) for n in sorted(failed)),
+            )
+        elif not failed and self._info_failing:
+            log.warning("Redis INFO answers again: evictions are read at every check")
+        self._info_failing = bool(failed)
         rose: set[str] = set()
-        views: list[EvictionView] = []
+        # A primary not read keeps what its last read showed.
+        views: list[EvictionView] = [v for v in self.eviction if v.node in failed]
         for node, info in sorted(infos.items()):
             policy = str(info.get("maxmemory_policy", NO_EVICTION))
             maxmemory = int(info.get("maxmemory", 0) or 0)
@@ -377,7 +413,7 @@ class StateWatch:
                     "Redis at %s no longer evicts (maxmemory-policy %s, maxmemory %d)",
                     node, policy, maxmemory,
                 )  # fmt: skip
-        self.eviction = views
+        self.eviction = sorted(views, key=lambda v: v.node)
         if self.on_evicting is not None:
             self.on_evicting(bool(views))
         return rose
