@@ -17,9 +17,11 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from sidecar.api.app import STATE_WATCH
 from sidecar.state_loss import EVICTED, LOST, StateWatch
+from tests.cluster_harness import RedisCluster
 from tests.harness import RedisServer
 from tests.inprocess import app_over, call
 from tests.test_attack28_eviction import DOC
+from tests.test_cluster_state_loss import Sidecar, pick_tenants
 from tests.test_review31_eviction_storm import evict_some, evicted_keys, fill_to_limit
 
 BODY = {"agent_id": "runaway", "estimated_usd": 0.01}
@@ -88,3 +90,48 @@ async def test_an_info_that_times_out_does_not_hold_up_the_stops_put_back(
     finally:
         rc.close()
         await client.close()
+
+
+@pytest.mark.slow
+async def test_one_cluster_primarys_info_timing_out_does_not_hide_a_loss_on_another(
+    cluster: RedisCluster,
+) -> None:
+    """A Redis Cluster: one primary's INFO times out (the rest answer), and another primary
+    is flushed. The INFO of every primary was gathered as one: one failing raised out of
+    the check, so the flush went unsaid on every check (0 losses). Now the flushed
+    primary's tenants are a loss of kind lost, exactly them, said once."""
+    victim, lost, kept = pick_tenants(cluster)
+    for port in cluster.alive():
+        if cluster.client(port).info("replication")["role"] == "master":
+            cluster.client(port).flushall()
+    side = await Sidecar.over(cluster.url, lost + kept)
+    watch = side.watch
+    try:
+        for t in lost + kept:  # every tenant known to the engine, its marker written
+            status, got = await side.call(t, "POST", "/v1/check", {"org_id": "o1"})
+            assert status == 200, got
+        assert await watch.check() is False
+        slow = next(
+            p for p in cluster.alive()
+            if p != victim and cluster.client(p).info("replication")["role"] == "master"
+        )  # fmt: skip
+        real = watch.client.execute_command
+        refused: list[str] = []
+
+        async def execute(*args: Any, **kwargs: Any) -> Any:
+            node = kwargs.get("target_nodes")
+            if args and args[0] == "INFO" and getattr(node, "port", None) == slow:
+                refused.append(str(node.name))
+                raise RedisTimeout("Timeout reading from socket")
+            return await real(*args, **kwargs)
+
+        watch.client.execute_command = execute  # type: ignore[method-assign]
+        cluster.client(victim).flushall()
+        results = [await watch.check() for _ in range(2)]
+        assert results == [True, False], results
+        assert refused == [f"127.0.0.1:{slow}"] * 2
+        assert watch.losses == 1
+        assert watch.last_loss is not None and watch.last_loss.kind == LOST
+        assert watch.last_loss.tenants == sorted(lost), watch.last_loss
+    finally:
+        await side.client.close()
