@@ -139,10 +139,18 @@ def check_data(data_dir: Path, binary: str, version: tuple[int, int, int]) -> No
 
 
 def _has_aof(data_dir: Path) -> bool:
-    """Whether the data dir holds an append-only file (Redis 7's appendonlydir/ or an
-    older single appendonly.aof), which a server with appendonly on reads."""
+    """Whether the data dir holds an append-only file (Redis 7's appendonlydir/ with its
+    manifest, or an older single appendonly.aof), which a server with appendonly on reads.
+    A start stopped while the server wrote its first one (_adopt_rdb: kill -9, or its
+    timeout, whose SIGTERM Redis refuses then) leaves one that is not: Redis 7 an
+    appendonlydir with no manifest (temp-appendonly.aof.incr alone; Redis starts empty on
+    it), Redis 6 an empty appendonly.aof. Those are none, so the dump beside them is read
+    again rather than started empty over."""
     aof_dir = data_dir / "appendonlydir"
-    return (aof_dir.is_dir() and any(aof_dir.iterdir())) or (data_dir / "appendonly.aof").is_file()
+    if aof_dir.is_dir() and any(aof_dir.glob("*.manifest")):
+        return True
+    single = data_dir / "appendonly.aof"
+    return single.is_file() and single.stat().st_size > 0
 
 
 def _last_words(log_file: Path, pid: int, most: int = 2) -> str:

@@ -58,8 +58,10 @@ CONFIG): an evicting policy is said at once (an error line naming the setting an
 fix, a gauge, /readyz `redis_eviction`), and its evicted_keys rising since the last
 check is a possible loss of every tenant on that node, since nobody can know which keys
 went (kind `evicted`, handled as a loss: counted once per check, stops and definitions
-put back). A node's count is remembered with its run_id: a restarted or failed-over
-server starts a count of its own (its markers say whether it lost anything).
+put back; alerted and logged once per tenant per EVICTION_ALERT_MS window, since a
+Redis that stays at its limit evicts between every two checks). A node's count is
+remembered with its run_id: a restarted or failed-over server starts a count of its own
+(its markers say whether it lost anything).
 """
 
 from __future__ import annotations
@@ -102,6 +104,13 @@ LOST = "lost"
 ROLLED_BACK = "rolled_back"
 # Redis evicted keys at its maxmemory since the last check (its INFO's evicted_keys rose).
 EVICTED = "evicted"
+# A Redis that keeps evicting (a store that stays at its maxmemory) evicts between every
+# two checks: its tenants' eviction alert is written once per this window (UTC hours on
+# the engine's clock), with one id for every replica (a replica that finds another's entry
+# writes none), and its error line once per replica per window; the metric counts every
+# check. One alert a check was 720 an hour per tenant and replica, each its own id, which
+# pushed the tenant's threshold alerts out of its capped alerts stream within hours.
+EVICTION_ALERT_MS = 3_600_000
 KINDS = (LOST, ROLLED_BACK, EVICTED)
 # The policy that keeps every key (a write past maxmemory is refused: OOM, the fail mode),
 # and the fix every line about an evicting Redis names.
@@ -181,6 +190,9 @@ class StateWatch:
     # node -> (policy, maxmemory) last said in an error line (said again when they change)
     _said: dict[str, tuple[str, int]] = field(default_factory=dict)
     _info_refused: bool = False  # INFO refused (renamed, an ACL): said once
+    _info_failing: bool = False  # the last INFO read of some primary timed out: said once
+    # tenant -> the EVICTION_ALERT_MS window of its last eviction alert from this sidecar
+    _evict_alerted: dict[str, int] = field(default_factory=dict)
 
     def _tenants(self) -> list[str]:
         return sorted(self.engine.tenants() | set(self.definitions.store.loaded) | set(self._stops))
@@ -189,7 +201,8 @@ class StateWatch:
         """One check; True when it found (and handled) a loss."""
         async with self._lock:
             if self._unsent:
-                await self._send_alerts(self._unsent, again=True)
+                unsent, self._unsent = self._unsent, []
+                await self._send_alerts(unsent, again=True)
             self._changes.clear()
             tenants = self._tenants()
             now = self.engine.now_ms()
@@ -301,20 +314,40 @@ class StateWatch:
             return f"{kwargs['host']}:{kwargs['port']}"
         return str(kwargs.get("path") or "primary")  # a unix socket; Sentinel's primary
 
-    async def _infos(self) -> dict[str, dict[str, Any]]:
-        """INFO (its default sections: memory, stats, server) of every primary."""
+    async def _infos(self) -> tuple[dict[str, dict[str, Any]], dict[str, Exception]]:
+        """INFO (its default sections: memory, stats, server) of every primary; and the
+        primaries whose INFO timed out or could not be sent, with why. Raises the
+        ResponseError of a primary that refuses INFO."""
+        out: dict[str, dict[str, Any]] = {}
+        failed: dict[str, Exception] = {}
         if isinstance(self.client, RedisCluster):
             await self.client.initialize()  # once (the first check may come first)
             nodes = self.client.get_primaries()
             replies = await asyncio.gather(
-                *(self.client.execute_command("INFO", target_nodes=node) for node in nodes)
+                *(self.client.execute_command("INFO", target_nodes=node) for node in nodes),
+                return_exceptions=True,
             )
-            out: dict[str, dict[str, Any]] = {}
             for node, reply in zip(nodes, replies, strict=True):
-                # redis-py answers one node's INFO as {name: info} or as the info itself.
-                out[str(node.name)] = reply if "run_id" in reply else reply.get(node.name, reply)
-            return out
-        return {self._standalone_name(): await self.client.info()}
+                if isinstance(reply, ResponseError):
+                    raise reply
+                if isinstance(reply, (RedisError, OSError)):
+                    failed[str(node.name)] = reply
+                elif isinstance(reply, BaseException):
+                    raise reply
+                else:
+                    # redis-py answers one node's INFO as {name: info} or as the info itself.
+                    out[str(node.name)] = (
+                        reply if "run_id" in reply else reply.get(node.name, reply)
+                    )
+            return out, failed
+        name = self._standalone_name()
+        try:
+            out[name] = await self.client.info()
+        except ResponseError:
+            raise
+        except (RedisError, OSError) as exc:
+            failed[name] = exc
+        return out, failed
 
     async def _read_eviction(self) -> set[str]:
         """Reads each primary's maxmemory, maxmemory_policy and evicted_keys; says an
@@ -323,7 +356,7 @@ class StateWatch:
         if self._info_refused:
             return set()
         try:
-            infos = await self._infos()
+            infos, failed = await self._infos()
         except ResponseError as exc:
             self._info_refused = True
             log.warning(
@@ -333,8 +366,23 @@ class StateWatch:
                 FIX,
             )
             return set()
+        # A primary whose INFO timed out or dropped (slow, or out of reach while the others
+        # answer): this check cannot tell whether it evicted; the markers and the stops go
+        # on all the same (INFO is this watch's alone). Its count stays as last read, so
+        # the next read that answers sees an eviction of meanwhile.
+        if failed and not self._info_failing:
+            log.warning(
+                "cannot read INFO from Redis at %s (%s): its evictions are looked for at "
+                "the next check that reads it",
+                ", ".join(sorted(failed)),
+                "; ".join(str(failed[n]) for n in sorted(failed)),
+            )
+        elif not failed and self._info_failing:
+            log.warning("Redis INFO answers again: evictions are read at every check")
+        self._info_failing = bool(failed)
         rose: set[str] = set()
-        views: list[EvictionView] = []
+        # A primary not read keeps what its last read showed.
+        views: list[EvictionView] = [v for v in self.eviction if v.node in failed]
         for node, info in sorted(infos.items()):
             policy = str(info.get("maxmemory_policy", NO_EVICTION))
             maxmemory = int(info.get("maxmemory", 0) or 0)
@@ -365,7 +413,7 @@ class StateWatch:
                     "Redis at %s no longer evicts (maxmemory-policy %s, maxmemory %d)",
                     node, policy, maxmemory,
                 )  # fmt: skip
-        self.eviction = views
+        self.eviction = sorted(views, key=lambda v: v.node)
         if self.on_evicting is not None:
             self.on_evicting(bool(views))
         return rose
@@ -459,7 +507,11 @@ class StateWatch:
                 "spend before the eviction may not be counted against the caps; "
                 + put_back + "; " + FIX
             )  # fmt: skip
-            what = "budget store evicted keys; %s"
+            what = (
+                "budget store evicted keys; %s (said once an hour while Redis goes on "
+                'evicting; budget_sidecar_store_state_lost_total{kind="evicted"} counts '
+                "every check that found an eviction)"
+            )
         elif kind == ROLLED_BACK:
             message = (
                 "Redis rolled back to an older state (restored from an older dump or "
@@ -478,40 +530,56 @@ class StateWatch:
                 "the caps; " + put_back
             )
             what = "budget store lost its state; %s"
-        log.error(
-            what,
-            message,
-            extra={"tenants": tenants, "kind": kind, "restored_stops": restored_stops,
-                   "restored_definitions": restored_defs, "lifted_stops": lifted_stops},
-        )  # fmt: skip
+        window = now // EVICTION_ALERT_MS
+        if kind == EVICTED:
+            # Said before in this window (a Redis that keeps evicting): counted, not said.
+            tenants_said = [t for t in tenants if self._evict_alerted.get(t) != window]
+            for tenant in tenants_said:
+                self._evict_alerted[tenant] = window
+        else:
+            tenants_said = tenants
+        if tenants_said:
+            log.error(
+                what,
+                message,
+                extra={"tenants": tenants, "kind": kind, "restored_stops": restored_stops,
+                       "restored_definitions": restored_defs, "lifted_stops": lifted_stops},
+            )  # fmt: skip
         alerts: list[tuple[str, dict[str, str | int]]] = []
-        for tenant in tenants:
+        for tenant in tenants_said:
             # g: the marker the lost slot holds now, the same on every replica that noticed
             # (the alert's id: sidecar.alerts); the definitions' when only theirs was lost.
             marker = keys.state_marker(tenant) if tenant in lost else keys.DEFS_EPOCH
             alert_id = self._epochs.get(marker, "")
             if kind == EVICTED:
-                # The marker stays through an eviction: the node's count tells one apart
-                # from the next (replicas that read the same count share the id).
-                alert_id += f".ev{self._evicted.get(self._node_of(marker), ('', 0))[1]}"
+                # The marker stays through an eviction: the window tells one apart from the
+                # next, the same on every replica (their reads of evicted_keys differ).
+                alert_id += f".ev{window}"
             alerts.append((keys.tenant_keys(tenant).alerts,
                            {"k": ALERT_KIND, "g": alert_id, "s": "",
                             "e": keys.escape(tenant), "r": message, "at": now}))  # fmt: skip
-        await self._send_alerts(alerts, again=False)
+        # An eviction's id is shared by the replicas noticing within the window: written
+        # only when the stream lacks it (another replica wrote it first).
+        await self._send_alerts(alerts, again=kind == EVICTED, lookback=_EVICTION_LOOKBACK)
 
     async def _send_alerts(
-        self, alerts: list[tuple[str, dict[str, str | int]]], *, again: bool
+        self,
+        alerts: list[tuple[str, dict[str, str | int]]],
+        *,
+        again: bool,
+        lookback: int = 0,
     ) -> None:
         """Write loss alerts in one round trip. A write that fails leaves them for the next
         check (the loss is counted and logged once all the same: the check does not find it
         again). Written again (`again`), an alert whose id (g) the stream's newest entries
-        already hold is not added: the failed write may have been applied, its answer lost."""
+        (`lookback`, default _RESEND_LOOKBACK) already hold is not added: the failed write may
+        have been applied, its answer lost; or another replica wrote the same eviction's."""
         try:
             todo = alerts
             if again:
                 pipe = self.client.pipeline(transaction=False)
                 for stream, _ in alerts:
-                    pipe.xrevrange(stream, count=_RESEND_LOOKBACK)
+                    pipe.xrevrange(stream, count=lookback or _RESEND_LOOKBACK)
                 newest = await pipe.execute()
                 todo = [
                     (stream, entry)
@@ -524,14 +592,14 @@ class StateWatch:
             if todo:
                 await pipe.execute()
         except (RedisError, OSError) as exc:
-            self._unsent = list(alerts)
+            # Added to, not replaced: one check may say a loss and an eviction.
+            self._unsent.extend(alerts)
             log.warning(
                 "the alert of a state loss could not be written (%s); the next check writes it",
                 exc,
                 extra={"alerts": len(alerts)},
             )
             return
-        self._unsent = []
 
     async def after_loss(self) -> None:
         """A decision found its tenant's marker gone: wait for a check that begins after
@@ -595,6 +663,10 @@ class StateWatch:
 # How many of an alerts stream's newest entries a loss alert written again is looked for
 # in (the check that failed was at most a few checks ago).
 _RESEND_LOOKBACK = 1_000
+# ... and an eviction alert in (another replica's of the same window is among the newest;
+# one missed is a duplicate of the same id, which receivers deduplicate): a new window's
+# alert reads this many entries of each tenant's stream, not a thousand.
+_EVICTION_LOOKBACK = 32
 
 
 def _same_alert(found: dict[Any, Any], entry: dict[str, str | int]) -> bool:

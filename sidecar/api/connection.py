@@ -288,24 +288,37 @@ class SidecarServer(web.Server):
             del self.open[transport]
 
     def _make_room(self, new: asyncio.Transport, bound: int) -> None:
-        """Close the oldest idle connection for `new`, or `new` itself if none is idle."""
-        victim = None
+        """Close the idle connections open longest until `bound` holds with `new` (one,
+        unless a reload lowered the bound below those open: then as many as it takes, so
+        the lowered bound holds from the next connection on), and `new` itself too if too
+        few are idle for that."""
+        victims: list[asyncio.Transport] = []
+        excess = len(self.open) - bound
         for transport, handler in self.open.items():
+            if len(victims) == excess:
+                break
             if transport is new or transport.is_closing():
                 continue
             idle = getattr(handler, "idle", None)
             if idle is not None and idle():
-                victim = transport
-                break
-        if victim is not None:
-            self.evicted += 1
-            what = "closed the idle connection open longest to make room"
-        else:
-            victim = new
+                victims.append(transport)
+        self.evicted += len(victims)
+        what = (
+            "closed the idle connection open longest to make room"
+            if len(victims) == 1
+            else f"closed the {len(victims)} idle connections open longest to make room"
+        )
+        if len(victims) < excess:
+            # Too few idle ones to close (every other one is in a request): over the bound
+            # still, so the new one goes too, unanswered.
+            victims.append(new)
             self.refused += 1
-            what = "every one is in a request: closed the new one unanswered"
-        del self.open[victim]  # (its connection_lost comes on a later turn of the loop)
-        victim.close()
+            what = "every one is in a request: closed the new one unanswered" + (
+                f" (and {len(victims) - 1} idle ones)" if len(victims) > 1 else ""
+            )
+        for victim in victims:
+            del self.open[victim]  # (its connection_lost comes on a later turn of the loop)
+            victim.close()
         now = time.monotonic()
         if now - self._logged_at >= _LOG_EVERY_S:
             self._logged_at = now
