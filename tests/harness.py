@@ -4,6 +4,7 @@ several processes (two sidecars sharing one Redis)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -18,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,6 +181,18 @@ def wait_until(predicate, timeout_s: float = 10.0, what: str = "condition") -> N
             return
         time.sleep(0.02)
     raise TimeoutError(f"{what} not reached within {timeout_s}s")
+
+
+async def until(
+    check: Callable[[], object], what: str, *, guard_s: float = 10.0, every_s: float = 0.05
+) -> None:
+    """In a test's event loop, until `check()` is true: `guard_s` is no timing assertion,
+    only what keeps a hang from hanging the suite (AssertionError naming `what`)."""
+    for _ in range(int(guard_s / every_s)):
+        if check():
+            return
+        await asyncio.sleep(every_s)
+    raise AssertionError(what)
 
 
 def wait_answering(

@@ -46,10 +46,12 @@ async def proxy(server: RedisServer) -> AsyncIterator[FaultProxy]:
         await p.close()
 
 
-async def metered_app(url: str) -> tuple[TestClient[Any, Any], Metrics]:
+async def metered_app(
+    url: str, doc: dict[str, Any] = DOC
+) -> tuple[TestClient[Any, Any], Metrics]:
     clock = FakeClock(T0_MS)
     metrics = Metrics(clock=clock)
-    cfg = make_config(DOC)
+    cfg = make_config(doc)
     store = metrics.wrap(RedisStore.from_url(url, timeout_ms=cfg.settings.redis_timeout_ms))
     client = TestClient(TestServer(create_app(cfg, store, clock=clock, events=metrics)))
     await client.start_server()

@@ -38,6 +38,7 @@ from sidecar.scripts import Scripts
 from sidecar.store import RedisStore
 from tests.conftest import T0_MS, make_config
 from tests.harness import RedisServer
+from tests.harness import until as harness_until
 from tests.test_redis_fault_attacks import TENANT, FaultProxy, held_micro, used_micro
 
 GUARD_S = 10.0  # not a timing assertion: only keeps a hang from hanging the suite
@@ -149,11 +150,7 @@ def handouts(rc: redis.Redis, key: str) -> list[str]:
 
 
 async def until(check: Any, what: str) -> None:
-    for _ in range(int(GUARD_S / 0.02)):
-        if check():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(what)
+    await harness_until(check, what, guard_s=GUARD_S, every_s=0.02)
 
 
 async def lost(w: World, i: int, key: str) -> Cancel:

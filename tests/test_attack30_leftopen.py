@@ -24,18 +24,17 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from sidecar import config, keys
 from sidecar.api.app import ENGINE, STATE_WATCH, create_app
-from sidecar.clock import FakeClock
 from sidecar.metrics import Metrics
 from sidecar.reload import ConfigWatcher
 from sidecar.state_loss import ALERT_KIND, StateWatch
 from sidecar.store import RedisStore
-from tests.conftest import T0_MS, ClientFactory, make_config
-from tests.harness import RedisServer
+from tests.conftest import ClientFactory
+from tests.harness import RedisServer, until
 from tests.inprocess import app_over as inprocess_app
 from tests.test_attack15_fault_books import (
     DOC,
-    GUARD_S,
     SCRIPTS,
+    metered_app,
     post,
     proxy,
     searches_done,
@@ -65,13 +64,7 @@ TOKENS = {"tokens_in": 1000, "tokens_out": 500}
 
 
 async def metered(url: str, doc: dict[str, Any] = DOC) -> TestClient[Any, Any]:
-    clock = FakeClock(T0_MS)
-    metrics = Metrics(clock=clock)
-    cfg = make_config(doc)
-    store = metrics.wrap(RedisStore.from_url(url, timeout_ms=cfg.settings.redis_timeout_ms))
-    client = TestClient(TestServer(create_app(cfg, store, clock=clock, events=metrics)))
-    await client.start_server()
-    return client
+    return (await metered_app(url, doc))[0]
 
 
 def key_field(rc: redis.Redis, key: str) -> str | None:
@@ -79,14 +72,6 @@ def key_field(rc: redis.Redis, key: str) -> str | None:
     value = rc.hget(TENANT.reservations, f"q:{key}")
     assert value is None or isinstance(value, str)
     return value
-
-
-async def until(check: Any, what: str) -> None:
-    for _ in range(int(GUARD_S / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(what)
 
 
 async def warm_record(flaky: Any) -> None:

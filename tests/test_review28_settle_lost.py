@@ -15,10 +15,9 @@ import pytest
 import redis
 
 from sidecar.engine import Engine
-from tests.harness import RedisServer
+from tests.harness import RedisServer, until
 from tests.inprocess import call
 from tests.test_attack15_fault_books import (
-    GUARD_S,
     SCRIPTS,
     authorized_and_warm,
     count_field,
@@ -34,14 +33,6 @@ from tests.test_review28_replies import World, fields, old_record, world
 
 __all__ = ["proxy", "world"]  # fixtures
 RES = TENANT.reservations
-
-
-async def until(check: Any, what: str) -> None:
-    for _ in range(int(GUARD_S / 0.05)):
-        if check():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(what)
 
 
 async def held_settle(flaky: Any, proxy: FaultProxy, body: dict[str, Any]) -> None:

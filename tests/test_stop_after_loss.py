@@ -19,7 +19,7 @@ from sidecar.api.app import STATE_WATCH
 from sidecar.keys import state_marker, tenant_keys
 from sidecar.state_loss import StateWatch
 from tests.conftest import T0_MS
-from tests.harness import RedisServer
+from tests.harness import RedisServer, until
 from tests.inprocess import app_over, call
 
 TENANT = tenant_keys("default")
@@ -90,11 +90,10 @@ async def test_a_stop_holds_through_a_loss_from_the_very_next_call(
         def restored() -> int:
             return sum(w.last_loss.restored_stops for w in watches if w.last_loss is not None)
 
-        for _ in range(200):  # not a timing assertion: bounds a hang at 10 s
-            if restored() == 1 and all(not w._lock.locked() for w in watches):
-                break
-            await asyncio.sleep(0.05)
-        assert restored() == 1, [w.last_loss for w in watches]
+        await until(
+            lambda: restored() == 1 and not any(w._lock.locked() for w in watches),
+            "the stop put back once, by one of the two sidecars",
+        )
         # The callers share checks: one for those waiting when it began, the next for those
         # who came while it ran (4 measured for 20 callers; one each would be 20).
         assert 1 <= checks < CALLERS // 2, checks
